@@ -1,0 +1,141 @@
+"""Write a bundle: the three ONNX graphs, the tokenizer and a manifest, checked against PyTorch.
+
+The bundle is written into a temporary folder next to `out` and renamed into place only after
+ONNX Runtime has reproduced the PyTorch outputs, so a failed or killed export never leaves a
+bundle that looks valid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fromage.runtime.bundle import MANIFEST, BUNDLE_FORMAT, sha256_file
+from fromage.runtime.errors import FromageError
+from fromage.runtime.prompt import special_prefix
+from fromage.training.model import FromageModel
+
+from . import graphs
+
+PARITY_TOLERANCE = 1e-3  # max abs diff, relative to max(1, max |reference|)
+
+
+def _ort_session(path):
+    import onnxruntime as ort
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _diff(ref, got) -> float:
+    ref = ref.detach().numpy() if isinstance(ref, torch.Tensor) else ref
+    return float(np.abs(ref - got).max() / max(1.0, float(np.abs(ref).max())))
+
+
+def check_parity(m: FromageModel, folder: Path, io: dict) -> dict:
+    """Max (relative) abs diff between ONNX Runtime and PyTorch for each graph."""
+    torch.manual_seed(0)
+    out = {}
+    s = m.encoder.preprocessing.size
+    pixels = torch.randn(2, 3, s, s)
+    with torch.no_grad():
+        ref = graphs.VisionGraph(m)(pixels)
+    got = _ort_session(folder / "vision.onnx").run(None, {"pixel_values": pixels.numpy()})
+    out["vision"] = max(_diff(r, g) for r, g in zip(ref, got))
+
+    ids = torch.tensor([[0, m.ret_id, 1, 2]])
+    with torch.no_grad():
+        ref = graphs.EmbedGraph(m)(ids)
+    got = _ort_session(folder / "embed.onnx").run(None, {"input_ids": ids.numpy()})
+    out["embed"] = _diff(ref, got[0])
+
+    # decoder: a 5-token prefill from an empty cache, then one step on ORT's own cache
+    dec, sess = graphs.DecoderGraph(m).eval(), _ort_session(folder / "decoder.onnx")
+    heads, hd = graphs.cache_shape(m)
+    names_in, _ = io["decoder"]
+    past = tuple(torch.zeros(1, heads, 0, hd) for _ in range(2 * dec.num_layers))
+    diffs, total = [], 0
+    for step_len in (5, 1):
+        emb = torch.randn(1, step_len, m.embed_dim)
+        mask = torch.ones(1, total + step_len, dtype=torch.int64)
+        pos = torch.arange(total, total + step_len).unsqueeze(0)
+        with torch.no_grad():
+            ref = dec(emb, mask, pos, past)
+        feeds = dict(zip(names_in, [emb.numpy(), mask.numpy(), pos.numpy(), *[p.numpy() for p in past]]))
+        got = sess.run(None, feeds)
+        diffs += [_diff(r, g) for r, g in zip(ref, got)]
+        past = tuple(torch.from_numpy(g) for g in got[2:])
+        total += step_len
+    out["decoder"] = max(diffs)
+    return out
+
+
+def _stop_ids(m: FromageModel) -> list[int]:
+    eos = getattr(m.lm.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = m.tokenizer.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return sorted(set(int(e) for e in eos))
+
+
+def write_bundle(m: FromageModel, out, *, overwrite: bool = False, log=print) -> dict:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FromageError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        m.eval()
+        io, times = {}, {}
+        for name, fn in (("vision", graphs.export_vision), ("embed", graphs.export_embed),
+                         ("decoder", graphs.export_decoder)):
+            t0 = time.perf_counter()
+            log(f"exporting {name} graph ...")
+            io[name] = fn(m, tmp / f"{name}.onnx")
+            times[name] = round(time.perf_counter() - t0, 2)
+        m.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+
+        parity = check_parity(m, tmp, io)
+        for name, d in parity.items():
+            log(f"parity {name}: max abs diff (ONNX Runtime vs PyTorch, relative) = {d:.2e}")
+        bad = {k: v for k, v in parity.items() if not v <= PARITY_TOLERANCE}
+        if bad:
+            raise FromageError(f"ONNX Runtime disagrees with PyTorch beyond {PARITY_TOLERANCE}: {bad}; "
+                               f"bundle not written")
+
+        cfg = m.lm.config
+        heads, head_dim = graphs.cache_shape(m)
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+        manifest = {
+            "format": BUNDLE_FORMAT, "version": 1,
+            "model": {
+                "lm": m.config.lm, "architecture": cfg.architectures[0] if cfg.architectures else type(m.lm).__name__,
+                "encoder": m.config.encoder, "encoder_dim": m.encoder.dim,
+                "embed_dim": m.embed_dim, "hidden_dim": m.hidden_dim,
+                "vocab_size": m.lm.get_output_embeddings().weight.shape[0],
+                "num_layers": cfg.num_hidden_layers, "kv_heads": heads, "head_dim": head_dim,
+                "max_positions": int(getattr(cfg, "max_position_embeddings", 2048)),
+                "k": m.config.k, "retrieval_dim": m.config.retrieval_dim,
+            },
+            "tokens": {"ret": m.ret_id, "ret_text": m.config.ret_token,
+                       "prefix": special_prefix(tok), "stop": _stop_ids(m)},
+            "preprocessing": m.encoder.preprocessing.to_dict(),
+            "precision": "fp32",
+            "graphs": {name: {"file": f"{name}.onnx", "inputs": i, "outputs": o} for name, (i, o) in io.items()},
+            "parity_max_abs_diff": parity,
+            "export_seconds": times,
+        }
+        manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                             for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

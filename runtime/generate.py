@@ -1,0 +1,175 @@
+"""The decode loop: interleaved images and text in, streamed text and retrieved images out.
+
+One prefill over the whole prompt, then one decoder call per token on the KV cache. When the
+model emits [RET], that token is fed like any other; the decoder's retrieval embedding at that
+position is the query, and the retrieved images are streamed right then, before decoding goes on.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fromage.engines.onnxruntime import create_engine
+
+from .bundle import Bundle, load_bundle
+from .errors import FromageError
+from .preprocess import preprocess
+from .prompt import ImagePart, Part, Segment, to_segments
+from .sampling import SamplingParams, adjust_ret_logit, sample
+
+
+@dataclass
+class TextEvent:
+    text: str
+
+
+@dataclass
+class ImageEvent:
+    hits: list          # retrieval.Hit, best first
+    token_index: int    # index of the [RET] in the generated ids
+
+
+@dataclass
+class Result:
+    parts: list = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    stop_reason: str = ""
+    timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"parts": self.parts, "prompt_token_ids": self.prompt_token_ids,
+                "token_ids": self.token_ids, "stop_reason": self.stop_reason, "timings": self.timings}
+
+
+class _TextStream:
+    """Incremental detokenization: emits only complete characters (no half UTF-8 sequences)."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.sent = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def reset(self):
+        self.ids, self.sent = [], ""
+
+
+class Fromage:
+    """A loaded bundle (+ optional image index), ready to generate."""
+
+    def __init__(self, bundle, index=None, device: str = "cpu", threads: int | None = None, verify: bool = True):
+        from tokenizers import Tokenizer
+        self.bundle: Bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
+        m = self.bundle.model
+        self.k, self.embed_dim, self.max_positions = m["k"], m["embed_dim"], m["max_positions"]
+        self.layers, self.kv_heads, self.head_dim = m["num_layers"], m["kv_heads"], m["head_dim"]
+        self.ret_id = self.bundle.tokens["ret"]
+        self.tokenizer = Tokenizer.from_file(str(self.bundle.directory / "tokenizer.json"))
+        self.vision = create_engine(self.bundle.graph_path("vision"), device=device, threads=threads)
+        self.embed = create_engine(self.bundle.graph_path("embed"), device=device, threads=threads)
+        self.decoder = create_engine(self.bundle.graph_path("decoder"), device=device, threads=threads)
+        self.kv_names = self.bundle.manifest["graphs"]["decoder"]["inputs"][3:]
+        self.index = None
+        if index is not None:
+            from .retrieval import ImageIndex
+            self.index = index if isinstance(index, ImageIndex) else ImageIndex.open(
+                index, expected_dim=m["retrieval_dim"], expected_embedder=self.bundle.vision_fingerprint)
+
+    # ---- building blocks -------------------------------------------------------------
+    def encode_images(self, sources: list) -> tuple[np.ndarray, np.ndarray]:
+        """-> visual tokens (n, k, E), normalised retrieval embeddings (n, R)."""
+        pixels = preprocess(sources, self.bundle.preprocessing)
+        tokens, emb = self.vision.run({"pixel_values": pixels})
+        return tokens, emb
+
+    def embed_ids(self, ids: list[int]) -> np.ndarray:
+        return self.embed.run({"input_ids": np.asarray([ids], dtype=np.int64)})[0][0]
+
+    def segments(self, parts: list[Part]) -> list[Segment]:
+        return to_segments(parts, self.tokenizer, self.bundle.tokens["prefix"])
+
+    def prompt_embeds(self, segments: list[Segment]) -> np.ndarray:
+        images = [s.source for s in segments if isinstance(s, ImagePart)]
+        visual = iter(self.encode_images(images)[0]) if images else iter(())
+        chunks = [next(visual) if isinstance(s, ImagePart) else self.embed_ids(s) for s in segments]
+        return np.concatenate(chunks, axis=0)[None].astype(np.float32)
+
+    def _decode_step(self, embeds: np.ndarray, past: list[np.ndarray], start: int):
+        n = embeds.shape[1]
+        feeds = {"inputs_embeds": embeds,
+                 "attention_mask": np.ones((1, start + n), dtype=np.int64),
+                 "position_ids": np.arange(start, start + n, dtype=np.int64)[None]}
+        feeds.update(zip(self.kv_names, past))
+        logits, ret, *present = self.decoder.run(feeds)
+        return logits[0], ret[0], present
+
+    # ---- the loop --------------------------------------------------------------------
+    def stream(self, parts: list[Part], params: SamplingParams | None = None, result: Result | None = None):
+        """Yields TextEvent / ImageEvent as they are produced; fills `result` if given."""
+        p = params or SamplingParams()
+        result = result if result is not None else Result()
+        stop_ids = set(self.bundle.tokens["stop"] if p.stop_ids is None else p.stop_ids)
+        allow_ret = p.retrieval and self.index is not None
+        rng = np.random.default_rng(p.seed)
+
+        t0 = time.perf_counter()
+        segments = self.segments(parts)
+        result.prompt_token_ids = [t for s in segments if isinstance(s, list) for t in s]
+        embeds = self.prompt_embeds(segments)
+        length = embeds.shape[1]
+        if length >= self.max_positions:
+            raise FromageError(f"the prompt is {length} positions long (images count {self.k} each); "
+                               f"the model's context is {self.max_positions}")
+        budget = min(p.max_new_tokens, self.max_positions - length)
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        logits, ret_emb, past = self._decode_step(embeds, [empty] * len(self.kv_names), 0)
+        result.timings["prefill_s"] = time.perf_counter() - t0
+
+        text = _TextStream(self.tokenizer)
+        result.stop_reason = "length"
+        t1 = time.perf_counter()
+        for step in range(budget):
+            adjust_ret_logit(logits, self.ret_id, step, p, allow_ret)
+            token = sample(logits, p, rng)
+            if token in stop_ids:
+                result.stop_reason = "stop"
+                break
+            result.token_ids.append(token)
+            # feed the token even at the last step if it is [RET]: its embedding is the query
+            if step + 1 < budget or token == self.ret_id:
+                logits, ret_emb, past = self._decode_step(self.embed_ids([token])[None], past, length)
+                length += 1
+            if token == self.ret_id:
+                hits = self.index.search(ret_emb, top_k=p.top_images)
+                text.reset()
+                ranked = [{"path": h.path, "score": h.score, "caption": h.caption, "key": h.key} for h in hits]
+                result.parts.append({"type": "image", **ranked[0], "token_index": step, "ranked": ranked})
+                yield ImageEvent(hits, step)
+            else:
+                delta = text.push(token)
+                if delta:
+                    if result.parts and result.parts[-1]["type"] == "text":
+                        result.parts[-1]["text"] += delta
+                    else:
+                        result.parts.append({"type": "text", "text": delta})
+                    yield TextEvent(delta)
+        n = len(result.token_ids)
+        decode_s = time.perf_counter() - t1
+        result.timings.update(decode_s=decode_s, new_tokens=n,
+                              decode_tok_s=(n / decode_s) if decode_s > 0 and n else None)
+
+    def generate(self, parts: list[Part], params: SamplingParams | None = None) -> Result:
+        result = Result()
+        for _ in self.stream(parts, params, result):
+            pass
+        return result

@@ -1,0 +1,91 @@
+"""Tiny randomly initialised models built from configs, and generated images: no downloads."""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+WORDS = ("a red blue green small big cat dog bird tree house car boat sun moon star the of with "
+         "on in and picture photo drawing kangaroo apple ball hat flower fish").split()
+
+
+def make_tokenizer(bos: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    import random
+    rnd = random.Random(0)
+    corpus = [" ".join(rnd.choice(WORDS) for _ in range(12)) for _ in range(400)]
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="</s>", unk_token="<unk>")
+
+
+def make_lm(arch: str, folder):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    tok = make_tokenizer("</s>" if arch == "opt" else "<s>")
+    v = len(tok)
+    if arch == "opt":
+        cfg = OPTConfig(vocab_size=v, hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=96, word_embed_proj_dim=32, bos_token_id=2, eos_token_id=2,
+                        pad_token_id=1)
+        lm = OPTForCausalLM(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=v, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                          tie_word_embeddings=(arch == "llama"), bos_token_id=1, eos_token_id=2)
+        lm = LlamaForCausalLM(cfg)
+    lm.generation_config.eos_token_id = 2
+    lm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def make_clip(folder):
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, image_size=32, patch_size=8)).save_pretrained(folder)
+    return str(folder)
+
+
+def make_images(folder, n: int = 8):
+    """Distinct generated pictures: coloured shapes on varied backgrounds, one RGBA."""
+    from PIL import Image, ImageDraw
+    import random
+    folder.mkdir(parents=True, exist_ok=True)
+    rnd, paths = random.Random(1), []
+    for i in range(n):
+        mode = "RGBA" if i == 0 else "RGB"
+        img = Image.new(mode, (40 + 7 * i, 36 + 3 * i), tuple(rnd.randrange(256) for _ in range(len(mode))))
+        d = ImageDraw.Draw(img)
+        d.ellipse((4, 4, 20 + i, 24), fill=tuple(rnd.randrange(256) for _ in range(len(mode))))
+        path = folder / f"img{i}.png"
+        img.save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return {"llama": make_lm("llama", root / "llama"), "llama_untied": make_lm("llama_untied", root / "llama_untied"),
+            "opt": make_lm("opt", root / "opt"), "clip": make_clip(root / "clip"),
+            "images": make_images(root / "images"), "root": root}
+
+
+def build_model(assets, arch: str, k: int = 2, seed: int = 0):
+    from fromage.training.model import FromageConfig, FromageModel
+    return FromageModel(FromageConfig(lm=assets[arch], encoder={"type": "clip", "path": assets["clip"]},
+                                      k=k, retrieval_dim=16, seed=seed))

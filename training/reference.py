@@ -1,0 +1,53 @@
+"""The PyTorch reference decode: the whole sequence is re-run every step (like the published
+code's `use_cache=False` loop). It is the ground truth the ONNX runtime is checked against."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fromage.runtime.preprocess import preprocess
+from fromage.runtime.prompt import ImagePart, Part, to_segments
+from fromage.runtime.sampling import SamplingParams, adjust_ret_logit, sample
+
+from .model import FromageModel
+from .train import model_prefix
+
+
+@torch.no_grad()
+def prompt_embeds(model: FromageModel, parts: list[Part]) -> tuple[torch.Tensor, list[int]]:
+    segments = to_segments(parts, model.tokenizer.backend_tokenizer, model_prefix(model))
+    chunks, ids = [], []
+    for s in segments:
+        if isinstance(s, ImagePart):
+            pixels = torch.from_numpy(preprocess([s.source], model.encoder.preprocessing))
+            chunks.append(model.visual_tokens(model.encode_images(pixels))[0])
+        else:
+            ids += s
+            chunks.append(model.embed_tokens(torch.tensor(s)))
+    return torch.cat(chunks).unsqueeze(0), ids
+
+
+@torch.no_grad()
+def reference_generate(model: FromageModel, parts: list[Part], params: SamplingParams,
+                       candidates: torch.Tensor | None = None) -> dict:
+    """-> {"token_ids": [...], "retrievals": [[top indices into candidates], ...]}.
+    `candidates`: (N, R) normalised image embeddings; None disables [RET]."""
+    embeds, _ = prompt_embeds(model, parts)
+    stop = set(params.stop_ids or [])
+    rng = np.random.default_rng(params.seed)
+    tokens, retrievals = [], []
+    for step in range(params.max_new_tokens):
+        hidden, logits = model.forward_lm(embeds)
+        logits = logits[0, -1].numpy().copy()
+        adjust_ret_logit(logits, model.ret_id, step, params, params.retrieval and candidates is not None)
+        token = sample(logits, params, rng)
+        if token in stop:
+            break
+        tokens.append(token)
+        embeds = torch.cat([embeds, model.embed_tokens(torch.tensor([[token]]))], dim=1)
+        if token == model.ret_id:
+            hidden, _ = model.forward_lm(embeds)
+            query = model.text_embedding(hidden[0, -1])
+            order = torch.argsort(candidates @ query, descending=True)
+            retrievals.append(order[: params.top_images].tolist())
+    return {"token_ids": tokens, "retrievals": retrievals}
