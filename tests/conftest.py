@@ -89,3 +89,22 @@ def build_model(assets, arch: str, k: int = 2, seed: int = 0):
     from fromage.training.model import FromageConfig, FromageModel
     return FromageModel(FromageConfig(lm=assets[arch], encoder={"type": "clip", "path": assets["clip"]},
                                       k=k, retrieval_dim=16, seed=seed))
+
+
+@pytest.fixture(scope="session")
+def exported(assets, tmp_path_factory):
+    """Per architecture: the PyTorch model, its bundle and an index of the generated images."""
+    import logging
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    from fromage.export.bundle import write_bundle
+    from fromage.runtime.cli import main
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for arch, k in (("llama", 2), ("opt", 1)):
+        model = build_model(assets, arch, k=k)
+        write_bundle(model, root / arch, log=lambda *_: None)
+        index = root / f"{arch}-index"
+        assert main(["index", "build", str(assets["root"] / "images"), "--bundle", str(root / arch),
+                     "--out", str(index)]) == 0
+        out[arch] = {"model": model, "bundle": root / arch, "index": index}
+    return out

@@ -171,7 +171,7 @@ def train(model: FromageModel, examples: list[Example], cfg: TrainConfig, out, *
         out_losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
         opt.step()
-        losses = {k: float(v) for k, v in out_losses.items()}
+        losses = {k: float(v.detach()) for k, v in out_losses.items()}
         bar.set_postfix(loss=f"{losses['loss']:.3f}", nce=f"{losses['contrastive']:.3f}")
         done = step + 1
         if done % cfg.save_every == 0 or done == cfg.steps:
