@@ -34,6 +34,19 @@ class ImageEvent:
 
 
 @dataclass
+class DecodeState:
+    """The KV cache and the outputs at the last fed position."""
+    past: list
+    length: int
+    logits: np.ndarray | None = None        # (V,) next-token logits
+    ret_embedding: np.ndarray | None = None  # (R,) normalised W_t of the last position
+
+    def fork(self) -> "DecodeState":
+        """An independent copy (e.g. to score several continuations of one context)."""
+        return DecodeState([p.copy() for p in self.past], self.length, self.logits.copy(), self.ret_embedding)
+
+
+@dataclass
 class Result:
     parts: list = field(default_factory=list)
     prompt_token_ids: list[int] = field(default_factory=list)
@@ -104,14 +117,25 @@ class Fromage:
         chunks = [next(visual) if isinstance(s, ImagePart) else self.embed_ids(s) for s in segments]
         return np.concatenate(chunks, axis=0)[None].astype(np.float32)
 
-    def _decode_step(self, embeds: np.ndarray, past: list[np.ndarray], start: int):
+    def start(self, embeds: np.ndarray) -> "DecodeState":
+        """Prefill: run the prompt (1, n, E) from an empty cache."""
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        state = DecodeState(past=[empty] * len(self.kv_names), length=0)
+        self.advance(state, embeds)
+        return state
+
+    def advance(self, state: "DecodeState", embeds: np.ndarray) -> None:
+        """Feed more positions (token embeddings or visual tokens, (1, n, E)) on the cache."""
         n = embeds.shape[1]
+        if state.length + n > self.max_positions:
+            raise FromageError(f"the sequence would be {state.length + n} positions long; "
+                               f"the model's context is {self.max_positions}")
         feeds = {"inputs_embeds": embeds,
-                 "attention_mask": np.ones((1, start + n), dtype=np.int64),
-                 "position_ids": np.arange(start, start + n, dtype=np.int64)[None]}
-        feeds.update(zip(self.kv_names, past))
-        logits, ret, *present = self.decoder.run(feeds)
-        return logits[0], ret[0], present
+                 "attention_mask": np.ones((1, state.length + n), dtype=np.int64),
+                 "position_ids": np.arange(state.length, state.length + n, dtype=np.int64)[None]}
+        feeds.update(zip(self.kv_names, state.past))
+        logits, ret, *state.past = self.decoder.run(feeds)
+        state.logits, state.ret_embedding, state.length = logits[0], ret[0], state.length + n
 
     # ---- the loop --------------------------------------------------------------------
     def stream(self, parts: list[Part], params: SamplingParams | None = None, result: Result | None = None):
@@ -131,14 +155,14 @@ class Fromage:
             raise FromageError(f"the prompt is {length} positions long (images count {self.k} each); "
                                f"the model's context is {self.max_positions}")
         budget = min(p.max_new_tokens, self.max_positions - length)
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        logits, ret_emb, past = self._decode_step(embeds, [empty] * len(self.kv_names), 0)
+        state = self.start(embeds)
         result.timings["prefill_s"] = time.perf_counter() - t0
 
         text = _TextStream(self.tokenizer)
         result.stop_reason = "length"
         t1 = time.perf_counter()
         for step in range(budget):
+            logits = state.logits
             adjust_ret_logit(logits, self.ret_id, step, p, allow_ret)
             token = sample(logits, p, rng)
             if token in stop_ids:
@@ -147,10 +171,9 @@ class Fromage:
             result.token_ids.append(token)
             # feed the token even at the last step if it is [RET]: its embedding is the query
             if step + 1 < budget or token == self.ret_id:
-                logits, ret_emb, past = self._decode_step(self.embed_ids([token])[None], past, length)
-                length += 1
+                self.advance(state, self.embed_ids([token])[None])
             if token == self.ret_id:
-                hits = self.index.search(ret_emb, top_k=p.top_images)
+                hits = self.index.search(state.ret_embedding, top_k=p.top_images)
                 text.reset()
                 ranked = [{"path": h.path, "score": h.score, "caption": h.caption, "key": h.key} for h in hits]
                 result.parts.append({"type": "image", **ranked[0], "token_index": step, "ranked": ranked})
