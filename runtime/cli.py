@@ -19,12 +19,14 @@ class _PartAction(argparse.Action):
         namespace.parts = parts
 
 
-def _add_backbone_args(p):
-    p.add_argument("--lm", default="default", help="Hugging Face causal-LM folder, or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--encoder", default="efficientnet-lite0",
+def _add_backbone_args(p, defaults: bool = True):
+    """Backbone flags; without defaults (train), unset flags fall back to the preset's values."""
+    d = (lambda v: v) if defaults else (lambda v: None)
+    p.add_argument("--lm", default=d("default"), help="Hugging Face causal-LM folder, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--encoder", default=d("efficientnet-lite0"),
                    help="'efficientnet-lite0' (default) or 'clip:<folder of a CLIP vision tower>'")
-    p.add_argument("--k", type=int, default=1, help="visual tokens per image")
-    p.add_argument("--retrieval-dim", type=int, default=256)
+    p.add_argument("--k", type=int, default=d(1), help="visual tokens per image (default 1)")
+    p.add_argument("--retrieval-dim", type=int, default=d(256))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,18 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="learn [RET], W_c, W_t, W_i on image-caption pairs")
     src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=["tuxpaint"], help="a documented recipe (data + settings); "
+                     "`tuxpaint` reproduces the shipped default checkpoint")
     src.add_argument("--data", help="TSV with header 'caption<TAB>image'")
     src.add_argument("--tuxpaint", nargs="?", const="/usr/share/tuxpaint/stamps", metavar="ROOT",
-                     help="the TuxPaint stamps (training split)")
+                     help="the TuxPaint stamps (training split; the held-out split is evaluated)")
     p.add_argument("--image-dir", help="folder the TSV's image paths are relative to")
-    _add_backbone_args(p)
+    _add_backbone_args(p, defaults=False)
     p.add_argument("--out", required=True, help="checkpoint folder (resumed if it exists)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    for flag, kind, hint in (("--steps", int, "1000"), ("--batch-size", int, "32"), ("--caption-batch-size", int,
+                             "= batch size"), ("--lr", float, "3e-4"), ("--warmup", int, "100"),
+                             ("--save-every", int, "200"), ("--eval-every", int, "0: off"), ("--seed", int, "0")):
+        p.add_argument(flag, type=kind, help=f"default {hint} (or the preset's)")
     p.add_argument("--threads", type=int)
 
     p = sub.add_parser("export", help="compile a checkpoint (or the default model) into a bundle")

@@ -44,7 +44,7 @@ def test_loss_falls_on_tiny_overfit_set(assets, tmp_path):
     from fromage.training.train import image_features
     import numpy as np
     ex = _examples(assets)[:4]
-    feats = image_features(model, ex, tmp_path / "cache", progress=False)
+    feats, ex = image_features(model, ex, tmp_path / "cache", progress=False)
     caps = [model.tokenizer.backend_tokenizer.encode(e.caption, add_special_tokens=False).ids for e in ex]
     cfg = TrainConfig(batch_size=4, concat_prob=0.0)
 
@@ -81,3 +81,43 @@ def test_checkpoint_round_trip_and_resume(assets, tmp_path):
         assert torch.equal(p, loaded.learned_state()[n])
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["config.json", "learned.safetensors",
                                                                   "trainer.safetensors"]
+
+
+def test_frozen_text_states_give_the_same_losses(assets):
+    """The fast retrieval objective equals the full forward pass, values and gradients."""
+    from fromage.training.frozen_text import FrozenTextStates
+    from fromage.training.train import retrieval_losses
+    for arch in ("llama", "llama_untied", "opt"):
+        model = build_model(assets, arch)
+        tok = model.tokenizer.backend_tokenizer
+        caps = [tok.encode(c, add_special_tokens=False).ids for c in CAPTIONS]
+        cfg = TrainConfig(max_caption_tokens=5)  # some captions get truncated
+        feats = torch.randn(len(caps), model.encoder.dim)
+        states = FrozenTextStates(model, caps, cfg, batch_size=3, progress=False)
+        idx = [5, 0, 3, 7, 1]
+        slow = retrieval_losses(model, feats[idx], [caps[i] for i in idx], cfg)
+        fast = states.losses(model, idx, model.image_embedding(feats[idx]))
+        for a, b in zip(slow, fast):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        params = list(model.learned_state().values())
+        g_slow = torch.autograd.grad(sum(slow), params, allow_unused=True)
+        g_fast = torch.autograd.grad(sum(fast), params, allow_unused=True)
+        for p, a, b in zip(model.learned_state(), g_slow, g_fast):
+            if a is None:
+                assert b is None or not b.any(), (arch, p)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=f"{arch} {p}")
+
+
+def test_unreadable_training_images_are_left_out(assets, tmp_path):
+    from fromage.training.train import image_features
+    model = build_model(assets, "llama")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    ex = _examples(assets)[:3] + [Example(str(bad), "a broken picture")]
+    logs = []
+    feats, kept = image_features(model, ex, tmp_path / "cache", progress=False, log=logs.append)
+    assert kept == ex[:3] and feats.shape == (3, model.encoder.dim)
+    assert any("bad.png" in line for line in logs)
+    feats2, kept2 = image_features(model, ex, tmp_path / "cache", progress=False, log=logs.append)
+    assert kept2 == kept and torch.equal(feats, feats2)

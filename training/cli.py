@@ -1,7 +1,9 @@
 """`fromage train` and `fromage export`: the torch side of the CLI."""
 from __future__ import annotations
 
+import argparse
 import time
+from pathlib import Path
 
 from fromage.runtime.errors import FromageError
 
@@ -27,11 +29,26 @@ def _set_threads(n):
         torch.set_num_threads(n)
 
 
+# Recipes, chosen by measurement (see training/default/MODEL_CARD.md). Flags given on the
+# command line override them.
+PRESETS = {
+    "tuxpaint": {"tuxpaint": "/usr/share/tuxpaint/stamps", "lm": "default", "encoder": "efficientnet-lite0",
+                 "k": 1, "retrieval_dim": 256, "steps": 600, "batch_size": 64, "caption_batch_size": 8,
+                 "lr": 3e-4, "warmup": 50, "save_every": 50, "eval_every": 50, "seed": 0},
+}
+DEFAULTS = {"lm": "default", "encoder": "efficientnet-lite0", "k": 1, "retrieval_dim": 256, "steps": 1000,
+            "batch_size": 32, "caption_batch_size": 0, "lr": 3e-4, "warmup": 100, "save_every": 200,
+            "eval_every": 0, "seed": 0}
+
+
 def cmd_train(args) -> None:
-    from pathlib import Path
     from .data import read_tsv, read_tuxpaint, split_examples
     from .train import TrainConfig, train
     _set_threads(args.threads)
+    settings = {**DEFAULTS, **PRESETS.get(args.preset or "", {})}
+    settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
+    args = argparse.Namespace(**{**vars(args), **settings})
+    heldout = None
     if args.data:
         examples = read_tsv(args.data, args.image_dir)
     else:
@@ -39,10 +56,27 @@ def cmd_train(args) -> None:
         print(f"TuxPaint: {len(examples)} training / {len(heldout)} held-out images")
     out = Path(args.out)
     model = FromageModel.from_checkpoint(out) if (out / "config.json").is_file() else FromageModel(_config(args))
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                      save_every=args.save_every, seed=args.seed)
-    losses = train(model, examples, cfg, out)
-    print(f"checkpoint written to {out}: " + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, caption_batch_size=args.caption_batch_size,
+                      lr=args.lr, warmup=args.warmup, save_every=args.save_every, eval_every=args.eval_every,
+                      seed=args.seed)
+    t0 = time.perf_counter()
+    losses = train(model, examples, cfg, out, heldout=heldout)
+    print(f"checkpoint written to {out} in {time.perf_counter() - t0:.0f} s: "
+          + ", ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+    if (out / "best").is_dir():
+        print(f"best held-out checkpoint: {out / 'best'}")
+
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "default"
+
+
+def default_model() -> FromageModel:
+    """The embedded default: SmolLM2-135M + EfficientNet-Lite0 with the shipped learned pieces
+    (fresh heads if the shipped checkpoint is absent)."""
+    if (DEFAULT_CHECKPOINT / "learned.safetensors").is_file():
+        return FromageModel.from_checkpoint(DEFAULT_CHECKPOINT)
+    print("note: no shipped checkpoint found; exporting freshly initialised heads")
+    return FromageModel(FromageConfig())
 
 
 def cmd_export(args) -> None:
@@ -51,7 +85,7 @@ def cmd_export(args) -> None:
     if args.checkpoint:
         model = FromageModel.from_checkpoint(args.checkpoint)
     elif args.default:
-        model = FromageModel(FromageConfig())  # SmolLM2-135M + EfficientNet-Lite0, fresh heads
+        model = default_model()
     else:
         model = FromageModel(_config(args))
     write_bundle(model, args.out, overwrite=args.overwrite)

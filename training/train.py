@@ -35,17 +35,40 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_caption_tokens: int = 24
     concat_prob: float = 0.5         # captioning: two examples in one sequence
+    caption_batch_size: int = 0      # captioning uses the first N of each batch (0 = all)
+    fast_retrieval: bool = True      # retrieval objective from cached frozen states (same losses)
     seed: int = 0
     save_every: int = 200
+    eval_every: int = 0              # held-out recall every N steps; the best is kept in out/best
 
 
-def image_features(model: FromageModel, examples: list[Example], cache_dir=None, progress=True) -> torch.Tensor:
+def image_features(model: FromageModel, examples: list[Example], cache_dir=None, progress=True,
+                   log=print) -> tuple[torch.Tensor, list[Example]]:
+    """Frozen features of the examples' images (cached on disk) -> (features, kept examples).
+    An unreadable image is dropped with a warning (cached as NaN, so it is not retried)."""
     cache = FeatureCache(cache_dir or cache_root() / "features", model.encoder.fingerprint())
     pp = model.encoder.preprocessing
 
-    def compute(paths):
+    def encode(paths):
         return model.encode_images(torch.from_numpy(preprocess(paths, pp))).numpy()
-    return torch.from_numpy(cache.get_many([e.image for e in examples], compute, progress=progress))
+
+    def compute(paths):
+        try:
+            return encode(paths)
+        except FromageError:
+            rows = []
+            for p in paths:
+                try:
+                    rows.append(encode([p])[0])
+                except FromageError as e:
+                    log(f"warning: skipping an image: {e}")
+                    rows.append(np.full(model.encoder.dim, np.nan, dtype=np.float32))
+            return np.stack(rows)
+    feats = torch.from_numpy(cache.get_many([e.image for e in examples], compute, progress=progress))
+    ok = ~torch.isnan(feats).any(dim=1) if len(examples) else torch.zeros(0, dtype=torch.bool)
+    if not ok.all():
+        log(f"{int((~ok).sum())} of {len(examples)} images could not be read and are left out")
+    return feats[ok], [e for e, keep in zip(examples, ok.tolist()) if keep]
 
 
 def _pad(seqs: list[torch.Tensor], labels: list[torch.Tensor]):
@@ -62,49 +85,64 @@ def _lm_loss(logits, labels):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def batch_losses(model: FromageModel, features: torch.Tensor, captions: list[list[int]],
-                 cfg: TrainConfig, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """Caption loss on `[prefix] [k visual tokens] caption`, and on `[prefix] caption [RET]` the
-    next-token loss plus symmetric InfoNCE between W_t(h_[RET]) and W_i(image)."""
+def caption_loss(model: FromageModel, features: torch.Tensor, captions: list[list[int]],
+                 cfg: TrainConfig, rng: np.random.Generator) -> torch.Tensor:
+    """Next-token loss on `[prefix] [k visual tokens] caption` (sometimes two pairs in a row)."""
     prefix = torch.tensor(model_prefix(model), dtype=torch.long)
     k, b = model.config.k, len(captions)
     vis = model.visual_tokens(features)
     cap_ids = [torch.tensor(c[: cfg.max_caption_tokens], dtype=torch.long) for c in captions]
 
-    def caption_piece(i):
-        ids = cap_ids[i]
-        emb = torch.cat([vis[i], model.embed_tokens(ids)])
-        lab = torch.cat([torch.full((k,), -100, dtype=torch.long), ids])
-        return emb, lab
+    def piece(i):
+        return (torch.cat([vis[i], model.embed_tokens(cap_ids[i])]),
+                torch.cat([torch.full((k,), -100, dtype=torch.long), cap_ids[i]]))
 
     seqs, labs = [], []
     for i in range(b):
-        pieces = [caption_piece(i)]
+        pieces = [piece(i)]
         if b > 1 and rng.random() < cfg.concat_prob:
-            pieces.append(caption_piece((i + 1) % b))
-        emb = torch.cat([model.embed_tokens(prefix)] + [p[0] for p in pieces])
-        lab = torch.cat([torch.full((len(prefix),), -100, dtype=torch.long)] + [p[1] for p in pieces])
-        seqs.append(emb), labs.append(lab)
+            pieces.append(piece((i + 1) % b))
+        seqs.append(torch.cat([model.embed_tokens(prefix)] + [p[0] for p in pieces]))
+        labs.append(torch.cat([torch.full((len(prefix),), -100, dtype=torch.long)] + [p[1] for p in pieces]))
     emb, mask, lab = _pad(seqs, labs)
     _, logits = model.forward_lm(emb, mask)
-    cap_loss = _lm_loss(logits, lab)
+    return _lm_loss(logits, lab)
 
-    # retrieval: a caption that is too long keeps its first tokens and ends in [RET]
-    ret_ids = [torch.cat([prefix, c[: cfg.max_caption_tokens - 1], torch.tensor([model.ret_id])]) for c in cap_ids]
+
+def retrieval_ids(model: FromageModel, caption: list[int], cfg: TrainConfig) -> list[int]:
+    """`[prefix] caption [RET]`; a caption that is too long keeps its first tokens and ends in [RET]."""
+    return model_prefix(model) + caption[: cfg.max_caption_tokens - 1] + [model.ret_id]
+
+
+def contrastive_loss(model: FromageModel, text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (text->image and image->text, averaged)."""
+    scale = model.logit_scale.clamp(max=math.log(100)).exp()
+    sim = scale * text_emb @ image_emb.T
+    target = torch.arange(len(sim))
+    return (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
+
+
+def retrieval_losses(model: FromageModel, features: torch.Tensor, captions: list[list[int]],
+                     cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token loss on `caption [RET]`, InfoNCE between W_t(h_[RET]) and W_i(image)), by a full
+    forward pass. `FrozenTextStates` computes the same from cached frozen states, much faster."""
+    n_prefix = len(model_prefix(model))
+    ret_ids = [torch.tensor(retrieval_ids(model, c, cfg)) for c in captions]
     seqs = [model.embed_tokens(ids) for ids in ret_ids]
-    labs = [torch.cat([torch.full((len(prefix),), -100, dtype=torch.long), ids[len(prefix):]]) for ids in ret_ids]
+    labs = [torch.cat([torch.full((n_prefix,), -100, dtype=torch.long), ids[n_prefix:]]) for ids in ret_ids]
     emb, mask, lab = _pad(seqs, labs)
     hidden, logits = model.forward_lm(emb, mask)
-    ret_ce = _lm_loss(logits, lab)
     ret_pos = torch.tensor([len(ids) - 1 for ids in ret_ids])
-    t = model.text_embedding(hidden[torch.arange(b), ret_pos])
-    v = model.image_embedding(features)
-    scale = model.logit_scale.clamp(max=math.log(100)).exp()
-    sim = scale * t @ v.T
-    target = torch.arange(b)
-    contrastive = (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
-    return {"caption": cap_loss, "ret_ce": ret_ce, "contrastive": contrastive,
-            "loss": cap_loss + ret_ce + contrastive}
+    text = model.text_embedding(hidden[torch.arange(len(captions)), ret_pos])
+    return _lm_loss(logits, lab), contrastive_loss(model, text, model.image_embedding(features))
+
+
+def batch_losses(model: FromageModel, features: torch.Tensor, captions: list[list[int]],
+                 cfg: TrainConfig, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """The reference recipe on one batch: captioning + retrieval (next-token + InfoNCE)."""
+    cap = caption_loss(model, features, captions, cfg, rng)
+    ret_ce, nce = retrieval_losses(model, features, captions, cfg)
+    return {"caption": cap, "ret_ce": ret_ce, "contrastive": nce, "loss": cap + ret_ce + nce}
 
 
 def model_prefix(model: FromageModel) -> list[int]:
@@ -138,33 +176,52 @@ def _load_trainer(directory: Path, opt: torch.optim.Optimizer, params: dict, ste
 
 
 def train(model: FromageModel, examples: list[Example], cfg: TrainConfig, out, *,
-          feature_cache=None, progress: bool = True, log=print) -> dict:
-    """Train (or resume training) into checkpoint folder `out`; returns the last losses."""
+          heldout: list[Example] | None = None, feature_cache=None, progress: bool = True, log=print) -> dict:
+    """Train (or resume training) into checkpoint folder `out`; returns the last losses.
+    With `heldout` and `cfg.eval_every`, held-out retrieval recall is measured periodically and
+    the best checkpoint so far is kept in `out/best`."""
     from tqdm import tqdm
+    from .heldout import retrieval_recall
     if not examples:
         raise FromageError("no training examples")
     out = Path(out)
     params = dict(model.learned_state())
     names = {p: n for n, p in params.items()}
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=0.0)
-    start = 0
+    start, best = 0, None
     if (out / "config.json").is_file():
         meta = model.load_learned(out)
         start = int(meta.get("step", 0))
         _load_trainer(out, opt, params, start)
+        if (out / "best" / "config.json").is_file():
+            best = json.loads((out / "best" / "config.json").read_text()).get("heldout")
         log(f"resuming from {out} at step {start}")
 
-    features = image_features(model, examples, feature_cache, progress)
+    features, examples = image_features(model, examples, feature_cache, progress, log)
+    eval_set = None
+    if heldout and cfg.eval_every:
+        heldout_features, heldout = image_features(model, heldout, feature_cache, progress, log)
+        eval_set = (heldout, heldout_features)
     captions = [model.tokenizer.backend_tokenizer.encode(e.caption, add_special_tokens=False).ids
                 for e in examples]
+    states = None
+    if cfg.fast_retrieval:
+        from .frozen_text import FrozenTextStates
+        states = FrozenTextStates(model, captions, cfg, progress=progress)
     model.train()
     model.lm.eval(), model.encoder.eval()  # frozen parts keep eval behaviour (no dropout)
-    losses = {}
+    losses, history = {}, []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=not progress)
     for step in bar:
         rng = np.random.default_rng([cfg.seed, step])
         idx = rng.choice(len(examples), size=min(cfg.batch_size, len(examples)), replace=False)
-        out_losses = batch_losses(model, features[idx], [captions[i] for i in idx], cfg, rng)
+        cap_idx = idx[: cfg.caption_batch_size or len(idx)]
+        cap = caption_loss(model, features[cap_idx], [captions[i] for i in cap_idx], cfg, rng)
+        if states is not None:
+            ret_ce, nce = states.losses(model, idx.tolist(), model.image_embedding(features[idx]))
+        else:
+            ret_ce, nce = retrieval_losses(model, features[idx], [captions[i] for i in idx], cfg)
+        out_losses = {"caption": cap, "ret_ce": ret_ce, "contrastive": nce, "loss": cap + ret_ce + nce}
         for group in opt.param_groups:  # linear warm-up, then constant (the reference's schedule)
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
         opt.zero_grad(set_to_none=True)
@@ -174,8 +231,20 @@ def train(model: FromageModel, examples: list[Example], cfg: TrainConfig, out, *
         losses = {k: float(v.detach()) for k, v in out_losses.items()}
         bar.set_postfix(loss=f"{losses['loss']:.3f}", nce=f"{losses['contrastive']:.3f}")
         done = step + 1
+        extra = {"step": done, "train": asdict(cfg), "losses": losses}
+        if eval_set and (done % cfg.eval_every == 0 or done == cfg.steps):
+            model.eval()
+            recall = retrieval_recall(model, *eval_set)
+            model.train(), model.lm.eval(), model.encoder.eval()
+            history.append({"step": done, **recall})
+            log(f"step {done}: held-out text->image R@1/5/10 = "
+                f"{recall['R@1']:.1f} / {recall['R@5']:.1f} / {recall['R@10']:.1f}")
+            extra["heldout"] = recall
+            if best is None or recall["score"] > best["score"]:
+                best = recall
+                model.save_checkpoint(out / "best", extra=extra)
         if done % cfg.save_every == 0 or done == cfg.steps:
             _save_trainer(out.mkdir(parents=True, exist_ok=True) or out, opt, names, done)
-            model.save_checkpoint(out, extra={"step": done, "train": asdict(cfg), "losses": losses})
+            model.save_checkpoint(out, extra=extra)
     model.eval()
     return losses
