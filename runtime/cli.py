@@ -90,7 +90,85 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--threads", type=int)
+
+    _add_eval_parsers(sub)
     return ap
+
+
+def _add_eval_parsers(sub) -> None:
+    """`fromage eval` (held-out recall, perplexity, captions; `eval vist|visdial`) and `fromage retrieve`."""
+    def common(p, leaf=False):  # on the leaves: given there or before the benchmark name, both work
+        kw = {"default": argparse.SUPPRESS} if leaf else {}
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table", **kw)
+        p.add_argument("--threads", type=int, **kw)
+        p.add_argument("--device", help="cpu, cuda or tensorrt", **(kw or {"default": "cpu"}))
+        p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files", **kw)
+
+    p = sub.add_parser("eval", help="retrieval recall (vs random and a MiniLM baseline), caption perplexity and "
+                       "captions on held-out images; `eval vist` / `eval visdial`: the paper's benchmarks")
+    p.add_argument("--bundle", help="bundle to evaluate (required)")
+    p.add_argument("--tuxpaint", default="/usr/share/tuxpaint/stamps", metavar="ROOT", help="TuxPaint stamps folder")
+    p.add_argument("--data", metavar="TSV", help="evaluate on a TSV ('caption<TAB>image') instead of TuxPaint")
+    p.add_argument("--image-dir", help="folder the TSV's image paths are relative to (also the split's root)")
+    p.add_argument("--heldout-percent", type=int, default=15, help="held-out share of the deterministic split")
+    p.add_argument("--no-baseline", action="store_true", help="skip the sentence-encoder baseline (needs torch)")
+    p.add_argument("--captions", type=int, default=5, help="greedy captions of N held-out images")
+    common(p)
+    bench = p.add_subparsers(dest="benchmark", metavar="{vist,visdial}")
+    v = bench.add_parser("vist", help="Visual Storytelling: retrieve each story's last image from its context")
+    v.add_argument("--bundle", required=True)
+    v.add_argument("--sis", required=True, help="story-in-sequence JSON (e.g. val.story-in-sequence.json)")
+    v.add_argument("--images", required=True, help="folder of <photo_flickr_id>.jpg|png")
+    v.add_argument("--candidates", choices=["last", "all"], default="last",
+                   help="candidate images: the stories' last images (default) or all story images")
+    v.add_argument("--limit", type=int, help="only the first N stories")
+    common(v, leaf=True)
+    d = bench.add_parser("visdial", help="Visual Dialog v1.0: text->image retrieval and answer ranking")
+    d.add_argument("--bundle", required=True)
+    d.add_argument("--dialogs", required=True, help="visdial_1.0_val.json")
+    d.add_argument("--images", required=True, help="folder of VisualDialog_val2018_<12-digit id>.jpg or <id>.jpg")
+    d.add_argument("--dense", help="visdial_1.0_val_dense_annotations.json (for NDCG)")
+    d.add_argument("--rounds", choices=["last", "dense", "all"], default="last",
+                   help="rounds whose answer options are ranked (all: the reference's protocol, 10x the cost)")
+    d.add_argument("--limit", type=int, help="only the first N dialogs")
+    d.add_argument("--no-t2i", action="store_true", help="skip text->image retrieval")
+    d.add_argument("--no-it2t", action="store_true", help="skip answer ranking")
+    common(d, leaf=True)
+
+    r = sub.add_parser("retrieve", help="rank the images of an index for text queries ([RET] embedding)")
+    r.add_argument("queries", nargs="*", metavar="QUERY")
+    r.add_argument("--queries", dest="queries_file", metavar="FILE", help="one query per line")
+    r.add_argument("--bundle", required=True)
+    r.add_argument("--index", required=True)
+    r.add_argument("--top-k", type=int, default=5)
+    common(r)
+
+
+def _cmd_retrieve(args) -> None:
+    from .generate import Fromage
+    from .scoring import ret_embeddings
+    queries = list(args.queries)
+    if args.queries_file:
+        try:
+            with open(args.queries_file, encoding="utf-8") as f:
+                queries += [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise FromageError(f"cannot read --queries file: {e}") from None
+    if not queries:
+        raise FromageError("give at least one query (QUERY arguments or --queries FILE)")
+    if args.top_k < 1:
+        raise FromageError("--top-k must be at least 1")
+    model = Fromage(args.bundle, index=args.index, device=args.device, threads=args.threads,
+                    verify=not args.no_verify)
+    for query, emb in zip(queries, ret_embeddings(model, queries)):
+        hits = model.index.search(emb, top_k=args.top_k)
+        if args.json:
+            results = [{"path": h.path, "score": h.score, "caption": h.caption} for h in hits]
+            print(json.dumps({"query": query, "results": results}, ensure_ascii=False), flush=True)
+        else:
+            print(query)
+            for rank, h in enumerate(hits, 1):
+                print(f"  {rank:2d}. {h.score:.3f}  {h.path}" + (f"  ({h.caption})" if h.caption else ""))
 
 
 def _cmd_generate(args) -> None:
@@ -145,6 +223,11 @@ def main(argv=None) -> int:
             _cmd_generate(args)
         elif args.command == "index":
             _cmd_index_build(args)
+        elif args.command == "eval":
+            from .evaluate import cmd_eval
+            cmd_eval(args)
+        elif args.command == "retrieve":
+            _cmd_retrieve(args)
         else:
             from fromage.training import cli as training_cli  # needs the [train] extra
             getattr(training_cli, f"cmd_{args.command}")(args)

