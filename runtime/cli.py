@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--threads", type=int)
 
+    p = sub.add_parser("demo", help="first run: the default model answers a scripted interleaved session "
+                       "(builds the bundle and a TuxPaint index if missing); writes demo.html + demo.json")
+    from .demo import add_arguments as _demo_arguments
+    _demo_arguments(p)
     _add_eval_parsers(sub)
     return ap
 
@@ -228,6 +232,9 @@ def main(argv=None) -> int:
             cmd_eval(args)
         elif args.command == "retrieve":
             _cmd_retrieve(args)
+        elif args.command == "demo":
+            from .demo import cmd_demo
+            cmd_demo(args)
         else:
             from fromage.training import cli as training_cli  # needs the [train] extra
             getattr(training_cli, f"cmd_{args.command}")(args)
