@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--tuxpaint", nargs="?", const="/usr/share/tuxpaint/stamps", metavar="ROOT",
                      help="the TuxPaint stamps (training split; the held-out split is evaluated)")
     p.add_argument("--image-dir", help="folder the TSV's image paths are relative to")
+    p.add_argument("--extra", action="append", choices=["openclipart"],
+                   help="more training data: the openclipart-png clip art (captions cleaned from file names)")
     _add_backbone_args(p, defaults=False)
     p.add_argument("--out", required=True, help="checkpoint folder (resumed if it exists)")
     for flag, kind, hint in (("--steps", int, "1000"), ("--batch-size", int, "32"), ("--caption-batch-size", int,
