@@ -6,10 +6,8 @@ position is the query, and the retrieved images are streamed right then, before 
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 

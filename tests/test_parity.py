@@ -1,5 +1,4 @@
 """The ONNX runtime gives the same greedy tokens and the same retrievals as the PyTorch model."""
-import numpy as np
 import pytest
 import torch
 

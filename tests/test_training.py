@@ -44,7 +44,7 @@ def test_loss_falls_on_tiny_overfit_set(assets, tmp_path):
     from fromage.training.train import image_features
     import numpy as np
     ex = _examples(assets)[:4]
-    feats, ex = image_features(model, ex, tmp_path / "cache", progress=False)
+    feats, ex = image_features(model.encoder, ex, tmp_path / "cache", progress=False)
     caps = [model.tokenizer.backend_tokenizer.encode(e.caption, add_special_tokens=False).ids for e in ex]
     cfg = TrainConfig(batch_size=4, concat_prob=0.0)
 
@@ -116,8 +116,8 @@ def test_unreadable_training_images_are_left_out(assets, tmp_path):
     bad.write_bytes(b"\x89PNG broken")
     ex = _examples(assets)[:3] + [Example(str(bad), "a broken picture")]
     logs = []
-    feats, kept = image_features(model, ex, tmp_path / "cache", progress=False, log=logs.append)
+    feats, kept = image_features(model.encoder, ex, tmp_path / "cache", progress=False, log=logs.append)
     assert kept == ex[:3] and feats.shape == (3, model.encoder.dim)
     assert any("bad.png" in line for line in logs)
-    feats2, kept2 = image_features(model, ex, tmp_path / "cache", progress=False, log=logs.append)
+    feats2, kept2 = image_features(model.encoder, ex, tmp_path / "cache", progress=False, log=logs.append)
     assert kept2 == kept and torch.equal(feats, feats2)

@@ -37,7 +37,7 @@ from torch import nn
 from fromage.runtime.errors import FromageError
 
 from .backbones import cache_root
-from .data import Example, FeatureCache, file_sha256
+from .data import Example, file_sha256
 
 TEXT_ENCODER = "all-MiniLM-L6-v2"
 EPOCHS = 10
@@ -139,32 +139,13 @@ def train_heads(img: torch.Tensor, txt: torch.Tensor, cfg: BaselineConfig, on_ep
 def image_features(encoder, examples: list[Example], warn=print):
     """-> (examples whose image could be read, their frozen features (n, D), encoder fingerprint),
     through the same on-disk cache as training. `encoder`: an ImageEncoder or its spec."""
-    from fromage.runtime.preprocess import preprocess
     from .encoders import build_encoder
+    from .train import image_features as cached_features
     encoder = build_encoder(encoder) if isinstance(encoder, dict) else encoder
-    cache = FeatureCache(cache_root() / "features", encoder.fingerprint())
-
-    def compute(paths):
-        with torch.no_grad():
-            return encoder(torch.from_numpy(preprocess(paths, encoder.preprocessing))).numpy()
-    kept, feats = [], []
-    for i in range(0, len(examples), 64):
-        chunk = examples[i:i + 64]
-        try:
-            feats.append(cache.get_many([e.image for e in chunk], compute, progress=False))
-            kept += chunk
-            continue
-        except FromageError:
-            pass
-        for e in chunk:  # find the unreadable image(s) and keep the rest
-            try:
-                feats.append(cache.get_many([e.image], compute, progress=False))
-                kept.append(e)
-            except FromageError as err:
-                warn(f"baseline: skipping {e.image}: {err}")
+    feats, kept = cached_features(encoder, examples, progress=False, log=warn)
     if not kept:
         raise FromageError("no image could be read")
-    return kept, torch.from_numpy(np.concatenate(feats)), cache.encoder_id
+    return kept, feats, encoder.fingerprint()
 
 
 def _key(text_fp: str, image_fp: str, train: list[Example], cfg: BaselineConfig) -> str:

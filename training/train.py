@@ -20,6 +20,7 @@ from fromage.runtime.preprocess import preprocess
 
 from .backbones import cache_root
 from .data import Example, FeatureCache
+from .encoders import ImageEncoder
 from .model import FromageModel
 
 TRAINER_STATE = "trainer.safetensors"
@@ -42,15 +43,15 @@ class TrainConfig:
     eval_every: int = 0              # held-out recall every N steps; the best is kept in out/best
 
 
-def image_features(model: FromageModel, examples: list[Example], cache_dir=None, progress=True,
+def image_features(encoder: ImageEncoder, examples: list[Example], cache_dir=None, progress=True,
                    log=print) -> tuple[torch.Tensor, list[Example]]:
     """Frozen features of the examples' images (cached on disk) -> (features, kept examples).
     An unreadable image is dropped with a warning (cached as NaN, so it is not retried)."""
-    cache = FeatureCache(cache_dir or cache_root() / "features", model.encoder.fingerprint())
-    pp = model.encoder.preprocessing
+    cache = FeatureCache(cache_dir or cache_root() / "features", encoder.fingerprint())
 
+    @torch.no_grad()
     def encode(paths):
-        return model.encode_images(torch.from_numpy(preprocess(paths, pp))).numpy()
+        return encoder(torch.from_numpy(preprocess(paths, encoder.preprocessing))).numpy()
 
     def compute(paths):
         try:
@@ -62,7 +63,7 @@ def image_features(model: FromageModel, examples: list[Example], cache_dir=None,
                     rows.append(encode([p])[0])
                 except FromageError as e:
                     log(f"warning: skipping an image: {e}")
-                    rows.append(np.full(model.encoder.dim, np.nan, dtype=np.float32))
+                    rows.append(np.full(encoder.dim, np.nan, dtype=np.float32))
             return np.stack(rows)
     feats = torch.from_numpy(cache.get_many([e.image for e in examples], compute, progress=progress))
     ok = ~torch.isnan(feats).any(dim=1) if len(examples) else torch.zeros(0, dtype=torch.bool)
@@ -197,10 +198,10 @@ def train(model: FromageModel, examples: list[Example], cfg: TrainConfig, out, *
             best = json.loads((out / "best" / "config.json").read_text()).get("heldout")
         log(f"resuming from {out} at step {start}")
 
-    features, examples = image_features(model, examples, feature_cache, progress, log)
+    features, examples = image_features(model.encoder, examples, feature_cache, progress, log)
     eval_set = None
     if heldout and cfg.eval_every:
-        heldout_features, heldout = image_features(model, heldout, feature_cache, progress, log)
+        heldout_features, heldout = image_features(model.encoder, heldout, feature_cache, progress, log)
         eval_set = (heldout, heldout_features)
     captions = [model.tokenizer.backend_tokenizer.encode(e.caption, add_special_tokens=False).ids
                 for e in examples]
