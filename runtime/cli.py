@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true")
     b.add_argument("--threads", type=int)
 
+    p = sub.add_parser("bench", help="benchmark decoding (TTFT, tok/s, roofline, peers) and retrieval")
+    from .bench import add_arguments as _bench_arguments
+    _bench_arguments(p)
     p = sub.add_parser("demo", help="first run: the default model answers a scripted interleaved session "
                        "(builds the bundle and a TuxPaint index if missing); writes demo.html + demo.json")
     from .demo import add_arguments as _demo_arguments
@@ -233,6 +236,9 @@ def main(argv=None) -> int:
             cmd_eval(args)
         elif args.command == "retrieve":
             _cmd_retrieve(args)
+        elif args.command == "bench":
+            from .bench import cmd_bench
+            cmd_bench(args)
         elif args.command == "demo":
             from .demo import cmd_demo
             cmd_demo(args)

@@ -1,0 +1,88 @@
+"""`fromage bench`: smoke tests on the tiny bundles (shapes of the output, never timings)."""
+import importlib.util
+import json
+
+import pytest
+
+from fromage.runtime.cli import main
+
+METRICS = ("decode_tok_s", "tpot_ms", "ttft_ms", "ttft_image_ms", "e2e_ms", "image_encode_ms", "retrieval_ms",
+           "peak_rss_mb")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FROMAGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _bench(tmp_path, *argv) -> dict:
+    out = tmp_path / "bench.json"
+    assert main(["bench", *argv, "--runs", "1", "--warmup", "0", "--new-tokens", "4", "--prompt-tokens", "8",
+                 "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_bench_fromage_json_and_plot(exported, tmp_path, cache, capsys):
+    plot = tmp_path / "bench.png"
+    bundle = str(exported["llama"]["bundle"])
+    if importlib.util.find_spec("matplotlib") is None:  # the [bench] extra is not installed
+        assert main(["bench", "--bundle", bundle, "--plot", str(plot)]) == 2
+        assert "needs matplotlib" in capsys.readouterr().err
+        plot = None
+    r = _bench(tmp_path, "--bundle", bundle, "--images", "1", *(["--plot", str(plot)] if plot else []))
+    assert r["roofline_tok_s"] > 0 and r["bandwidth_gb_s"] > 0
+    assert r["bandwidth"]["method"] in r["bandwidth"]["methods_gb_s"] and r["bandwidth"]["how"]
+    s = r["settings"]
+    assert (s["prompt_tokens"], s["new_tokens"], s["images"], s["batch"], s["runs"]) == (8, 4, 1, 1, 1)
+    assert len(s["prompt_token_ids"]) == 8
+    assert list(r["systems"]) == ["fromage"]
+    f = r["systems"]["fromage"]
+    for key in METRICS:  # fromage measures everything, with and without an image
+        assert f[key] > 0, key
+        if key != "peak_rss_mb":
+            assert set(f["percentiles"][key]) >= {"median", "p50", "p90", "p99"}
+    assert len(f["tokens"]) == 4 and 0 < f["roofline_fraction"]
+    assert plot is None or plot.read_bytes()[:4] == b"\x89PNG"
+    assert "fromage" in capsys.readouterr().out
+
+
+def test_bench_compare_hf_and_reference(exported, tmp_path, cache, capsys):
+    r = _bench(tmp_path, "--bundle", str(exported["llama"]["bundle"]), "--compare", "hf,reference")
+    systems = r["systems"]
+    assert list(systems) == ["fromage", "hf", "reference"], systems
+    for name in ("hf", "reference"):
+        s = systems[name]
+        assert "error" not in s, s
+        assert s["decode_tok_s"] > 0 and s["ttft_ms"] > 0 and s["vs_fromage"]["decode_tok_s"] > 0
+        # same model, same prompt ids, greedy: the same tokens (the parity tests pin this down)
+        assert s["agrees_with_fromage_tokens"] == 4, (name, s["tokens"], systems["fromage"]["tokens"])
+    assert systems["hf"]["ttft_image_ms"] is None  # a text-only LM
+    assert systems["reference"]["ttft_image_ms"] > 0
+    out = capsys.readouterr().out
+    assert "hf" in out and "reference" in out
+
+
+def test_bench_retrieval(tmp_path, cache, capsys):
+    out = tmp_path / "retrieval.json"
+    assert main(["bench", "--retrieval", "2000", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["retrieval"]
+    assert (r["vectors"], r["dim"], r["k"]) == (2000, 256, 10)
+    m = r["methods"]
+    assert set(m) == {"numpy_exact", "usearch_exact", "usearch_hnsw", "fromage_index"}
+    for name, v in m.items():
+        assert v["qps"] > 0 and 0 <= v["recall_at_10"] <= 1, name
+    assert m["usearch_exact"]["recall_at_10"] > 0.99 and m["fromage_index"]["mode"] == "exact"
+    assert "usearch_hnsw" in capsys.readouterr().out
+    # a second run loads the index from the cache
+    assert main(["bench", "--retrieval", "2000", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["retrieval"]["loaded_from_cache"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "2"], "only batch 1"),
+    (["--compare", "vllm"], "unknown peer"),
+])
+def test_bench_rejects(exported, argv, message, capsys):
+    assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), *argv]) == 2
+    assert message in capsys.readouterr().err
