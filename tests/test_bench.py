@@ -86,3 +86,16 @@ def test_bench_retrieval(tmp_path, cache, capsys):
 def test_bench_rejects(exported, argv, message, capsys):
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_reports_a_failing_peer(exported, tmp_path, cache):
+    """A peer that cannot run is in the output with its error, never dropped."""
+    import shutil
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exported["llama"]["bundle"], bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["model"]["lm"] = str(tmp_path / "missing-lm")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    r = _bench(tmp_path, "--bundle", str(bundle), "--compare", "hf")
+    assert r["systems"]["fromage"]["decode_tok_s"] > 0
+    assert "missing-lm" in r["systems"]["hf"]["error"]
