@@ -3,6 +3,7 @@ only when run, so the runtime commands work on a host without the training stack
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -224,24 +225,20 @@ def _cmd_index_build(args) -> None:
     print(f"index of {index.count} images written to {args.out}")
 
 
+# torch-free commands: (module relative to this package, function); imported only when run
+_RUNTIME_COMMANDS = {
+    "generate": (".cli", "_cmd_generate"), "index": (".cli", "_cmd_index_build"),
+    "retrieve": (".cli", "_cmd_retrieve"), "eval": (".evaluate", "cmd_eval"),
+    "bench": (".bench", "cmd_bench"), "demo": (".demo", "cmd_demo"),
+}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "generate":
-            _cmd_generate(args)
-        elif args.command == "index":
-            _cmd_index_build(args)
-        elif args.command == "eval":
-            from .evaluate import cmd_eval
-            cmd_eval(args)
-        elif args.command == "retrieve":
-            _cmd_retrieve(args)
-        elif args.command == "bench":
-            from .bench import cmd_bench
-            cmd_bench(args)
-        elif args.command == "demo":
-            from .demo import cmd_demo
-            cmd_demo(args)
+        if args.command in _RUNTIME_COMMANDS:
+            module, name = _RUNTIME_COMMANDS[args.command]
+            getattr(importlib.import_module(module, __package__), name)(args)
         else:
             from fromage.training import cli as training_cli  # needs the [train] extra
             getattr(training_cli, f"cmd_{args.command}")(args)

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .model import FromageModel
-from .train import TrainConfig, contrastive_loss, model_prefix, retrieval_ids
+from .train import TrainConfig, contrastive_loss, retrieval_ids
 
 
 class FrozenTextStates:
     def __init__(self, model: FromageModel, captions: list[list[int]], cfg: TrainConfig,
                  batch_size: int = 64, progress: bool = True):
-        self.n_prefix = len(model_prefix(model))
+        self.n_prefix = len(model.prefix)
         seqs = [retrieval_ids(model, c, cfg)[:-1] for c in captions]  # everything before [RET]
         self.lengths = torch.tensor([len(s) for s in seqs])
         self.keys, self.values, self.hidden, self.base_lse, self.next_logit = [], [], [], [], []

@@ -1,20 +1,22 @@
 """Held-out retrieval recall during training (PyTorch side; `fromage eval` measures bundles)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from fromage.runtime.benchmarks import recall_at_k
 
 from .data import Example
 from .model import FromageModel
-from .train import TrainConfig, _pad, model_prefix
+from .train import TrainConfig, _pad, retrieval_ids
 
 
 @torch.no_grad()
 def text_embeddings(model: FromageModel, captions: list[str], batch_size: int = 64) -> torch.Tensor:
     """W_t of the hidden state at `[prefix] caption [RET]`, normalised."""
-    tok, prefix, out = model.tokenizer.backend_tokenizer, model_prefix(model), []
-    max_tokens = TrainConfig.max_caption_tokens
+    tok, cfg, out = model.tokenizer.backend_tokenizer, TrainConfig(), []
     for start in range(0, len(captions), batch_size):
-        ids = [prefix + tok.encode(c, add_special_tokens=False).ids[: max_tokens - 1] + [model.ret_id]
+        ids = [retrieval_ids(model, tok.encode(c, add_special_tokens=False).ids, cfg)
                for c in captions[start:start + batch_size]]
         emb, mask, _ = _pad([model.embed_tokens(torch.tensor(i)) for i in ids],
                             [torch.zeros(len(i), dtype=torch.long) for i in ids])
@@ -24,11 +26,9 @@ def text_embeddings(model: FromageModel, captions: list[str], batch_size: int = 
     return torch.cat(out)
 
 
-def recall_at(scores: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    """scores (n, n): row i's correct column is i. -> {"R@k": percent}."""
-    correct = scores.diagonal().unsqueeze(1)
-    rank = (scores > correct).sum(1)  # 0 = best
-    return {f"R@{k}": float((rank < k).float().mean() * 100) for k in ks}
+def recall_at(scores: torch.Tensor) -> dict:
+    """scores (n, n): row i's correct column is i. -> {"R@k": percent}, as `fromage eval` counts."""
+    return recall_at_k(scores.numpy(), np.arange(len(scores)))
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fromage.runtime.errors import FromageError
+from fromage.runtime.prompt import special_prefix
 
 from .backbones import load_lm
 from .encoders import build_encoder
@@ -53,6 +54,7 @@ class FromageModel(nn.Module):
 
         tokenizer.add_tokens([config.ret_token])
         self.ret_id = tokenizer.convert_tokens_to_ids(config.ret_token)
+        self.prefix = special_prefix(tokenizer.backend_tokenizer)  # BOS etc., as the runtime places it
         if self.ret_id >= self.lm.get_input_embeddings().num_embeddings:
             self.lm.resize_token_embeddings(self.ret_id + 1, mean_resizing=False)
         self.lm.requires_grad_(False)

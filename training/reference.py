@@ -10,12 +10,11 @@ from fromage.runtime.prompt import ImagePart, Part, to_segments
 from fromage.runtime.sampling import SamplingParams, adjust_ret_logit, sample
 
 from .model import FromageModel
-from .train import model_prefix
 
 
 @torch.no_grad()
 def prompt_embeds(model: FromageModel, parts: list[Part]) -> tuple[torch.Tensor, list[int]]:
-    segments = to_segments(parts, model.tokenizer.backend_tokenizer, model_prefix(model))
+    segments = to_segments(parts, model.tokenizer.backend_tokenizer, model.prefix)
     chunks, ids = [], []
     for s in segments:
         if isinstance(s, ImagePart):

@@ -89,7 +89,7 @@ def _lm_loss(logits, labels):
 def caption_loss(model: FromageModel, features: torch.Tensor, captions: list[list[int]],
                  cfg: TrainConfig, rng: np.random.Generator) -> torch.Tensor:
     """Next-token loss on `[prefix] [k visual tokens] caption` (sometimes two pairs in a row)."""
-    prefix = torch.tensor(model_prefix(model), dtype=torch.long)
+    prefix = torch.tensor(model.prefix, dtype=torch.long)
     k, b = model.config.k, len(captions)
     vis = model.visual_tokens(features)
     cap_ids = [torch.tensor(c[: cfg.max_caption_tokens], dtype=torch.long) for c in captions]
@@ -112,7 +112,7 @@ def caption_loss(model: FromageModel, features: torch.Tensor, captions: list[lis
 
 def retrieval_ids(model: FromageModel, caption: list[int], cfg: TrainConfig) -> list[int]:
     """`[prefix] caption [RET]`; a caption that is too long keeps its first tokens and ends in [RET]."""
-    return model_prefix(model) + caption[: cfg.max_caption_tokens - 1] + [model.ret_id]
+    return model.prefix + caption[: cfg.max_caption_tokens - 1] + [model.ret_id]
 
 
 def contrastive_loss(model: FromageModel, text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ def retrieval_losses(model: FromageModel, features: torch.Tensor, captions: list
                      cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(next-token loss on `caption [RET]`, InfoNCE between W_t(h_[RET]) and W_i(image)), by a full
     forward pass. `FrozenTextStates` computes the same from cached frozen states, much faster."""
-    n_prefix = len(model_prefix(model))
+    n_prefix = len(model.prefix)
     ret_ids = [torch.tensor(retrieval_ids(model, c, cfg)) for c in captions]
     seqs = [model.embed_tokens(ids) for ids in ret_ids]
     labs = [torch.cat([torch.full((n_prefix,), -100, dtype=torch.long), ids[n_prefix:]]) for ids in ret_ids]
@@ -144,11 +144,6 @@ def batch_losses(model: FromageModel, features: torch.Tensor, captions: list[lis
     cap = caption_loss(model, features, captions, cfg, rng)
     ret_ce, nce = retrieval_losses(model, features, captions, cfg)
     return {"caption": cap, "ret_ce": ret_ce, "contrastive": nce, "loss": cap + ret_ce + nce}
-
-
-def model_prefix(model: FromageModel) -> list[int]:
-    from fromage.runtime.prompt import special_prefix
-    return special_prefix(model.tokenizer.backend_tokenizer)
 
 
 def _save_trainer(directory: Path, opt: torch.optim.Optimizer, names: dict, step: int) -> None:
