@@ -32,8 +32,20 @@ class OnnxRuntimeEngine:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+        self.binding = self.session.io_binding()
+
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
         return self.session.run(outputs, feeds)
+
+    # ---- I/O binding: inputs and outputs in caller-owned buffers, nothing allocated per call ----
+    def bind_array(self, name: str, array: np.ndarray, output: bool) -> None:
+        """Bind a C-contiguous float32 array; it must stay alive while bound."""
+        assert array.dtype == np.float32 and array.flags.c_contiguous
+        bind = self.binding.bind_output if output else self.binding.bind_input
+        bind(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+
+    def run_bound(self) -> None:
+        self.session.run_with_iobinding(self.binding)
 
 
 def create_engine(path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None):

@@ -21,7 +21,7 @@ from fromage.runtime.errors import FromageError
 from fromage.runtime.prompt import special_prefix
 from fromage.training.model import FromageModel
 
-from . import graphs
+from . import graphs, llama_graph
 
 PARITY_TOLERANCE = 1e-3  # max abs diff, relative to max(1, max |reference|)
 
@@ -53,22 +53,30 @@ def check_parity(m: FromageModel, folder: Path, io: dict) -> dict:
     got = _ort_session(folder / "embed.onnx").run(None, {"input_ids": ids.numpy()})
     out["embed"] = _diff(ref, got[0])
 
-    # decoder: a 5-token prefill from an empty cache, then one step on ORT's own cache
+    # decoder: a 5-token prefill from an empty cache, then one token, then 3 more, on ORT's own cache
     dec, sess = graphs.DecoderGraph(m).eval(), _ort_session(folder / "decoder.onnx")
     heads, hd = graphs.cache_shape(m)
     names_in, _ = io["decoder"]
+    fused = "seqlens_k" in names_in
     past = tuple(torch.zeros(1, heads, 0, hd) for _ in range(2 * dec.num_layers))
+    buffers = [np.zeros((1, heads, 16, hd), np.float32) for _ in past]  # the fused graph's in-place cache
     diffs, total = [], 0
-    for step_len in (5, 1):
+    for step_len in (5, 1, 3):
         emb = torch.randn(1, step_len, m.embed_dim)
         mask = torch.ones(1, total + step_len, dtype=torch.int64)
         pos = torch.arange(total, total + step_len).unsqueeze(0)
         with torch.no_grad():
             ref = dec(emb, mask, pos, past)
-        feeds = dict(zip(names_in, [emb.numpy(), mask.numpy(), pos.numpy(), *[p.numpy() for p in past]]))
-        got = sess.run(None, feeds)
+        if fused:
+            feeds = {"inputs_embeds": emb.numpy(), "seqlens_k": np.array([total + step_len - 1], np.int32),
+                     "total_sequence_length": np.array(total + step_len, np.int32)}
+            got = sess.run(None, {**feeds, **dict(zip(names_in[3:], buffers))})
+            buffers = got[2:]
+            got = got[:2] + [b[:, :, :total + step_len] for b in buffers]
+        else:
+            got = sess.run(None, dict(zip(names_in, [emb.numpy(), mask.numpy(), pos.numpy(), *[p.numpy() for p in past]])))
         diffs += [_diff(r, g) for r, g in zip(ref, got)]
-        past = tuple(torch.from_numpy(g) for g in got[2:])
+        past = ref[2:]
         total += step_len
     out["decoder"] = max(diffs)
     return out
@@ -91,8 +99,9 @@ def write_bundle(m: FromageModel, out, *, overwrite: bool = False, log=print) ->
     try:
         m.eval()
         io, times = {}, {}
-        for name, fn in (("vision", graphs.export_vision), ("embed", graphs.export_embed),
-                         ("decoder", graphs.export_decoder)):
+        fused = llama_graph.supports(m.lm)  # Llama-family LMs get the fused in-place-cache graph
+        decoder = llama_graph.export_fused_decoder if fused else graphs.export_decoder
+        for name, fn in (("vision", graphs.export_vision), ("embed", graphs.export_embed), ("decoder", decoder)):
             t0 = time.perf_counter()
             log(f"exporting {name} graph ...")
             io[name] = fn(m, tmp / f"{name}.onnx")
@@ -130,6 +139,7 @@ def write_bundle(m: FromageModel, out, *, overwrite: bool = False, log=print) ->
             "parity_max_abs_diff": parity,
             "export_seconds": times,
         }
+        manifest["graphs"]["decoder"]["cache"] = "in-place" if fused else "concat"
         manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

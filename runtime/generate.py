@@ -33,15 +33,20 @@ class ImageEvent:
 
 @dataclass
 class DecodeState:
-    """The KV cache and the outputs at the last fed position."""
-    past: list
+    """The KV cache and the outputs at the last fed position.
+
+    With the fused decoder graph, `cache` holds buffers of a fixed capacity that the decoder
+    reads and writes in place (grown by doubling when full); with the generic graph, the past
+    arrays that grow by one concatenation per call."""
+    cache: list
     length: int
     logits: np.ndarray | None = None        # (V,) next-token logits
     ret_embedding: np.ndarray | None = None  # (R,) normalised W_t of the last position
 
     def fork(self) -> "DecodeState":
         """An independent copy (e.g. to score several continuations of one context)."""
-        return DecodeState([p.copy() for p in self.past], self.length, self.logits.copy(), self.ret_embedding)
+        return DecodeState([c.copy() for c in self.cache], self.length, self.logits.copy(),
+                           self.ret_embedding.copy())
 
 
 @dataclass
@@ -55,6 +60,10 @@ class Result:
     def to_json(self) -> dict:
         return {"parts": self.parts, "prompt_token_ids": self.prompt_token_ids,
                 "token_ids": self.token_ids, "stop_reason": self.stop_reason, "timings": self.timings}
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 class _TextStream:
@@ -89,7 +98,13 @@ class Fromage:
         self.vision = create_engine(self.bundle.graph_path("vision"), device=device, threads=threads)
         self.embed = create_engine(self.bundle.graph_path("embed"), device=device, threads=threads)
         self.decoder = create_engine(self.bundle.graph_path("decoder"), device=device, threads=threads)
-        self.kv_names = self.bundle.manifest["graphs"]["decoder"]["inputs"][3:]
+        io = self.bundle.manifest["graphs"]["decoder"]
+        self.kv_names = io["inputs"][3:]
+        self.present_names = io["outputs"][2:]
+        # the fused graph (export/llama_graph.py) keeps the KV cache in buffers bound in place
+        self.fused = io.get("cache") == "in-place"
+        self.vocab_size, self.retrieval_dim = m["vocab_size"], m["retrieval_dim"]
+        self._bound, self._bound_capacity = None, 0
         self.index = None
         if index is not None:
             from .retrieval import ImageIndex
@@ -117,23 +132,46 @@ class Fromage:
 
     def start(self, embeds: np.ndarray) -> "DecodeState":
         """Prefill: run the prompt (1, n, E) from an empty cache."""
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        state = DecodeState(past=[empty] * len(self.kv_names), length=0)
+        capacity = 0 if not self.fused else min(self.max_positions, max(256, _pow2(embeds.shape[1])))
+        cache = [np.zeros((1, self.kv_heads, capacity, self.head_dim), np.float32) for _ in self.kv_names]
+        state = DecodeState(cache, 0, np.zeros(self.vocab_size, np.float32), np.zeros(self.retrieval_dim, np.float32))
         self.advance(state, embeds)
         return state
 
     def advance(self, state: "DecodeState", embeds: np.ndarray) -> None:
         """Feed more positions (token embeddings or visual tokens, (1, n, E)) on the cache."""
         n = embeds.shape[1]
-        if state.length + n > self.max_positions:
-            raise FromageError(f"the sequence would be {state.length + n} positions long; "
+        total = state.length + n
+        if total > self.max_positions:
+            raise FromageError(f"the sequence would be {total} positions long; "
                                f"the model's context is {self.max_positions}")
-        feeds = {"inputs_embeds": embeds,
-                 "attention_mask": np.ones((1, state.length + n), dtype=np.int64),
-                 "position_ids": np.arange(state.length, state.length + n, dtype=np.int64)[None]}
-        feeds.update(zip(self.kv_names, state.past))
-        logits, ret, *state.past = self.decoder.run(feeds)
-        state.logits, state.ret_embedding, state.length = logits[0], ret[0], state.length + n
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        if not self.fused:
+            feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), dtype=np.int64),
+                     "position_ids": np.arange(state.length, total, dtype=np.int64)[None]}
+            feeds.update(zip(self.kv_names, state.cache))
+            logits, ret, *state.cache = self.decoder.run(feeds)
+            state.logits, state.ret_embedding, state.length = logits[0], ret[0], total
+            return
+        if total > state.cache[0].shape[2]:  # grow the buffers: amortised, not per step
+            capacity = min(self.max_positions, _pow2(total))
+            for i, old in enumerate(state.cache):
+                state.cache[i] = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], np.float32)
+                state.cache[i][:, :, :state.length] = old[:, :, :state.length]
+        binding = self.decoder.binding
+        binding.bind_cpu_input("inputs_embeds", embeds)
+        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        if self._bound is not state or self._bound_capacity != state.cache[0].shape[2]:
+            # past and present are the same buffer: the decoder appends to the cache in place
+            for name, present, buf in zip(self.kv_names, self.present_names, state.cache):
+                self.decoder.bind_array(name, buf, output=False)
+                self.decoder.bind_array(present, buf, output=True)
+            self.decoder.bind_array("logits", state.logits[None], output=True)
+            self.decoder.bind_array("ret_embedding", state.ret_embedding[None], output=True)
+            self._bound, self._bound_capacity = state, state.cache[0].shape[2]
+        self.decoder.run_bound()
+        state.length = total
 
     # ---- the loop --------------------------------------------------------------------
     def stream(self, parts: list[Part], params: SamplingParams | None = None, result: Result | None = None):

@@ -41,7 +41,7 @@ def make_lm(arch: str, folder):
                         pad_token_id=1)
         lm = OPTForCausalLM(cfg)
     else:
-        cfg = LlamaConfig(vocab_size=v, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        cfg = LlamaConfig(vocab_size=v, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
                           tie_word_embeddings=(arch == "llama"), bos_token_id=1, eos_token_id=2)
         lm = LlamaForCausalLM(cfg)
