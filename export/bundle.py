@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,12 @@ from fromage.runtime.prompt import special_prefix
 from fromage.training.model import FromageModel
 
 from . import graphs, llama_graph
+from .quantize import Quantizer
 
 PARITY_TOLERANCE = 1e-3  # max abs diff, relative to max(1, max |reference|)
+# re-quantized weights or 8-bit activations move outputs by a few percent (on random inputs more): only
+# gross errors are caught here; what it costs is measured by `fromage eval quantized`
+QUANTIZED_TOLERANCE = 0.5
 
 
 def _ort_session(path):
@@ -90,7 +95,8 @@ def _stop_ids(m: FromageModel) -> list[int]:
     return sorted(set(int(e) for e in eos))
 
 
-def write_bundle(m: FromageModel, out, *, overwrite: bool = False, log=print) -> dict:
+def write_bundle(m: FromageModel, out, *, overwrite: bool = False, quantize: str | None = None,
+                 activations: str = "int8", log=print) -> dict:
     out = Path(out)
     if out.exists() and not overwrite:
         raise FromageError(f"{out} already exists; pass --overwrite to replace it")
@@ -101,6 +107,13 @@ def write_bundle(m: FromageModel, out, *, overwrite: bool = False, log=print) ->
         io, times = {}, {}
         fused = llama_graph.supports(m.lm)  # Llama-family LMs get the fused in-place-cache graph
         decoder = llama_graph.export_fused_decoder if fused else graphs.export_decoder
+        quantizer = None
+        if quantize:
+            if not fused:
+                raise FromageError(f"--quantize needs a Llama-family LM (the fused decoder graph); "
+                                   f"{type(m.lm).__name__} is exported in fp32 only")
+            quantizer = Quantizer(int(quantize[3:]), activations)
+            decoder = partial(llama_graph.export_fused_decoder, linear=quantizer)
         for name, fn in (("vision", graphs.export_vision), ("embed", graphs.export_embed), ("decoder", decoder)):
             t0 = time.perf_counter()
             log(f"exporting {name} graph ...")
@@ -108,13 +121,15 @@ def write_bundle(m: FromageModel, out, *, overwrite: bool = False, log=print) ->
             times[name] = round(time.perf_counter() - t0, 2)
         m.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
 
+        if quantizer:
+            log("quantized decoder: " + "; ".join(f"{n} x {how}" for how, n in quantizer.report.items()))
         parity = check_parity(m, tmp, io)
+        tolerance = {"decoder": QUANTIZED_TOLERANCE} if quantizer and not quantizer.lossless else {}
         for name, d in parity.items():
             log(f"parity {name}: max abs diff (ONNX Runtime vs PyTorch, relative) = {d:.2e}")
-        bad = {k: v for k, v in parity.items() if not v <= PARITY_TOLERANCE}
+        bad = {k: v for k, v in parity.items() if not v <= tolerance.get(k, PARITY_TOLERANCE)}
         if bad:
-            raise FromageError(f"ONNX Runtime disagrees with PyTorch beyond {PARITY_TOLERANCE}: {bad}; "
-                               f"bundle not written")
+            raise FromageError(f"ONNX Runtime disagrees with PyTorch beyond tolerance: {bad}; bundle not written")
 
         cfg = m.lm.config
         heads, head_dim = graphs.cache_shape(m)
@@ -134,7 +149,9 @@ def write_bundle(m: FromageModel, out, *, overwrite: bool = False, log=print) ->
             "tokens": {"ret": m.ret_id, "ret_text": m.config.ret_token,
                        "prefix": special_prefix(tok), "stop": _stop_ids(m)},
             "preprocessing": m.encoder.preprocessing.to_dict(),
-            "precision": "fp32",
+            "precision": quantize or "fp32",
+            "activations": activations if quantize else "fp32",
+            "quantization": quantizer.report if quantizer else None,
             "graphs": {name: {"file": f"{name}.onnx", "inputs": i, "outputs": o} for name, (i, o) in io.items()},
             "parity_max_abs_diff": parity,
             "export_seconds": times,

@@ -132,10 +132,12 @@ def _fields(buf, start: int, end: int):
             raise ValueError(f"unsupported protobuf wire type {wire}")
 
 
-def _tensor_bytes(buf, start: int, end: int) -> int:
-    dims, dtype, raw, external = [], 1, None, None
+def _tensor_bytes(buf, start: int, end: int) -> tuple[str, int]:
+    dims, dtype, raw, external, name = [], 1, None, None, ""
     for f, w, a, b in _fields(buf, start, end):
-        if f == 1 and w == 0:
+        if f == 8 and w == 2:
+            name = bytes(buf[a:b]).decode("utf-8", "replace")
+        elif f == 1 and w == 0:
             dims.append(a)
         elif f == 1 and w == 2:  # packed dims
             j = a
@@ -151,21 +153,27 @@ def _tensor_bytes(buf, start: int, end: int) -> int:
             if kv.get(1) == b"length":
                 external = int(kv.get(2, b"0"))
     if raw is not None:
-        return raw
+        return name, raw
     if external is not None:
-        return external
-    return int(math.prod(dims) * _ITEMSIZE.get(dtype, 4))
+        return name, external
+    return name, int(math.prod(dims) * _ITEMSIZE.get(dtype, 4))
+
+
+# tables of which a decode step reads one row (the fused decoder's rotary cos/sin), not weights
+ROW_TABLES = {"cos_cache", "sin_cache"}
 
 
 def initializer_bytes(path) -> int:
-    """Sum of the bytes of an ONNX graph's initializers (inline or external): the weights read per token."""
+    """Sum of the bytes of an ONNX graph's initializers (inline or external), but for ROW_TABLES:
+    the weights read per token."""
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         total = 0
         for f, w, a, b in _fields(buf, 0, len(buf)):
             if f == 7 and w == 2:  # ModelProto.graph
                 for f2, w2, a2, b2 in _fields(buf, a, b):
                     if f2 == 5 and w2 == 2:  # GraphProto.initializer
-                        total += _tensor_bytes(buf, a2, b2)
+                        name, size = _tensor_bytes(buf, a2, b2)
+                        total += 0 if name in ROW_TABLES else size
         return total
 
 
@@ -395,8 +403,8 @@ def worker_env(threads: int) -> dict:
 
 
 def worker_argv(system: str, spec_path: Path) -> list[str]:
-    if system == "fromage":
-        return [sys.executable, "-m", "fromage.runtime.bench", "serve", str(spec_path)]
+    if system.startswith("fromage"):  # fromage, or fromage_<precision> for an --also bundle
+        return [sys.executable, "-m", "fromage.runtime.bench", "serve", str(spec_path), system]
     return [sys.executable, "-m", "fromage.training.bench_peers", system, "--spec", str(spec_path), "--serve"]
 
 
@@ -482,6 +490,15 @@ def run_bench(args, log=print) -> dict:
     if args.prompt_tokens + args.new_tokens + m["k"] > m["max_positions"]:
         raise FromageError(f"prompt + new tokens ({args.prompt_tokens} + {args.new_tokens} + an image) exceed the "
                            f"model's context of {m['max_positions']} positions")
+    also = {}
+    for path in args.also or []:  # more bundles of the same model, e.g. --quantize int4
+        other = load_bundle(path, verify=True)
+        if other.model["lm"] != m["lm"] or other.model["vocab_size"] != m["vocab_size"]:
+            raise FromageError(f"--also {path}: not a bundle of the same model as {args.bundle}")
+        name = f"fromage_{other.manifest.get('precision', 'fp32')}"
+        if name == "fromage_fp32" or name in also:
+            raise FromageError(f"--also {path}: a second {name[8:]} bundle; give bundles of other precisions")
+        also[name] = str(other.directory.resolve())
     cache = Path(args.cache) if args.cache else cache_root()
     work = Path(tempfile.mkdtemp(prefix="fromage-bench-"))
     log(f"fromage bench: {bundle.directory} ({m['architecture']}, {m['num_layers']} layers), prompt {len(ids)} "
@@ -499,7 +516,7 @@ def run_bench(args, log=print) -> dict:
     spec = {"bundle": str(bundle.directory.resolve()), "lm": m["lm"], "model": m, "prompt_ids": ids,
             "image_at": len(bundle.tokens["prefix"]), "image": str(write_bench_image(work / "bench.png")),
             "new_tokens": args.new_tokens, "threads": threads, "ret_id": bundle.tokens["ret"],
-            "retrieval_dim": m["retrieval_dim"], "ret_index": str(ret_index), "cache": str(cache)}
+            "retrieval_dim": m["retrieval_dim"], "ret_index": str(ret_index), "cache": str(cache), "also": also}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     env = worker_env(threads)
@@ -509,7 +526,8 @@ def run_bench(args, log=print) -> dict:
     systems: dict[str, dict] = {}
     workers: dict[str, Worker] = {}
     ready: dict[str, dict] = {}
-    for name in ("fromage",) + peers:
+    names = ("fromage",) + tuple(also) + peers
+    for name in names:
         try:
             if name in PREPARED_PEERS:
                 log(f"preparing {name} (once; cached under {cache / 'peers'}) ...")
@@ -564,7 +582,7 @@ def run_bench(args, log=print) -> dict:
             s["vs_fromage"] = {k: (s[k] / base[k] if s.get(k) and base.get(k) else None)
                                for k in ("decode_tok_s", "tpot_ms", "ttft_ms", "ttft_image_ms", "e2e_ms",
                                          "peak_rss_mb")}
-    ordered = {n: systems[n] for n in ("fromage",) + peers if n in systems}
+    ordered = {n: systems[n] for n in names if n in systems}
     if not any("error" in s for s in ordered.values()):
         shutil.rmtree(work, ignore_errors=True)
     return {
@@ -572,7 +590,8 @@ def run_bench(args, log=print) -> dict:
         "bandwidth_gb_s": bandwidth["gb_s"],
         "bandwidth": bandwidth,
         "weights_bytes_per_token": weights,
-        "weights_how": "sum of the bytes of the decoder graph's initializers (fp32), read once per decoded token",
+        "weights_how": "sum of the bytes of the decoder graph's initializers (fp32), read once per decoded token "
+                       "(the rotary cos/sin tables, of which a step reads one row, excluded)",
         "settings": {
             "bundle": str(bundle.directory), "architecture": m["architecture"], "lm": m["lm"],
             "num_layers": m["num_layers"], "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
@@ -844,6 +863,9 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, help="threads per system (default: all cores)")
     p.add_argument("--json", metavar="FILE", help="write every number as JSON")
     p.add_argument("--plot", metavar="FILE", help="PNG bar chart (needs matplotlib)")
+    p.add_argument("--also", action="append", metavar="BUNDLE",
+                   help="another bundle of the same model (e.g. `fromage export --quantize int4`), run as "
+                        "fromage_<precision> (repeatable)")
     p.add_argument("--compare", nargs="*", metavar="PEER",
                    help=f"also run peers, interleaved run by run (default: all of {', '.join(PEERS)})")
     p.add_argument("--retrieval", type=int, metavar="N", help="benchmark the image index on N random vectors")
@@ -894,8 +916,11 @@ def _module_main(argv: list[str]) -> int:
         print(json.dumps(_bandwidth_here(int(argv[1]))))
         return 0
     if argv[:1] == ["serve"]:
-        return serve(FromageSystem, json.loads(Path(argv[1]).read_text()))
-    print("usage: python -m fromage.runtime.bench (bandwidth THREADS | serve SPEC)", file=sys.stderr)
+        spec = json.loads(Path(argv[1]).read_text())
+        if len(argv) > 2 and argv[2] != "fromage":  # an --also bundle
+            spec["bundle"] = spec["also"][argv[2]]
+        return serve(FromageSystem, spec)
+    print("usage: python -m fromage.runtime.bench (bandwidth THREADS | serve SPEC [SYSTEM])", file=sys.stderr)
     return 2
 
 

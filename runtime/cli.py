@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--fresh", action="store_true", help="backbones given by --lm/--encoder, untrained heads")
     _add_backbone_args(p)
     p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--quantize", choices=["int4", "int8"],
+                   help="decoder weights as 4/8-bit blocks (MatMulNBits); Q4_1/Q8_0 grids of a GGUF-born LM "
+                        "are reused exactly (Llama-family LMs only)")
+    p.add_argument("--activations", choices=["int8", "fp32"], default="int8",
+                   help="with --quantize: int8 (fast; outputs drift a little from fp32) or fp32 (the fp32 "
+                        "bundle's outputs to ~1e-4, slower)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("generate", help="generate text (and retrieved images) from interleaved input")
@@ -123,7 +129,7 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the sentence-encoder baseline (needs torch)")
     p.add_argument("--captions", type=int, default=5, help="greedy captions of N held-out images")
     common(p)
-    bench = p.add_subparsers(dest="benchmark", metavar="{vist,visdial}")
+    bench = p.add_subparsers(dest="benchmark", metavar="{vist,visdial,quantized}")
     v = bench.add_parser("vist", help="Visual Storytelling: retrieve each story's last image from its context")
     v.add_argument("--bundle", required=True)
     v.add_argument("--sis", required=True, help="story-in-sequence JSON (e.g. val.story-in-sequence.json)")
@@ -143,6 +149,14 @@ def _add_eval_parsers(sub) -> None:
     d.add_argument("--no-t2i", action="store_true", help="skip text->image retrieval")
     d.add_argument("--no-it2t", action="store_true", help="skip answer ranking")
     common(d, leaf=True)
+    q = bench.add_parser("quantized", help="a quantized bundle against its fp32 bundle: greedy agreement on "
+                         "held-out prompts and held-out perplexity")
+    q.add_argument("--bundle", required=True, help="the quantized bundle")
+    q.add_argument("--reference", required=True, help="the fp32 bundle of the same model")
+    q.add_argument("--tuxpaint", default="/usr/share/tuxpaint/stamps", metavar="ROOT", help="TuxPaint stamps folder")
+    q.add_argument("--prompts", type=int, default=10, help="held-out prompts (default 10)")
+    q.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+    common(q, leaf=True)
 
     r = sub.add_parser("retrieve", help="rank the images of an index for text queries ([RET] embedding)")
     r.add_argument("queries", nargs="*", metavar="QUERY")

@@ -176,6 +176,9 @@ def cmd_eval(args) -> None:
         return _cmd_vist(args, progress)
     if args.benchmark == "visdial":
         return _cmd_visdial(args, progress)
+    if args.benchmark == "quantized":
+        from .quant_eval import cmd_eval_quantized
+        return cmd_eval_quantized(args)
     if not args.bundle:
         raise FromageError("fromage eval needs --bundle")
     if args.captions < 0:

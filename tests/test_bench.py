@@ -99,3 +99,15 @@ def test_bench_reports_a_failing_peer(exported, tmp_path, cache):
     r = _bench(tmp_path, "--bundle", str(bundle), "--compare", "hf")
     assert r["systems"]["fromage"]["decode_tok_s"] > 0
     assert "missing-lm" in r["systems"]["hf"]["error"]
+
+
+def test_bench_also_runs_a_quantized_bundle(exported, tmp_path, cache):
+    from fromage.export.bundle import write_bundle
+    e = exported["llama"]
+    write_bundle(e["model"], tmp_path / "int4", quantize="int4", activations="fp32", log=lambda *_: None)
+    r = _bench(tmp_path, "--bundle", str(e["bundle"]), "--also", str(tmp_path / "int4"))
+    assert list(r["systems"]) == ["fromage", "fromage_int4"]
+    q = r["systems"]["fromage_int4"]
+    assert q["decode_tok_s"] > 0 and q["vs_fromage"]["decode_tok_s"] > 0
+    assert 0 < q["weights_bytes"] < r["weights_bytes_per_token"]  # its own, smaller weights
+    assert main(["bench", "--bundle", str(e["bundle"]), "--also", str(e["bundle"])]) == 2  # fp32 twice

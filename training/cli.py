@@ -106,5 +106,6 @@ def cmd_export(args) -> None:
         model = default_model()
     else:
         model = FromageModel(_config(args))
-    write_bundle(model, args.out, overwrite=args.overwrite)
+    write_bundle(model, args.out, overwrite=args.overwrite, quantize=args.quantize,
+                 activations=args.activations)
     print(f"bundle written to {args.out} in {time.perf_counter() - t0:.1f} s")
