@@ -495,7 +495,9 @@ def run_bench(args, log=print) -> dict:
         other = load_bundle(path, verify=True)
         if other.model["lm"] != m["lm"] or other.model["vocab_size"] != m["vocab_size"]:
             raise FromageError(f"--also {path}: not a bundle of the same model as {args.bundle}")
-        name = f"fromage_{other.manifest.get('precision', 'fp32')}"
+        precision = other.manifest.get("precision", "fp32")
+        name = f"fromage_{precision}" + ("_fp32act" if precision != "fp32" and other.manifest.get("activations")
+                                        == "fp32" else "")
         if name == "fromage_fp32" or name in also:
             raise FromageError(f"--also {path}: a second {name[8:]} bundle; give bundles of other precisions")
         also[name] = str(other.directory.resolve())
@@ -865,7 +867,7 @@ def add_arguments(p) -> None:
     p.add_argument("--plot", metavar="FILE", help="PNG bar chart (needs matplotlib)")
     p.add_argument("--also", action="append", metavar="BUNDLE",
                    help="another bundle of the same model (e.g. `fromage export --quantize int4`), run as "
-                        "fromage_<precision> (repeatable)")
+                        "fromage_<precision>[_fp32act] (repeatable)")
     p.add_argument("--compare", nargs="*", metavar="PEER",
                    help=f"also run peers, interleaved run by run (default: all of {', '.join(PEERS)})")
     p.add_argument("--retrieval", type=int, metavar="N", help="benchmark the image index on N random vectors")

@@ -72,7 +72,7 @@ def test_bench_retrieval(tmp_path, cache, capsys):
     assert set(m) == {"numpy_exact", "usearch_exact", "usearch_hnsw", "fromage_index"}
     for name, v in m.items():
         assert v["qps"] > 0 and 0 <= v["recall_at_10"] <= 1, name
-    assert m["usearch_exact"]["recall_at_10"] > 0.99 and m["fromage_index"]["mode"] == "exact"
+    assert m["usearch_exact"]["recall_at_10"] > 0.99 and m["fromage_index"]["mode"] == "hnsw"  # above the crossover
     assert "usearch_hnsw" in capsys.readouterr().out
     # a second run loads the index from the cache
     assert main(["bench", "--retrieval", "2000", "--json", str(out)]) == 0
@@ -106,8 +106,8 @@ def test_bench_also_runs_a_quantized_bundle(exported, tmp_path, cache):
     e = exported["llama"]
     write_bundle(e["model"], tmp_path / "int4", quantize="int4", activations="fp32", log=lambda *_: None)
     r = _bench(tmp_path, "--bundle", str(e["bundle"]), "--also", str(tmp_path / "int4"))
-    assert list(r["systems"]) == ["fromage", "fromage_int4"]
-    q = r["systems"]["fromage_int4"]
+    assert list(r["systems"]) == ["fromage", "fromage_int4_fp32act"]
+    q = r["systems"]["fromage_int4_fp32act"]
     assert q["decode_tok_s"] > 0 and q["vs_fromage"]["decode_tok_s"] > 0
     assert 0 < q["weights_bytes"] < r["weights_bytes_per_token"]  # its own, smaller weights
     assert main(["bench", "--bundle", str(e["bundle"]), "--also", str(e["bundle"])]) == 2  # fp32 twice
