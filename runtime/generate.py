@@ -85,7 +85,11 @@ class _TextStream:
 
 
 class Fromage:
-    """A loaded bundle (+ optional image index), ready to generate."""
+    """A loaded bundle (+ optional image index), ready to generate.
+
+    One decode at a time per instance: the decoder's I/O binding is shared (use one instance per
+    thread). With the fused graph, a state's `logits` and `ret_embedding` are buffers the next
+    `advance` of that state overwrites; copy them to keep them."""
 
     def __init__(self, bundle, index=None, device: str = "cpu", threads: int | None = None, verify: bool = True):
         from tokenizers import Tokenizer

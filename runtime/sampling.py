@@ -29,18 +29,30 @@ def adjust_ret_logit(logits: np.ndarray, ret_id: int, step: int, p: SamplingPara
         logits[ret_id] = abs(logits[ret_id]) * p.ret_scale_factor
 
 
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
 def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
+    """Greedy, or temperature sampling restricted to the top-k / top-p nucleus. Never sorts the whole
+    vocabulary: top-k partitions, and top-p sorts only the smallest top slice that holds p of the mass."""
     if p.temperature <= 0:
         return int(np.argmax(logits))
     x = logits.astype(np.float64) / p.temperature
-    if p.top_k and p.top_k < x.size:
-        cand = np.argpartition(x, -p.top_k)[-p.top_k:]  # no full-vocabulary sort
-    else:
-        cand = np.flatnonzero(np.isfinite(x))
-    order = cand[np.argsort(-x[cand])]
-    probs = np.exp(x[order] - x[order[0]])
-    probs /= probs.sum()
+    cand = np.flatnonzero(np.isfinite(x))
+    if p.top_k and p.top_k < cand.size:
+        cand = cand[np.argpartition(x[cand], -p.top_k)[-p.top_k:]]
+    probs = _softmax(x[cand])
     if p.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
-        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-    return int(order[rng.choice(order.size, p=probs)])
+        n = min(64, cand.size)
+        while True:  # grow the slice until it holds top_p of the mass (rarely more than once)
+            top = np.argpartition(probs, -n)[-n:] if n < cand.size else np.arange(cand.size)
+            top = top[np.argsort(-probs[top])]
+            mass = np.cumsum(probs[top])
+            if mass[-1] >= p.top_p or n == cand.size:
+                keep = int(min(np.searchsorted(mass, p.top_p) + 1, n))
+                cand, probs = cand[top[:keep]], probs[top[:keep]] / mass[keep - 1]
+                break
+            n = min(n * 8, cand.size)
+    return int(cand[rng.choice(cand.size, p=probs)])
