@@ -196,7 +196,7 @@ class OptimumSystem(_GenerateSystem):
         model = ORTModelForCausalLM.from_pretrained(path, session_options=opts, use_cache=True,
                                                     provider="CPUExecutionProvider")
         self._setup(spec, model)
-        from fromage.runtime.bench import initializer_bytes
+        from fromage.runtime.onnx_weights import initializer_bytes
         self.info = {"weights_bytes": sum(initializer_bytes(f) for f in path.glob("*.onnx")), "model_dir": str(path)}
 
 
@@ -256,7 +256,7 @@ class GenAISystem:
 
     def __init__(self, spec: dict, precision: str):
         import onnxruntime_genai as og
-        from fromage.runtime.bench import initializer_bytes
+        from fromage.runtime.onnx_weights import initializer_bytes
         self.og, self.ids = og, spec["prompt_ids"]
         path = prepare_genai(spec, precision)
         config = og.Config(str(path))

@@ -1,0 +1,84 @@
+"""The bytes of an ONNX graph's weights, without the onnx package (a minimal protobuf walk): what a
+decode step reads per token, for the roofline of `fromage bench`."""
+from __future__ import annotations
+
+import math
+import mmap
+
+_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16, 16: 2,
+             17: 1, 18: 1, 19: 1, 20: 1, 21: 0.5, 22: 0.5, 23: 0.5}
+
+
+def _varint(buf, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, value or payload start, payload end) of one protobuf message."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = _varint(buf, i)
+            yield field, wire, v, None
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            yield field, wire, i, i + n
+            i += n
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def _tensor_bytes(buf, start: int, end: int) -> tuple[str, int]:
+    dims, dtype, raw, external, name = [], 1, None, None, ""
+    for f, w, a, b in _fields(buf, start, end):
+        if f == 8 and w == 2:
+            name = bytes(buf[a:b]).decode("utf-8", "replace")
+        elif f == 1 and w == 0:
+            dims.append(a)
+        elif f == 1 and w == 2:  # packed dims
+            j = a
+            while j < b:
+                d, j = _varint(buf, j)
+                dims.append(d)
+        elif f == 2 and w == 0:
+            dtype = a
+        elif f == 9 and w == 2:
+            raw = b - a
+        elif f == 13 and w == 2:  # external data entry: key/value strings
+            kv = {f2: bytes(buf[a2:b2]) for f2, w2, a2, b2 in _fields(buf, a, b) if w2 == 2}
+            if kv.get(1) == b"length":
+                external = int(kv.get(2, b"0"))
+    if raw is not None:
+        return name, raw
+    if external is not None:
+        return name, external
+    return name, int(math.prod(dims) * _ITEMSIZE.get(dtype, 4))
+
+
+# tables of which a decode step reads one row (the fused decoder's rotary cos/sin), not weights
+ROW_TABLES = {"cos_cache", "sin_cache"}
+
+
+def initializer_bytes(path) -> int:
+    """Sum of the bytes of an ONNX graph's initializers (inline or external), but for ROW_TABLES:
+    the weights read per token."""
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        total = 0
+        for f, w, a, b in _fields(buf, 0, len(buf)):
+            if f == 7 and w == 2:  # ModelProto.graph
+                for f2, w2, a2, b2 in _fields(buf, a, b):
+                    if f2 == 5 and w2 == 2:  # GraphProto.initializer
+                        name, size = _tensor_bytes(buf, a2, b2)
+                        total += 0 if name in ROW_TABLES else size
+        return total
