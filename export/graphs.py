@@ -1,4 +1,6 @@
-"""The three graphs of a bundle, as PyTorch modules exported with the dynamo ONNX exporter.
+"""The graphs of a bundle exported from PyTorch modules with the dynamo ONNX exporter: vision, embed,
+and the generic decoder, used for LMs that export/llama_graph.py does not write (e.g. OPT); its KV
+cache grows by concatenation. `DecoderGraph` is also the PyTorch reference the parity check runs.
 
   vision : pixel_values (B,3,S,S)                   -> visual_tokens (B,k,E), image_embedding (B,R)
   embed  : input_ids (B,S) int64                    -> inputs_embeds (B,S,E)
