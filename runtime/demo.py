@@ -214,7 +214,7 @@ def ensure_bundle(bundle: Path) -> None:
     cmd = [sys.executable, "-m", "fromage.runtime.cli", "export", "--default", "--out", str(bundle)]
     print(f"== no bundle at {bundle}: exporting the embedded default model (SmolLM2-135M-Instruct + "
           "EfficientNet-Lite0) with `fromage export --default`; this needs the training stack and takes "
-          "about 4 minutes, once", flush=True)
+          "about a minute, once", flush=True)
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     code = subprocess.call(cmd, env=env)
