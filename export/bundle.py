@@ -41,7 +41,7 @@ def _diff(ref, got) -> float:
     return float(np.abs(ref - got).max() / max(1.0, float(np.abs(ref).max())))
 
 
-def check_parity(m: FromageModel, folder: Path, io: dict) -> dict:
+def check_parity(m: FromageModel, folder: Path, io: dict, fused: bool) -> dict:
     """Max (relative) abs diff between ONNX Runtime and PyTorch for each graph."""
     torch.manual_seed(0)
     out = {}
@@ -62,7 +62,6 @@ def check_parity(m: FromageModel, folder: Path, io: dict) -> dict:
     dec, sess = graphs.DecoderGraph(m).eval(), _ort_session(folder / "decoder.onnx")
     heads, hd = graphs.cache_shape(m)
     names_in, _ = io["decoder"]
-    fused = "seqlens_k" in names_in
     past = tuple(torch.zeros(1, heads, 0, hd) for _ in range(2 * dec.num_layers))
     buffers = [np.zeros((1, heads, 16, hd), np.float32) for _ in past]  # the fused graph's in-place cache
     diffs, total = [], 0
@@ -123,7 +122,7 @@ def write_bundle(m: FromageModel, out, *, overwrite: bool = False, quantize: str
 
         if quantizer:
             log("quantized decoder: " + "; ".join(f"{n} x {how}" for how, n in quantizer.report.items()))
-        parity = check_parity(m, tmp, io)
+        parity = check_parity(m, tmp, io, fused)
         tolerance = {"decoder": QUANTIZED_TOLERANCE} if quantizer and not quantizer.lossless else {}
         for name, d in parity.items():
             log(f"parity {name}: max abs diff (ONNX Runtime vs PyTorch, relative) = {d:.2e}")

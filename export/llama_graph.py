@@ -63,7 +63,12 @@ class _Graph:
         return outs[0] if n_out == 1 else outs
 
 
-def build_decoder(lm, W_t, linear=None) -> tuple[onnx.ModelProto, list[str], list[str]]:
+def fp32_linear(g: _Graph, x: str, name: str, w: np.ndarray) -> str:
+    """The default `linear`: x @ w.T with w (out, in) stored transposed."""
+    return g.op("MatMul", [x, g.const(name, w.T)])
+
+
+def build_decoder(lm, W_t, linear=fp32_linear) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """-> (model, input names, output names). `lm` is the merged LM ([RET] rows written in);
     `W_t` the retrieval head; `linear(g, x, name, weight (out,in))` writes one linear layer
     (default: fp32 MatMul)."""
@@ -76,7 +81,6 @@ def build_decoder(lm, W_t, linear=None) -> tuple[onnx.ModelProto, list[str], lis
     d = cfg.head_dim if getattr(cfg, "head_dim", None) else cfg.hidden_size // heads
     E, eps = cfg.hidden_size, float(cfg.rms_norm_eps)
     g = _Graph()
-    linear = linear or (lambda g, x, name, w: g.op("MatMul", [x, g.const(name, w.T)]))
 
     cos, sin = rotary_caches(cfg, int(cfg.max_position_embeddings))
     g.const("cos_cache", cos), g.const("sin_cache", sin)
@@ -141,7 +145,7 @@ def build_decoder(lm, W_t, linear=None) -> tuple[onnx.ModelProto, list[str], lis
     return model, inputs, outputs
 
 
-def export_fused_decoder(m, path, linear=None) -> tuple[list[str], list[str]]:
+def export_fused_decoder(m, path, linear=fp32_linear) -> tuple[list[str], list[str]]:
     model, inputs, outputs = build_decoder(m.merged_lm(), m.W_t, linear)
     # weights in a file of their own: ONNX Runtime then maps them instead of holding the whole
     # protobuf and the tensors at once (~200 MB less resident memory for the default model)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .llama_graph import fp32_linear
+
 BLOCK = 32
 ACCURACY_LEVEL = {"int8": 4, "fp32": 1}
 MS = "com.microsoft"
@@ -32,8 +34,6 @@ def _fp16(x: np.ndarray) -> np.ndarray:
 def q4_1_grid(w: np.ndarray):
     """(q uint8 (N,K), d (N,nb), m (N,nb)) if every row of w (N,K) lies exactly on a Q4_1 grid, else None."""
     n, k = w.shape
-    if k % BLOCK:
-        return None
     b = w.reshape(n, k // BLOCK, BLOCK)
     m = b.min(-1)
     d = _fp16((b.max(-1) - m) / 15)
@@ -91,24 +91,23 @@ class Quantizer:
                     accuracy_level=ACCURACY_LEVEL[self.activations])
 
     def __call__(self, g, x, name, w):
+        if w.shape[1] % BLOCK:
+            self._count("fp32 (K not a multiple of 32)")
+            return fp32_linear(g, x, name, w)
         if name == "lm_head" and self.activations == "fp32":
-            self._count(name, "fp32 (lm_head with fp32 activations)")
-            return g.op("MatMul", [x, g.const(name, w.T)])
+            self._count("fp32 (lm_head with fp32 activations)")
+            return fp32_linear(g, x, name, w)
         if name == "lm_head" or self.bits == 8:
-            return self._symmetric8(g, x, name, w)
-        if k_fits := (w.shape[1] % BLOCK == 0):
-            grid = q4_1_grid(w)
-            if grid is not None:
-                return self._q4_1(g, x, name, *grid)
-        if not k_fits:
-            self._count(name, "fp32 (K not a multiple of 32)")
-            return g.op("MatMul", [x, g.const(name, w.T)])
+            return self._eight_bit(g, x, name, w)
+        grid = q4_1_grid(w)
+        if grid is not None:
+            return self._q4_1(g, x, name, *grid)
         q, d = symmetric(w, 4)
-        self._count(name, "int4 re-quantized (symmetric)")
+        self._count("int4 re-quantized (symmetric)")
         return self._nbits(g, x, name, q.astype(np.int16) + 8, d, 4)
 
     def _q4_1(self, g, x, name, q, d, m):
-        self._count(name, "int4 Q4_1 grid reused exactly")
+        self._count("int4 Q4_1 grid reused exactly")
         n, k = q.shape
         y = self._nbits(g, x, name, q, d, 4)  # = sum_b d_b * x_b . (q_b - 8)
         blocks = g.op("Reshape", [x, g.const(f"{name}.block_shape", np.array([0, 0, k // BLOCK, BLOCK], np.int64))])
@@ -116,23 +115,19 @@ class Quantizer:
         offsets = (m + 8 * d).T.astype(np.float32)  # (nb, N)
         return g.op("Add", [y, g.op("MatMul", [sums, g.const(f"{name}.offsets", offsets)])])
 
-    def _symmetric8(self, g, x, name, w):
-        """8 bits: the Q8_0 grid where rows lie on it (the embedding), rows that do not (the learned
-        [RET] row, at the end) kept in fp32; otherwise round-to-nearest."""
-        if w.shape[1] % BLOCK:
-            self._count(name, "fp32 (K not a multiple of 32)")
-            return g.op("MatMul", [x, g.const(name, w.T)])
+    def _eight_bit(self, g, x, name, w):
+        """The Q8_0 grid where the rows lie on it (the embedding) and those that do not are a few at
+        the end (the learned [RET] row, kept fp32); otherwise round-to-nearest."""
         q, d, exact = q8_0_rows(w)
-        n_exact = int(np.argmin(exact)) if not exact.all() else len(exact)
-        if n_exact >= len(exact) - 16 and exact[:n_exact].all() and n_exact > 0:
-            self._count(name, f"int8 Q8_0 grid reused exactly ({len(exact) - n_exact} extra rows fp32)")
+        n_exact = len(exact) if exact.all() else int(np.argmin(exact))  # the leading run of exact rows
+        if n_exact > 0 and n_exact >= len(exact) - 16:
+            self._count(f"int8 Q8_0 grid reused exactly ({len(exact) - n_exact} extra rows fp32)")
             y = self._nbits(g, x, name, q[:n_exact].astype(np.int16) + 128, d[:n_exact], 8)
             if n_exact == len(exact):
                 return y
-            rest = g.op("MatMul", [x, g.const(name + ".extra_rows", w[n_exact:].T)])
-            return g.op("Concat", [y, rest], axis=-1)
+            return g.op("Concat", [y, fp32_linear(g, x, name + ".extra_rows", w[n_exact:])], axis=-1)
         q, d = symmetric(w, 8)
-        self._count(name, "int8 re-quantized (symmetric)")
+        self._count("int8 re-quantized (symmetric)")
         return self._nbits(g, x, name, q.astype(np.int16) + 128, d, 8)
 
     @property
@@ -140,5 +135,5 @@ class Quantizer:
         """Every matrix kept its exact values (grids reused, or fp32), and activations stay fp32."""
         return self.activations == "fp32" and all("re-quantized" not in how for how in self.report)
 
-    def _count(self, name, how):
+    def _count(self, how):
         self.report[how] = self.report.get(how, 0) + 1
