@@ -109,10 +109,9 @@ def _find_image(folder: Path, names: list[str]) -> str | None:
     return None
 
 
-def embed_images(model, paths: list[str], batch_size: int = 16, warn=None) -> dict:
+def embed_images(model, paths: list[str], batch_size: int = 16) -> dict:
     """path -> (visual tokens (k, E), retrieval embedding (R,)) for the images that load; the rest
-    are reported through `warn` and left out."""
-    warn = warn or (lambda msg: print(f"fromage: {msg}", file=sys.stderr))
+    are reported on stderr and left out."""
     out = {}
     paths = list(dict.fromkeys(paths))
     for i in range(0, len(paths), batch_size):
@@ -128,7 +127,7 @@ def embed_images(model, paths: list[str], batch_size: int = 16, warn=None) -> di
                 tokens, emb = model.encode_images([p])
                 out[p] = (tokens[0], emb[0])
             except FromageError as e:
-                warn(f"skipping image {p}: {e}")
+                print(f"fromage: skipping image {p}: {e}", file=sys.stderr)
     return out
 
 

@@ -8,6 +8,7 @@ import json
 import sys
 
 from .errors import FromageError
+from .sources import TUXPAINT_ROOT
 
 
 class _PartAction(argparse.Action):
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", choices=["tuxpaint"], help="a documented recipe (data + settings); "
                      "`tuxpaint` reproduces the shipped default checkpoint")
     src.add_argument("--data", help="TSV with header 'caption<TAB>image'")
-    src.add_argument("--tuxpaint", nargs="?", const="/usr/share/tuxpaint/stamps", metavar="ROOT",
+    src.add_argument("--tuxpaint", nargs="?", const=TUXPAINT_ROOT, metavar="ROOT",
                      help="the TuxPaint stamps (training split; the held-out split is evaluated)")
     p.add_argument("--image-dir", help="folder the TSV's image paths are relative to")
     p.add_argument("--extra", action="append", choices=["openclipart"],
@@ -122,7 +123,7 @@ def _add_eval_parsers(sub) -> None:
     p = sub.add_parser("eval", help="retrieval recall (vs random and a MiniLM baseline), caption perplexity and "
                        "captions on held-out images; `eval vist` / `eval visdial`: the paper's benchmarks")
     p.add_argument("--bundle", help="bundle to evaluate (required)")
-    p.add_argument("--tuxpaint", default="/usr/share/tuxpaint/stamps", metavar="ROOT", help="TuxPaint stamps folder")
+    p.add_argument("--tuxpaint", default=TUXPAINT_ROOT, metavar="ROOT", help="TuxPaint stamps folder")
     p.add_argument("--data", metavar="TSV", help="evaluate on a TSV ('caption<TAB>image') instead of TuxPaint")
     p.add_argument("--image-dir", help="folder the TSV's image paths are relative to (also the split's root)")
     p.add_argument("--heldout-percent", type=int, default=15, help="held-out share of the deterministic split")
@@ -153,7 +154,7 @@ def _add_eval_parsers(sub) -> None:
                          "held-out prompts and held-out perplexity")
     q.add_argument("--bundle", required=True, help="the quantized bundle")
     q.add_argument("--reference", required=True, help="the fp32 bundle of the same model")
-    q.add_argument("--tuxpaint", default="/usr/share/tuxpaint/stamps", metavar="ROOT", help="TuxPaint stamps folder")
+    q.add_argument("--tuxpaint", default=TUXPAINT_ROOT, metavar="ROOT", help="TuxPaint stamps folder")
     q.add_argument("--prompts", type=int, default=10, help="held-out prompts (default 10)")
     q.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
     common(q, leaf=True)
@@ -183,8 +184,7 @@ def _cmd_retrieve(args) -> None:
         raise FromageError("--top-k must be at least 1")
     model = Fromage(args.bundle, index=args.index, device=args.device, threads=args.threads,
                     verify=not args.no_verify)
-    for query, emb in zip(queries, ret_embeddings(model, queries)):
-        hits = model.index.search(emb, top_k=args.top_k)
+    for query, hits in zip(queries, model.index.search_batch(ret_embeddings(model, queries), args.top_k)):
         if args.json:
             results = [{"path": h.path, "score": h.score, "caption": h.caption} for h in hits]
             print(json.dumps({"query": query, "results": results}, ensure_ascii=False), flush=True)
@@ -221,22 +221,29 @@ def _cmd_generate(args) -> None:
     print()
 
 
-def _cmd_index_build(args) -> None:
+def index_images(bundle, source, out, *, image_dir=None, batch_size: int = 32, overwrite: bool = False,
+                 threads: int | None = None):
+    """Embed the images of `source` (a folder or a TSV) with a loaded bundle's vision graph into an
+    index at `out` (resuming an unfinished build). -> ImageIndex"""
     from fromage.engines.onnxruntime import create_engine
-    from .bundle import load_bundle
     from .preprocess import preprocess
     from .retrieval import build_index
     from .sources import list_images
-    bundle = load_bundle(args.bundle)
-    vision = create_engine(bundle.graph_path("vision"), threads=args.threads)
+    vision = create_engine(bundle.graph_path("vision"), threads=threads)
     pp = bundle.preprocessing
 
     def embed(paths):
         return vision.run({"pixel_values": preprocess(paths, pp)}, ["image_embedding"])[0]
-    items = list_images(args.source, args.image_dir)
-    index = build_index(items, embed, args.out, dim=bundle.model["retrieval_dim"],
-                        embedder=bundle.vision_fingerprint, batch_size=args.batch_size, overwrite=args.overwrite)
+    return build_index(list_images(source, image_dir), embed, out, dim=bundle.model["retrieval_dim"],
+                       embedder=bundle.vision_fingerprint, batch_size=batch_size, overwrite=overwrite)
+
+
+def _cmd_index_build(args) -> None:
+    from .bundle import load_bundle
+    index = index_images(load_bundle(args.bundle), args.source, args.out, image_dir=args.image_dir,
+                         batch_size=args.batch_size, overwrite=args.overwrite, threads=args.threads)
     print(f"index of {index.count} images written to {args.out}")
+    index.close()
 
 
 # torch-free commands: (module relative to this package, function); imported only when run

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FromageError
+from .sources import TUXPAINT_ROOT
 
-STAMPS = "/usr/share/tuxpaint/stamps"
+STAMPS = TUXPAINT_ROOT
 DEFAULT_IMAGE = "animals/marsupials/kangaroo.png"  # under the stamps folder
 
 
@@ -164,9 +165,8 @@ def _forced_retrieval(model, prompt: list, answer: list[dict], params) -> dict |
     except FromageError as e:  # e.g. the context is full
         print(f"(no forced retrieval: {e})", flush=True)
         return None
-    hits = model.index.search(query, top_k=max(1, params.top_images))
-    ranked = [{"path": h.path, "score": h.score, "caption": h.caption, "key": h.key} for h in hits]
-    return {"type": "image", **ranked[0], "ranked": ranked, "forced": True}
+    from .generate import image_part
+    return image_part(model.index.search(query, top_k=max(1, params.top_images)), forced=True)
 
 
 def _as_context(answer: list[dict], newline: bool = True) -> list:
@@ -223,19 +223,18 @@ def ensure_bundle(bundle: Path) -> None:
                            "above (it needs the training stack: pip install 'fromage[train]')")
 
 
-def ensure_index(index: Path, bundle: Path, stamps: str, managed: bool, threads: int | None):
+def ensure_index(index: Path, bundle, stamps: str, managed: bool, threads: int | None):
     """Builds the index if it is missing or unfinished (resuming); rebuilds the demo's own index
     (`managed`) when it belongs to another bundle, e.g. after the default bundle was replaced."""
-    from .bundle import load_bundle
+    from .retrieval import META
     meta = None
     try:
-        meta = json.loads((index / "index.json").read_text())
+        meta = json.loads((index / META).read_text())
     except (OSError, ValueError):
         pass
     overwrite = False
     if isinstance(meta, dict) and meta.get("complete") is True:
-        fingerprint = load_bundle(bundle, verify=False).vision_fingerprint
-        if meta.get("embedder") == fingerprint:
+        if meta.get("embedder") == bundle.vision_fingerprint:
             return
         if not managed:
             return  # opening it reports the mismatch with its fix
@@ -245,21 +244,10 @@ def ensure_index(index: Path, bundle: Path, stamps: str, managed: bool, threads:
         raise FromageError(f"no index at {index}, and nothing to build it from at {stamps}: install the TuxPaint "
                            "stamps (apt-get install tuxpaint-stamps-default), or give --stamps DIR or --index")
     print(f"== indexing the images under {stamps} into {index} (`fromage index build`; once)", flush=True)
-    import argparse
-    from .cli import _cmd_index_build
-    _cmd_index_build(argparse.Namespace(source=stamps, bundle=str(bundle), out=str(index), image_dir=None,
-                                        batch_size=32, overwrite=overwrite, threads=threads))
-
-
-def _first_indexed_image(model) -> str | None:
-    import sqlite3
-    from .retrieval import IMAGES
-    db = sqlite3.connect(f"{(model.index.directory / IMAGES).resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT path FROM images ORDER BY key LIMIT 1").fetchone()
-    finally:
-        db.close()
-    return row[0] if row else None
+    from .cli import index_images
+    built = index_images(bundle, stamps, index, overwrite=overwrite, threads=threads)
+    print(f"index of {built.count} images written to {index}", flush=True)
+    built.close()
 
 
 def pick_image(args, model) -> str:
@@ -270,13 +258,14 @@ def pick_image(args, model) -> str:
     default = Path(args.stamps) / DEFAULT_IMAGE
     if default.is_file():
         return str(default.resolve())
-    first = _first_indexed_image(model)
+    first = model.index.first_path()
     if first is None:
         raise FromageError("the index holds no images; give --image PATH")
     return first
 
 
 def cmd_demo(args) -> None:
+    from .bundle import load_bundle
     from .generate import Fromage
     from .html import write_atomic, write_conversation
     from .sampling import SamplingParams
@@ -286,8 +275,9 @@ def cmd_demo(args) -> None:
     if args.max_new_tokens < 1:
         raise FromageError("--max-new-tokens must be at least 1")
     ensure_bundle(bundle)
-    ensure_index(index, bundle, args.stamps, managed=args.index is None, threads=args.threads)
-    model = Fromage(bundle, index=index, device=args.device, threads=args.threads, verify=not args.no_verify)
+    loaded = load_bundle(bundle, verify=not args.no_verify)  # checked once, used for the index and the model
+    ensure_index(index, loaded, args.stamps, managed=args.index is None, threads=args.threads)
+    model = Fromage(loaded, index=index, device=args.device, threads=args.threads)
     image = pick_image(args, model)
     subject = args.subject or Path(image).stem.replace("_", " ").replace("-", " ")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,

@@ -25,8 +25,7 @@ import numpy as np
 
 from .errors import FromageError
 from .prompt import ImagePart
-
-TUXPAINT_ROOT = "/usr/share/tuxpaint/stamps"
+from .sources import TUXPAINT_ROOT
 
 
 def load_split(tuxpaint=TUXPAINT_ROOT, data=None, image_dir=None, heldout_percent: int = 15):
@@ -55,12 +54,12 @@ def _perplexity(model, examples, visual: dict | None, progress=False) -> tuple[f
     prefix = list(model.bundle.tokens.get("prefix") or [])
     if visual is None and not prefix:
         return None, 0  # no token to condition on without an image
+    if visual is None:  # one context for all: prefilled once, forked per caption
+        ll, n = log_likelihood_from_embeds(model, model.embed_ids(prefix)[None], [e.caption for e in examples])
+        return math.exp(-sum(ll) / sum(n)), sum(n)
     total, count = 0.0, 0
-    desc = "perplexity (image)" if visual is not None else "perplexity (no image)"
-    for e in tqdm(examples, desc=desc, disable=not progress):
-        ctx = context_embeds(model, [ImagePart(e.image)], visual) if visual is not None \
-            else model.embed_ids(prefix)[None]
-        ll, n = log_likelihood_from_embeds(model, ctx, [e.caption])
+    for e in tqdm(examples, desc="perplexity (image)", disable=not progress):
+        ll, n = log_likelihood_from_embeds(model, context_embeds(model, [ImagePart(e.image)], visual), [e.caption])
         total, count = total + ll[0], count + n[0]
     return math.exp(-total / count), count
 

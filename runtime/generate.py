@@ -7,7 +7,7 @@ position is the query, and the retrieved images are streamed right then, before 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -62,6 +62,15 @@ class Result:
                 "token_ids": self.token_ids, "stop_reason": self.stop_reason, "timings": self.timings}
 
 
+MIN_CAPACITY = 256  # positions of KV cache a state starts with (the fused graph)
+
+
+def image_part(hits: list, **extra) -> dict:
+    """A retrieved image as a part of the answer: the best hit, and every hit under "ranked"."""
+    ranked = [asdict(h) for h in hits]
+    return {"type": "image", **ranked[0], **extra, "ranked": ranked}
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -108,7 +117,7 @@ class Fromage:
         # the fused graph (export/llama_graph.py) keeps the KV cache in buffers bound in place
         self.fused = io.get("cache") == "in-place"
         self.vocab_size, self.retrieval_dim = m["vocab_size"], m["retrieval_dim"]
-        self._bound, self._bound_capacity = None, 0
+        self._bound = None  # the cache buffer the decoder's I/O binding points at
         self.index = None
         if index is not None:
             from .retrieval import ImageIndex
@@ -128,16 +137,20 @@ class Fromage:
     def segments(self, parts: list[Part]) -> list[Segment]:
         return to_segments(parts, self.tokenizer, self.bundle.tokens["prefix"])
 
-    def prompt_embeds(self, segments: list[Segment]) -> np.ndarray:
-        images = [s.source for s in segments if isinstance(s, ImagePart)]
-        visual = iter(self.encode_images(images)[0]) if images else iter(())
-        chunks = [next(visual) if isinstance(s, ImagePart) else self.embed_ids(s) for s in segments]
+    def prompt_embeds(self, segments: list[Segment], visual: dict | None = None) -> np.ndarray:
+        """(1, n, E) input embeddings. `visual` maps an image source to its visual tokens (k, E)
+        already computed; other images are encoded (each distinct one once)."""
+        visual = visual or {}
+        missing = list(dict.fromkeys(s.source for s in segments
+                                     if isinstance(s, ImagePart) and s.source not in visual))
+        if missing:
+            visual = {**visual, **dict(zip(missing, self.encode_images(missing)[0]))}
+        chunks = [visual[s.source] if isinstance(s, ImagePart) else self.embed_ids(s) for s in segments]
         return np.concatenate(chunks, axis=0)[None].astype(np.float32)
 
     def start(self, embeds: np.ndarray) -> "DecodeState":
         """Prefill: run the prompt (1, n, E) from an empty cache."""
-        capacity = 0 if not self.fused else min(self.max_positions, max(256, _pow2(embeds.shape[1])))
-        cache = [np.zeros((1, self.kv_heads, capacity, self.head_dim), np.float32) for _ in self.kv_names]
+        cache = [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.kv_names]
         state = DecodeState(cache, 0, np.zeros(self.vocab_size, np.float32), np.zeros(self.retrieval_dim, np.float32))
         self.advance(state, embeds)
         return state
@@ -158,7 +171,7 @@ class Fromage:
             state.logits, state.ret_embedding, state.length = logits[0], ret[0], total
             return
         if total > state.cache[0].shape[2]:  # grow the buffers: amortised, not per step
-            capacity = min(self.max_positions, _pow2(total))
+            capacity = min(self.max_positions, max(MIN_CAPACITY, _pow2(total)))
             for i, old in enumerate(state.cache):
                 state.cache[i] = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], np.float32)
                 state.cache[i][:, :, :state.length] = old[:, :, :state.length]
@@ -166,14 +179,14 @@ class Fromage:
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        if self._bound is not state or self._bound_capacity != state.cache[0].shape[2]:
+        if self._bound is not state.cache[0]:  # another state, or this one's grown buffers
             # past and present are the same buffer: the decoder appends to the cache in place
             for name, present, buf in zip(self.kv_names, self.present_names, state.cache):
                 self.decoder.bind_array(name, buf, output=False)
                 self.decoder.bind_array(present, buf, output=True)
             self.decoder.bind_array("logits", state.logits[None], output=True)
             self.decoder.bind_array("ret_embedding", state.ret_embedding[None], output=True)
-            self._bound, self._bound_capacity = state, state.cache[0].shape[2]
+            self._bound = state.cache[0]
         self.decoder.run_bound()
         state.length = total
 
@@ -215,8 +228,7 @@ class Fromage:
             if token == self.ret_id:
                 hits = self.index.search(state.ret_embedding, top_k=p.top_images)
                 text.reset()
-                ranked = [{"path": h.path, "score": h.score, "caption": h.caption, "key": h.key} for h in hits]
-                result.parts.append({"type": "image", **ranked[0], "token_index": step, "ranked": ranked})
+                result.parts.append(image_part(hits, token_index=step))
                 yield ImageEvent(hits, step)
             else:
                 delta = text.push(token)

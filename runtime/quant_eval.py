@@ -34,12 +34,13 @@ def greedy_agreement(model, reference, prompts: list[str], tokens: int) -> dict:
     return {"prompts": len(rows), "tokens": tokens, "identical": sum(r["identical"] for r in rows), "rows": rows}
 
 
-def run(bundle, reference, *, tuxpaint, n_prompts=10, tokens=32, threads=None, verify=True, progress=False) -> dict:
+def run(bundle, reference, *, tuxpaint, n_prompts=10, tokens=32, threads=None, device="cpu", verify=True,
+        progress=False) -> dict:
     from .evaluate import _perplexity, load_split
     from .generate import Fromage
     _, heldout, info = load_split(tuxpaint)
-    model = Fromage(bundle, threads=threads, verify=verify)
-    ref = Fromage(reference, threads=threads, verify=verify)
+    model = Fromage(bundle, device=device, threads=threads, verify=verify)
+    ref = Fromage(reference, device=device, threads=threads, verify=verify)
     if model.bundle.model["lm"] != ref.bundle.model["lm"] or model.vocab_size != ref.vocab_size:
         raise FromageError(f"{bundle} and {reference} are not the same model")
     out = {"bundle": str(bundle), "precision": model.bundle.manifest.get("precision"),
@@ -54,7 +55,7 @@ def run(bundle, reference, *, tuxpaint, n_prompts=10, tokens=32, threads=None, v
 def cmd_eval_quantized(args) -> None:
     t0 = time.perf_counter()
     result = run(args.bundle, args.reference, tuxpaint=args.tuxpaint, n_prompts=args.prompts, tokens=args.tokens,
-                 threads=args.threads, verify=not args.no_verify, progress=sys.stderr.isatty())
+                 threads=args.threads, device=args.device, verify=not args.no_verify, progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return

@@ -36,6 +36,11 @@ class ImageIndex:
         self._index, self._db = index, db
         self._exact = self.count <= EXACT_SEARCH_MAX
 
+    @property
+    def exact(self) -> bool:
+        """Whether searches are exact (small indexes) or HNSW."""
+        return self._exact
+
     @classmethod
     def open(cls, directory, *, expected_dim: int | None = None, expected_embedder: str | None = None) -> "ImageIndex":
         directory = Path(directory)
@@ -118,6 +123,11 @@ class ImageIndex:
             found.update((k, (p, c)) for k, p, c in self._db.execute(sql, chunk))
         # USearch's inner-product distance is 1 - dot, so the score is the cosine for normalised vectors.
         return [[Hit(int(k), *found[int(k)], 1.0 - float(d)) for k, d in zip(m.keys, m.distances)] for m in rows]
+
+    def first_path(self) -> str | None:
+        """The path of the image with the smallest key (the first indexed), if any."""
+        row = self._db.execute("SELECT path FROM images ORDER BY key LIMIT 1").fetchone()
+        return row[0] if row else None
 
     def close(self):
         if self._db is not None:

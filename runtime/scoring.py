@@ -17,19 +17,13 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import FromageError
-from .prompt import ImagePart, Part
+from .prompt import Part
 
 
 def context_embeds(model, parts: list[Part], visual: dict | None = None) -> np.ndarray:
     """(1, n, E) input embeddings of an interleaved prompt, laid out as `Fromage.segments` does.
     `visual` maps an image source to its visual tokens (k, E) already computed; other images are encoded."""
-    segments = model.segments(list(parts))
-    visual = visual or {}
-    missing = list(dict.fromkeys(s.source for s in segments if isinstance(s, ImagePart) and s.source not in visual))
-    encoded = dict(zip(missing, model.encode_images(missing)[0])) if missing else {}
-    chunks = [(visual[s.source] if s.source in visual else encoded[s.source]) if isinstance(s, ImagePart)
-              else model.embed_ids(s) for s in segments]
-    return np.concatenate(chunks, axis=0)[None].astype(np.float32)
+    return model.prompt_embeds(model.segments(list(parts)), visual)
 
 
 def ret_embedding_of_parts(model, parts: list[Part], visual: dict | None = None) -> np.ndarray:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .errors import FromageError
 
+TUXPAINT_ROOT = "/usr/share/tuxpaint/stamps"  # Debian's tuxpaint-stamps-default: the default data
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".svg"}
 
 
