@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_retrieval import clustered_vectors, run_retrieval_bench
+from .bench_retrieval import build_vector_index, clustered_vectors, run_retrieval_bench
 from .errors import FromageError
 from .onnx_weights import initializer_bytes
 
@@ -136,10 +136,8 @@ def _bandwidth_here(threads: int, gib: float = 1.0, repeats: int = 5) -> dict:
 
 
 def measure_bandwidth(threads: int) -> dict:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
     proc = subprocess.run([sys.executable, "-m", "fromage.runtime.bench", "bandwidth", str(threads)],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=worker_env(threads), timeout=600)
     if proc.returncode != 0:
         raise FromageError(f"the bandwidth measurement failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -236,7 +234,7 @@ class FromageSystem:
         # the retrieval query: the decoder's [RET] embedding after the prompt and a [RET] token
         m = self.model
         state = m.start(m.embed_ids(ids + [m.ret_id])[None])
-        self.query = state.ret_embedding
+        self.query = state.ret_embedding.copy()
         self.info = {"weights_bytes": initializer_bytes(m.bundle.graph_path("decoder")),
                      "ret_index_size": index.count}
 
@@ -342,12 +340,8 @@ def prepare_peer(system: str, spec_path: Path, env: dict, log_path: Path) -> Non
 
 def ensure_ret_index(dim: int, count: int, cache: Path, progress: bool = True) -> Path:
     """An index of `count` random unit vectors, built once with the runtime's own index builder."""
-    from .retrieval import build_index
     out = cache / "bench" / f"ret-index-d{dim}-n{count}"
-    vectors = clustered_vectors(count, dim, seed=1)[0]
-    items = [(f"random/{i}", None) for i in range(count)]
-    build_index(items, lambda paths: vectors[[int(p.rsplit("/", 1)[1]) for p in paths]], out, dim=dim,
-                embedder=f"bench-random-v1-d{dim}", batch_size=4096, progress=progress)
+    build_vector_index(clustered_vectors(count, dim, seed=1)[0], out, f"bench-random-v1-d{dim}", progress).close()
     return out
 
 
@@ -418,7 +412,7 @@ def run_bench(args, log=print) -> dict:
     ret_index = ensure_ret_index(m["retrieval_dim"], RET_INDEX_SIZE, cache, progress=False)
     spec = {"bundle": str(bundle.directory.resolve()), "lm": m["lm"], "model": m, "prompt_ids": ids,
             "image_at": len(bundle.tokens["prefix"]), "image": str(write_bench_image(work / "bench.png")),
-            "new_tokens": args.new_tokens, "threads": threads, "ret_id": bundle.tokens["ret"],
+            "new_tokens": args.new_tokens, "threads": threads,
             "retrieval_dim": m["retrieval_dim"], "ret_index": str(ret_index), "cache": str(cache), "also": also}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))

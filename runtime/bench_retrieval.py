@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from pathlib import Path
 
@@ -33,13 +32,22 @@ def clustered_vectors(n: int, dim: int, seed: int, queries: int = 0, spread: flo
     return points(n), points(queries)
 
 
+def build_vector_index(vectors: np.ndarray, out_dir: Path, embedder: str, progress: bool = True):
+    """An image index over in-memory vectors, built (or resumed, or loaded) with the runtime's own
+    builder, which shows progress for the vectors and for the search graph. -> ImageIndex"""
+    from .retrieval import build_index
+    items = [(f"v/{i}", None) for i in range(len(vectors))]
+    return build_index(items, lambda paths: vectors[[int(p[2:]) for p in paths]], out_dir,
+                       dim=vectors.shape[1], embedder=embedder, batch_size=8192, progress=progress)
+
+
 def run_retrieval_bench(n: int, dim: int, threads: int, cache: Path, queries: int = 1000, k: int = 10,
                         log=print) -> dict:
     """Exact numpy vs USearch exact vs USearch HNSW on N clustered random unit vectors; the index is
     built once with the runtime's own builder (resumable, with progress) and cached."""
     from usearch.index import Index
     from .bench import peak_rss_mb
-    from .retrieval import EXACT_SEARCH_MAX, VECTORS, build_index
+    from .retrieval import EXACT_SEARCH_MAX, VECTORS
     if n < k:
         raise FromageError(f"--retrieval needs at least {k} vectors")
     t = time.perf_counter()
@@ -50,28 +58,8 @@ def run_retrieval_bench(n: int, dim: int, threads: int, cache: Path, queries: in
     cached = sidecar.is_file()
     log(f"retrieval benchmark: {n} clustered random {dim}-d unit vectors, {queries} queries, top-{k}, "
         f"{threads} threads; index in {out_dir}" + (" (cached)" if cached else ""))
-    if not cached:
-        log("building the index with the runtime's builder: the bar counts vectors stored; the USearch graph "
-            "is built after it reaches 100% (minutes for a million vectors, no progress shown there)")
     t = time.perf_counter()
-    items = [(f"v/{i}", None) for i in range(n)]
-    last_batch, done = [time.perf_counter()], threading.Event()
-
-    def embed(paths):
-        last_batch[0] = time.perf_counter()
-        return vectors[[int(p[2:]) for p in paths]]
-
-    def heartbeat():  # build_index shows no progress while it builds the USearch graph: say it is alive
-        while not done.wait(30):
-            if time.perf_counter() - last_batch[0] > 20:
-                log(f"  building the USearch graph: {time.perf_counter() - last_batch[0]:.0f} s so far ...")
-    threading.Thread(target=heartbeat, daemon=True).start()
-    try:
-        index = build_index(items, embed, out_dir, dim=dim, embedder=f"bench-retrieval-v1-d{dim}",
-                            batch_size=8192, progress=True)
-    finally:
-        done.set()
-    del items
+    index = build_vector_index(vectors, out_dir, f"bench-retrieval-v1-d{dim}")
     if not cached:
         sidecar.write_text(json.dumps({"build_s": time.perf_counter() - t}))
     build_s = json.loads(sidecar.read_text())["build_s"]
@@ -110,7 +98,7 @@ def run_retrieval_bench(n: int, dim: int, threads: int, cache: Path, queries: in
     exact_q = int(min(queries, max(20, 4e10 // (n * dim))))
     exact_singles = min(50, exact_q)
     usearch_index = Index.restore(out_dir / VECTORS, view=True)  # as the runtime opens it
-    runtime_exact = index.count <= EXACT_SEARCH_MAX  # the runtime's own choice of mode
+    runtime_exact = index.exact  # the runtime's own choice of mode
     rt_q = exact_q if runtime_exact else queries
     log(f"exact numpy search ({queries} queries: the ground truth) ...")
     truth, np_m = measure(numpy_topk, qv, exact_singles)

@@ -299,7 +299,7 @@ def spec_from_bundle(args) -> dict:
             "prompt_ids": prompt_ids(tok, bundle.tokens["prefix"], args.prompt_tokens),
             "image_at": len(bundle.tokens["prefix"]), "image": str(write_bench_image(image)),
             "new_tokens": args.new_tokens, "threads": args.threads or default_threads(),
-            "ret_id": bundle.tokens["ret"], "cache": args.cache}
+            "cache": args.cache}
 
 
 def main(argv=None) -> int:
