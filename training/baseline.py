@@ -35,9 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fromage.runtime.errors import FromageError
+from fromage.runtime.sources import TUXPAINT_ROOT
 
 from .backbones import cache_root
 from .data import Example, file_sha256
+from .train import contrastive_loss
 
 TEXT_ENCODER = "all-MiniLM-L6-v2"
 EPOCHS = 10
@@ -105,10 +107,7 @@ class Heads(nn.Module):
         return F.normalize(self.W_t(feats), dim=-1)
 
     def loss(self, img, txt):
-        scale = self.logit_scale.clamp(max=math.log(100)).exp()
-        sim = scale * self.text(txt) @ self.image(img).T
-        target = torch.arange(len(img))
-        return (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
+        return contrastive_loss(self.logit_scale, self.text(txt), self.image(img))
 
 
 def train_heads(img: torch.Tensor, txt: torch.Tensor, cfg: BaselineConfig, on_epoch=None) -> Heads:
@@ -224,7 +223,7 @@ if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--tuxpaint", default="/usr/share/tuxpaint/stamps")
+    ap.add_argument("--tuxpaint", default=TUXPAINT_ROOT)
     ap.add_argument("--epochs", type=int, default=30)
     a = ap.parse_args()
     if a.sweep:

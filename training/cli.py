@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from fromage.runtime.errors import FromageError
+from fromage.runtime.sources import TUXPAINT_ROOT
 
 from .model import FromageConfig, FromageModel
 
@@ -35,7 +36,7 @@ PRESETS = {
     # 200 steps x 64 pairs (~22 epochs of the 594 training images); held-out recall peaks around
     # step 180 and the best checkpoint is kept. lr 1e-3 with 20 warm-up steps: 3e-4 was still rising
     # at the end of the same budget. k=1: retrieval does not depend on k, and it keeps W_c small.
-    "tuxpaint": {"tuxpaint": "/usr/share/tuxpaint/stamps", "extra": None, "lm": "default",
+    "tuxpaint": {"tuxpaint": TUXPAINT_ROOT, "extra": None, "lm": "default",
                  "encoder": "efficientnet-lite0", "k": 1, "retrieval_dim": 256, "steps": 200, "batch_size": 64,
                  "caption_batch_size": 8, "lr": 1e-3, "warmup": 20, "save_every": 20, "eval_every": 20, "seed": 0},
 }
@@ -47,17 +48,20 @@ DEFAULTS = {"extra": None, "lm": "default", "encoder": "efficientnet-lite0", "k"
 def extra_examples(names: list[str], max_stars: int = 50) -> list:
     """Extra training data. The openclipart star polygons (~1,400 near-identical images) are
     subsampled so they do not dominate the contrastive batches."""
+    import numpy as np
     from .data import read_openclipart
     out = []
     if "openclipart" in names:
         clipart = read_openclipart()
         stars = [e for e in clipart if "/shapes/stars/" in e.image]
-        out += [e for e in clipart if "/shapes/stars/" not in e.image] + stars[:: max(1, len(stars) // max_stars)]
+        keep = np.unique(np.linspace(0, len(stars) - 1, num=min(max_stars, len(stars))).round().astype(int))
+        out += [e for e in clipart if "/shapes/stars/" not in e.image] + [stars[i] for i in keep]
     return out
 
 
 def cmd_train(args) -> None:
-    from .data import read_tsv, read_tuxpaint, split_examples
+    from fromage.runtime.evaluate import load_split
+    from .data import read_tsv
     from .train import TrainConfig, train
     _set_threads(args.threads)
     settings = {**DEFAULTS, **PRESETS.get(args.preset or "", {})}
@@ -67,7 +71,7 @@ def cmd_train(args) -> None:
     if args.data:
         examples = read_tsv(args.data, args.image_dir)
     else:
-        examples, heldout = split_examples(read_tuxpaint(args.tuxpaint), args.tuxpaint)
+        examples, heldout, _ = load_split(args.tuxpaint)  # the split `fromage eval` measures
         print(f"TuxPaint: {len(examples)} training / {len(heldout)} held-out images")
     if args.extra:
         examples += extra_examples(args.extra)

@@ -16,9 +16,10 @@ from typing import Callable
 
 import numpy as np
 
+from fromage.runtime.sources import TUXPAINT_ROOT
+
 from fromage.runtime.errors import FromageError
 
-TUXPAINT_ROOT = "/usr/share/tuxpaint/stamps"
 OPENCLIPART_ROOT = "/usr/share/openclipart/png"
 
 
@@ -353,8 +354,8 @@ _OC_WORDS = {
     "fiore": "flower", "fiori": "flowers", "cronometro": "stopwatch", "montagna": "mountain",
     "dino": "dinosaur", "bw": "black and white", "estrella": "star",
     "champignon": "mushroom", "glace": "ice cream", "rondelle": "slice", "disquete": "floppy disk",
-    "aviso": "warning", "pastas": "folders", "ballerina": "ballerina", "pallone": "balloon",
-    "cassa": "cash register", "sport": "sport", "bambina": "little girl", "donna": "woman",
+    "aviso": "warning", "pastas": "folders", "pallone": "balloon",
+    "cassa": "cash register", "bambina": "little girl", "donna": "woman",
     "uomo": "man", "sulla": "on the", "architetto": "architect", "libro": "book",
     "ricette": "recipes",
     "pannocchia": "corn cob", "demolizione": "demolition", "costruzione": "construction",
@@ -397,7 +398,7 @@ _OC_DIR_PHRASES = {
     "breads_and_carbs": "breads", "meats_and_eggs": "meats and eggs", "bodypart": "body parts",
     "CD_Player": "CD players", "cards": "playing cards", "cardbacks": "playing cards",
     "stickmen": "stick figures", "smilies": "smileys", "penguin": "penguins",
-    "holiday": "holidays", "flags": "flags", "semaphore": "semaphore flags",
+    "holiday": "holidays", "semaphore": "semaphore flags",
 }
 _OC_CONNECTORS = frozenset("a an and the of with in on for to at by from e di de da del".split())
 _OC_SHORT_WORDS = frozenset("tv cd pc dj ox ax ok uk us eu go pi".split())

@@ -67,14 +67,11 @@ class FrozenTextStates:
         emb = model.ret_embedding.view(1, 1, -1).expand(b, 1, -1)
         out = model.lm.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=lengths[:, None],
                                   past_key_values=cache)
-        nce = contrastive_loss(model, model.text_embedding(out.last_hidden_state[:, 0]), image_emb)
+        nce = contrastive_loss(model.logit_scale, model.text_embedding(out.last_hidden_state[:, 0]), image_emb)
 
         # next-token loss: only the [RET] column of the logits depends on learned weights
         hidden = self._pad([self.hidden[i] for i in idx], n, 0)
-        head = model.lm.get_output_embeddings()
-        z = hidden @ (model.ret_embedding if model.tied else model.ret_output)
-        if head.bias is not None:
-            z = z + head.bias[model.ret_id]
+        z = model.ret_logit(hidden)
         lse = torch.logaddexp(self._pad([self.base_lse[i] for i in idx], n, 0), z)
         pos = torch.arange(n)[None]
         is_token = (pos >= self.n_prefix - 1) & (pos < lengths[:, None] - 1)

@@ -12,9 +12,9 @@ from .train import TrainConfig, _pad, retrieval_ids
 
 
 @torch.no_grad()
-def text_embeddings(model: FromageModel, captions: list[str], batch_size: int = 64) -> torch.Tensor:
-    """W_t of the hidden state at `[prefix] caption [RET]`, normalised."""
-    tok, cfg, out = model.tokenizer.backend_tokenizer, TrainConfig(), []
+def text_embeddings(model: FromageModel, captions: list[str], cfg: TrainConfig, batch_size: int = 64) -> torch.Tensor:
+    """W_t of the hidden state at `[prefix] caption [RET]` (laid out as in training), normalised."""
+    tok, out = model.tokenizer.backend_tokenizer, []
     for start in range(0, len(captions), batch_size):
         ids = [retrieval_ids(model, tok.encode(c, add_special_tokens=False).ids, cfg)
                for c in captions[start:start + batch_size]]
@@ -26,15 +26,10 @@ def text_embeddings(model: FromageModel, captions: list[str], batch_size: int = 
     return torch.cat(out)
 
 
-def recall_at(scores: torch.Tensor) -> dict:
-    """scores (n, n): row i's correct column is i. -> {"R@k": percent}, as `fromage eval` counts."""
-    return recall_at_k(scores.numpy(), np.arange(len(scores)))
-
-
 @torch.no_grad()
-def retrieval_recall(model: FromageModel, examples: list[Example], features: torch.Tensor) -> dict:
-    text = text_embeddings(model, [e.caption for e in examples])
-    image = model.image_embedding(features)
-    t2i = recall_at(text @ image.T)
-    i2t = recall_at(image @ text.T)
+def retrieval_recall(model: FromageModel, examples: list[Example], features: torch.Tensor, cfg: TrainConfig) -> dict:
+    """Held-out recall (percent), counted as `fromage eval` counts: text->image, and image->text under "i2t"."""
+    sim = (text_embeddings(model, [e.caption for e in examples], cfg) @ model.image_embedding(features).T).numpy()
+    gt = np.arange(len(sim))
+    t2i, i2t = recall_at_k(sim, gt), recall_at_k(sim.T, gt)
     return {**t2i, "i2t": i2t, "score": t2i["R@1"] + t2i["R@5"] + t2i["R@10"]}

@@ -103,16 +103,18 @@ class FromageModel(nn.Module):
         with torch.no_grad():
             return self.encoder(pixel_values)
 
+    def ret_logit(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The [RET] logit of hidden states (..., H): the learned output row (the input row when tied)."""
+        bias = self.lm.get_output_embeddings().bias
+        z = hidden @ (self.ret_embedding if self.tied else self.ret_output)
+        return z if bias is None else z + bias[self.ret_id]
+
     def forward_lm(self, inputs_embeds, attention_mask=None):
         """-> (last hidden after the final norm (B,S,H), logits (B,S,V) with the learned [RET] column)."""
         out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         hidden = out.last_hidden_state
-        head = self.lm.get_output_embeddings()
-        logits = head(hidden)
-        ret_row = self.ret_embedding if self.tied else self.ret_output
-        ret_logit = hidden @ ret_row
-        if head.bias is not None:
-            ret_logit = ret_logit + head.bias[self.ret_id]
+        logits = self.lm.get_output_embeddings()(hidden)
+        ret_logit = self.ret_logit(hidden)
         col = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         col[self.ret_id] = True
         return hidden, torch.where(col, ret_logit.unsqueeze(-1), logits)

@@ -89,7 +89,8 @@ def _lm_loss(logits, labels):
 def caption_loss(model: FromageModel, features: torch.Tensor, captions: list[list[int]],
                  cfg: TrainConfig, rng: np.random.Generator) -> torch.Tensor:
     """Next-token loss on `[prefix] [k visual tokens] caption` (sometimes two pairs in a row)."""
-    prefix = torch.tensor(model.prefix, dtype=torch.long)
+    prefix = model.embed_tokens(torch.tensor(model.prefix, dtype=torch.long))
+    prefix_labels = torch.full((len(prefix),), -100, dtype=torch.long)
     k, b = model.config.k, len(captions)
     vis = model.visual_tokens(features)
     cap_ids = [torch.tensor(c[: cfg.max_caption_tokens], dtype=torch.long) for c in captions]
@@ -103,8 +104,8 @@ def caption_loss(model: FromageModel, features: torch.Tensor, captions: list[lis
         pieces = [piece(i)]
         if b > 1 and rng.random() < cfg.concat_prob:
             pieces.append(piece((i + 1) % b))
-        seqs.append(torch.cat([model.embed_tokens(prefix)] + [p[0] for p in pieces]))
-        labs.append(torch.cat([torch.full((len(prefix),), -100, dtype=torch.long)] + [p[1] for p in pieces]))
+        seqs.append(torch.cat([prefix] + [p[0] for p in pieces]))
+        labs.append(torch.cat([prefix_labels] + [p[1] for p in pieces]))
     emb, mask, lab = _pad(seqs, labs)
     _, logits = model.forward_lm(emb, mask)
     return _lm_loss(logits, lab)
@@ -115,9 +116,9 @@ def retrieval_ids(model: FromageModel, caption: list[int], cfg: TrainConfig) -> 
     return model.prefix + caption[: cfg.max_caption_tokens - 1] + [model.ret_id]
 
 
-def contrastive_loss(model: FromageModel, text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE (text->image and image->text, averaged)."""
-    scale = model.logit_scale.clamp(max=math.log(100)).exp()
+def contrastive_loss(logit_scale: torch.Tensor, text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (text->image and image->text, averaged); the learned scale is capped at 100."""
+    scale = logit_scale.clamp(max=math.log(100)).exp()
     sim = scale * text_emb @ image_emb.T
     target = torch.arange(len(sim))
     return (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
@@ -135,14 +136,20 @@ def retrieval_losses(model: FromageModel, features: torch.Tensor, captions: list
     hidden, logits = model.forward_lm(emb, mask)
     ret_pos = torch.tensor([len(ids) - 1 for ids in ret_ids])
     text = model.text_embedding(hidden[torch.arange(len(captions)), ret_pos])
-    return _lm_loss(logits, lab), contrastive_loss(model, text, model.image_embedding(features))
+    return _lm_loss(logits, lab), contrastive_loss(model.logit_scale, text, model.image_embedding(features))
 
 
 def batch_losses(model: FromageModel, features: torch.Tensor, captions: list[list[int]],
-                 cfg: TrainConfig, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """The reference recipe on one batch: captioning + retrieval (next-token + InfoNCE)."""
-    cap = caption_loss(model, features, captions, cfg, rng)
-    ret_ce, nce = retrieval_losses(model, features, captions, cfg)
+                 cfg: TrainConfig, rng: np.random.Generator, states=None, ids=None) -> dict[str, torch.Tensor]:
+    """The reference recipe on one batch (its examples' features and captions): captioning on the first
+    `cfg.caption_batch_size` + retrieval (next-token + InfoNCE) on all. Given `states`
+    (FrozenTextStates of the training captions) and the examples' `ids`, retrieval comes from there."""
+    n_cap = cfg.caption_batch_size or len(captions)
+    cap = caption_loss(model, features[:n_cap], captions[:n_cap], cfg, rng)
+    if states is not None:
+        ret_ce, nce = states.losses(model, ids, model.image_embedding(features))
+    else:
+        ret_ce, nce = retrieval_losses(model, features, captions, cfg)
     return {"caption": cap, "ret_ce": ret_ce, "contrastive": nce, "loss": cap + ret_ce + nce}
 
 
@@ -204,20 +211,15 @@ def train(model: FromageModel, examples: list[Example], cfg: TrainConfig, out, *
     if cfg.fast_retrieval:
         from .frozen_text import FrozenTextStates
         states = FrozenTextStates(model, captions, cfg, progress=progress)
+    train_settings = asdict(cfg)
     model.train()
     model.lm.eval(), model.encoder.eval()  # frozen parts keep eval behaviour (no dropout)
-    losses, history = {}, []
+    losses = {}
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", disable=not progress)
     for step in bar:
         rng = np.random.default_rng([cfg.seed, step])
         idx = rng.choice(len(examples), size=min(cfg.batch_size, len(examples)), replace=False)
-        cap_idx = idx[: cfg.caption_batch_size or len(idx)]
-        cap = caption_loss(model, features[cap_idx], [captions[i] for i in cap_idx], cfg, rng)
-        if states is not None:
-            ret_ce, nce = states.losses(model, idx.tolist(), model.image_embedding(features[idx]))
-        else:
-            ret_ce, nce = retrieval_losses(model, features[idx], [captions[i] for i in idx], cfg)
-        out_losses = {"caption": cap, "ret_ce": ret_ce, "contrastive": nce, "loss": cap + ret_ce + nce}
+        out_losses = batch_losses(model, features[idx], [captions[i] for i in idx], cfg, rng, states, idx.tolist())
         for group in opt.param_groups:  # linear warm-up, then constant (the reference's schedule)
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
         opt.zero_grad(set_to_none=True)
@@ -227,12 +229,11 @@ def train(model: FromageModel, examples: list[Example], cfg: TrainConfig, out, *
         losses = {k: float(v.detach()) for k, v in out_losses.items()}
         bar.set_postfix(loss=f"{losses['loss']:.3f}", nce=f"{losses['contrastive']:.3f}")
         done = step + 1
-        extra = {"step": done, "train": asdict(cfg), "losses": losses}
+        extra = {"step": done, "train": train_settings, "losses": losses}
         if eval_set and (done % cfg.eval_every == 0 or done == cfg.steps):
             model.eval()
-            recall = retrieval_recall(model, *eval_set)
+            recall = retrieval_recall(model, *eval_set, cfg)
             model.train(), model.lm.eval(), model.encoder.eval()
-            history.append({"step": done, **recall})
             log(f"step {done}: held-out text->image R@1/5/10 = "
                 f"{recall['R@1']:.1f} / {recall['R@5']:.1f} / {recall['R@10']:.1f}")
             extra["heldout"] = recall
