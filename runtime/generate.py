@@ -76,21 +76,27 @@ def _pow2(n: int) -> int:
 
 
 class _TextStream:
-    """Incremental detokenization: emits only complete characters (no half UTF-8 sequences)."""
+    """Incremental detokenization: emits only complete characters (no half UTF-8 sequences).
+
+    Each step decodes only the tokens since the last emitted piece, with that piece as context
+    (a tokenizer may render a token differently at the start of a text), so a step costs the same
+    however long the answer grows."""
 
     def __init__(self, tokenizer):
-        self.tok, self.ids, self.sent = tokenizer, [], ""
+        self.tok = tokenizer
+        self.reset()
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.sent):
+        shown = self.tok.decode(self.ids[self.context:self.read], skip_special_tokens=True)
+        text = self.tok.decode(self.ids[self.context:], skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(shown) or len(text) == len(shown):
             return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
+        self.context, self.read = self.read, len(self.ids)
+        return text[len(shown):]
 
     def reset(self):
-        self.ids, self.sent = [], ""
+        self.ids, self.context, self.read = [], 0, 0  # ids[context:read]: the last emitted piece
 
 
 class Fromage:

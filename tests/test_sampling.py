@@ -23,3 +23,16 @@ def test_top_p_and_top_k_sample_exactly_their_sets():
     assert got == set(np.argsort(-x)[:4].tolist())
     assert sample(x, SamplingParams(temperature=0.0), rng) == int(np.argmax(x))
     assert all(sample(x, SamplingParams(temperature=2.0), rng) != 17 for _ in range(200))
+
+
+def test_text_stream_emits_what_a_full_decode_gives():
+    from conftest import make_tokenizer
+    from fromage.runtime.generate import _TextStream
+    tok = make_tokenizer("<s>").backend_tokenizer
+    ids = tok.encode("a red cat with a big blue dog on the moon", add_special_tokens=False).ids
+    stream = _TextStream(tok)
+    deltas = [stream.push(i) for i in ids]
+    # each step shows exactly what the growing full decode adds
+    assert deltas == [tok.decode(ids[:n + 1])[len(tok.decode(ids[:n])):] for n in range(len(ids))]
+    stream.reset()
+    assert "".join(stream.push(i) for i in ids[3:]) == tok.decode(ids[3:])
