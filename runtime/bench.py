@@ -340,7 +340,7 @@ def prepare_peer(system: str, spec_path: Path, env: dict, log_path: Path) -> Non
 
 def ensure_ret_index(dim: int, count: int, cache: Path, progress: bool = True) -> Path:
     """An index of `count` random unit vectors, built once with the runtime's own index builder."""
-    out = cache / "bench" / f"ret-index-d{dim}-n{count}"
+    out = cache / "bench" / f"ret-index-v2-d{dim}-n{count}"  # v2: items named as build_vector_index names them
     build_vector_index(clustered_vectors(count, dim, seed=1)[0], out, f"bench-random-v1-d{dim}", progress).close()
     return out
 
