@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fromage.engines import native
 from fromage.runtime.bundle import MANIFEST, BUNDLE_FORMAT, sha256_file
 from fromage.runtime.errors import FromageError
 from fromage.runtime.prompt import special_prefix
@@ -42,7 +43,8 @@ def _diff(ref, got) -> float:
 
 
 def check_parity(m: FromageModel, folder: Path, io: dict, fused: bool) -> dict:
-    """Max (relative) abs diff between ONNX Runtime and PyTorch for each graph."""
+    """Max (relative) abs diff between ONNX Runtime and PyTorch for each graph, and for the decoder on
+    the native engine too where it runs."""
     torch.manual_seed(0)
     out = {}
     s = m.encoder.preprocessing.size
@@ -65,6 +67,14 @@ def check_parity(m: FromageModel, folder: Path, io: dict, fused: bool) -> dict:
     past = tuple(torch.zeros(1, heads, 0, hd) for _ in range(2 * dec.num_layers))
     buffers = [np.zeros((1, heads, 16, hd), np.float32) for _ in past]  # the fused graph's in-place cache
     diffs, total = [], 0
+    engine = None
+    if fused and native.available() is None:  # the native engine on the same steps, with a cache of its own
+        cfg = m.lm.config
+        engine = native.NativeDecoder(folder / "decoder.onnx", {"num_layers": dec.num_layers, "kv_heads": heads,
+                                                               "head_dim": hd, "rms_norm_eps": cfg.rms_norm_eps})
+        native_cache = [np.zeros_like(b) for b in buffers]
+        native_out = [np.zeros((engine.vocab_size,), np.float32), np.zeros((engine.retrieval_dim,), np.float32)]
+        native_diffs = []
     for step_len in (5, 1, 3):
         emb = torch.randn(1, step_len, m.embed_dim)
         mask = torch.ones(1, total + step_len, dtype=torch.int64)
@@ -77,12 +87,18 @@ def check_parity(m: FromageModel, folder: Path, io: dict, fused: bool) -> dict:
             got = sess.run(None, {**feeds, **dict(zip(names_in[3:], buffers))})
             buffers = got[2:]
             got = got[:2] + [b[:, :, :total + step_len] for b in buffers]
+            if engine:
+                engine.forward(emb.numpy(), native_cache, total, *native_out)
+                mine = [o[None] for o in native_out] + [b[:, :, :total + step_len] for b in native_cache]
+                native_diffs += [_diff(r, g) for r, g in zip(ref, mine)]
         else:
             got = sess.run(None, dict(zip(names_in, [emb.numpy(), mask.numpy(), pos.numpy(), *[p.numpy() for p in past]])))
         diffs += [_diff(r, g) for r, g in zip(ref, got)]
         past = ref[2:]
         total += step_len
     out["decoder"] = max(diffs)
+    if engine:
+        out["decoder_native"] = max(native_diffs)
     return out
 
 
@@ -123,12 +139,14 @@ def write_bundle(m: FromageModel, out, *, overwrite: bool = False, quantize: str
         if quantizer:
             log("quantized decoder: " + "; ".join(f"{n} x {how}" for how, n in quantizer.report.items()))
         parity = check_parity(m, tmp, io, fused)
-        tolerance = {"decoder": QUANTIZED_TOLERANCE} if quantizer and not quantizer.lossless else {}
+        tolerance = ({"decoder": QUANTIZED_TOLERANCE, "decoder_native": QUANTIZED_TOLERANCE}
+                     if quantizer and not quantizer.lossless else {})
         for name, d in parity.items():
-            log(f"parity {name}: max abs diff (ONNX Runtime vs PyTorch, relative) = {d:.2e}")
+            engine = "native engine" if name.endswith("_native") else "ONNX Runtime"
+            log(f"parity {name}: max abs diff ({engine} vs PyTorch, relative) = {d:.2e}")
         bad = {k: v for k, v in parity.items() if not v <= tolerance.get(k, PARITY_TOLERANCE)}
         if bad:
-            raise FromageError(f"ONNX Runtime disagrees with PyTorch beyond tolerance: {bad}; bundle not written")
+            raise FromageError(f"the compiled graphs disagree with PyTorch beyond tolerance: {bad}; bundle not written")
 
         cfg = m.lm.config
         heads, head_dim = graphs.cache_shape(m)
@@ -156,6 +174,8 @@ def write_bundle(m: FromageModel, out, *, overwrite: bool = False, quantize: str
             "export_seconds": times,
         }
         manifest["graphs"]["decoder"]["cache"] = "in-place" if fused else "concat"
+        if fused:  # what the native engine needs beyond the graph's weights
+            manifest["model"]["rms_norm_eps"] = float(cfg.rms_norm_eps)
         manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

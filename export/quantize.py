@@ -56,11 +56,12 @@ def q8_0_rows(w: np.ndarray):
 
 
 def symmetric(w: np.ndarray, bits: int):
-    """Round-to-nearest symmetric quantization per block: (q as signed ints (N,K), d (N,nb))."""
+    """Round-to-nearest symmetric quantization per block: (q as signed ints (N,K), d (N,nb)).
+    d is an fp16 value, as in GGUF (the native engine stores block scales in fp16)."""
     n, k = w.shape
     top = 2 ** (bits - 1) - 1
     b = w.reshape(n, k // BLOCK, BLOCK)
-    d = np.abs(b).max(-1) / top
+    d = _fp16(np.abs(b).max(-1) / top)
     q = np.clip(np.rint(b / np.where(d == 0, 1, d)[..., None]), -top - 1, top)
     return q.astype(np.int8).reshape(n, k), d.astype(np.float32)
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from fromage.engines import native
 from fromage.engines.onnxruntime import create_engine
 
 from .bundle import Bundle, load_bundle
@@ -99,14 +100,23 @@ class _TextStream:
         self.ids, self.context, self.read = [], 0, 0  # ids[context:read]: the last emitted piece
 
 
+ENGINES = ("auto", "native", "onnxruntime")
+
+
 class Fromage:
     """A loaded bundle (+ optional image index), ready to generate.
+
+    The decoder runs on the native engine (engines/native.py: C kernels over the bundle's weights)
+    when the bundle has the fused graph, the device is the CPU and the library is built; otherwise,
+    or with engine="onnxruntime", on ONNX Runtime. The vision and embedding graphs always run on
+    ONNX Runtime.
 
     One decode at a time per instance: the decoder's I/O binding is shared (use one instance per
     thread). With the fused graph, a state's `logits` and `ret_embedding` are buffers the next
     `advance` of that state overwrites; copy them to keep them."""
 
-    def __init__(self, bundle, index=None, device: str = "cpu", threads: int | None = None, verify: bool = True):
+    def __init__(self, bundle, index=None, device: str = "cpu", threads: int | None = None, verify: bool = True,
+                 engine: str = "auto"):
         from tokenizers import Tokenizer
         self.bundle: Bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         m = self.bundle.model
@@ -115,13 +125,23 @@ class Fromage:
         self.ret_id = self.bundle.tokens["ret"]
         self.tokenizer = Tokenizer.from_file(str(self.bundle.directory / "tokenizer.json"))
         self.vision = create_engine(self.bundle.graph_path("vision"), device=device, threads=threads)
-        self.embed = create_engine(self.bundle.graph_path("embed"), device=device, threads=threads)
-        self.decoder = create_engine(self.bundle.graph_path("decoder"), device=device, threads=threads)
+        # one thread: a lookup, and idle ONNX Runtime workers would spin against the decoder's threads
+        self.embed = create_engine(self.bundle.graph_path("embed"), device=device, threads=1)
         io = self.bundle.manifest["graphs"]["decoder"]
         self.kv_names = io["inputs"][3:]
         self.present_names = io["outputs"][2:]
         # the fused graph (export/llama_graph.py) keeps the KV cache in buffers bound in place
         self.fused = io.get("cache") == "in-place"
+        self.engine = self._choose_engine(engine, device)  # sets self.engine_note
+        if self.engine == "native":
+            try:
+                self.decoder = native.NativeDecoder(self.bundle.graph_path("decoder"), m, threads=threads)
+            except FromageError as e:
+                if engine == "native":
+                    raise
+                self.engine, self.engine_note = "onnxruntime", f"native engine not used: {e}"
+        if self.engine == "onnxruntime":
+            self.decoder = create_engine(self.bundle.graph_path("decoder"), device=device, threads=threads)
         self.vocab_size, self.retrieval_dim = m["vocab_size"], m["retrieval_dim"]
         self._bound = None  # the cache buffer the decoder's I/O binding points at
         self.index = None
@@ -129,6 +149,23 @@ class Fromage:
             from .retrieval import ImageIndex
             self.index = index if isinstance(index, ImageIndex) else ImageIndex.open(
                 index, expected_dim=m["retrieval_dim"], expected_embedder=self.bundle.vision_fingerprint)
+
+    def _choose_engine(self, engine: str, device: str) -> str:
+        if engine not in ENGINES:
+            raise FromageError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+        if engine == "onnxruntime":
+            return engine
+        why_not = native.available()
+        if not self.fused:
+            why_not = "the bundle's decoder is not the fused Llama graph"
+        elif device != "cpu":
+            why_not = f"it runs on the CPU, not {device}"
+        elif "rms_norm_eps" not in self.bundle.model:
+            why_not = "the bundle predates it (re-export)"
+        if why_not and engine == "native":
+            raise FromageError(f"the native engine cannot run this: {why_not}")
+        self.engine_note = why_not and f"native engine not used: {why_not}"
+        return "onnxruntime" if why_not else "native"
 
     # ---- building blocks -------------------------------------------------------------
     def encode_images(self, sources: list) -> tuple[np.ndarray, np.ndarray]:
@@ -181,6 +218,10 @@ class Fromage:
             for i, old in enumerate(state.cache):
                 state.cache[i] = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], np.float32)
                 state.cache[i][:, :, :state.length] = old[:, :, :state.length]
+        if self.engine == "native":
+            self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding)
+            state.length = total
+            return
         binding = self.decoder.binding
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))

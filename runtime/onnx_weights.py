@@ -1,5 +1,6 @@
-"""The bytes of an ONNX graph's weights, without the onnx package (a minimal protobuf walk): what a
-decode step reads per token, for the roofline of `fromage bench`."""
+"""An ONNX graph's weights without the onnx package (a minimal protobuf walk): their bytes per token
+for the roofline of `fromage bench`, and where each inline tensor lies in the file, so the native
+decoder can memory-map them without a copy."""
 from __future__ import annotations
 
 import math
@@ -39,7 +40,8 @@ def _fields(buf, start: int, end: int):
             raise ValueError(f"unsupported protobuf wire type {wire}")
 
 
-def _tensor_bytes(buf, start: int, end: int) -> tuple[str, int]:
+def _tensor(buf, start: int, end: int) -> dict:
+    """name, dims, dtype (TensorProto code), raw: (start, end) of inline raw_data or None, external: length."""
     dims, dtype, raw, external, name = [], 1, None, None, ""
     for f, w, a, b in _fields(buf, start, end):
         if f == 8 and w == 2:
@@ -54,16 +56,29 @@ def _tensor_bytes(buf, start: int, end: int) -> tuple[str, int]:
         elif f == 2 and w == 0:
             dtype = a
         elif f == 9 and w == 2:
-            raw = b - a
+            raw = (a, b)
         elif f == 13 and w == 2:  # external data entry: key/value strings
             kv = {f2: bytes(buf[a2:b2]) for f2, w2, a2, b2 in _fields(buf, a, b) if w2 == 2}
             if kv.get(1) == b"length":
                 external = int(kv.get(2, b"0"))
-    if raw is not None:
-        return name, raw
-    if external is not None:
-        return name, external
-    return name, int(math.prod(dims) * _ITEMSIZE.get(dtype, 4))
+    return {"name": name, "dims": dims, "dtype": dtype, "raw": raw, "external": external}
+
+
+def _nbytes(t: dict) -> int:
+    if t["raw"] is not None:
+        return t["raw"][1] - t["raw"][0]
+    if t["external"] is not None:
+        return t["external"]
+    return int(math.prod(t["dims"]) * _ITEMSIZE.get(t["dtype"], 4))
+
+
+def initializers(buf) -> list[dict]:
+    """The initializers of the ONNX model in `buf` (bytes or an mmap), as _tensor dicts."""
+    out = []
+    for f, w, a, b in _fields(buf, 0, len(buf)):
+        if f == 7 and w == 2:  # ModelProto.graph
+            out += [_tensor(buf, a2, b2) for f2, w2, a2, b2 in _fields(buf, a, b) if f2 == 5 and w2 == 2]
+    return out
 
 
 # tables of which a decode step reads one row (the fused decoder's rotary cos/sin), not weights
@@ -74,11 +89,4 @@ def initializer_bytes(path) -> int:
     """Sum of the bytes of an ONNX graph's initializers (inline or external), but for ROW_TABLES:
     the weights read per token."""
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        total = 0
-        for f, w, a, b in _fields(buf, 0, len(buf)):
-            if f == 7 and w == 2:  # ModelProto.graph
-                for f2, w2, a2, b2 in _fields(buf, a, b):
-                    if f2 == 5 and w2 == 2:  # GraphProto.initializer
-                        name, size = _tensor_bytes(buf, a2, b2)
-                        total += 0 if name in ROW_TABLES else size
-        return total
+        return sum(_nbytes(t) for t in initializers(buf) if t["name"] not in ROW_TABLES)

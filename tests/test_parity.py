@@ -1,4 +1,5 @@
-"""The ONNX runtime gives the same greedy tokens and the same retrievals as the PyTorch model."""
+"""The runtime gives the same greedy tokens and the same retrievals as the PyTorch model, on each
+decoder engine: the native one (the fused Llama graph) and ONNX Runtime."""
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from fromage.runtime.sampling import SamplingParams
 from fromage.training.reference import reference_generate
 
 ARCHS = ["llama", "opt"]
+ENGINES = [("llama", "native"), ("llama", "onnxruntime"), ("opt", "onnxruntime")]
 
 
 def _prompts(images):
@@ -20,10 +22,11 @@ def _prompts(images):
     }
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_tokens_match_pytorch(arch, exported, assets):
+@pytest.mark.parametrize("arch,engine", ENGINES)
+def test_greedy_tokens_match_pytorch(arch, engine, exported, assets):
     e = exported[arch]
-    rt = Fromage(e["bundle"])
+    rt = Fromage(e["bundle"], engine=engine)
+    assert rt.engine == engine
     params = SamplingParams(max_new_tokens=12, retrieval=False, stop_ids=[])
     for name, parts in _prompts(assets["images"]).items():
         ref = reference_generate(e["model"], parts, params)
@@ -38,11 +41,11 @@ def _candidates(model, images):
         return model.image_embedding(feats)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_decoding_across_ret_and_retrieval_match_pytorch(arch, exported, assets):
+@pytest.mark.parametrize("arch,engine", ENGINES)
+def test_decoding_across_ret_and_retrieval_match_pytorch(arch, engine, exported, assets):
     e = exported[arch]
     model, images = e["model"], assets["images"]
-    rt = Fromage(e["bundle"], index=e["index"])
+    rt = Fromage(e["bundle"], index=e["index"], engine=engine)
     paths = sorted(images)  # the index keys images in sorted path order
     cands = _candidates(model, paths)
     params = SamplingParams(max_new_tokens=10, stop_ids=[], min_word_tokens=3, ret_scale_factor=4.0, top_images=5)

@@ -90,7 +90,11 @@ def test_int4_bundle_from_gguf_grids_decodes_like_fp32(assets, tmp_path):
         assert int4.generate(parts, params).token_ids == fp32.generate(parts, params).token_ids
     fast = write_bundle(model, tmp_path / "int4-fast", quantize="int4", log=lambda *_: None)
     assert fast["activations"] == "int8" and "int8 Q8_0 grid reused exactly (1 extra rows fp32)" in fast["quantization"]
-    assert len(Fromage(tmp_path / "int4-fast").generate(["a red cat"], params).token_ids) == 16
+    assert len(Fromage(tmp_path / "int4-fast", engine="onnxruntime").generate(["a red cat"], params).token_ids) == 16
+    # the native engine runs the same 4-bit blocks and the 8-bit head with 16-bit activations: fp32's tokens
+    native = Fromage(tmp_path / "int4-fast", engine="native")
+    for parts in (["a red cat with a big blue dog"], [ImagePart(assets["images"][1]), "a picture of"]):
+        assert native.generate(parts, params).token_ids == fp32.generate(parts, params).token_ids
 
 
 def test_quantize_refuses_other_architectures(assets, tmp_path):

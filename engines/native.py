@@ -1,0 +1,188 @@
+"""The native decoder engine: the fused Llama decoder's forward pass in C (native/), over the
+bundle's own decoder.onnx weights.
+
+Why: batch-1 decoding reads every weight once per token. ONNX Runtime's fp32 MatMul streams them
+at ~80 % of this machine's bandwidth, and its 4-bit MatMulNBits is fast only when it rounds the
+activations to int8 (which changes greedy output). The C kernels stream fp32 weights at the
+bandwidth limit and run the GGUF's 4-bit grids with fp32 activations, so a 4-bit bundle decodes
+with exactly the fp32 bundle's weights. The KV cache is the runtime's (1, kv, capacity, d) buffers,
+as with the ONNX graph, so the runtime's cache handling is the same for both engines.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fromage.runtime.errors import FromageError
+from fromage.runtime.onnx_weights import initializers
+
+_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64}
+F32, NBITS, BLOCK = 0, 1, 32
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("K", ctypes.c_int32), ("N", ctypes.c_int32), ("bits", ctypes.c_int32),
+                ("w", ctypes.c_void_p), ("blocks", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
+                ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int32) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter",
+                                               "rope_positions", "retrieval_dim")] + [
+        ("eps", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+        ("layers", ctypes.POINTER(_Layer)), ("final_norm", ctypes.c_void_p),
+        ("head", _Linear), ("head_extra", _Linear), ("wt", ctypes.c_void_p), ("wt_bias", ctypes.c_void_p)]
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """A copy of `a` starting on a 64-byte boundary."""
+    raw = np.empty(a.nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def library_path() -> Path | None:
+    """The built native library: $FROMAGE_NATIVE_LIB, or the one `pip install` compiled next to this file."""
+    if os.environ.get("FROMAGE_NATIVE_LIB"):
+        return Path(os.environ["FROMAGE_NATIVE_LIB"])
+    found = sorted(glob.glob(str(Path(__file__).with_name("_native")) + "*.so"))
+    return Path(found[0]) if found else None
+
+
+_lib = None
+
+
+def load_library():
+    """The native library, or FromageError saying why it cannot be used here."""
+    global _lib
+    if _lib is None:
+        path = library_path()
+        if path is None or not path.exists():
+            raise FromageError("the native decoder library is not built (pip install -e . compiles it; "
+                               "or set FROMAGE_NATIVE_LIB)")
+        lib = ctypes.CDLL(str(path))
+        if not lib.fm_cpu_ok():
+            raise FromageError("this CPU lacks what the native decoder was compiled for (AVX2 + FMA)")
+        lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
+                                   ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_void_p]
+        lib.fm_set_threads.argtypes = [ctypes.c_int32]
+        _lib = lib
+    return _lib
+
+
+def available() -> str | None:
+    """None when the native decoder can run here, else the reason it cannot."""
+    try:
+        load_library()
+        return None
+    except (FromageError, OSError) as e:
+        return str(e)
+
+
+class NativeDecoder:
+    """One bundle's fused decoder graph (export/llama_graph.py, fp32 or --quantize) run natively."""
+
+    def __init__(self, path, model: dict, threads: int | None = None):
+        self.lib = load_library()
+        if "rms_norm_eps" not in model:
+            raise FromageError("this bundle predates the native decoder (no rms_norm_eps in its manifest); "
+                               "re-export it")
+        # copies in 64-byte-aligned memory: read in place from the file (arbitrary offsets), the same
+        # kernels ran ~15 % slower here (split cache-line loads)
+        self.w = {}
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for t in initializers(buf):
+                if t["raw"] is not None and t["dtype"] in _DTYPES:
+                    a, b = t["raw"]
+                    view = np.frombuffer(buf, _DTYPES[t["dtype"]], (b - a) // np.dtype(_DTYPES[t["dtype"]]).itemsize, a)
+                    self.w[t["name"]] = _aligned(view.reshape(t["dims"]))
+                    del view
+        self.model = self._model(model)
+        self.lib.fm_set_threads(int(threads or os.cpu_count() or 1))
+        self._cache_key, self._k, self._v = None, None, None
+
+    def _get(self, name):
+        if name not in self.w:
+            raise FromageError(f"decoder.onnx has no weight {name!r} the native decoder needs "
+                               f"(not a graph from export/llama_graph.py?)")
+        return self.w[name]
+
+    def _ptr(self, name) -> int:
+        return self._get(name).ctypes.data
+
+    def _linear(self, name: str) -> _Linear:
+        if name + ".blocks" in self.w:
+            q = self.w[name + ".blocks"]
+            return _Linear(NBITS, q.shape[1] * BLOCK, q.shape[0], (q.shape[2] - 4) * 8 // BLOCK, None, q.ctypes.data)
+        if name + ".qweight" in self.w:
+            q, d = self.w.pop(name + ".qweight"), self.w.pop(name + ".scales")
+            n, nb, nbytes = q.shape
+            bits = nbytes * 8 // BLOCK
+            # MatMulNBits computes d * (q - 2^(bits-1)) [+ offsets (nb, N) * block sums, for Q4_1]:
+            # the same as w = d * q + m per block, repacked as blocks of [q | d fp16 | m fp16]
+            d = d.reshape(n, nb)
+            m = -float(2 ** (bits - 1)) * d
+            if name + ".offsets" in self.w:
+                m = m + self.w.pop(name + ".offsets").T
+            dm = np.stack([d, m], axis=-1).astype(np.float16)
+            if not np.array_equal(dm.astype(np.float32), np.stack([d, m], axis=-1)):
+                raise FromageError(f"{name}: block scales are not fp16 values (re-export the bundle)")
+            blocks = np.empty((n, nb, nbytes + 4), np.uint8)
+            blocks[..., :nbytes], blocks[..., nbytes:] = q, dm.view(np.uint8).reshape(n, nb, 4)
+            self.w[name + ".blocks"] = _aligned(blocks)
+            return self._linear(name)
+        w = self._get(name)
+        return _Linear(F32, w.shape[0], w.shape[1], 0, w.ctypes.data, None)
+
+    def _model(self, model: dict) -> _Model:
+        n_layers, kv, d = model["num_layers"], model["kv_heads"], model["head_dim"]
+        layers = (_Layer * n_layers)()
+        for i in range(n_layers):
+            p = f"model.layers.{i}."
+            layers[i] = _Layer(self._ptr(p + "input_layernorm.weight"), self._ptr(p + "post_attention_layernorm.weight"),
+                               *(self._linear(p + n) for n in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                                                "mlp.gate_up_proj", "mlp.down_proj")))
+        self._layers = layers  # kept alive: the model struct points into it
+        qkv, gate_up = layers[0].qkv, layers[0].gate_up
+        cos = self._get("cos_cache")
+        extra = self._linear("lm_head.extra_rows") if "lm_head.extra_rows" in self.w else _Linear()
+        head = self._linear("lm_head")
+        self.vocab_size = head.N + extra.N
+        wt = self._get("W_t.weight")
+        self.retrieval_dim = wt.shape[1]
+        m = _Model(n_layers, qkv.K, qkv.N // d - 2 * kv, kv, d, gate_up.N // 2, cos.shape[0], wt.shape[1],
+                   float(model["rms_norm_eps"]), cos.ctypes.data, self._ptr("sin_cache"), layers,
+                   self._ptr("model.norm.weight"), head, extra, wt.ctypes.data, self._ptr("W_t.bias"))
+        if m.n_heads < 1 or qkv.N % d or cos.shape[1] * 2 != d:
+            raise FromageError(f"decoder.onnx's shapes do not fit head_dim {d} / kv_heads {kv}")
+        return m
+
+    def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray) -> None:
+        """Feed embeds (1, T, E) on `cache` ([key0, value0, key1, ...], each (1, kv, capacity, d),
+        holding `past` positions); writes the last position's logits (V,) and ret (R,) in place."""
+        assert embeds.dtype == np.float32 and embeds.flags.c_contiguous
+        assert logits.shape == (self.vocab_size,) and ret.shape == (self.retrieval_dim,)
+        if self._cache_key is not cache[0]:  # pointer tables for this cache's buffers
+            n = len(cache) // 2
+            self._k = (ctypes.c_void_p * n)(*(c.ctypes.data for c in cache[0::2]))
+            self._v = (ctypes.c_void_p * n)(*(c.ctypes.data for c in cache[1::2]))
+            self._cache_key = cache[0]
+        rc = self.lib.fm_forward(ctypes.byref(self.model), embeds.ctypes.data, embeds.shape[1], past,
+                                 cache[0].shape[2], self._k, self._v, logits.ctypes.data, ret.ctypes.data)
+        if rc == -1:
+            raise FromageError(f"{past} + {embeds.shape[1]} positions exceed the cache ({cache[0].shape[2]}) "
+                               f"or the rotary table ({self.model.rope_positions})")
+        if rc:
+            raise FromageError(f"the native decoder failed (code {rc}: out of memory)")

@@ -1,0 +1,56 @@
+/* fromage's native decoder: one forward pass of a Llama-family decoder over a bundle's weights.
+ *
+ * The weights are the bundle's own decoder.onnx initializers, memory-mapped by the caller (no copy):
+ * fp32 MatMul matrices (K, N) as in the graph, or MatMulNBits' 4/8-bit blocks repacked with their scale
+ * and minimum per block (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit bundle computes with exactly
+ * the weights of the fp32 one. The KV cache is the runtime's (1, kv, capacity, d) buffers,
+ * written in place, the same layout the ONNX graph uses. */
+#ifndef FROMAGE_NATIVE_H
+#define FROMAGE_NATIVE_H
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { FM_F32 = 0, FM_NBITS = 1 };
+enum { FM_BLOCK = 32 };
+
+/* y = x @ W for x (T, K), y (T, N). */
+typedef struct {
+    int32_t kind, K, N, bits;
+    const float *w;       /* FM_F32: (K, N) row-major, as the ONNX MatMul initializer */
+    const uint8_t *blocks; /* FM_NBITS: (N, K/32) blocks of [32 unsigned q (4-bit: element 2i in the low
+                            * nibble) | d fp16 | m fp16]: weight = d * q + m */
+} fm_linear;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;
+    fm_linear qkv, o, gate_up, down; /* qkv: q | k | v columns; gate_up: gate | up columns */
+} fm_layer;
+
+typedef struct {
+    int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, rope_positions, retrieval_dim;
+    float eps;
+    const float *cos, *sin;           /* (rope_positions, head_dim/2) */
+    const fm_layer *layers;
+    const float *final_norm;
+    fm_linear head, head_extra;       /* logits = [h @ head | h @ head_extra]; head_extra.N may be 0 */
+    const float *wt, *wt_bias;        /* retrieval head (hidden, retrieval_dim), (retrieval_dim) */
+} fm_model;
+
+/* 1 when this CPU runs the compiled kernels (AVX2 + FMA on x86-64). */
+int fm_cpu_ok(void);
+/* Threads for the parallel kernels (OpenMP). */
+void fm_set_threads(int32_t n);
+/* Feed T positions (embeds (T, hidden)) on a cache holding `past` positions of `capacity`;
+ * k_cache[i], v_cache[i]: layer i's (n_kv, capacity, head_dim) buffers, appended in place.
+ * Writes the last position's logits (head.N + head_extra.N) and L2-normalised retrieval embedding.
+ * Returns 0, or -1 when past + T exceeds capacity or the rotary table, -2 when out of memory. */
+int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
+               float *const *k_cache, float *const *v_cache, float *logits, float *ret);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,285 @@
+/* The linear layers: fp32 (K, N) matrices and MatMulNBits' 4/8-bit blocks, with fp32 activations.
+ *
+ * Batch-1 decoding reads every weight once per token, so these loops are about streaming memory:
+ * each thread walks a contiguous stretch of the matrix front to back. Prefill (T > 1) reuses each
+ * weight for up to 4 tokens from registers. */
+#include <stdlib.h>
+#include <math.h>
+#include <string.h>
+#include <omp.h>
+
+#include "kernels.h"
+
+enum { SPLIT_COLUMNS_FROM = 4096, COLUMN_CHUNK = 1024 };
+
+static _Thread_local float *scratch_buf[2];
+static _Thread_local size_t scratch_cap[2];
+
+float *fm_scratch(int slot, size_t floats) {
+    if (floats > scratch_cap[slot]) {
+        free(scratch_buf[slot]);
+        size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+        scratch_buf[slot] = aligned_alloc(64, bytes);
+        scratch_cap[slot] = scratch_buf[slot] ? floats : 0;
+    }
+    return scratch_buf[slot];
+}
+
+/* y[c0:c1] += x[k0:k1] @ W[k0:k1, c0:c1] for W (K, ld): four rows per pass, each a forward stream. */
+static void f32_rows(const float *W, int ld, const float *x, int k0, int k1, float *y, int c0, int c1) {
+    int k = k0;
+    for (; k + 4 <= k1; k += 4) {
+        const float *w0 = W + (size_t)k * ld, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
+        int n = c0;
+#ifdef FM_AVX2
+        __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]);
+        __m256 x2 = _mm256_set1_ps(x[k + 2]), x3 = _mm256_set1_ps(x[k + 3]);
+        for (; n + 8 <= c1; n += 8) {
+            __m256 acc = _mm256_loadu_ps(y + n);
+            acc = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + n), acc);
+            acc = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + n), acc);
+            acc = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + n), acc);
+            acc = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + n), acc);
+            _mm256_storeu_ps(y + n, acc);
+        }
+#endif
+        for (; n < c1; n++) y[n] += x[k] * w0[n] + x[k + 1] * w1[n] + x[k + 2] * w2[n] + x[k + 3] * w3[n];
+    }
+    for (; k < k1; k++) fm_axpy(x[k], W + (size_t)k * ld + c0, y + c0, c1 - c0);
+}
+
+/* One token through an fp32 matrix. Narrow matrices split the rows between threads (each sums a
+ * partial y, then the partials are added); wide ones (the LM head) split the columns. */
+static int f32_gemv(const fm_linear *L, const float *x, float *y, int accumulate) {
+    const int K = L->K, N = L->N, threads = omp_get_max_threads();
+    float *part = N < SPLIT_COLUMNS_FROM ? fm_scratch(0, (size_t)threads * N) : NULL;
+    if (N < SPLIT_COLUMNS_FROM && !part) return -2;
+#pragma omp parallel
+    {
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        if (N >= SPLIT_COLUMNS_FROM) {
+            int chunk = ((N + nt - 1) / nt + 7) / 8 * 8, n0 = id * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+            if (n0 < n1 && !accumulate) memset(y + n0, 0, sizeof(float) * (n1 - n0));
+            for (int c0 = n0; c0 < n1; c0 += COLUMN_CHUNK)
+                f32_rows(L->w, N, x, 0, K, y, c0, c0 + COLUMN_CHUNK < n1 ? c0 + COLUMN_CHUNK : n1);
+        } else {
+            int chunk = ((K + nt - 1) / nt + 3) / 4 * 4, k0 = id * chunk, k1 = k0 + chunk < K ? k0 + chunk : K;
+            float *p = part + (size_t)id * N;
+            memset(p, 0, sizeof(float) * N);
+            if (k0 < k1) f32_rows(L->w, N, x, k0, k1, p, 0, N);
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int n = 0; n < N; n++) {
+                float s = accumulate ? y[n] : 0.f;
+                for (int t = 0; t < nt; t++) s += part[(size_t)t * N + n];
+                y[n] = s;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Several tokens through an fp32 matrix: tiles of 4 tokens x 16 columns held in registers. */
+static void f32_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
+    const int K = L->K, N = L->N, slabs = N / 16;
+#pragma omp parallel for schedule(static)
+    for (int s = 0; s <= slabs; s++) {
+        const int n = s * 16, width = s < slabs ? 16 : N - n;
+        if (width == 0) continue;
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            const int rows = T - t0 < 4 ? T - t0 : 4;
+            const float *xr[4];
+            for (int r = 0; r < 4; r++) xr[r] = x + (size_t)(t0 + (r < rows ? r : 0)) * K;
+            float out[4][16];
+#ifdef FM_AVX2
+            if (width == 16) {
+                __m256 a[4][2];
+                for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+                for (int k = 0; k < K; k++) {
+                    const float *w = L->w + (size_t)k * N + n;
+                    __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+                    for (int r = 0; r < 4; r++) {
+                        __m256 xb = _mm256_broadcast_ss(xr[r] + k);
+                        a[r][0] = _mm256_fmadd_ps(xb, w0, a[r][0]);
+                        a[r][1] = _mm256_fmadd_ps(xb, w1, a[r][1]);
+                    }
+                }
+                for (int r = 0; r < 4; r++) _mm256_storeu_ps(out[r], a[r][0]), _mm256_storeu_ps(out[r] + 8, a[r][1]);
+            } else
+#endif
+            {
+                memset(out, 0, sizeof out);
+                for (int k = 0; k < K; k++)
+                    for (int r = 0; r < 4; r++) fm_axpy(xr[r][k], L->w + (size_t)k * N + n, out[r], width);
+            }
+            for (int r = 0; r < rows; r++) {
+                float *yr = y + (size_t)(t0 + r) * N + n;
+                for (int j = 0; j < width; j++) yr[j] = (accumulate ? yr[j] : 0.f) + out[r][j];
+            }
+        }
+    }
+}
+
+/* ---- MatMulNBits-style blocks ------------------------------------------------------------------ */
+/* Each column is nb = K/32 blocks of [q: 32 unsigned values (4-bit: two per byte, element 2i in the
+ * low nibble; 8-bit: one per byte) | d: fp16 | m: fp16], weight = d * q + m. So
+ *     x . w_column = sum_b d * (x_b . q_b) + m * S_b,   S_b = the sum of x over block b.
+ * One stream of bytes per column; (d, m) in fp16 lose nothing for GGUF grids (they are fp16 there).
+ *
+ * For x_b . q_b the AVX2 path rounds each block of x to int16 with its own scale (relative error
+ * <= 2^-16 of the block's largest |x|: logits move by ~1e-5, not the ~3 % of int8 activations) and
+ * multiplies with pmaddwd: 4x fewer instructions per weight than converting every weight to fp32. */
+
+enum { PREFETCH = 1024 }; /* bytes ahead: the block stream outruns the hardware prefetcher */
+
+static inline int block_bytes(int bits) { return FM_BLOCK * bits / 8 + 4; }
+
+static inline float half_to_float(uint16_t h) {
+#ifdef FM_AVX2
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, f = h & 1023;
+    union { uint32_t u; float x; } v;
+    if (e == 0) { v.x = (float)f * 5.9604645e-8f; v.u |= sign; return v.x; } /* zero, subnormal */
+    v.u = sign | (e == 31 ? 0x7F800000u | (f << 13) : ((e + 112) << 23) | (f << 13));
+    return v.x;
+#endif
+}
+
+static inline float block_value(const uint8_t *q, int i, int bits) {
+    return (float)(bits == 4 ? (i & 1 ? q[i / 2] >> 4 : q[i / 2] & 15) : q[i]);
+}
+
+#ifdef FM_AVX2
+/* x16_b . q_b as 8 int32 lanes. 4-bit: x16 is [16 even | 16 odd] elements, matching the nibbles. */
+static inline __m256i block_dot(const uint8_t *q, const int16_t *x16, int bits) {
+    const __m256i *xv = (const __m256i *)x16;
+    if (bits == 4) {
+        __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
+        return _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(v, _mm256_set1_epi16(15)), _mm256_loadu_si256(xv)),
+                                _mm256_madd_epi16(_mm256_srli_epi16(v, 4), _mm256_loadu_si256(xv + 1)));
+    }
+    __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
+    __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
+    return _mm256_add_epi32(_mm256_madd_epi16(v0, _mm256_loadu_si256(xv)), _mm256_madd_epi16(v1, _mm256_loadu_si256(xv + 1)));
+}
+
+/* One block of one column: acc += (x16 . q) * d * sx (8 lanes), macc lane 1 += m * S. */
+static inline void block_step(const uint8_t *blk, const int16_t *xb, __m128 sx_s, int bits, __m256 *acc, __m128 *macc) {
+    int32_t dm_bits;
+    memcpy(&dm_bits, blk + FM_BLOCK * bits / 8, 4);
+    const __m128 t = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits)), sx_s); /* (d*sx, m*S, 0, 0) */
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(blk, xb, bits)), _mm256_broadcastss_ps(t), *acc);
+    *macc = _mm_add_ps(*macc, t);
+}
+
+/* y[n] += x . w_n for columns n0..n1, two at a time (x shared). sx_s[b] = (sx_b, S_b, 0, 0). */
+static inline __attribute__((always_inline)) void nbits_columns(const fm_linear *L, int n0, int n1, const int16_t *x16,
+                                                                const __m128 *sx_s, float *y, const int bits) {
+    const int nb = L->K / FM_BLOCK, bb = block_bytes(bits);
+    int n = n0;
+    for (; n + 2 <= n1; n += 2) {
+        const uint8_t *c0 = L->blocks + (size_t)n * nb * bb, *c1 = c0 + (size_t)nb * bb;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m128 m0 = _mm_setzero_ps(), m1 = _mm_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            _mm_prefetch((const char *)(c1 + (size_t)b * bb) + PREFETCH, _MM_HINT_T0);
+            block_step(c0 + (size_t)b * bb, x16 + (size_t)b * FM_BLOCK, sx_s[b], bits, &a0, &m0);
+            block_step(c1 + (size_t)b * bb, x16 + (size_t)b * FM_BLOCK, sx_s[b], bits, &a1, &m1);
+        }
+        y[n] += hsum(a0) + _mm_cvtss_f32(_mm_movehdup_ps(m0));
+        y[n + 1] += hsum(a1) + _mm_cvtss_f32(_mm_movehdup_ps(m1));
+    }
+    for (; n < n1; n++) {
+        const uint8_t *c0 = L->blocks + (size_t)n * nb * bb;
+        __m256 a0 = _mm256_setzero_ps();
+        __m128 m0 = _mm_setzero_ps();
+        for (int b = 0; b < nb; b++) block_step(c0 + (size_t)b * bb, x16 + (size_t)b * FM_BLOCK, sx_s[b], bits, &a0, &m0);
+        y[n] += hsum(a0) + _mm_cvtss_f32(_mm_movehdup_ps(m0));
+    }
+}
+
+/* Per block: (sx_b, S_b) and x16_b (4-bit: de-interleaved to [even | odd]). */
+static void nbits_prepare(const float *x, int K, int bits, __m128 *sx_s, int16_t *x16) {
+    for (int b = 0; b < K / FM_BLOCK; b++) {
+        const float *xb = x + (size_t)b * FM_BLOCK;
+        float s = 0.f, top = 0.f;
+        for (int i = 0; i < FM_BLOCK; i++) s += xb[i], top = fabsf(xb[i]) > top ? fabsf(xb[i]) : top;
+        const float inv = top > 0.f ? 32767.f / top : 0.f;
+        sx_s[b] = _mm_setr_ps(top / 32767.f, s, 0.f, 0.f);
+        int16_t *o = x16 + (size_t)b * FM_BLOCK;
+        for (int i = 0; i < FM_BLOCK; i++) {
+            const int at = bits == 4 ? (i & 1) * 16 + i / 2 : i;
+            o[at] = (int16_t)_mm_cvtss_si32(_mm_set_ss(xb[i] * inv)); /* round to nearest even */
+        }
+    }
+}
+#endif
+
+/* One token: the columns split between threads, each column's blocks contiguous in memory. */
+static int nbits_gemv(const fm_linear *L, const float *x, float *y, int accumulate) {
+    const int K = L->K, N = L->N, nb = K / FM_BLOCK;
+#ifdef FM_AVX2
+    float *scratch = fm_scratch(0, (size_t)4 * nb + K / 2);
+    if (!scratch) return -2;
+    __m128 *sx_s = (__m128 *)scratch;  /* 64-byte aligned */
+    int16_t *x16 = (int16_t *)(scratch + 4 * nb);
+    nbits_prepare(x, K, L->bits, sx_s, x16);
+#endif
+#pragma omp parallel
+    {
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        int chunk = ((N + nt - 1) / nt + 7) / 8 * 8, n0 = id * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        if (n0 < n1) {
+            if (!accumulate) memset(y + n0, 0, sizeof(float) * (n1 - n0));
+#ifdef FM_AVX2
+            if (L->bits == 4) nbits_columns(L, n0, n1, x16, sx_s, y, 4);
+            else nbits_columns(L, n0, n1, x16, sx_s, y, 8);
+#else
+            const int bb = block_bytes(L->bits);
+            for (int n = n0; n < n1; n++)  /* portable path: fp32 products */
+                for (int b = 0; b < nb; b++) {
+                    const uint8_t *blk = L->blocks + ((size_t)n * nb + b) * bb, *dm = blk + bb - 4;
+                    const float *xb = x + (size_t)b * FM_BLOCK;
+                    float p = 0.f, s = 0.f;
+                    for (int i = 0; i < FM_BLOCK; i++) p += block_value(blk, i, L->bits) * xb[i], s += xb[i];
+                    y[n] += half_to_float(dm[0] | dm[1] << 8) * p + half_to_float(dm[2] | dm[3] << 8) * s;
+                }
+#endif
+        }
+    }
+    return 0;
+}
+
+/* Several tokens: each thread dequantizes a column to fp32 once, then dots it with every token. */
+static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
+    const int K = L->K, N = L->N, nb = K / FM_BLOCK, bb = block_bytes(L->bits);
+    float *cols = fm_scratch(0, (size_t)omp_get_max_threads() * K);
+    if (!cols) return -2;
+#pragma omp parallel
+    {
+        float *w = cols + (size_t)omp_get_thread_num() * K;
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *blk = L->blocks + ((size_t)n * nb + b) * bb, *dm = blk + bb - 4;
+                const float d = half_to_float(dm[0] | dm[1] << 8), m = half_to_float(dm[2] | dm[3] << 8);
+                for (int i = 0; i < FM_BLOCK; i++) w[b * FM_BLOCK + i] = d * block_value(blk, i, L->bits) + m;
+            }
+            for (int t = 0; t < T; t++) {
+                float *yt = y + (size_t)t * N + n;
+                *yt = (accumulate ? *yt : 0.f) + fm_dot(x + (size_t)t * K, w, K);
+            }
+        }
+    }
+    return 0;
+}
+
+int fm_linear_forward(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
+    if (L->kind == FM_F32) {
+        if (T == 1) return f32_gemv(L, x, y, accumulate);
+        f32_gemm(L, x, T, y, accumulate);
+        return 0;
+    }
+    return T == 1 ? nbits_gemv(L, x, y, accumulate) : nbits_gemm(L, x, T, y, accumulate);
+}

@@ -1,0 +1,50 @@
+/* Internal: the linear layers and the small vector helpers the decoder uses. Everything after this
+ * header is compiled for AVX2 + FMA + F16C on x86-64 (the library checks the CPU: fm_cpu_ok). */
+#ifndef FROMAGE_KERNELS_H
+#define FROMAGE_KERNELS_H
+#include <stddef.h>
+
+#if defined(__x86_64__)
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+#define FM_AVX2 1
+#endif
+
+#include "fromage_native.h"
+
+/* y (T, N) = x (T, K) @ W, or y += x @ W when accumulate (the residual adds). Returns 0, or -2 when
+ * its scratch memory cannot be had. Parallel (OpenMP) inside. */
+int fm_linear_forward(const fm_linear *L, const float *x, int T, float *y, int accumulate);
+/* Thread-local grow-only scratch: slot 0 belongs to the kernels, slot 1 to the decoder. */
+float *fm_scratch(int slot, size_t floats);
+
+#ifdef FM_AVX2
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static inline float fm_dot(const float *a, const float *b, int n) {
+    int i = 0;
+    float s = 0.f;
+#ifdef FM_AVX2
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    s = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void fm_axpy(float a, const float *x, float *y, int n) {
+    for (int i = 0; i < n; i++) y[i] += a * x[i];  /* vectorised by the compiler (no reduction) */
+}
+
+#endif

@@ -1,0 +1,70 @@
+"""The native decoder engine (native/*.c via engines/native.py) against ONNX Runtime on the same
+bundle: logits, retrieval embedding and KV cache, step by step; and how the engine is chosen."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from fromage.engines import native
+from fromage.runtime.errors import FromageError
+from fromage.runtime.generate import Fromage
+
+
+def _steps(rt, lengths, seed=0):
+    """Prefill then more positions on one state: the outputs after each call."""
+    rng = np.random.default_rng(seed)
+    state, out = None, []
+    for n in lengths:
+        emb = (rng.standard_normal((1, n, rt.embed_dim)) * 0.5).astype(np.float32)
+        if state is None:
+            state = rt.start(emb)
+        else:
+            rt.advance(state, emb)
+        out.append((state.logits.copy(), state.ret_embedding.copy(),
+                    [c[:, :, :state.length].copy() for c in state.cache]))
+    return out
+
+
+def test_native_matches_onnxruntime_step_by_step(exported):
+    bundle = exported["llama"]["bundle"]
+    a, b = Fromage(bundle, engine="native"), Fromage(bundle, engine="onnxruntime")
+    lengths = [5, 1, 3, 1, 40, 1, 50]  # the last call would pass the tiny model's 96 positions
+    for (la, ra, ca), (lb, rb, cb) in zip(_steps(a, lengths[:-1]), _steps(b, lengths[:-1])):
+        assert np.abs(la - lb).max() <= 1e-4 * max(1.0, np.abs(lb).max())
+        assert np.abs(ra - rb).max() <= 1e-5
+        assert max(np.abs(x - y).max() for x, y in zip(ca, cb)) <= 1e-4
+    with pytest.raises(FromageError, match="context"):  # 96 positions in the tiny model
+        _steps(a, lengths)
+
+
+def test_native_refuses_a_cache_too_small(exported):
+    rt = Fromage(exported["llama"]["bundle"], engine="native")
+    cache = [np.zeros((1, rt.kv_heads, 4, rt.head_dim), np.float32) for _ in rt.kv_names]
+    logits, ret = np.zeros(rt.vocab_size, np.float32), np.zeros(rt.retrieval_dim, np.float32)
+    with pytest.raises(FromageError, match="exceed the cache"):
+        rt.decoder.forward(np.zeros((1, 5, rt.embed_dim), np.float32), cache, 0, logits, ret)
+
+
+def test_engine_choice(exported, tmp_path):
+    assert native.available() is None, "the native library is built by `pip install -e .`"
+    assert Fromage(exported["llama"]["bundle"]).engine == "native"
+    opt = Fromage(exported["opt"]["bundle"])
+    assert opt.engine == "onnxruntime" and "fused" in opt.engine_note
+    with pytest.raises(FromageError, match="native engine cannot run this"):
+        Fromage(exported["opt"]["bundle"], engine="native")
+    with pytest.raises(FromageError, match="unknown engine"):
+        Fromage(exported["llama"]["bundle"], engine="tensorrt-llm")
+    # a bundle exported before the native engine existed: ONNX Runtime, and a note saying why
+    old = tmp_path / "old"
+    shutil.copytree(exported["llama"]["bundle"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["model"]["rms_norm_eps"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    rt = Fromage(old)
+    assert rt.engine == "onnxruntime" and "re-export" in rt.engine_note
+
+
+def test_export_checks_the_native_engine_too(exported):
+    manifest = json.loads((exported["llama"]["bundle"] / "manifest.json").read_text())
+    assert manifest["parity_max_abs_diff"]["decoder_native"] < 1e-3
