@@ -68,28 +68,28 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
             const int n = past + t + 1, g = h / (H / KV);
             const float *q = qkv + (size_t)t * width + h * d;
             const float *k = kc + (size_t)g * capacity * d, *v = vc + (size_t)g * capacity * d;
-            float *sc = scores + (size_t)omp_get_thread_num() * total, top = -INFINITY, sum = 0.f;
+            float *sc = scores + (size_t)omp_get_thread_num() * total, top = -INFINITY;
             for (int s = 0; s < n; s++) {
                 sc[s] = fm_dot(q, k + (size_t)s * d, d) * scale;
                 top = sc[s] > top ? sc[s] : top;
             }
             float *o = out + (size_t)t * H * d + h * d;
             memset(o, 0, sizeof(float) * d);
-            for (int s = 0; s < n; s++) {
-                sc[s] = expf(sc[s] - top);
-                sum += sc[s];
-            }
-            for (int s = 0; s < n; s++) fm_axpy(sc[s] / sum, v + (size_t)s * d, o, d);
+            const float inv_sum = 1.f / fm_exp_shifted(sc, n, top);
+            for (int s = 0; s < n; s++) fm_axpy(sc[s], v + (size_t)s * d, o, d);
+            for (int i = 0; i < d; i++) o[i] *= inv_sum;
         }
 }
 
+/* out = silu(gate) * up = gate / (1 + exp(-gate)) * up. Serial: ~1 us per token with vector exp. */
 static void silu_mul(const float *gate_up, int T, int I, float *out) {
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int t = 0; t < T; t++)
-        for (int i = 0; i < I; i++) {
-            const float g = gate_up[(size_t)t * 2 * I + i], u = gate_up[(size_t)t * 2 * I + I + i];
-            out[(size_t)t * I + i] = g / (1.f + expf(-g)) * u;
-        }
+    for (int t = 0; t < T; t++) {
+        const float *g = gate_up + (size_t)t * 2 * I, *u = g + I;
+        float *o = out + (size_t)t * I;
+        for (int i = 0; i < I; i++) o[i] = -g[i];
+        fm_exp_shifted(o, I, 0.f);
+        for (int i = 0; i < I; i++) o[i] = g[i] / (1.f + o[i]) * u[i];
+    }
 }
 
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,

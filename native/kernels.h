@@ -2,6 +2,7 @@
  * header is compiled for AVX2 + FMA + F16C on x86-64 (the library checks the CPU: fm_cpu_ok). */
 #ifndef FROMAGE_KERNELS_H
 #define FROMAGE_KERNELS_H
+#include <math.h>
 #include <stddef.h>
 
 #if defined(__x86_64__)
@@ -41,6 +42,42 @@ static inline float fm_dot(const float *a, const float *b, int n) {
 #endif
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+/* exp(x) for 8 floats (Cephes' polynomial: within 2 ulp of expf; 0 below -88.4). */
+#ifdef FM_AVX2
+static inline __m256 fm_exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* v[i] = exp(v[i] - shift); returns the sum. */
+static inline float fm_exp_shifted(float *v, int n, float shift) {
+    int i = 0;
+    float sum = 0.f;
+#ifdef FM_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = fm_exp8(_mm256_sub_ps(_mm256_loadu_ps(v + i), _mm256_set1_ps(shift)));
+        _mm256_storeu_ps(v + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum(acc);
+#endif
+    for (; i < n; i++) v[i] = expf(v[i] - shift), sum += v[i];
+    return sum;
 }
 
 static inline void fm_axpy(float a, const float *x, float *y, int n) {

@@ -226,7 +226,8 @@ class FromageSystem:
                 self.marks.append(time.perf_counter())
 
         index = ImageIndex.open(spec["ret_index"], expected_dim=spec["retrieval_dim"])
-        self.model = Timed(spec["bundle"], index=index, threads=spec["threads"], verify=False)
+        self.model = Timed(spec["bundle"], index=index, threads=spec["threads"], verify=False,
+                           engine=spec.get("engine", "auto"))
         self.model.marks = []
         ids, at, self.image = spec["prompt_ids"], spec["image_at"], spec["image"]
         self.parts = {False: [ids], True: [p for p in (ids[:at], ImagePart(self.image), ids[at:]) if p != []]}
@@ -236,7 +237,7 @@ class FromageSystem:
         state = m.start(m.embed_ids(ids + [m.ret_id])[None])
         self.query = state.ret_embedding.copy()
         self.info = {"weights_bytes": initializer_bytes(m.bundle.graph_path("decoder")),
-                     "ret_index_size": index.count}
+                     "ret_index_size": index.count, "engine": m.engine}
 
     def generate(self, image: bool, n: int) -> dict:
         from .generate import Result
@@ -322,7 +323,7 @@ def worker_env(threads: int) -> dict:
 
 
 def worker_argv(system: str, spec_path: Path) -> list[str]:
-    if system.startswith("fromage"):  # fromage, or fromage_<precision> for an --also bundle
+    if system.startswith("fromage"):  # fromage, or fromage_<precision|engine> for --also / --also-engine
         return [sys.executable, "-m", "fromage.runtime.bench", "serve", str(spec_path), system]
     return [sys.executable, "-m", "fromage.training.bench_peers", system, "--spec", str(spec_path), "--serve"]
 
@@ -395,7 +396,11 @@ def run_bench(args, log=print) -> dict:
                                         == "fp32" else "")
         if name == "fromage_fp32" or name in also:
             raise FromageError(f"--also {path}: a second {name[8:]} bundle; give bundles of other precisions")
-        also[name] = str(other.directory.resolve())
+        also[name] = {"bundle": str(other.directory.resolve()), "engine": args.engine}
+    for engine in args.also_engine or []:  # the main bundle on another decoder engine, side by side
+        if engine == args.engine:
+            raise FromageError(f"--also-engine {engine}: that is --engine already")
+        also[f"fromage_{engine}"] = {"bundle": str(bundle.directory.resolve()), "engine": engine}
     cache = Path(args.cache) if args.cache else cache_root()
     work = Path(tempfile.mkdtemp(prefix="fromage-bench-"))
     log(f"fromage bench: {bundle.directory} ({m['architecture']}, {m['num_layers']} layers), prompt {len(ids)} "
@@ -413,7 +418,8 @@ def run_bench(args, log=print) -> dict:
     spec = {"bundle": str(bundle.directory.resolve()), "lm": m["lm"], "model": m, "prompt_ids": ids,
             "image_at": len(bundle.tokens["prefix"]), "image": str(write_bench_image(work / "bench.png")),
             "new_tokens": args.new_tokens, "threads": threads,
-            "retrieval_dim": m["retrieval_dim"], "ret_index": str(ret_index), "cache": str(cache), "also": also}
+            "retrieval_dim": m["retrieval_dim"], "ret_index": str(ret_index), "cache": str(cache), "also": also,
+            "engine": args.engine}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     env = worker_env(threads)
@@ -433,6 +439,8 @@ def run_bench(args, log=print) -> dict:
             w = Worker(name, worker_argv(name, spec_path), env, work / f"{name}.log")
             workers[name] = w
             ready[name] = w.request(None)
+            if ready[name].get("info", {}).get("engine"):
+                log(f"  {name}: decoder engine {ready[name]['info']['engine']}")
         except (WorkerError, subprocess.TimeoutExpired) as e:
             systems[name] = {"error": str(e)}
             log(f"  {name}: {e}")
@@ -650,6 +658,10 @@ def add_arguments(p) -> None:
     p.add_argument("--also", action="append", metavar="BUNDLE",
                    help="another bundle of the same model (e.g. `fromage export --quantize int4`), run as "
                         "fromage_<precision>[_fp32act] (repeatable)")
+    from .cli import add_engine_argument
+    add_engine_argument(p)
+    p.add_argument("--also-engine", action="append", choices=("native", "onnxruntime"),
+                   help="also run the bundle on this decoder engine, as fromage_<engine> (repeatable)")
     p.add_argument("--compare", nargs="*", metavar="PEER",
                    help=f"also run peers, interleaved run by run (default: all of {', '.join(PEERS)})")
     p.add_argument("--retrieval", type=int, metavar="N", help="benchmark the image index on N random vectors")
@@ -701,8 +713,8 @@ def _module_main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["serve"]:
         spec = json.loads(Path(argv[1]).read_text())
-        if len(argv) > 2 and argv[2] != "fromage":  # an --also bundle
-            spec["bundle"] = spec["also"][argv[2]]
+        if len(argv) > 2 and argv[2] != "fromage":  # an --also bundle or engine
+            spec.update(spec["also"][argv[2]])
         return serve(FromageSystem, spec)
     print("usage: python -m fromage.runtime.bench (bandwidth THREADS | serve SPEC [SYSTEM])", file=sys.stderr)
     return 2

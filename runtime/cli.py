@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-images", type=int, default=1, help="images per [RET]")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ONNX Runtime execution provider)")
+    add_engine_argument(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
 
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def add_engine_argument(p, **kw) -> None:
+    from .generate import ENGINES
+    p.add_argument("--engine", choices=ENGINES, help="decoder engine: native (C kernels, for fused Llama bundles on "
+                   "the CPU), onnxruntime, or auto (default: native where it runs)", **(kw or {"default": "auto"}))
+
+
 def _add_eval_parsers(sub) -> None:
     """`fromage eval` (held-out recall, perplexity, captions; `eval vist|visdial`) and `fromage retrieve`."""
     def common(p, leaf=False):  # on the leaves: given there or before the benchmark name, both work
@@ -118,6 +125,7 @@ def _add_eval_parsers(sub) -> None:
         p.add_argument("--json", action="store_true", help="print JSON instead of a table", **kw)
         p.add_argument("--threads", type=int, **kw)
         p.add_argument("--device", help="cpu, cuda or tensorrt", **(kw or {"default": "cpu"}))
+        add_engine_argument(p, **kw)
         p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files", **kw)
 
     p = sub.add_parser("eval", help="retrieval recall (vs random and a MiniLM baseline), caption perplexity and "
@@ -183,7 +191,7 @@ def _cmd_retrieve(args) -> None:
     if args.top_k < 1:
         raise FromageError("--top-k must be at least 1")
     model = Fromage(args.bundle, index=args.index, device=args.device, threads=args.threads,
-                    verify=not args.no_verify)
+                    verify=not args.no_verify, engine=args.engine)
     for query, hits in zip(queries, model.index.search_batch(ret_embeddings(model, queries), args.top_k)):
         if args.json:
             results = [{"path": h.path, "score": h.score, "caption": h.caption} for h in hits]
@@ -204,7 +212,7 @@ def _cmd_generate(args) -> None:
     if not parts:
         raise FromageError("give a prompt: text, and/or --image PATH / --text TEXT parts")
     model = Fromage(args.bundle, index=args.index, device=args.device, threads=args.threads,
-                    verify=not args.no_verify)
+                    verify=not args.no_verify, engine=args.engine)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop_ids=args.stop_id,
                             min_word_tokens=args.min_word_tokens, ret_scale_factor=args.ret_scale_factor,

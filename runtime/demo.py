@@ -41,6 +41,8 @@ def add_arguments(p) -> None:
     p.add_argument("--min-word-tokens", type=int, default=2, help="[RET] is banned for the first N tokens")
     p.add_argument("--ret-scale-factor", type=float, default=1.0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ONNX Runtime execution provider)")
+    from .cli import add_engine_argument
+    add_engine_argument(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
     p.add_argument("--open-html", action="store_true", help="open the page in a web browser at the end")
@@ -277,7 +279,7 @@ def cmd_demo(args) -> None:
     ensure_bundle(bundle)
     loaded = load_bundle(bundle, verify=not args.no_verify)  # checked once, used for the index and the model
     ensure_index(index, loaded, args.stamps, managed=args.index is None, threads=args.threads)
-    model = Fromage(loaded, index=index, device=args.device, threads=args.threads)
+    model = Fromage(loaded, index=index, device=args.device, threads=args.threads, engine=args.engine)
     image = pick_image(args, model)
     subject = args.subject or Path(image).stem.replace("_", " ").replace("-", " ")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,

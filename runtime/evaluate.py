@@ -116,10 +116,11 @@ def eval_baseline(bundle, train, heldout, threads=None, log=None) -> dict:
 
 
 def run_eval(bundle_dir, *, tuxpaint=TUXPAINT_ROOT, data=None, image_dir=None, heldout_percent=15,
-             baseline=True, n_captions=5, threads=None, device="cpu", verify=True, progress=False) -> dict:
+             baseline=True, n_captions=5, threads=None, device="cpu", verify=True, progress=False,
+             engine="auto") -> dict:
     from .generate import Fromage
     train, heldout, info = load_split(tuxpaint, data, image_dir, heldout_percent)
-    model = Fromage(bundle_dir, device=device, threads=threads, verify=verify)
+    model = Fromage(bundle_dir, device=device, threads=threads, verify=verify, engine=engine)
     fromage, kept = eval_fromage(model, heldout, n_captions, progress=progress)
     fromage["data"] = {**info, "readable_heldout": len(kept)}
     out = {"fromage": fromage}
@@ -185,7 +186,8 @@ def cmd_eval(args) -> None:
     t0 = time.perf_counter()
     result = run_eval(args.bundle, tuxpaint=args.tuxpaint, data=args.data, image_dir=args.image_dir,
                       heldout_percent=args.heldout_percent, baseline=not args.no_baseline, n_captions=args.captions,
-                      threads=args.threads, device=args.device, verify=not args.no_verify, progress=progress)
+                      threads=args.threads, device=args.device, verify=not args.no_verify, progress=progress,
+                      engine=args.engine)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
@@ -195,7 +197,8 @@ def cmd_eval(args) -> None:
 
 def _model(args):
     from .generate import Fromage
-    return Fromage(args.bundle, device=args.device, threads=args.threads, verify=not args.no_verify)
+    return Fromage(args.bundle, device=args.device, threads=args.threads, verify=not args.no_verify,
+                   engine=args.engine)
 
 
 def _limit(items, n):

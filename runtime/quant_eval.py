@@ -35,15 +35,15 @@ def greedy_agreement(model, reference, prompts: list[str], tokens: int) -> dict:
 
 
 def run(bundle, reference, *, tuxpaint, n_prompts=10, tokens=32, threads=None, device="cpu", verify=True,
-        progress=False) -> dict:
+        progress=False, engine="auto") -> dict:
     from .evaluate import _perplexity, load_split
     from .generate import Fromage
     _, heldout, info = load_split(tuxpaint)
-    model = Fromage(bundle, device=device, threads=threads, verify=verify)
-    ref = Fromage(reference, device=device, threads=threads, verify=verify)
+    model = Fromage(bundle, device=device, threads=threads, verify=verify, engine=engine)
+    ref = Fromage(reference, device=device, threads=threads, verify=verify, engine=engine)
     if model.bundle.model["lm"] != ref.bundle.model["lm"] or model.vocab_size != ref.vocab_size:
         raise FromageError(f"{bundle} and {reference} are not the same model")
-    out = {"bundle": str(bundle), "precision": model.bundle.manifest.get("precision"),
+    out = {"bundle": str(bundle), "precision": model.bundle.manifest.get("precision"), "engine": model.engine,
            "reference": str(reference), "reference_precision": ref.bundle.manifest.get("precision"),
            "data": info}
     out["greedy"] = greedy_agreement(model, ref, prompts_from(heldout, n_prompts), tokens)
@@ -55,7 +55,8 @@ def run(bundle, reference, *, tuxpaint, n_prompts=10, tokens=32, threads=None, d
 def cmd_eval_quantized(args) -> None:
     t0 = time.perf_counter()
     result = run(args.bundle, args.reference, tuxpaint=args.tuxpaint, n_prompts=args.prompts, tokens=args.tokens,
-                 threads=args.threads, device=args.device, verify=not args.no_verify, progress=sys.stderr.isatty())
+                 threads=args.threads, device=args.device, verify=not args.no_verify, progress=sys.stderr.isatty(),
+                 engine=args.engine)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return
