@@ -79,44 +79,51 @@ static int f32_gemv(const fm_linear *L, const float *x, float *y, int accumulate
     return 0;
 }
 
-/* Several tokens through an fp32 matrix: tiles of 4 tokens x 16 columns held in registers. */
-static void f32_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
-    const int K = L->K, N = L->N, slabs = N / 16;
-#pragma omp parallel for schedule(static)
-    for (int s = 0; s <= slabs; s++) {
-        const int n = s * 16, width = s < slabs ? 16 : N - n;
-        if (width == 0) continue;
-        for (int t0 = 0; t0 < T; t0 += 4) {
-            const int rows = T - t0 < 4 ? T - t0 : 4;
-            const float *xr[4];
-            for (int r = 0; r < 4; r++) xr[r] = x + (size_t)(t0 + (r < rows ? r : 0)) * K;
-            float out[4][16];
+/* Several tokens: y[t][0:width] (+)= x[t] @ P[:, 0:width] for a panel P (K rows, row stride ldp) of at
+ * most 16 columns, in tiles of 6 tokens x 16 columns held in registers (12 accumulators). */
+enum { TILE_T = 6, PANEL = 16 };
+
+static void gemm_panel(const float *P, size_t ldp, int width, const float *x, int T, int K, float *y, int ldy,
+                       int accumulate) {
+    for (int t0 = 0; t0 < T; t0 += TILE_T) {
+        const int rows = T - t0 < TILE_T ? T - t0 : TILE_T;
+        const float *xr[TILE_T];
+        for (int r = 0; r < TILE_T; r++) xr[r] = x + (size_t)(t0 + (r < rows ? r : 0)) * K;
+        float out[TILE_T][PANEL];
 #ifdef FM_AVX2
-            if (width == 16) {
-                __m256 a[4][2];
-                for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
-                for (int k = 0; k < K; k++) {
-                    const float *w = L->w + (size_t)k * N + n;
-                    __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
-                    for (int r = 0; r < 4; r++) {
-                        __m256 xb = _mm256_broadcast_ss(xr[r] + k);
-                        a[r][0] = _mm256_fmadd_ps(xb, w0, a[r][0]);
-                        a[r][1] = _mm256_fmadd_ps(xb, w1, a[r][1]);
-                    }
+        if (width == PANEL) {
+            __m256 a[TILE_T][2];
+            for (int r = 0; r < TILE_T; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+            for (int k = 0; k < K; k++) {
+                const float *w = P + (size_t)k * ldp;
+                __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+                for (int r = 0; r < TILE_T; r++) {
+                    __m256 xb = _mm256_broadcast_ss(xr[r] + k);
+                    a[r][0] = _mm256_fmadd_ps(xb, w0, a[r][0]);
+                    a[r][1] = _mm256_fmadd_ps(xb, w1, a[r][1]);
                 }
-                for (int r = 0; r < 4; r++) _mm256_storeu_ps(out[r], a[r][0]), _mm256_storeu_ps(out[r] + 8, a[r][1]);
-            } else
+            }
+            for (int r = 0; r < TILE_T; r++) _mm256_storeu_ps(out[r], a[r][0]), _mm256_storeu_ps(out[r] + 8, a[r][1]);
+        } else
 #endif
-            {
-                memset(out, 0, sizeof out);
-                for (int k = 0; k < K; k++)
-                    for (int r = 0; r < 4; r++) fm_axpy(xr[r][k], L->w + (size_t)k * N + n, out[r], width);
-            }
-            for (int r = 0; r < rows; r++) {
-                float *yr = y + (size_t)(t0 + r) * N + n;
-                for (int j = 0; j < width; j++) yr[j] = (accumulate ? yr[j] : 0.f) + out[r][j];
-            }
+        {
+            memset(out, 0, sizeof out);
+            for (int k = 0; k < K; k++)
+                for (int r = 0; r < TILE_T; r++) fm_axpy(xr[r][k], P + (size_t)k * ldp, out[r], width);
         }
+        for (int r = 0; r < rows; r++) {
+            float *yr = y + (size_t)(t0 + r) * ldy;
+            for (int j = 0; j < width; j++) yr[j] = (accumulate ? yr[j] : 0.f) + out[r][j];
+        }
+    }
+}
+
+static void f32_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
+    const int N = L->N, panels = (N + PANEL - 1) / PANEL;
+#pragma omp parallel for schedule(static)
+    for (int s = 0; s < panels; s++) {
+        const int n = s * PANEL, width = N - n < PANEL ? N - n : PANEL;
+        gemm_panel(L->w + n, N, width, x, T, L->K, y + n, N, accumulate);
     }
 }
 
@@ -251,25 +258,26 @@ static int nbits_gemv(const fm_linear *L, const float *x, float *y, int accumula
     return 0;
 }
 
-/* Several tokens: each thread dequantizes a column to fp32 once, then dots it with every token. */
+/* Several tokens: each thread dequantizes 16 columns at a time into an fp32 panel, then runs the
+ * fp32 tiles on it. */
 static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
-    const int K = L->K, N = L->N, nb = K / FM_BLOCK, bb = block_bytes(L->bits);
-    float *cols = fm_scratch(0, (size_t)omp_get_max_threads() * K);
-    if (!cols) return -2;
+    const int K = L->K, N = L->N, nb = K / FM_BLOCK, bb = block_bytes(L->bits), panels = (N + PANEL - 1) / PANEL;
+    float *buffers = fm_scratch(0, (size_t)omp_get_max_threads() * K * PANEL);
+    if (!buffers) return -2;
 #pragma omp parallel
     {
-        float *w = cols + (size_t)omp_get_thread_num() * K;
+        float *panel = buffers + (size_t)omp_get_thread_num() * K * PANEL;
 #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            for (int b = 0; b < nb; b++) {
-                const uint8_t *blk = L->blocks + ((size_t)n * nb + b) * bb, *dm = blk + bb - 4;
-                const float d = half_to_float(dm[0] | dm[1] << 8), m = half_to_float(dm[2] | dm[3] << 8);
-                for (int i = 0; i < FM_BLOCK; i++) w[b * FM_BLOCK + i] = d * block_value(blk, i, L->bits) + m;
-            }
-            for (int t = 0; t < T; t++) {
-                float *yt = y + (size_t)t * N + n;
-                *yt = (accumulate ? *yt : 0.f) + fm_dot(x + (size_t)t * K, w, K);
-            }
+        for (int s = 0; s < panels; s++) {
+            const int n0 = s * PANEL, width = N - n0 < PANEL ? N - n0 : PANEL;
+            for (int j = 0; j < width; j++)
+                for (int b = 0; b < nb; b++) {
+                    const uint8_t *blk = L->blocks + ((size_t)(n0 + j) * nb + b) * bb, *dm = blk + bb - 4;
+                    const float d = half_to_float(dm[0] | dm[1] << 8), m = half_to_float(dm[2] | dm[3] << 8);
+                    float *col = panel + (size_t)b * FM_BLOCK * PANEL + j;
+                    for (int i = 0; i < FM_BLOCK; i++) col[i * PANEL] = d * block_value(blk, i, L->bits) + m;
+                }
+            gemm_panel(panel, PANEL, width, x, T, K, y + n0, N, accumulate);
         }
     }
     return 0;
