@@ -1,0 +1,108 @@
+/* Self-check of the native decoder on a tiny random model (ctest): a prefill equals the same positions
+ * fed one at a time, and the 4-bit blocks of weights lying on a Q4_1 grid give the logits of their
+ * fp32 copy. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fromage_native.h"
+
+enum { LAYERS = 2, E = 64, H = 4, KV = 2, D = 16, I = 96, V = 50, POS = 64, R = 8, T = 7 };
+
+static unsigned rng = 12345;
+static float frand(void) { rng = rng * 1664525u + 1013904223u; return (float)(rng >> 8) / (1 << 24) - 0.5f; }
+
+static uint16_t to_half(float f) { /* exact for the values used here: small multiples of 2^-10 */
+    union { float f; uint32_t u; } v = {f};
+    uint32_t sign = (v.u >> 16) & 0x8000, e = (v.u >> 23) & 255, m = v.u & 0x7FFFFF;
+    if (f == 0.f) return (uint16_t)sign;
+    return (uint16_t)(sign | ((e - 112) << 10) | (m >> 13));
+}
+
+/* A (K, N) linear on a Q4_1 grid: fp32 copy in *f32, 4-bit blocks in *q4. */
+static void make_linear(int K, int N, fm_linear *f32, fm_linear *q4) {
+    float *w = malloc(sizeof(float) * K * N);
+    const int nb = K / 32, bb = 20;
+    uint8_t *blocks = calloc((size_t)N * nb, bb);
+    for (int n = 0; n < N; n++)
+        for (int b = 0; b < nb; b++) {
+            const float d = (1 + (int)((frand() + 0.5f) * 8)) / 1024.f, m = -8 * d + (int)(frand() * 4) / 1024.f;
+            uint8_t *blk = blocks + ((size_t)n * nb + b) * bb;
+            for (int i = 0; i < 32; i++) {
+                const int q = (int)((frand() + 0.5f) * 16) & 15;
+                blk[i / 2] |= (uint8_t)(i & 1 ? q << 4 : q);
+                w[(size_t)(b * 32 + i) * N + n] = d * q + m;
+            }
+            const uint16_t dm[2] = {to_half(d), to_half(m)};
+            memcpy(blk + 16, dm, 4);
+        }
+    *f32 = (fm_linear){FM_F32, K, N, 0, w, NULL};
+    *q4 = (fm_linear){FM_NBITS, K, N, 4, NULL, blocks};
+}
+
+static float *randv(int n, float scale, float offset) {
+    float *v = malloc(sizeof(float) * n);
+    for (int i = 0; i < n; i++) v[i] = offset + scale * frand();
+    return v;
+}
+
+static float max_diff(const float *a, const float *b, int n) {
+    float d = 0.f;
+    for (int i = 0; i < n; i++) d = fabsf(a[i] - b[i]) > d ? fabsf(a[i] - b[i]) : d;
+    return d;
+}
+
+static void run(const fm_model *m, const float *emb, int steps, float *logits, float *ret) {
+    float *k[LAYERS], *v[LAYERS];
+    for (int i = 0; i < LAYERS; i++) k[i] = calloc(KV * POS * D, 4), v[i] = calloc(KV * POS * D, 4);
+    if (steps == 1) {
+        if (fm_forward(m, emb, T, 0, POS, k, v, logits, ret)) exit(2);
+    } else {
+        for (int t = 0; t < T; t++)
+            if (fm_forward(m, emb + t * E, 1, t, POS, k, v, logits, ret)) exit(2);
+    }
+    for (int i = 0; i < LAYERS; i++) free(k[i]), free(v[i]);
+}
+
+int main(void) {
+    if (!fm_cpu_ok()) { printf("skipped: this CPU lacks AVX2/FMA/F16C\n"); return 0; }
+    fm_layer lf[LAYERS], lq[LAYERS];
+    for (int i = 0; i < LAYERS; i++) {
+        lf[i].attn_norm = lq[i].attn_norm = randv(E, 0.2f, 1.f);
+        lf[i].mlp_norm = lq[i].mlp_norm = randv(E, 0.2f, 1.f);
+        make_linear(E, (H + 2 * KV) * D, &lf[i].qkv, &lq[i].qkv);
+        make_linear(H * D, E, &lf[i].o, &lq[i].o);
+        make_linear(E, 2 * I, &lf[i].gate_up, &lq[i].gate_up);
+        make_linear(I, E, &lf[i].down, &lq[i].down);
+    }
+    float *cosv = malloc(sizeof(float) * POS * D / 2), *sinv = malloc(sizeof(float) * POS * D / 2);
+    for (int p = 0; p < POS; p++)
+        for (int j = 0; j < D / 2; j++) {
+            const float a = p * powf(10000.f, -2.f * j / D);
+            cosv[p * D / 2 + j] = cosf(a), sinv[p * D / 2 + j] = sinf(a);
+        }
+    fm_linear head_f, head_q, none = {0};
+    make_linear(E, V, &head_f, &head_q);
+    fm_model mf = {LAYERS, E, H, KV, D, I, POS, R, 1e-5f, cosv, sinv, lf, randv(E, 0.2f, 1.f), head_f, none,
+                   randv(E * R, 0.5f, 0.f), randv(R, 0.1f, 0.f)};
+    fm_model mq = mf;
+    mq.layers = lq, mq.head = head_q;
+    float *emb = randv(T * E, 1.f, 0.f), a[V], b[V], c[V], ra[R], rb[R], rc[R];
+    run(&mf, emb, 1, a, ra);
+    run(&mf, emb, T, b, rb);
+    run(&mq, emb, T, c, rc);
+    float scale = 0.f;
+    for (int i = 0; i < V; i++) scale = fabsf(a[i]) > scale ? fabsf(a[i]) : scale;
+    const float prefill = max_diff(a, b, V) / scale, blocks = max_diff(b, c, V) / scale;
+    printf("prefill vs one at a time: %.2e (retrieval %.2e); 4-bit blocks vs fp32: %.2e\n", prefill,
+           max_diff(ra, rb, R), blocks);
+    float *kk[LAYERS] = {0}, *vv[LAYERS] = {0};
+    const int refused = fm_forward(&mf, emb, 1, POS, POS, kk, vv, a, ra) == -1; /* past the capacity */
+    if (!(prefill < 1e-5f && max_diff(ra, rb, R) < 1e-5f && blocks < 1e-3f && refused)) {
+        printf("FAILED\n");
+        return 1;
+    }
+    printf("ok\n");
+    return 0;
+}
