@@ -105,8 +105,10 @@ def test_bench_also_runs_a_quantized_bundle(exported, tmp_path, cache):
     from fromage.export.bundle import write_bundle
     e = exported["llama"]
     write_bundle(e["model"], tmp_path / "int4", quantize="int4", activations="fp32", log=lambda *_: None)
-    r = _bench(tmp_path, "--bundle", str(e["bundle"]), "--also", str(tmp_path / "int4"))
-    assert list(r["systems"]) == ["fromage", "fromage_int4_fp32act"]
+    r = _bench(tmp_path, "--bundle", str(e["bundle"]), "--also", str(tmp_path / "int4"), "--also-engine", "onnxruntime")
+    assert list(r["systems"]) == ["fromage", "fromage_int4_fp32act", "fromage_onnxruntime"]
+    assert [r["systems"][n]["engine"] for n in r["systems"]] == ["native", "native", "onnxruntime"]
+    assert r["systems"]["fromage_onnxruntime"]["agrees_with_fromage_tokens"] == 4  # both engines, same tokens
     q = r["systems"]["fromage_int4_fp32act"]
     assert q["decode_tok_s"] > 0 and q["vs_fromage"]["decode_tok_s"] > 0
     assert 0 < q["weights_bytes"] < r["weights_bytes_per_token"]  # its own, smaller weights
