@@ -27,7 +27,7 @@ F32, NBITS, BLOCK = 0, 1, 32
 
 class _Linear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("K", ctypes.c_int32), ("N", ctypes.c_int32), ("bits", ctypes.c_int32),
-                ("w", ctypes.c_void_p), ("blocks", ctypes.c_void_p)]
+                ("w", ctypes.c_void_p), ("q", ctypes.c_void_p), ("dm", ctypes.c_void_p)]
 
 
 class _Layer(ctypes.Structure):
@@ -123,28 +123,26 @@ class NativeDecoder:
         return self._get(name).ctypes.data
 
     def _linear(self, name: str) -> _Linear:
-        if name + ".blocks" in self.w:
-            q = self.w[name + ".blocks"]
-            return _Linear(NBITS, q.shape[1] * BLOCK, q.shape[0], (q.shape[2] - 4) * 8 // BLOCK, None, q.ctypes.data)
+        if name + ".q" in self.w:
+            q, dm = self.w[name + ".q"], self.w[name + ".dm"]
+            return _Linear(NBITS, q.shape[1] * BLOCK, q.shape[0], q.shape[2] * 8 // BLOCK, None, q.ctypes.data,
+                           dm.ctypes.data)
         if name + ".qweight" in self.w:
             q, d = self.w.pop(name + ".qweight"), self.w.pop(name + ".scales")
             n, nb, nbytes = q.shape
-            bits = nbytes * 8 // BLOCK
             # MatMulNBits computes d * (q - 2^(bits-1)) [+ offsets (nb, N) * block sums, for Q4_1]:
-            # the same as w = d * q + m per block, repacked as blocks of [q | d fp16 | m fp16]
+            # the same as w = d * q + m per block, with (d, m) kept per column as fp16 [d... | m...]
             d = d.reshape(n, nb)
-            m = -float(2 ** (bits - 1)) * d
+            m = -float(2 ** (nbytes * 8 // BLOCK - 1)) * d
             if name + ".offsets" in self.w:
                 m = m + self.w.pop(name + ".offsets").T
-            dm = np.stack([d, m], axis=-1).astype(np.float16)
-            if not np.array_equal(dm.astype(np.float32), np.stack([d, m], axis=-1)):
+            dm = np.concatenate([d, m], axis=1)
+            if not np.array_equal(dm.astype(np.float16).astype(np.float32), dm):
                 raise FromageError(f"{name}: block scales are not fp16 values (re-export the bundle)")
-            blocks = np.empty((n, nb, nbytes + 4), np.uint8)
-            blocks[..., :nbytes], blocks[..., nbytes:] = q, dm.view(np.uint8).reshape(n, nb, 4)
-            self.w[name + ".blocks"] = _aligned(blocks)
+            self.w[name + ".q"], self.w[name + ".dm"] = q, _aligned(dm.astype(np.float16))
             return self._linear(name)
         w = self._get(name)
-        return _Linear(F32, w.shape[0], w.shape[1], 0, w.ctypes.data, None)
+        return _Linear(F32, w.shape[0], w.shape[1], 0, w.ctypes.data, None, None)
 
     def _model(self, model: dict) -> _Model:
         n_layers, kv, d = model["num_layers"], model["kv_heads"], model["head_dim"]

@@ -1,8 +1,8 @@
 /* fromage's native decoder: one forward pass of a Llama-family decoder over a bundle's weights.
  *
  * The weights are the bundle's own decoder.onnx initializers, memory-mapped by the caller (no copy):
- * fp32 MatMul matrices (K, N) as in the graph, or MatMulNBits' 4/8-bit blocks repacked with their scale
- * and minimum per block (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit bundle computes with exactly
+ * fp32 MatMul matrices (K, N) as in the graph, or MatMulNBits' 4/8-bit blocks with a scale and a
+ * minimum per block in fp16 (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit bundle computes with exactly
  * the weights of the fp32 one. The KV cache is the runtime's (1, kv, capacity, d) buffers,
  * written in place, the same layout the ONNX graph uses. */
 #ifndef FROMAGE_NATIVE_H
@@ -20,8 +20,10 @@ enum { FM_BLOCK = 32 };
 typedef struct {
     int32_t kind, K, N, bits;
     const float *w;       /* FM_F32: (K, N) row-major, as the ONNX MatMul initializer */
-    const uint8_t *blocks; /* FM_NBITS: (N, K/32) blocks of [32 unsigned q (4-bit: element 2i in the low
-                            * nibble) | d fp16 | m fp16]: weight = d * q + m */
+    const uint8_t *q;     /* FM_NBITS: (N, K/32, 32*bits/8) unsigned, MatMulNBits' layout (4-bit: element
+                           * 2i in the low nibble) */
+    const uint16_t *dm;   /* FM_NBITS: (N, 2, K/32) fp16: per column the blocks' d, then their m;
+                           * weight = d * q + m */
 } fm_linear;
 
 typedef struct {

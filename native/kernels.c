@@ -1,4 +1,4 @@
-/* The linear layers: fp32 (K, N) matrices and MatMulNBits' 4/8-bit blocks, with fp32 activations.
+/* The linear layers: fp32 (K, N) matrices, and MatMulNBits' 4/8-bit blocks (met by int16-rounded activations).
  *
  * Batch-1 decoding reads every weight once per token, so these loops are about streaming memory:
  * each thread walks a contiguous stretch of the matrix front to back. Prefill (T > 1) reuses each
@@ -127,19 +127,18 @@ static void f32_gemm(const fm_linear *L, const float *x, int T, float *y, int ac
     }
 }
 
-/* ---- MatMulNBits-style blocks ------------------------------------------------------------------ */
-/* Each column is nb = K/32 blocks of [q: 32 unsigned values (4-bit: two per byte, element 2i in the
- * low nibble; 8-bit: one per byte) | d: fp16 | m: fp16], weight = d * q + m. So
- *     x . w_column = sum_b d * (x_b . q_b) + m * S_b,   S_b = the sum of x over block b.
- * One stream of bytes per column; (d, m) in fp16 lose nothing for GGUF grids (they are fp16 there).
+/* ---- 4/8-bit blocks (MatMulNBits' layout) ----------------------------------------------------- */
+/* Column n is nb = K/32 blocks of 32 unsigned q (4-bit: two per byte, element 2i in the low nibble;
+ * 8-bit: one per byte), and per block a scale d and a minimum m (fp16, in dm[n] = [d_0..d_nb-1 |
+ * m_0..m_nb-1]): weight = d * q + m. So
+ *     x . w_column = sum_b d * (x_b . q_b) + sum_b m * S_b,   S_b = the sum of x over block b,
+ * the second sum being one short dot product per column. (d, m) in fp16 lose nothing for GGUF grids.
  *
- * For x_b . q_b the AVX2 path rounds each block of x to int16 with its own scale (relative error
+ * For x_b . q_b the AVX2 path rounds each block of x to int16 with its own scale sx_b (relative error
  * <= 2^-16 of the block's largest |x|: logits move by ~1e-5, not the ~3 % of int8 activations) and
  * multiplies with pmaddwd: 4x fewer instructions per weight than converting every weight to fp32. */
 
 enum { PREFETCH = 1024 }; /* bytes ahead: the block stream outruns the hardware prefetcher */
-
-static inline int block_bytes(int bits) { return FM_BLOCK * bits / 8 + 4; }
 
 static inline float half_to_float(uint16_t h) {
 #ifdef FM_AVX2
@@ -171,49 +170,60 @@ static inline __m256i block_dot(const uint8_t *q, const int16_t *x16, int bits) 
     return _mm256_add_epi32(_mm256_madd_epi16(v0, _mm256_loadu_si256(xv)), _mm256_madd_epi16(v1, _mm256_loadu_si256(xv + 1)));
 }
 
-/* One block of one column: acc += (x16 . q) * d * sx (8 lanes), macc lane 1 += m * S. */
-static inline void block_step(const uint8_t *blk, const int16_t *xb, __m128 sx_s, int bits, __m256 *acc, __m128 *macc) {
-    int32_t dm_bits;
-    memcpy(&dm_bits, blk + FM_BLOCK * bits / 8, 4);
-    const __m128 t = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits)), sx_s); /* (d*sx, m*S, 0, 0) */
-    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(blk, xb, bits)), _mm256_broadcastss_ps(t), *acc);
-    *macc = _mm_add_ps(*macc, t);
+/* For one column: scale[b] = d_b * sx_b, and the minimums' term sum_b m_b * S_b (8 blocks at a time). */
+static inline float column_scales(const uint16_t *dm, int nb, const float *sx, const float *sums, float *scale) {
+    __m256 macc = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b)));
+        _mm256_storeu_ps(scale + b, _mm256_mul_ps(d, _mm256_loadu_ps(sx + b)));
+        macc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + nb + b))),
+                               _mm256_loadu_ps(sums + b), macc);
+    }
+    float mterm = hsum(macc);
+    for (; b < nb; b++) scale[b] = _cvtsh_ss(dm[b]) * sx[b], mterm += _cvtsh_ss(dm[nb + b]) * sums[b];
+    return mterm;
 }
 
-/* y[n] += x . w_n for columns n0..n1, two at a time (x shared). sx_s[b] = (sx_b, S_b, 0, 0). */
+/* y[n] += x . w_n for columns n0..n1, two at a time (x shared). */
 static inline __attribute__((always_inline)) void nbits_columns(const fm_linear *L, int n0, int n1, const int16_t *x16,
-                                                                const __m128 *sx_s, float *y, const int bits) {
-    const int nb = L->K / FM_BLOCK, bb = block_bytes(bits);
+                                                                const float *sx, const float *sums, float *y,
+                                                                const int bits) {
+    const int nb = L->K / FM_BLOCK, qb = FM_BLOCK * bits / 8;
+    float s0[nb], s1[nb];
     int n = n0;
     for (; n + 2 <= n1; n += 2) {
-        const uint8_t *c0 = L->blocks + (size_t)n * nb * bb, *c1 = c0 + (size_t)nb * bb;
+        const uint8_t *c0 = L->q + (size_t)n * nb * qb, *c1 = c0 + (size_t)nb * qb;
+        const float m0 = column_scales(L->dm + (size_t)n * 2 * nb, nb, sx, sums, s0);
+        const float m1 = column_scales(L->dm + (size_t)(n + 1) * 2 * nb, nb, sx, sums, s1);
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        __m128 m0 = _mm_setzero_ps(), m1 = _mm_setzero_ps();
         for (int b = 0; b < nb; b++) {
-            _mm_prefetch((const char *)(c1 + (size_t)b * bb) + PREFETCH, _MM_HINT_T0);
-            block_step(c0 + (size_t)b * bb, x16 + (size_t)b * FM_BLOCK, sx_s[b], bits, &a0, &m0);
-            block_step(c1 + (size_t)b * bb, x16 + (size_t)b * FM_BLOCK, sx_s[b], bits, &a1, &m1);
+            const int16_t *xb = x16 + (size_t)b * FM_BLOCK;
+            _mm_prefetch((const char *)(c1 + (size_t)b * qb) + PREFETCH, _MM_HINT_T0);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(c0 + (size_t)b * qb, xb, bits)), _mm256_broadcast_ss(s0 + b), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(c1 + (size_t)b * qb, xb, bits)), _mm256_broadcast_ss(s1 + b), a1);
         }
-        y[n] += hsum(a0) + _mm_cvtss_f32(_mm_movehdup_ps(m0));
-        y[n + 1] += hsum(a1) + _mm_cvtss_f32(_mm_movehdup_ps(m1));
+        y[n] += hsum(a0) + m0, y[n + 1] += hsum(a1) + m1;
     }
     for (; n < n1; n++) {
-        const uint8_t *c0 = L->blocks + (size_t)n * nb * bb;
+        const uint8_t *c0 = L->q + (size_t)n * nb * qb;
+        const float m0 = column_scales(L->dm + (size_t)n * 2 * nb, nb, sx, sums, s0);
         __m256 a0 = _mm256_setzero_ps();
-        __m128 m0 = _mm_setzero_ps();
-        for (int b = 0; b < nb; b++) block_step(c0 + (size_t)b * bb, x16 + (size_t)b * FM_BLOCK, sx_s[b], bits, &a0, &m0);
-        y[n] += hsum(a0) + _mm_cvtss_f32(_mm_movehdup_ps(m0));
+        for (int b = 0; b < nb; b++)
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(c0 + (size_t)b * qb, x16 + (size_t)b * FM_BLOCK, bits)),
+                                 _mm256_broadcast_ss(s0 + b), a0);
+        y[n] += hsum(a0) + m0;
     }
 }
 
-/* Per block: (sx_b, S_b) and x16_b (4-bit: de-interleaved to [even | odd]). */
-static void nbits_prepare(const float *x, int K, int bits, __m128 *sx_s, int16_t *x16) {
+/* Per block: S_b, sx_b and x16_b (4-bit: de-interleaved to [even | odd]). */
+static void nbits_prepare(const float *x, int K, int bits, float *sums, float *sx, int16_t *x16) {
     for (int b = 0; b < K / FM_BLOCK; b++) {
         const float *xb = x + (size_t)b * FM_BLOCK;
         float s = 0.f, top = 0.f;
         for (int i = 0; i < FM_BLOCK; i++) s += xb[i], top = fabsf(xb[i]) > top ? fabsf(xb[i]) : top;
         const float inv = top > 0.f ? 32767.f / top : 0.f;
-        sx_s[b] = _mm_setr_ps(top / 32767.f, s, 0.f, 0.f);
+        sums[b] = s, sx[b] = top / 32767.f;
         int16_t *o = x16 + (size_t)b * FM_BLOCK;
         for (int i = 0; i < FM_BLOCK; i++) {
             const int at = bits == 4 ? (i & 1) * 16 + i / 2 : i;
@@ -226,12 +236,16 @@ static void nbits_prepare(const float *x, int K, int bits, __m128 *sx_s, int16_t
 /* One token: the columns split between threads, each column's blocks contiguous in memory. */
 static int nbits_gemv(const fm_linear *L, const float *x, float *y, int accumulate) {
     const int K = L->K, N = L->N, nb = K / FM_BLOCK;
+    float *sums = fm_scratch(0, (size_t)2 * nb + K / 2 + 16);
+    if (!sums) return -2;
+    for (int b = 0; b < nb; b++) {
+        sums[b] = 0.f;
+        for (int i = 0; i < FM_BLOCK; i++) sums[b] += x[(size_t)b * FM_BLOCK + i];
+    }
 #ifdef FM_AVX2
-    float *scratch = fm_scratch(0, (size_t)4 * nb + K / 2);
-    if (!scratch) return -2;
-    __m128 *sx_s = (__m128 *)scratch;  /* 64-byte aligned */
-    int16_t *x16 = (int16_t *)(scratch + 4 * nb);
-    nbits_prepare(x, K, L->bits, sx_s, x16);
+    float *sx = sums + nb;
+    int16_t *x16 = (int16_t *)(sx + nb + (16 - 2 * nb % 16) % 16);  /* 64-byte aligned */
+    nbits_prepare(x, K, L->bits, sums, sx, x16);
 #endif
 #pragma omp parallel
     {
@@ -240,17 +254,17 @@ static int nbits_gemv(const fm_linear *L, const float *x, float *y, int accumula
         if (n0 < n1) {
             if (!accumulate) memset(y + n0, 0, sizeof(float) * (n1 - n0));
 #ifdef FM_AVX2
-            if (L->bits == 4) nbits_columns(L, n0, n1, x16, sx_s, y, 4);
-            else nbits_columns(L, n0, n1, x16, sx_s, y, 8);
+            if (L->bits == 4) nbits_columns(L, n0, n1, x16, sx, sums, y, 4);
+            else nbits_columns(L, n0, n1, x16, sx, sums, y, 8);
 #else
-            const int bb = block_bytes(L->bits);
+            const int qb = FM_BLOCK * L->bits / 8;
             for (int n = n0; n < n1; n++)  /* portable path: fp32 products */
                 for (int b = 0; b < nb; b++) {
-                    const uint8_t *blk = L->blocks + ((size_t)n * nb + b) * bb, *dm = blk + bb - 4;
-                    const float *xb = x + (size_t)b * FM_BLOCK;
-                    float p = 0.f, s = 0.f;
-                    for (int i = 0; i < FM_BLOCK; i++) p += block_value(blk, i, L->bits) * xb[i], s += xb[i];
-                    y[n] += half_to_float(dm[0] | dm[1] << 8) * p + half_to_float(dm[2] | dm[3] << 8) * s;
+                    const uint8_t *q = L->q + ((size_t)n * nb + b) * qb;
+                    const uint16_t *dm = L->dm + (size_t)n * 2 * nb;
+                    float p = 0.f;
+                    for (int i = 0; i < FM_BLOCK; i++) p += block_value(q, i, L->bits) * x[(size_t)b * FM_BLOCK + i];
+                    y[n] += half_to_float(dm[b]) * p + half_to_float(dm[nb + b]) * sums[b];
                 }
 #endif
         }
@@ -261,7 +275,7 @@ static int nbits_gemv(const fm_linear *L, const float *x, float *y, int accumula
 /* Several tokens: each thread dequantizes 16 columns at a time into an fp32 panel, then runs the
  * fp32 tiles on it. */
 static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
-    const int K = L->K, N = L->N, nb = K / FM_BLOCK, bb = block_bytes(L->bits), panels = (N + PANEL - 1) / PANEL;
+    const int K = L->K, N = L->N, nb = K / FM_BLOCK, qb = FM_BLOCK * L->bits / 8, panels = (N + PANEL - 1) / PANEL;
     float *buffers = fm_scratch(0, (size_t)omp_get_max_threads() * K * PANEL);
     if (!buffers) return -2;
 #pragma omp parallel
@@ -272,10 +286,11 @@ static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int a
             const int n0 = s * PANEL, width = N - n0 < PANEL ? N - n0 : PANEL;
             for (int j = 0; j < width; j++)
                 for (int b = 0; b < nb; b++) {
-                    const uint8_t *blk = L->blocks + ((size_t)(n0 + j) * nb + b) * bb, *dm = blk + bb - 4;
-                    const float d = half_to_float(dm[0] | dm[1] << 8), m = half_to_float(dm[2] | dm[3] << 8);
+                    const uint8_t *q = L->q + ((size_t)(n0 + j) * nb + b) * qb;
+                    const uint16_t *dm = L->dm + (size_t)(n0 + j) * 2 * nb;
+                    const float d = half_to_float(dm[b]), m = half_to_float(dm[nb + b]);
                     float *col = panel + (size_t)b * FM_BLOCK * PANEL + j;
-                    for (int i = 0; i < FM_BLOCK; i++) col[i * PANEL] = d * block_value(blk, i, L->bits) + m;
+                    for (int i = 0; i < FM_BLOCK; i++) col[i * PANEL] = d * block_value(q, i, L->bits) + m;
                 }
             gemm_panel(panel, PANEL, width, x, T, K, y + n0, N, accumulate);
         }
