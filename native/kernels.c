@@ -216,19 +216,35 @@ static inline __attribute__((always_inline)) void nbits_columns(const fm_linear 
     }
 }
 
-/* Per block: S_b, sx_b and x16_b (4-bit: de-interleaved to [even | odd]). */
+/* Per block: S_b, sx_b and x16_b (4-bit: de-interleaved to [even | odd]); rounding to nearest even. */
 static void nbits_prepare(const float *x, int K, int bits, float *sums, float *sx, int16_t *x16) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
     for (int b = 0; b < K / FM_BLOCK; b++) {
         const float *xb = x + (size_t)b * FM_BLOCK;
-        float s = 0.f, top = 0.f;
-        for (int i = 0; i < FM_BLOCK; i++) s += xb[i], top = fabsf(xb[i]) > top ? fabsf(xb[i]) : top;
-        const float inv = top > 0.f ? 32767.f / top : 0.f;
-        sums[b] = s, sx[b] = top / 32767.f;
-        int16_t *o = x16 + (size_t)b * FM_BLOCK;
-        for (int i = 0; i < FM_BLOCK; i++) {
-            const int at = bits == 4 ? (i & 1) * 16 + i / 2 : i;
-            o[at] = (int16_t)_mm_cvtss_si32(_mm_set_ss(xb[i] * inv)); /* round to nearest even */
+        const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
+                     v3 = _mm256_loadu_ps(xb + 24);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        sums[b] = hsum(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+        sx[b] = top / 32767.f;
+        const __m256 scale = _mm256_set1_ps(top > 0.f ? 32767.f / top : 0.f);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, scale)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, scale));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, scale)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, scale));
+        if (bits == 4) { /* (i0, i1) -> even elements 0..14 and odd 1..15 of the block; (i2, i3) -> 16..31 */
+#define PICK(a, b, imm) _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps( \
+            _mm256_castsi256_ps(a), _mm256_castsi256_ps(b), imm)), 0xD8)
+            const __m256i e01 = PICK(i0, i1, 0x88), o01 = PICK(i0, i1, 0xDD), e23 = PICK(i2, i3, 0x88),
+                          o23 = PICK(i2, i3, 0xDD);
+#undef PICK
+            i0 = e01, i1 = e23, i2 = o01, i3 = o23;
         }
+        /* packs interleaves 128-bit halves; the permute puts the 16 values back in order */
+        _mm256_storeu_si256((__m256i *)(x16 + (size_t)b * FM_BLOCK), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
+        _mm256_storeu_si256((__m256i *)(x16 + (size_t)b * FM_BLOCK + 16),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8));
     }
 }
 #endif
@@ -238,14 +254,15 @@ static int nbits_gemv(const fm_linear *L, const float *x, float *y, int accumula
     const int K = L->K, N = L->N, nb = K / FM_BLOCK;
     float *sums = fm_scratch(0, (size_t)2 * nb + K / 2 + 16);
     if (!sums) return -2;
-    for (int b = 0; b < nb; b++) {
-        sums[b] = 0.f;
-        for (int i = 0; i < FM_BLOCK; i++) sums[b] += x[(size_t)b * FM_BLOCK + i];
-    }
 #ifdef FM_AVX2
     float *sx = sums + nb;
     int16_t *x16 = (int16_t *)(sx + nb + (16 - 2 * nb % 16) % 16);  /* 64-byte aligned */
     nbits_prepare(x, K, L->bits, sums, sx, x16);
+#else
+    for (int b = 0; b < nb; b++) {
+        sums[b] = 0.f;
+        for (int i = 0; i < FM_BLOCK; i++) sums[b] += x[(size_t)b * FM_BLOCK + i];
+    }
 #endif
 #pragma omp parallel
     {
