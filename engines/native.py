@@ -43,11 +43,16 @@ class _Model(ctypes.Structure):
         ("head", _Linear), ("head_extra", _Linear), ("wt", ctypes.c_void_p), ("wt_bias", ctypes.c_void_p)]
 
 
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    """Uninitialised bytes starting on a 64-byte boundary."""
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes]
+
+
 def _aligned(a: np.ndarray) -> np.ndarray:
     """A copy of `a` starting on a 64-byte boundary."""
-    raw = np.empty(a.nbytes + 64, np.uint8)
-    start = -raw.ctypes.data % 64
-    out = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out = _aligned_empty(a.nbytes).view(a.dtype).reshape(a.shape)
     out[...] = a
     return out
 
@@ -99,16 +104,20 @@ class NativeDecoder:
         if "rms_norm_eps" not in model:
             raise FromageError("this bundle predates the native decoder (no rms_norm_eps in its manifest); "
                                "re-export it")
-        # copies in 64-byte-aligned memory: read in place from the file (arbitrary offsets), the same
-        # kernels ran ~15 % slower here (split cache-line loads)
+        # read into 64-byte-aligned memory: used in place from a memory map (arbitrary offsets), the
+        # same kernels ran ~15 % slower here (split cache-line loads); read(), not copied from a map,
+        # so loading never holds the file's pages and the copies at once
         self.w = {}
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            for t in initializers(buf):
-                if t["raw"] is not None and t["dtype"] in _DTYPES:
-                    a, b = t["raw"]
-                    view = np.frombuffer(buf, _DTYPES[t["dtype"]], (b - a) // np.dtype(_DTYPES[t["dtype"]]).itemsize, a)
-                    self.w[t["name"]] = _aligned(view.reshape(t["dims"]))
-                    del view
+        with open(path, "rb") as fh:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                table = [t for t in initializers(buf) if t["raw"] is not None and t["dtype"] in _DTYPES]
+            for t in table:
+                a, b = t["raw"]
+                out = _aligned_empty(b - a).view(_DTYPES[t["dtype"]])
+                fh.seek(a)
+                if fh.readinto(memoryview(out).cast("B")) != b - a:
+                    raise FromageError(f"{path}: truncated at {t['name']!r}")
+                self.w[t["name"]] = out.reshape(t["dims"])
         self.model = self._model(model)
         self.lib.fm_set_threads(int(threads or os.cpu_count() or 1))
         self._cache_key, self._k, self._v = None, None, None
