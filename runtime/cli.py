@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder weights as 4/8-bit blocks (MatMulNBits); Q4_1/Q8_0 grids of a GGUF-born LM "
                         "are reused exactly (Llama-family LMs only)")
     p.add_argument("--activations", choices=["int8", "fp32"], default="int8",
-                   help="with --quantize: int8 (fast; outputs drift a little from fp32) or fp32 (the fp32 "
-                        "bundle's outputs to ~1e-4, slower)")
+                   help="with --quantize, for the ONNX Runtime engine: int8 (fast; outputs drift a little from "
+                        "fp32) or fp32 (the fp32 bundle's outputs to ~1e-4, slower). The native engine always "
+                        "rounds activations to 16 bits (fp32's outputs, fast)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("generate", help="generate text (and retrieved images) from interleaved input")
