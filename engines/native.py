@@ -182,7 +182,11 @@ class NativeDecoder:
         assert embeds.dtype == np.float32 and embeds.flags.c_contiguous
         assert logits.shape == (self.vocab_size,) and ret.shape == (self.retrieval_dim,)
         if self._cache_key is not cache[0]:  # pointer tables for this cache's buffers
-            n = len(cache) // 2
+            n, shape = len(cache) // 2, cache[0].shape
+            if n != self.model.n_layers or not all(c.dtype == np.float32 and c.flags.c_contiguous and c.shape == shape
+                                                   and shape[:2] == (1, self.model.n_kv) for c in cache):
+                raise FromageError(f"the KV cache must be {2 * self.model.n_layers} C-contiguous float32 arrays "
+                                   f"of shape (1, {self.model.n_kv}, capacity, {self.model.head_dim})")
             self._k = (ctypes.c_void_p * n)(*(c.ctypes.data for c in cache[0::2]))
             self._v = (ctypes.c_void_p * n)(*(c.ctypes.data for c in cache[1::2]))
             self._cache_key = cache[0]

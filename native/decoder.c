@@ -9,7 +9,7 @@
 #include "fromage_native.h"
 
 int fm_cpu_ok(void) {
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(FM_PORTABLE)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else

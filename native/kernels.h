@@ -5,7 +5,8 @@
 #include <math.h>
 #include <stddef.h>
 
-#if defined(__x86_64__)
+/* FM_PORTABLE builds the plain-C path that other CPUs run, so it can be tested here too */
+#if defined(__x86_64__) && !defined(FM_PORTABLE)
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 #define FM_AVX2 1
