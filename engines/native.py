@@ -37,7 +37,7 @@ class _Layer(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter",
-                                               "rope_positions", "retrieval_dim")] + [
+                                               "rope_positions", "retrieval_dim", "threads")] + [
         ("eps", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
         ("layers", ctypes.POINTER(_Layer)), ("final_norm", ctypes.c_void_p),
         ("head", _Linear), ("head_extra", _Linear), ("wt", ctypes.c_void_p), ("wt_bias", ctypes.c_void_p)]
@@ -82,7 +82,6 @@ def load_library():
         lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                                    ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p]
-        lib.fm_set_threads.argtypes = [ctypes.c_int32]
         _lib = lib
     return _lib
 
@@ -119,7 +118,7 @@ class NativeDecoder:
                     raise FromageError(f"{path}: truncated at {t['name']!r}")
                 self.w[t["name"]] = out.reshape(t["dims"])
         self.model = self._model(model)
-        self.lib.fm_set_threads(int(threads or os.cpu_count() or 1))
+        self.model.threads = int(threads or os.cpu_count() or 1)
         self._cache_key, self._k, self._v = None, None, None
 
     def _get(self, name):
@@ -169,7 +168,7 @@ class NativeDecoder:
         self.vocab_size = head.N + extra.N
         wt = self._get("W_t.weight")
         self.retrieval_dim = wt.shape[1]
-        m = _Model(n_layers, qkv.K, qkv.N // d - 2 * kv, kv, d, gate_up.N // 2, cos.shape[0], wt.shape[1],
+        m = _Model(n_layers, qkv.K, qkv.N // d - 2 * kv, kv, d, gate_up.N // 2, cos.shape[0], wt.shape[1], 0,
                    float(model["rms_norm_eps"]), cos.ctypes.data, self._ptr("sin_cache"), layers,
                    self._ptr("model.norm.weight"), head, extra, wt.ctypes.data, self._ptr("W_t.bias"))
         if m.n_heads < 1 or qkv.N % d or cos.shape[1] * 2 != d:

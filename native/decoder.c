@@ -17,10 +17,6 @@ int fm_cpu_ok(void) {
 #endif
 }
 
-void fm_set_threads(int32_t n) {
-    if (n > 0) omp_set_num_threads(n);
-}
-
 #include "kernels.h" /* below here: code for CPUs that pass fm_cpu_ok */
 
 static void rms_norm(const float *x, const float *w, float *out, int T, int E, float eps) {
@@ -95,6 +91,7 @@ static void silu_mul(const float *gate_up, int T, int I, float *out) {
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
                float *const *k_cache, float *const *v_cache, float *logits, float *ret) {
     if (T < 1 || past < 0 || past + T > capacity || past + T > m->rope_positions) return -1;
+    if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
     const size_t width = (size_t)(H + 2 * KV) * d;
     const size_t sizes[] = {(size_t)T * E, (size_t)T * E, T * width, (size_t)T * H * d, (size_t)T * 2 * I,

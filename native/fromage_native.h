@@ -33,6 +33,7 @@ typedef struct {
 
 typedef struct {
     int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, rope_positions, retrieval_dim;
+    int32_t threads;                  /* for the parallel kernels (OpenMP); 0: OpenMP's default */
     float eps;
     const float *cos, *sin;           /* (rope_positions, head_dim/2) */
     const fm_layer *layers;
@@ -43,8 +44,6 @@ typedef struct {
 
 /* 1 when this CPU runs the compiled kernels (AVX2 + FMA on x86-64). */
 int fm_cpu_ok(void);
-/* Threads for the parallel kernels (OpenMP). */
-void fm_set_threads(int32_t n);
 /* Feed T positions (embeds (T, hidden)) on a cache holding `past` positions of `capacity`;
  * k_cache[i], v_cache[i]: layer i's (n_kv, capacity, head_dim) buffers, appended in place.
  * Writes the last position's logits (head.N + head_extra.N) and L2-normalised retrieval embedding.

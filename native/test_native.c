@@ -84,7 +84,7 @@ int main(void) {
         }
     fm_linear head_f, head_q, none = {0};
     make_linear(E, V, &head_f, &head_q);
-    fm_model mf = {LAYERS, E, H, KV, D, I, POS, R, 1e-5f, cosv, sinv, lf, randv(E, 0.2f, 1.f), head_f, none,
+    fm_model mf = {LAYERS, E, H, KV, D, I, POS, R, 0, 1e-5f, cosv, sinv, lf, randv(E, 0.2f, 1.f), head_f, none,
                    randv(E * R, 0.5f, 0.f), randv(R, 0.1f, 0.f)};
     fm_model mq = mf;
     mq.layers = lq, mq.head = head_q;

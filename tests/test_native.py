@@ -68,3 +68,12 @@ def test_engine_choice(exported, tmp_path):
 def test_export_checks_the_native_engine_too(exported):
     manifest = json.loads((exported["llama"]["bundle"] / "manifest.json").read_text())
     assert manifest["parity_max_abs_diff"]["decoder_native"] < 1e-3
+
+
+def test_threads_are_per_decoder(exported):
+    """Each decoder keeps its own thread count, and the count does not change the result."""
+    bundle = exported["llama"]["bundle"]
+    one, two = Fromage(bundle, engine="native", threads=1), Fromage(bundle, engine="native", threads=2)
+    assert (one.decoder.model.threads, two.decoder.model.threads) == (1, 2)
+    for (la, ra, _), (lb, rb, _) in zip(_steps(one, [6, 1, 1]), _steps(two, [6, 1, 1])):
+        assert np.abs(la - lb).max() <= 1e-5 * max(1.0, np.abs(lb).max()) and np.abs(ra - rb).max() <= 1e-6
