@@ -151,6 +151,7 @@ class Fromage:
                 index, expected_dim=m["retrieval_dim"], expected_embedder=self.bundle.vision_fingerprint)
 
     def _choose_engine(self, engine: str, device: str) -> str:
+        self.engine_note = None
         if engine not in ENGINES:
             raise FromageError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
         if engine == "onnxruntime":
@@ -160,8 +161,6 @@ class Fromage:
             why_not = "the bundle's decoder is not the fused Llama graph"
         elif device != "cpu":
             why_not = f"it runs on the CPU, not {device}"
-        elif "rms_norm_eps" not in self.bundle.model:
-            why_not = "the bundle predates it (re-export)"
         if why_not and engine == "native":
             raise FromageError(f"the native engine cannot run this: {why_not}")
         self.engine_note = why_not and f"native engine not used: {why_not}"

@@ -49,6 +49,7 @@ def test_native_refuses_a_cache_too_small(exported):
 def test_engine_choice(exported, tmp_path):
     assert native.available() is None, "the native library is built by `pip install -e .`"
     assert Fromage(exported["llama"]["bundle"]).engine == "native"
+    assert Fromage(exported["llama"]["bundle"], engine="onnxruntime").engine_note is None
     opt = Fromage(exported["opt"]["bundle"])
     assert opt.engine == "onnxruntime" and "fused" in opt.engine_note
     with pytest.raises(FromageError, match="native engine cannot run this"):
