@@ -118,13 +118,23 @@ static void gemm_panel(const float *P, size_t ldp, int width, const float *x, in
     }
 }
 
-static void f32_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
-    const int N = L->N, panels = (N + PANEL - 1) / PANEL;
-#pragma omp parallel for schedule(static)
-    for (int s = 0; s < panels; s++) {
-        const int n = s * PANEL, width = N - n < PANEL ? N - n : PANEL;
-        gemm_panel(L->w + n, N, width, x, T, L->K, y + n, N, accumulate);
+/* Each panel of 16 columns is first copied into a contiguous buffer: the tiles then walk it row by row
+ * instead of striding across the whole matrix (a new page per row for wide matrices). */
+static int f32_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
+    const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
+    float *buffers = fm_scratch(0, (size_t)omp_get_max_threads() * K * PANEL);
+    if (!buffers) return -2;
+#pragma omp parallel
+    {
+        float *panel = buffers + (size_t)omp_get_thread_num() * K * PANEL;
+#pragma omp for schedule(static)
+        for (int s = 0; s < panels; s++) {
+            const int n = s * PANEL, width = N - n < PANEL ? N - n : PANEL;
+            for (int k = 0; k < K; k++) memcpy(panel + (size_t)k * PANEL, L->w + (size_t)k * N + n, sizeof(float) * width);
+            gemm_panel(panel, PANEL, width, x, T, K, y + n, N, accumulate);
+        }
     }
+    return 0;
 }
 
 /* ---- 4/8-bit blocks (MatMulNBits' layout) ----------------------------------------------------- */
@@ -317,9 +327,7 @@ static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int a
 
 int fm_linear_forward(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
     if (L->kind == FM_F32) {
-        if (T == 1) return f32_gemv(L, x, y, accumulate);
-        f32_gemm(L, x, T, y, accumulate);
-        return 0;
+        return T == 1 ? f32_gemv(L, x, y, accumulate) : f32_gemm(L, x, T, y, accumulate);
     }
     return T == 1 ? nbits_gemv(L, x, y, accumulate) : nbits_gemm(L, x, T, y, accumulate);
 }
