@@ -1,6 +1,7 @@
 /* fromage's native decoder: one forward pass of a Llama-family decoder over a bundle's weights.
  *
- * The weights are the bundle's own decoder.onnx initializers, memory-mapped by the caller (no copy):
+ * The weights are the bundle's own decoder.onnx initializers, loaded by the caller (engines/native.py
+ * reads them into 64-byte-aligned buffers):
  * fp32 MatMul matrices (K, N) as in the graph, or MatMulNBits' 4/8-bit blocks with a scale and a
  * minimum per block in fp16 (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit bundle computes with exactly
  * the weights of the fp32 one. The KV cache is the runtime's (1, kv, capacity, d) buffers,

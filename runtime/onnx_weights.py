@@ -1,6 +1,6 @@
 """An ONNX graph's weights without the onnx package (a minimal protobuf walk): their bytes per token
 for the roofline of `fromage bench`, and where each inline tensor lies in the file, so the native
-decoder can memory-map them without a copy."""
+decoder can read them straight into buffers of its own."""
 from __future__ import annotations
 
 import math
