@@ -2,7 +2,7 @@
  *
  * Batch-1 decoding reads every weight once per token, so these loops are about streaming memory:
  * each thread walks a contiguous stretch of the matrix front to back. Prefill (T > 1) reuses each
- * weight for up to 4 tokens from registers. */
+ * weight for 6 tokens from registers. */
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
@@ -299,6 +299,26 @@ static int nbits_gemv(const fm_linear *L, const float *x, float *y, int accumula
     return 0;
 }
 
+/* w[0..32) = d * q + m for one block, in element order. */
+static inline void dequantize_block(const uint8_t *q, float d, float m, int bits, float *w) {
+#ifdef FM_AVX2
+    __m128i lo, hi;  /* the block's 32 values as bytes, in order */
+    if (bits == 4) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)q), low = _mm_set1_epi8(15);
+        const __m128i a = _mm_and_si128(raw, low), b = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+        lo = _mm_unpacklo_epi8(a, b), hi = _mm_unpackhi_epi8(a, b);
+    } else {
+        lo = _mm_loadu_si128((const __m128i *)q), hi = _mm_loadu_si128((const __m128i *)(q + 16));
+    }
+    const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; i++)
+        _mm256_storeu_ps(w + 8 * i, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), vm));
+#else
+    for (int i = 0; i < FM_BLOCK; i++) w[i] = d * block_value(q, i, bits) + m;
+#endif
+}
+
 /* Several tokens: each thread dequantizes 16 columns at a time into an fp32 panel, then runs the
  * fp32 tiles on it. */
 static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
@@ -315,9 +335,9 @@ static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int a
                 for (int b = 0; b < nb; b++) {
                     const uint8_t *q = L->q + ((size_t)(n0 + j) * nb + b) * qb;
                     const uint16_t *dm = L->dm + (size_t)(n0 + j) * 2 * nb;
-                    const float d = half_to_float(dm[b]), m = half_to_float(dm[nb + b]);
-                    float *col = panel + (size_t)b * FM_BLOCK * PANEL + j;
-                    for (int i = 0; i < FM_BLOCK; i++) col[i * PANEL] = d * block_value(q, i, L->bits) + m;
+                    float w[FM_BLOCK], *col = panel + (size_t)b * FM_BLOCK * PANEL + j;
+                    dequantize_block(q, half_to_float(dm[b]), half_to_float(dm[nb + b]), L->bits, w);
+                    for (int i = 0; i < FM_BLOCK; i++) col[i * PANEL] = w[i];
                 }
             gemm_panel(panel, PANEL, width, x, T, K, y + n0, N, accumulate);
         }
