@@ -81,7 +81,7 @@ static int f32_gemv(const fm_linear *L, const float *x, float *y, int accumulate
 
 /* Several tokens: y[t][0:width] (+)= x[t] @ P[:, 0:width] for a panel P (K rows, row stride ldp) of at
  * most 16 columns, in tiles of 6 tokens x 16 columns held in registers (12 accumulators). */
-enum { TILE_T = 6, PANEL = 16 };
+enum { TILE_T = 6, PANEL = 16, GROUP = 4 };
 
 static void gemm_panel(const float *P, size_t ldp, int width, const float *x, int T, int K, float *y, int ldy,
                        int accumulate) {
@@ -118,20 +118,27 @@ static void gemm_panel(const float *P, size_t ldp, int width, const float *x, in
     }
 }
 
-/* Each panel of 16 columns is first copied into a contiguous buffer: the tiles then walk it row by row
- * instead of striding across the whole matrix (a new page per row for wide matrices). */
+/* Panels of 16 columns are first copied into a contiguous buffer, 4 at a time (each row read as one
+ * 256-byte run): the tiles then walk them row by row instead of striding across the whole matrix. */
 static int f32_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
-    const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
-    float *buffers = fm_scratch(0, (size_t)omp_get_max_threads() * K * PANEL);
+    const int K = L->K, N = L->N, wide = GROUP * PANEL, groups = (N + wide - 1) / wide;
+    float *buffers = fm_scratch(0, (size_t)omp_get_max_threads() * K * wide);
     if (!buffers) return -2;
 #pragma omp parallel
     {
-        float *panel = buffers + (size_t)omp_get_thread_num() * K * PANEL;
+        float *packed = buffers + (size_t)omp_get_thread_num() * K * wide;
 #pragma omp for schedule(static)
-        for (int s = 0; s < panels; s++) {
-            const int n = s * PANEL, width = N - n < PANEL ? N - n : PANEL;
-            for (int k = 0; k < K; k++) memcpy(panel + (size_t)k * PANEL, L->w + (size_t)k * N + n, sizeof(float) * width);
-            gemm_panel(panel, PANEL, width, x, T, K, y + n, N, accumulate);
+        for (int g = 0; g < groups; g++) {  /* GROUP panels at a time: each row read as one longer run */
+            const int n0 = g * wide, cols = N - n0 < wide ? N - n0 : wide, panels = (cols + PANEL - 1) / PANEL;
+            for (int k = 0; k < K; k++)
+                for (int p = 0; p < panels; p++) {
+                    const int n = n0 + p * PANEL, width = N - n < PANEL ? N - n : PANEL;
+                    memcpy(packed + ((size_t)p * K + k) * PANEL, L->w + (size_t)k * N + n, sizeof(float) * width);
+                }
+            for (int p = 0; p < panels; p++) {
+                const int n = n0 + p * PANEL, width = N - n < PANEL ? N - n : PANEL;
+                gemm_panel(packed + (size_t)p * K * PANEL, PANEL, width, x, T, K, y + n, N, accumulate);
+            }
         }
     }
     return 0;
