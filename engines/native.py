@@ -97,6 +97,7 @@ def available() -> str | None:
 
 class NativeDecoder:
     """One bundle's fused decoder graph (export/llama_graph.py, fp32 or --quantize) run natively."""
+    in_place = True  # writes the KV cache buffers in place (the runtime grows them)
 
     def __init__(self, path, model: dict, threads: int | None = None):
         self.lib = load_library()

@@ -48,6 +48,50 @@ class OnnxRuntimeEngine:
         self.session.run_with_iobinding(self.binding)
 
 
+class InPlaceDecoder:
+    """The fused decoder graph (export/llama_graph.py) on ONNX Runtime, with the interface of
+    native.NativeDecoder: past and present KV are the same buffers, bound once per cache, so the
+    graph appends to the cache in place; logits and ret are written into the caller's arrays."""
+    in_place = True
+
+    def __init__(self, engine: OnnxRuntimeEngine):
+        self.engine = engine
+        self.kv_names, self.present_names = engine.input_names[3:], engine.output_names[2:]
+        self._bound = None  # the cache whose buffers the I/O binding points at
+
+    def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray) -> None:
+        total = past + embeds.shape[1]
+        binding = self.engine.binding
+        binding.bind_cpu_input("inputs_embeds", embeds)
+        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        if self._bound is not cache[0]:  # another state, or this one's grown buffers
+            for name, present, buf in zip(self.kv_names, self.present_names, cache):
+                self.engine.bind_array(name, buf, output=False)
+                self.engine.bind_array(present, buf, output=True)
+            self.engine.bind_array("logits", logits[None], output=True)
+            self.engine.bind_array("ret_embedding", ret[None], output=True)
+            self._bound = cache[0]
+        self.engine.run_bound()
+
+
+class ConcatDecoder:
+    """The generic exported decoder graph (export/graphs.py: other LMs), same interface: its past grows
+    by one concatenation per call, so the cache list's arrays are replaced."""
+    in_place = False
+
+    def __init__(self, engine: OnnxRuntimeEngine):
+        self.engine = engine
+        self.kv_names = engine.input_names[3:]
+
+    def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray) -> None:
+        total = past + embeds.shape[1]
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), dtype=np.int64),
+                 "position_ids": np.arange(past, total, dtype=np.int64)[None], **dict(zip(self.kv_names, cache))}
+        new_logits, new_ret, *cache[:] = self.engine.run(feeds)
+        logits[:], ret[:] = new_logits[0], new_ret[0]
+
+
 def create_engine(path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None):
     if backend == "onnxruntime":
         return OnnxRuntimeEngine(path, device=device, threads=threads)

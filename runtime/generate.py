@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from fromage.engines import native
-from fromage.engines.onnxruntime import create_engine
+from fromage.engines.onnxruntime import ConcatDecoder, InPlaceDecoder, create_engine
 
 from .bundle import Bundle, load_bundle
 from .errors import FromageError
@@ -36,8 +36,8 @@ class ImageEvent:
 class DecodeState:
     """The KV cache and the outputs at the last fed position.
 
-    With the fused decoder graph, `cache` holds buffers of a fixed capacity that the decoder
-    reads and writes in place (grown by doubling when full); with the generic graph, the past
+    With the fused decoder graph (either engine), `cache` holds buffers of a fixed capacity that the
+    decoder reads and writes in place (grown by doubling when full); with the generic graph, the past
     arrays that grow by one concatenation per call."""
     cache: list
     length: int
@@ -112,7 +112,7 @@ class Fromage:
     ONNX Runtime.
 
     One decode at a time per instance: the decoder's I/O binding is shared (use one instance per
-    thread). With the fused graph, a state's `logits` and `ret_embedding` are buffers the next
+    thread). A state's `logits` and `ret_embedding` are buffers the next
     `advance` of that state overwrites; copy them to keep them."""
 
     def __init__(self, bundle, index=None, device: str = "cpu", threads: int | None = None, verify: bool = True,
@@ -129,8 +129,7 @@ class Fromage:
         self.embed = create_engine(self.bundle.graph_path("embed"), device=device, threads=1)
         io = self.bundle.manifest["graphs"]["decoder"]
         self.kv_names = io["inputs"][3:]
-        self.present_names = io["outputs"][2:]
-        # the fused graph (export/llama_graph.py) keeps the KV cache in buffers bound in place
+        # the fused graph (export/llama_graph.py) keeps the KV cache in buffers written in place
         self.fused = io.get("cache") == "in-place"
         self.engine = self._choose_engine(engine, device)  # sets self.engine_note
         if self.engine == "native":
@@ -141,9 +140,9 @@ class Fromage:
                     raise
                 self.engine, self.engine_note = "onnxruntime", f"native engine not used: {e}"
         if self.engine == "onnxruntime":
-            self.decoder = create_engine(self.bundle.graph_path("decoder"), device=device, threads=threads)
+            graph = create_engine(self.bundle.graph_path("decoder"), device=device, threads=threads)
+            self.decoder = InPlaceDecoder(graph) if self.fused else ConcatDecoder(graph)
         self.vocab_size, self.retrieval_dim = m["vocab_size"], m["retrieval_dim"]
-        self._bound = None  # the cache buffer the decoder's I/O binding points at
         self.index = None
         if index is not None:
             from .retrieval import ImageIndex
@@ -205,35 +204,12 @@ class Fromage:
             raise FromageError(f"the sequence would be {total} positions long; "
                                f"the model's context is {self.max_positions}")
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
-        if not self.fused:
-            feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), dtype=np.int64),
-                     "position_ids": np.arange(state.length, total, dtype=np.int64)[None]}
-            feeds.update(zip(self.kv_names, state.cache))
-            logits, ret, *state.cache = self.decoder.run(feeds)
-            state.logits, state.ret_embedding, state.length = logits[0], ret[0], total
-            return
-        if total > state.cache[0].shape[2]:  # grow the buffers: amortised, not per step
+        if self.decoder.in_place and total > state.cache[0].shape[2]:  # grow: amortised, not per step
             capacity = min(self.max_positions, max(MIN_CAPACITY, _pow2(total)))
             for i, old in enumerate(state.cache):
                 state.cache[i] = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], np.float32)
                 state.cache[i][:, :, :state.length] = old[:, :, :state.length]
-        if self.engine == "native":
-            self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding)
-            state.length = total
-            return
-        binding = self.decoder.binding
-        binding.bind_cpu_input("inputs_embeds", embeds)
-        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
-        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        if self._bound is not state.cache[0]:  # another state, or this one's grown buffers
-            # past and present are the same buffer: the decoder appends to the cache in place
-            for name, present, buf in zip(self.kv_names, self.present_names, state.cache):
-                self.decoder.bind_array(name, buf, output=False)
-                self.decoder.bind_array(present, buf, output=True)
-            self.decoder.bind_array("logits", state.logits[None], output=True)
-            self.decoder.bind_array("ret_embedding", state.ret_embedding[None], output=True)
-            self._bound = state.cache[0]
-        self.decoder.run_bound()
+        self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding)
         state.length = total
 
     # ---- the loop --------------------------------------------------------------------
