@@ -1,6 +1,7 @@
 """The engine interface: run one compiled graph with named inputs and outputs."""
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import numpy as np
@@ -13,3 +14,11 @@ class Engine(Protocol):
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
         """Run the graph; returns the requested outputs (all, by default) in order."""
         ...
+
+
+def default_threads() -> int:
+    """The cores this process may run on (affinity and cpusets included), for engines' thread pools."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

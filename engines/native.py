@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fromage.engines.base import default_threads
 from fromage.runtime.errors import FromageError
 from fromage.runtime.onnx_weights import initializers
 
@@ -76,7 +77,10 @@ def load_library():
         if path is None or not path.exists():
             raise FromageError("the native decoder library is not built (pip install -e . compiles it; "
                                "or set FROMAGE_NATIVE_LIB)")
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise FromageError(f"cannot load the native decoder library {path}: {e}") from None
         if not lib.fm_cpu_ok():
             raise FromageError("this CPU lacks what the native decoder was compiled for (AVX2 + FMA)")
         lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
@@ -91,7 +95,7 @@ def available() -> str | None:
     try:
         load_library()
         return None
-    except (FromageError, OSError) as e:
+    except FromageError as e:
         return str(e)
 
 
@@ -119,7 +123,7 @@ class NativeDecoder:
                     raise FromageError(f"{path}: truncated at {t['name']!r}")
                 self.w[t["name"]] = out.reshape(t["dims"])
         self.model = self._model(model)
-        self.model.threads = int(threads or os.cpu_count() or 1)
+        self.model.threads = int(threads or default_threads())
         self._cache_key, self._k, self._v = None, None, None
 
     def _get(self, name):

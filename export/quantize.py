@@ -132,9 +132,14 @@ class Quantizer:
         return self._nbits(g, x, name, q.astype(np.int16) + 128, d, 8)
 
     @property
+    def exact_weights(self) -> bool:
+        """Every matrix kept its exact values (grids reused, or fp32)."""
+        return all("re-quantized" not in how for how in self.report)
+
+    @property
     def lossless(self) -> bool:
-        """Every matrix kept its exact values (grids reused, or fp32), and activations stay fp32."""
-        return self.activations == "fp32" and all("re-quantized" not in how for how in self.report)
+        """Exact weights, and ONNX Runtime keeps the activations fp32."""
+        return self.activations == "fp32" and self.exact_weights
 
     def _count(self, how):
         self.report[how] = self.report.get(how, 0) + 1

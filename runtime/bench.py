@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fromage.engines.base import default_threads
+
 from .bench_retrieval import build_vector_index, clustered_vectors, run_retrieval_bench
 from .errors import FromageError
 from .onnx_weights import initializer_bytes
@@ -46,13 +48,6 @@ WORKER_TIMEOUT_S = 3600
 def cache_root() -> Path:
     from fromage.training.backbones import cache_root as root  # torch-free module
     return root()
-
-
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def peak_rss_mb() -> float:
@@ -398,8 +393,8 @@ def run_bench(args, log=print) -> dict:
             raise FromageError(f"--also {path}: a second {name[8:]} bundle; give bundles of other precisions")
         also[name] = {"bundle": str(other.directory.resolve()), "engine": args.engine}
     for engine in args.also_engine or []:  # the main bundle on another decoder engine, side by side
-        if engine == args.engine:
-            raise FromageError(f"--also-engine {engine}: that is --engine already")
+        if engine == (args.engine if args.engine != "auto" else "native"):  # auto: native where it can
+            raise FromageError(f"--also-engine {engine}: that is the main run's engine already (--engine {args.engine})")
         also[f"fromage_{engine}"] = {"bundle": str(bundle.directory.resolve()), "engine": engine}
     cache = Path(args.cache) if args.cache else cache_root()
     work = Path(tempfile.mkdtemp(prefix="fromage-bench-"))

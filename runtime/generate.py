@@ -131,17 +131,7 @@ class Fromage:
         self.kv_names = io["inputs"][3:]
         # the fused graph (export/llama_graph.py) keeps the KV cache in buffers written in place
         self.fused = io.get("cache") == "in-place"
-        self.engine = self._choose_engine(engine, device)  # sets self.engine_note
-        if self.engine == "native":
-            try:
-                self.decoder = native.NativeDecoder(self.bundle.graph_path("decoder"), m, threads=threads)
-            except FromageError as e:
-                if engine == "native":
-                    raise
-                self.engine, self.engine_note = "onnxruntime", f"native engine not used: {e}"
-        if self.engine == "onnxruntime":
-            graph = create_engine(self.bundle.graph_path("decoder"), device=device, threads=threads)
-            self.decoder = InPlaceDecoder(graph) if self.fused else ConcatDecoder(graph)
+        self.engine, self.decoder, self.engine_note = self._make_decoder(engine, device, threads)
         self.vocab_size, self.retrieval_dim = m["vocab_size"], m["retrieval_dim"]
         self.index = None
         if index is not None:
@@ -149,21 +139,27 @@ class Fromage:
             self.index = index if isinstance(index, ImageIndex) else ImageIndex.open(
                 index, expected_dim=m["retrieval_dim"], expected_embedder=self.bundle.vision_fingerprint)
 
-    def _choose_engine(self, engine: str, device: str) -> str:
-        self.engine_note = None
+    def _make_decoder(self, engine: str, device: str, threads: int | None):
+        """-> (engine name, decoder, why the native engine is not used or None). `auto` tries the
+        native engine where it can run and falls back to ONNX Runtime, saying why."""
         if engine not in ENGINES:
             raise FromageError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
-        if engine == "onnxruntime":
-            return engine
-        why_not = native.available()
-        if not self.fused:
-            why_not = "the bundle's decoder is not the fused Llama graph"
-        elif device != "cpu":
-            why_not = f"it runs on the CPU, not {device}"
-        if why_not and engine == "native":
-            raise FromageError(f"the native engine cannot run this: {why_not}")
-        self.engine_note = why_not and f"native engine not used: {why_not}"
-        return "onnxruntime" if why_not else "native"
+        path, why_not = self.bundle.graph_path("decoder"), None
+        if engine != "onnxruntime":
+            if not self.fused:
+                why_not = "the bundle's decoder is not the fused Llama graph"
+            elif device != "cpu":
+                why_not = f"it runs on the CPU, not {device}"
+            else:
+                try:
+                    return "native", native.NativeDecoder(path, self.bundle.model, threads=threads), None
+                except FromageError as e:  # no library, no AVX2, a bundle from before the engine
+                    why_not = str(e)
+            if engine == "native":
+                raise FromageError(f"the native engine cannot run this: {why_not}")
+        graph = create_engine(path, device=device, threads=threads)
+        decoder = InPlaceDecoder(graph) if self.fused else ConcatDecoder(graph)
+        return "onnxruntime", decoder, why_not and f"native engine not used: {why_not}"
 
     # ---- building blocks -------------------------------------------------------------
     def encode_images(self, sources: list) -> tuple[np.ndarray, np.ndarray]:

@@ -82,6 +82,7 @@ def test_bench_retrieval(tmp_path, cache, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--batch", "2"], "only batch 1"),
     (["--compare", "vllm"], "unknown peer"),
+    (["--also-engine", "native"], "main run's engine"),  # --engine auto runs native already
 ])
 def test_bench_rejects(exported, argv, message, capsys):
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), *argv]) == 2

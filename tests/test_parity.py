@@ -10,7 +10,7 @@ from fromage.runtime.sampling import SamplingParams
 from fromage.training.reference import reference_generate
 
 ARCHS = ["llama", "opt"]
-ENGINES = [("llama", "native"), ("llama", "onnxruntime"), ("opt", "onnxruntime")]
+CASES = [("llama", "native"), ("llama", "onnxruntime"), ("opt", "onnxruntime")]  # (LM, decoder engine)
 
 
 def _prompts(images):
@@ -22,7 +22,7 @@ def _prompts(images):
     }
 
 
-@pytest.mark.parametrize("arch,engine", ENGINES)
+@pytest.mark.parametrize("arch,engine", CASES)
 def test_greedy_tokens_match_pytorch(arch, engine, exported, assets):
     e = exported[arch]
     rt = Fromage(e["bundle"], engine=engine)
@@ -41,7 +41,7 @@ def _candidates(model, images):
         return model.image_embedding(feats)
 
 
-@pytest.mark.parametrize("arch,engine", ENGINES)
+@pytest.mark.parametrize("arch,engine", CASES)
 def test_decoding_across_ret_and_retrieval_match_pytorch(arch, engine, exported, assets):
     e = exported[arch]
     model, images = e["model"], assets["images"]

@@ -290,7 +290,8 @@ SYSTEMS = {"hf": HFSystem, "reference": ReferenceSystem, "optimum": OptimumSyste
 def spec_from_bundle(args) -> dict:
     """The same spec `fromage bench` writes, for running one peer by hand."""
     from tokenizers import Tokenizer
-    from fromage.runtime.bench import default_threads, prompt_ids, write_bench_image
+    from fromage.engines.base import default_threads
+    from fromage.runtime.bench import prompt_ids, write_bench_image
     from fromage.runtime.bundle import load_bundle
     bundle = load_bundle(args.bundle, verify=False)
     tok = Tokenizer.from_file(str(bundle.directory / "tokenizer.json"))
