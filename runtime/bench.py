@@ -393,8 +393,6 @@ def run_bench(args, log=print) -> dict:
             raise FromageError(f"--also {path}: a second {name[8:]} bundle; give bundles of other precisions")
         also[name] = {"bundle": str(other.directory.resolve()), "engine": args.engine}
     for engine in args.also_engine or []:  # the main bundle on another decoder engine, side by side
-        if engine == (args.engine if args.engine != "auto" else "native"):  # auto: native where it can
-            raise FromageError(f"--also-engine {engine}: that is the main run's engine already (--engine {args.engine})")
         also[f"fromage_{engine}"] = {"bundle": str(bundle.directory.resolve()), "engine": engine}
     cache = Path(args.cache) if args.cache else cache_root()
     work = Path(tempfile.mkdtemp(prefix="fromage-bench-"))
@@ -682,6 +680,9 @@ def cmd_bench(args) -> None:
         except ImportError:
             raise FromageError("--plot needs matplotlib: pip install 'fromage[bench]'") from None
     resolve_peers(args.compare)  # fail early on a bad name
+    for engine in args.also_engine or []:
+        if engine == (args.engine if args.engine != "auto" else "native"):  # auto: native where it can
+            raise FromageError(f"--also-engine {engine}: that is the main run's engine already (--engine {args.engine})")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     result: dict = {}
     if args.bundle is not None:
