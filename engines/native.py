@@ -22,8 +22,8 @@ from fromage.engines.base import default_threads
 from fromage.runtime.errors import FromageError
 from fromage.runtime.onnx_weights import initializers
 
-_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64}
-F32, NBITS, BLOCK = 0, 1, 32
+_DTYPES = {1: np.float32, 2: np.uint8}  # the weights; the graphs' int64 shape constants are not needed
+F32, NBITS, BLOCK = 0, 1, 32  # as in native/fromage_native.h
 
 
 class _Linear(ctypes.Structure):
@@ -82,7 +82,7 @@ def load_library():
         except OSError as e:
             raise FromageError(f"cannot load the native decoder library {path}: {e}") from None
         if not lib.fm_cpu_ok():
-            raise FromageError("this CPU lacks what the native decoder was compiled for (AVX2 + FMA)")
+            raise FromageError("this CPU lacks what the native decoder was compiled for (AVX2, FMA, F16C)")
         lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                                    ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p]
@@ -114,7 +114,9 @@ class NativeDecoder:
         self.w = {}
         with open(path, "rb") as fh:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                table = [t for t in initializers(buf) if t["raw"] is not None and t["dtype"] in _DTYPES]
+                table = [t for t in initializers(buf) if t["dtype"] in _DTYPES]
+            self._external = {t["name"] for t in table if t["raw"] is None}
+            table = [t for t in table if t["raw"] is not None]
             for t in table:
                 a, b = t["raw"]
                 out = _aligned_empty(b - a).view(_DTYPES[t["dtype"]])
@@ -127,6 +129,8 @@ class NativeDecoder:
         self._cache_key, self._k, self._v = None, None, None
 
     def _get(self, name):
+        if name in self._external:
+            raise FromageError(f"decoder.onnx keeps {name!r} as external data, which the native decoder does not read")
         if name not in self.w:
             raise FromageError(f"decoder.onnx has no weight {name!r} the native decoder needs "
                                f"(not a graph from export/llama_graph.py?)")
@@ -136,12 +140,8 @@ class NativeDecoder:
         return self._get(name).ctypes.data
 
     def _linear(self, name: str) -> _Linear:
-        if name + ".q" in self.w:
-            q, dm = self.w[name + ".q"], self.w[name + ".dm"]
-            return _Linear(NBITS, q.shape[1] * BLOCK, q.shape[0], q.shape[2] * 8 // BLOCK, None, q.ctypes.data,
-                           dm.ctypes.data)
         if name + ".qweight" in self.w:
-            q, d = self.w.pop(name + ".qweight"), self.w.pop(name + ".scales")
+            q, d = self.w[name + ".qweight"], self.w.pop(name + ".scales")
             n, nb, nbytes = q.shape
             # MatMulNBits computes d * (q - 2^(bits-1)) [+ offsets (nb, N) * block sums, for Q4_1]:
             # the same as w = d * q + m per block, with (d, m) kept per column as fp16 [d... | m...]
@@ -152,8 +152,8 @@ class NativeDecoder:
             dm = np.concatenate([d, m], axis=1)
             if not np.array_equal(dm.astype(np.float16).astype(np.float32), dm):
                 raise FromageError(f"{name}: block scales are not fp16 values (re-export the bundle)")
-            self.w[name + ".q"], self.w[name + ".dm"] = q, _aligned(dm.astype(np.float16))
-            return self._linear(name)
+            self.w[name + ".qweight"], self.w[name + ".dm"] = q, _aligned(dm.astype(np.float16))  # kept alive
+            return _Linear(NBITS, nb * BLOCK, n, nbytes * 8 // BLOCK, None, q.ctypes.data, self.w[name + ".dm"].ctypes.data)
         w = self._get(name)
         return _Linear(F32, w.shape[0], w.shape[1], 0, w.ctypes.data, None, None)
 
@@ -176,19 +176,28 @@ class NativeDecoder:
         m = _Model(n_layers, qkv.K, qkv.N // d - 2 * kv, kv, d, gate_up.N // 2, cos.shape[0], wt.shape[1], 0,
                    float(model["rms_norm_eps"]), cos.ctypes.data, self._ptr("sin_cache"), layers,
                    self._ptr("model.norm.weight"), head, extra, wt.ctypes.data, self._ptr("W_t.bias"))
-        if m.n_heads < 1 or qkv.N % d or cos.shape[1] * 2 != d:
+        same = all((lay.qkv.K, lay.qkv.N, lay.o.K, lay.o.N, lay.gate_up.N, lay.down.K, lay.down.N)
+                   == (qkv.K, qkv.N, m.n_heads * d, qkv.K, gate_up.N, m.inter, qkv.K) for lay in layers)
+        if m.n_heads < 1 or m.n_heads % kv or qkv.N % d or cos.shape[1] * 2 != d or not same:
             raise FromageError(f"decoder.onnx's shapes do not fit head_dim {d} / kv_heads {kv}")
         return m
 
     def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray) -> None:
         """Feed embeds (1, T, E) on `cache` ([key0, value0, key1, ...], each (1, kv, capacity, d),
         holding `past` positions); writes the last position's logits (V,) and ret (R,) in place."""
-        assert embeds.dtype == np.float32 and embeds.flags.c_contiguous
-        assert logits.shape == (self.vocab_size,) and ret.shape == (self.retrieval_dim,)
+        # checked on every call: the C code trusts these sizes
+        if not (embeds.dtype == np.float32 and embeds.flags.c_contiguous and embeds.ndim == 3
+                and embeds.shape[0] == 1 and embeds.shape[2] == self.model.hidden):
+            raise FromageError(f"embeds must be C-contiguous float32 (1, T, {self.model.hidden})")
+        if not all(a.dtype == np.float32 and a.flags.c_contiguous and a.shape == (n,)
+                   for a, n in ((logits, self.vocab_size), (ret, self.retrieval_dim))):
+            raise FromageError(f"logits and ret must be C-contiguous float32 ({self.vocab_size},) and "
+                               f"({self.retrieval_dim},)")
         if self._cache_key is not cache[0]:  # pointer tables for this cache's buffers
             n, shape = len(cache) // 2, cache[0].shape
             if n != self.model.n_layers or not all(c.dtype == np.float32 and c.flags.c_contiguous and c.shape == shape
-                                                   and shape[:2] == (1, self.model.n_kv) for c in cache):
+                                                   and shape[:2] == (1, self.model.n_kv)
+                                                   and shape[3] == self.model.head_dim for c in cache):
                 raise FromageError(f"the KV cache must be {2 * self.model.n_layers} C-contiguous float32 arrays "
                                    f"of shape (1, {self.model.n_kv}, capacity, {self.model.head_dim})")
             self._k = (ctypes.c_void_p * n)(*(c.ctypes.data for c in cache[0::2]))

@@ -2,7 +2,6 @@
  * grouped-query attention, O projection, RMSNorm, gate/up, SiLU * up, down projection; then the
  * last position's logits and retrieval embedding. The same computation as export/llama_graph.py. */
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 

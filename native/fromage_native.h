@@ -43,7 +43,7 @@ typedef struct {
     const float *wt, *wt_bias;        /* retrieval head (hidden, retrieval_dim), (retrieval_dim) */
 } fm_model;
 
-/* 1 when this CPU runs the compiled kernels (AVX2 + FMA on x86-64). */
+/* 1 when this CPU runs the compiled kernels (AVX2, FMA and F16C on x86-64). */
 int fm_cpu_ok(void);
 /* Feed T positions (embeds (T, hidden)) on a cache holding `past` positions of `capacity`;
  * k_cache[i], v_cache[i]: layer i's (n_kv, capacity, head_dim) buffers, appended in place.

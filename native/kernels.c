@@ -12,6 +12,7 @@
 
 enum { SPLIT_COLUMNS_FROM = 4096, COLUMN_CHUNK = 1024 };
 
+/* Grow-only, per calling thread, kept for the thread's lifetime (a few MB at most for a prefill). */
 static _Thread_local float *scratch_buf[2];
 static _Thread_local size_t scratch_cap[2];
 

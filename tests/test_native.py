@@ -44,6 +44,14 @@ def test_native_refuses_a_cache_too_small(exported):
     logits, ret = np.zeros(rt.vocab_size, np.float32), np.zeros(rt.retrieval_dim, np.float32)
     with pytest.raises(FromageError, match="exceed the cache"):
         rt.decoder.forward(np.zeros((1, 5, rt.embed_dim), np.float32), cache, 0, logits, ret)
+    # sizes the C code would trust are checked first
+    narrow = [np.zeros((1, rt.kv_heads, 8, rt.head_dim // 2), np.float32) for _ in rt.kv_names]
+    with pytest.raises(FromageError, match="KV cache"):
+        rt.decoder.forward(np.zeros((1, 1, rt.embed_dim), np.float32), narrow, 0, logits, ret)
+    with pytest.raises(FromageError, match="embeds"):
+        rt.decoder.forward(np.zeros((1, 1, rt.embed_dim + 1), np.float32), cache, 0, logits, ret)
+    with pytest.raises(FromageError, match="logits"):
+        rt.decoder.forward(np.zeros((1, 1, rt.embed_dim), np.float32), cache, 0, logits[:-1], ret)
 
 
 def test_engine_choice(exported, tmp_path):
