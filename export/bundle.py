@@ -166,6 +166,7 @@ def write_bundle(m: FromageModel, out, *, overwrite: bool = False, quantize: str
                 "num_layers": cfg.num_hidden_layers, "kv_heads": heads, "head_dim": head_dim,
                 "max_positions": int(getattr(cfg, "max_position_embeddings", 2048)),
                 "k": m.config.k, "retrieval_dim": m.config.retrieval_dim,
+                "query_template": m.config.query_template,
             },
             "tokens": {"ret": m.ret_id, "ret_text": m.config.ret_token,
                        "prefix": special_prefix(tok), "stop": _stop_ids(m)},

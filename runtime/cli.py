@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra", action="append", choices=["openclipart"],
                    help="more training data: the openclipart-png clip art (captions cleaned from file names)")
     _add_backbone_args(p, defaults=False)
+    p.add_argument("--query-template", help="how text queries are written before [RET], '{}' = the text "
+                   "(default '{}': as they are; trained on both layouts otherwise)")
+    p.add_argument("--ret-init", help="a word whose embedding initialises [RET] (default: random)")
     p.add_argument("--out", required=True, help="checkpoint folder (resumed if it exists)")
     for flag, kind, hint in (("--steps", int, "1000"), ("--batch-size", int, "32"), ("--caption-batch-size", int,
                              "= batch size"), ("--lr", float, "3e-4"), ("--warmup", int, "100"),
@@ -85,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ret-scale-factor", type=float, default=1.0)
     p.add_argument("--no-retrieval", action="store_true", help="never emit [RET]")
     p.add_argument("--top-images", type=int, default=1, help="images per [RET]")
+    p.add_argument("--max-rets", type=int, default=0, help="[RET]s allowed per generation, then banned (0 = no limit)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ONNX Runtime execution provider)")
     add_engine_argument(p)
@@ -217,7 +221,7 @@ def _cmd_generate(args) -> None:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop_ids=args.stop_id,
                             min_word_tokens=args.min_word_tokens, ret_scale_factor=args.ret_scale_factor,
-                            retrieval=not args.no_retrieval, top_images=args.top_images)
+                            retrieval=not args.no_retrieval, top_images=args.top_images, max_rets=args.max_rets)
     if args.json:
         print(json.dumps(model.generate(parts, params).to_json(), ensure_ascii=False))
         return

@@ -40,6 +40,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--min-word-tokens", type=int, default=2, help="[RET] is banned for the first N tokens")
     p.add_argument("--ret-scale-factor", type=float, default=1.0)
+    p.add_argument("--max-rets", type=int, default=1, help="[RET]s allowed per answer (0 = no limit)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ONNX Runtime execution provider)")
     from .cli import add_engine_argument
     add_engine_argument(p)
@@ -283,7 +284,8 @@ def cmd_demo(args) -> None:
     image = pick_image(args, model)
     subject = args.subject or Path(image).stem.replace("_", " ").replace("-", " ")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                            min_word_tokens=args.min_word_tokens, ret_scale_factor=args.ret_scale_factor)
+                            min_word_tokens=args.min_word_tokens, ret_scale_factor=args.ret_scale_factor,
+                            max_rets=args.max_rets)
     turns = run_session(model, default_session(image, subject), params)
 
     m = model.bundle.model
@@ -294,7 +296,8 @@ def cmd_demo(args) -> None:
     html_path = write_conversation(out / "demo.html", turns, title, subtitle)
     doc = {"title": title, "bundle": str(bundle.resolve()), "index": str(index.resolve()),
            "sampling": {"max_new_tokens": params.max_new_tokens, "temperature": 0.0,
-                        "min_word_tokens": params.min_word_tokens, "ret_scale_factor": params.ret_scale_factor},
+                        "min_word_tokens": params.min_word_tokens, "ret_scale_factor": params.ret_scale_factor,
+                        "max_rets": params.max_rets},
            "turns": turns}
     write_atomic(out / "demo.json", json.dumps(doc, ensure_ascii=False, indent=1) + "\n")
     print(f"JSON: {(out / 'demo.json').resolve()}")

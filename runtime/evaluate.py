@@ -3,7 +3,8 @@
 Also the command handlers of `fromage eval vist|visdial` (the metrics live in benchmarks.py).
 
 Rows (R@K in percent; ties broken at random in expectation, see benchmarks.recall_at_k):
-- fromage: text->image: each held-out caption's [RET] embedding (`caption [RET]`, as trained) against
+- fromage: text->image: each held-out caption's [RET] embedding as a text query (the caption written in
+  the bundle's query template, then [RET]: `scoring.ret_embeddings`, as trained) against
   the vision graph's `image_embedding` of every held-out image; image->text: the same scores transposed.
   Caption perplexity: exp of the mean per-token negative log-likelihood of every held-out caption given
   `[prefix] [k visual tokens]` -- the training captioning layout, caption tokens directly after the
@@ -79,7 +80,8 @@ def eval_fromage(model, heldout, n_captions: int = 5, max_caption_tokens: int = 
     texts = np.concatenate([ret_embeddings(model, [e.caption])
                             for e in tqdm(kept, desc="[RET] embeddings", disable=not progress)]).astype(np.float64)
     sim, gt = texts @ images.T, np.arange(len(kept))
-    row = {"t2i": recall_at_k(sim, gt), "i2t": recall_at_k(sim.T, gt), "n": len(kept)}
+    row = {"t2i": recall_at_k(sim, gt), "i2t": recall_at_k(sim.T, gt), "n": len(kept),
+           "query_template": model.query_template}
     visual = {e.image: embedded[e.image][0] for e in kept}
     row["perplexity"], row["caption_tokens"] = _perplexity(model, kept, visual, progress)
     row["perplexity_no_image"], _ = _perplexity(model, kept, None, progress)
@@ -149,6 +151,8 @@ def format_table(result: dict) -> str:
             lines.append(f"{label:<28}{row['error']}")
         else:
             lines.append(f"{label:<28}{_cells(row.get('t2i'))} {_cells(row.get('i2t'))}")
+    if f.get("query_template", "{}") != "{}":
+        lines.append(f"  fromage: each caption written as {f['query_template']!r}, then [RET]")
     b = result.get("baseline") or {}
     if "epochs" in b:
         lines.append(f"  baseline: {b['epochs']} epochs, lr {b['lr']:g}, batch {b['batch_size']}, "

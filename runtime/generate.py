@@ -133,6 +133,7 @@ class Fromage:
         self.fused = io.get("cache") == "in-place"
         self.engine, self.decoder, self.engine_note = self._make_decoder(engine, device, threads)
         self.vocab_size, self.retrieval_dim = m["vocab_size"], m["retrieval_dim"]
+        self.query_template = m.get("query_template", "{}")  # how text queries are written before [RET]
         self.index = None
         if index is not None:
             from .retrieval import ImageIndex
@@ -232,9 +233,10 @@ class Fromage:
         text = _TextStream(self.tokenizer)
         result.stop_reason = "length"
         t1 = time.perf_counter()
+        rets = 0
         for step in range(budget):
             logits = state.logits
-            adjust_ret_logit(logits, self.ret_id, step, p, allow_ret)
+            adjust_ret_logit(logits, self.ret_id, step, p, allow_ret and not 0 < p.max_rets <= rets)
             token = sample(logits, p, rng)
             if token in stop_ids:
                 result.stop_reason = "stop"
@@ -244,6 +246,7 @@ class Fromage:
             if step + 1 < budget or token == self.ret_id:
                 self.advance(state, self.embed_ids([token])[None])
             if token == self.ret_id:
+                rets += 1
                 hits = self.index.search(state.ret_embedding, top_k=p.top_images)
                 text.reset()
                 result.parts.append(image_part(hits, token_index=step))

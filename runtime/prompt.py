@@ -32,6 +32,12 @@ def special_prefix(tokenizer) -> list[int]:
     return []
 
 
+def query_text(template: str, text: str) -> str:
+    """A text query written in a bundle's query template ("{}" = the text, its final period dropped so
+    "A cat." and "a cat" read alike: "A picture of a cat. In one word, ..."). Training writes captions so too."""
+    return template.replace("{}", text.strip().removesuffix(".").rstrip()) if template != "{}" else text
+
+
 def to_segments(parts: list[Part], tokenizer, prefix: list[int]) -> list[Segment]:
     """Parts -> segments; adjacent token runs are merged. `tokenizer` is a `tokenizers.Tokenizer`."""
     if not parts:

@@ -18,6 +18,7 @@ class SamplingParams:
     ret_scale_factor: float = 1.0     # [RET] logit -> |logit| * factor (GILL's fix of the reference)
     retrieval: bool = True            # False: [RET] is never chosen
     top_images: int = 1               # images shown per [RET]
+    max_rets: int = 0                 # [RET]s allowed in one generation (0 = no limit); then it is banned
     extra: dict = field(default_factory=dict)
 
 

@@ -1,11 +1,12 @@
 """Scoring with a loaded bundle (numpy only): [RET] retrieval embeddings of texts or interleaved
 contexts, and log-likelihoods of candidate continuations.
 
-- `ret_embeddings`: the prompt is the parts followed by the [RET] token, laid out exactly as in
+- `ret_embeddings_of_parts`: the prompt is the parts followed by the [RET] token, laid out exactly as in
   decoding (`Fromage.segments`: the tokenizer's prefix, then the parts; each image k visual tokens).
   The embedding is the decoder's normalised `W_t` output at the [RET] position: the same vector the
   decode loop uses as the query when the model itself emits [RET]. No truncation is applied
-  (training truncates captions to 23 tokens before [RET]).
+  (training truncates captions to 23 tokens before [RET]). `ret_embeddings` embeds text queries: each
+  written in the bundle's query template first, as training wrote captions.
 - `log_likelihood`: the context is prefilled once, the KV cache forked per candidate, and each
   candidate token's log-probability is read from the logits before it is fed (log-softmax in
   float64 over the model's full vocabulary, [RET] included). A candidate is tokenized on its own,
@@ -17,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import FromageError
-from .prompt import Part
+from .prompt import Part, query_text
 
 
 def context_embeds(model, parts: list[Part], visual: dict | None = None) -> np.ndarray:
@@ -41,11 +42,12 @@ def ret_embeddings_of_parts(model, contexts: list[list[Part]], visual: dict | No
 
 
 def ret_embeddings(model, texts: list[str]) -> np.ndarray:
-    """(n, R) [RET] embedding of each text: the prompt is `text [RET]`."""
+    """(n, R) [RET] embedding of each text query: the prompt is the text written in the bundle's query
+    template (e.g. `A picture of {}. In one word, the picture shows a`), then [RET]."""
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise FromageError(f"text {i} is a {type(t).__name__}, not a string")
-    return ret_embeddings_of_parts(model, [[t] for t in texts])
+    return ret_embeddings_of_parts(model, [[query_text(model.query_template, t)] for t in texts])
 
 
 def _log_softmax_at(logits: np.ndarray, token: int) -> float:

@@ -85,10 +85,10 @@ def assets(tmp_path_factory):
             "images": make_images(root / "images"), "root": root}
 
 
-def build_model(assets, arch: str, k: int = 2, seed: int = 0):
+def build_model(assets, arch: str, k: int = 2, seed: int = 0, query_template: str = "{}"):
     from fromage.training.model import FromageConfig, FromageModel
     return FromageModel(FromageConfig(lm=assets[arch], encoder={"type": "clip", "path": assets["clip"]},
-                                      k=k, retrieval_dim=16, seed=seed))
+                                      k=k, retrieval_dim=16, seed=seed, query_template=query_template))
 
 
 @pytest.fixture(scope="session")
@@ -100,8 +100,15 @@ def exported(assets, tmp_path_factory):
     from fromage.runtime.cli import main
     root = tmp_path_factory.mktemp("bundles")
     out = {}
+    import torch
+    from fromage.training.heldout import ret_hidden
     for arch, k in (("llama", 2), ("opt", 1)):
-        model = build_model(assets, arch, k=k)
+        # Llama: a query template and W_t input statistics, as the default model has (folded at export)
+        model = build_model(assets, arch, k=k, query_template="A picture of {}:" if arch == "llama" else "{}")
+        if arch == "llama":
+            model.set_text_statistics(ret_hidden(model, [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]))
+        with torch.no_grad():  # an untrained output row is the mean row (logit ~0 here): make [RET] likely
+            model.ret_output.copy_(model.ret_embedding)
         write_bundle(model, root / arch, log=lambda *_: None)
         index = root / f"{arch}-index"
         assert main(["index", "build", str(assets["root"] / "images"), "--bundle", str(root / arch),

@@ -58,12 +58,18 @@ def test_ret_embeddings_match_the_decode_path_and_pytorch(arch, exported, runtim
         rt.index.search = search
     ours = ret_embeddings_of_parts(rt, prompts)
     np.testing.assert_allclose(ours, np.stack(queries), atol=2e-5)
-    np.testing.assert_allclose(ret_embeddings(rt, ["a red cat"])[0], queries[0], atol=2e-5)
+    # a text query is written in the bundle's template (the plain prompt when there is none)
+    templated = ret_embeddings_of_parts(rt, [[model.query_text("a red cat")]])[0]
+    np.testing.assert_allclose(ret_embeddings(rt, ["a red cat"])[0], templated, atol=2e-5)
+    assert (model.query_text("a red cat") != "a red cat") == (arch == "llama")
     with torch.no_grad():  # and PyTorch: W_t of the last hidden state at the [RET] position
         segs = rt.segments(prompts[1]) + [[rt.ret_id]]
         hidden, _ = model.forward_lm(_torch_embeds(model, rt, segs))
         ref = model.text_embedding(hidden[0, -1]).numpy()
     np.testing.assert_allclose(ours[1], ref, atol=2e-5)
+    from fromage.training.heldout import text_embeddings  # the held-out recall of training measures the same
+    from fromage.training.train import TrainConfig
+    np.testing.assert_allclose(text_embeddings(model, ["a red cat"], TrainConfig())[0].numpy(), templated, atol=2e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

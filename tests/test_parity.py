@@ -70,6 +70,17 @@ def test_ret_as_last_token_still_retrieves(exported, assets):
     assert got.parts[-1]["type"] == "image" and got.parts[-1]["path"]
 
 
+def test_max_rets_bans_ret_after_the_limit(exported):
+    e = exported["llama"]
+    rt = Fromage(e["bundle"], index=e["index"])
+    params = SamplingParams(max_new_tokens=6, stop_ids=[], ret_scale_factor=1e4)  # [RET] wins every step
+    assert rt.generate(["a red cat"], params).token_ids == [e["model"].ret_id] * 6
+    params.max_rets = 2
+    got = rt.generate(["a red cat"], params)
+    assert got.token_ids[:2] == [e["model"].ret_id] * 2 and e["model"].ret_id not in got.token_ids[2:]
+    assert sum(p["type"] == "image" for p in got.parts) == 2
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_no_retrieval_matches_hf_generate(arch, exported, assets):
     """With [RET] banned, greedy decoding is the base LM's: compare with Hugging Face generate."""

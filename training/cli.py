@@ -21,7 +21,9 @@ def _encoder_spec(text: str) -> dict:
 
 def _config(args) -> FromageConfig:
     return FromageConfig(lm=args.lm, encoder=_encoder_spec(args.encoder), k=args.k,
-                         retrieval_dim=args.retrieval_dim, seed=getattr(args, "seed", 0))
+                         retrieval_dim=args.retrieval_dim, seed=getattr(args, "seed", 0),
+                         query_template=getattr(args, "query_template", None) or "{}",
+                         ret_init=getattr(args, "ret_init", None))
 
 
 def _set_threads(n):
@@ -30,17 +32,30 @@ def _set_threads(n):
         torch.set_num_threads(n)
 
 
+# The default model's text-query layout, and [RET] initialised as the word that would follow it, so the
+# [RET] state starts as the frozen LM's state where it names what the picture shows. Measured on the
+# held-out split (t2i R@1/5/10): a linear probe on the frozen LM's last state (standardised) reaches
+# 20/52/65 for the caption alone, 27/55/67 for 'This sentence : "{}" means in one word:"', 31/56/75
+# for 'A picture of {}. In one word, the picture shows a'; a learned [RET] after the caption alone
+# 14/41/60, after that template 27/56/72; [RET] in place of its last word " a", initialised as " a":
+# 30/60/72. See training/default/MODEL_CARD.md.
+QUERY_TEMPLATE = "A picture of {}. In one word, the picture shows"
+RET_INIT = " a"
+
 # Recipes, chosen by measurement (see training/default/MODEL_CARD.md). Flags given on the
 # command line override them.
 PRESETS = {
-    # 200 steps x 64 pairs (~22 epochs of the 594 training images); held-out recall peaks around
-    # step 180 and the best checkpoint is kept. lr 1e-3 with 20 warm-up steps: 3e-4 was still rising
-    # at the end of the same budget. k=1: retrieval does not depend on k, and it keeps W_c small.
+    # 60 steps x 128 pairs (~13 epochs of the 594 training images), each caption in both retrieval layouts
+    # (as it is, and in QUERY_TEMPLATE); held-out recall every 5 steps, the best checkpoint is kept. With
+    # W_t's input standardised, held-out recall peaks within 20-60 steps at lr 1e-3 and then slowly falls
+    # as the heads overfit (batch 64: peak ~step 50; lr 3e-4: ~step 100, no higher). k=1: retrieval does
+    # not depend on k, and it keeps W_c small.
     "tuxpaint": {"tuxpaint": TUXPAINT_ROOT, "extra": None, "lm": "default",
-                 "encoder": "efficientnet-lite0", "k": 1, "retrieval_dim": 256, "steps": 200, "batch_size": 64,
-                 "caption_batch_size": 8, "lr": 1e-3, "warmup": 20, "save_every": 20, "eval_every": 20, "seed": 0},
+                 "encoder": "efficientnet-lite0", "k": 1, "retrieval_dim": 256, "steps": 60, "batch_size": 128,
+                 "caption_batch_size": 8, "lr": 1e-3, "warmup": 10, "save_every": 5, "eval_every": 5, "seed": 0,
+                 "query_template": QUERY_TEMPLATE, "ret_init": RET_INIT},
 }
-DEFAULTS = {"extra": None, "lm": "default", "encoder": "efficientnet-lite0", "k": 1, "retrieval_dim": 256, "steps": 1000,
+DEFAULTS = {"query_template": "{}", "ret_init": None, "extra": None, "lm": "default", "encoder": "efficientnet-lite0", "k": 1, "retrieval_dim": 256, "steps": 1000,
             "batch_size": 32, "caption_batch_size": 0, "lr": 3e-4, "warmup": 100, "save_every": 200,
             "eval_every": 0, "seed": 0}
 

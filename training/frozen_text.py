@@ -1,6 +1,6 @@
 """The retrieval objective from cached frozen states: the fast path of training.
 
-The LM is frozen and `[prefix] caption` contains no learned token, so its KV cache, its last hidden
+The LM is frozen and `[prefix] text` contains no learned token, so its KV cache, its last hidden
 states and its next-token logits never change during training. Computed once, they reduce each
 step's retrieval objective to the LM pass of the single `[RET]` position (whose input row is
 learned) plus the `[RET]` column of the logits — the same losses as `train.retrieval_losses`,
@@ -13,20 +13,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .model import FromageModel
-from .train import TrainConfig, contrastive_loss, retrieval_ids
+from .train import contrastive_loss, retrieval_ids
 
 
 class FrozenTextStates:
-    def __init__(self, model: FromageModel, captions: list[list[int]], cfg: TrainConfig,
-                 batch_size: int = 64, progress: bool = True):
+    def __init__(self, model: FromageModel, texts: list[list[int]], batch_size: int = 64, progress: bool = True):
+        """`texts`: the token ids each example puts before [RET] (one layout, `train.retrieval_layouts`)."""
         self.n_prefix = len(model.prefix)
-        seqs = [retrieval_ids(model, c, cfg)[:-1] for c in captions]  # everything before [RET]
+        seqs = [retrieval_ids(model, t)[:-1] for t in texts]  # everything before [RET]
         self.lengths = torch.tensor([len(s) for s in seqs])
         self.keys, self.values, self.hidden, self.base_lse, self.next_logit = [], [], [], [], []
         head = model.lm.get_output_embeddings()
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths: little padding
         slots: list = [None] * len(seqs)
-        bar = tqdm(total=len(seqs), desc="caching frozen caption states", disable=not progress)
+        bar = tqdm(total=len(seqs), desc="caching frozen text states", disable=not progress)
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
@@ -54,8 +54,8 @@ class FrozenTextStates:
     def _pad(self, tensors: list[torch.Tensor], n: int, dim: int) -> torch.Tensor:
         return torch.stack([F.pad(t, [0, 0] * (t.dim() - dim - 1) + [0, n - t.shape[dim]]) for t in tensors])
 
-    def losses(self, model: FromageModel, idx: list[int], image_emb: torch.Tensor):
-        """(next-token loss on `caption [RET]`, InfoNCE) for the captions `idx` and their images."""
+    def ret_hidden(self, model: FromageModel, idx: list[int]) -> torch.Tensor:
+        """(len(idx), H) last hidden state at the [RET] after the texts `idx`: the only LM position that runs."""
         from transformers.cache_utils import DynamicCache
         lengths = self.lengths[idx]
         n, b = int(lengths.max()), len(idx)
@@ -67,7 +67,13 @@ class FrozenTextStates:
         emb = model.ret_embedding.view(1, 1, -1).expand(b, 1, -1)
         out = model.lm.base_model(inputs_embeds=emb, attention_mask=mask, position_ids=lengths[:, None],
                                   past_key_values=cache)
-        nce = contrastive_loss(model.logit_scale, model.text_embedding(out.last_hidden_state[:, 0]), image_emb)
+        return out.last_hidden_state[:, 0]
+
+    def losses(self, model: FromageModel, idx: list[int], image_emb: torch.Tensor):
+        """(next-token loss on `text [RET]`, InfoNCE) for the texts `idx` and their images."""
+        lengths = self.lengths[idx]
+        n = int(lengths.max())
+        nce = contrastive_loss(model.logit_scale, model.text_embedding(self.ret_hidden(model, idx)), image_emb)
 
         # next-token loss: only the [RET] column of the logits depends on learned weights
         hidden = self._pad([self.hidden[i] for i in idx], n, 0)

@@ -8,22 +8,29 @@ from fromage.runtime.benchmarks import recall_at_k
 
 from .data import Example
 from .model import FromageModel
-from .train import TrainConfig, _pad, retrieval_ids
+from .train import TrainConfig, _pad, retrieval_ids, retrieval_layouts
 
 
 @torch.no_grad()
-def text_embeddings(model: FromageModel, captions: list[str], cfg: TrainConfig, batch_size: int = 64) -> torch.Tensor:
-    """W_t of the hidden state at `[prefix] caption [RET]` (laid out as in training), normalised."""
-    tok, out = model.tokenizer.backend_tokenizer, []
-    for start in range(0, len(captions), batch_size):
-        ids = [retrieval_ids(model, tok.encode(c, add_special_tokens=False).ids, cfg)
-               for c in captions[start:start + batch_size]]
+def ret_hidden(model: FromageModel, texts: list[list[int]], batch_size: int = 64) -> torch.Tensor:
+    """(N, H) last hidden state at [RET] of `[prefix] text [RET]` for each text (token ids)."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        ids = [retrieval_ids(model, t) for t in texts[start:start + batch_size]]
         emb, mask, _ = _pad([model.embed_tokens(torch.tensor(i)) for i in ids],
                             [torch.zeros(len(i), dtype=torch.long) for i in ids])
         hidden, _ = model.forward_lm(emb, mask)
-        last = torch.tensor([len(i) - 1 for i in ids])
-        out.append(model.text_embedding(hidden[torch.arange(len(ids)), last]))
+        out.append(hidden[torch.arange(len(ids)), torch.tensor([len(i) - 1 for i in ids])])
     return torch.cat(out)
+
+
+@torch.no_grad()
+def text_embeddings(model: FromageModel, captions: list[str], cfg: TrainConfig) -> torch.Tensor:
+    """Normalised W_t embeddings of captions as text queries (in the query template, as `fromage eval`
+    writes them; long captions truncated as in training)."""
+    tok = model.tokenizer.backend_tokenizer
+    texts = [retrieval_layouts(model, tok.encode(c, add_special_tokens=False).ids, cfg)[-1] for c in captions]
+    return model.text_embedding(ret_hidden(model, texts))
 
 
 @torch.no_grad()

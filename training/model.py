@@ -1,7 +1,8 @@
 """The FROMAGe model: a frozen causal LM and a frozen image encoder tied together by learned pieces.
 
-Learned (and nothing else): the `[RET]` input-embedding row, the `[RET]` output row when the LM's
-`lm_head` is untied, `W_c` (image -> k visual tokens), `W_t` (LM hidden at `[RET]` -> retrieval
+Learned (and nothing else): the `[RET]` input-embedding row, the `[RET]` output row (its own
+parameter even when the LM ties its tables: how likely [RET] is to be emitted and what its state
+embeds are different jobs), `W_c` (image -> k visual tokens), `W_t` (LM hidden at `[RET]` -> retrieval
 space), `W_i` (image -> retrieval space) and the contrastive logit scale.
 
 Unlike the reference (which makes the whole embedding table trainable and zeroes every other
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fromage.runtime.errors import FromageError
-from fromage.runtime.prompt import special_prefix
+from fromage.runtime.prompt import query_text, special_prefix
 
 from .backbones import load_lm
 from .encoders import build_encoder
@@ -36,6 +37,13 @@ class FromageConfig:
     retrieval_dim: int = 256
     ret_token: str = "[RET]"
     seed: int = 0                             # initialisation of the learned pieces
+    # How a text query is written before [RET] ("{}" = the text), like CLIP's "a photo of a {}".
+    # Contexts (a dialogue, a story, the model's own answer) are followed by [RET] as they are.
+    query_template: str = "{}"
+    # A word whose input embedding initialises [RET] (default: a random direction of the mean norm). The
+    # default model's template ends where this word would follow, so [RET] starts from the state the
+    # frozen LM has there.
+    ret_init: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "FromageConfig":
@@ -70,8 +78,12 @@ class FromageModel(nn.Module):
         mean_norm = table[: self.ret_id].norm(dim=1).mean()
         init = torch.randn(self.embed_dim, generator=g)
         self.ret_embedding = nn.Parameter(init / init.norm() * mean_norm)
-        self.ret_output = None if self.tied else nn.Parameter(
-            head.weight[: self.ret_id].mean(0).clone())
+        if config.ret_init:
+            word = tokenizer.backend_tokenizer.encode(config.ret_init, add_special_tokens=False).ids
+            if len(word) != 1:
+                raise FromageError(f"ret_init {config.ret_init!r} is {len(word)} tokens, not one")
+            self.ret_embedding = nn.Parameter(table[word[0]].detach().clone())
+        self.ret_output = nn.Parameter(head.weight[: self.ret_id].mean(0).clone())
         self.W_c = nn.Linear(d, self.embed_dim * k)
         self.W_t = nn.Linear(self.hidden_dim, r)
         self.W_i = nn.Linear(d, r)
@@ -79,10 +91,22 @@ class FromageModel(nn.Module):
             nn.init.normal_(lin.weight, std=1 / math.sqrt(lin.in_features), generator=g)
             nn.init.zeros_(lin.bias)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # W_t reads the hidden state standardised per dimension by statistics of the training
+        # captions (a few dimensions of an LM's last hidden state are orders of magnitude larger
+        # than the rest and would dominate a linear map); fixed during training, folded into W_t
+        # at export (`retrieval_head`). Identity until `set_text_statistics`.
+        self.register_buffer("text_mean", torch.zeros(self.hidden_dim))
+        self.register_buffer("text_std", torch.ones(self.hidden_dim))
+        if "{}" not in config.query_template:
+            raise FromageError(f"query_template {config.query_template!r} has no '{{}}' for the text")
 
     # ---- the learned pieces -------------------------------------------------------------
     def learned_state(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: the learned pieces and W_t's input statistics."""
+        return {**self.learned_state(), "text_mean": self.text_mean, "text_std": self.text_std}
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         emb = self.lm.get_input_embeddings()(ids)
@@ -97,16 +121,34 @@ class FromageModel(nn.Module):
         return F.normalize(self.W_i(features), dim=-1)
 
     def text_embedding(self, hidden_at_ret: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.W_t(hidden_at_ret), dim=-1)
+        return F.normalize(self.W_t((hidden_at_ret - self.text_mean) / self.text_std), dim=-1)
+
+    @torch.no_grad()
+    def set_text_statistics(self, hidden_at_ret: torch.Tensor) -> None:
+        """Standardise W_t's input by these (N, H) hidden states (tiny spreads are floored)."""
+        std = hidden_at_ret.std(0)
+        self.text_mean.copy_(hidden_at_ret.mean(0))
+        self.text_std.copy_(std.clamp_min(float(std.mean()) * 1e-2 + 1e-12))
+
+    @torch.no_grad()
+    def retrieval_head(self) -> nn.Linear:
+        """W_t with the standardisation folded in: the single linear map the exported graph applies."""
+        head = nn.Linear(self.hidden_dim, self.config.retrieval_dim)
+        head.weight.copy_(self.W_t.weight / self.text_std)
+        head.bias.copy_(self.W_t.bias - head.weight @ self.text_mean)
+        return head
+
+    def query_text(self, text: str) -> str:
+        return query_text(self.config.query_template, text)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.encoder(pixel_values)
 
     def ret_logit(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The [RET] logit of hidden states (..., H): the learned output row (the input row when tied)."""
+        """The [RET] logit of hidden states (..., H): the learned output row."""
         bias = self.lm.get_output_embeddings().bias
-        z = hidden @ (self.ret_embedding if self.tied else self.ret_output)
+        z = hidden @ self.ret_output
         return z if bias is None else z + bias[self.ret_id]
 
     def forward_lm(self, inputs_embeds, attention_mask=None):
@@ -120,8 +162,16 @@ class FromageModel(nn.Module):
         return hidden, torch.where(col, ret_logit.unsqueeze(-1), logits)
 
     @torch.no_grad()
+    def output_head(self) -> torch.Tensor:
+        """(V, H) lm_head weight with the learned [RET] output row (export writes this, tied LM or not)."""
+        head = self.lm.get_output_embeddings().weight.detach().clone()
+        head[self.ret_id] = self.ret_output
+        return head
+
+    @torch.no_grad()
     def merged_lm(self):
-        """The LM with the learned [RET] rows written into its tables (for export)."""
+        """The LM with the learned [RET] rows written into its tables (for export; with tied tables the
+        output row is the input row here, so the decoder graphs take their head from `output_head`)."""
         self.lm.get_input_embeddings().weight[self.ret_id] = self.ret_embedding
         if not self.tied:
             self.lm.get_output_embeddings().weight[self.ret_id] = self.ret_output
@@ -132,7 +182,7 @@ class FromageModel(nn.Module):
         from safetensors.torch import save_file
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {n: p.detach().contiguous().clone() for n, p in self.learned_state().items()}
+        tensors = {n: p.detach().contiguous().clone() for n, p in self.checkpoint_state().items()}
         tmp = directory / "learned.safetensors.tmp"
         save_file(tensors, tmp)
         tmp.replace(directory / "learned.safetensors")
@@ -143,8 +193,13 @@ class FromageModel(nn.Module):
     def load_learned(self, directory) -> dict:
         from safetensors.torch import load_file
         state = load_file(Path(directory) / "learned.safetensors")
-        own = self.learned_state()
-        if set(state) != set(own):
+        own = self.checkpoint_state()
+        # checkpoints from before the statistics existed read W_t's input as it is (identity); those of
+        # tied LMs from before [RET] had its own output row used the input row
+        if self.tied and "ret_output" not in state and "ret_embedding" in state:
+            state["ret_output"] = state["ret_embedding"]
+        missing = set(own) - set(state) - {"text_mean", "text_std"}
+        if missing or set(state) - set(own):
             raise FromageError(f"{directory}: checkpoint holds {sorted(state)}, model expects {sorted(own)}")
         with torch.no_grad():
             for n, t in state.items():

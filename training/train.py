@@ -111,9 +111,21 @@ def caption_loss(model: FromageModel, features: torch.Tensor, captions: list[lis
     return _lm_loss(logits, lab)
 
 
-def retrieval_ids(model: FromageModel, caption: list[int], cfg: TrainConfig) -> list[int]:
-    """`[prefix] caption [RET]`; a caption that is too long keeps its first tokens and ends in [RET]."""
-    return model.prefix + caption[: cfg.max_caption_tokens - 1] + [model.ret_id]
+def retrieval_layouts(model: FromageModel, caption: list[int], cfg: TrainConfig) -> list[list[int]]:
+    """The texts the retrieval objective puts before [RET], as token ids: the caption (a long one keeps
+    its first `max_caption_tokens - 1` tokens) and, when the model has a query template, that caption
+    written in it -- the layout `fromage retrieve` and `fromage eval` use for text queries, while
+    contexts (a dialogue, the model's own answer) are followed by [RET] as they are."""
+    caption = caption[: cfg.max_caption_tokens - 1]
+    if model.config.query_template == "{}":
+        return [caption]
+    tok = model.tokenizer.backend_tokenizer
+    return [caption, tok.encode(model.query_text(tok.decode(caption)), add_special_tokens=False).ids]
+
+
+def retrieval_ids(model: FromageModel, text: list[int]) -> list[int]:
+    """`[prefix] text [RET]`."""
+    return model.prefix + text + [model.ret_id]
 
 
 def contrastive_loss(logit_scale: torch.Tensor, text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
@@ -124,33 +136,47 @@ def contrastive_loss(logit_scale: torch.Tensor, text_emb: torch.Tensor, image_em
     return (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
 
 
-def retrieval_losses(model: FromageModel, features: torch.Tensor, captions: list[list[int]],
-                     cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next-token loss on `caption [RET]`, InfoNCE between W_t(h_[RET]) and W_i(image)), by a full
-    forward pass. `FrozenTextStates` computes the same from cached frozen states, much faster."""
+def retrieval_losses(model: FromageModel, features: torch.Tensor, texts: list[list[int]]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token loss on `text [RET]`, InfoNCE between W_t(h_[RET]) and W_i(image)) for one layout's
+    texts, by a full forward pass. `FrozenTextStates` computes the same from cached frozen states, much faster."""
     n_prefix = len(model.prefix)
-    ret_ids = [torch.tensor(retrieval_ids(model, c, cfg)) for c in captions]
+    ret_ids = [torch.tensor(retrieval_ids(model, t)) for t in texts]
     seqs = [model.embed_tokens(ids) for ids in ret_ids]
     labs = [torch.cat([torch.full((n_prefix,), -100, dtype=torch.long), ids[n_prefix:]]) for ids in ret_ids]
     emb, mask, lab = _pad(seqs, labs)
     hidden, logits = model.forward_lm(emb, mask)
     ret_pos = torch.tensor([len(ids) - 1 for ids in ret_ids])
-    text = model.text_embedding(hidden[torch.arange(len(captions)), ret_pos])
+    text = model.text_embedding(hidden[torch.arange(len(texts)), ret_pos])
     return _lm_loss(logits, lab), contrastive_loss(model.logit_scale, text, model.image_embedding(features))
 
 
 def batch_losses(model: FromageModel, features: torch.Tensor, captions: list[list[int]],
                  cfg: TrainConfig, rng: np.random.Generator, states=None, ids=None) -> dict[str, torch.Tensor]:
     """The reference recipe on one batch (its examples' features and captions): captioning on the first
-    `cfg.caption_batch_size` + retrieval (next-token + InfoNCE) on all. Given `states`
-    (FrozenTextStates of the training captions) and the examples' `ids`, retrieval comes from there."""
+    `cfg.caption_batch_size` + retrieval (next-token + InfoNCE) on all, summed over the retrieval
+    layouts. Given `states` (FrozenTextStates of the training texts, one per layout) and the examples'
+    `ids`, retrieval comes from there."""
     n_cap = cfg.caption_batch_size or len(captions)
     cap = caption_loss(model, features[:n_cap], captions[:n_cap], cfg, rng)
+    image = model.image_embedding(features)
     if states is not None:
-        ret_ce, nce = states.losses(model, ids, model.image_embedding(features))
+        pairs = [st.losses(model, ids, image) for st in states]
     else:
-        ret_ce, nce = retrieval_losses(model, features, captions, cfg)
+        layouts = list(zip(*[retrieval_layouts(model, c, cfg) for c in captions]))
+        pairs = [retrieval_losses(model, features, list(texts)) for texts in layouts]
+    ret_ce, nce = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
     return {"caption": cap, "ret_ce": ret_ce, "contrastive": nce, "loss": cap + ret_ce + nce}
+
+
+@torch.no_grad()
+def _ret_hidden(model: FromageModel, layouts: list[list[list[int]]], states=None, batch: int = 64) -> torch.Tensor:
+    """The [RET] hidden states of every layout's texts (from the cached states when there are some)."""
+    if states is None:
+        from .heldout import ret_hidden
+        return torch.cat([ret_hidden(model, texts) for texts in layouts])
+    return torch.cat([st.ret_hidden(model, list(range(i, min(i + batch, len(texts)))))
+                      for st, texts in zip(states, layouts) for i in range(0, len(texts), batch)])
 
 
 def _save_trainer(directory: Path, opt: torch.optim.Optimizer, names: dict, step: int) -> None:
@@ -207,10 +233,13 @@ def train(model: FromageModel, examples: list[Example], cfg: TrainConfig, out, *
         eval_set = (heldout, heldout_features)
     captions = [model.tokenizer.backend_tokenizer.encode(e.caption, add_special_tokens=False).ids
                 for e in examples]
+    layouts = [list(texts) for texts in zip(*[retrieval_layouts(model, c, cfg) for c in captions])]
     states = None
     if cfg.fast_retrieval:
         from .frozen_text import FrozenTextStates
-        states = FrozenTextStates(model, captions, cfg, progress=progress)
+        states = [FrozenTextStates(model, texts, progress=progress) for texts in layouts]
+    if start == 0:  # W_t's input statistics: [RET] states of the training texts, before any step
+        model.set_text_statistics(_ret_hidden(model, layouts, states))
     train_settings = asdict(cfg)
     model.train()
     model.lm.eval(), model.encoder.eval()  # frozen parts keep eval behaviour (no dropout)
