@@ -167,6 +167,9 @@ def write_bundle(m: FromageModel, out, *, overwrite: bool = False, quantize: str
                 "max_positions": int(getattr(cfg, "max_position_embeddings", 2048)),
                 "k": m.config.k, "retrieval_dim": m.config.retrieval_dim,
                 "query_template": m.config.query_template,
+                # sha256 of the checkpoint's learned.safetensors (None: fresh heads), so a bundle built
+                # from an older shipped default can be recognised
+                "checkpoint_sha256": getattr(m, "checkpoint_sha256", None),
             },
             "tokens": {"ret": m.ret_id, "ret_text": m.config.ret_token,
                        "prefix": special_prefix(tok), "stop": _stop_ids(m)},

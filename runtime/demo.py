@@ -211,13 +211,28 @@ def run_session(model, session: list[Conversation], params) -> list[dict]:
 
 
 # ---- setup: bundle, index, input image -----------------------------------------------------
-def ensure_bundle(bundle: Path) -> None:
-    if (bundle / "manifest.json").is_file():
-        return
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "training" / "default" / "learned.safetensors"
+
+
+def ensure_bundle(bundle: Path, managed: bool) -> None:
+    """Exports the default model if there is no bundle; re-exports the demo's own bundle (`managed`)
+    when it was built from another checkpoint than the shipped one (e.g. after an update)."""
     cmd = [sys.executable, "-m", "fromage.runtime.cli", "export", "--default", "--out", str(bundle)]
-    print(f"== no bundle at {bundle}: exporting the embedded default model (SmolLM2-135M-Instruct + "
-          "EfficientNet-Lite0) with `fromage export --default`; this needs the training stack and takes "
-          "about a minute, once", flush=True)
+    try:
+        built_from = json.loads((bundle / "manifest.json").read_text())["model"].get("checkpoint_sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        built_from = False  # no (readable) bundle
+    if built_from is not False:
+        from .bundle import sha256_file
+        if not managed or not SHIPPED_CHECKPOINT.is_file() or built_from == sha256_file(SHIPPED_CHECKPOINT):
+            return
+        print(f"== the bundle at {bundle} was built from another checkpoint than the shipped default: "
+              "re-exporting it with `fromage export --default` (about a minute)", flush=True)
+        cmd.append("--overwrite")
+    else:
+        print(f"== no bundle at {bundle}: exporting the embedded default model (SmolLM2-135M-Instruct + "
+              "EfficientNet-Lite0) with `fromage export --default`; this needs the training stack and takes "
+              "about a minute, once", flush=True)
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     code = subprocess.call(cmd, env=env)
@@ -277,7 +292,7 @@ def cmd_demo(args) -> None:
     index = Path(args.index) if args.index else out / "tuxpaint-index"
     if args.max_new_tokens < 1:
         raise FromageError("--max-new-tokens must be at least 1")
-    ensure_bundle(bundle)
+    ensure_bundle(bundle, managed=args.bundle is None)
     loaded = load_bundle(bundle, verify=not args.no_verify)  # checked once, used for the index and the model
     ensure_index(index, loaded, args.stamps, managed=args.index is None, threads=args.threads)
     model = Fromage(loaded, index=index, device=args.device, threads=args.threads, engine=args.engine)

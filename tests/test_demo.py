@@ -139,3 +139,24 @@ def test_demo_builds_a_missing_index(exported, assets, tmp_path, capsys):
     code = main(["demo", "--bundle", str(e["bundle"]), "--out", str(tmp_path / "o3"),
                  "--stamps", str(tmp_path / "none")])
     assert code == 2 and "tuxpaint-stamps-default" in capsys.readouterr().err
+
+
+def test_demo_reexports_its_bundle_when_the_shipped_checkpoint_changed(tmp_path, monkeypatch):
+    import json
+    from fromage.runtime import demo
+    from fromage.runtime.bundle import sha256_file
+    calls = []
+    monkeypatch.setattr(demo.subprocess, "call", lambda cmd, env=None: calls.append(cmd) or 0)
+    bundle = tmp_path / "default-bundle"
+    bundle.mkdir()
+
+    def built_from(sha):
+        (bundle / "manifest.json").write_text(json.dumps({"model": {"checkpoint_sha256": sha}}))
+    built_from(sha256_file(demo.SHIPPED_CHECKPOINT))
+    demo.ensure_bundle(bundle, managed=True)
+    assert calls == []  # up to date: reused
+    built_from("an older checkpoint")
+    demo.ensure_bundle(bundle, managed=False)
+    assert calls == []  # a bundle the user named is never replaced
+    demo.ensure_bundle(bundle, managed=True)
+    assert len(calls) == 1 and calls[0][-1] == "--overwrite" and "--default" in calls[0]

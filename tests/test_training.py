@@ -80,6 +80,8 @@ def test_checkpoint_round_trip_and_resume(assets, tmp_path):
 
     loaded = FromageModel.from_checkpoint(tmp_path / "a")
     assert loaded.config.query_template == template
+    from fromage.runtime.bundle import sha256_file  # what export records, so stale bundles can be told
+    assert loaded.checkpoint_sha256 == sha256_file(tmp_path / "a" / "learned.safetensors")
     for n, p in straight.checkpoint_state().items():
         assert torch.equal(p, loaded.checkpoint_state()[n]), n
         torch.testing.assert_close(p, resumed.checkpoint_state()[n], rtol=1e-5, atol=1e-6)
