@@ -46,8 +46,6 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.lm = m.merged_lm()
         self.W_t = m.retrieval_head()
-        self.head_weight = nn.Parameter(m.output_head(), requires_grad=False)  # the learned [RET] row in it
-        self.head_bias = self.lm.get_output_embeddings().bias
         self.num_layers = m.lm.config.num_hidden_layers
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past):
@@ -58,7 +56,7 @@ class DecoderGraph(nn.Module):
         out = self.lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                  position_ids=position_ids, past_key_values=cache, use_cache=True)
         last = out.last_hidden_state[:, -1]
-        logits = F.linear(last, self.head_weight, self.head_bias)
+        logits = self.lm.get_output_embeddings()(last)
         ret = F.normalize(self.W_t(last), dim=-1)
         present = []
         for layer in out.past_key_values.layers:

@@ -66,7 +66,7 @@ def fp32_linear(g: _Graph, x: str, name: str, w: np.ndarray) -> str:
     return g.op("MatMul", [x, g.const(name, w.T)])
 
 
-def build_decoder(lm, W_t, linear=fp32_linear, head=None) -> tuple[onnx.ModelProto, list[str], list[str]]:
+def build_decoder(lm, W_t, linear=fp32_linear) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """-> (model, input names, output names). `lm` is the merged LM ([RET] rows written in);
     `W_t` the retrieval head; `linear(g, x, name, weight (out,in))` writes one linear layer
     (default: fp32 MatMul)."""
@@ -117,7 +117,7 @@ def build_decoder(lm, W_t, linear=fp32_linear, head=None) -> tuple[onnx.ModelPro
 
     # the last position only: (B,S,E) -> (B,E)
     last = g.op("Gather", [h, g.const("last_index", np.array(-1, np.int64))], axis=1)
-    head = (lm.get_output_embeddings().weight if head is None else head).detach().float().numpy()
+    head = lm.get_output_embeddings().weight.detach().float().numpy()
     logits = linear(g, last, "lm_head", head)
     t = g.op("Add", [g.op("MatMul", [last, g.const("W_t.weight", W_t.weight.detach().numpy().T)]),
                      g.const("W_t.bias", W_t.bias.detach().numpy())])
@@ -144,7 +144,7 @@ def build_decoder(lm, W_t, linear=fp32_linear, head=None) -> tuple[onnx.ModelPro
 
 
 def export_fused_decoder(m, path, linear=fp32_linear) -> tuple[list[str], list[str]]:
-    model, inputs, outputs = build_decoder(m.merged_lm(), m.retrieval_head(), linear, m.output_head())
+    model, inputs, outputs = build_decoder(m.merged_lm(), m.retrieval_head(), linear)
     # weights inline: with them in an external file, which ONNX Runtime memory-maps, the same graph
     # used ~200 MB less memory but decoded 15-25 % slower here (`fromage bench`, side by side)
     onnx.save(model, str(path))

@@ -162,19 +162,16 @@ class FromageModel(nn.Module):
         return hidden, torch.where(col, ret_logit.unsqueeze(-1), logits)
 
     @torch.no_grad()
-    def output_head(self) -> torch.Tensor:
-        """(V, H) lm_head weight with the learned [RET] output row (export writes this, tied LM or not)."""
-        head = self.lm.get_output_embeddings().weight.detach().clone()
-        head[self.ret_id] = self.ret_output
-        return head
-
-    @torch.no_grad()
     def merged_lm(self):
-        """The LM with the learned [RET] rows written into its tables (for export; with tied tables the
-        output row is the input row here, so the decoder graphs take their head from `output_head`)."""
-        self.lm.get_input_embeddings().weight[self.ret_id] = self.ret_embedding
-        if not self.tied:
-            self.lm.get_output_embeddings().weight[self.ret_id] = self.ret_output
+        """The LM with the learned [RET] rows written into its tables (for export). A tied LM's head is
+        untied here (a copy of the table), so its [RET] output row can be the learned one."""
+        table = self.lm.get_input_embeddings().weight
+        table[self.ret_id] = self.ret_embedding
+        head = self.lm.get_output_embeddings()
+        if head.weight is table:
+            head.weight = nn.Parameter(table.detach().clone(), requires_grad=False)
+            self.lm.config.tie_word_embeddings = False
+        head.weight[self.ret_id] = self.ret_output
         return self.lm
 
     # ---- checkpoints: learned pieces only --------------------------------------------
