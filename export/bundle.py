@@ -169,7 +169,7 @@ def write_bundle(m: FromageModel, out, *, overwrite: bool = False, quantize: str
                 "query_template": m.config.query_template,
                 # sha256 of the checkpoint's learned.safetensors (None: fresh heads), so a bundle built
                 # from an older shipped default can be recognised
-                "checkpoint_sha256": getattr(m, "checkpoint_sha256", None),
+                "checkpoint_sha256": m.checkpoint_sha256,
             },
             "tokens": {"ret": m.ret_id, "ret_text": m.config.ret_token,
                        "prefix": special_prefix(tok), "stop": _stop_ids(m)},

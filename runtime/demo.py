@@ -218,13 +218,16 @@ def ensure_bundle(bundle: Path, managed: bool) -> None:
     """Exports the default model if there is no bundle; re-exports the demo's own bundle (`managed`)
     when it was built from another checkpoint than the shipped one (e.g. after an update)."""
     cmd = [sys.executable, "-m", "fromage.runtime.cli", "export", "--default", "--out", str(bundle)]
-    try:
-        built_from = json.loads((bundle / "manifest.json").read_text())["model"].get("checkpoint_sha256")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        built_from = False  # no (readable) bundle
-    if built_from is not False:
+    manifest = bundle / "manifest.json"
+    if manifest.is_file():
+        if not managed or not SHIPPED_CHECKPOINT.is_file():
+            return
         from .bundle import sha256_file
-        if not managed or not SHIPPED_CHECKPOINT.is_file() or built_from == sha256_file(SHIPPED_CHECKPOINT):
+        try:
+            built_from = json.loads(manifest.read_text())["model"].get("checkpoint_sha256")
+        except (ValueError, KeyError, AttributeError):
+            built_from = None  # unreadable: re-exported like a stale one
+        if built_from == sha256_file(SHIPPED_CHECKPOINT):
             return
         print(f"== the bundle at {bundle} was built from another checkpoint than the shipped default: "
               "re-exporting it with `fromage export --default` (about a minute)", flush=True)

@@ -236,7 +236,7 @@ class Fromage:
         rets = 0
         for step in range(budget):
             logits = state.logits
-            adjust_ret_logit(logits, self.ret_id, step, p, allow_ret and not 0 < p.max_rets <= rets)
+            adjust_ret_logit(logits, self.ret_id, step, p, allow_ret, rets)
             token = sample(logits, p, rng)
             if token in stop_ids:
                 result.stop_reason = "stop"

@@ -22,9 +22,11 @@ class SamplingParams:
     extra: dict = field(default_factory=dict)
 
 
-def adjust_ret_logit(logits: np.ndarray, ret_id: int, step: int, p: SamplingParams, allowed: bool) -> None:
-    """In place. The reference multiplied the raw logit, making [RET] *less* likely when negative."""
-    if not allowed or step < p.min_word_tokens:
+def adjust_ret_logit(logits: np.ndarray, ret_id: int, step: int, p: SamplingParams, allowed: bool,
+                     rets: int = 0) -> None:
+    """In place; `rets`: the [RET]s emitted so far. Banned before `min_word_tokens` and after `max_rets`.
+    The reference multiplied the raw logit, making [RET] *less* likely when negative."""
+    if not allowed or step < p.min_word_tokens or 0 < p.max_rets <= rets:
         logits[ret_id] = -np.inf
     else:
         logits[ret_id] = abs(logits[ret_id]) * p.ret_scale_factor

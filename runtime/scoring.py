@@ -43,7 +43,7 @@ def ret_embeddings_of_parts(model, contexts: list[list[Part]], visual: dict | No
 
 def ret_embeddings(model, texts: list[str]) -> np.ndarray:
     """(n, R) [RET] embedding of each text query: the prompt is the text written in the bundle's query
-    template (e.g. `A picture of {}. In one word, the picture shows a`), then [RET]."""
+    template (e.g. `A picture of {}. In one word, the picture shows`), then [RET]."""
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise FromageError(f"text {i} is a {type(t).__name__}, not a string")

@@ -70,7 +70,7 @@ def test_ret_as_last_token_still_retrieves(exported, assets):
     assert got.parts[-1]["type"] == "image" and got.parts[-1]["path"]
 
 
-def test_max_rets_bans_ret_after_the_limit(exported):
+def test_max_rets_bans_ret_after_the_limit(exported, assets):
     e = exported["llama"]
     rt = Fromage(e["bundle"], index=e["index"])
     params = SamplingParams(max_new_tokens=6, stop_ids=[], ret_scale_factor=1e4)  # [RET] wins every step
@@ -79,6 +79,10 @@ def test_max_rets_bans_ret_after_the_limit(exported):
     got = rt.generate(["a red cat"], params)
     assert got.token_ids[:2] == [e["model"].ret_id] * 2 and e["model"].ret_id not in got.token_ids[2:]
     assert sum(p["type"] == "image" for p in got.parts) == 2
+    # the PyTorch reference loop applies the same limit
+    model, paths = e["model"], sorted(assets["images"])
+    assert reference_generate(model, ["a red cat"], params, candidates=_candidates(model, paths))["token_ids"] \
+        == got.token_ids
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -95,6 +95,7 @@ class FromageModel(nn.Module):
         # captions (a few dimensions of an LM's last hidden state are orders of magnitude larger
         # than the rest and would dominate a linear map); fixed during training, folded into W_t
         # at export (`retrieval_head`). Identity until `set_text_statistics`.
+        self.checkpoint_sha256 = None  # of the learned.safetensors it was loaded from (recorded in bundles)
         self.register_buffer("text_mean", torch.zeros(self.hidden_dim))
         self.register_buffer("text_std", torch.ones(self.hidden_dim))
         if "{}" not in config.query_template:
@@ -219,5 +220,5 @@ class FromageModel(nn.Module):
         model = cls(FromageConfig.from_dict(meta), **backbones)
         model.load_learned(directory)
         from fromage.runtime.bundle import sha256_file
-        model.checkpoint_sha256 = sha256_file(directory / "learned.safetensors")  # recorded in bundles
+        model.checkpoint_sha256 = sha256_file(directory / "learned.safetensors")
         return model

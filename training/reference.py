@@ -38,7 +38,8 @@ def reference_generate(model: FromageModel, parts: list[Part], params: SamplingP
     for step in range(params.max_new_tokens):
         hidden, logits = model.forward_lm(embeds)
         logits = logits[0, -1].numpy().copy()
-        adjust_ret_logit(logits, model.ret_id, step, params, params.retrieval and candidates is not None)
+        adjust_ret_logit(logits, model.ret_id, step, params, params.retrieval and candidates is not None,
+                         len(retrievals))
         token = sample(logits, params, rng)
         if token in stop:
             break
