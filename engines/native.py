@@ -28,7 +28,7 @@ F32, NBITS, BLOCK = 0, 1, 32  # as in native/fromage_native.h
 
 class _Linear(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("K", ctypes.c_int32), ("N", ctypes.c_int32), ("bits", ctypes.c_int32),
-                ("w", ctypes.c_void_p), ("q", ctypes.c_void_p), ("dm", ctypes.c_void_p)]
+                ("w", ctypes.c_void_p), ("q", ctypes.c_void_p)]
 
 
 class _Layer(ctypes.Structure):
@@ -49,13 +49,6 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + 64, np.uint8)
     start = -raw.ctypes.data % 64
     return raw[start:start + nbytes]
-
-
-def _aligned(a: np.ndarray) -> np.ndarray:
-    """A copy of `a` starting on a 64-byte boundary."""
-    out = _aligned_empty(a.nbytes).view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
 
 
 def library_path() -> Path | None:
@@ -141,7 +134,7 @@ class NativeDecoder:
 
     def _linear(self, name: str) -> _Linear:
         if name + ".qweight" in self.w:
-            q, d = self.w[name + ".qweight"], self.w.pop(name + ".scales")
+            q, d = self.w.pop(name + ".qweight"), self.w.pop(name + ".scales")
             n, nb, nbytes = q.shape
             # MatMulNBits computes d * (q - 2^(bits-1)) [+ offsets (nb, N) * block sums, for Q4_1]:
             # the same as w = d * q + m per block, with (d, m) kept per column as fp16 [d... | m...]
@@ -152,10 +145,14 @@ class NativeDecoder:
             dm = np.concatenate([d, m], axis=1)
             if not np.array_equal(dm.astype(np.float16).astype(np.float32), dm):
                 raise FromageError(f"{name}: block scales are not fp16 values (re-export the bundle)")
-            self.w[name + ".qweight"], self.w[name + ".dm"] = q, _aligned(dm.astype(np.float16))  # kept alive
-            return _Linear(NBITS, nb * BLOCK, n, nbytes * 8 // BLOCK, None, q.ctypes.data, self.w[name + ".dm"].ctypes.data)
+            # one record per column, [d | m | blocks], so that the kernel reads a single stream
+            records = _aligned_empty(n * (4 * nb + nb * nbytes)).reshape(n, -1)
+            records[:, :4 * nb] = dm.astype(np.float16).view(np.uint8)
+            records[:, 4 * nb:] = q.reshape(n, -1)
+            self.w[name + ".records"] = records  # kept alive
+            return _Linear(NBITS, nb * BLOCK, n, nbytes * 8 // BLOCK, None, records.ctypes.data)
         w = self._get(name)
-        return _Linear(F32, w.shape[0], w.shape[1], 0, w.ctypes.data, None, None)
+        return _Linear(F32, w.shape[0], w.shape[1], 0, w.ctypes.data, None)
 
     def _model(self, model: dict) -> _Model:
         n_layers, kv, d = model["num_layers"], model["kv_heads"], model["head_dim"]

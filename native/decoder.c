@@ -122,7 +122,7 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
     rms_norm(x + (size_t)(T - 1) * E, m->final_norm, h, 1, E, m->eps);
     rc |= fm_linear_forward(&m->head, h, 1, logits, 0);
     if (m->head_extra.N > 0) rc |= fm_linear_forward(&m->head_extra, h, 1, logits + m->head.N, 0);
-    const fm_linear wt = {FM_F32, E, m->retrieval_dim, 0, m->wt, NULL, NULL};
+    const fm_linear wt = {FM_F32, E, m->retrieval_dim, 0, m->wt, NULL};
     rc |= fm_linear_forward(&wt, h, 1, ret, 0);
     if (rc) return -2;
     float norm = 0.f;

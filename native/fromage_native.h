@@ -4,7 +4,7 @@
  * reads them into 64-byte-aligned buffers):
  * fp32 MatMul matrices (K, N) as in the graph, or MatMulNBits' 4/8-bit blocks with a scale and a
  * minimum per block in fp16 (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit bundle computes with exactly
- * the weights of the fp32 one. The KV cache is the runtime's (1, kv, capacity, d) buffers,
+ * the weights of the fp32 one; the caller lays each column's scales and blocks out as one record. The KV cache is the runtime's (1, kv, capacity, d) buffers,
  * written in place, the same layout the ONNX graph uses. */
 #ifndef FROMAGE_NATIVE_H
 #define FROMAGE_NATIVE_H
@@ -21,10 +21,9 @@ enum { FM_BLOCK = 32 };
 typedef struct {
     int32_t kind, K, N, bits;
     const float *w;       /* FM_F32: (K, N) row-major, as the ONNX MatMul initializer */
-    const uint8_t *q;     /* FM_NBITS: (N, K/32, 32*bits/8) unsigned, MatMulNBits' layout (4-bit: element
-                           * 2i in the low nibble) */
-    const uint16_t *dm;   /* FM_NBITS: (N, 2, K/32) fp16: per column the blocks' d, then their m;
-                           * weight = d * q + m */
+    const uint8_t *q;     /* FM_NBITS: N records, one per column, each [d (K/32 fp16) | m (K/32 fp16) |
+                           * K/32 blocks of 32*bits/8 bytes of unsigned q, MatMulNBits' packing (4-bit:
+                           * element 2i in the low nibble)]; weight = d * q + m */
 } fm_linear;
 
 typedef struct {

@@ -23,22 +23,22 @@ static uint16_t to_half(float f) { /* exact for the values used here: small mult
 /* A (K, N) linear on a Q4_1 grid: fp32 copy in *f32, 4-bit blocks in *q4. */
 static void make_linear(int K, int N, fm_linear *f32, fm_linear *q4) {
     float *w = malloc(sizeof(float) * K * N);
-    const int nb = K / 32;
-    uint8_t *q = calloc((size_t)N * nb, 16);
-    uint16_t *dm = malloc(sizeof(uint16_t) * N * 2 * nb);
+    const int nb = K / 32, record = nb * (4 + 16);  /* per column: d[nb], m[nb] (fp16), then the blocks */
+    uint8_t *q = calloc((size_t)N, record);
     for (int n = 0; n < N; n++)
         for (int b = 0; b < nb; b++) {
             const float d = (1 + (int)((frand() + 0.5f) * 8)) / 1024.f, m = -8 * d + (int)(frand() * 4) / 1024.f;
-            uint8_t *blk = q + ((size_t)n * nb + b) * 16;
+            uint16_t *dm = (uint16_t *)(q + (size_t)n * record);
+            uint8_t *blk = q + (size_t)n * record + 4 * nb + b * 16;
             for (int i = 0; i < 32; i++) {
                 const int v = (int)((frand() + 0.5f) * 16) & 15;
                 blk[i / 2] |= (uint8_t)(i & 1 ? v << 4 : v);
                 w[(size_t)(b * 32 + i) * N + n] = d * v + m;
             }
-            dm[(size_t)n * 2 * nb + b] = to_half(d), dm[(size_t)n * 2 * nb + nb + b] = to_half(m);
+            dm[b] = to_half(d), dm[nb + b] = to_half(m);
         }
-    *f32 = (fm_linear){FM_F32, K, N, 0, w, NULL, NULL};
-    *q4 = (fm_linear){FM_NBITS, K, N, 4, NULL, q, dm};
+    *f32 = (fm_linear){FM_F32, K, N, 0, w, NULL};
+    *q4 = (fm_linear){FM_NBITS, K, N, 4, NULL, q};
 }
 
 static float *randv(int n, float scale, float offset) {
