@@ -8,6 +8,7 @@
  * written in place, the same layout the ONNX graph uses. */
 #ifndef FROMAGE_NATIVE_H
 #define FROMAGE_NATIVE_H
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -50,6 +51,12 @@ int fm_cpu_ok(void);
  * Returns 0, or -1 when past + T exceeds capacity or the rotary table, -2 when out of memory. */
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
                float *const *k_cache, float *const *v_cache, float *logits, float *ret);
+
+/* Sums a (n floats) with OpenMP's threads, each reading its share as `streams` side-by-side forward
+ * streams (1, 2, 4 or 8): the reads that `fromage bench` measures the memory bandwidth roofline with.
+ * piece 0: one contiguous share per thread; else pieces of `piece` floats dealt to the threads in
+ * turn. Tails (a partial piece, fewer than 8 * streams floats of a share) are left out. */
+float fm_stream_read(const float *a, size_t n, int streams, size_t piece);
 
 #ifdef __cplusplus
 }

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from fromage.engines import native
+from fromage.engines.gather import gather_engine
 from fromage.engines.onnxruntime import ConcatDecoder, InPlaceDecoder, create_engine
 
 from .bundle import Bundle, load_bundle
@@ -125,8 +126,11 @@ class Fromage:
         self.ret_id = self.bundle.tokens["ret"]
         self.tokenizer = Tokenizer.from_file(str(self.bundle.directory / "tokenizer.json"))
         self.vision = create_engine(self.bundle.graph_path("vision"), device=device, threads=threads)
-        # one thread: a lookup, and idle ONNX Runtime workers would spin against the decoder's threads
-        self.embed = create_engine(self.bundle.graph_path("embed"), device=device, threads=1)
+        # a plain table lookup runs in numpy (engines/gather.py); otherwise ONNX Runtime with one
+        # thread: a lookup, and idle ONNX Runtime workers would spin against the decoder's threads
+        embed_path = self.bundle.graph_path("embed")
+        self.embed = (gather_engine(embed_path) if device == "cpu" else None) or create_engine(
+            embed_path, device=device, threads=1)
         io = self.bundle.manifest["graphs"]["decoder"]
         self.kv_names = io["inputs"][3:]
         # the fused graph (export/llama_graph.py) keeps the KV cache in buffers written in place

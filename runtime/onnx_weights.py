@@ -1,6 +1,6 @@
 """An ONNX graph's weights without the onnx package (a minimal protobuf walk): their bytes per token
 for the roofline of `fromage bench`, and where each inline tensor lies in the file, so the native
-decoder can read them straight into buffers of its own."""
+decoder (and the embedding lookup) can read them straight into buffers of their own."""
 from __future__ import annotations
 
 import math
@@ -78,6 +78,27 @@ def initializers(buf) -> list[dict]:
     for f, w, a, b in _fields(buf, 0, len(buf)):
         if f == 7 and w == 2:  # ModelProto.graph
             out += [_tensor(buf, a2, b2) for f2, w2, a2, b2 in _fields(buf, a, b) if f2 == 5 and w2 == 2]
+    return out
+
+
+def nodes(buf) -> list[dict]:
+    """The ONNX model's graph nodes, in order: {"op": op type, "ints": its integer attributes}."""
+    out = []
+    for f, w, a, b in _fields(buf, 0, len(buf)):
+        if f == 7 and w == 2:  # ModelProto.graph -> GraphProto.node
+            for f2, w2, a2, b2 in _fields(buf, a, b):
+                if f2 != 1 or w2 != 2:
+                    continue
+                node = {"op": "", "ints": {}}
+                for f3, w3, a3, b3 in _fields(buf, a2, b2):
+                    if f3 == 4 and w3 == 2:  # NodeProto.op_type
+                        node["op"] = bytes(buf[a3:b3]).decode()
+                    elif f3 == 5 and w3 == 2:  # NodeProto.attribute: name (1), i (3)
+                        attr = {f4: (bytes(buf[a4:b4]).decode() if w4 == 2 else a4) for f4, w4, a4, b4 in _fields(buf, a3, b3)
+                                if (f4, w4) in ((1, 2), (3, 0))}
+                        if 3 in attr:
+                            node["ints"][attr.get(1, "")] = attr[3]
+                out.append(node)
     return out
 
 

@@ -33,6 +33,8 @@ def test_bench_fromage_json_and_plot(exported, tmp_path, cache, capsys):
     r = _bench(tmp_path, "--bundle", bundle, "--images", "1", *(["--plot", str(plot)] if plot else []))
     assert r["roofline_tok_s"] > 0 and r["bandwidth_gb_s"] > 0
     assert r["bandwidth"]["method"] in r["bandwidth"]["methods_gb_s"] and r["bandwidth"]["how"]
+    assert len(r["bandwidth"]["per_round_gb_s"]) == 1  # measured in each timed round
+    assert "native read, 8 streams per thread" in r["bandwidth"]["methods_gb_s"]
     s = r["settings"]
     assert (s["prompt_tokens"], s["new_tokens"], s["images"], s["batch"], s["runs"]) == (8, 4, 1, 1, 1)
     assert len(s["prompt_token_ids"]) == 8

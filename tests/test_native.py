@@ -86,3 +86,16 @@ def test_threads_are_per_decoder(exported):
     assert (one.decoder.model.threads, two.decoder.model.threads) == (1, 2)
     for (la, ra, _), (lb, rb, _) in zip(_steps(one, [6, 1, 1]), _steps(two, [6, 1, 1])):
         assert np.abs(la - lb).max() <= 1e-5 * max(1.0, np.abs(lb).max()) and np.abs(ra - rb).max() <= 1e-6
+
+
+def test_embedding_lookup_runs_in_numpy_and_matches_onnxruntime(exported):
+    from fromage.engines.gather import GatherEngine, gather_engine
+    from fromage.engines.onnxruntime import create_engine
+    bundle = Fromage(exported["llama"]["bundle"])
+    assert isinstance(bundle.embed, GatherEngine)  # the bundle's embed.onnx is one Gather
+    ids = np.array([[0, 5, bundle.ret_id, 3]], dtype=np.int64)
+    ort = create_engine(bundle.bundle.graph_path("embed"), threads=1)
+    assert np.array_equal(bundle.embed.run({"input_ids": ids})[0], ort.run({"input_ids": ids})[0])
+    with pytest.raises(FromageError, match="out of range"):
+        bundle.embed.run({"input_ids": np.array([[-1]])})
+    assert gather_engine(bundle.bundle.graph_path("vision")) is None  # any other graph: ONNX Runtime

@@ -1,0 +1,45 @@
+"""The embedding graph run as a numpy lookup: a bundle's embed.onnx is one Gather over an fp32 table.
+
+Why: the decode loop embeds one token per step, and an ONNX Runtime call for that cost ~150 us per
+token here (its machinery runs cache-cold after each decoder step), ~2 % of an int4 step. Other
+embedding graphs run on ONNX Runtime (`gather_engine` returns None for them).
+"""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+from fromage.runtime.errors import FromageError
+from fromage.runtime.onnx_weights import initializers, nodes
+
+
+class GatherEngine:
+    input_names = ["input_ids"]
+
+    def __init__(self, table: np.ndarray, output_name: str):
+        self.table, self.output_names = table, [output_name]
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        ids = np.asarray(feeds["input_ids"])
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.table)):
+            raise FromageError(f"token id out of range 0..{len(self.table) - 1}")
+        return [self.table[ids]]
+
+
+def gather_engine(path, output_name: str = "inputs_embeds") -> GatherEngine | None:
+    """A GatherEngine for `path` when it is one Gather over one inline 2-D float32 table, else None."""
+    with open(path, "rb") as fh:
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            graph, tables = nodes(buf), initializers(buf)
+        if [n["op"] for n in graph] != ["Gather"] or graph[0]["ints"].get("axis", 0) != 0 or len(tables) != 1:
+            return None
+        t = tables[0]
+        if t["dtype"] != 1 or len(t["dims"]) != 2 or t["raw"] is None:
+            return None
+        a, b = t["raw"]
+        table = np.empty(t["dims"], np.float32)
+        fh.seek(a)
+        if fh.readinto(memoryview(table).cast("B")) != b - a:
+            raise FromageError(f"{path}: truncated embedding table")
+    return GatherEngine(table, output_name)
