@@ -126,8 +126,8 @@ class NativeDecoder:
         # read into 64-byte-aligned memory of one arena: used in place from a memory map (arbitrary
         # offsets), the same kernels ran ~15 % slower here (split cache-line loads); read(), not copied
         # from a map, so loading never holds the file's pages and the copies at once. 4/8-bit weights
-        # are read aside and repacked into the arena (_linear).
-        self.w = {}
+        # are read aside and repacked into the arena one matrix at a time (_repack).
+        self.w, self._blocks = {}, {}
         with open(path, "rb") as fh:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 table = [t for t in initializers(buf) if t["dtype"] in _DTYPES]
@@ -137,7 +137,7 @@ class NativeDecoder:
             records = [t["dims"][0] * t["dims"][1] * (4 + t["dims"][2]) for t in table
                        if t["name"].endswith(".qweight") and len(t["dims"]) == 3]
             self.arena = _Arena(sum(_Arena.padded(n) for n in records + [t["raw"][1] - t["raw"][0] for t in kept]))
-            for t in table:
+            for t in sorted(table, key=lambda t: t["name"].endswith(".qweight")):  # blocks after their scales
                 a, b = t["raw"]
                 out = (np.empty(b - a, np.uint8) if t["name"].endswith(_TEMPORARY)
                        else self.arena.take(b - a)).view(_DTYPES[t["dtype"]])
@@ -145,6 +145,8 @@ class NativeDecoder:
                 if fh.readinto(memoryview(out).cast("B")) != b - a:
                     raise FromageError(f"{path}: truncated at {t['name']!r}")
                 self.w[t["name"]] = out.reshape(t["dims"])
+                if t["name"].endswith(".qweight"):
+                    self._repack(t["name"][:-len(".qweight")])
         self.model = self._model(model)
         self.model.threads = int(threads or default_threads())
         self._cache_key, self._k, self._v = None, None, None
@@ -160,25 +162,32 @@ class NativeDecoder:
     def _ptr(self, name) -> int:
         return self._get(name).ctypes.data
 
+    def _repack(self, name: str) -> None:
+        """A 4/8-bit matrix's blocks and scales (read aside) -> one record per column in the arena."""
+        q, d = self.w.pop(name + ".qweight"), self.w.pop(name + ".scales", None)
+        if q.ndim != 3 or d is None:
+            raise FromageError(f"decoder.onnx: {name} is not a MatMulNBits weight the native decoder reads")
+        n, nb, nbytes = q.shape
+        # MatMulNBits computes d * (q - 2^(bits-1)) [+ offsets (nb, N) * block sums, for Q4_1]:
+        # the same as w = d * q + m per block, with (d, m) kept per column as fp16 [d... | m...]
+        d = d.reshape(n, nb)
+        m = -float(2 ** (nbytes * 8 // BLOCK - 1)) * d
+        if name + ".offsets" in self.w:
+            m = m + self.w.pop(name + ".offsets").T
+        dm = np.concatenate([d, m], axis=1)
+        if not np.array_equal(dm.astype(np.float16).astype(np.float32), dm):
+            raise FromageError(f"{name}: block scales are not fp16 values (re-export the bundle)")
+        # one record per column, [d | m | blocks], so that a column is one stretch of memory
+        records = self.arena.take(n * (4 * nb + nb * nbytes)).reshape(n, -1)
+        records[:, :4 * nb] = dm.astype(np.float16).view(np.uint8)
+        records[:, 4 * nb:] = q.reshape(n, -1)
+        self.w[name + ".records"] = records
+        self._blocks[name] = (nb * BLOCK, nbytes * 8 // BLOCK)  # K, bits
+
     def _linear(self, name: str) -> _Linear:
-        if name + ".qweight" in self.w:
-            q, d = self.w.pop(name + ".qweight"), self.w.pop(name + ".scales")
-            n, nb, nbytes = q.shape
-            # MatMulNBits computes d * (q - 2^(bits-1)) [+ offsets (nb, N) * block sums, for Q4_1]:
-            # the same as w = d * q + m per block, with (d, m) kept per column as fp16 [d... | m...]
-            d = d.reshape(n, nb)
-            m = -float(2 ** (nbytes * 8 // BLOCK - 1)) * d
-            if name + ".offsets" in self.w:
-                m = m + self.w.pop(name + ".offsets").T
-            dm = np.concatenate([d, m], axis=1)
-            if not np.array_equal(dm.astype(np.float16).astype(np.float32), dm):
-                raise FromageError(f"{name}: block scales are not fp16 values (re-export the bundle)")
-            # one record per column, [d | m | blocks], so that a column is one stretch of memory
-            records = self.arena.take(n * (4 * nb + nb * nbytes)).reshape(n, -1)
-            records[:, :4 * nb] = dm.astype(np.float16).view(np.uint8)
-            records[:, 4 * nb:] = q.reshape(n, -1)
-            self.w[name + ".records"] = records  # kept alive
-            return _Linear(NBITS, nb * BLOCK, n, nbytes * 8 // BLOCK, None, records.ctypes.data)
+        if name + ".records" in self.w:
+            records, (k, bits) = self.w[name + ".records"], self._blocks[name]
+            return _Linear(NBITS, k, records.shape[0], bits, None, records.ctypes.data)
         w = self._get(name)
         return _Linear(F32, w.shape[0], w.shape[1], 0, w.ctypes.data, None)
 
