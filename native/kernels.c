@@ -51,17 +51,17 @@ static void f32_rows(const float *W, int N, const float *x, int k0, int k1, floa
     for (int k = k0 + 4 * q; k < k1; k++) fm_axpy(x[k], W + (size_t)k * N, y, N);
 }
 
-/* How one token's matrix is shared: `units` rows or columns of `unit_bytes` each, cut into pieces of
- * about PIECE_BYTES (a multiple of `align` units; the same number per thread) dealt to the threads in
- * turn, so that the threads read memory near each other: against one contiguous half per thread,
- * ~5-9 % faster on the fp32 default model here (3 of 4 same-process A/B runs; the 4th -2 %), as the
- * streaming reads of `fromage bench` show too. Returns the units per piece. */
+/* How one token's fp32 matrix is shared: its K rows of row_bytes, cut into pieces of about
+ * PIECE_BYTES (a multiple of 4 rows; the same number per thread) dealt to the threads in turn, so
+ * that the threads read memory near each other: against one contiguous half per thread, ~5-9 % faster
+ * on the default model here (3 of 4 same-process A/B runs; the 4th -2 %), as the streaming reads of
+ * `fromage bench` show too. Returns the rows per piece. */
 enum { PIECE_BYTES = 256 << 10 };
 
-static int piece_units(int units, size_t unit_bytes, int threads, int align) {
+static int piece_rows(int K, size_t row_bytes, int threads) {
     const size_t per_round = (size_t)threads * PIECE_BYTES;
-    const size_t pieces = ((size_t)units * unit_bytes + per_round - 1) / per_round * threads;
-    return (int)(((size_t)units + pieces - 1) / pieces + align - 1) / align * align;
+    const size_t pieces = ((size_t)K * row_bytes + per_round - 1) / per_round * threads;
+    return (int)(((size_t)K + pieces - 1) / pieces + 3) / 4 * 4;
 }
 
 /* One token through an fp32 matrix: the rows split between threads (the LM head too: splitting its
@@ -74,7 +74,7 @@ static int f32_gemv(const fm_linear *L, const float *x, float *y, int accumulate
 #pragma omp parallel
     {
         const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        const int rows = piece_units(K, sizeof(float) * N, nt, 4);
+        const int rows = piece_rows(K, sizeof(float) * N, nt);
         float *p = part + (size_t)id * N;
         memset(p, 0, sizeof(float) * N);
         for (int k0 = id * rows; k0 < K; k0 += nt * rows) f32_rows(L->w, N, x, k0, k0 + rows < K ? k0 + rows : K, p);
@@ -158,8 +158,8 @@ static int f32_gemm(const fm_linear *L, const float *x, int T, float *y, int acc
  * weight = d * q + m. So
  *     x . w_column = sum_b d * (x_b . q_b) + sum_b m * S_b,   S_b = the sum of x over block b,
  * the second sum being one short dot product per column. (d, m) in fp16 lose nothing for GGUF grids.
- * A column's scales sit next to its blocks, so that the columns a thread walks are one forward stream
- * (with the scales in an array of their own, the same kernel was ~7-16 % slower).
+ * A column's scales sit next to its blocks, so that a column is one stretch of memory (with the
+ * scales in an array of their own, a second stream, the same kernel was ~7-16 % slower).
  *
  * For x_b . q_b the AVX2 path rounds each block of x to int16 with its own scale sx_b (relative error
  * <= 2^-16 of the block's largest |x|: logits move by ~1e-5, not the ~3 % of int8 activations) and
@@ -287,7 +287,7 @@ static void nbits_prepare(const float *x, int K, int bits, float *sums, float *s
 #endif
 
 /* One token: the columns split between threads, a contiguous half each (pieces dealt in turn, as
- * f32_gemv does, were ~7 % slower here), each column's blocks contiguous in memory. */
+ * f32_gemv does, were ~7 % slower here). */
 static int nbits_gemv(const fm_linear *L, const float *x, float *y, int accumulate) {
     const int K = L->K, N = L->N, nb = K / FM_BLOCK;
     float *sums = fm_scratch(0, (size_t)2 * nb + K / 2 + 16);
