@@ -57,8 +57,10 @@ class _Arena:
     def __init__(self, nbytes: int):
         size = max(HUGE_PAGE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
         self.map = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
             self.map.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):  # no transparent huge pages in this kernel: 4 KiB pages
+            pass
         raw = np.frombuffer(self.map, np.uint8)
         start = -raw.ctypes.data % HUGE_PAGE
         self.free = raw[start:start + size]
