@@ -112,7 +112,7 @@ class BandwidthProbe:
         n = int(gib * (1 << 30)) // 4 // 4096 * 4096
         self.a = np.empty(n, dtype=np.float32)
         self.a.fill(1.0)  # touch every page first
-        self.threads, self.passes, self.pool = threads, passes, ThreadPoolExecutor(threads)
+        self.passes, self.pool = passes, ThreadPoolExecutor(threads)
         parts = np.array_split(self.a, threads)
         matrix, ones = self.a.reshape(-1, 4096), np.ones(4096, dtype=np.float32)
 
@@ -136,6 +136,7 @@ class BandwidthProbe:
                     self.a.ctypes.data, self.a.size, k, p)
         except FromageError:
             pass  # no native library here: the numpy reads only
+        self.info = {"array_bytes": int(self.a.nbytes), "methods": list(self.methods)}  # sent with 'ready'
 
     def measure(self) -> dict:
         mean, peak = {}, {}
@@ -149,19 +150,6 @@ class BandwidthProbe:
             peak[name] = self.a.nbytes / min(times) / 1e9
         method = max(mean, key=mean.get)
         return {"gb_s": mean[method], "method": method, "methods_gb_s": mean, "methods_peak_gb_s": peak}
-
-
-def serve_bandwidth(threads: int) -> int:
-    """The bandwidth worker: 'ready', then one measurement per request (the Worker line protocol)."""
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    probe = BandwidthProbe(threads)
-    _reply(out, {"ready": True, "array_bytes": int(probe.a.nbytes), "methods": list(probe.methods)})
-    for line in sys.stdin:
-        if json.loads(line)["cmd"] == "quit":
-            break
-        _reply(out, probe.measure())
-    return 0
 
 
 def bandwidth_summary(samples: list[dict], threads: int, array_bytes: int) -> dict:
@@ -187,9 +175,10 @@ def _reply(out, obj) -> None:
     out.flush()
 
 
-def serve(make_system, spec: dict) -> int:
-    """Line protocol on stdin/stdout: 'ready' after loading, then one reply per command.
-    Everything else the process prints goes to stderr (the log), never into the protocol."""
+def serve(make_system, spec: dict, handle=None) -> int:
+    """Line protocol on stdin/stdout: 'ready' after loading, then one reply per command: `handle(system,
+    msg)`, by default one timed round (`run_round`). Everything else the process prints goes to stderr
+    (the log), never into the protocol."""
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -207,7 +196,7 @@ def serve(make_system, spec: dict) -> int:
         if msg["cmd"] == "quit":
             break
         try:
-            _reply(out, run_round(system, spec, msg["images"]))
+            _reply(out, handle(system, msg) if handle else run_round(system, spec, msg["images"]))
         except Exception as e:
             traceback.print_exc()
             _reply(out, {"error": f"{type(e).__name__}: {e}"})
@@ -463,14 +452,14 @@ def run_bench(args, log=print) -> dict:
     probe = Worker("bandwidth", [sys.executable, "-m", "fromage.runtime.bench", "bandwidth", str(threads)], env,
                    work / "bandwidth.log")
     try:
-        probe_ready = probe.request(None)
+        array_bytes = probe.request(None)["info"]["array_bytes"]
     except WorkerError as e:
         probe.close()
         raise FromageError(f"the bandwidth probe failed: {e}") from None
     samples: list[dict] = []
 
     systems: dict[str, dict] = {}
-    workers: dict[str, Worker] = {"bandwidth": probe}
+    workers: dict[str, Worker] = {}
     ready: dict[str, dict] = {}
     names = ("fromage",) + tuple(also) + peers
     for name in names:
@@ -489,21 +478,12 @@ def run_bench(args, log=print) -> dict:
             log(f"  {name}: {e}")
             if name in workers:
                 workers.pop(name).close()
-    workers["bandwidth"] = workers.pop("bandwidth")  # last in each round, after the systems
-    rounds: dict[str, list] = {n: [] for n in workers if n != "bandwidth"}
+    rounds: dict[str, list] = {n: [] for n in workers}
     try:
         total = args.warmup + args.runs
         for r in range(total):
             label = f"warm-up {r + 1}/{args.warmup}" if r < args.warmup else f"run {r - args.warmup + 1}/{args.runs}"
             for name in list(workers):
-                if name == "bandwidth":
-                    try:
-                        sample = probe.request({"cmd": "measure"})
-                    except WorkerError as e:
-                        raise FromageError(f"the bandwidth probe failed: {e}") from None
-                    samples += [sample] if r >= args.warmup else []
-                    log(f"  {label} memory bandwidth: {sample['gb_s']:.1f} GB/s ({sample['method']})")
-                    continue
                 t = time.perf_counter()
                 try:
                     reply = workers[name].request({"cmd": "round", "images": bool(args.images)})
@@ -517,11 +497,17 @@ def run_bench(args, log=print) -> dict:
                 rate = reply.get("decode_tok_s")
                 log(f"  {label} {name}: {time.perf_counter() - t:.1f} s"
                     + (f", {rate:.1f} tok/s decode" if rate else ""))
+            try:  # the bandwidth, after the systems' runs of the round
+                sample = probe.request({"cmd": "measure"})
+            except WorkerError as e:
+                raise FromageError(f"the bandwidth probe failed: {e}") from None
+            samples += [sample] if r >= args.warmup else []
+            log(f"  {label} memory bandwidth: {sample['gb_s']:.1f} GB/s ({sample['method']})")
     finally:
-        for w in workers.values():
+        for w in [*workers.values(), probe]:
             w.close()
 
-    bandwidth = bandwidth_summary(samples, threads, probe_ready["array_bytes"])
+    bandwidth = bandwidth_summary(samples, threads, array_bytes)
     roofline = bandwidth["gb_s"] * 1e9 / weights
     fromage_tokens = rounds["fromage"][-1]["tokens"] if rounds.get("fromage") else None
     for name, rs in rounds.items():
@@ -766,7 +752,8 @@ def cmd_bench(args) -> None:
 def _module_main(argv: list[str]) -> int:
     """Subprocess entry points: `bandwidth THREADS` (the bandwidth probe) and `serve SPEC` (the fromage worker)."""
     if argv[:1] == ["bandwidth"]:
-        return serve_bandwidth(int(argv[1]))
+        return serve(lambda spec: BandwidthProbe(spec["threads"]), {"threads": int(argv[1])},
+                     lambda probe, msg: probe.measure())
     if argv[:1] == ["serve"]:
         spec = json.loads(Path(argv[1]).read_text())
         if len(argv) > 2 and argv[2] != "fromage":  # an --also bundle or engine
