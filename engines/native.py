@@ -48,6 +48,13 @@ HUGE_PAGE = 2 << 20
 _TEMPORARY = (".qweight", ".scales", ".offsets")  # read, then repacked into column records
 
 
+def _records_bytes(qweight_dims) -> int:
+    """Bytes of the column records of a MatMulNBits weight (N, K/32, bytes per block): per column
+    the blocks' fp16 d and m, then the blocks (native/fromage_native.h)."""
+    n, nb, nbytes = qweight_dims
+    return n * nb * (4 + nbytes)
+
+
 class _Arena:
     """One anonymous private mapping for all the weights the kernels stream, on transparent huge
     pages where the kernel allows it (madvise). A decode step streams every weight once, and with
@@ -129,14 +136,14 @@ class NativeDecoder:
         # offsets), the same kernels ran ~15 % slower here (split cache-line loads); read(), not copied
         # from a map, so loading never holds the file's pages and the copies at once. 4/8-bit weights
         # are read aside and repacked into the arena one matrix at a time (_repack).
-        self.w, self._blocks = {}, {}
+        self.w, self._nbits = {}, {}
         with open(path, "rb") as fh:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 table = [t for t in initializers(buf) if t["dtype"] in _DTYPES]
             self._external = {t["name"] for t in table if t["raw"] is None}
             table = [t for t in table if t["raw"] is not None]
             kept = [t for t in table if not t["name"].endswith(_TEMPORARY)]
-            records = [t["dims"][0] * t["dims"][1] * (4 + t["dims"][2]) for t in table
+            records = [_records_bytes(t["dims"]) for t in table
                        if t["name"].endswith(".qweight") and len(t["dims"]) == 3]
             self.arena = _Arena(sum(_Arena.padded(n) for n in records + [t["raw"][1] - t["raw"][0] for t in kept]))
             for t in sorted(table, key=lambda t: t["name"].endswith(".qweight")):  # blocks after their scales
@@ -180,16 +187,14 @@ class NativeDecoder:
         if not np.array_equal(dm.astype(np.float16).astype(np.float32), dm):
             raise FromageError(f"{name}: block scales are not fp16 values (re-export the bundle)")
         # one record per column, [d | m | blocks], so that a column is one stretch of memory
-        records = self.arena.take(n * (4 * nb + nb * nbytes)).reshape(n, -1)
+        records = self.arena.take(_records_bytes(q.shape)).reshape(n, -1)
         records[:, :4 * nb] = dm.astype(np.float16).view(np.uint8)
         records[:, 4 * nb:] = q.reshape(n, -1)
-        self.w[name + ".records"] = records
-        self._blocks[name] = (nb * BLOCK, nbytes * 8 // BLOCK)  # K, bits
+        self._nbits[name] = _Linear(NBITS, nb * BLOCK, n, nbytes * 8 // BLOCK, None, records.ctypes.data)
 
     def _linear(self, name: str) -> _Linear:
-        if name + ".records" in self.w:
-            records, (k, bits) = self.w[name + ".records"], self._blocks[name]
-            return _Linear(NBITS, k, records.shape[0], bits, None, records.ctypes.data)
+        if name in self._nbits:
+            return self._nbits[name]
         w = self._get(name)
         return _Linear(F32, w.shape[0], w.shape[1], 0, w.ctypes.data, None)
 
