@@ -11,7 +11,7 @@ import mmap
 import numpy as np
 
 from fromage.runtime.errors import FromageError
-from fromage.runtime.onnx_weights import initializers, nodes
+from fromage.runtime.onnx_weights import initializers, nodes, read_inline
 
 
 class GatherEngine:
@@ -37,9 +37,6 @@ def gather_engine(path, output_name: str = "inputs_embeds") -> GatherEngine | No
         t = tables[0]
         if t["dtype"] != 1 or len(t["dims"]) != 2 or t["raw"] is None:
             return None
-        a, b = t["raw"]
         table = np.empty(t["dims"], np.float32)
-        fh.seek(a)
-        if fh.readinto(memoryview(table).cast("B")) != b - a:
-            raise FromageError(f"{path}: truncated embedding table")
+        read_inline(fh, t, table)
     return GatherEngine(table, output_name)

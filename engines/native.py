@@ -20,7 +20,7 @@ import numpy as np
 
 from fromage.engines.base import default_threads
 from fromage.runtime.errors import FromageError
-from fromage.runtime.onnx_weights import initializers
+from fromage.runtime.onnx_weights import initializers, read_inline
 
 _DTYPES = {1: np.float32, 2: np.uint8}  # the weights; the graphs' int64 shape constants are not needed
 F32, NBITS, BLOCK = 0, 1, 32  # as in native/fromage_native.h
@@ -150,9 +150,7 @@ class NativeDecoder:
                 a, b = t["raw"]
                 out = (np.empty(b - a, np.uint8) if t["name"].endswith(_TEMPORARY)
                        else self.arena.take(b - a)).view(_DTYPES[t["dtype"]])
-                fh.seek(a)
-                if fh.readinto(memoryview(out).cast("B")) != b - a:
-                    raise FromageError(f"{path}: truncated at {t['name']!r}")
+                read_inline(fh, t, out)
                 self.w[t["name"]] = out.reshape(t["dims"])
                 if t["name"].endswith(".qweight"):
                     self._repack(t["name"][:-len(".qweight")])

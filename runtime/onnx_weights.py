@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import mmap
 
+from .errors import FromageError
+
 _ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16, 16: 2,
              17: 1, 18: 1, 19: 1, 20: 1, 21: 0.5, 22: 0.5, 23: 0.5}
 
@@ -100,6 +102,15 @@ def nodes(buf) -> list[dict]:
                             node["ints"][attr.get(1, "")] = attr[3]
                 out.append(node)
     return out
+
+
+def read_inline(fh, t: dict, out) -> None:
+    """Reads the inline bytes of tensor `t` (an `initializers` entry) from the open file `fh` into `out`,
+    a writable buffer of exactly that size."""
+    a, b = t["raw"]
+    fh.seek(a)
+    if fh.readinto(memoryview(out).cast("B")) != b - a:
+        raise FromageError(f"{fh.name}: truncated at {t['name']!r}")
 
 
 # tables of which a decode step reads one row (the fused decoder's rotary cos/sin), not weights
