@@ -46,6 +46,12 @@ class _Model(ctypes.Structure):
 
 HUGE_PAGE = 2 << 20
 _TEMPORARY = (".qweight", ".scales", ".offsets")  # read, then repacked into column records
+_HEADS = ("lm_head", "lm_head.extra_rows", "W_t.weight")  # fp32 matrices besides the layers' *_proj
+
+
+def _is_f32_matrix(t: dict) -> bool:
+    """An fp32 MatMul weight (K, N), which the kernels take transposed (native/fromage_native.h)."""
+    return t["dtype"] == 1 and len(t["dims"]) == 2 and (t["name"].endswith("_proj") or t["name"] in _HEADS)
 
 
 def _records_bytes(qweight_dims) -> int:
@@ -107,6 +113,7 @@ def load_library():
             raise FromageError(f"cannot load the native decoder library {path}: {e}") from None
         if not lib.fm_cpu_ok():
             raise FromageError("this CPU lacks what the native decoder was compiled for (AVX2, FMA, F16C)")
+        lib.fm_transpose.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                                    ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p]
@@ -134,8 +141,9 @@ class NativeDecoder:
                                "re-export it")
         # read into 64-byte-aligned memory of one arena: used in place from a memory map (arbitrary
         # offsets), the same kernels ran ~15 % slower here (split cache-line loads); read(), not copied
-        # from a map, so loading never holds the file's pages and the copies at once. 4/8-bit weights
-        # are read aside and repacked into the arena one matrix at a time (_repack).
+        # from a map, so loading never holds the file's pages and the copies at once. fp32 matrices
+        # are read aside and transposed into the arena, 4/8-bit weights read aside and repacked into
+        # it (_repack), one matrix at a time.
         self.w, self._nbits = {}, {}
         with open(path, "rb") as fh:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -148,10 +156,12 @@ class NativeDecoder:
             self.arena = _Arena(sum(_Arena.padded(n) for n in records + [t["raw"][1] - t["raw"][0] for t in kept]))
             for t in sorted(table, key=lambda t: t["name"].endswith(".qweight")):  # blocks after their scales
                 a, b = t["raw"]
-                out = (np.empty(b - a, np.uint8) if t["name"].endswith(_TEMPORARY)
-                       else self.arena.take(b - a)).view(_DTYPES[t["dtype"]])
+                aside = t["name"].endswith(_TEMPORARY) or _is_f32_matrix(t)
+                out = (np.empty(b - a, np.uint8) if aside else self.arena.take(b - a)).view(_DTYPES[t["dtype"]])
                 read_inline(fh, t, out)
                 self.w[t["name"]] = out.reshape(t["dims"])
+                if _is_f32_matrix(t):
+                    self._transpose(t["name"])
                 if t["name"].endswith(".qweight"):
                     self._repack(t["name"][:-len(".qweight")])
         self.model = self._model(model)
@@ -168,6 +178,13 @@ class NativeDecoder:
 
     def _ptr(self, name) -> int:
         return self._get(name).ctypes.data
+
+    def _transpose(self, name: str) -> None:
+        """An fp32 matrix (K, N), read aside -> (N, K) in the arena (fm_linear.w)."""
+        w = self.w[name]
+        out = self.arena.take(w.nbytes).view(np.float32).reshape(w.shape[::-1])
+        self.lib.fm_transpose(w.ctypes.data, w.shape[0], w.shape[1], out.ctypes.data)
+        self.w[name] = out
 
     def _repack(self, name: str) -> None:
         """A 4/8-bit matrix's blocks and scales (read aside) -> one record per column in the arena."""
@@ -193,8 +210,8 @@ class NativeDecoder:
     def _linear(self, name: str) -> _Linear:
         if name in self._nbits:
             return self._nbits[name]
-        w = self._get(name)
-        return _Linear(F32, w.shape[0], w.shape[1], 0, w.ctypes.data, None)
+        w = self._get(name)  # (N, K): _transpose
+        return _Linear(F32, w.shape[1], w.shape[0], 0, w.ctypes.data, None)
 
     def _model(self, model: dict) -> _Model:
         n_layers, kv, d = model["num_layers"], model["kv_heads"], model["head_dim"]
@@ -211,8 +228,8 @@ class NativeDecoder:
         head = self._linear("lm_head")
         self.vocab_size = head.N + extra.N
         wt = self._get("W_t.weight")
-        self.retrieval_dim = wt.shape[1]
-        m = _Model(n_layers, qkv.K, qkv.N // d - 2 * kv, kv, d, gate_up.N // 2, cos.shape[0], wt.shape[1], 0,
+        self.retrieval_dim = wt.shape[0]
+        m = _Model(n_layers, qkv.K, qkv.N // d - 2 * kv, kv, d, gate_up.N // 2, cos.shape[0], self.retrieval_dim, 0,
                    float(model["rms_norm_eps"]), cos.ctypes.data, self._ptr("sin_cache"), layers,
                    self._ptr("model.norm.weight"), head, extra, wt.ctypes.data, self._ptr("W_t.bias"))
         same = all((lay.qkv.K, lay.qkv.N, lay.o.K, lay.o.N, lay.gate_up.N, lay.down.K, lay.down.N)

@@ -2,7 +2,7 @@
  *
  * The weights are the bundle's own decoder.onnx initializers, loaded by the caller (engines/native.py
  * reads them into 64-byte-aligned buffers):
- * fp32 MatMul matrices (K, N) as in the graph, or MatMulNBits' 4/8-bit blocks with a scale and a
+ * fp32 MatMul matrices (K, N) laid out transposed, (N, K) (fm_transpose), or MatMulNBits' 4/8-bit blocks with a scale and a
  * minimum per block in fp16 (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit bundle computes with exactly
  * the weights of the fp32 one; the caller lays each column's scales and blocks out as one record. The KV cache is the runtime's (1, kv, capacity, d) buffers,
  * written in place, the same layout the ONNX graph uses. */
@@ -21,7 +21,9 @@ enum { FM_BLOCK = 32 };
 /* y = x @ W for x (T, K), y (T, N). */
 typedef struct {
     int32_t kind, K, N, bits;
-    const float *w;       /* FM_F32: (K, N) row-major, as the ONNX MatMul initializer */
+    const float *w;       /* FM_F32: (N, K) row-major, one row per output: the transpose of the ONNX
+                           * MatMul initializer (fm_transpose), so a batch-1 step reads each row as one
+                           * stream and sums it in registers */
     const uint8_t *q;     /* FM_NBITS: N records, one per column, each [d (K/32 fp16) | m (K/32 fp16) |
                            * K/32 blocks of 32*bits/8 bytes of unsigned q, MatMulNBits' packing (4-bit:
                            * element 2i in the low nibble)]; weight = d * q + m */
@@ -40,7 +42,7 @@ typedef struct {
     const fm_layer *layers;
     const float *final_norm;
     fm_linear head, head_extra;       /* logits = [h @ head | h @ head_extra]; head_extra.N may be 0 */
-    const float *wt, *wt_bias;        /* retrieval head (hidden, retrieval_dim), (retrieval_dim) */
+    const float *wt, *wt_bias;        /* retrieval head (retrieval_dim, hidden) as fm_linear.w, (retrieval_dim) */
 } fm_model;
 
 /* 1 when this CPU runs the compiled kernels (AVX2, FMA and F16C on x86-64). */
@@ -51,6 +53,10 @@ int fm_cpu_ok(void);
  * Returns 0, or -1 when past + T exceeds capacity or the rotary table, -2 when out of memory. */
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
                float *const *k_cache, float *const *v_cache, float *logits, float *ret);
+
+/* dst (cols, rows) = the transpose of src (rows, cols), both row-major: lays an ONNX MatMul
+ * initializer out as fm_linear.w. Parallel (OpenMP). */
+void fm_transpose(const float *src, int64_t rows, int64_t cols, float *dst);
 
 /* Sums a (n floats) with OpenMP's threads, each reading its share as `streams` side-by-side forward
  * streams (1, 2, 4 or 8): the reads that `fromage bench` measures the memory bandwidth roofline with.

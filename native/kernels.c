@@ -25,67 +25,110 @@ float *fm_scratch(int slot, size_t floats) {
     return scratch_buf[slot];
 }
 
-/* y += x[k0:k1] @ W[k0:k1, :] for W (K, N). Rows are taken four at a time, one from each quarter of
- * k0..k1: four long forward streams. A core's read bandwidth here is bounded by how far ahead its
- * prefetchers run per stream, so four concurrent streams read faster than one, and faster than four
- * adjacent rows (which, for a narrow matrix, are short streams that keep restarting): 576-wide
- * matrices went from ~10 to ~16 GB/s on one core. */
-static void f32_rows(const float *W, int N, const float *x, int k0, int k1, float *y) {
-    const int q = (k1 - k0) / 4;
-    for (int k = k0; k < k0 + q; k++) {
-        const float *w0 = W + (size_t)k * N, *w1 = w0 + (size_t)q * N, *w2 = w1 + (size_t)q * N, *w3 = w2 + (size_t)q * N;
-        const float a0 = x[k], a1 = x[k + q], a2 = x[k + 2 * q], a3 = x[k + 3 * q];
-        int n = 0;
+/* One token: a matrix's columns are shared out in chunks of about CHUNK_BYTES of weights, each thread
+ * claiming the next chunk from a counter when it is done with one. The two cores' speeds differ from
+ * moment to moment on shared machines, so with a fixed split one waited ~1-2 ms per token for the
+ * other; claimed chunks keep both reading until the matrix is done (default model: ~6 % faster than
+ * the fixed split of rows, over 600 paired passes). Each output column is summed by one thread in a
+ * fixed order, so the result does not depend on which thread took it. */
+enum { CHUNK_BYTES = 128 << 10 };
+
+static int chunk_columns(size_t column_bytes, int N, int threads) {
+    const size_t bytes = column_bytes * N;
+    int chunks = (int)((bytes + CHUNK_BYTES - 1) / CHUNK_BYTES);
+    chunks = (chunks + threads - 1) / threads * threads;  /* whole rounds: a small matrix is one chunk per thread */
+    return ((N + chunks - 1) / chunks + 3) / 4 * 4;
+}
+
+/* Runs body(n0, n1) over [0, N) in chunks of `chunk` columns claimed by OpenMP's threads. */
+#define FOR_CLAIMED_CHUNKS(N, chunk, n0, n1, body)                                 \
+    do {                                                                           \
+        int next_ = 0;                                                             \
+        _Pragma("omp parallel") for (;;) {                                         \
+            const int n0 = __atomic_fetch_add(&next_, (chunk), __ATOMIC_RELAXED);  \
+            if (n0 >= (N)) break;                                                  \
+            const int n1 = n0 + (chunk) < (N) ? n0 + (chunk) : (N);                \
+            body;                                                                  \
+        }                                                                          \
+    } while (0)
+
+/* y[n] (+)= W[n] . x for the rows n0..n1 of W (N, K), four at a time, one from each quarter of the
+ * range: four long forward streams. A core's read bandwidth here is bounded by how far ahead its
+ * prefetchers run per stream, so four concurrent streams read faster than one (576-wide matrices:
+ * ~10 -> ~16 GB/s on one core). */
+static void f32_columns(const float *W, int K, const float *x, int n0, int n1, float *y, int accumulate) {
+    const int q = (n1 - n0) / 4;
+    int n = n0;
 #ifdef FM_AVX2
-        const __m256 x0 = _mm256_set1_ps(a0), x1 = _mm256_set1_ps(a1), x2 = _mm256_set1_ps(a2), x3 = _mm256_set1_ps(a3);
-        for (; n + 8 <= N; n += 8) {
-            __m256 acc = _mm256_loadu_ps(y + n);
-            acc = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + n), acc);
-            acc = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + n), acc);
-            acc = _mm256_fmadd_ps(x2, _mm256_loadu_ps(w2 + n), acc);
-            acc = _mm256_fmadd_ps(x3, _mm256_loadu_ps(w3 + n), acc);
-            _mm256_storeu_ps(y + n, acc);
+    if (K % 8 == 0) {
+        for (; n < n0 + q; n++) {
+            const float *w0 = W + (size_t)n * K, *w1 = w0 + (size_t)q * K, *w2 = w1 + (size_t)q * K, *w3 = w2 + (size_t)q * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int k = 0; k < K; k += 8) {
+                const __m256 xv = _mm256_loadu_ps(x + k);
+                a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w0 + k), a0);
+                a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w1 + k), a1);
+                a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w2 + k), a2);
+                a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w3 + k), a3);
+            }
+            const float d[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+            for (int j = 0; j < 4; j++) y[n + j * q] = (accumulate ? y[n + j * q] : 0.f) + d[j];
         }
+        n = n0 + 4 * q;  /* the quarters are done */
+    }
 #endif
-        for (; n < N; n++) y[n] += a0 * w0[n] + a1 * w1[n] + a2 * w2[n] + a3 * w3[n];
-    }
-    for (int k = k0 + 4 * q; k < k1; k++) fm_axpy(x[k], W + (size_t)k * N, y, N);
+    for (; n < n1; n++) y[n] = (accumulate ? y[n] : 0.f) + fm_dot(W + (size_t)n * K, x, K);
 }
 
-/* How one token's fp32 matrix is shared: its K rows of row_bytes, cut into pieces of about
- * PIECE_BYTES (a multiple of 4 rows; the same number per thread) dealt to the threads in turn, so
- * that the threads read memory near each other: against one contiguous half per thread, ~5-9 % faster
- * on the default model here (3 of 4 same-process A/B runs; the 4th -2 %), as the streaming reads of
- * `fromage bench` show too. Returns the rows per piece. */
-enum { PIECE_BYTES = 256 << 10 };
-
-static int piece_rows(int K, size_t row_bytes, int threads) {
-    const size_t per_round = (size_t)threads * PIECE_BYTES;
-    const size_t pieces = ((size_t)K * row_bytes + per_round - 1) / per_round * threads;
-    return (int)(((size_t)K + pieces - 1) / pieces + 3) / 4 * 4;
-}
-
-/* One token through an fp32 matrix: the rows split between threads (the LM head too: splitting its
- * columns instead made each thread hop between 4 KiB pieces of 576 rows, ~18 % slower); each thread
- * sums a partial y, then the partials are added. */
 static int f32_gemv(const fm_linear *L, const float *x, float *y, int accumulate) {
-    const int K = L->K, N = L->N, threads = omp_get_max_threads();
-    float *part = fm_scratch(0, (size_t)threads * N);
-    if (!part) return -2;
-#pragma omp parallel
-    {
-        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        const int rows = piece_rows(K, sizeof(float) * N, nt);
-        float *p = part + (size_t)id * N;
-        memset(p, 0, sizeof(float) * N);
-        for (int k0 = id * rows; k0 < K; k0 += nt * rows) f32_rows(L->w, N, x, k0, k0 + rows < K ? k0 + rows : K, p);
-#pragma omp barrier
-        const int cols = ((N + nt - 1) / nt + 7) / 8 * 8, n0 = id * cols, n1 = n0 + cols < N ? n0 + cols : N;
-        for (int t = 0; t < nt; t++)  /* y[n0:n1] (+)= the sum of the partials, in vectorisable loops */
-            if (t == 0 && !accumulate) memcpy(y + n0, part + n0, sizeof(float) * (n1 > n0 ? n1 - n0 : 0));
-            else for (int n = n0; n < n1; n++) y[n] += part[(size_t)t * N + n];
-    }
+    const int K = L->K, N = L->N, chunk = chunk_columns(sizeof(float) * K, N, omp_get_max_threads());
+    FOR_CLAIMED_CHUNKS(N, chunk, n0, n1, f32_columns(L->w, K, x, n0, n1, y, accumulate));
     return 0;
+}
+
+#ifdef FM_AVX2
+/* r[i][j] <-> r[j][i] for 8 vectors of 8 floats. */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], s[8];
+    for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    for (int i = 0; i < 8; i += 4) {
+        s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44), s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44), s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++)
+        r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20), r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
+}
+#endif
+
+/* dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols: 8 x 8 tiles transposed in registers. */
+static void transpose_tile(const float *src, size_t ld_src, int rows, int cols, float *dst, size_t ld_dst) {
+    int r = 0;
+#ifdef FM_AVX2
+    for (; r + 8 <= rows; r += 8) {
+        int c = 0;
+        for (; c + 8 <= cols; c += 8) {
+            __m256 v[8];
+            for (int i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(src + (r + i) * ld_src + c);
+            transpose8(v);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(dst + (c + i) * ld_dst + r, v[i]);
+        }
+        for (; c < cols; c++)
+            for (int i = 0; i < 8; i++) dst[c * ld_dst + r + i] = src[(r + i) * ld_src + c];
+    }
+#endif
+    for (; r < rows; r++)
+        for (int c = 0; c < cols; c++) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+void fm_transpose(const float *src, int64_t rows, int64_t cols, float *dst) {
+    enum { TILE = 64 };  /* 64 x 64 tiles: each thread's reads and writes stay in cache lines it fills */
+    const int64_t tiles_c = (cols + TILE - 1) / TILE, tiles = (rows + TILE - 1) / TILE * tiles_c;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t r = t / tiles_c * TILE, c = t % tiles_c * TILE;
+        transpose_tile(src + r * cols + c, (size_t)cols, (int)(rows - r < TILE ? rows - r : TILE),
+                       (int)(cols - c < TILE ? cols - c : TILE), dst + c * rows + r, (size_t)rows);
+    }
 }
 
 /* Several tokens: y[t][0:width] (+)= x[t] @ P[:, 0:width] for a panel P (K rows, row stride ldp) of at
@@ -127,26 +170,20 @@ static void gemm_panel(const float *P, size_t ldp, int width, const float *x, in
     }
 }
 
-/* The matrix is first copied into panels of 16 columns (panel-major: each panel's K rows of 16
- * contiguous), the threads splitting the rows, so that W is read front to back; then the threads
- * split the panels and the tiles walk each panel row by row. (Copying a few panels at a time instead,
- * each row a 256-byte run at a stride of N floats, made a 32-token fp32 prefill ~2.5x slower.) */
+/* Each thread takes panels of 16 columns: W's 16 rows (one stretch of memory) transposed into a panel
+ * of K rows of 16, then the tiles walk the panel row by row. */
 static int f32_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
     const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
-    float *packed = fm_scratch(0, (size_t)K * panels * PANEL);
-    if (!packed) return -2;
+    float *buffers = fm_scratch(0, (size_t)omp_get_max_threads() * K * PANEL);
+    if (!buffers) return -2;
 #pragma omp parallel
     {
-#pragma omp for schedule(static)
-        for (int k = 0; k < K; k++)
-            for (int p = 0; p < panels; p++) {
-                const int n = p * PANEL, width = N - n < PANEL ? N - n : PANEL;
-                memcpy(packed + ((size_t)p * K + k) * PANEL, L->w + (size_t)k * N + n, sizeof(float) * width);
-            }
+        float *panel = buffers + (size_t)omp_get_thread_num() * K * PANEL;
 #pragma omp for schedule(static)
         for (int p = 0; p < panels; p++) {
             const int n = p * PANEL, width = N - n < PANEL ? N - n : PANEL;
-            gemm_panel(packed + (size_t)p * K * PANEL, PANEL, width, x, T, K, y + n, N, accumulate);
+            transpose_tile(L->w + (size_t)n * K, K, width, K, panel, PANEL);
+            gemm_panel(panel, PANEL, width, x, T, K, y + n, N, accumulate);
         }
     }
     return 0;
@@ -286,15 +323,35 @@ static void nbits_prepare(const float *x, int K, int bits, float *sums, float *s
 }
 #endif
 
-/* One token: the columns split between threads, a contiguous half each (pieces dealt in turn, as
- * f32_gemv does, were ~7 % slower here). */
+/* One token: the columns in claimed chunks, as f32_gemv. */
+static void nbits_chunk(const fm_linear *L, int n0, int n1, const float *x, const int16_t *x16, const float *sx,
+                        const float *sums, float *y, int accumulate) {
+    if (!accumulate) memset(y + n0, 0, sizeof(float) * (n1 - n0));
+#ifdef FM_AVX2
+    (void)x;
+    if (L->bits == 4) nbits_columns(L, n0, n1, x16, sx, sums, y, 4);
+    else nbits_columns(L, n0, n1, x16, sx, sums, y, 8);
+#else
+    (void)x16, (void)sx;
+    const int nb = L->K / FM_BLOCK, qb = FM_BLOCK * L->bits / 8;
+    for (int n = n0; n < n1; n++)  /* portable path: fp32 products */
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *q = record_q(L, n) + (size_t)b * qb;
+            const uint16_t *dm = record_dm(L, n);
+            float p = 0.f;
+            for (int i = 0; i < FM_BLOCK; i++) p += block_value(q, i, L->bits) * x[(size_t)b * FM_BLOCK + i];
+            y[n] += half_to_float(dm[b]) * p + half_to_float(dm[nb + b]) * sums[b];
+        }
+#endif
+}
+
 static int nbits_gemv(const fm_linear *L, const float *x, float *y, int accumulate) {
-    const int K = L->K, N = L->N, nb = K / FM_BLOCK;
+    const int K = L->K, N = L->N, nb = K / FM_BLOCK, chunk = chunk_columns(record_bytes(L), N, omp_get_max_threads());
     float *sums = fm_scratch(0, (size_t)2 * nb + K / 2 + 16);
     if (!sums) return -2;
-#ifdef FM_AVX2
     float *sx = sums + nb;
     int16_t *x16 = (int16_t *)(sx + nb + (16 - 2 * nb % 16) % 16);  /* 64-byte aligned */
+#ifdef FM_AVX2
     nbits_prepare(x, K, L->bits, sums, sx, x16);
 #else
     for (int b = 0; b < nb; b++) {
@@ -302,28 +359,7 @@ static int nbits_gemv(const fm_linear *L, const float *x, float *y, int accumula
         for (int i = 0; i < FM_BLOCK; i++) sums[b] += x[(size_t)b * FM_BLOCK + i];
     }
 #endif
-#pragma omp parallel
-    {
-        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        int chunk = ((N + nt - 1) / nt + 7) / 8 * 8, n0 = id * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        if (n0 < n1) {
-            if (!accumulate) memset(y + n0, 0, sizeof(float) * (n1 - n0));
-#ifdef FM_AVX2
-            if (L->bits == 4) nbits_columns(L, n0, n1, x16, sx, sums, y, 4);
-            else nbits_columns(L, n0, n1, x16, sx, sums, y, 8);
-#else
-            const int qb = FM_BLOCK * L->bits / 8;
-            for (int n = n0; n < n1; n++)  /* portable path: fp32 products */
-                for (int b = 0; b < nb; b++) {
-                    const uint8_t *q = record_q(L, n) + (size_t)b * qb;
-                    const uint16_t *dm = record_dm(L, n);
-                    float p = 0.f;
-                    for (int i = 0; i < FM_BLOCK; i++) p += block_value(q, i, L->bits) * x[(size_t)b * FM_BLOCK + i];
-                    y[n] += half_to_float(dm[b]) * p + half_to_float(dm[nb + b]) * sums[b];
-                }
-#endif
-        }
-    }
+    FOR_CLAIMED_CHUNKS(N, chunk, n0, n1, nbits_chunk(L, n0, n1, x, x16, sx, sums, y, accumulate));
     return 0;
 }
 
@@ -346,20 +382,6 @@ static inline void dequantize_block(const uint8_t *q, float d, float m, int bits
     for (int i = 0; i < FM_BLOCK; i++) w[i] = d * block_value(q, i, bits) + m;
 #endif
 }
-
-#ifdef FM_AVX2
-/* r[i][j] <-> r[j][i] for 8 vectors of 8 floats. */
-static inline void transpose8(__m256 r[8]) {
-    __m256 t[8], s[8];
-    for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    for (int i = 0; i < 8; i += 4) {
-        s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44), s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-        s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44), s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int i = 0; i < 4; i++)
-        r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20), r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
-}
-#endif
 
 /* Several tokens: each thread dequantizes 16 columns at a time into an fp32 panel (8 columns' blocks
  * transposed in registers into panel rows: storing each value on its own was ~1/3 of an int4 prefill),

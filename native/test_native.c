@@ -20,7 +20,7 @@ static uint16_t to_half(float f) { /* exact for the values used here: small mult
     return (uint16_t)(sign | ((e - 112) << 10) | (m >> 13));
 }
 
-/* A (K, N) linear on a Q4_1 grid: fp32 copy in *f32, 4-bit blocks in *q4. */
+/* A (K, N) linear on a Q4_1 grid: fp32 copy (laid out (N, K)) in *f32, 4-bit blocks in *q4. */
 static void make_linear(int K, int N, fm_linear *f32, fm_linear *q4) {
     float *w = malloc(sizeof(float) * K * N);
     const int nb = K / 32, record = nb * (4 + 16);  /* per column: d[nb], m[nb] (fp16), then the blocks */
@@ -33,7 +33,7 @@ static void make_linear(int K, int N, fm_linear *f32, fm_linear *q4) {
             for (int i = 0; i < 32; i++) {
                 const int v = (int)((frand() + 0.5f) * 16) & 15;
                 blk[i / 2] |= (uint8_t)(i & 1 ? v << 4 : v);
-                w[(size_t)(b * 32 + i) * N + n] = d * v + m;
+                w[(size_t)n * K + b * 32 + i] = d * v + m;
             }
             dm[b] = to_half(d), dm[nb + b] = to_half(m);
         }
