@@ -86,20 +86,6 @@ static int f32_gemv(const fm_linear *L, const float *x, float *y, int accumulate
     return 0;
 }
 
-#ifdef FM_AVX2
-/* r[i][j] <-> r[j][i] for 8 vectors of 8 floats. */
-static inline void transpose8(__m256 r[8]) {
-    __m256 t[8], s[8];
-    for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    for (int i = 0; i < 8; i += 4) {
-        s[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44), s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-        s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44), s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int i = 0; i < 4; i++)
-        r[i] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x20), r[i + 4] = _mm256_permute2f128_ps(s[i], s[i + 4], 0x31);
-}
-#endif
-
 /* dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols: 8 x 8 tiles transposed in registers. */
 static void transpose_tile(const float *src, size_t ld_src, int rows, int cols, float *dst, size_t ld_dst) {
     int r = 0;
@@ -109,7 +95,7 @@ static void transpose_tile(const float *src, size_t ld_src, int rows, int cols, 
         for (; c + 8 <= cols; c += 8) {
             __m256 v[8];
             for (int i = 0; i < 8; i++) v[i] = _mm256_loadu_ps(src + (r + i) * ld_src + c);
-            transpose8(v);
+            fm_transpose8(v);
             for (int i = 0; i < 8; i++) _mm256_storeu_ps(dst + (c + i) * ld_dst + r, v[i]);
         }
         for (; c < cols; c++)
@@ -409,7 +395,7 @@ static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int a
                     for (int g = 0; g < FM_BLOCK; g += 8) {
                         __m256 r[8];
                         for (int c = 0; c < 8; c++) r[c] = _mm256_loadu_ps(w[c] + g);
-                        transpose8(r);
+                        fm_transpose8(r);
                         for (int i = 0; i < 8; i++) _mm256_storeu_ps(panel + (size_t)(b * FM_BLOCK + g + i) * PANEL + j, r[i]);
                     }
                 }

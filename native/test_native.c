@@ -8,7 +8,7 @@
 
 #include "fromage_native.h"
 
-enum { LAYERS = 2, E = 64, H = 4, KV = 2, D = 16, I = 288, V = 50, POS = 64, R = 8, T = 7 }; /* I: 9 blocks */
+enum { LAYERS = 2, E = 64, H = 4, KV = 2, D = 16, I = 288, V = 50, POS = 160, R = 8, T = 150 }; /* I: 9 blocks; T: 3 attention blocks */
 
 static unsigned rng = 12345;
 static float frand(void) { rng = rng * 1664525u + 1013904223u; return (float)(rng >> 8) / (1 << 24) - 0.5f; }

@@ -29,7 +29,7 @@ def _steps(rt, lengths, seed=0):
 def test_native_matches_onnxruntime_step_by_step(exported):
     bundle = exported["llama"]["bundle"]
     a, b = Fromage(bundle, engine="native"), Fromage(bundle, engine="onnxruntime")
-    lengths = [5, 1, 3, 1, 40, 1, 50]  # the last call would pass the tiny model's 96 positions
+    lengths = [5, 1, 3, 1, 60, 1, 30]  # past 64 (two attention blocks); the last call would pass the tiny model's 96
     for (la, ra, ca), (lb, rb, cb) in zip(_steps(a, lengths[:-1]), _steps(b, lengths[:-1])):
         assert np.abs(la - lb).max() <= 1e-4 * max(1.0, np.abs(lb).max())
         assert np.abs(ra - rb).max() <= 1e-5
@@ -80,12 +80,13 @@ def test_export_checks_the_native_engine_too(exported):
 
 
 def test_threads_are_per_decoder(exported):
-    """Each decoder keeps its own thread count, and the count does not change the result."""
+    """Each decoder keeps its own thread count, and the count does not change the result by a bit: each
+    output column is summed by one thread, and attention merges its blocks in a fixed order."""
     bundle = exported["llama"]["bundle"]
     one, two = Fromage(bundle, engine="native", threads=1), Fromage(bundle, engine="native", threads=2)
     assert (one.decoder.model.threads, two.decoder.model.threads) == (1, 2)
-    for (la, ra, _), (lb, rb, _) in zip(_steps(one, [6, 1, 1]), _steps(two, [6, 1, 1])):
-        assert np.abs(la - lb).max() <= 1e-5 * max(1.0, np.abs(lb).max()) and np.abs(ra - rb).max() <= 1e-6
+    for (la, ra, _), (lb, rb, _) in zip(_steps(one, [70, 1, 1]), _steps(two, [70, 1, 1])):
+        assert np.array_equal(la, lb) and np.array_equal(ra, rb)
 
 
 def test_embedding_lookup_runs_in_numpy_and_matches_onnxruntime(exported):
