@@ -1,7 +1,8 @@
-/* The linear layers: fp32 (K, N) matrices, and MatMulNBits' 4/8-bit blocks (met by int16-rounded activations).
+/* The linear layers: fp32 matrices (one row per output column), and MatMulNBits' 4/8-bit blocks (one
+ * record per output column, met by int16-rounded activations).
  *
- * Batch-1 decoding reads every weight once per token, so these loops are about streaming memory:
- * each thread walks a contiguous stretch of the matrix front to back. Prefill (T > 1) reuses each
+ * Batch-1 decoding reads every weight once per token, so these loops are about streaming memory: the
+ * threads claim chunks of output columns and read each chunk front to back. Prefill (T > 1) reuses each
  * weight for 6 tokens from registers. */
 #include <stdlib.h>
 #include <math.h>
