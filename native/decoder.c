@@ -53,8 +53,7 @@ static void rope_and_append(const fm_model *m, float *qkv, int T, int past, int 
 }
 
 /* sc[s] = q . k[s] * scale for the n cached keys k (n, d): eight keys at a time, their eight
- * partial-sum vectors transposed so that one add tree gives eight scores (a dot product per key, each
- * with its own horizontal sum, was ~3 % of a decode step). */
+ * partial-sum vectors transposed so that one add tree gives eight scores (not a horizontal sum per key). */
 static void key_scores(const float *q, const float *k, int n, int d, float scale, float *sc) {
     int s = 0;
 #ifdef FM_AVX2
