@@ -13,7 +13,7 @@ PROVIDERS = {
 
 
 class OnnxRuntimeEngine:
-    def __init__(self, path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path, device: str = "cpu", threads: int | None = None, spin: bool = True):
         import onnxruntime as ort
         if device not in PROVIDERS:
             raise FromageError(f"unknown device {device!r} for ONNX Runtime (choose from {', '.join(PROVIDERS)})")
@@ -25,6 +25,8 @@ class OnnxRuntimeEngine:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        if not spin:  # idle threads sleep at once instead of spinning on the cores the next step needs
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
         except Exception as e:  # ORT raises its own exception types for bad graphs
@@ -92,7 +94,8 @@ class ConcatDecoder:
         logits[:], ret[:] = new_logits[0], new_ret[0]
 
 
-def create_engine(path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None):
+def create_engine(path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
+                  spin: bool = True):
     if backend == "onnxruntime":
-        return OnnxRuntimeEngine(path, device=device, threads=threads)
+        return OnnxRuntimeEngine(path, device=device, threads=threads, spin=spin)
     raise FromageError(f"unknown engine backend {backend!r} (available: onnxruntime)")

@@ -125,9 +125,10 @@ class Fromage:
         self.layers, self.kv_heads, self.head_dim = m["num_layers"], m["kv_heads"], m["head_dim"]
         self.ret_id = self.bundle.tokens["ret"]
         self.tokenizer = Tokenizer.from_file(str(self.bundle.directory / "tokenizer.json"))
-        self.vision = create_engine(self.bundle.graph_path("vision"), device=device, threads=threads)
-        # a plain table lookup runs in numpy (engines/gather.py); otherwise ONNX Runtime with one
-        # thread: a lookup, and idle ONNX Runtime workers would spin against the decoder's threads
+        # idle ONNX Runtime workers spin for a while after a run, on the cores the decoder needs next
+        # (a prefill right after an image encode took ~50 ms longer): the vision graph's sleep instead
+        self.vision = create_engine(self.bundle.graph_path("vision"), device=device, threads=threads, spin=False)
+        # a plain table lookup runs in numpy (engines/gather.py); otherwise ONNX Runtime with one thread
         embed_path = self.bundle.graph_path("embed")
         self.embed = (gather_engine(embed_path) if device == "cpu" else None) or create_engine(
             embed_path, device=device, threads=1)
