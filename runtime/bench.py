@@ -96,6 +96,9 @@ def write_bench_image(path: Path, size: int = 320) -> Path:
 # ---- memory bandwidth ----------------------------------------------------------------------------
 BANDWIDTH_GIB = 1.0  # far beyond any cache, about twice the default model's fp32 weights
 BANDWIDTH_PASSES = 5  # per read method and round
+# a pause before each system's round and the probe: the previous process's idle thread pools (ONNX
+# Runtime, OpenBLAS) spin for a while after their work, and took the cores from the next system's prefill
+SETTLE_S = 0.25
 
 
 class BandwidthProbe:
@@ -484,6 +487,7 @@ def run_bench(args, log=print) -> dict:
         for r in range(total):
             label = f"warm-up {r + 1}/{args.warmup}" if r < args.warmup else f"run {r - args.warmup + 1}/{args.runs}"
             for name in list(workers):
+                time.sleep(SETTLE_S)
                 t = time.perf_counter()
                 try:
                     reply = workers[name].request({"cmd": "round", "images": bool(args.images)})
@@ -498,6 +502,7 @@ def run_bench(args, log=print) -> dict:
                 log(f"  {label} {name}: {time.perf_counter() - t:.1f} s"
                     + (f", {rate:.1f} tok/s decode" if rate else ""))
             try:  # the bandwidth, after the systems' runs of the round
+                time.sleep(SETTLE_S)
                 sample = probe.request({"cmd": "measure"})
             except WorkerError as e:
                 raise FromageError(f"the bandwidth probe failed: {e}") from None
@@ -543,7 +548,7 @@ def run_bench(args, log=print) -> dict:
             "images": int(args.images), "image_positions": m["k"], "batch": 1, "runs": args.runs,
             "warmup": args.warmup, "threads": threads, "peers": list(peers), "prompt_token_ids": ids,
             "decoding": "greedy, [RET] banned, no stop tokens: exactly new_tokens tokens per run",
-            "order": "systems interleaved run by run, each in its own subprocess",
+            "order": f"systems interleaved run by run, each in its own subprocess, each round and the probe after a {SETTLE_S} s pause",
             "text_only_peers": "hf, optimum and the ORT GenAI peers take no image: their runs are text-only",
             "load_average": {"before": load_before, "after": list(os.getloadavg())},
             "retrieval_index": {"size": RET_INDEX_SIZE, "dim": m["retrieval_dim"], "top_k": 1},
