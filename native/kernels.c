@@ -157,25 +157,6 @@ static void gemm_panel(const float *P, size_t ldp, int width, const float *x, in
     }
 }
 
-/* Each thread takes panels of 16 columns: W's 16 rows (one stretch of memory) transposed into a panel
- * of K rows of 16, then the tiles walk the panel row by row. */
-static int f32_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
-    const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
-    float *buffers = fm_scratch(0, (size_t)omp_get_max_threads() * K * PANEL);
-    if (!buffers) return -2;
-#pragma omp parallel
-    {
-        float *panel = buffers + (size_t)omp_get_thread_num() * K * PANEL;
-#pragma omp for schedule(static)
-        for (int p = 0; p < panels; p++) {
-            const int n = p * PANEL, width = N - n < PANEL ? N - n : PANEL;
-            transpose_tile(L->w + (size_t)n * K, K, width, K, panel, PANEL);
-            gemm_panel(panel, PANEL, width, x, T, K, y + n, N, accumulate);
-        }
-    }
-    return 0;
-}
-
 /* ---- 4/8-bit blocks (one record per column) ---------------------------------------------------- */
 /* Column n is one record: nb = K/32 scales d and minimums m (fp16), then nb blocks of 32 unsigned q
  * (MatMulNBits' packing: 4-bit two per byte, element 2i in the low nibble; 8-bit one per byte);
@@ -370,45 +351,43 @@ static inline void dequantize_block(const uint8_t *q, float d, float m, int bits
 #endif
 }
 
-/* Several tokens: each thread dequantizes 16 columns at a time into an fp32 panel (8 columns' blocks
- * transposed in registers into panel rows: storing each value on its own was ~1/3 of an int4 prefill),
- * then runs the fp32 tiles on it. */
-static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
-    const int K = L->K, N = L->N, nb = K / FM_BLOCK, qb = FM_BLOCK * L->bits / 8, panels = (N + PANEL - 1) / PANEL;
+/* Columns n0..n0+width (at most PANEL) of L as a panel of K rows of PANEL floats: fp32 rows (one
+ * stretch of memory) transposed, or 4/8-bit columns dequantized 8 at a time and their blocks
+ * transposed (storing each value on its own was ~1/3 of an int4 prefill). */
+static void fill_panel(const fm_linear *L, int n0, int width, float *panel) {
+    const int K = L->K;
+    if (L->kind == FM_F32) {
+        transpose_tile(L->w + (size_t)n0 * K, K, width, K, panel, PANEL);
+        return;
+    }
+    const int nb = K / FM_BLOCK, qb = FM_BLOCK * L->bits / 8;
+    for (int j = 0; j < width; j += 8) {
+        const int cols = width - j < 8 ? width - j : 8;
+        for (int b = 0; b < nb; b++) {
+            float w[8][FM_BLOCK];
+            for (int c = 0; c < cols; c++) {
+                const uint16_t *dm = record_dm(L, n0 + j + c);
+                dequantize_block(record_q(L, n0 + j + c) + (size_t)b * qb, half_to_float(dm[b]),
+                                 half_to_float(dm[nb + b]), L->bits, w[c]);
+            }
+            transpose_tile(w[0], FM_BLOCK, cols, FM_BLOCK, panel + (size_t)b * FM_BLOCK * PANEL + j, PANEL);
+        }
+    }
+}
+
+/* Several tokens: each thread takes panels of 16 columns, fills one (fill_panel) and walks it row by
+ * row with the register tiles. */
+static int linear_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
+    const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
     float *buffers = fm_scratch(0, (size_t)omp_get_max_threads() * K * PANEL);
     if (!buffers) return -2;
 #pragma omp parallel
     {
         float *panel = buffers + (size_t)omp_get_thread_num() * K * PANEL;
 #pragma omp for schedule(static)
-        for (int s = 0; s < panels; s++) {
-            const int n0 = s * PANEL, width = N - n0 < PANEL ? N - n0 : PANEL;
-            int j = 0;
-#ifdef FM_AVX2
-            for (; j + 8 <= width; j += 8)
-                for (int b = 0; b < nb; b++) {
-                    float w[8][FM_BLOCK];
-                    for (int c = 0; c < 8; c++) {
-                        const uint16_t *dm = record_dm(L, n0 + j + c);
-                        dequantize_block(record_q(L, n0 + j + c) + (size_t)b * qb, half_to_float(dm[b]),
-                                         half_to_float(dm[nb + b]), L->bits, w[c]);
-                    }
-                    for (int g = 0; g < FM_BLOCK; g += 8) {
-                        __m256 r[8];
-                        for (int c = 0; c < 8; c++) r[c] = _mm256_loadu_ps(w[c] + g);
-                        fm_transpose8(r);
-                        for (int i = 0; i < 8; i++) _mm256_storeu_ps(panel + (size_t)(b * FM_BLOCK + g + i) * PANEL + j, r[i]);
-                    }
-                }
-#endif
-            for (; j < width; j++)
-                for (int b = 0; b < nb; b++) {
-                    const uint8_t *q = record_q(L, n0 + j) + (size_t)b * qb;
-                    const uint16_t *dm = record_dm(L, n0 + j);
-                    float w[FM_BLOCK], *col = panel + (size_t)b * FM_BLOCK * PANEL + j;
-                    dequantize_block(q, half_to_float(dm[b]), half_to_float(dm[nb + b]), L->bits, w);
-                    for (int i = 0; i < FM_BLOCK; i++) col[i * PANEL] = w[i];
-                }
+        for (int p = 0; p < panels; p++) {
+            const int n0 = p * PANEL, width = N - n0 < PANEL ? N - n0 : PANEL;
+            fill_panel(L, n0, width, panel);
             gemm_panel(panel, PANEL, width, x, T, K, y + n0, N, accumulate);
         }
     }
@@ -416,8 +395,6 @@ static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int a
 }
 
 int fm_linear_forward(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
-    if (L->kind == FM_F32) {
-        return T == 1 ? f32_gemv(L, x, y, accumulate) : f32_gemm(L, x, T, y, accumulate);
-    }
-    return T == 1 ? nbits_gemv(L, x, y, accumulate) : nbits_gemm(L, x, T, y, accumulate);
+    if (T > 1) return linear_gemm(L, x, T, y, accumulate);
+    return L->kind == FM_F32 ? f32_gemv(L, x, y, accumulate) : nbits_gemv(L, x, y, accumulate);
 }
