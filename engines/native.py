@@ -156,11 +156,12 @@ class NativeDecoder:
             self.arena = _Arena(sum(_Arena.padded(n) for n in records + [t["raw"][1] - t["raw"][0] for t in kept]))
             for t in sorted(table, key=lambda t: t["name"].endswith(".qweight")):  # blocks after their scales
                 a, b = t["raw"]
-                aside = t["name"].endswith(_TEMPORARY) or _is_f32_matrix(t)
+                matrix = _is_f32_matrix(t)
+                aside = matrix or t["name"].endswith(_TEMPORARY)
                 out = (np.empty(b - a, np.uint8) if aside else self.arena.take(b - a)).view(_DTYPES[t["dtype"]])
                 read_inline(fh, t, out)
                 self.w[t["name"]] = out.reshape(t["dims"])
-                if _is_f32_matrix(t):
+                if matrix:
                     self._transpose(t["name"])
                 if t["name"].endswith(".qweight"):
                     self._repack(t["name"][:-len(".qweight")])

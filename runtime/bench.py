@@ -501,8 +501,8 @@ def run_bench(args, log=print) -> dict:
                 rate = reply.get("decode_tok_s")
                 log(f"  {label} {name}: {time.perf_counter() - t:.1f} s"
                     + (f", {rate:.1f} tok/s decode" if rate else ""))
+            time.sleep(SETTLE_S)
             try:  # the bandwidth, after the systems' runs of the round
-                time.sleep(SETTLE_S)
                 sample = probe.request({"cmd": "measure"})
             except WorkerError as e:
                 raise FromageError(f"the bandwidth probe failed: {e}") from None

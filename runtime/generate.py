@@ -126,7 +126,7 @@ class Fromage:
         self.ret_id = self.bundle.tokens["ret"]
         self.tokenizer = Tokenizer.from_file(str(self.bundle.directory / "tokenizer.json"))
         # idle ONNX Runtime workers spin for a while after a run, on the cores the decoder needs next
-        # (a prefill right after an image encode took ~50 ms longer): the vision graph's sleep instead
+        # (with an image, the first token came 60-75 ms later): the vision graph's sleep instead
         self.vision = create_engine(self.bundle.graph_path("vision"), device=device, threads=threads, spin=False)
         # a plain table lookup runs in numpy (engines/gather.py); otherwise ONNX Runtime with one thread
         embed_path = self.bundle.graph_path("embed")
