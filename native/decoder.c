@@ -181,6 +181,20 @@ static void silu_mul(const float *gate_up, int T, int I, float *out) {
     }
 }
 
+/* The retrieval head for the final-normed rows h (B, hidden): ret (B, retrieval_dim), L2-normalised. */
+static int retrieval(const fm_model *m, const float *h, int B, float *ret) {
+    const int R = m->retrieval_dim;
+    const fm_linear wt = {FM_F32, m->hidden, R, 0, m->wt, NULL};
+    if (fm_linear_rows(&wt, h, B, ret, (size_t)R, 0)) return -2;
+    for (int b = 0; b < B; b++) {
+        float *r = ret + (size_t)b * R, norm = 0.f;
+        for (int i = 0; i < R; i++) r[i] += m->wt_bias[i], norm += r[i] * r[i];
+        norm = sqrtf(norm) > 1e-12f ? sqrtf(norm) : 1e-12f;
+        for (int i = 0; i < R; i++) r[i] /= norm;
+    }
+    return 0;
+}
+
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
                float *const *k_cache, float *const *v_cache, float *logits, float *ret) {
     if (T < 1 || past < 0 || past + T > capacity || past + T > m->rope_positions) return -1;
@@ -216,12 +230,84 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
     rms_norm(x + (size_t)(T - 1) * E, m->final_norm, h, 1, E, m->eps);
     rc |= fm_linear_forward(&m->head, h, 1, logits, 0);
     if (m->head_extra.N > 0) rc |= fm_linear_forward(&m->head_extra, h, 1, logits + m->head.N, 0);
-    const fm_linear wt = {FM_F32, E, m->retrieval_dim, 0, m->wt, NULL};
-    rc |= fm_linear_forward(&wt, h, 1, ret, 0);
+    return rc ? -2 : retrieval(m, h, 1, ret);
+}
+
+/* Attention of one new position per sequence (qkv (B, width)) over each sequence's cache: the threads
+ * share the (sequence, group, block) triples, and each head merges its blocks in order, as attention()
+ * does for T = 1, so a sequence's result does not depend on the others. part: the partials,
+ * H * blocks(b) * (d + 2) floats per sequence; sc: ATT_BLOCK scores per thread. */
+static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
+                            float *const *kc, float *const *vc, int layer, float *out, float *part, float *sc) {
+    const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d;
+    const float scale = 1.f / sqrtf((float)d);
+    size_t items = 0;
+    for (int b = 0; b < B; b++) items += (size_t)KV * ((past[b] + ATT_BLOCK) / ATT_BLOCK);
+#pragma omp parallel for schedule(static)
+    for (size_t it = 0; it < items; it++) {
+        size_t first = 0, offset = 0;  /* the sequence of item `it`: B is small, a walk is cheap */
+        int b = 0, blocks = (past[0] + ATT_BLOCK) / ATT_BLOCK;
+        for (; it >= first + (size_t)KV * blocks; b++, blocks = (past[b] + ATT_BLOCK) / ATT_BLOCK)
+            first += (size_t)KV * blocks, offset += (size_t)H * blocks * (d + 2);
+        const int g = (int)((it - first) / blocks), blk = (int)((it - first) % blocks), n = past[b] + 1;
+        const int s0 = blk * ATT_BLOCK, s1 = s0 + ATT_BLOCK < n ? s0 + ATT_BLOCK : n;
+        const size_t per_head = (size_t)blocks * (d + 2), cache = (size_t)g * capacity[b] * d;
+        attend_block(qkv + (size_t)b * width + (size_t)g * G * d, G, kc[(size_t)b * m->n_layers + layer] + cache,
+                     vc[(size_t)b * m->n_layers + layer] + cache, s0, s1, d, scale,
+                     sc + (size_t)omp_get_thread_num() * ATT_BLOCK, part + offset + g * G * per_head + (size_t)blk * (d + 2),
+                     per_head);
+    }
+    size_t offset = 0;
+    for (int b = 0; b < B; b++) {
+        const int blocks = (past[b] + ATT_BLOCK) / ATT_BLOCK;
+        for (int h = 0; h < H; h++)
+            merge_blocks(part + offset + (size_t)h * blocks * (d + 2), blocks, d, out + ((size_t)b * H + h) * d);
+        offset += (size_t)H * blocks * (d + 2);
+    }
+}
+
+int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
+                     float *const *k_cache, float *const *v_cache, float *logits, float *ret) {
+    if (B < 1) return -1;
+    size_t partials = 0;
+    for (int b = 0; b < B; b++) {
+        if (past[b] < 0 || past[b] + 1 > capacity[b] || past[b] + 1 > m->rope_positions) return -1;
+        partials += (size_t)m->n_heads * ((past[b] + ATT_BLOCK) / ATT_BLOCK) * (m->head_dim + 2);
+    }
+    if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
+    const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
+    const size_t width = (size_t)(H + 2 * KV) * d;
+    const size_t sizes[] = {(size_t)B * E, (size_t)B * E, B * width, (size_t)B * H * d, (size_t)B * 2 * I,
+                            (size_t)B * I, partials, (size_t)omp_get_max_threads() * ATT_BLOCK};
+    enum { N_BUFFERS = sizeof sizes / sizeof sizes[0] };
+    size_t total = 0;
+    for (int i = 0; i < N_BUFFERS; i++) total += (sizes[i] + 15) / 16 * 16;  /* 64-byte aligned each */
+    float *buf[N_BUFFERS], *ws = fm_scratch(1, total);
+    if (!ws) return -2;
+    for (int i = 0; i < N_BUFFERS; i++) buf[i] = ws, ws += (sizes[i] + 15) / 16 * 16;
+    float *x = buf[0], *h = buf[1], *qkv = buf[2], *attn = buf[3], *gu = buf[4], *act = buf[5], *part = buf[6], *sc = buf[7];
+    int rc = 0;
+
+    memcpy(x, embeds, sizeof(float) * B * E);
+    for (int i = 0; i < m->n_layers && !rc; i++) {
+        const fm_layer *L = m->layers + i;
+        rms_norm(x, L->attn_norm, h, B, E, m->eps);
+        rc |= fm_linear_rows(&L->qkv, h, B, qkv, width, 0);
+        for (int b = 0; b < B; b++)
+            rope_and_append(m, qkv + b * width, 1, past[b], capacity[b], k_cache[(size_t)b * m->n_layers + i],
+                            v_cache[(size_t)b * m->n_layers + i]);
+        attention_batch(m, qkv, B, past, capacity, k_cache, v_cache, i, attn, part, sc);
+        rc |= fm_linear_rows(&L->o, attn, B, x, E, 1);
+        rms_norm(x, L->mlp_norm, h, B, E, m->eps);
+        rc |= fm_linear_rows(&L->gate_up, h, B, gu, (size_t)2 * I, 0);
+        silu_mul(gu, B, I, act);
+        rc |= fm_linear_rows(&L->down, act, B, x, E, 1);
+    }
     if (rc) return -2;
-    float norm = 0.f;
-    for (int i = 0; i < m->retrieval_dim; i++) ret[i] += m->wt_bias[i], norm += ret[i] * ret[i];
-    norm = sqrtf(norm) > 1e-12f ? sqrtf(norm) : 1e-12f;
-    for (int i = 0; i < m->retrieval_dim; i++) ret[i] /= norm;
-    return 0;
+
+    const size_t V = (size_t)m->head.N + m->head_extra.N;
+    rms_norm(x, m->final_norm, h, B, E, m->eps);
+    rc |= fm_linear_rows(&m->head, h, B, logits, V, 0);
+    if (m->head_extra.N > 0) rc |= fm_linear_rows(&m->head_extra, h, B, logits + m->head.N, V, 0);
+    return rc ? -2 : retrieval(m, h, B, ret);
 }

@@ -53,6 +53,15 @@ int fm_cpu_ok(void);
  * Returns 0, or -1 when past + T exceeds capacity or the rotary table, -2 when out of memory. */
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
                float *const *k_cache, float *const *v_cache, float *logits, float *ret);
+/* One decoding step of B independent sequences: sequence b feeds embeds[b] (embeds (B, hidden)) on its
+ * own cache holding past[b] positions of capacity[b]; k_cache[b * n_layers + i], v_cache[...]: its
+ * layer i's (n_kv, capacity[b], head_dim) buffers, appended in place. Writes logits (B, head.N +
+ * head_extra.N) and ret (B, retrieval_dim). Each weight matrix is read once for all B rows, and row b
+ * is bit-identical to fm_forward(T = 1) of sequence b alone (its logits, ret and cache writes).
+ * Returns 0, or -1 when some past[b] + 1 exceeds capacity[b] or the rotary table (nothing written),
+ * -2 when out of memory. */
+int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
+                     float *const *k_cache, float *const *v_cache, float *logits, float *ret);
 
 /* dst (cols, rows) = the transpose of src (rows, cols), both row-major: lays an ONNX MatMul
  * initializer out as fm_linear.w. Parallel (OpenMP). */

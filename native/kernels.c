@@ -53,37 +53,68 @@ static int chunk_columns(size_t column_bytes, int N, int threads) {
         }                                                                          \
     } while (0)
 
-/* y[n] (+)= W[n] . x for the rows n0..n1 of W (N, K), four at a time, one from each quarter of the
- * range: four long forward streams. A core's read bandwidth here is bounded by how far ahead its
- * prefetchers run per stream, so four concurrent streams read faster than one (576-wide matrices:
- * ~10 -> ~16 GB/s on one core). */
-static void f32_columns(const float *W, int K, const float *x, int n0, int n1, float *y, int accumulate) {
-    const int q = (n1 - n0) / 4;
+/* Several tokens in one step (fm_linear_rows): rows of x per pass over a chunk of columns, each loaded
+ * weight vector meeting every row of the group from registers; the first group streams the chunk
+ * from memory, the others read it from cache. fp32: 4 columns x 3 rows, 12 accumulators (B = 16 of
+ * the default model: ~10 % faster than 2 rows); 4/8-bit: 2 rows (its unpacked blocks need registers
+ * too). */
+enum { F32_ROWS = 3, NBITS_ROWS = 2 };
+
+#ifdef FM_AVX2
+/* y[r][n] (+)= W[n] . x[r] for R rows and the columns n0 + i + j * q (i < q, j < 4): four columns at a
+ * time, one from each quarter of the range, so four long forward streams. A core's read bandwidth
+ * here is bounded by how far ahead its prefetchers run per stream, so four concurrent streams read
+ * faster than one (576-wide matrices: ~10 -> ~16 GB/s on one core). Each row sums in the one-row
+ * order, so its result does not depend on the other rows. */
+static inline __attribute__((always_inline)) void f32_quarters(const float *W, int K, const float *x, const int R,
+                                                               int n0, int q, float *y, size_t ldy, int accumulate) {
+    for (int n = n0; n < n0 + q; n++) {
+        const float *w0 = W + (size_t)n * K, *w1 = w0 + (size_t)q * K, *w2 = w1 + (size_t)q * K, *w3 = w2 + (size_t)q * K;
+        __m256 a[F32_ROWS][4];
+        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 8) {
+            const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k), v2 = _mm256_loadu_ps(w2 + k),
+                         v3 = _mm256_loadu_ps(w3 + k);
+            for (int r = 0; r < R; r++) {
+                const __m256 xv = _mm256_loadu_ps(x + (size_t)r * K + k);
+                a[r][0] = _mm256_fmadd_ps(xv, v0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(xv, v1, a[r][1]);
+                a[r][2] = _mm256_fmadd_ps(xv, v2, a[r][2]);
+                a[r][3] = _mm256_fmadd_ps(xv, v3, a[r][3]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const float d[4] = {hsum(a[r][0]), hsum(a[r][1]), hsum(a[r][2]), hsum(a[r][3])};
+            float *yr = y + (size_t)r * ldy;
+            for (int j = 0; j < 4; j++) yr[n + j * q] = (accumulate ? yr[n + j * q] : 0.f) + d[j];
+        }
+    }
+}
+#endif
+
+/* y[r][n] (+)= W[n] . x[r] for the columns n0..n1 of W (N, K) and the B rows of x (B, K), y (B, ldy). */
+static void f32_columns(const float *W, int K, const float *x, int B, int n0, int n1, float *y, size_t ldy,
+                        int accumulate) {
     int n = n0;
 #ifdef FM_AVX2
     if (K % 8 == 0) {
-        for (; n < n0 + q; n++) {
-            const float *w0 = W + (size_t)n * K, *w1 = w0 + (size_t)q * K, *w2 = w1 + (size_t)q * K, *w3 = w2 + (size_t)q * K;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int k = 0; k < K; k += 8) {
-                const __m256 xv = _mm256_loadu_ps(x + k);
-                a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w0 + k), a0);
-                a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w1 + k), a1);
-                a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w2 + k), a2);
-                a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w3 + k), a3);
-            }
-            const float d[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-            for (int j = 0; j < 4; j++) y[n + j * q] = (accumulate ? y[n + j * q] : 0.f) + d[j];
-        }
+        const int q = (n1 - n0) / 4;
+        int r = 0;
+        for (; r + F32_ROWS <= B; r += F32_ROWS)
+            f32_quarters(W, K, x + (size_t)r * K, F32_ROWS, n0, q, y + r * ldy, ldy, accumulate);
+        if (B - r == 2) f32_quarters(W, K, x + (size_t)r * K, 2, n0, q, y + r * ldy, ldy, accumulate);
+        if (B - r == 1) f32_quarters(W, K, x + (size_t)r * K, 1, n0, q, y + r * ldy, ldy, accumulate);
         n = n0 + 4 * q;  /* the quarters are done */
     }
 #endif
-    for (; n < n1; n++) y[n] = (accumulate ? y[n] : 0.f) + fm_dot(W + (size_t)n * K, x, K);
+    for (int r = 0; r < B; r++)
+        for (int c = n; c < n1; c++)
+            y[r * ldy + c] = (accumulate ? y[r * ldy + c] : 0.f) + fm_dot(W + (size_t)c * K, x + (size_t)r * K, K);
 }
 
-static int f32_gemv(const fm_linear *L, const float *x, float *y, int accumulate) {
+static int f32_gemv(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
     const int K = L->K, N = L->N, chunk = chunk_columns(sizeof(float) * K, N, omp_get_max_threads());
-    FOR_CLAIMED_CHUNKS(N, chunk, n0, n1, f32_columns(L->w, K, x, n0, n1, y, accumulate));
+    FOR_CLAIMED_CHUNKS(N, chunk, n0, n1, f32_columns(L->w, K, x, B, n0, n1, y, ldy, accumulate));
     return 0;
 }
 
@@ -195,17 +226,26 @@ static inline float block_value(const uint8_t *q, int i, int bits) {
 }
 
 #ifdef FM_AVX2
-/* x16_b . q_b as 8 int32 lanes. 4-bit: x16 is [16 even | 16 odd] elements, matching the nibbles. */
-static inline __m256i block_dot(const uint8_t *q, const int16_t *x16, int bits) {
-    const __m256i *xv = (const __m256i *)x16;
+/* A block's 32 q as two vectors of 16 int16 (4-bit: [16 even | 16 odd] elements, the nibbles). */
+static inline void block_unpack(const uint8_t *q, int bits, __m256i *lo, __m256i *hi) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
     if (bits == 4) {
-        __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
-        return _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(v, _mm256_set1_epi16(15)), _mm256_loadu_si256(xv)),
-                                _mm256_madd_epi16(_mm256_srli_epi16(v, 4), _mm256_loadu_si256(xv + 1)));
+        *lo = _mm256_and_si256(v, _mm256_set1_epi16(15)), *hi = _mm256_srli_epi16(v, 4);
+    } else {
+        *lo = v, *hi = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
     }
-    __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
-    __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
-    return _mm256_add_epi32(_mm256_madd_epi16(v0, _mm256_loadu_si256(xv)), _mm256_madd_epi16(v1, _mm256_loadu_si256(xv + 1)));
+}
+
+/* x16_b . q_b as 8 int32 lanes, for the unpacked block (lo, hi); x16 ordered as block_unpack's q. */
+static inline __m256i unpacked_dot(__m256i lo, __m256i hi, const int16_t *x16) {
+    const __m256i *xv = (const __m256i *)x16;
+    return _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xv)), _mm256_madd_epi16(hi, _mm256_loadu_si256(xv + 1)));
+}
+
+static inline __m256i block_dot(const uint8_t *q, const int16_t *x16, int bits) {
+    __m256i lo, hi;
+    block_unpack(q, bits, &lo, &hi);
+    return unpacked_dot(lo, hi, x16);
 }
 
 /* For one column: scale[b] = d_b * sx_b, and the minimums' term sum_b m_b * S_b (8 blocks at a time). */
@@ -223,38 +263,49 @@ static inline float column_scales(const uint16_t *dm, int nb, const float *sx, c
     return mterm;
 }
 
-/* y[n] += x . w_n for columns n0..n1, four at a time (x shared), one from each quarter of the range:
- * the thread reads four forward streams, as f32_rows does (one stream: ~20 % slower, two threads). */
+/* y[r][n] += x[r] . w_n for R rows (x16 (R, K), sx and sums (R, nb)) and columns n0..n1, four at a
+ * time, one from each quarter of the range: the thread reads four forward streams, as f32_quarters
+ * does (one stream: ~20 % slower, two threads). Each block is unpacked once for all R rows; each row
+ * sums in the one-row order. */
 static inline __attribute__((always_inline)) void nbits_columns(const fm_linear *L, int n0, int n1, const int16_t *x16,
-                                                                const float *sx, const float *sums, float *y,
-                                                                const int bits) {
-    const int nb = L->K / FM_BLOCK, qb = FM_BLOCK * bits / 8, quarter = (n1 - n0) / 4;
-    float scale[4][nb];
+                                                                const float *sx, const float *sums, const int R,
+                                                                float *y, size_t ldy, const int bits) {
+    const int K = L->K, nb = K / FM_BLOCK, qb = FM_BLOCK * bits / 8, quarter = (n1 - n0) / 4;
+    float scale[NBITS_ROWS][4][nb];
     for (int i = 0; i < quarter; i++) {
         const int n[4] = {n0 + i, n0 + i + quarter, n0 + i + 2 * quarter, n0 + i + 3 * quarter};
         const uint8_t *col[4];
-        float m[4];
-        __m256 acc[4];
+        float m[NBITS_ROWS][4];
+        __m256 acc[NBITS_ROWS][4];
         for (int j = 0; j < 4; j++) {
-            m[j] = column_scales(record_dm(L, n[j]), nb, sx, sums, scale[j]);
-            col[j] = record_q(L, n[j]), acc[j] = _mm256_setzero_ps();
+            col[j] = record_q(L, n[j]);
+            for (int r = 0; r < R; r++) {
+                m[r][j] = column_scales(record_dm(L, n[j]), nb, sx + (size_t)r * nb, sums + (size_t)r * nb, scale[r][j]);
+                acc[r][j] = _mm256_setzero_ps();
+            }
         }
-        for (int b = 0; b < nb; b++) {
-            const int16_t *xb = x16 + (size_t)b * FM_BLOCK;
-            for (int j = 0; j < 4; j++)
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(col[j] + (size_t)b * qb, xb, bits)),
-                                         _mm256_broadcast_ss(scale[j] + b), acc[j]);
-        }
-        for (int j = 0; j < 4; j++) y[n[j]] += hsum(acc[j]) + m[j];
+        for (int b = 0; b < nb; b++)
+            for (int j = 0; j < 4; j++) {
+                __m256i lo, hi;
+                block_unpack(col[j] + (size_t)b * qb, bits, &lo, &hi);
+                for (int r = 0; r < R; r++)
+                    acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(unpacked_dot(lo, hi, x16 + (size_t)r * K + b * FM_BLOCK)),
+                                                _mm256_broadcast_ss(scale[r][j] + b), acc[r][j]);
+            }
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < 4; j++) y[r * ldy + n[j]] += hsum(acc[r][j]) + m[r][j];
     }
     for (int n = n0 + 4 * quarter; n < n1; n++) {
         const uint8_t *col = record_q(L, n);
-        const float m = column_scales(record_dm(L, n), nb, sx, sums, scale[0]);
-        __m256 acc = _mm256_setzero_ps();
-        for (int b = 0; b < nb; b++)
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(col + (size_t)b * qb, x16 + (size_t)b * FM_BLOCK, bits)),
-                                  _mm256_broadcast_ss(scale[0] + b), acc);
-        y[n] += hsum(acc) + m;
+        for (int r = 0; r < R; r++) {
+            const int16_t *xr = x16 + (size_t)r * K;
+            const float mr = column_scales(record_dm(L, n), nb, sx + (size_t)r * nb, sums + (size_t)r * nb, scale[0][0]);
+            __m256 acc = _mm256_setzero_ps();
+            for (int b = 0; b < nb; b++)
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(col + (size_t)b * qb, xr + (size_t)b * FM_BLOCK, bits)),
+                                      _mm256_broadcast_ss(scale[0][0] + b), acc);
+            y[r * ldy + n] += hsum(acc) + mr;
+        }
     }
 }
 
@@ -291,43 +342,60 @@ static void nbits_prepare(const float *x, int K, int bits, float *sums, float *s
 }
 #endif
 
-/* One token: the columns in claimed chunks, as f32_gemv. */
-static void nbits_chunk(const fm_linear *L, int n0, int n1, const float *x, const int16_t *x16, const float *sx,
-                        const float *sums, float *y, int accumulate) {
-    if (!accumulate) memset(y + n0, 0, sizeof(float) * (n1 - n0));
+/* B tokens, each as a one-token step: the columns in claimed chunks, as f32_gemv; x (B, K), per row
+ * x16 (B, K), sx and sums (B, nb). */
+static void nbits_chunk(const fm_linear *L, int n0, int n1, const float *x, int B, const int16_t *x16, const float *sx,
+                        const float *sums, float *y, size_t ldy, int accumulate) {
+    const int K = L->K, nb = K / FM_BLOCK;
+    if (!accumulate)
+        for (int r = 0; r < B; r++) memset(y + r * ldy + n0, 0, sizeof(float) * (n1 - n0));
 #ifdef FM_AVX2
     (void)x;
-    if (L->bits == 4) nbits_columns(L, n0, n1, x16, sx, sums, y, 4);
-    else nbits_columns(L, n0, n1, x16, sx, sums, y, 8);
+    int r = 0;
+#define ROWS(R)                                                                                                  \
+    (L->bits == 4 ? nbits_columns(L, n0, n1, x16 + (size_t)r * K, sx + (size_t)r * nb, sums + (size_t)r * nb, R, \
+                                  y + r * ldy, ldy, 4)                                                           \
+                  : nbits_columns(L, n0, n1, x16 + (size_t)r * K, sx + (size_t)r * nb, sums + (size_t)r * nb, R, \
+                                  y + r * ldy, ldy, 8))
+    for (; r + NBITS_ROWS <= B; r += NBITS_ROWS) ROWS(NBITS_ROWS);
+    for (; r < B; r++) ROWS(1);
+#undef ROWS
 #else
     (void)x16, (void)sx;
-    const int nb = L->K / FM_BLOCK, qb = FM_BLOCK * L->bits / 8;
-    for (int n = n0; n < n1; n++)  /* portable path: fp32 products */
-        for (int b = 0; b < nb; b++) {
-            const uint8_t *q = record_q(L, n) + (size_t)b * qb;
-            const uint16_t *dm = record_dm(L, n);
-            float p = 0.f;
-            for (int i = 0; i < FM_BLOCK; i++) p += block_value(q, i, L->bits) * x[(size_t)b * FM_BLOCK + i];
-            y[n] += half_to_float(dm[b]) * p + half_to_float(dm[nb + b]) * sums[b];
-        }
+    const int qb = FM_BLOCK * L->bits / 8;
+    for (int r = 0; r < B; r++)
+        for (int n = n0; n < n1; n++)  /* portable path: fp32 products */
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *q = record_q(L, n) + (size_t)b * qb;
+                const uint16_t *dm = record_dm(L, n);
+                const float *xb = x + (size_t)r * K + (size_t)b * FM_BLOCK;
+                float p = 0.f;
+                for (int i = 0; i < FM_BLOCK; i++) p += block_value(q, i, L->bits) * xb[i];
+                y[r * ldy + n] += half_to_float(dm[b]) * p + half_to_float(dm[nb + b]) * sums[(size_t)r * nb + b];
+            }
 #endif
 }
 
-static int nbits_gemv(const fm_linear *L, const float *x, float *y, int accumulate) {
+static int nbits_gemv(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
     const int K = L->K, N = L->N, nb = K / FM_BLOCK, chunk = chunk_columns(record_bytes(L), N, omp_get_max_threads());
-    float *sums = fm_scratch(0, (size_t)2 * nb + K / 2 + 16);
+    const size_t scales = ((size_t)2 * B * nb + 15) / 16 * 16;  /* sums, sx; then x16 64-byte aligned */
+    float *sums = fm_scratch(0, scales + (size_t)B * K / 2);
     if (!sums) return -2;
-    float *sx = sums + nb;
-    int16_t *x16 = (int16_t *)(sx + nb + (16 - 2 * nb % 16) % 16);  /* 64-byte aligned */
+    float *sx = sums + (size_t)B * nb;
+    int16_t *x16 = (int16_t *)(sums + scales);
+    for (int r = 0; r < B; r++) {
+        const float *xr = x + (size_t)r * K;
 #ifdef FM_AVX2
-    nbits_prepare(x, K, L->bits, sums, sx, x16);
+        nbits_prepare(xr, K, L->bits, sums + (size_t)r * nb, sx + (size_t)r * nb, x16 + (size_t)r * K);
 #else
-    for (int b = 0; b < nb; b++) {
-        sums[b] = 0.f;
-        for (int i = 0; i < FM_BLOCK; i++) sums[b] += x[(size_t)b * FM_BLOCK + i];
-    }
+        for (int b = 0; b < nb; b++) {
+            float *s = sums + (size_t)r * nb + b;
+            *s = 0.f;
+            for (int i = 0; i < FM_BLOCK; i++) *s += xr[(size_t)b * FM_BLOCK + i];
+        }
 #endif
-    FOR_CLAIMED_CHUNKS(N, chunk, n0, n1, nbits_chunk(L, n0, n1, x, x16, sx, sums, y, accumulate));
+    }
+    FOR_CLAIMED_CHUNKS(N, chunk, n0, n1, nbits_chunk(L, n0, n1, x, B, x16, sx, sums, y, ldy, accumulate));
     return 0;
 }
 
@@ -394,7 +462,11 @@ static int linear_gemm(const fm_linear *L, const float *x, int T, float *y, int 
     return 0;
 }
 
+int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
+    return L->kind == FM_F32 ? f32_gemv(L, x, B, y, ldy, accumulate) : nbits_gemv(L, x, B, y, ldy, accumulate);
+}
+
 int fm_linear_forward(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
     if (T > 1) return linear_gemm(L, x, T, y, accumulate);
-    return L->kind == FM_F32 ? f32_gemv(L, x, y, accumulate) : nbits_gemv(L, x, y, accumulate);
+    return fm_linear_rows(L, x, 1, y, (size_t)L->N, accumulate);
 }

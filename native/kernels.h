@@ -17,6 +17,9 @@
 /* y (T, N) = x (T, K) @ W, or y += x @ W when accumulate (the residual adds). Returns 0, or -2 when
  * its scratch memory cannot be had. Parallel (OpenMP) inside. */
 int fm_linear_forward(const fm_linear *L, const float *x, int T, float *y, int accumulate);
+/* B independent tokens x (B, K) -> y (B, ldy): each row bit-identical to a one-token fm_linear_forward
+ * of that row alone (the one-token kernels, each weight read once for all rows). 0 or -2 as above. */
+int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate);
 /* Thread-local grow-only scratch: slot 0 belongs to the kernels, slot 1 to the decoder. */
 float *fm_scratch(int slot, size_t floats);
 

@@ -1,6 +1,6 @@
 /* Self-check of the native decoder on a tiny random model (ctest): a prefill equals the same positions
- * fed one at a time, and the 4-bit blocks of weights lying on a Q4_1 grid give the logits of their
- * fp32 copy. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
+ * fed one at a time, the 4-bit blocks of weights lying on a Q4_1 grid give the logits of their
+ * fp32 copy, and a batched step gives each sequence exactly what its own step gives. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,6 +65,50 @@ static void run(const fm_model *m, const float *emb, int steps, float *logits, f
     for (int i = 0; i < LAYERS; i++) free(k[i]), free(v[i]);
 }
 
+/* Sequences of different lengths and capacities, prefilled, then STEPS steps two ways: fm_forward_batch
+ * for all, fm_forward (T = 1) for each alone on a copy of its cache. 1 when logits, ret and caches are
+ * bit-identical, and a batch with one sequence at its capacity is refused. */
+enum { NB = 5, STEPS = 3 };
+
+static int batch_matches(const fm_model *m) {
+    const int past0[NB] = {0, 5, 63, 64, 130}, cap[NB] = {8, 16, 80, 70, POS};
+    float *k[NB * LAYERS], *v[NB * LAYERS], *ks[NB * LAYERS], *vs[NB * LAYERS];
+    int32_t past[NB], capacity[NB];
+    for (int b = 0; b < NB; b++) {
+        past[b] = past0[b], capacity[b] = cap[b];
+        const size_t n = (size_t)KV * cap[b] * D;
+        for (int i = 0; i < LAYERS; i++) {
+            const int j = b * LAYERS + i;
+            k[j] = calloc(n, 4), v[j] = calloc(n, 4), ks[j] = malloc(4 * n), vs[j] = malloc(4 * n);
+        }
+        float lg[V], rt[R], *emb = randv(past0[b] > 0 ? past0[b] * E : E, 1.f, 0.f);
+        if (past0[b] > 0 && fm_forward(m, emb, past0[b], 0, cap[b], k + b * LAYERS, v + b * LAYERS, lg, rt)) exit(2);
+        free(emb);
+        for (int i = 0; i < LAYERS; i++) memcpy(ks[b * LAYERS + i], k[b * LAYERS + i], 4 * n), memcpy(vs[b * LAYERS + i], v[b * LAYERS + i], 4 * n);
+    }
+    int same = 1;
+    for (int step = 0; step < STEPS; step++) {
+        float *emb = randv(NB * E, 1.f, 0.f), lb[NB][V], rb[NB][R], ls[V], rs[R];
+        if (fm_forward_batch(m, emb, NB, past, capacity, k, v, lb[0], rb[0])) exit(2);
+        for (int b = 0; b < NB; b++) {
+            if (fm_forward(m, emb + b * E, 1, past[b], capacity[b], ks + b * LAYERS, vs + b * LAYERS, ls, rs)) exit(2);
+            same &= !memcmp(ls, lb[b], sizeof ls) && !memcmp(rs, rb[b], sizeof rs);
+            for (int i = 0; i < LAYERS; i++) {
+                const size_t n = 4 * (size_t)KV * cap[b] * D;
+                same &= !memcmp(k[b * LAYERS + i], ks[b * LAYERS + i], n) && !memcmp(v[b * LAYERS + i], vs[b * LAYERS + i], n);
+            }
+            past[b]++;
+        }
+        free(emb);
+    }
+    float emb[NB * E], lb[NB][V], rb[NB][R];
+    memset(emb, 0, sizeof emb);
+    past[1] = capacity[1];  /* full */
+    const int refused = fm_forward_batch(m, emb, NB, past, capacity, k, v, lb[0], rb[0]) == -1;
+    for (int j = 0; j < NB * LAYERS; j++) free(k[j]), free(v[j]), free(ks[j]), free(vs[j]);
+    return same && refused;
+}
+
 int main(void) {
     if (!fm_cpu_ok()) { printf("skipped: this CPU lacks AVX2/FMA/F16C\n"); return 0; }
     fm_layer lf[LAYERS], lq[LAYERS];
@@ -99,7 +143,10 @@ int main(void) {
            max_diff(ra, rb, R), blocks);
     float *kk[LAYERS] = {0}, *vv[LAYERS] = {0};
     const int refused = fm_forward(&mf, emb, 1, POS, POS, kk, vv, a, ra) == -1; /* past the capacity */
-    if (!(prefill < 1e-5f && max_diff(ra, rb, R) < 1e-5f && blocks < 1e-3f && refused)) {
+    const int batch_f32 = batch_matches(&mf), batch_q4 = batch_matches(&mq);
+    printf("batched steps bit-identical to single ones: fp32 %s, 4-bit %s\n", batch_f32 ? "yes" : "NO",
+           batch_q4 ? "yes" : "NO");
+    if (!(prefill < 1e-5f && max_diff(ra, rb, R) < 1e-5f && blocks < 1e-3f && refused && batch_f32 && batch_q4)) {
         printf("FAILED\n");
         return 1;
     }
