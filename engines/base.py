@@ -1,4 +1,7 @@
-"""The engine interface: run one compiled graph with named inputs and outputs."""
+"""What every engine offers: a compiled graph run with named inputs and outputs, and the thread default.
+
+An *engine* is a backend that runs graphs: the native C decoder (native.py) or ONNX Runtime
+(onnxruntime.py). `Fromage.engine` names the one that runs the decoder."""
 from __future__ import annotations
 
 import os
@@ -7,7 +10,7 @@ from typing import Protocol
 import numpy as np
 
 
-class Engine(Protocol):
+class Graph(Protocol):
     input_names: list[str]
     output_names: list[str]
 

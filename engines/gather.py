@@ -2,7 +2,7 @@
 
 Why: the decode loop embeds one token per step, and an ONNX Runtime call for that cost ~150 us per
 token here (its machinery runs cache-cold after each decoder step), ~2 % of an int4 step. Other
-embedding graphs run on ONNX Runtime (`gather_engine` returns None for them).
+embedding graphs run on ONNX Runtime (`gather_table` returns None for them).
 """
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import mmap
 
 import numpy as np
 
-from fromage.runtime.errors import FromageError
-from fromage.runtime.onnx_weights import initializers, nodes, read_inline
+from fromage.engines.errors import FromageError
+from fromage.engines.onnx_weights import initializers, nodes, read_inline
 
 
-class GatherEngine:
+class GatherTable:
     input_names = ["input_ids"]
 
     def __init__(self, table: np.ndarray, output_name: str):
@@ -27,8 +27,8 @@ class GatherEngine:
         return [self.table[ids]]
 
 
-def gather_engine(path, output_name: str = "inputs_embeds") -> GatherEngine | None:
-    """A GatherEngine for `path` when it is one Gather over one inline 2-D float32 table, else None."""
+def gather_table(path, output_name: str = "inputs_embeds") -> GatherTable | None:
+    """A GatherTable for `path` when it is one Gather over one inline 2-D float32 table, else None."""
     with open(path, "rb") as fh:
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             graph, tables = nodes(buf), initializers(buf)
@@ -39,4 +39,4 @@ def gather_engine(path, output_name: str = "inputs_embeds") -> GatherEngine | No
             return None
         table = np.empty(t["dims"], np.float32)
         read_inline(fh, t, table)
-    return GatherEngine(table, output_name)
+    return GatherTable(table, output_name)

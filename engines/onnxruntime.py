@@ -1,9 +1,11 @@
 """ONNX Runtime engine. Execution providers are chosen by name: cpu, cuda, tensorrt."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-from fromage.runtime.errors import FromageError
+from fromage.engines.errors import FromageError
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -12,7 +14,7 @@ PROVIDERS = {
 }
 
 
-class OnnxRuntimeEngine:
+class OrtSession:
     def __init__(self, path, device: str = "cpu", threads: int | None = None, spin: bool = True):
         import onnxruntime as ort
         if device not in PROVIDERS:
@@ -34,47 +36,46 @@ class OnnxRuntimeEngine:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-        self.binding = self.session.io_binding()
-
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
         return self.session.run(outputs, feeds)
 
-    # ---- I/O binding: inputs and outputs in caller-owned buffers, nothing allocated per call ----
-    def bind_array(self, name: str, array: np.ndarray, output: bool) -> None:
-        """Bind a C-contiguous float32 array; it must stay alive while bound."""
-        assert array.dtype == np.float32 and array.flags.c_contiguous
-        bind = self.binding.bind_output if output else self.binding.bind_input
-        bind(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
 
-    def run_bound(self) -> None:
-        self.session.run_with_iobinding(self.binding)
+def bind_array(binding, name: str, array: np.ndarray, output: bool) -> None:
+    """Bind a C-contiguous float32 array to an I/O binding; it must stay alive while bound."""
+    assert array.dtype == np.float32 and array.flags.c_contiguous
+    bind = binding.bind_output if output else binding.bind_input
+    bind(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
 
 
 class InPlaceDecoder:
     """The fused decoder graph (export/llama_graph.py) on ONNX Runtime, with the interface of
     native.NativeDecoder: past and present KV are the same buffers, bound once per cache, so the
-    graph appends to the cache in place; logits and ret are written into the caller's arrays."""
+    graph appends to the cache in place; logits and ret are written into the caller's arrays.
+    Several threads may call one decoder at once, each with its own cache."""
     in_place = True
 
-    def __init__(self, engine: OnnxRuntimeEngine):
-        self.engine = engine
-        self.kv_names, self.present_names = engine.input_names[3:], engine.output_names[2:]
-        self._bound = None  # the cache whose buffers the I/O binding points at
+    def __init__(self, session: OrtSession):
+        self.session = session
+        self.kv_names, self.present_names = session.input_names[3:], session.output_names[2:]
+        self._local = threading.local()  # an I/O binding per calling thread: one shared binding mixes calls
 
     def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray) -> None:
         total = past + embeds.shape[1]
-        binding = self.engine.binding
+        local = self._local
+        if not hasattr(local, "binding"):
+            local.binding, local.bound = self.session.session.io_binding(), None
+        binding = local.binding
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        if self._bound is not cache[0]:  # another state, or this one's grown buffers
+        if local.bound is not cache[0] or local.outputs != (logits.ctypes.data, ret.ctypes.data):
             for name, present, buf in zip(self.kv_names, self.present_names, cache):
-                self.engine.bind_array(name, buf, output=False)
-                self.engine.bind_array(present, buf, output=True)
-            self.engine.bind_array("logits", logits[None], output=True)
-            self.engine.bind_array("ret_embedding", ret[None], output=True)
-            self._bound = cache[0]
-        self.engine.run_bound()
+                bind_array(binding, name, buf, output=False)
+                bind_array(binding, present, buf, output=True)
+            bind_array(binding, "logits", logits[None], output=True)
+            bind_array(binding, "ret_embedding", ret[None], output=True)
+            local.bound, local.outputs = cache[0], (logits.ctypes.data, ret.ctypes.data)
+        self.session.session.run_with_iobinding(binding)
 
 
 class ConcatDecoder:
@@ -82,20 +83,18 @@ class ConcatDecoder:
     by one concatenation per call, so the cache list's arrays are replaced."""
     in_place = False
 
-    def __init__(self, engine: OnnxRuntimeEngine):
-        self.engine = engine
-        self.kv_names = engine.input_names[3:]
+    def __init__(self, session: OrtSession):
+        self.session = session
+        self.kv_names = session.input_names[3:]
 
     def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray) -> None:
         total = past + embeds.shape[1]
         feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), dtype=np.int64),
                  "position_ids": np.arange(past, total, dtype=np.int64)[None], **dict(zip(self.kv_names, cache))}
-        new_logits, new_ret, *cache[:] = self.engine.run(feeds)
+        new_logits, new_ret, *cache[:] = self.session.run(feeds)
         logits[:], ret[:] = new_logits[0], new_ret[0]
 
 
-def create_engine(path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
-                  spin: bool = True):
-    if backend == "onnxruntime":
-        return OnnxRuntimeEngine(path, device=device, threads=threads, spin=spin)
-    raise FromageError(f"unknown engine backend {backend!r} (available: onnxruntime)")
+def open_session(path, device: str = "cpu", threads: int | None = None, spin: bool = True) -> OrtSession:
+    """One graph on ONNX Runtime (a base.Graph)."""
+    return OrtSession(path, device=device, threads=threads, spin=spin)

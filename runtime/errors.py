@@ -1,5 +1,4 @@
-"""One exception type for every user-facing failure: the CLI prints its message, never a traceback."""
+"""The runtime's error type: the engines' FromageError, re-exported for callers of the runtime."""
+from fromage.engines.errors import FromageError
 
-
-class FromageError(Exception):
-    """A problem with the user's input, files or configuration, stated so they can fix it."""
+__all__ = ["FromageError"]

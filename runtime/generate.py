@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from fromage.engines import native
-from fromage.engines.gather import gather_engine
-from fromage.engines.onnxruntime import ConcatDecoder, InPlaceDecoder, create_engine
+from fromage.engines.gather import gather_table
+from fromage.engines.onnxruntime import ConcatDecoder, InPlaceDecoder, open_session
 
-from .bundle import Bundle, load_bundle
+from .bundle_reader import Bundle, load_bundle
 from .errors import FromageError
 from .preprocess import preprocess
 from .prompt import ImagePart, Part, Segment, to_segments
@@ -73,6 +73,14 @@ def image_part(hits: list, **extra) -> dict:
     return {"type": "image", **ranked[0], **extra, "ranked": ranked}
 
 
+def append_text(parts: list, text: str) -> None:
+    """Adds text to an answer's parts: to the last part when it is text, else as a new text part."""
+    if parts and parts[-1]["type"] == "text":
+        parts[-1]["text"] += text
+    else:
+        parts.append({"type": "text", "text": text})
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -127,10 +135,10 @@ class Fromage:
         self.tokenizer = Tokenizer.from_file(str(self.bundle.directory / "tokenizer.json"))
         # idle ONNX Runtime workers spin for a while after a run, on the cores the decoder needs next
         # (with an image, the first token came 60-75 ms later): the vision graph's sleep instead
-        self.vision = create_engine(self.bundle.graph_path("vision"), device=device, threads=threads, spin=False)
+        self.vision = open_session(self.bundle.graph_path("vision"), device=device, threads=threads, spin=False)
         # a plain table lookup runs in numpy (engines/gather.py); otherwise ONNX Runtime with one thread
         embed_path = self.bundle.graph_path("embed")
-        self.embed = (gather_engine(embed_path) if device == "cpu" else None) or create_engine(
+        self.embed = (gather_table(embed_path) if device == "cpu" else None) or open_session(
             embed_path, device=device, threads=1)
         io = self.bundle.manifest["graphs"]["decoder"]
         self.kv_names = io["inputs"][3:]
@@ -163,7 +171,7 @@ class Fromage:
                     why_not = str(e)
             if engine == "native":
                 raise FromageError(f"the native engine cannot run this: {why_not}")
-        graph = create_engine(path, device=device, threads=threads)
+        graph = open_session(path, device=device, threads=threads)
         decoder = InPlaceDecoder(graph) if self.fused else ConcatDecoder(graph)
         return "onnxruntime", decoder, why_not and f"native engine not used: {why_not}"
 
@@ -259,10 +267,7 @@ class Fromage:
             else:
                 delta = text.push(token)
                 if delta:
-                    if result.parts and result.parts[-1]["type"] == "text":
-                        result.parts[-1]["text"] += delta
-                    else:
-                        result.parts.append({"type": "text", "text": delta})
+                    append_text(result.parts, delta)
                     yield TextEvent(delta)
         n = len(result.token_ids)
         decode_s = time.perf_counter() - t1

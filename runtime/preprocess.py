@@ -47,7 +47,6 @@ def load_rgb(source: str | Path | bytes | Image.Image) -> Image.Image:
         else:
             path = Path(source)
             if path.suffix.lower() == ".svg":
-                from fromage.training.data import render_svg  # needs cairosvg: a training-side extra
                 return load_rgb(render_svg(str(path)))
             if not path.is_file():
                 raise FromageError(f"image not found: {path}")
@@ -69,6 +68,25 @@ def load_rgb(source: str | Path | bytes | Image.Image) -> Image.Image:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img)
     return img.convert("RGB")
+
+
+def render_svg(path, size: int = 256):
+    """Render an SVG to an RGBA PIL image whose longer side is `size` (aspect ratio kept)."""
+    try:
+        import cairosvg  # an optional extra: pip install 'fromage[svg]'
+    except ImportError:
+        raise FromageError(f"rendering {path} needs cairosvg: pip install 'fromage[svg]'") from None
+
+    def render(**kw):
+        return Image.open(io.BytesIO(cairosvg.svg2png(url=str(path), **kw))).convert("RGBA")
+
+    try:
+        img = render(output_width=size)  # cairosvg scales the height to keep the aspect ratio
+        if img.height > size:
+            img = render(output_height=size)
+    except Exception as e:  # cairosvg raises many types (XML, entities forbidden, cairo errors)
+        raise FromageError(f"cannot render SVG {path}: {type(e).__name__}: {e}") from e
+    return img
 
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}

@@ -15,10 +15,12 @@ contexts, and log-likelihoods of candidate continuations.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import FromageError
-from .prompt import Part, query_text
+from .prompt import ImagePart, Part, query_text
 
 
 def context_embeds(model, parts: list[Part], visual: dict | None = None) -> np.ndarray:
@@ -90,3 +92,19 @@ def log_likelihood(model, context_parts: list[Part], candidates: list[str], retu
     (perplexity of a candidate = exp(-loglik / count)). `visual`: see `context_embeds`."""
     scores, counts = log_likelihood_from_embeds(model, context_embeds(model, context_parts, visual), candidates)
     return (scores, counts) if return_counts else scores
+
+
+def caption_perplexity(model, examples, visual: dict | None, progress=False) -> tuple[float | None, int]:
+    """Corpus perplexity of the captions given their image (or the prefix alone when visual is None)."""
+    from tqdm import tqdm
+    prefix = list(model.bundle.tokens.get("prefix") or [])
+    if visual is None and not prefix:
+        return None, 0  # no token to condition on without an image
+    if visual is None:  # one context for all: prefilled once, forked per caption
+        ll, n = log_likelihood_from_embeds(model, model.embed_ids(prefix)[None], [e.caption for e in examples])
+        return math.exp(-sum(ll) / sum(n)), sum(n)
+    total, count = 0.0, 0
+    for e in tqdm(examples, desc="perplexity (image)", disable=not progress):
+        ll, n = log_likelihood_from_embeds(model, context_embeds(model, [ImagePart(e.image)], visual), [e.caption])
+        total, count = total + ll[0], count + n[0]
+    return math.exp(-total / count), count

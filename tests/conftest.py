@@ -96,8 +96,8 @@ def exported(assets, tmp_path_factory):
     """Per architecture: the PyTorch model, its bundle and an index of the generated images."""
     import logging
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    from fromage.export.bundle import write_bundle
-    from fromage.runtime.cli import main
+    from fromage.export.bundle_writer import write_bundle
+    from fromage.tools.cli import main
     root = tmp_path_factory.mktemp("bundles")
     out = {}
     import torch

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fromage.runtime.cli import main
+from fromage.tools.cli import main
 
 METRICS = ("decode_tok_s", "tpot_ms", "ttft_ms", "ttft_image_ms", "e2e_ms", "image_encode_ms", "retrieval_ms",
            "peak_rss_mb")
@@ -105,7 +105,7 @@ def test_bench_reports_a_failing_peer(exported, tmp_path, cache):
 
 
 def test_bench_also_runs_a_quantized_bundle(exported, tmp_path, cache):
-    from fromage.export.bundle import write_bundle
+    from fromage.export.bundle_writer import write_bundle
     e = exported["llama"]
     write_bundle(e["model"], tmp_path / "int4", quantize="int4", activations="fp32", log=lambda *_: None)
     r = _bench(tmp_path, "--bundle", str(e["bundle"]), "--also", str(tmp_path / "int4"), "--also-engine", "onnxruntime")

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from fromage.runtime.cli import main
+from fromage.tools.cli import main
 
 
 def _run(capsys, *argv):

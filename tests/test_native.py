@@ -90,13 +90,13 @@ def test_threads_are_per_decoder(exported):
 
 
 def test_embedding_lookup_runs_in_numpy_and_matches_onnxruntime(exported):
-    from fromage.engines.gather import GatherEngine, gather_engine
-    from fromage.engines.onnxruntime import create_engine
+    from fromage.engines.gather import GatherTable, gather_table
+    from fromage.engines.onnxruntime import open_session
     bundle = Fromage(exported["llama"]["bundle"])
-    assert isinstance(bundle.embed, GatherEngine)  # the bundle's embed.onnx is one Gather
+    assert isinstance(bundle.embed, GatherTable)  # the bundle's embed.onnx is one Gather
     ids = np.array([[0, 5, bundle.ret_id, 3]], dtype=np.int64)
-    ort = create_engine(bundle.bundle.graph_path("embed"), threads=1)
+    ort = open_session(bundle.bundle.graph_path("embed"), threads=1)
     assert np.array_equal(bundle.embed.run({"input_ids": ids})[0], ort.run({"input_ids": ids})[0])
     with pytest.raises(FromageError, match="out of range"):
         bundle.embed.run({"input_ids": np.array([[-1]])})
-    assert gather_engine(bundle.bundle.graph_path("vision")) is None  # any other graph: ONNX Runtime
+    assert gather_table(bundle.bundle.graph_path("vision")) is None  # any other graph: ONNX Runtime

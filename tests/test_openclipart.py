@@ -4,7 +4,8 @@ import re
 import pytest
 
 from fromage.runtime.errors import FromageError
-from fromage.training.data import Example, read_openclipart
+from fromage.runtime.sources import Example
+from fromage.training.openclipart import read_openclipart
 
 REAL_ROOT = "/usr/share/openclipart/png"
 

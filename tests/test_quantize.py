@@ -74,7 +74,7 @@ def _snap_to_gguf_grids(model):
 
 def test_int4_bundle_from_gguf_grids_decodes_like_fp32(assets, tmp_path):
     from conftest import build_model
-    from fromage.export.bundle import write_bundle
+    from fromage.export.bundle_writer import write_bundle
     from fromage.runtime.generate import Fromage
     from fromage.runtime.prompt import ImagePart
     from fromage.runtime.sampling import SamplingParams
@@ -100,7 +100,7 @@ def test_int4_bundle_from_gguf_grids_decodes_like_fp32(assets, tmp_path):
 
 def test_quantize_refuses_other_architectures(assets, tmp_path):
     from conftest import build_model
-    from fromage.export.bundle import write_bundle
+    from fromage.export.bundle_writer import write_bundle
     from fromage.runtime.errors import FromageError
     with pytest.raises(FromageError, match="Llama-family"):
         write_bundle(build_model(assets, "opt", k=1), tmp_path / "b", quantize="int4", log=lambda *_: None)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fromage.runtime.errors import FromageError
-from fromage.runtime.retrieval import ImageIndex, build_index
+from fromage.runtime.index_build import build_index
+from fromage.runtime.retrieval import ImageIndex
 
 DIM, N = 16, 40
 

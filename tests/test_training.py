@@ -2,7 +2,7 @@
 import torch
 
 from conftest import build_model
-from fromage.training.data import Example
+from fromage.runtime.sources import Example
 from fromage.training.model import FromageModel
 from fromage.training.train import TrainConfig, batch_losses, train
 
@@ -80,7 +80,7 @@ def test_checkpoint_round_trip_and_resume(assets, tmp_path):
 
     loaded = FromageModel.from_checkpoint(tmp_path / "a")
     assert loaded.config.query_template == template
-    from fromage.runtime.bundle import sha256_file  # what export records, so stale bundles can be told
+    from fromage.runtime.files import sha256_file  # what export records, so stale bundles can be told
     assert loaded.checkpoint_sha256 == sha256_file(tmp_path / "a" / "learned.safetensors")
     for n, p in straight.checkpoint_state().items():
         assert torch.equal(p, loaded.checkpoint_state()[n]), n

@@ -38,7 +38,9 @@ from fromage.runtime.errors import FromageError
 from fromage.runtime.sources import TUXPAINT_ROOT
 
 from .backbones import cache_root
-from .data import Example, file_sha256
+from fromage.runtime.files import sha256_file
+
+from fromage.runtime.sources import Example
 from .train import contrastive_loss
 
 TEXT_ENCODER = "all-MiniLM-L6-v2"
@@ -75,7 +77,7 @@ class SentenceEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         self.model = AutoModel.from_pretrained(self.path, local_files_only=True).eval()
         self.dim = self.model.config.hidden_size
-        self.fingerprint = f"{TEXT_ENCODER}:{file_sha256(self.path / 'model.safetensors')}"
+        self.fingerprint = f"{TEXT_ENCODER}:{sha256_file(self.path / 'model.safetensors')}"
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -149,7 +151,7 @@ def image_features(encoder, examples: list[Example], warn=print):
 
 def _key(text_fp: str, image_fp: str, train: list[Example], cfg: BaselineConfig) -> str:
     blob = json.dumps({"text": text_fp, "image": image_fp, "cfg": asdict(cfg),
-                       "train": sorted((file_sha256(e.image), e.caption) for e in train)})
+                       "train": sorted((sha256_file(e.image), e.caption) for e in train)})
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -182,7 +184,7 @@ def load_or_train(encoder, train: list[Example], cfg: BaselineConfig | None = No
 
 @torch.no_grad()
 def recall(heads: Heads, img: torch.Tensor, txt: torch.Tensor) -> dict:
-    from fromage.runtime.benchmarks import recall_at_k
+    from fromage.runtime.metrics import recall_at_k
     sim = (heads.text(txt) @ heads.image(img).T).double().numpy()
     gt = np.arange(len(img))
     return {"t2i": recall_at_k(sim, gt), "i2t": recall_at_k(sim.T, gt)}
@@ -202,7 +204,7 @@ def evaluate_baseline(encoder_spec: dict, train: list[Example], heldout: list[Ex
 
 def sweep(root, max_epochs: int = 30, lrs=(3e-4, 1e-3)) -> None:
     """Held-out recall after every epoch (how EPOCHS was chosen)."""
-    from .data import read_tuxpaint, split_examples
+    from fromage.runtime.sources import read_tuxpaint, split_examples
     train, heldout = split_examples(read_tuxpaint(root), root)
     from .encoders import build_encoder
     text_encoder, encoder = SentenceEncoder(), build_encoder({"type": "efficientnet-lite0"})

@@ -1,4 +1,4 @@
-"""`fromage train` and `fromage export`: the torch side of the CLI."""
+"""`fromage train`: the torch side of the CLI (`fromage export` is export/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,7 @@ def _encoder_spec(text: str) -> dict:
     raise FromageError(f"unknown --encoder {text!r}: use efficientnet-lite0 or clip:<folder>")
 
 
-def _config(args) -> FromageConfig:
+def config_from_args(args) -> FromageConfig:
     return FromageConfig(lm=args.lm, encoder=_encoder_spec(args.encoder), k=args.k,
                          retrieval_dim=args.retrieval_dim, seed=getattr(args, "seed", 0),
                          query_template=getattr(args, "query_template", None) or "{}",
@@ -64,7 +64,7 @@ def extra_examples(names: list[str], max_stars: int = 50) -> list:
     """Extra training data. The openclipart star polygons (~1,400 near-identical images) are
     subsampled so they do not dominate the contrastive batches."""
     import numpy as np
-    from .data import read_openclipart
+    from fromage.training.openclipart import read_openclipart
     out = []
     if "openclipart" in names:
         clipart = read_openclipart()
@@ -75,8 +75,8 @@ def extra_examples(names: list[str], max_stars: int = 50) -> list:
 
 
 def cmd_train(args) -> None:
-    from fromage.runtime.evaluate import load_split
-    from .data import read_tsv
+    from fromage.runtime.sources import load_split
+    from fromage.runtime.sources import read_tsv
     from .train import TrainConfig, train
     _set_threads(args.threads)
     settings = {**DEFAULTS, **PRESETS.get(args.preset or "", {})}
@@ -92,7 +92,7 @@ def cmd_train(args) -> None:
         examples += extra_examples(args.extra)
         print(f"training on {len(examples)} examples in all")
     out = Path(args.out)
-    model = FromageModel.from_checkpoint(out) if (out / "config.json").is_file() else FromageModel(_config(args))
+    model = FromageModel.from_checkpoint(out) if (out / "config.json").is_file() else FromageModel(config_from_args(args))
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, caption_batch_size=args.caption_batch_size,
                       lr=args.lr, warmup=args.warmup, save_every=args.save_every, eval_every=args.eval_every,
                       seed=args.seed)
@@ -114,17 +114,3 @@ def default_model() -> FromageModel:
         return FromageModel.from_checkpoint(DEFAULT_CHECKPOINT)
     print("note: no shipped checkpoint found; exporting freshly initialised heads")
     return FromageModel(FromageConfig())
-
-
-def cmd_export(args) -> None:
-    from fromage.export.bundle import write_bundle
-    t0 = time.perf_counter()
-    if args.checkpoint:
-        model = FromageModel.from_checkpoint(args.checkpoint)
-    elif args.default:
-        model = default_model()
-    else:
-        model = FromageModel(_config(args))
-    write_bundle(model, args.out, overwrite=args.overwrite, quantize=args.quantize,
-                 activations=args.activations)
-    print(f"bundle written to {args.out} in {time.perf_counter() - t0:.1f} s")

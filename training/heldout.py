@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fromage.runtime.benchmarks import recall_at_k
+from fromage.runtime.metrics import recall_at_k
 
-from .data import Example
+from fromage.runtime.sources import Example
 from .model import FromageModel
 from .train import TrainConfig, _pad, retrieval_ids, retrieval_layouts
 

@@ -219,6 +219,6 @@ class FromageModel(nn.Module):
             raise FromageError(f"{cfg_file} is not a fromage checkpoint config")
         model = cls(FromageConfig.from_dict(meta), **backbones)
         model.load_learned(directory)
-        from fromage.runtime.bundle import sha256_file
+        from fromage.runtime.files import sha256_file
         model.checkpoint_sha256 = sha256_file(directory / "learned.safetensors")
         return model

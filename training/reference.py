@@ -31,7 +31,14 @@ def reference_generate(model: FromageModel, parts: list[Part], params: SamplingP
                        candidates: torch.Tensor | None = None) -> dict:
     """-> {"token_ids": [...], "retrievals": [[top indices into candidates], ...]}.
     `candidates`: (N, R) normalised image embeddings; None disables [RET]."""
-    embeds, _ = prompt_embeds(model, parts)
+    return reference_decode(model, prompt_embeds(model, parts)[0], params, candidates)
+
+
+@torch.no_grad()
+def reference_decode(model: FromageModel, embeds: torch.Tensor, params: SamplingParams,
+                     candidates: torch.Tensor | None = None, on_token=None) -> dict:
+    """The loop of reference_generate from prompt embeddings (1, n, E); `on_token(token)` is called as
+    each token is chosen (the benchmark times them)."""
     stop = set(params.stop_ids or [])
     rng = np.random.default_rng(params.seed)
     tokens, retrievals = [], []
@@ -44,6 +51,8 @@ def reference_generate(model: FromageModel, parts: list[Part], params: SamplingP
         if token in stop:
             break
         tokens.append(token)
+        if on_token:
+            on_token(token)
         embeds = torch.cat([embeds, model.embed_tokens(torch.tensor([[token]]))], dim=1)
         if token == model.ret_id:
             hidden, _ = model.forward_lm(embeds)

@@ -19,7 +19,8 @@ from fromage.runtime.errors import FromageError
 from fromage.runtime.preprocess import preprocess
 
 from .backbones import cache_root
-from .data import Example, FeatureCache
+from .data import FeatureCache
+from fromage.runtime.sources import Example
 from .encoders import ImageEncoder
 from .model import FromageModel
 

@@ -7,8 +7,10 @@ import importlib
 import json
 import sys
 
-from .errors import FromageError
-from .sources import TUXPAINT_ROOT
+from fromage.runtime.errors import FromageError
+from fromage.runtime.sources import TUXPAINT_ROOT
+
+from .options import add_engine_argument
 
 
 class _PartAction(argparse.Action):
@@ -117,12 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def add_engine_argument(p, **kw) -> None:
-    from .generate import ENGINES
-    p.add_argument("--engine", choices=ENGINES, help="decoder engine: native (C kernels, for fused Llama bundles on "
-                   "the CPU), onnxruntime, or auto (default: native where it runs)", **(kw or {"default": "auto"}))
-
-
 def _add_eval_parsers(sub) -> None:
     """`fromage eval` (held-out recall, perplexity, captions; `eval vist|visdial`) and `fromage retrieve`."""
     def common(p, leaf=False):  # on the leaves: given there or before the benchmark name, both work
@@ -182,8 +178,8 @@ def _add_eval_parsers(sub) -> None:
 
 
 def _cmd_retrieve(args) -> None:
-    from .generate import Fromage
-    from .scoring import ret_embeddings
+    from fromage.runtime.generate import Fromage
+    from fromage.runtime.scoring import ret_embeddings
     queries = list(args.queries)
     if args.queries_file:
         try:
@@ -208,9 +204,9 @@ def _cmd_retrieve(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    from .generate import Fromage, ImageEvent, TextEvent
-    from .prompt import ImagePart
-    from .sampling import SamplingParams
+    from fromage.runtime.generate import Fromage, ImageEvent, TextEvent
+    from fromage.runtime.prompt import ImagePart
+    from fromage.runtime.sampling import SamplingParams
     parts = [ImagePart(v) if kind == "image" else v for kind, v in (getattr(args, "parts", None) or [])]
     if args.prompt:
         parts.append(args.prompt)
@@ -234,48 +230,29 @@ def _cmd_generate(args) -> None:
     print()
 
 
-def index_images(bundle, source, out, *, image_dir=None, batch_size: int = 32, overwrite: bool = False,
-                 threads: int | None = None):
-    """Embed the images of `source` (a folder or a TSV) with a loaded bundle's vision graph into an
-    index at `out` (resuming an unfinished build). -> ImageIndex"""
-    from fromage.engines.onnxruntime import create_engine
-    from .preprocess import preprocess
-    from .retrieval import build_index
-    from .sources import list_images
-    vision = create_engine(bundle.graph_path("vision"), threads=threads)
-    pp = bundle.preprocessing
-
-    def embed(paths):
-        return vision.run({"pixel_values": preprocess(paths, pp)}, ["image_embedding"])[0]
-    return build_index(list_images(source, image_dir), embed, out, dim=bundle.model["retrieval_dim"],
-                       embedder=bundle.vision_fingerprint, batch_size=batch_size, overwrite=overwrite)
-
-
 def _cmd_index_build(args) -> None:
-    from .bundle import load_bundle
+    from fromage.runtime.bundle_reader import load_bundle
+    from fromage.runtime.index_build import index_images
     index = index_images(load_bundle(args.bundle), args.source, args.out, image_dir=args.image_dir,
                          batch_size=args.batch_size, overwrite=args.overwrite, threads=args.threads)
     print(f"index of {index.count} images written to {args.out}")
     index.close()
 
 
-# torch-free commands: (module relative to this package, function); imported only when run
-_RUNTIME_COMMANDS = {
-    "generate": (".cli", "_cmd_generate"), "index": (".cli", "_cmd_index_build"),
-    "retrieve": (".cli", "_cmd_retrieve"), "eval": (".evaluate", "cmd_eval"),
-    "bench": (".bench", "cmd_bench"), "demo": (".demo", "cmd_demo"),
+# command -> (module, function), imported only when run: train and export need the training stack
+COMMANDS = {
+    "generate": ("fromage.tools.cli", "_cmd_generate"), "index": ("fromage.tools.cli", "_cmd_index_build"),
+    "retrieve": ("fromage.tools.cli", "_cmd_retrieve"), "eval": ("fromage.tools.evaluate", "cmd_eval"),
+    "bench": ("fromage.tools.bench", "cmd_bench"), "demo": ("fromage.tools.demo", "cmd_demo"),
+    "train": ("fromage.training.cli", "cmd_train"), "export": ("fromage.export.cli", "cmd_export"),
 }
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in _RUNTIME_COMMANDS:
-            module, name = _RUNTIME_COMMANDS[args.command]
-            getattr(importlib.import_module(module, __package__), name)(args)
-        else:
-            from fromage.training import cli as training_cli  # needs the [train] extra
-            getattr(training_cli, f"cmd_{args.command}")(args)
+        module, name = COMMANDS[args.command]
+        getattr(importlib.import_module(module), name)(args)
     except FromageError as e:
         print(f"fromage: error: {e}", file=sys.stderr)
         return 2

@@ -18,59 +18,25 @@ Torch-free apart from the baseline row.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 
 import numpy as np
 
-from .errors import FromageError
-from .prompt import ImagePart
-from .sources import TUXPAINT_ROOT
-
-
-def load_split(tuxpaint=TUXPAINT_ROOT, data=None, image_dir=None, heldout_percent: int = 15):
-    """-> (train, heldout, description) from the TuxPaint stamps or a TSV, split deterministically
-    by `training.data.split_examples` (md5 of the image path relative to the data root)."""
-    from pathlib import Path
-    from fromage.training.data import read_tsv, read_tuxpaint, split_examples  # torch-free
-    if data is not None:
-        examples = read_tsv(data, image_dir)
-        root = Path(image_dir) if image_dir is not None else Path(data).parent
-        source = f"TSV {data}"
-    else:
-        examples, root, source = read_tuxpaint(tuxpaint), Path(tuxpaint), f"TuxPaint stamps {tuxpaint}"
-    train, heldout = split_examples(examples, root, heldout_percent)
-    if len(heldout) < 2:
-        raise FromageError(f"{source}: the held-out split has {len(heldout)} example(s) at {heldout_percent}% "
-                           "held out; retrieval needs at least 2 (raise --heldout-percent)")
-    return train, heldout, {"source": source, "train": len(train), "heldout": len(heldout),
-                            "heldout_percent": heldout_percent}
-
-
-def _perplexity(model, examples, visual: dict | None, progress=False) -> tuple[float | None, int]:
-    """Corpus perplexity of the captions given their image (or the prefix alone when visual is None)."""
-    from tqdm import tqdm
-    from .scoring import context_embeds, log_likelihood_from_embeds
-    prefix = list(model.bundle.tokens.get("prefix") or [])
-    if visual is None and not prefix:
-        return None, 0  # no token to condition on without an image
-    if visual is None:  # one context for all: prefilled once, forked per caption
-        ll, n = log_likelihood_from_embeds(model, model.embed_ids(prefix)[None], [e.caption for e in examples])
-        return math.exp(-sum(ll) / sum(n)), sum(n)
-    total, count = 0.0, 0
-    for e in tqdm(examples, desc="perplexity (image)", disable=not progress):
-        ll, n = log_likelihood_from_embeds(model, context_embeds(model, [ImagePart(e.image)], visual), [e.caption])
-        total, count = total + ll[0], count + n[0]
-    return math.exp(-total / count), count
+from fromage.runtime.errors import FromageError
+from fromage.runtime.prompt import ImagePart
+from fromage.runtime.scoring import caption_perplexity
+from fromage.runtime.sources import load_split
+from fromage.runtime.sources import TUXPAINT_ROOT
 
 
 def eval_fromage(model, heldout, n_captions: int = 5, max_caption_tokens: int = 24, progress: bool = False):
     """-> (row, the held-out examples whose image could be read)."""
     from tqdm import tqdm
-    from .benchmarks import embed_images, recall_at_k
-    from .sampling import SamplingParams
-    from .scoring import ret_embeddings
+    from fromage.runtime.metrics import recall_at_k
+    from .benchmarks import embed_images
+    from fromage.runtime.sampling import SamplingParams
+    from fromage.runtime.scoring import ret_embeddings
     t0 = time.perf_counter()
     embedded = embed_images(model, [e.image for e in heldout])
     kept = [e for e in heldout if e.image in embedded]
@@ -83,8 +49,8 @@ def eval_fromage(model, heldout, n_captions: int = 5, max_caption_tokens: int = 
     row = {"t2i": recall_at_k(sim, gt), "i2t": recall_at_k(sim.T, gt), "n": len(kept),
            "query_template": model.query_template}
     visual = {e.image: embedded[e.image][0] for e in kept}
-    row["perplexity"], row["caption_tokens"] = _perplexity(model, kept, visual, progress)
-    row["perplexity_no_image"], _ = _perplexity(model, kept, None, progress)
+    row["perplexity"], row["caption_tokens"] = caption_perplexity(model, kept, visual, progress)
+    row["perplexity_no_image"], _ = caption_perplexity(model, kept, None, progress)
     picks = np.unique(np.linspace(0, len(kept) - 1, num=min(n_captions, len(kept))).round().astype(int)) \
         if n_captions > 0 else []
     params = SamplingParams(max_new_tokens=max_caption_tokens, temperature=0.0, retrieval=False)
@@ -98,7 +64,7 @@ def eval_fromage(model, heldout, n_captions: int = 5, max_caption_tokens: int = 
 
 
 def eval_random(n: int) -> dict:
-    from .benchmarks import random_recall
+    from fromage.runtime.metrics import random_recall
     return {"t2i": random_recall(n), "i2t": random_recall(n), "n": n, "method": "analytic: R@K = K / N"}
 
 
@@ -120,7 +86,7 @@ def eval_baseline(bundle, train, heldout, threads=None, log=None) -> dict:
 def run_eval(bundle_dir, *, tuxpaint=TUXPAINT_ROOT, data=None, image_dir=None, heldout_percent=15,
              baseline=True, n_captions=5, threads=None, device="cpu", verify=True, progress=False,
              engine="auto") -> dict:
-    from .generate import Fromage
+    from fromage.runtime.generate import Fromage
     train, heldout, info = load_split(tuxpaint, data, image_dir, heldout_percent)
     model = Fromage(bundle_dir, device=device, threads=threads, verify=verify, engine=engine)
     fromage, kept = eval_fromage(model, heldout, n_captions, progress=progress)
@@ -200,7 +166,7 @@ def cmd_eval(args) -> None:
 
 
 def _model(args):
-    from .generate import Fromage
+    from fromage.runtime.generate import Fromage
     return Fromage(args.bundle, device=args.device, threads=args.threads, verify=not args.no_verify,
                    engine=args.engine)
 

@@ -2,7 +2,7 @@
 
 Batch-1 greedy decoding with [RET] banned and no stop tokens, so every run decodes exactly
 --new-tokens tokens after a prompt of exactly --prompt-tokens tokens. Each system (fromage and,
-with --compare, the peers of `fromage.training.bench_peers`) runs in its own worker subprocess,
+with --compare, the peers of `fromage.tools.bench_peers`) runs in its own worker subprocess,
 loaded once; the timed runs are interleaved round by round (A B C A B C ...) so that the noise
 of a shared machine hits every system alike. The memory-bandwidth roofline is measured the same way:
 a probe subprocess reads a 1 GiB array once per round (numpy's reads and the native multi-stream
@@ -12,34 +12,30 @@ This module never imports torch or transformers: the peers that need them live i
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
-import numpy as np
 
 from fromage.engines.base import default_threads
 
 from .bench_retrieval import build_vector_index, clustered_vectors, run_retrieval_bench
-from .errors import FromageError
-from .onnx_weights import initializer_bytes
+from fromage.runtime.errors import FromageError
+from fromage.engines.onnx_weights import initializer_bytes
+
+from .bench_report import bandwidth_summary, format_table, plot, summarize
+from .bench_worker import prompt_ids, write_bench_image
+
 
 PEERS = ("hf", "reference", "optimum", "ort_genai", "ort_genai_int4")
 PREPARED_PEERS = {"optimum", "ort_genai", "ort_genai_int4"}  # an ONNX export / model build first, cached
-BASE_TEXT = ("Once upon a time, in a small village at the edge of a great forest, there lived a painter who "
-             "collected pictures of animals, boats, houses and flowers. Every morning she walked to the market, "
-             "listened to the stories of travellers and drew what they described: red kangaroos, blue whales, "
-             "old lighthouses and bright yellow suns over green hills. ")
 RET_INDEX_SIZE = 10_000  # vectors in the index the fromage [RET] query is timed against
 WORKER_TIMEOUT_S = 3600
 
@@ -50,245 +46,9 @@ def cache_root() -> Path:
     return root()
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM; ru_maxrss where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 / (1024 if sys.platform == "darwin" else 1)
-
-
-def percentiles(values) -> dict | None:
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None
-    a = np.asarray(vals)
-    return {"median": float(np.median(a)), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "max": float(a.max()), "runs": vals}
-
-
-def prompt_ids(tokenizer, prefix: list[int], n: int) -> list[int]:
-    """A fixed text, tokenized, repeated and truncated so that prefix + text is exactly n tokens."""
-    want = n - len(prefix)
-    if want < 1:
-        raise FromageError(f"--prompt-tokens must be at least {len(prefix) + 1} "
-                           f"(the tokenizer's prefix {prefix} + one text token)")
-    base = tokenizer.encode(BASE_TEXT, add_special_tokens=False).ids
-    ids = (base * (want // len(base) + 1))[:want]
-    return list(prefix) + ids
-
-
-def write_bench_image(path: Path, size: int = 320) -> Path:
-    """A deterministic picture (gradients, a disc and noise), so every system reads the same bytes."""
-    from PIL import Image
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    disc = ((x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.06).astype(np.float32)
-    noise = np.random.default_rng(0).random((size, size), dtype=np.float32)
-    rgb = np.stack([x * 255, y * 200 + disc * 55, (1 - disc) * 120 + noise * 60], axis=-1)
-    Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(path)
-    return path
-
-
-# ---- memory bandwidth ----------------------------------------------------------------------------
-BANDWIDTH_GIB = 1.0  # far beyond any cache, about twice the default model's fp32 weights
-BANDWIDTH_PASSES = 5  # per read method and round
 # a pause before each system's round and the probe: the previous process's idle thread pools (ONNX
 # Runtime, OpenBLAS) spin for a while after their work, and took the cores from the next system's prefill
 SETTLE_S = 0.25
-
-
-class BandwidthProbe:
-    """Streaming reads over one array, run in a worker process whose BLAS has `threads` threads;
-    `measure()` gives each method's mean rate over a few passes. The bench asks for one measurement
-    per round, between the systems' runs, so the roofline sees the machine as the runs saw it.
-
-    Mean, not best pass: a decode rate is a mean over a run, and on these shared machines the same
-    read's fastest and median passes differ by up to 30 % within a minute, so the best pass would
-    compare a quiet instant with a whole run."""
-
-    def __init__(self, threads: int, gib: float = BANDWIDTH_GIB, passes: int = BANDWIDTH_PASSES):
-        from concurrent.futures import ThreadPoolExecutor
-        n = int(gib * (1 << 30)) // 4 // 4096 * 4096
-        self.a = np.empty(n, dtype=np.float32)
-        self.a.fill(1.0)  # touch every page first
-        self.passes, self.pool = passes, ThreadPoolExecutor(threads)
-        parts = np.array_split(self.a, threads)
-        matrix, ones = self.a.reshape(-1, 4096), np.ones(4096, dtype=np.float32)
-
-        def each(fn, chunks):
-            return lambda: list(self.pool.map(fn, chunks))
-        self.methods = {  # numpy releases the GIL in these loops, so Python threads read in parallel
-            "numpy max per thread": each(np.max, parts),
-            "numpy bitwise-or reduce per thread": each(np.bitwise_or.reduce, [p.view(np.uint32) for p in parts]),
-            "BLAS gemv (matrix @ ones)": lambda: matrix @ ones,
-        }
-        try:  # the read the decoder's kernels do: several forward streams per thread
-            import ctypes
-            from fromage.engines.native import load_library
-            lib = load_library()
-            lib.fm_stream_read.restype = ctypes.c_float
-            lib.fm_stream_read.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_size_t]
-            for streams, kib in ((1, 0), (8, 0), (4, 256)):
-                name = f"native read, {streams} stream{'s' * (streams > 1)} per thread" + (
-                    f" in {kib} KiB pieces dealt in turn" if kib else "")
-                self.methods[name] = lambda k=streams, p=kib * 256: lib.fm_stream_read(
-                    self.a.ctypes.data, self.a.size, k, p)
-        except FromageError:
-            pass  # no native library here: the numpy reads only
-        self.info = {"array_bytes": int(self.a.nbytes), "methods": list(self.methods)}  # sent with 'ready'
-
-    def measure(self) -> dict:
-        mean, peak = {}, {}
-        for name, fn in self.methods.items():
-            times = []
-            for _ in range(self.passes):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            mean[name] = self.a.nbytes * len(times) / sum(times) / 1e9
-            peak[name] = self.a.nbytes / min(times) / 1e9
-        method = max(mean, key=mean.get)
-        return {"gb_s": mean[method], "method": method, "methods_gb_s": mean, "methods_peak_gb_s": peak}
-
-
-def bandwidth_summary(samples: list[dict], threads: int, array_bytes: int) -> dict:
-    """The roofline's bandwidth: the median over the rounds of each round's fastest read."""
-    best = [s["gb_s"] for s in samples]
-    winners = [s["method"] for s in samples]
-
-    def median_of(key):
-        return {name: float(np.median([s[key][name] for s in samples])) for name in samples[0][key]}
-    return {"gb_s": float(np.median(best)), "per_round_gb_s": best, "max_gb_s": max(best),
-            "method": max(set(winners), key=winners.count), "methods_gb_s": median_of("methods_gb_s"),
-            "methods_peak_gb_s": median_of("methods_peak_gb_s"), "threads": threads, "array_bytes": array_bytes,
-            "how": (f"each round, between the systems' runs, {BANDWIDTH_PASSES} passes of each read over one "
-                    f"{array_bytes / 2**30:.2f} GiB float32 array with {threads} thread(s); a round's bandwidth "
-                    "is the fastest read's mean rate over its passes (methods_peak_gb_s: their single fastest "
-                    "passes), the roofline's is the median over the timed rounds (per_round_gb_s), like the "
-                    "systems' decode rates, which are means over a run")}
-
-
-# ---- worker side: one system in its own process ----------------------------------------------------
-def _reply(out, obj) -> None:
-    out.write(json.dumps(obj) + "\n")
-    out.flush()
-
-
-def serve(make_system, spec: dict, handle=None) -> int:
-    """Line protocol on stdin/stdout: 'ready' after loading, then one reply per command: `handle(system,
-    msg)`, by default one timed round (`run_round`). Everything else the process prints goes to stderr
-    (the log), never into the protocol."""
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    t0 = time.perf_counter()
-    try:
-        system = make_system(spec)
-    except Exception as e:  # report any failure to load, with its cause
-        traceback.print_exc()
-        _reply(out, {"error": f"{type(e).__name__}: {e}"})
-        return 1
-    _reply(out, {"ready": True, "load_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
-                 "info": getattr(system, "info", {})})
-    for line in sys.stdin:
-        msg = json.loads(line)
-        if msg["cmd"] == "quit":
-            break
-        try:
-            _reply(out, handle(system, msg) if handle else run_round(system, spec, msg["images"]))
-        except Exception as e:
-            traceback.print_exc()
-            _reply(out, {"error": f"{type(e).__name__}: {e}"})
-    return 0
-
-
-def run_round(system, spec: dict, images: bool) -> dict:
-    """One timed round of one system: the main generation, the TTFT of the other prompt variant
-    (with/without image), the image-encode and retrieval latencies."""
-    n = spec["new_tokens"]
-    image_ok = getattr(system, "takes_images", False)
-    main_image = images and image_ok
-    r = system.generate(main_image, n)
-    if len(r["tokens"]) != n:
-        raise FromageError(f"decoded {len(r['tokens'])} tokens instead of {n}")
-    times = r["token_times"]
-    out = {"tokens": r["tokens"], "e2e_s": r["e2e_s"], "token_times": times}
-    if n > 1:
-        out["tpot_s"] = (times[-1] - times[0]) / (n - 1)
-        out["decode_tok_s"] = (n - 1) / (times[-1] - times[0])
-    if main_image:
-        out["ttft_image_s"] = times[0]
-        out["ttft_s"] = system.generate(False, 1)["token_times"][0]
-    else:
-        out["ttft_s"] = times[0]
-        out["ttft_image_s"] = system.generate(True, 1)["token_times"][0] if image_ok else None
-    if image_ok:
-        out["image_encode_s"] = system.encode_image()
-    if hasattr(system, "retrieval"):
-        out["retrieval_s"] = system.retrieval()
-    out["peak_rss_mb"] = peak_rss_mb()
-    return out
-
-
-class FromageSystem:
-    """The fromage runtime, timed through its real decode loop (`Fromage.stream`)."""
-    takes_images = True
-
-    def __init__(self, spec: dict):
-        from .generate import Fromage
-        from .prompt import ImagePart
-        from .retrieval import ImageIndex
-        from .sampling import SamplingParams
-
-        class Timed(Fromage):
-            """Takes the prompt as exact token ids, and stamps the time after each decoder call:
-            the first call is the prefill, call i+1 feeds token i, so the logits of token i
-            are ready right after call i."""
-            def segments(self, parts):
-                return [p if isinstance(p, ImagePart) else list(p) for p in parts]
-
-            def advance(self, state, embeds):
-                super().advance(state, embeds)
-                self.marks.append(time.perf_counter())
-
-        index = ImageIndex.open(spec["ret_index"], expected_dim=spec["retrieval_dim"])
-        self.model = Timed(spec["bundle"], index=index, threads=spec["threads"], verify=False,
-                           engine=spec.get("engine", "auto"))
-        self.model.marks = []
-        ids, at, self.image = spec["prompt_ids"], spec["image_at"], spec["image"]
-        self.parts = {False: [ids], True: [p for p in (ids[:at], ImagePart(self.image), ids[at:]) if p != []]}
-        self.params = lambda n: SamplingParams(max_new_tokens=n, temperature=0.0, stop_ids=[], retrieval=False)
-        # the retrieval query: the decoder's [RET] embedding after the prompt and a [RET] token
-        m = self.model
-        state = m.start(m.embed_ids(ids + [m.ret_id])[None])
-        self.query = state.ret_embedding.copy()
-        self.info = {"weights_bytes": initializer_bytes(m.bundle.graph_path("decoder")),
-                     "ret_index_size": index.count, "engine": m.engine}
-
-    def generate(self, image: bool, n: int) -> dict:
-        from .generate import Result
-        m, result = self.model, Result()
-        m.marks = []
-        t0 = time.perf_counter()
-        for _ in m.stream(self.parts[image], self.params(n), result):
-            pass
-        end = time.perf_counter()
-        times = [t - t0 for t in m.marks[:n]]
-        return {"tokens": result.token_ids, "token_times": times, "e2e_s": end - t0}
-
-    def encode_image(self) -> float:
-        t = time.perf_counter()
-        self.model.encode_images([self.image])
-        return time.perf_counter() - t
-
-    def retrieval(self) -> float:
-        t = time.perf_counter()
-        self.model.index.search(self.query, top_k=1)
-        return time.perf_counter() - t
 
 
 # ---- orchestrator side -----------------------------------------------------------------------------
@@ -354,14 +114,14 @@ def worker_env(threads: int) -> dict:
 
 def worker_argv(system: str, spec_path: Path) -> list[str]:
     if system.startswith("fromage"):  # fromage, or fromage_<precision|engine> for --also / --also-engine
-        return [sys.executable, "-m", "fromage.runtime.bench", "serve", str(spec_path), system]
-    return [sys.executable, "-m", "fromage.training.bench_peers", system, "--spec", str(spec_path), "--serve"]
+        return [sys.executable, "-m", "fromage.tools.bench_worker", "serve", str(spec_path), system]
+    return [sys.executable, "-m", "fromage.tools.bench_peers", system, "--spec", str(spec_path), "--serve"]
 
 
 def prepare_peer(system: str, spec_path: Path, env: dict, log_path: Path) -> None:
     """One-time preparation (ONNX export, ORT GenAI model build), cached under cache_root()/peers."""
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "fromage.training.bench_peers", system, "--spec",
+        proc = subprocess.run([sys.executable, "-m", "fromage.tools.bench_peers", system, "--spec",
                                str(spec_path), "--prepare"], stdout=log, stderr=subprocess.STDOUT, env=env,
                               timeout=3600)
     if proc.returncode != 0:
@@ -376,37 +136,9 @@ def ensure_ret_index(dim: int, count: int, cache: Path, progress: bool = True) -
     return out
 
 
-def summarize(rounds: list[dict], ready: dict, fromage_tokens: list[int] | None = None) -> dict:
-    """Per-metric statistics over the timed rounds of one system."""
-    def ms(key):
-        return [None if r.get(key) is None else r[key] * 1000 for r in rounds]
-    series = {"decode_tok_s": [r.get("decode_tok_s") for r in rounds], "tpot_ms": ms("tpot_s"),
-              "ttft_ms": ms("ttft_s"), "ttft_image_ms": ms("ttft_image_s"), "e2e_ms": ms("e2e_s"),
-              "image_encode_ms": ms("image_encode_s"), "retrieval_ms": ms("retrieval_s")}
-    stats = {k: percentiles(v) for k, v in series.items()}
-    out = {k: (s["median"] if s else None) for k, s in stats.items()}
-    itl = [1000 * (b - a) for r in rounds for a, b in zip(r["token_times"], r["token_times"][1:])]
-    stats["inter_token_ms"] = percentiles(itl)
-    if stats["inter_token_ms"]:
-        stats["inter_token_ms"].pop("runs")  # per token, not per run: too long to keep
-    out["percentiles"] = stats
-    out["peak_rss_mb"] = max([ready.get("peak_rss_mb", 0)] + [r["peak_rss_mb"] for r in rounds])
-    out["load_s"] = ready.get("load_s")
-    out["tokens"] = rounds[-1]["tokens"]
-    if fromage_tokens is not None:
-        same = 0
-        for a, b in zip(out["tokens"], fromage_tokens):
-            if a != b:
-                break
-            same += 1
-        out["agrees_with_fromage_tokens"] = same
-    out.update(ready.get("info", {}))
-    return out
-
-
 def run_bench(args, log=print) -> dict:
     from tokenizers import Tokenizer
-    from .bundle import load_bundle
+    from fromage.runtime.bundle_reader import load_bundle
     threads = args.threads or default_threads()
     peers = resolve_peers(args.compare)
     bundle = load_bundle(args.bundle, verify=True)
@@ -452,7 +184,7 @@ def run_bench(args, log=print) -> dict:
         env["FROMAGE_CACHE"] = str(cache)
 
     log(f"starting the memory-bandwidth probe ({threads} threads; measured once per round) ...")
-    probe = Worker("bandwidth", [sys.executable, "-m", "fromage.runtime.bench", "bandwidth", str(threads)], env,
+    probe = Worker("bandwidth", [sys.executable, "-m", "fromage.tools.bench_worker", "bandwidth", str(threads)], env,
                    work / "bandwidth.log")
     try:
         array_bytes = probe.request(None)["info"]["array_bytes"]
@@ -604,90 +336,6 @@ def _versions() -> dict:
     return out
 
 
-# ---- output ------------------------------------------------------------------------------------------
-def _fmt(v, spec: str = ".1f", scale: float = 1.0) -> str:
-    return "-" if v is None else format(v * scale, spec)
-
-
-def format_table(result: dict) -> str:
-    out = io.StringIO()
-    if "systems" in result:
-        s, bw = result["settings"], result["bandwidth"]
-        print(f"\nmodel {s['lm']} ({s['architecture']}, {s['num_layers']} layers); prompt {s['prompt_tokens']} tokens"
-              f"{' + an image' if s['images'] else ''}, {s['new_tokens']} new tokens, batch 1, {s['threads']} threads, "
-              f"median of {s['runs']} runs", file=out)
-        print(f"roofline {result['roofline_tok_s']:.1f} tok/s = read bandwidth {bw['gb_s']:.1f} GB/s "
-              f"({bw['method']}, {bw['array_bytes'] / 2**30:.0f} GiB) / "
-              f"{result['weights_bytes_per_token'] / 1e6:.1f} MB of decoder weights per token", file=out)
-        head = ("system", "decode tok/s", "p90 tok/s", "x fromage", "roofline", "TPOT ms", "TTFT ms", "TTFT+img ms",
-                "e2e s", "img enc ms", "retr ms", "peak MB", "same tok")
-        rows = []
-        for name, m in result["systems"].items():
-            if "error" in m:
-                rows.append((name, f"error: {m['error']}"))
-                continue
-            pct = m["percentiles"].get("decode_tok_s") or {}
-            vs = (m.get("vs_fromage") or {}).get("decode_tok_s")
-            same = m.get("agrees_with_fromage_tokens")
-            rows.append((name, _fmt(m["decode_tok_s"]), _fmt(pct.get("p90")), _fmt(vs, ".2f") if vs else "1.00"
-                         if name == "fromage" else "-", _fmt(m.get("roofline_fraction"), ".0%"), _fmt(m["tpot_ms"]),
-                         _fmt(m["ttft_ms"]), _fmt(m["ttft_image_ms"]), _fmt(m["e2e_ms"], ".2f", 1e-3),
-                         _fmt(m["image_encode_ms"]), _fmt(m["retrieval_ms"], ".2f"), _fmt(m["peak_rss_mb"], ".0f"),
-                         "-" if same is None else f"{same}/{len(m['tokens'])}"))
-        widths = [max(len(head[i]), *(len(r[i]) for r in rows if len(r) > 2)) for i in range(len(head))]
-        print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))), file=out)
-        for r in rows:
-            if len(r) == 2:
-                print(f"{r[0].ljust(widths[0])}  {r[1][:300]}", file=out)
-            else:
-                print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))),
-                      file=out)
-        print("(decode tok/s = 1000/TPOT after the first token; TTFT includes the prefill; same tok = greedy tokens "
-              "identical to fromage's, from the start)", file=out)
-    if "retrieval" in result:
-        r = result["retrieval"]
-        print(f"\nretrieval: {r['vectors']} vectors of {r['dim']} dims, top-{r['k']}, {r['threads']} threads"
-              f"{' (index loaded from cache)' if r['loaded_from_cache'] else ''}", file=out)
-        head = ("method", "build s", "build vec/s", "memory MB", "queries", "QPS", "1-query p50 ms", "p99 ms",
-                f"recall@{r['k']}")
-        rows = []
-        for name, m in r["methods"].items():
-            rows.append((name, _fmt(m.get("build_s"), ".2f"), _fmt(m.get("build_vectors_per_s"), ".0f"),
-                         _fmt(m.get("memory_bytes"), ".1f", 1e-6), str(m["queries"]), _fmt(m["qps"], ".0f"),
-                         _fmt(m["single_query_ms"]["p50"], ".3f"), _fmt(m["single_query_ms"]["p99"], ".3f"),
-                         _fmt(m["recall_at_10"], ".4f")))
-        widths = [max(len(head[i]), *(len(x[i]) for x in rows)) for i in range(len(head))]
-        for r_ in (head, *rows):
-            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r_, widths))),
-                  file=out)
-    return out.getvalue()
-
-
-def plot(result: dict, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    systems = {n: m for n, m in result["systems"].items() if "error" not in m}
-    names = list(systems)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    rates = [systems[n]["decode_tok_s"] or 0 for n in names]
-    a.bar(names, rates, color=["tab:orange" if n == "fromage" else "tab:blue" for n in names])
-    a.axhline(result["roofline_tok_s"], color="k", linestyle="--",
-              label=f"fp32 roofline {result['roofline_tok_s']:.1f}")
-    a.set_ylabel("decode tokens/s (median)")
-    a.legend()
-    ttft = [systems[n]["ttft_ms"] or 0 for n in names]
-    b.bar(names, ttft, color="tab:green")
-    b.set_ylabel("time to first token, ms (no image)")
-    s = result["settings"]
-    fig.suptitle(f"model {s['lm']}: prompt {s['prompt_tokens']}, {s['new_tokens']} new tokens, {s['threads']} threads")
-    for ax in (a, b):
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def add_arguments(p) -> None:
     p.add_argument("--bundle", help="bundle to benchmark (optional with --retrieval only)")
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens, prefix included")
@@ -703,7 +351,7 @@ def add_arguments(p) -> None:
     p.add_argument("--also", action="append", metavar="BUNDLE",
                    help="another bundle of the same model (e.g. `fromage export --quantize int4`), run as "
                         "fromage_<precision>[_fp32act] (repeatable)")
-    from .cli import add_engine_argument
+    from .options import add_engine_argument
     add_engine_argument(p)
     p.add_argument("--also-engine", action="append", choices=("native", "onnxruntime"),
                    help="also run the bundle on this decoder engine, as fromage_<engine> (repeatable)")
@@ -740,7 +388,7 @@ def cmd_bench(args) -> None:
     if args.bundle is not None:
         result = run_bench(args, log=log)
     if args.retrieval is not None:
-        from .bundle import load_bundle
+        from fromage.runtime.bundle_reader import load_bundle
         dim = args.dim or (load_bundle(args.bundle, verify=False).model["retrieval_dim"] if args.bundle else 256)
         cache = Path(args.cache) if args.cache else cache_root()
         result["retrieval"] = run_retrieval_bench(args.retrieval, dim, args.threads or default_threads(), cache,
@@ -754,19 +402,3 @@ def cmd_bench(args) -> None:
         log(f"plot written to {args.plot}")
 
 
-def _module_main(argv: list[str]) -> int:
-    """Subprocess entry points: `bandwidth THREADS` (the bandwidth probe) and `serve SPEC` (the fromage worker)."""
-    if argv[:1] == ["bandwidth"]:
-        return serve(lambda spec: BandwidthProbe(spec["threads"]), {"threads": int(argv[1])},
-                     lambda probe, msg: probe.measure())
-    if argv[:1] == ["serve"]:
-        spec = json.loads(Path(argv[1]).read_text())
-        if len(argv) > 2 and argv[2] != "fromage":  # an --also bundle or engine
-            spec.update(spec["also"][argv[2]])
-        return serve(FromageSystem, spec)
-    print("usage: python -m fromage.runtime.bench (bandwidth THREADS | serve SPEC [SYSTEM])", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(_module_main(sys.argv[1:]))

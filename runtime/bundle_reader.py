@@ -1,24 +1,17 @@
 """Load a bundle directory and refuse one whose files do not match its manifest."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FromageError
+from .files import sha256_file
 from .preprocess import Preprocessing
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "fromage-bundle"
 
-
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

@@ -8,9 +8,9 @@
 
 Each runs in its own process (this module imports torch/transformers, so it lives in training/):
 
-  python -m fromage.training.bench_peers hf --bundle B [--runs 3 --warmup 1 ...]   # one-shot, prints JSON
-  python -m fromage.training.bench_peers optimum --spec spec.json --prepare          # export once (cached)
-  python -m fromage.training.bench_peers hf --spec spec.json --serve                 # worker for `fromage bench`
+  python -m fromage.tools.bench_peers hf --bundle B [--runs 3 --warmup 1 ...]   # one-shot, prints JSON
+  python -m fromage.tools.bench_peers optimum --spec spec.json --prepare          # export once (cached)
+  python -m fromage.tools.bench_peers hf --spec spec.json --serve                 # worker for `fromage bench`
 
 Prepared models are cached under cache_root()/peers/. ORT GenAI's builder needs transformers 5.x,
 which our training stack does not use (4.57): it runs in a venv of its own created there once.
@@ -35,12 +35,12 @@ GENAI_BUILDER_PACKAGES = ["onnxruntime-genai==0.18.0", "transformers>=5,<6", "to
 
 # ---- where things are -------------------------------------------------------------------------
 def peers_dir(spec: dict) -> Path:
-    from .backbones import cache_root
+    from fromage.training.backbones import cache_root
     return Path(spec["cache"]) / "peers" if spec.get("cache") else cache_root() / "peers"
 
 
 def lm_dir(spec: dict) -> Path:
-    from .backbones import resolve_lm_path
+    from fromage.training.backbones import resolve_lm_path
     return resolve_lm_path(spec["lm"]).resolve()
 
 
@@ -122,7 +122,7 @@ PREPARE = {"optimum": prepare_optimum, "ort_genai": lambda s: prepare_genai(s, "
            "ort_genai_int4": lambda s: prepare_genai(s, "int4")}
 
 
-# ---- the systems (same interface as fromage.runtime.bench.FromageSystem) --------------------------
+# ---- the systems (same interface as fromage.tools.bench_worker.FromageSystem) --------------------------
 class _Timer:
     """A `generate` streamer: stamps the time each new token arrives (the first put is the prompt)."""
 
@@ -196,7 +196,7 @@ class OptimumSystem(_GenerateSystem):
         model = ORTModelForCausalLM.from_pretrained(path, session_options=opts, use_cache=True,
                                                     provider="CPUExecutionProvider")
         self._setup(spec, model)
-        from fromage.runtime.onnx_weights import initializer_bytes
+        from fromage.engines.onnx_weights import initializer_bytes
         self.info = {"weights_bytes": sum(initializer_bytes(f) for f in path.glob("*.onnx")), "model_dir": str(path)}
 
 
@@ -207,7 +207,7 @@ class ReferenceSystem:
 
     def __init__(self, spec: dict):
         import torch
-        from .model import FromageConfig, FromageModel
+        from fromage.training.model import FromageConfig, FromageModel
         torch.set_num_threads(spec["threads"])
         self.torch = torch
         # the bundle's architecture (LM, encoder, k); the learned pieces are freshly initialised,
@@ -228,27 +228,19 @@ class ReferenceSystem:
         return time.perf_counter() - t
 
     def generate(self, image: bool, n: int) -> dict:
-        from fromage.runtime.sampling import SamplingParams, adjust_ret_logit, sample
+        from fromage.runtime.sampling import SamplingParams
+        from fromage.training.reference import reference_decode
         torch, m = self.torch, self.model
-        import numpy as np
-        params = SamplingParams(max_new_tokens=n, temperature=0.0, retrieval=False)
-        rng = np.random.default_rng(0)
+        params = SamplingParams(max_new_tokens=n, temperature=0.0, stop_ids=[], retrieval=False)
         t0 = time.perf_counter()
-        times, tokens = [], []
+        times = []
         with torch.no_grad():
             ids = torch.tensor(self.ids)
             chunks = [m.embed_tokens(ids[:self.at]), self._visual(), m.embed_tokens(ids[self.at:])] if image \
                 else [m.embed_tokens(ids)]
-            embeds = torch.cat(chunks).unsqueeze(0)
-            for step in range(n):
-                _, logits = m.forward_lm(embeds)
-                logits = logits[0, -1].numpy().copy()
-                adjust_ret_logit(logits, m.ret_id, step, params, False)
-                token = sample(logits, params, rng)
-                tokens.append(token)
-                times.append(time.perf_counter() - t0)
-                embeds = torch.cat([embeds, m.embed_tokens(torch.tensor([[token]]))], dim=1)
-        return {"tokens": tokens, "token_times": times, "e2e_s": time.perf_counter() - t0}
+            out = reference_decode(m, torch.cat(chunks).unsqueeze(0), params,
+                                   on_token=lambda _: times.append(time.perf_counter() - t0))
+        return {"tokens": out["token_ids"], "token_times": times, "e2e_s": time.perf_counter() - t0}
 
 
 class GenAISystem:
@@ -256,7 +248,7 @@ class GenAISystem:
 
     def __init__(self, spec: dict, precision: str):
         import onnxruntime_genai as og
-        from fromage.runtime.onnx_weights import initializer_bytes
+        from fromage.engines.onnx_weights import initializer_bytes
         self.og, self.ids = og, spec["prompt_ids"]
         path = prepare_genai(spec, precision)
         config = og.Config(str(path))
@@ -291,8 +283,8 @@ def spec_from_bundle(args) -> dict:
     """The same spec `fromage bench` writes, for running one peer by hand."""
     from tokenizers import Tokenizer
     from fromage.engines.base import default_threads
-    from fromage.runtime.bench import prompt_ids, write_bench_image
-    from fromage.runtime.bundle import load_bundle
+    from fromage.tools.bench_worker import prompt_ids, write_bench_image
+    from fromage.runtime.bundle_reader import load_bundle
     bundle = load_bundle(args.bundle, verify=False)
     tok = Tokenizer.from_file(str(bundle.directory / "tokenizer.json"))
     image = Path(tempfile.mkdtemp(prefix="fromage-bench-")) / "bench.png"
@@ -304,7 +296,7 @@ def spec_from_bundle(args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fromage.training.bench_peers", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m fromage.tools.bench_peers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("peer", choices=sorted(SYSTEMS))
     src = ap.add_mutually_exclusive_group(required=True)
@@ -321,7 +313,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", help="cache folder (default: fromage's cache)")
     args = ap.parse_args(argv)
     spec = json.loads(Path(args.spec).read_text()) if args.spec else spec_from_bundle(args)
-    from fromage.runtime.bench import run_round, serve, summarize
+    from fromage.tools.bench_report import summarize
+    from fromage.tools.bench_worker import run_round, serve
     try:
         if args.prepare:
             if args.peer in PREPARE:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import tempfile
 from html import escape
 from pathlib import Path
+
+from fromage.runtime.files import write_atomic
 
 THUMB_PX = 256
 
@@ -184,21 +184,6 @@ def render_conversation(turns, title: str, subtitle: str | None = None) -> str:
             f"<title>{escape(title)}</title><style>{_CSS}</style></head>\n<body><main>"
             f"<h1>{escape(title)}</h1>{sub}\n" + "\n".join(body) + "\n</main></body></html>\n")
 
-
-def write_atomic(path, text: str) -> Path:
-    """Writes `text` to a temp file beside `path` and renames it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_conversation(path, turns, title: str, subtitle: str | None = None) -> Path:

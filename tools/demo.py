@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FromageError
-from .sources import TUXPAINT_ROOT
+from fromage.runtime.errors import FromageError
+from fromage.runtime.sources import TUXPAINT_ROOT
 
 STAMPS = TUXPAINT_ROOT
 DEFAULT_IMAGE = "animals/marsupials/kangaroo.png"  # under the stamps folder
@@ -42,7 +42,7 @@ def add_arguments(p) -> None:
     p.add_argument("--ret-scale-factor", type=float, default=1.0)
     p.add_argument("--max-rets", type=int, default=1, help="[RET]s allowed per answer (0 = no limit)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ONNX Runtime execution provider)")
-    from .cli import add_engine_argument
+    from .options import add_engine_argument
     add_engine_argument(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
@@ -68,7 +68,7 @@ def _a(noun: str) -> str:
 
 
 def default_session(image: str, subject: str) -> list[Conversation]:
-    from .prompt import ImagePart
+    from fromage.runtime.prompt import ImagePart
     return [
         Conversation("1 · Text in, text and a retrieved image out",
                      [Turn([f"Show me a picture of {_a(subject)}."], force_ret=True)]),
@@ -114,7 +114,7 @@ class _Printer:
 def _answer(model, prompt: list, params, force_ret: bool, out: _Printer) -> list[dict]:
     """Runs one model turn; streams it to stdout; -> the answer's parts (Result.parts dicts).
     Stops at the first newline (a newline first is an empty answer)."""
-    from .generate import ImageEvent, Result, TextEvent
+    from fromage.runtime.generate import ImageEvent, Result, TextEvent, append_text
     result, parts = Result(), []
     out.write("model: ")
     gen = model.stream(prompt, params, result)
@@ -129,14 +129,10 @@ def _answer(model, prompt: list, params, force_ret: bool, out: _Printer) -> list
                 continue
             text, done = event.text, "\n" in event.text
             text = text.partition("\n")[0]
+            if not any(p["type"] == "text" for p in parts):
+                text = text.lstrip()  # the answer's first words
             if text:
-                if parts and parts[-1]["type"] == "text":
-                    parts[-1]["text"] += text
-                else:
-                    if not any(p["type"] == "text" for p in parts):
-                        text = text.lstrip()
-                    if text:
-                        parts.append({"type": "text", "text": text})
+                append_text(parts, text)
                 out.write(text)
             if done:
                 break
@@ -161,20 +157,20 @@ def _answer(model, prompt: list, params, force_ret: bool, out: _Printer) -> list
 def _forced_retrieval(model, prompt: list, answer: list[dict], params) -> dict | None:
     """[RET] appended after the prompt and the answer so far: the query the model would have made
     had it emitted [RET] there (the layout of `runtime.scoring.ret_embeddings`)."""
-    from .scoring import ret_embedding_of_parts
+    from fromage.runtime.scoring import ret_embedding_of_parts
     context = list(prompt) + _as_context(answer, newline=False)
     try:
         query = ret_embedding_of_parts(model, context)
     except FromageError as e:  # e.g. the context is full
         print(f"(no forced retrieval: {e})", flush=True)
         return None
-    from .generate import image_part
+    from fromage.runtime.generate import image_part
     return image_part(model.index.search(query, top_k=max(1, params.top_images)), forced=True)
 
 
 def _as_context(answer: list[dict], newline: bool = True) -> list:
     """An answer's parts as prompt parts (retrieved images become image inputs)."""
-    from .prompt import ImagePart
+    from fromage.runtime.prompt import ImagePart
     parts = [p["text"] if p["type"] == "text" else ImagePart(p["path"]) for p in answer]
     if newline:
         if parts and isinstance(parts[-1], str):
@@ -185,13 +181,13 @@ def _as_context(answer: list[dict], newline: bool = True) -> list:
 
 
 def _user_json(parts: list) -> list:
-    from .prompt import ImagePart
+    from fromage.runtime.prompt import ImagePart
     return [{"type": "image", "path": str(p.source)} if isinstance(p, ImagePart) else p for p in parts]
 
 
 def run_session(model, session: list[Conversation], params) -> list[dict]:
     """Runs the conversations; -> the turns (see `runtime.html`), streaming a transcript to stdout."""
-    from .prompt import ImagePart
+    from fromage.runtime.prompt import ImagePart
     out, turns = _Printer(), []
     for conv in session:
         out.line(f"== {conv.heading}")
@@ -217,12 +213,12 @@ SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "training" / "default
 def ensure_bundle(bundle: Path, managed: bool) -> None:
     """Exports the default model if there is no bundle; re-exports the demo's own bundle (`managed`)
     when it was built from another checkpoint than the shipped one (e.g. after an update)."""
-    cmd = [sys.executable, "-m", "fromage.runtime.cli", "export", "--default", "--out", str(bundle)]
+    cmd = [sys.executable, "-m", "fromage.tools.cli", "export", "--default", "--out", str(bundle)]
     manifest = bundle / "manifest.json"
     if manifest.is_file():
         if not managed or not SHIPPED_CHECKPOINT.is_file():
             return
-        from .bundle import sha256_file
+        from fromage.runtime.files import sha256_file
         try:
             built_from = json.loads(manifest.read_text())["model"].get("checkpoint_sha256")
         except (ValueError, KeyError, AttributeError):
@@ -247,7 +243,7 @@ def ensure_bundle(bundle: Path, managed: bool) -> None:
 def ensure_index(index: Path, bundle, stamps: str, managed: bool, threads: int | None):
     """Builds the index if it is missing or unfinished (resuming); rebuilds the demo's own index
     (`managed`) when it belongs to another bundle, e.g. after the default bundle was replaced."""
-    from .retrieval import META
+    from fromage.runtime.retrieval import META
     meta = None
     try:
         meta = json.loads((index / META).read_text())
@@ -265,7 +261,7 @@ def ensure_index(index: Path, bundle, stamps: str, managed: bool, threads: int |
         raise FromageError(f"no index at {index}, and nothing to build it from at {stamps}: install the TuxPaint "
                            "stamps (apt-get install tuxpaint-stamps-default), or give --stamps DIR or --index")
     print(f"== indexing the images under {stamps} into {index} (`fromage index build`; once)", flush=True)
-    from .cli import index_images
+    from fromage.runtime.index_build import index_images
     built = index_images(bundle, stamps, index, overwrite=overwrite, threads=threads)
     print(f"index of {built.count} images written to {index}", flush=True)
     built.close()
@@ -286,10 +282,11 @@ def pick_image(args, model) -> str:
 
 
 def cmd_demo(args) -> None:
-    from .bundle import load_bundle
-    from .generate import Fromage
-    from .html import write_atomic, write_conversation
-    from .sampling import SamplingParams
+    from fromage.runtime.bundle_reader import load_bundle
+    from fromage.runtime.generate import Fromage
+    from fromage.runtime.files import write_atomic
+    from .html import write_conversation
+    from fromage.runtime.sampling import SamplingParams
     out = Path(args.out)
     bundle = Path(args.bundle) if args.bundle else out / "default-bundle"
     index = Path(args.index) if args.index else out / "tuxpaint-index"

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 
-from .errors import FromageError
+from fromage.runtime.errors import FromageError
 
 
 def prompts_from(heldout, n: int) -> list[str]:
@@ -23,7 +23,7 @@ def prompts_from(heldout, n: int) -> list[str]:
 
 
 def greedy_agreement(model, reference, prompts: list[str], tokens: int) -> dict:
-    from .sampling import SamplingParams
+    from fromage.runtime.sampling import SamplingParams
     params = SamplingParams(max_new_tokens=tokens, temperature=0.0, stop_ids=[], retrieval=False)
     rows = []
     for prompt in prompts:
@@ -36,8 +36,9 @@ def greedy_agreement(model, reference, prompts: list[str], tokens: int) -> dict:
 
 def run(bundle, reference, *, tuxpaint, n_prompts=10, tokens=32, threads=None, device="cpu", verify=True,
         progress=False, engine="auto") -> dict:
-    from .evaluate import _perplexity, load_split
-    from .generate import Fromage
+    from fromage.runtime.scoring import caption_perplexity
+    from fromage.runtime.sources import load_split
+    from fromage.runtime.generate import Fromage
     _, heldout, info = load_split(tuxpaint)
     model = Fromage(bundle, device=device, threads=threads, verify=verify, engine=engine)
     ref = Fromage(reference, device=device, threads=threads, verify=verify, engine=engine)
@@ -47,8 +48,8 @@ def run(bundle, reference, *, tuxpaint, n_prompts=10, tokens=32, threads=None, d
            "reference": str(reference), "reference_precision": ref.bundle.manifest.get("precision"),
            "data": info}
     out["greedy"] = greedy_agreement(model, ref, prompts_from(heldout, n_prompts), tokens)
-    out["perplexity"] = _perplexity(model, heldout, None, progress)[0]
-    out["reference_perplexity"] = _perplexity(ref, heldout, None, progress)[0]
+    out["perplexity"] = caption_perplexity(model, heldout, None, progress)[0]
+    out["reference_perplexity"] = caption_perplexity(ref, heldout, None, progress)[0]
     return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FromageError
+from fromage.runtime.errors import FromageError
 
 
 def clustered_vectors(n: int, dim: int, seed: int, queries: int = 0, spread: float = 0.6,
@@ -35,7 +35,7 @@ def clustered_vectors(n: int, dim: int, seed: int, queries: int = 0, spread: flo
 def build_vector_index(vectors: np.ndarray, out_dir: Path, embedder: str, progress: bool = True):
     """An image index over in-memory vectors, built (or resumed, or loaded) with the runtime's own
     builder, which shows progress for the vectors and for the search graph. -> ImageIndex"""
-    from .retrieval import build_index
+    from fromage.runtime.index_build import build_index
     items = [(f"v/{i}", None) for i in range(len(vectors))]
     return build_index(items, lambda paths: vectors[[int(p[2:]) for p in paths]], out_dir,
                        dim=vectors.shape[1], embedder=embedder, batch_size=8192, progress=progress)
@@ -46,8 +46,8 @@ def run_retrieval_bench(n: int, dim: int, threads: int, cache: Path, queries: in
     """Exact numpy vs USearch exact vs USearch HNSW on N clustered random unit vectors; the index is
     built once with the runtime's own builder (resumable, with progress) and cached."""
     from usearch.index import Index
-    from .bench import peak_rss_mb
-    from .retrieval import EXACT_SEARCH_MAX, VECTORS
+    from .bench_worker import peak_rss_mb
+    from fromage.runtime.retrieval import EXACT_SEARCH_MAX, VECTORS
     if n < k:
         raise FromageError(f"--retrieval needs at least {k} vectors")
     t = time.perf_counter()

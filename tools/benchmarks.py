@@ -1,8 +1,5 @@
-"""Retrieval/ranking metrics and the paper's benchmarks (DESIGN.md §2): Visual Storytelling (VIST)
+"""The paper's benchmarks: Visual Storytelling (VIST)
 contextual image retrieval and Visual Dialog (VisDial v1.0) text->image retrieval and answer ranking.
-
-Metrics break ties at random and report the expectation, so a model that scores everything alike
-gets exactly the random-ranking value (never a lucky 100%).
 
 VIST (story-in-sequence JSON, `annotations`: a list of one-element lists of
 {story_id, worker_arranged_photo_order, photo_flickr_id, text, original_text}; images
@@ -32,61 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FromageError
-from .prompt import ImagePart
+from fromage.runtime.errors import FromageError
+from fromage.runtime.metrics import mean_reciprocal_rank, ndcg, random_mrr, random_recall, recall_at_k
+from fromage.runtime.prompt import ImagePart
 
-KS = (1, 5, 10)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-
-
-# ---- metrics ---------------------------------------------------------------------------------
-def _greater_ties(scores: np.ndarray, gt: np.ndarray):
-    """Per query: how many candidates score strictly higher than the right one, and how many tie it."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 2:
-        raise FromageError(f"scores must be (queries, candidates), got shape {scores.shape}")
-    gt = np.asarray(gt, dtype=np.int64)
-    if gt.shape != (scores.shape[0],) or (gt.size and (gt.min() < 0 or gt.max() >= scores.shape[1])):
-        raise FromageError("each query needs the index of its right candidate")
-    right = scores[np.arange(len(gt)), gt][:, None]
-    return (scores > right).sum(1), (scores == right).sum(1) - 1
-
-
-def recall_at_k(scores, gt, ks=KS) -> dict:
-    """Percent of queries whose right candidate ranks within the top K (ties: expected value under
-    a random order among the tied candidates). scores (Q, C), higher is better; gt (Q,) indices."""
-    greater, ties = _greater_ties(scores, gt)
-    if not len(greater):
-        return {f"R@{k}": None for k in ks}
-    return {f"R@{k}": float(100 * np.clip((k - greater) / (ties + 1), 0, 1).mean()) for k in ks}
-
-
-def mean_reciprocal_rank(scores, gt) -> float:
-    """Mean of 1/rank (ties: expectation over a random order of the tied candidates)."""
-    greater, ties = _greater_ties(scores, gt)
-    return float(np.mean([np.mean(1.0 / np.arange(g + 1, g + t + 2)) for g, t in zip(greater, ties)]))
-
-
-def random_recall(n_candidates: int, ks=KS) -> dict:
-    """Expected recall of a uniformly random ranking, in percent: K / N."""
-    return {f"R@{k}": 100.0 * min(k, n_candidates) / n_candidates for k in ks}
-
-
-def random_mrr(n_candidates: int) -> float:
-    return float(np.mean(1.0 / np.arange(1, n_candidates + 1)))
-
-
-def ndcg(scores, relevance) -> float:
-    """VisDial's NDCG for one question: DCG of the predicted order over the top k ranks, k = the
-    number of options with nonzero relevance, divided by the ideal DCG."""
-    scores, relevance = np.asarray(scores, np.float64), np.asarray(relevance, np.float64)
-    k = int((relevance != 0).sum())
-    if k == 0:
-        return 0.0
-    discounts = 1.0 / np.log2(np.arange(k) + 2)
-    order = np.argsort(-scores, kind="stable")[:k]
-    ideal = np.sort(relevance)[::-1][:k]
-    return float((relevance[order] * discounts).sum() / (ideal * discounts).sum())
 
 
 # ---- shared helpers --------------------------------------------------------------------------
@@ -186,7 +133,7 @@ def vist_context(story: dict, setting: str) -> list:
 
 def eval_vist(model, stories: list[dict], candidates: str = "last", settings=VIST_SETTINGS, progress=True) -> dict:
     from tqdm import tqdm
-    from .scoring import ret_embedding_of_parts
+    from fromage.runtime.scoring import ret_embedding_of_parts
     if candidates not in ("last", "all"):
         raise FromageError("candidates must be 'last' or 'all'")
     embedded = embed_images(model, [p for s in stories for p in s["images"]])
@@ -294,7 +241,7 @@ def _rounds_to_score(d: dict, which: str) -> list[int]:
 def eval_visdial(model, dialogs: list[dict], rounds: str = "last", t2i: bool = True, it2t: bool = True,
                  progress=True) -> dict:
     from tqdm import tqdm
-    from .scoring import log_likelihood, ret_embedding_of_parts
+    from fromage.runtime.scoring import log_likelihood, ret_embedding_of_parts
     embedded = embed_images(model, [d["image"] for d in dialogs])
     dialogs = [d for d in dialogs if d["image"] in embedded]
     if not dialogs:

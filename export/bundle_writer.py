@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from fromage.engines import native
-from fromage.runtime.bundle import MANIFEST, BUNDLE_FORMAT, sha256_file
+from fromage.runtime.bundle_reader import MANIFEST, BUNDLE_FORMAT
+from fromage.runtime.files import sha256_file
 from fromage.runtime.errors import FromageError
 from fromage.runtime.prompt import special_prefix
 from fromage.training.model import FromageModel

@@ -1,0 +1,49 @@
+"""File helpers shared by every layer above the engines: a file's sha256 and atomic writes."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Union
+
+from .errors import FromageError
+
+_HASHES: dict[tuple, str] = {}  # (abspath, mtime_ns, size) -> sha256: each file hashed once per process
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise FromageError(f"file not found: {path}") from e
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def write_atomic(path, content: Union[str, bytes, Callable[[Path], None]]) -> Path:
+    """Write `content` (text, bytes, or a function that writes the file at the path it is given) to a
+    temp file beside `path`, then rename it into place: a killed write never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if callable(content):
+            os.close(fd)
+            content(Path(tmp))
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
