@@ -117,6 +117,7 @@ def load_library():
         lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                                    ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p]
+        lib.fm_forward_batch.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32] + [ctypes.c_void_p] * 6
         _lib = lib
     return _lib
 
@@ -167,7 +168,7 @@ class NativeDecoder:
                     self._repack(t["name"][:-len(".qweight")])
         self.model = self._model(model)
         self.model.threads = int(threads or default_threads())
-        self._cache_key, self._k, self._v = None, None, None
+        self._tables = (None, None, None)  # forward's (cache[0], k table, v table), replaced as one tuple
 
     def _get(self, name):
         if name in self._external:
@@ -250,20 +251,59 @@ class NativeDecoder:
                    for a, n in ((logits, self.vocab_size), (ret, self.retrieval_dim))):
             raise FromageError(f"logits and ret must be C-contiguous float32 ({self.vocab_size},) and "
                                f"({self.retrieval_dim},)")
-        if self._cache_key is not cache[0]:  # pointer tables for this cache's buffers
-            n, shape = len(cache) // 2, cache[0].shape
-            if n != self.model.n_layers or not all(c.dtype == np.float32 and c.flags.c_contiguous and c.shape == shape
-                                                   and shape[:2] == (1, self.model.n_kv)
-                                                   and shape[3] == self.model.head_dim for c in cache):
-                raise FromageError(f"the KV cache must be {2 * self.model.n_layers} C-contiguous float32 arrays "
-                                   f"of shape (1, {self.model.n_kv}, capacity, {self.model.head_dim})")
-            self._k = (ctypes.c_void_p * n)(*(c.ctypes.data for c in cache[0::2]))
-            self._v = (ctypes.c_void_p * n)(*(c.ctypes.data for c in cache[1::2]))
-            self._cache_key = cache[0]
+        tables = self._tables  # one read: other threads may replace it meanwhile
+        if tables[0] is not cache[0]:  # pointer tables for this cache's buffers (~40 us to build)
+            tables = (cache[0], *self._pointer_tables([cache]))
+            self._tables = tables
         rc = self.lib.fm_forward(ctypes.byref(self.model), embeds.ctypes.data, embeds.shape[1], past,
-                                 cache[0].shape[2], self._k, self._v, logits.ctypes.data, ret.ctypes.data)
+                                 cache[0].shape[2], tables[1], tables[2], logits.ctypes.data, ret.ctypes.data)
         if rc == -1:
             raise FromageError(f"{past} + {embeds.shape[1]} positions exceed the cache ({cache[0].shape[2]}) "
+                               f"or the rotary table ({self.model.rope_positions})")
+        if rc:
+            raise FromageError(f"the native decoder failed (code {rc}: out of memory)")
+
+    def _pointer_tables(self, caches: list) -> tuple:
+        """The k and v pointer tables of cache lists ([key0, value0, key1, ...] each), sequence-major
+        (native/fromage_native.h), each buffer checked first: the C code trusts their sizes."""
+        n, kv, d = self.model.n_layers, self.model.n_kv, self.model.head_dim
+        k, v = [], []
+        for cache in caches:
+            shape = cache[0].shape if len(cache) == 2 * n else None
+            if shape is None or not all(c.dtype == np.float32 and c.flags.c_contiguous and c.flags.writeable
+                                        and c.shape == shape and len(shape) == 4 and shape[:2] == (1, kv)
+                                        and shape[3] == d
+                                        for c in cache):
+                raise FromageError(f"the KV cache must be {2 * n} C-contiguous writable float32 arrays "
+                                   f"of shape (1, {kv}, capacity, {d})")
+            # from_buffer: ~4x cheaper than .ctypes.data per array
+            addresses = [ctypes.addressof(ctypes.c_char.from_buffer(c)) if c.nbytes else c.ctypes.data for c in cache]
+            k += addresses[0::2]
+            v += addresses[1::2]
+        return (ctypes.c_void_p * len(k))(*k), (ctypes.c_void_p * len(v))(*v)
+
+    def forward_batch(self, embeds: np.ndarray, caches: list, pasts: list, logits: np.ndarray, ret: np.ndarray) -> None:
+        """One decoding step of B sequences at once: sequence b feeds embeds[b] (embeds (B, E)) on its
+        own cache caches[b] (as forward's, holding pasts[b] positions); writes logits[b] (V,) and
+        ret[b] (R,) in place. Each weight matrix is read once for all B, and row b is bit-identical to
+        forward() of sequence b alone."""
+        B, E = len(caches), self.model.hidden
+        if not (B >= 1 and len(pasts) == B and embeds.dtype == np.float32 and embeds.flags.c_contiguous
+                and embeds.shape == (B, E)):
+            raise FromageError(f"embeds must be C-contiguous float32 (B, {E}), with B >= 1 caches and pasts")
+        if not all(a.dtype == np.float32 and a.flags.c_contiguous and a.shape == (B, n)
+                   for a, n in ((logits, self.vocab_size), (ret, self.retrieval_dim))):
+            raise FromageError(f"logits and ret must be C-contiguous float32 ({B}, {self.vocab_size}) and "
+                               f"({B}, {self.retrieval_dim})")
+        if len({id(c[0]) for c in caches}) != B:  # two rows appending to one buffer would race
+            raise FromageError("each sequence of a batch needs a KV cache of its own")
+        k, v = self._pointer_tables(caches)
+        capacity = [c[0].shape[2] for c in caches]
+        rc = self.lib.fm_forward_batch(ctypes.byref(self.model), embeds.ctypes.data, B, (ctypes.c_int32 * B)(*pasts),
+                                       (ctypes.c_int32 * B)(*capacity), k, v, logits.ctypes.data, ret.ctypes.data)
+        if rc == -1:
+            b = next((b for b in range(B) if not 0 <= pasts[b] < min(capacity[b], self.model.rope_positions)), 0)
+            raise FromageError(f"sequence {b}: {pasts[b]} + 1 positions exceed its cache ({capacity[b]}) "
                                f"or the rotary table ({self.model.rope_positions})")
         if rc:
             raise FromageError(f"the native decoder failed (code {rc}: out of memory)")
