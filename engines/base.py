@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from .errors import ParameterError
+
 import numpy as np
 
 
@@ -25,3 +27,17 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+MAX_THREADS_PER_CORE = 2  # more threads than this per core only slow decoding down (and hung ONNX Runtime)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """The thread count an engine uses: `threads`, checked, or all the cores this process may use."""
+    if threads is None:
+        return default_threads()
+    limit = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= limit:
+        raise ParameterError("threads", f"must be a whole number from 1 to {limit} ({os.cpu_count()} cores here), "
+                                        f"got {threads!r}")
+    return threads

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fromage.engines.base import default_threads
-from fromage.runtime.errors import FromageError
-from fromage.runtime.onnx_weights import initializers, read_inline
+from fromage.engines.base import resolve_threads
+from fromage.engines.errors import FromageError
+from fromage.engines.onnx_weights import initializers, read_inline
 
 _DTYPES = {1: np.float32, 2: np.uint8}  # the weights; the graphs' int64 shape constants are not needed
 F32, NBITS, BLOCK = 0, 1, 32  # as in native/fromage_native.h
@@ -167,7 +167,7 @@ class NativeDecoder:
                 if t["name"].endswith(".qweight"):
                     self._repack(t["name"][:-len(".qweight")])
         self.model = self._model(model)
-        self.model.threads = int(threads or default_threads())
+        self.model.threads = resolve_threads(threads)
         self._tables = (None, None, None)  # forward's (cache[0], k table, v table), replaced as one tuple
 
     def _get(self, name):

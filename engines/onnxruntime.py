@@ -5,6 +5,7 @@ import threading
 
 import numpy as np
 
+from fromage.engines.base import resolve_threads
 from fromage.engines.errors import FromageError
 
 PROVIDERS = {
@@ -25,8 +26,7 @@ class OrtSession:
                                f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu for cuda/tensorrt")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = resolve_threads(threads)
         if not spin:  # idle threads sleep at once instead of spinning on the cores the next step needs
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:

@@ -1,4 +1,4 @@
-"""The runtime's error type: the engines' FromageError, re-exported for callers of the runtime."""
-from fromage.engines.errors import FromageError
+"""The runtime's error types: the engines' FromageError and ParameterError, re-exported for its callers."""
+from fromage.engines.errors import FromageError, ParameterError
 
-__all__ = ["FromageError"]
+__all__ = ["FromageError", "ParameterError"]

@@ -58,6 +58,7 @@ class Result:
     token_ids: list[int] = field(default_factory=list)
     stop_reason: str = ""
     timings: dict = field(default_factory=dict)
+    token_budget: int | None = None  # the new tokens the context leaves room for (<= max_new_tokens)
 
     def to_json(self) -> dict:
         return {"parts": self.parts, "prompt_token_ids": self.prompt_token_ids,
@@ -208,30 +209,49 @@ class Fromage:
 
     def advance(self, state: "DecodeState", embeds: np.ndarray) -> None:
         """Feed more positions (token embeddings or visual tokens, (1, n, E)) on the cache."""
-        n = embeds.shape[1]
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        total = self._reserve(state, embeds.shape[1])
+        self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding)
+        state.length = total
+
+    def advance_batch(self, states: list["DecodeState"], token_ids: list[int]) -> None:
+        """One token on each of several states (one decoding step of a batch): with the native engine one
+        call that reads the weights once for all of them, each state's outputs bit-identical to advance();
+        with ONNX Runtime, one call per state."""
+        embeds = np.ascontiguousarray(self.embed_ids(token_ids), dtype=np.float32)  # (B, E)
+        for state in states:
+            self._reserve(state, 1)
+        if not hasattr(self.decoder, "forward_batch") or len(states) == 1:
+            for state, row in zip(states, embeds):
+                self.decoder.forward(row[None, None], state.cache, state.length, state.logits, state.ret_embedding)
+                state.length += 1
+            return
+        logits = np.empty((len(states), self.vocab_size), np.float32)
+        ret = np.empty((len(states), self.retrieval_dim), np.float32)
+        self.decoder.forward_batch(embeds, [s.cache for s in states], [s.length for s in states], logits, ret)
+        for state, lg, r in zip(states, logits, ret):
+            state.logits[:], state.ret_embedding[:] = lg, r
+            state.length += 1
+
+    def _reserve(self, state: "DecodeState", n: int) -> int:
+        """Room for n more positions in the state's cache (grown by doubling: amortised, not per step);
+        -> the length after them."""
         total = state.length + n
         if total > self.max_positions:
             raise FromageError(f"the sequence would be {total} positions long; "
                                f"the model's context is {self.max_positions}")
-        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
-        if self.decoder.in_place and total > state.cache[0].shape[2]:  # grow: amortised, not per step
+        if self.decoder.in_place and total > state.cache[0].shape[2]:
             capacity = min(self.max_positions, max(MIN_CAPACITY, _pow2(total)))
             for i, old in enumerate(state.cache):
                 state.cache[i] = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], np.float32)
                 state.cache[i][:, :, :state.length] = old[:, :, :state.length]
-        self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding)
-        state.length = total
+        return total
 
     # ---- the loop --------------------------------------------------------------------
-    def stream(self, parts: list[Part], params: SamplingParams | None = None, result: Result | None = None):
-        """Yields TextEvent / ImageEvent as they are produced; fills `result` if given."""
-        p = params or SamplingParams()
-        result = result if result is not None else Result()
-        stop_ids = set(self.bundle.tokens["stop"] if p.stop_ids is None else p.stop_ids)
-        allow_ret = p.retrieval and self.index is not None
-        rng = np.random.default_rng(p.seed)
-
-        t0 = time.perf_counter()
+    def prepare(self, parts: list[Part], params: SamplingParams, result: Result) -> np.ndarray:
+        """Checks a request and embeds its prompt (images encoded): -> (1, n, E). Fills the result's
+        prompt ids and token budget (the new tokens the context leaves room for)."""
+        params.check_vocab(self.vocab_size)
         segments = self.segments(parts)
         result.prompt_token_ids = [t for s in segments if isinstance(s, list) for t in s]
         embeds = self.prompt_embeds(segments)
@@ -239,36 +259,26 @@ class Fromage:
         if length >= self.max_positions:
             raise FromageError(f"the prompt is {length} positions long (images count {self.k} each); "
                                f"the model's context is {self.max_positions}")
-        budget = min(p.max_new_tokens, self.max_positions - length)
+        result.token_budget = min(params.max_new_tokens, self.max_positions - length)
+        return embeds
+
+    def stream(self, parts: list[Part], params: SamplingParams | None = None, result: Result | None = None):
+        """Yields TextEvent / ImageEvent as they are produced; fills `result` if given."""
+        p = params or SamplingParams()
+        result = result if result is not None else Result()
+        t0 = time.perf_counter()
+        embeds = self.prepare(parts, p, result)
         state = self.start(embeds)
         result.timings["prefill_s"] = time.perf_counter() - t0
 
-        text = _TextStream(self.tokenizer)
-        result.stop_reason = "length"
+        seq = Sequence(self, p, result)
         t1 = time.perf_counter()
-        rets = 0
-        for step in range(budget):
-            logits = state.logits
-            adjust_ret_logit(logits, self.ret_id, step, p, allow_ret, rets)
-            token = sample(logits, p, rng)
-            if token in stop_ids:
-                result.stop_reason = "stop"
-                break
-            result.token_ids.append(token)
-            # feed the token even at the last step if it is [RET]: its embedding is the query
-            if step + 1 < budget or token == self.ret_id:
+        while (token := seq.next_token(state.logits)) is not None:
+            if seq.feeds(token):
                 self.advance(state, self.embed_ids([token])[None])
-            if token == self.ret_id:
-                rets += 1
-                hits = self.index.search(state.ret_embedding, top_k=p.top_images)
-                text.reset()
-                result.parts.append(image_part(hits, token_index=step))
-                yield ImageEvent(hits, step)
-            else:
-                delta = text.push(token)
-                if delta:
-                    append_text(result.parts, delta)
-                    yield TextEvent(delta)
+            hits = self.index.search(state.ret_embedding, top_k=p.top_images) if token == self.ret_id else None
+            yield from seq.on_token(token, hits)
+        yield from seq.finish()
         n = len(result.token_ids)
         decode_s = time.perf_counter() - t1
         result.timings.update(decode_s=decode_s, new_tokens=n,
@@ -279,3 +289,67 @@ class Fromage:
         for _ in self.stream(parts, params, result):
             pass
         return result
+
+
+class Sequence:
+    """The decisions of one generation, token by token: sampling with [RET] handled, stop tokens and
+    strings, the token budget, streamed text and images. Fromage.stream drives one; the scheduler
+    (scheduler.py) drives many, fed by batched decoder steps."""
+
+    def __init__(self, model: "Fromage", params: SamplingParams, result: Result):
+        self.p, self.result, self.ret_id = params, result, model.ret_id
+        self.stop_ids = set(model.bundle.tokens["stop"] if params.stop_ids is None else params.stop_ids)
+        self.allow_ret = params.retrieval and model.index is not None
+        self.rng = np.random.default_rng(params.seed)
+        self.text = _TextStream(model.tokenizer)
+        self.rets, self.done, self.held = 0, False, ""
+        self.hold = max((len(s) for s in params.stop), default=1) - 1  # text kept back: a stop string may start in it
+        result.stop_reason = "length"
+
+    def next_token(self, logits: np.ndarray) -> int | None:
+        """The next token from the last position's logits (adjusted in place), or None when the
+        generation ends: a stop token, a stop string already met, or the budget spent."""
+        step = len(self.result.token_ids)
+        if self.done or step >= self.result.token_budget:
+            return None
+        adjust_ret_logit(logits, self.ret_id, step, self.p, self.allow_ret, self.rets)
+        token = sample(logits, self.p, self.rng)
+        if token in self.stop_ids:
+            self.result.stop_reason = "stop"
+            return None
+        self.result.token_ids.append(token)
+        return token
+
+    def feeds(self, token: int) -> bool:
+        """Whether the token must be fed to the decoder: unless it is the last, and even then if it is
+        [RET] (its position's embedding is the retrieval query)."""
+        return len(self.result.token_ids) < self.result.token_budget or token == self.ret_id
+
+    def on_token(self, token: int, hits: list | None = None) -> list:
+        """The events of a chosen token (after it was fed): an image for [RET] (`hits`: its retrieval),
+        else the text it completes."""
+        if token == self.ret_id:
+            self.rets += 1
+            self.text.reset()
+            events = self._text(self.held, flush=True)
+            step = len(self.result.token_ids) - 1
+            self.result.parts.append(image_part(hits, token_index=step))
+            return events + [ImageEvent(hits, step)]
+        delta = self.text.push(token)
+        return self._text(delta) if delta else []
+
+    def finish(self) -> list:
+        """The text held back for stop strings, at the end."""
+        return [] if self.done else self._text("", flush=True)
+
+    def _text(self, delta: str, flush: bool = False) -> list:
+        text, self.held = self.held + delta, ""
+        for stop in self.p.stop:
+            if stop in text:
+                text, self.done, self.result.stop_reason = text[:text.index(stop)], True, "stop"
+        if not (flush or self.done) and self.hold:
+            text, self.held = text[:max(0, len(text) - self.hold)], text[max(0, len(text) - self.hold):]
+        if not text:
+            return []
+        append_text(self.result.parts, text)
+        return [TextEvent(text)]

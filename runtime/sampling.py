@@ -1,9 +1,15 @@
 """Choosing the next token from the logits of one position (numpy only)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .errors import ParameterError
+
+MAX_SEED = 2**63 - 1
+MAX_STOP_STRINGS, MAX_STOP_LENGTH = 8, 256
 
 
 @dataclass
@@ -19,7 +25,58 @@ class SamplingParams:
     retrieval: bool = True            # False: [RET] is never chosen
     top_images: int = 1               # images shown per [RET]
     max_rets: int = 0                 # [RET]s allowed in one generation (0 = no limit); then it is banned
+    stop: tuple = ()                  # strings that end the generation (not included in the text)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        """Every value checked here, once, for every caller (CLI, server, library): ParameterError names it."""
+        _whole(self, "max_new_tokens", 1)
+        _whole(self, "top_k", 0)
+        _whole(self, "min_word_tokens", 0)
+        _whole(self, "top_images", 1)
+        _whole(self, "max_rets", 0)
+        _real(self, "temperature", 0.0, math.inf, "a number >= 0 (0 = greedy)")
+        _real(self, "top_p", 0.0, 1.0, "a number > 0 and <= 1", open_low=True)
+        _real(self, "ret_scale_factor", 0.0, math.inf, "a number >= 0")
+        if self.seed is not None:
+            _whole(self, "seed", 0, MAX_SEED)
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if not isinstance(self.stop, (list, tuple)) or len(self.stop) > MAX_STOP_STRINGS or not all(
+                isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in self.stop):
+            raise ParameterError("stop", f"must be at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                                         f"{MAX_STOP_LENGTH} characters, got {self.stop!r}")
+        self.stop = tuple(self.stop)
+        if not isinstance(self.retrieval, bool):
+            raise ParameterError("retrieval", f"must be true or false, got {self.retrieval!r}")
+        if self.stop_ids is not None:
+            if not isinstance(self.stop_ids, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_ids):
+                raise ParameterError("stop_ids", f"must be a list of token ids >= 0, got {self.stop_ids!r}")
+            self.stop_ids = list(self.stop_ids)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The checks that need the model: stop ids within its vocabulary."""
+        bad = [t for t in self.stop_ids or [] if t >= vocab_size]
+        if bad:
+            raise ParameterError("stop_ids", f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def _whole(p, name: str, low: int, high: int | None = None) -> None:
+    v = getattr(p, name)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low or (high is not None and v > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ParameterError(name, f"must be a whole number {bound}, got {v!r}")
+    setattr(p, name, int(v))
+
+
+def _real(p, name: str, low: float, high: float, what: str, open_low: bool = False) -> None:
+    v = getattr(p, name)
+    ok = (isinstance(v, (int, float, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+          and (v > low if open_low else v >= low) and v <= high)
+    if not ok:
+        raise ParameterError(name, f"must be {what}, got {v!r}")
+    setattr(p, name, float(v))
 
 
 def adjust_ret_logit(logits: np.ndarray, ret_id: int, step: int, p: SamplingParams, allowed: bool,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
-from fromage.runtime.errors import FromageError
+from fromage.runtime.errors import FromageError, ParameterError
 from fromage.runtime.sources import TUXPAINT_ROOT
 
 from .options import add_engine_argument
@@ -187,6 +188,8 @@ def _cmd_retrieve(args) -> None:
                 queries += [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise FromageError(f"cannot read --queries file: {e}") from None
+        except UnicodeDecodeError as e:
+            raise FromageError(f"--queries file {args.queries_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not queries:
         raise FromageError("give at least one query (QUERY arguments or --queries FILE)")
     if args.top_k < 1:
@@ -204,7 +207,7 @@ def _cmd_retrieve(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    from fromage.runtime.generate import Fromage, ImageEvent, TextEvent
+    from fromage.runtime.generate import Fromage, ImageEvent, Result, TextEvent
     from fromage.runtime.prompt import ImagePart
     from fromage.runtime.sampling import SamplingParams
     parts = [ImagePart(v) if kind == "image" else v for kind, v in (getattr(args, "parts", None) or [])]
@@ -212,16 +215,21 @@ def _cmd_generate(args) -> None:
         parts.append(args.prompt)
     if not parts:
         raise FromageError("give a prompt: text, and/or --image PATH / --text TEXT parts")
-    model = Fromage(args.bundle, index=args.index, device=args.device, threads=args.threads,
-                    verify=not args.no_verify, engine=args.engine)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop_ids=args.stop_id,
                             min_word_tokens=args.min_word_tokens, ret_scale_factor=args.ret_scale_factor,
                             retrieval=not args.no_retrieval, top_images=args.top_images, max_rets=args.max_rets)
+    model = Fromage(args.bundle, index=args.index, device=args.device, threads=args.threads,
+                    verify=not args.no_verify, engine=args.engine)
     if args.json:
         print(json.dumps(model.generate(parts, params).to_json(), ensure_ascii=False))
         return
-    for event in model.stream(parts, params):
+    result, noted = Result(), False
+    for event in model.stream(parts, params, result):
+        if not noted and result.token_budget < params.max_new_tokens:
+            print(f"fromage: note: the context leaves room for {result.token_budget} new tokens "
+                  f"(--max-new-tokens {params.max_new_tokens})", file=sys.stderr)
+        noted = True
         if isinstance(event, TextEvent):
             print(event.text, end="", flush=True)
         elif isinstance(event, ImageEvent):
@@ -248,14 +256,42 @@ COMMANDS = {
 }
 
 
+# how the CLI spells the Python API's parameters where it differs from --name-with-dashes
+_OPTION_NAMES = {"stop_ids": "--stop-id", "retrieval": "--no-retrieval"}
+
+
+def _option(param: str) -> str:
+    return _OPTION_NAMES.get(param, "--" + param.replace("_", "-"))
+
+
+def _check_text_arguments(args) -> None:
+    """Arguments come in as the OS gave them (undecodable bytes as lone surrogates): refuse them here."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            text = v[1] if isinstance(v, tuple) else v
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise FromageError(f"--{name.replace('_', '-')}: {text.encode('utf-8', 'replace')[:60]!r}... "
+                                       "is not valid UTF-8") from None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_text_arguments(args)
         module, name = COMMANDS[args.command]
         getattr(importlib.import_module(module), name)(args)
+    except ParameterError as e:
+        print(f"fromage: error: {_option(e.param)}: {e.message}", file=sys.stderr)
+        return 2
     except FromageError as e:
         print(f"fromage: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`fromage ... --json | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript", "safetensors"):
             print(f"fromage: error: `fromage {args.command}` needs the training stack ({e.name} is missing): "

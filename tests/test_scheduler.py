@@ -1,0 +1,105 @@
+"""Continuous batching (runtime/scheduler.py): every request gets exactly what it gets alone, requests join
+and leave between steps, chunked prompts, [RET] inside the batch, cancellation, the queue limit."""
+import threading
+
+import numpy as np
+import pytest
+
+from fromage.runtime.generate import Fromage, ImageEvent
+from fromage.runtime.prompt import ImagePart
+from fromage.runtime.sampling import SamplingParams
+from fromage.runtime.scheduler import Finished, QueueFull, Scheduler
+
+WORDS = "a red cat on the big blue boat with the small dog in the house of the moon".split()
+
+
+def _prompts(n, rng):
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12)))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module", params=["native", "onnxruntime"])
+def model(exported, request):
+    return Fromage(exported["llama"]["bundle"], index=exported["llama"]["index"], engine=request.param)
+
+
+def test_batched_requests_equal_their_solo_outputs(model, assets):
+    rng = np.random.default_rng(0)
+    prompts = [[p] for p in _prompts(10, rng)]
+    prompts[3] = [ImagePart(assets["images"][0]), "a picture of"]  # an image in the batch
+    prompts[7] = [" ".join(WORDS * 2)]  # a longer prompt, prefilled in chunks while others decode
+    params = [SamplingParams(max_new_tokens=int(n), temperature=0.0, ret_scale_factor=3.0, top_images=2)
+              for n in rng.integers(3, 20, size=len(prompts))]
+    params[5] = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7)  # seeded sampling too
+    solo = [model.generate(p, sp) for p, sp in zip(prompts, params)]
+    sched = Scheduler(model, max_batch=4, max_prompt_chunk=8)
+    try:
+        reqs = [sched.submit(p, sp) for p, sp in zip(prompts, params)]
+        results = [[e for e in r][-1].result for r in reqs]
+    finally:
+        sched.close()
+    for a, b in zip(results, solo):
+        assert a.token_ids == b.token_ids
+        assert a.parts == b.parts and a.stop_reason == b.stop_reason
+    assert any(p["type"] == "image" for r in results for p in r.parts), "no [RET] was exercised"
+
+
+def test_threads_submitting_at_once(model):
+    rng = np.random.default_rng(1)
+    prompts = _prompts(8, rng)
+    params = SamplingParams(max_new_tokens=6, retrieval=False)
+    solo = {p: model.generate([p], params).token_ids for p in prompts}
+    sched = Scheduler(model, max_batch=3)
+    out = {}
+    try:
+        threads = [threading.Thread(target=lambda p=p: out.__setitem__(p, sched.generate([p], params).token_ids))
+                   for p in prompts]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        sched.close()
+    assert out == solo
+
+
+def test_cancel_frees_the_slot_and_full_queue_refuses(model):
+    sched = Scheduler(model, max_batch=1, max_queue=1)
+    try:
+        long = sched.submit(["a cat"], SamplingParams(max_new_tokens=60, retrieval=False, stop_ids=[]))
+        events = iter(long)
+        next(events)  # it is decoding
+        queued = sched.submit(["a dog"], SamplingParams(max_new_tokens=2, retrieval=False))
+        with pytest.raises(QueueFull):
+            sched.submit(["a boat"], SamplingParams(max_new_tokens=2))
+        long.cancel()
+        last = [e for e in events][-1]
+        assert isinstance(last, Finished) and last.result.stop_reason == "cancelled"
+        assert [e for e in queued][-1].result.stop_reason in ("stop", "length")
+        assert sched.counts == (0, 0)
+    finally:
+        sched.close()
+
+
+def test_stop_strings_cut_the_text(model):
+    params = SamplingParams(max_new_tokens=30, retrieval=False, stop_ids=[])
+    full = model.generate(["the cat"], params)
+    text = "".join(p["text"] for p in full.parts if p["type"] == "text")
+    if len(text) < 6:
+        pytest.skip("the tiny model said too little to cut")
+    stop = text[3:6]
+    cut = model.generate(["the cat"], SamplingParams(max_new_tokens=30, retrieval=False, stop_ids=[], stop=[stop]))
+    assert cut.stop_reason == "stop"
+    assert "".join(p["text"] for p in cut.parts) == text[:text.index(stop)]
+
+
+def test_ret_in_a_batch_searches_once_per_step(model, monkeypatch):
+    calls = []
+    search = model.index.search_batch
+    monkeypatch.setattr(model.index, "search_batch", lambda q, k: calls.append(len(q)) or search(q, k))
+    sched = Scheduler(model, max_batch=4)
+    params = SamplingParams(max_new_tokens=4, ret_scale_factor=50.0, min_word_tokens=1)
+    try:
+        reqs = [sched.submit([p], params) for p in ("a cat", "a dog", "a boat", "a sun")]
+        events = [[e for e in r] for r in reqs]
+    finally:
+        sched.close()
+    assert all(any(isinstance(e, ImageEvent) for e in ev) for ev in events)
+    assert max(calls) > 1  # several [RET]s of one step searched together
