@@ -120,6 +120,11 @@ class ImageIndex:
         # USearch's inner-product distance is 1 - dot, so the score is the cosine for normalised vectors.
         return [[Hit(int(k), *found[int(k)], 1.0 - float(d)) for k, d in zip(m.keys, m.distances)] for m in rows]
 
+    def get(self, key: int) -> tuple[str, str | None] | None:
+        """(path, caption) of the image stored under `key`, or None."""
+        row = self._db.execute("SELECT path, caption FROM images WHERE key = ?", (int(key),)).fetchone()
+        return (row[0], row[1]) if row else None
+
     def first_path(self) -> str | None:
         """The path of the image with the smallest key (the first indexed), if any."""
         row = self._db.execute("SELECT path FROM images ORDER BY key LIMIT 1").fetchone()
