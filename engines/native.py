@@ -266,18 +266,20 @@ class NativeDecoder:
     def _pointer_tables(self, caches: list) -> tuple:
         """The k and v pointer tables of cache lists ([key0, value0, key1, ...] each), sequence-major
         (native/fromage_native.h), each buffer checked first: the C code trusts their sizes."""
-        n, kv, d = self.model.n_layers, self.model.n_kv, self.model.head_dim
+        n, kv, d, f32 = self.model.n_layers, self.model.n_kv, self.model.head_dim, np.dtype(np.float32)
+        address, buffer = ctypes.addressof, ctypes.c_char.from_buffer
         k, v = [], []
         for cache in caches:
-            shape = cache[0].shape if len(cache) == 2 * n else None
-            if shape is None or not all(c.dtype == np.float32 and c.flags.c_contiguous and c.flags.writeable
-                                        and c.shape == shape and len(shape) == 4 and shape[:2] == (1, kv)
-                                        and shape[3] == d
-                                        for c in cache):
+            shape = cache[0].shape if len(cache) == 2 * n else ()
+            try:
+                if not (len(shape) == 4 and shape[:2] == (1, kv) and shape[3] == d
+                        and all(c.dtype is f32 and c.shape == shape for c in cache)):
+                    raise TypeError
+                # from_buffer refuses buffers that are not C-contiguous and writable; ~4x cheaper than .ctypes.data
+                addresses = [address(buffer(c)) for c in cache] if shape[2] else [c.ctypes.data for c in cache]
+            except TypeError:
                 raise FromageError(f"the KV cache must be {2 * n} C-contiguous writable float32 arrays "
-                                   f"of shape (1, {kv}, capacity, {d})")
-            # from_buffer: ~4x cheaper than .ctypes.data per array
-            addresses = [ctypes.addressof(ctypes.c_char.from_buffer(c)) if c.nbytes else c.ctypes.data for c in cache]
+                                   f"of shape (1, {kv}, capacity, {d})") from None
             k += addresses[0::2]
             v += addresses[1::2]
         return (ctypes.c_void_p * len(k))(*k), (ctypes.c_void_p * len(v))(*v)

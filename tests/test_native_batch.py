@@ -96,6 +96,10 @@ def test_batch_refuses_a_full_cache_and_bad_shapes(exported):
         rt.decoder.forward_batch(emb, caches, pasts, logits[:-1], ret)
     with pytest.raises(FromageError, match="KV cache"):
         rt.decoder.forward_batch(emb, caches[:-1] + [caches[-1][:-1]], pasts, logits, ret)
+    frozen = [c.copy() for c in caches[0]]
+    frozen[3].flags.writeable = False  # the C code writes every cache it is given
+    with pytest.raises(FromageError, match="KV cache"):
+        rt.decoder.forward_batch(emb, [frozen] + caches[1:], pasts, logits, ret)
     with pytest.raises(FromageError, match="of its own"):
         rt.decoder.forward_batch(emb, caches[:-1] + [caches[0]], pasts, logits, ret)
     rt.decoder.forward_batch(emb, caches, pasts, logits, ret)  # all fit now
