@@ -115,3 +115,39 @@ def exported(assets, tmp_path_factory):
                      "--out", str(index)]) == 0
         out[arch] = {"model": model, "bundle": root / arch, "index": index}
     return out
+
+
+class LiveServer:
+    """`fromage serve`'s app on a free localhost port, in a thread (uvicorn), over a given model."""
+
+    def __init__(self, model, **config):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        from fromage.serve.app import ServerConfig, create_app
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(ServerConfig(bundle=str(model.bundle.directory), **config), model=model)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not (self.server.started and self.app.state.fromage.model is not None):
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def served_model(exported):
+    """One loaded tiny Llama model with its index, shared by the server tests."""
+    from fromage.runtime.generate import Fromage
+    return Fromage(exported["llama"]["bundle"], index=exported["llama"]["index"])

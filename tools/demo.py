@@ -79,22 +79,6 @@ def default_session(image: str, subject: str) -> list[Conversation]:
     ]
 
 
-def _qa_prompt(parts: list) -> list:
-    """User parts -> model prompt parts: "Q: <text>\\nA:" with images kept in place."""
-    out, asked = [], False
-    for p in parts:
-        if isinstance(p, str):
-            out.append(p if asked else f"Q: {p}")
-            asked = True
-        else:
-            out.append(p)
-    if out and isinstance(out[-1], str):
-        out[-1] += "\nA:"
-    else:
-        out.append("\nA:")
-    return out
-
-
 class _Printer:
     def __init__(self):
         self.col0 = True
@@ -170,14 +154,10 @@ def _forced_retrieval(model, prompt: list, answer: list[dict], params) -> dict |
 
 def _as_context(answer: list[dict], newline: bool = True) -> list:
     """An answer's parts as prompt parts (retrieved images become image inputs)."""
+    from fromage.runtime.chat import answer_turn
     from fromage.runtime.prompt import ImagePart
     parts = [p["text"] if p["type"] == "text" else ImagePart(p["path"]) for p in answer]
-    if newline:
-        if parts and isinstance(parts[-1], str):
-            parts[-1] += "\n"
-        else:
-            parts.append("\n")
-    return parts
+    return answer_turn(parts) if newline else parts
 
 
 def _user_json(parts: list) -> list:
@@ -186,7 +166,8 @@ def _user_json(parts: list) -> list:
 
 
 def run_session(model, session: list[Conversation], params) -> list[dict]:
-    """Runs the conversations; -> the turns (see `runtime.html`), streaming a transcript to stdout."""
+    """Runs the conversations; -> the turns (see `tools/html.py`), streaming a transcript to stdout."""
+    from fromage.runtime.chat import user_turn
     from fromage.runtime.prompt import ImagePart
     out, turns = _Printer(), []
     for conv in session:
@@ -199,7 +180,7 @@ def run_session(model, session: list[Conversation], params) -> list[dict]:
             if i == 0:
                 entry["heading"] = conv.heading
             turns.append(entry)
-            prompt = context + (_qa_prompt(turn.parts) if turn.qa else list(turn.parts))
+            prompt = context + (user_turn(turn.parts) if turn.qa else list(turn.parts))
             answer = _answer(model, prompt, params, turn.force_ret, out)
             turns.append({"role": "model", "parts": answer})
             context = prompt + _as_context(answer)

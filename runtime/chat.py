@@ -1,0 +1,51 @@
+"""The conversation format: how chat turns become one prompt for a FROMAGe model, shared by the
+server's chat API and the demo. A user turn is "Q: <text>\\nA:" with its images in place; an answer
+follows it and ends with a newline, which is also where a generated answer stops (ANSWER_STOP).
+A system message is plain text before the first turn."""
+from __future__ import annotations
+
+from .prompt import ImagePart, Part
+
+ANSWER_STOP = "\n"
+
+
+def user_turn(parts: list[Part]) -> list[Part]:
+    """A user's parts -> "Q: <text>\\nA:", images kept in place."""
+    out, asked = [], False
+    for p in parts:
+        if isinstance(p, str):
+            out.append(p if asked else f"Q: {p}")
+            asked = True
+        else:
+            out.append(p)
+    if out and isinstance(out[-1], str):
+        out[-1] += "\nA:"
+    else:
+        out.append("\nA:")
+    return out
+
+
+def answer_turn(parts: list[Part]) -> list[Part]:
+    """An answer's parts (text and images) as context for the next turn, ended by a newline."""
+    parts = list(parts)
+    if parts and isinstance(parts[-1], str):
+        parts[-1] += ANSWER_STOP
+    else:
+        parts.append(ANSWER_STOP)
+    return parts
+
+
+def chat_prompt(messages: list[tuple[str, list[Part]]]) -> list[Part]:
+    """[(role, parts)] with role system, user or assistant -> the prompt for the next answer."""
+    prompt: list[Part] = []
+    for role, parts in messages:
+        if role == "system":
+            prompt += [p + "\n" if isinstance(p, str) else p for p in parts]
+        elif role == "user":
+            prompt += user_turn(parts)
+        else:
+            prompt += [(" " + p if i == 0 and isinstance(p, str) else p) for i, p in enumerate(answer_turn(parts))]
+    return prompt
+
+
+__all__ = ["ANSWER_STOP", "ImagePart", "answer_turn", "chat_prompt", "user_turn"]

@@ -1,0 +1,1 @@
+"""`fromage serve`: an OpenAI-compatible HTTP server over the runtime (FastAPI + uvicorn)."""

@@ -1,0 +1,285 @@
+"""The HTTP server: OpenAI-compatible chat completions (streamed or not) over one loaded model and its
+continuous-batching scheduler, retrieved images by index key, health, metrics and the chat page."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import io
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from fromage.runtime.errors import FromageError
+from fromage.runtime.generate import Fromage, ImageEvent, TextEvent
+from fromage.runtime.preprocess import load_rgb
+from fromage.runtime.scheduler import Finished, QueueFull, Scheduler
+
+from .errors import BadRequest, error_body
+from .media import MediaPolicy
+from .metrics import Metrics
+from .protocol import FINISH_REASONS, chunk, completion, image_part, parse_chat_request, usage
+
+STATIC = Path(__file__).with_name("static")
+IMAGE_PX = 512  # retrieved images are served as PNG thumbnails of at most this size
+
+
+@dataclass
+class ServerConfig:
+    bundle: str
+    index: str | None = None
+    engine: str = "auto"
+    device: str = "cpu"
+    threads: int | None = None
+    verify: bool = True
+    max_batch: int = 16
+    max_queue: int = 64
+    api_key: str | None = None
+    allowed_media_dir: str | None = None
+    max_body_bytes: int = 100 * 1024 * 1024
+    model_name: str | None = None
+
+
+class _State:
+    def __init__(self, config: ServerConfig):
+        self.config, self.model, self.scheduler, self.load_error = config, None, None, None
+        self.model_name = config.model_name or Path(config.bundle).name
+        self.media = MediaPolicy(Path(config.allowed_media_dir) if config.allowed_media_dir else None)
+        self.metrics = Metrics(lambda: self.scheduler.counts if self.scheduler else (0, 0))
+
+    def load(self, model: Fromage | None = None) -> None:
+        c = self.config
+        try:
+            model = model or Fromage(c.bundle, index=c.index, device=c.device, threads=c.threads, verify=c.verify,
+                                     engine=c.engine)
+            self.media.index = model.index
+            self.scheduler = Scheduler(model, max_batch=c.max_batch, max_queue=c.max_queue)
+            self.model = model
+        except FromageError as e:
+            self.load_error = str(e)
+
+    def ready(self) -> None:
+        if self.model is None:
+            raise BadRequest(f"the model failed to load: {self.load_error}" if self.load_error
+                             else "the model is loading; retry shortly", 503)
+
+
+def create_app(config: ServerConfig, model: Fromage | None = None) -> FastAPI:
+    """The app; the model loads in a background thread at startup (/health answers 503 until it is
+    ready), or is the one given (tests share one)."""
+    state = _State(config)
+
+    async def lifespan(app):
+        loader = threading.Thread(target=state.load, args=(model,), daemon=True)
+        loader.start()
+        yield
+        if state.scheduler:
+            state.scheduler.close()
+
+    app = FastAPI(title="fromage", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.fromage = state
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request, e: BadRequest):
+        return JSONResponse(error_body(str(e), e.status, e.param), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/") and config.api_key:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)", 401),
+                                    status_code=401)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > config.max_body_bytes:
+            return JSONResponse(error_body(f"the body is larger than {config.max_body_bytes} bytes", 413),
+                                status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if state.model is None:
+            status = {"status": "error", "error": state.load_error} if state.load_error else {"status": "loading"}
+            return JSONResponse(status, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/v1/models")
+    async def models():
+        state.ready()
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
+                                            "owned_by": "fromage"}]}
+
+    @app.get("/v1/images/{key}")
+    async def image(key: str):
+        state.ready()
+        if not key.isdigit() or len(key) > 18 or state.model.index is None:
+            raise BadRequest("no such image", 404)
+        png = await run_in_threadpool(_thumbnail, state.model.index, int(key))
+        if png is None:
+            raise BadRequest("no such image", 404)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        state.ready()
+        body = await _read_json(request, config.max_body_bytes)
+        req = parse_chat_request(body, state.media)
+        rid, t0 = f"chatcmpl-{uuid.uuid4().hex}", time.perf_counter()
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        try:
+            handle = await run_in_threadpool(state.scheduler.submit, req.parts, req.params,
+                                             lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        except QueueFull as e:
+            raise BadRequest(str(e), 429) from None
+        except FromageError as e:
+            raise BadRequest(str(e), 413 if "too large" in str(e) else 400) from None
+        positions = handle.embeds.shape[1]
+        state.metrics.prompt_tokens.inc(positions)
+        outputs = _Outputs(events, state.metrics, t0)
+        if req.stream:
+            return StreamingResponse(_sse(handle, outputs, rid, state.model_name, positions, req.include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        finished = await _until_finished(handle, outputs, request)
+        if finished is None:  # the client went away
+            return Response(status_code=499)
+        result = finished.result
+        if finished.error:
+            raise BadRequest(finished.error, 500)
+        return completion(rid, state.model_name, result, positions)
+
+    return app
+
+
+class _Outputs:
+    """A request's events as the client sees them, timed for the metrics."""
+
+    def __init__(self, events: asyncio.Queue, metrics: Metrics, t0: float):
+        self.events, self.metrics, self.t0, self.last, self.started = events, metrics, t0, None, False
+
+    async def next(self):
+        event = await self.events.get()
+        now = time.perf_counter()
+        if isinstance(event, (TextEvent, ImageEvent)):
+            if self.last is None:
+                self.metrics.ttft.observe(now - self.t0)
+            else:
+                self.metrics.itl.observe(now - self.last)
+            self.last = now
+        elif isinstance(event, Finished):
+            self.metrics.e2e.observe(now - self.t0)
+            self.metrics.generation_tokens.inc(len(event.result.token_ids))
+            self.metrics.requests.labels(FINISH_REASONS.get(event.result.stop_reason, "error")).inc()
+        return event
+
+    def text(self, text: str) -> str:
+        """An answer starts at its first non-blank character (the format puts a space after 'A:')."""
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        return text
+
+
+async def _until_finished(handle, outputs: _Outputs, request: Request):
+    """Waits for the request's end; cancels it (freeing its slot) if the client disconnects."""
+    waiter = asyncio.ensure_future(_drain(outputs))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=0.05)
+            if done:
+                return waiter.result()
+            if await request.is_disconnected():
+                handle.cancel()
+                return None
+    finally:
+        if not waiter.done():
+            handle.cancel()
+            waiter.cancel()
+
+
+async def _drain(outputs: _Outputs) -> Finished:
+    while not isinstance(event := await outputs.next(), Finished):
+        pass
+    return event
+
+
+def _data(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _sse(handle, outputs: _Outputs, rid: str, model: str, positions: int, include_usage: bool):
+    """Server-sent events: a role chunk, content/parts deltas, the finish chunk, usage if asked, [DONE].
+    A client that disconnects cancels this generator at its next await: the request is cancelled."""
+    try:
+        yield _data(chunk(rid, model, {"role": "assistant", "content": ""}))
+        while True:
+            event = await outputs.next()
+            if isinstance(event, TextEvent):
+                text = outputs.text(event.text)
+                if text:
+                    yield _data(chunk(rid, model, {"content": text}))
+            elif isinstance(event, ImageEvent):
+                yield _data(chunk(rid, model, {"parts": [image_part(event.hits[0])]}))
+            elif isinstance(event, Finished):
+                if event.error:
+                    yield _data({"error": {"message": event.error, "type": "server_error", "code": 500}})
+                reason = FINISH_REASONS.get(event.result.stop_reason, event.result.stop_reason)
+                yield _data(chunk(rid, model, {}, reason))
+                if include_usage:
+                    yield _data(chunk(rid, model, None, None, usage(event.result, positions)))
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        handle.cancel()  # no-op when finished; frees the slot when the client went away
+
+
+async def _read_json(request: Request, limit: int):
+    """The body, read up to `limit` bytes (413 beyond), as JSON (400 if it is not)."""
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise BadRequest(f"the body is larger than {limit} bytes", 413)
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON: {e}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _thumbnail_cached(index_id: int, key: int, path: str) -> bytes:
+    img = load_rgb(path)
+    img.thumbnail((IMAGE_PX, IMAGE_PX))
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _thumbnail(index, key: int) -> bytes | None:
+    found = index.get(key)
+    if found is None:
+        return None
+    try:
+        return _thumbnail_cached(id(index), key, found[0])
+    except FromageError:
+        return None
+

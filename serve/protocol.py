@@ -1,0 +1,135 @@
+"""OpenAI's chat-completions schema, in and out: a request body -> the prompt and SamplingParams; the
+runtime's events -> response objects and stream chunks.
+
+Retrieved images are an extension a plain OpenAI client ignores: `message.content` (and a stream
+chunk's `delta.content`) carries the text only; `message.parts` (and `delta.parts`) carries the answer
+in order, text parts `{"type": "text", "text"}` and image parts
+`{"type": "image_url", "image_url": {"url": "/v1/images/KEY"}, "key", "score", "caption"}`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from fromage.runtime.chat import ANSWER_STOP, chat_prompt
+from fromage.runtime.errors import ParameterError
+from fromage.runtime.sampling import SamplingParams
+
+from .errors import BadRequest
+from .media import image_part_from_url
+
+DEFAULT_MAX_TOKENS = 256
+# request fields that are OpenAI's but change nothing here; anything else unknown is refused
+IGNORED_FIELDS = {"model", "user", "n", "presence_penalty", "frequency_penalty", "logit_bias", "metadata", "store",
+                  "service_tier", "parallel_tool_calls", "response_format"}
+PARAMS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
+          "top_p": "top_p", "seed": "seed", "stop": "stop"}
+
+
+@dataclass
+class ChatRequest:
+    parts: list
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def parse_chat_request(body, media) -> ChatRequest:
+    """A decoded JSON body -> ChatRequest. `media` is the server's media.MediaPolicy."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = set(body) - set(PARAMS) - IGNORED_FIELDS - {"messages", "stream", "stream_options"}
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
+    if body.get("n", 1) != 1:
+        raise BadRequest("only n = 1 is supported", param="n")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("`messages` must be a non-empty list", param="messages")
+    turns = [_message(m, i, media) for i, m in enumerate(messages)]
+    if turns[-1][0] != "user":
+        raise BadRequest("the last message must be the user's", param="messages")
+    kwargs = {"max_new_tokens": DEFAULT_MAX_TOKENS}
+    for name, field in PARAMS.items():
+        if body.get(name) is not None:
+            kwargs[field] = body[name]
+    stop = kwargs.pop("stop", None)
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not isinstance(stop, list):
+        raise BadRequest("`stop` must be a string or a list of strings", param="stop")
+    try:
+        params = SamplingParams(**kwargs, stop=tuple(stop or ()) + (ANSWER_STOP,))
+    except ParameterError as e:
+        field = {v: k for k, v in PARAMS.items()}.get(e.param, e.param)
+        raise BadRequest(f"{field}: {e.message}", param=field) from None
+    stream = body.get("stream", False)
+    options = body.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(options, dict):
+        raise BadRequest("`stream` must be true or false and `stream_options` an object", param="stream")
+    return ChatRequest(chat_prompt(turns), params, stream, bool(options.get("include_usage", False)))
+
+
+def _message(m, i: int, media) -> tuple[str, list]:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+        raise BadRequest(f"{where} must be an object with role system, user or assistant", param="messages")
+    content = m.get("content")
+    if isinstance(content, str):
+        return m["role"], [content]
+    if not isinstance(content, list):
+        raise BadRequest(f"{where}.content must be a string or a list of parts", param="messages")
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        elif kind == "image_url" and isinstance(part.get("image_url"), dict) and isinstance(part["image_url"].get("url"), str):
+            parts.append(image_part_from_url(part["image_url"]["url"], media, f"{where}.content[{j}]"))
+        else:
+            raise BadRequest(f"{where}.content[{j}] must be a text part or an image_url part", param="messages")
+    return m["role"], parts
+
+
+# ---- responses --------------------------------------------------------------------------------
+def image_part(hit) -> dict:
+    return {"type": "image_url", "image_url": {"url": f"/v1/images/{hit.key}"}, "key": hit.key,
+            "score": round(float(hit.score), 6), "caption": hit.caption}
+
+
+def answer_parts(result_parts: list) -> list:
+    """A Result's parts -> the response's parts (image parts by index key, never by path)."""
+    out = []
+    for p in result_parts:
+        if p["type"] == "text":
+            text = p["text"] if any(q["type"] == "text" for q in out) else p["text"].lstrip()  # as the stream
+            if text:
+                out.append({"type": "text", "text": text})
+        else:
+            out.append({"type": "image_url", "image_url": {"url": f"/v1/images/{p['key']}"}, "key": p["key"],
+                        "score": round(float(p["score"]), 6), "caption": p.get("caption")})
+    return out
+
+
+def usage(result, prompt_positions: int) -> dict:
+    n = len(result.token_ids)
+    return {"prompt_tokens": prompt_positions, "completion_tokens": n, "total_tokens": prompt_positions + n}
+
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
+
+
+def completion(rid: str, model: str, result, prompt_positions: int) -> dict:
+    parts = answer_parts(result.parts)
+    text = "".join(p["text"] for p in parts if p["type"] == "text")
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "parts": parts},
+                         "finish_reason": FINISH_REASONS.get(result.stop_reason, result.stop_reason)}],
+            "usage": usage(result, prompt_positions)}
+
+
+def chunk(rid: str, model: str, delta: dict, finish_reason: str | None = None, usage_: dict | None = None) -> dict:
+    out = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}] if delta is not None else []}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
