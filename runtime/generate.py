@@ -133,7 +133,7 @@ class Fromage:
         self.k, self.embed_dim, self.max_positions = m["k"], m["embed_dim"], m["max_positions"]
         self.layers, self.kv_heads, self.head_dim = m["num_layers"], m["kv_heads"], m["head_dim"]
         self.ret_id = self.bundle.tokens["ret"]
-        self.tokenizer = Tokenizer.from_file(str(self.bundle.directory / "tokenizer.json"))
+        self.tokenizer = Tokenizer.from_file(str(self.bundle.tokenizer_path))
         # idle ONNX Runtime workers spin for a while after a run, on the cores the decoder needs next
         # (with an image, the first token came 60-75 ms later): the vision graph's sleep instead
         self.vision = open_session(self.bundle.graph_path("vision"), device=device, threads=threads, spin=False)

@@ -10,6 +10,8 @@ bound, and refused with a FromageError that names the file ("<image bytes>" for 
                              gzip-compressed SVG may not expand beyond it either
   MAX_IMAGE_PIXELS  64 M     width x height, read from the header before decoding (~8k x 8k); for an
                              SVG, the pixels of all the raster images it embeds, together
+  MAX_DECODED_PIXELS 24 M    the pixels actually decoded: a JPEG is decoded at a reduced scale (1/2,
+                             1/4, 1/8: its sides stay >= DECODE_SIDE), other formats must fit as they are
   MAX_ASPECT_RATIO  32       longer side / shorter side: preprocessing scales the shorter side to the
                              model's size, so this bounds the resized image (<= size x 32 size)
   SVG_RENDER_SIZE   256      an SVG is rendered with its longer side at this many pixels, whatever
@@ -21,8 +23,8 @@ A path must name a regular file (links are followed): a FIFO, a device or a dire
 before it is opened, and the file is read with a bounded read. SVGs are rendered from those bytes
 (cairosvg never opens a path or fetches a URL: references to files or the network are drawn empty;
 data: URLs only, within the pixel budget). With these bounds, the extra memory of one image is at
-most about 8 bytes per pixel of the largest image accepted (the decoded image and its RGB copy,
-4 bytes a pixel each in Pillow: ~0.5 GB at MAX_IMAGE_PIXELS), and a refused one costs no more
+most about 8 bytes per pixel of the largest image decoded (the decoded image and its RGB copy,
+4 bytes a pixel each in Pillow: ~190 MB at MAX_DECODED_PIXELS), and a refused one costs no more
 than its file's bytes.
 """
 from __future__ import annotations
@@ -42,6 +44,8 @@ from .errors import FromageError
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_IMAGE_PIXELS = 64_000_000  # ~8k x 8k; larger files are refused before decoding
+MAX_DECODED_PIXELS = 24_000_000
+DECODE_SIDE = 1024  # a large JPEG is decoded at the smallest DCT scale that keeps both sides >= this
 MAX_ASPECT_RATIO = 32
 SVG_RENDER_SIZE = 256
 IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "DIB", "WEBP", "TIFF", "PPM", "ICO", "TGA")
@@ -153,6 +157,11 @@ def decode_image(data: bytes, name=BYTES_NAME) -> Image.Image:
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise FromageError(f"cannot read image {name}: {e}") from None
     check_image_size(img.width, img.height, name)
+    if img.format == "JPEG":
+        img.draft("RGB", (DECODE_SIDE, DECODE_SIDE))  # the model sees a few hundred pixels: decode less
+    if img.width * img.height > MAX_DECODED_PIXELS:
+        raise FromageError(f"image too large: {name} is {img.width}x{img.height} pixels (limit {MAX_DECODED_PIXELS} "
+                           f"pixels; JPEGs up to {MAX_IMAGE_PIXELS}, decoded at a reduced scale)")
     try:
         img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError, MemoryError) as e:

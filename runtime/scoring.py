@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from .errors import FromageError
-from .prompt import ImagePart, Part, query_text
+from .prompt import ImagePart, Part, encode_text, query_text
 
 
 def context_embeds(model, parts: list[Part], visual: dict | None = None) -> np.ndarray:
@@ -65,7 +65,7 @@ def log_likelihood_from_embeds(model, embeds: np.ndarray, candidates: list[str])
     for i, cand in enumerate(candidates):
         if not isinstance(cand, str):
             raise FromageError(f"candidate {i} is a {type(cand).__name__}, not a string")
-        tokens = model.tokenizer.encode(cand, add_special_tokens=False).ids
+        tokens = encode_text(model.tokenizer, cand)
         if not tokens:
             raise FromageError(f"candidate {i} ({cand!r}) has no tokens to score")
         ids.append(tokens)

@@ -5,6 +5,7 @@ Retrieved images are an extension a plain OpenAI client ignores: `message.conten
 chunk's `delta.content`) carries the text only; `message.parts` (and `delta.parts`) carries the answer
 in order, text parts `{"type": "text", "text"}` and image parts
 `{"type": "image_url", "image_url": {"url": "/v1/images/KEY"}, "key", "score", "caption"}`.
+Besides OpenAI's fields, `ignore_eos: true` (as in vLLM) generates exactly max_tokens tokens.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def parse_chat_request(body, media) -> ChatRequest:
     """A decoded JSON body -> ChatRequest. `media` is the server's media.MediaPolicy."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
-    unknown = set(body) - set(PARAMS) - IGNORED_FIELDS - {"messages", "stream", "stream_options"}
+    unknown = set(body) - set(PARAMS) - IGNORED_FIELDS - {"messages", "stream", "stream_options", "ignore_eos"}
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
     if body.get("n", 1) != 1:
@@ -57,8 +58,13 @@ def parse_chat_request(body, media) -> ChatRequest:
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and not isinstance(stop, list):
         raise BadRequest("`stop` must be a string or a list of strings", param="stop")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise BadRequest("`ignore_eos` must be true or false", param="ignore_eos")
+    if ignore_eos:  # vLLM's extension, for benchmarks: exactly max_tokens tokens (no EOS, no end of answer)
+        kwargs["stop_ids"] = []
     try:
-        params = SamplingParams(**kwargs, stop=tuple(stop or ()) + (ANSWER_STOP,))
+        params = SamplingParams(**kwargs, stop=tuple(stop or ()) + (() if ignore_eos else (ANSWER_STOP,)))
     except ParameterError as e:
         field = {v: k for k, v in PARAMS.items()}.get(e.param, e.param)
         raise BadRequest(f"{field}: {e.message}", param=field) from None

@@ -1,0 +1,396 @@
+"""`fromage bench serve`: a server under load, measured as `vllm bench serve` measures one.
+
+C concurrent clients each send N chat requests one after another (streamed, so every token's arrival
+is timed), for C = 1, 2, 4, ... Per level: request throughput, output tokens/s, time to first token,
+time per output token, inter-token latency and end-to-end latency (p50/p90/p99), errors. The server is
+one given with --url or one started here (`fromage serve`), and, with --peer, llama.cpp's llama-server
+on the same weights (text only) with as many slots as fromage has batch rows, under the same load.
+--long-prompt: 8 streams run while a 2,000-token prompt arrives; --load-test: 32 clients x 20 mixed
+requests (streamed or not, images, 10 % cancelled mid-stream, 5 % malformed), with the server's memory.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from fromage.runtime.errors import FromageError
+
+from .bench_report import percentiles
+
+TOPICS = ("a red kangaroo", "an old lighthouse", "a blue whale", "a small boat", "a yellow sun over hills",
+          "a painter at the market", "a green frog", "a snowy mountain")
+DEFAULT_IMAGE = "/usr/share/tuxpaint/stamps/animals/marsupials/kangaroo.png"
+
+
+# ---- one request ----------------------------------------------------------------------------------
+def request_body(i: int, max_tokens: int, image: str | None = None, stream: bool = True, words: int = 0) -> dict:
+    text = f"Tell me a long story about {TOPICS[i % len(TOPICS)]}."
+    if words:
+        text = " ".join(random.Random(i).choice(TOPICS).split()[-1] for _ in range(words)) + " " + text
+    content = text if image is None else [{"type": "image_url", "image_url": {"url": image}},
+                                          {"type": "text", "text": text}]
+    body = {"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) -> dict:
+    """One chat request; -> {ok, status, ttft_s, token_times, e2e_s, tokens, cancelled}. A streamed answer
+    is timed chunk by chunk; `cancel_after` closes the stream after that many chunks."""
+    t0, rec = time.perf_counter(), {"ok": False, "status": None, "token_times": [], "tokens": 0, "cancelled": False}
+    try:
+        if not (isinstance(body, dict) and body.get("stream")):
+            r = client.post(url + "/v1/chat/completions", **({"json": body} if isinstance(body, dict) else {"content": body}))
+            rec.update(status=r.status_code, ok=r.status_code == 200, e2e_s=time.perf_counter() - t0)
+            if rec["ok"]:
+                rec["tokens"] = r.json()["usage"]["completion_tokens"]
+            return rec
+        with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            rec["status"] = r.status_code
+            if r.status_code != 200:
+                r.read()
+                return rec
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                msg = json.loads(line[6:])
+                if msg.get("usage"):
+                    rec["tokens"] = msg["usage"]["completion_tokens"]
+                delta = (msg.get("choices") or [{}])[0].get("delta") or {}
+                if delta.get("content") or delta.get("parts"):
+                    rec["token_times"].append(time.perf_counter() - t0)
+                    if cancel_after is not None and len(rec["token_times"]) >= cancel_after:
+                        rec["cancelled"] = True
+                        break
+        rec["ok"] = True
+    except httpx.HTTPError as e:
+        rec["error"] = f"{type(e).__name__}: {e}"
+    rec["e2e_s"] = time.perf_counter() - t0
+    if rec["token_times"]:
+        rec["ttft_s"] = rec["token_times"][0]
+    return rec
+
+
+def run_clients(url: str, concurrency: int, per_client: int, make_body, headers=None, timeout: float = 600) -> tuple:
+    """-> (records, wall seconds): `concurrency` threads, each sending `per_client` requests in turn."""
+    records, lock = [], threading.Lock()
+
+    def client(c: int):
+        with httpx.Client(timeout=timeout, headers=headers) as http:
+            for j in range(per_client):
+                rec = send(http, url, *make_body(c * per_client + j))
+                with lock:
+                    records.append(rec)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return records, time.perf_counter() - t0
+
+
+def summarize(records: list, wall: float) -> dict:
+    ok = [r for r in records if r["ok"]]
+    tokens = sum(r["tokens"] for r in ok)
+    tpot = [(r["token_times"][-1] - r["token_times"][0]) / (len(r["token_times"]) - 1)
+            for r in ok if len(r["token_times"]) > 1]
+    itl = [b - a for r in ok for a, b in zip(r["token_times"], r["token_times"][1:])]
+    ms = lambda v: {k: x * 1000 for k, x in (percentiles(v) or {}).items()}  # noqa: E731
+    return {"requests": len(records), "errors": len(records) - len(ok), "wall_s": wall,
+            "request_throughput": len(ok) / wall, "output_tok_s": tokens / wall, "output_tokens": tokens,
+            "ttft_ms": ms([r["ttft_s"] for r in ok if "ttft_s" in r]), "tpot_ms": ms(tpot), "itl_ms": ms(itl),
+            "e2e_ms": ms([r["e2e_s"] for r in ok])}
+
+
+# ---- servers ---------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process started here, stopped on close; `rss_mb()` reads its resident memory."""
+
+    def __init__(self, name: str, argv: list, url: str, log: Path, health: str = "/health", timeout: float = 300):
+        self.name, self.url = name, url
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen([str(a) for a in argv], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise FromageError(f"{name} exited ({self.proc.returncode}); see {log}")
+            try:
+                if httpx.get(url + health, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                self.close()
+                raise FromageError(f"{name} did not become healthy in {timeout:.0f} s; see {log}")
+            time.sleep(0.25)
+
+    def rss_mb(self) -> float | None:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def start_fromage(args, log_dir: Path) -> Server:
+    port = free_port()
+    argv = [sys.executable, "-m", "fromage.tools.cli", "serve", "--bundle", args.bundle, "--port", port,
+            "--max-batch", args.max_batch, "--max-queue", 1024, "--threads", args.threads]
+    if args.index:
+        argv += ["--index", args.index]
+    return Server("fromage", argv, f"http://127.0.0.1:{port}", log_dir / "fromage-serve.log")
+
+
+def start_llama_server(args, log_dir: Path, gguf: Path) -> Server:
+    from .llama_cpp import ensure_built
+    port = free_port()
+    argv = [ensure_built(Path(args.cache)) / "llama-server", "-m", gguf, "--host", "127.0.0.1", "--port", port,
+            "-t", args.threads, "-tb", args.threads, "-np", args.max_batch, "-c", args.max_batch * 1024, "-cb",
+            "--no-webui"]
+    return Server(f"llama-server ({gguf.name})", argv, f"http://127.0.0.1:{port}", log_dir / "llama-server.log")
+
+
+def data_url(path: str) -> str:
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+# ---- scenarios -------------------------------------------------------------------------------------
+def sweep(url: str, levels: list, per_client: int, max_tokens: int, image: str | None, log) -> list:
+    rows = []
+    send(httpx.Client(timeout=600), url, request_body(0, 4, image))  # warm-up
+    for c in levels:
+        recs, wall = run_clients(url, c, per_client, lambda i: (request_body(i, max_tokens, image),))
+        row = {"concurrency": c, **summarize(recs, wall)}
+        log(f"  C={c:>2}: {row['output_tok_s']:7.1f} tok/s, {row['request_throughput']:.2f} req/s, TTFT p50 "
+            f"{row['ttft_ms'].get('p50', 0):.0f} ms, ITL p99 {row['itl_ms'].get('p99', 0):.0f} ms, errors {row['errors']}")
+        rows.append(row)
+    return rows
+
+
+def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log) -> dict:
+    """ITL of `streams` running streams without, then with, one long prompt arriving mid-run."""
+    def run(with_long: bool) -> dict:
+        out, stop = {}, threading.Event()
+        recs = []
+
+        def streaming(c):
+            with httpx.Client(timeout=600) as http:
+                while not stop.is_set():
+                    recs.append(send(http, url, request_body(c, max_tokens)))
+        threads = [threading.Thread(target=streaming, args=(c,)) for c in range(streams)]
+        [t.start() for t in threads]
+        time.sleep(2.0)
+        t = time.perf_counter()
+        if with_long:
+            with httpx.Client(timeout=600) as http:
+                long = send(http, url, request_body(99, 8, words=prompt_words))
+            out["long_prompt_ttft_ms"] = long.get("ttft_s", 0) * 1000
+            out["long_prompt_tokens"] = prompt_words
+        else:
+            time.sleep(4.0)
+        out["window_s"] = time.perf_counter() - t
+        stop.set()
+        [t.join() for t in threads]
+        itl = [b - a for r in recs for a, b in zip(r["token_times"], r["token_times"][1:])]
+        out["itl_ms"] = {k: v * 1000 for k, v in percentiles(itl).items()}
+        return out
+    base, loaded = run(False), run(True)
+    ratio = loaded["itl_ms"]["p99"] / base["itl_ms"]["p99"]
+    log(f"  ITL p99 of {streams} streams: {base['itl_ms']['p99']:.0f} ms alone, {loaded['itl_ms']['p99']:.0f} ms while "
+        f"a {prompt_words}-word prompt arrives ({ratio:.2f}x; its TTFT {loaded['long_prompt_ttft_ms']:.0f} ms)")
+    return {"streams": streams, "without": base, "with": loaded, "itl_p99_ratio": ratio}
+
+
+def load_test(server: Server, clients: int, per_client: int, max_tokens: int, image: str | None, log) -> dict:
+    """Mixed traffic; every malformed request must get a 4xx, nothing a 5xx, every slot freed."""
+    rng = random.Random(0)
+    bad = [b'{"messages": [}', {"messages": []}, {"messages": [{"role": "user", "content": "x"}], "top_p": 7},
+           {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}]
+    kinds, rss = {}, []
+
+    def make(i):
+        r = rng.random()
+        if r < 0.05:
+            kinds[i] = "malformed"
+            return (rng.choice(bad),)
+        kinds[i] = "cancelled" if r < 0.15 else "ok"
+        body = request_body(i, max_tokens, image if rng.random() < 0.3 else None, stream=(r < 0.15 or rng.random() < 0.5))
+        if len(kinds) % 25 == 0:
+            rss.append((len(kinds), server.rss_mb()))
+        return (body, rng.randint(1, max_tokens // 2) if kinds[i] == "cancelled" else None)
+    recs, wall = run_clients(server.url, clients, per_client, make)
+    statuses = [r["status"] for r in recs]
+    malformed = [r for r in recs if r["status"] and 400 <= r["status"] < 500]
+    time.sleep(1.0)
+    metrics = httpx.get(server.url + "/metrics").text
+    running = next((float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("fromage_num_requests_running")), None)
+    window = [m for n, m in rss if 100 <= n <= 600 and m]
+    out = {"requests": len(recs), "wall_s": wall, "5xx": sum(1 for s in statuses if s and s >= 500),
+           "4xx": len(malformed), "malformed_sent": sum(1 for k in kinds.values() if k == "malformed"),
+           "cancelled": sum(1 for r in recs if r["cancelled"]), "transport_errors": sum(1 for r in recs if "error" in r),
+           "running_after": running, "rss_mb": rss,
+           "rss_drift": (max(window) - min(window)) / min(window) if len(window) > 1 else None}
+    log(f"  {out['requests']} requests in {wall:.0f} s: 5xx {out['5xx']}, 4xx {out['4xx']} of {out['malformed_sent']} "
+        f"malformed, {out['cancelled']} cancelled, running afterwards {running}, RSS drift requests 100-600 "
+        f"{(out['rss_drift'] or 0) * 100:.1f} %")
+    return out
+
+
+# ---- the command ----------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("--url", help="a running server to drive (default: start `fromage serve` on --bundle)")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32", help="client counts (default 1,2,4,8,16,32)")
+    p.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default 64)")
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together; llama-server slots (default 16)")
+    p.add_argument("--bench-image", default=DEFAULT_IMAGE, help="image for the with-image rows ('' to skip them)")
+    p.add_argument("--peer", choices=["auto", "none", "llama_cpp", "llama_cpp_f32"], default="auto",
+                   help="llama-server on the same weights: Q4_1 GGUF (llama_cpp) or its F32 dequantization; "
+                        "auto: the one matching the bundle's precision")
+    p.add_argument("--long-prompt", type=int, default=0, metavar="WORDS", help="also the long-prompt test (e.g. 2000)")
+    p.add_argument("--load-test", action="store_true", help="also the mixed load test (32 clients x 20 requests)")
+
+
+def cmd_bench_serve(args, log=print) -> dict:
+    from fromage.runtime.bundle_reader import load_bundle
+    levels = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
+    log_dir = Path(args.cache) / "bench-serve"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    result = {"settings": {"concurrency": levels, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
+                           "max_batch": args.max_batch, "threads": args.threads, "ignore_eos": True},
+              "machine": machine(), "systems": {}}
+    image = data_url(args.bench_image) if args.bench_image and os.path.isfile(args.bench_image) else None
+    servers = []
+    try:
+        if args.url:
+            targets = [("fromage", None, args.url)]
+        else:
+            if not args.bundle:
+                raise FromageError("give --bundle (a server is started on it) or --url")
+            s = start_fromage(args, log_dir)
+            servers.append(s)
+            targets = [("fromage", s, s.url)]
+        peer = args.peer
+        if peer == "auto":
+            peer = "none" if args.url or not args.bundle else (
+                "llama_cpp" if load_bundle(args.bundle, verify=False).manifest.get("quantization") else "llama_cpp_f32")
+        if peer != "none":
+            from fromage.training.backbones import default_gguf_path
+            from .llama_cpp import f32_gguf
+            gguf = default_gguf_path() if peer == "llama_cpp" else f32_gguf(Path(args.cache))
+            s = start_llama_server(args, log_dir, gguf)
+            servers.append(s)
+            targets.append((peer, s, s.url))
+        for name, server, url in targets:
+            log(f"{name} ({url}), text only:")
+            entry = result["systems"][name] = {"text": sweep(url, levels, args.requests, args.max_tokens, None, log)}
+            if server is not None:
+                entry["rss_mb"] = server.rss_mb()
+            if name == "fromage" and image:
+                log(f"{name}, with an image:")
+                entry["image"] = sweep(url, levels, args.requests, args.max_tokens, image, log)
+            if name == "fromage" and args.long_prompt:
+                log(f"{name}, long prompt:")
+                entry["long_prompt"] = long_prompt(url, 8, args.max_tokens, args.long_prompt, log)
+            if name == "fromage" and args.load_test and server is not None:
+                log(f"{name}, load test:")
+                entry["load_test"] = load_test(server, 32, 20, args.max_tokens, image, log)
+    finally:
+        for s in servers:
+            s.close()
+    result["targets"] = targets_met(result)
+    return result
+
+
+def targets_met(result: dict) -> dict:
+    text = {r["concurrency"]: r for r in result["systems"].get("fromage", {}).get("text", [])}
+    out = {}
+    if 1 in text and 16 in text:
+        out["scaling_16_vs_1"] = text[16]["output_tok_s"] / text[1]["output_tok_s"]
+        out["itl_p99_16_vs_tpot_1"] = text[16]["itl_ms"]["p99"] / text[1]["tpot_ms"]["p50"]
+        for peer in ("llama_cpp", "llama_cpp_f32"):
+            ptext = {r["concurrency"]: r for r in result["systems"].get(peer, {}).get("text", [])}
+            if 16 in ptext:
+                out[f"vs_{peer}_at_16"] = text[16]["output_tok_s"] / ptext[16]["output_tok_s"]
+    return out
+
+
+def machine() -> dict:
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":")[1].split())
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "avx512_vnni": "avx512_vnni" in flags}
+
+
+def format_table(result: dict) -> str:
+    lines = ["| system | input | C | req/s | output tok/s | TTFT p50/p90/p99 ms | TPOT p50 ms | ITL p50/p90/p99 ms | "
+             "E2E p50/p99 ms | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda d, ks: "/".join(f"{d.get(k, float('nan')):.0f}" for k in ks)  # noqa: E731
+    for name, entry in result["systems"].items():
+        for kind in ("text", "image"):
+            for r in entry.get(kind, []):
+                lines.append(f"| {name} | {kind} | {r['concurrency']} | {r['request_throughput']:.2f} | "
+                             f"{r['output_tok_s']:.1f} | {f(r['ttft_ms'], ('p50', 'p90', 'p99'))} | "
+                             f"{f(r['tpot_ms'], ('p50',))} | {f(r['itl_ms'], ('p50', 'p90', 'p99'))} | "
+                             f"{f(r['e2e_ms'], ('p50', 'p99'))} | {r['errors']} |")
+    if result.get("targets"):
+        lines.append("")
+        lines += [f"- {k}: {v:.2f}" for k, v in result["targets"].items()]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, entry in result["systems"].items():
+        for kind in ("text", "image"):
+            rows = entry.get(kind, [])
+            if rows:
+                c = [r["concurrency"] for r in rows]
+                a.plot(c, [r["output_tok_s"] for r in rows], marker="o", label=f"{name} ({kind})")
+                b.plot(c, [r["e2e_ms"].get("p99", np.nan) for r in rows], marker="o", label=f"{name} ({kind})")
+    for ax, title in ((a, "output tokens/s"), (b, "end-to-end latency p99 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
