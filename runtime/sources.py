@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,18 +18,34 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".svg"}
 def _sidecar_caption(image: Path) -> str | None:
     """A caption in X.txt next to X.png (TuxPaint's layout): its first line."""
     txt = image.with_suffix(".txt")
-    if not txt.is_file():
+    if not txt.is_file():  # (False for a FIFO or a device: never opened)
         return None
-    with open(txt, encoding="utf-8-sig", errors="replace") as f:
-        return " ".join(f.readline().split()) or None
+    try:
+        with open(txt, encoding="utf-8-sig", errors="replace") as f:
+            return " ".join(f.readline(4096).split()) or None
+    except OSError:  # an unreadable caption file costs the image its caption, not the build
+        return None
 
 
-def list_images(source, image_dir=None) -> list[tuple[str, str | None]]:
+def _absolute(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):  # a symlink loop: the image fails (and is skipped) later, with its name
+        return os.path.abspath(path)
+
+
+def list_images(source, image_dir=None, skip_missing: bool = True) -> list[tuple[str, str | None]]:
     """-> sorted (path, caption) pairs. A folder yields every image under it (PNG preferred
-    over an SVG of the same name); a .tsv file yields its rows."""
+    over an SVG of the same name); a .tsv file yields its rows (those whose image file is missing
+    are skipped with a warning on stderr naming a few, or refused with skip_missing=False)."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() in (".tsv", ".txt"):
-        return [(e.image, e.caption) for e in read_tsv(source, image_dir)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            examples = read_tsv(source, image_dir, skip_missing=skip_missing)
+        for w in caught:
+            print(f"fromage: warning: {w.message}", file=sys.stderr)
+        return [(e.image, e.caption) for e in examples]
     if not source.is_dir():
         raise FromageError(f"{source} is neither a folder of images nor a .tsv file")
     found: dict[str, Path] = {}
@@ -42,7 +59,7 @@ def list_images(source, image_dir=None) -> list[tuple[str, str | None]]:
                 found[stem] = path
     if not found:
         raise FromageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {source}")
-    return [(str(p.resolve()), _sidecar_caption(p)) for _, p in sorted(found.items())]
+    return [(_absolute(p), _sidecar_caption(p)) for _, p in sorted(found.items())]
 
 
 @dataclass(frozen=True)
@@ -89,7 +106,8 @@ def read_tsv(path, image_dir=None, skip_missing: bool = False) -> list[Example]:
         msg = (f"{path}: {len(missing)} image file(s) not found (looked under {base}), e.g. "
                + ", ".join(missing[:5]))
         if not skip_missing:
-            raise FromageError(msg + "; pass skip_missing=True to drop them")
+            raise FromageError(msg + "; fix those rows, or give --image-dir DIR if the paths are relative to "
+                               "another folder")
         warnings.warn(msg + "; skipping them", stacklevel=2)
     return examples
 

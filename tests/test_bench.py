@@ -65,7 +65,9 @@ def test_bench_compare_hf_and_reference(exported, tmp_path, cache, capsys):
     assert "hf" in out and "reference" in out
 
 
-def test_bench_retrieval(tmp_path, cache, capsys):
+def test_bench_retrieval(tmp_path, cache, capsys, monkeypatch):
+    import fromage.runtime.retrieval as retrieval
+    monkeypatch.setattr(retrieval, "EXACT_SEARCH_MAX", 1000)  # 2000 vectors: the HNSW path (exact up to 10k)
     out = tmp_path / "retrieval.json"
     assert main(["bench", "--retrieval", "2000", "--json", str(out)]) == 0
     r = json.loads(out.read_text())["retrieval"]

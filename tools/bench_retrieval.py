@@ -54,7 +54,10 @@ def run_retrieval_bench(n: int, dim: int, threads: int, cache: Path, queries: in
     vectors, qv = clustered_vectors(n, dim, seed=7, queries=queries)
     gen_s = time.perf_counter() - t
     out_dir = cache / "bench" / f"retrieval-n{n}-d{dim}"
-    sidecar = out_dir / "bench-build.json"
+    sidecar = out_dir.with_name(out_dir.name + ".bench-build.json")  # beside: an index folder holds fromage's only
+    if (out_dir / "bench-build.json").is_file():  # a cache from before the fingerprint covered contents: rebuilt
+        import shutil
+        shutil.rmtree(out_dir)
     cached = sidecar.is_file()
     log(f"retrieval benchmark: {n} clustered random {dim}-d unit vectors, {queries} queries, top-{k}, "
         f"{threads} threads; index in {out_dir}" + (" (cached)" if cached else ""))

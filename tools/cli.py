@@ -103,11 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     b = isub.add_parser("build", help="embed images (a folder or a TSV) into an index")
     b.add_argument("source", help="folder of images (captions from X.txt next to X.png) or a TSV")
     b.add_argument("--bundle", required=True)
-    b.add_argument("--out", required=True)
-    b.add_argument("--image-dir")
+    b.add_argument("--out", required=True, help="index folder: new, empty, or holding a fromage index")
+    b.add_argument("--image-dir", help="folder the TSV's image paths are relative to (default: the TSV's)")
     b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace the index in --out (built beside it, swapped in when complete)")
     b.add_argument("--threads", type=int)
+    c = isub.add_parser("check", help="check that every image of an index is found by its own embedding "
+                        "(and that the vectors are intact); --repair fixes what the search graph misses")
+    c.add_argument("index", metavar="INDEX", help="index folder")
+    c.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    c.add_argument("--repair", action="store_true",
+                   help="search the images the graph cannot reach exactly from now on (rewrites index.json)")
 
     p = sub.add_parser("bench", help="benchmark decoding (TTFT, tok/s, roofline, peers) and retrieval")
     from .bench import add_arguments as _bench_arguments
@@ -238,6 +245,37 @@ def _cmd_generate(args) -> None:
     print()
 
 
+def _cmd_index(args) -> None:
+    {"build": _cmd_index_build, "check": _cmd_index_check}[args.index_command](args)
+
+
+def _cmd_index_check(args) -> None:
+    from fromage.runtime.index_build import check_index
+    report = check_index(args.index, repair=args.repair, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        keys = lambda ks: ", ".join(map(str, ks[:10])) + (", ..." if len(ks) > 10 else "")  # noqa: E731
+        print(f"{report['index']}: {report['images']} images, queries search "
+              + ("exactly" if report["search"] == "exact" else "the HNSW graph")
+              + f" (exact up to {report['exact_search_max']} images)")
+        print(f"  vectors: sha256 {report['vectors_sha256']}; "
+              + (f"NOT FINITE: keys {keys(report['nonfinite_keys'])}" if report["nonfinite_keys"] else "all finite"))
+        print(f"  search graph: {report['found_rank1']} found at rank 1 by their own vector, {report['found_tied']} "
+              f"among tied scores (identical images), {report['graph_unreachable']} unreachable"
+              + (f" (keys {keys(report['graph_unreachable_keys'])})" if report["graph_unreachable"] else ""))
+        print(f"  searched exactly beside the graph: {report['searched_exactly_beside_graph']} keys"
+              + (" (recorded now: --repair)" if report["repaired"] else ""))
+        if report.get("damage"):
+            print(f"  DAMAGED: {report['damage']}; {report['advice']}")
+        elif report["missing"]:
+            print(f"  {report['missing']} images no query can find (keys {keys(report['missing_keys'])})"
+                  + ("" if report["search"] == "exact" else "; run `fromage index check --repair`"))
+        print("ok: every image is found by its own embedding" if report["ok"] else "NOT OK")
+    if not report["ok"]:
+        raise SystemExit(1)
+
+
 def _cmd_index_build(args) -> None:
     from fromage.runtime.bundle_reader import load_bundle
     from fromage.runtime.index_build import index_images
@@ -249,7 +287,7 @@ def _cmd_index_build(args) -> None:
 
 # command -> (module, function), imported only when run: train and export need the training stack
 COMMANDS = {
-    "generate": ("fromage.tools.cli", "_cmd_generate"), "index": ("fromage.tools.cli", "_cmd_index_build"),
+    "generate": ("fromage.tools.cli", "_cmd_generate"), "index": ("fromage.tools.cli", "_cmd_index"),
     "retrieve": ("fromage.tools.cli", "_cmd_retrieve"), "eval": ("fromage.tools.evaluate", "cmd_eval"),
     "bench": ("fromage.tools.bench", "cmd_bench"), "demo": ("fromage.tools.demo", "cmd_demo"),
     "train": ("fromage.training.cli", "cmd_train"), "export": ("fromage.export.cli", "cmd_export"),
