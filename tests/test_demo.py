@@ -143,7 +143,7 @@ def test_demo_builds_a_missing_index(exported, assets, tmp_path, capsys):
 
 def test_demo_reexports_its_bundle_when_the_shipped_checkpoint_changed(tmp_path, monkeypatch):
     import json
-    from fromage.runtime import demo
+    from fromage.tools import demo
     from fromage.runtime.files import sha256_file
     calls = []
     monkeypatch.setattr(demo.subprocess, "call", lambda cmd, env=None: calls.append(cmd) or 0)

@@ -394,3 +394,14 @@ def plot(result: dict, path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def cmd(args) -> None:
+    from fromage.training.backbones import cache_root
+    args.cache = args.cache or str(cache_root())
+    result = cmd_bench_serve(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, args.plot)

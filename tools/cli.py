@@ -119,12 +119,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark decoding (TTFT, tok/s, roofline, peers) and retrieval")
     from .bench import add_arguments as _bench_arguments
     _bench_arguments(p)
+    p = sub.add_parser("bench-serve", prog="fromage bench serve", help="(also `fromage bench serve`) a server under "
+                       "concurrent load against llama.cpp's llama-server: throughput, TTFT, TPOT, ITL, latency")
+    p.add_argument("--bundle", help="bundle to serve (a `fromage serve` is started on it), unless --url")
+    p.add_argument("--index", help="image index for the started server")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of each server (default: all cores)")
+    p.add_argument("--cache", default=None, help="where llama.cpp is built and the logs go (default: fromage's cache)")
+    p.add_argument("--json", metavar="FILE", help="write every number as JSON")
+    p.add_argument("--plot", metavar="FILE", help="PNG: throughput and p99 latency against concurrency")
+    from .bench_serve import add_arguments as _bench_serve_arguments
+    _bench_serve_arguments(p)
     p = sub.add_parser("demo", help="first run: the default model answers a scripted interleaved session "
                        "(builds the bundle and a TuxPaint index if missing); writes demo.html + demo.json")
     from .demo import add_arguments as _demo_arguments
     _demo_arguments(p)
     _add_eval_parsers(sub)
+    _add_serve_parser(sub)
     return ap
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching, streaming and a chat page")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--index", help="image index for [RET] retrieval (without one, [RET] is never chosen)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("FROMAGE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $FROMAGE_API_KEY; none: open)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond, 429 (default 64)")
+    p.add_argument("--allowed-media-dir", help="file:// image URLs are allowed below this directory (default: none)")
+    p.add_argument("--max-body-mb", type=float, default=100, help="largest request body (default 100 MB)")
+    p.add_argument("--model-name", help="the model id the API reports (default: the bundle folder's name)")
+    p.add_argument("--device", default="cpu")
+    add_engine_argument(p)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
 
 
 def _add_eval_parsers(sub) -> None:
@@ -290,7 +320,9 @@ COMMANDS = {
     "generate": ("fromage.tools.cli", "_cmd_generate"), "index": ("fromage.tools.cli", "_cmd_index"),
     "retrieve": ("fromage.tools.cli", "_cmd_retrieve"), "eval": ("fromage.tools.evaluate", "cmd_eval"),
     "bench": ("fromage.tools.bench", "cmd_bench"), "demo": ("fromage.tools.demo", "cmd_demo"),
+    "bench-serve": ("fromage.tools.bench_serve", "cmd"),
     "train": ("fromage.training.cli", "cmd_train"), "export": ("fromage.export.cli", "cmd_export"),
+    "serve": ("fromage.serve.server", "cmd_serve"),
 }
 
 
@@ -316,6 +348,9 @@ def _check_text_arguments(args) -> None:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "serve"]:  # `fromage bench serve` is the bench-serve command
+        argv[:2] = ["bench-serve"]
     args = build_parser().parse_args(argv)
     try:
         _check_text_arguments(args)
