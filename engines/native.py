@@ -111,8 +111,11 @@ def load_library():
             lib = ctypes.CDLL(str(path))
         except OSError as e:
             raise FromageError(f"cannot load the native decoder library {path}: {e}") from None
-        if not lib.fm_cpu_ok():
-            raise FromageError("this CPU lacks what the native decoder was compiled for (AVX2, FMA, F16C)")
+        lib.fm_kernels.restype = ctypes.c_char_p
+        lib.fm_set_kernels.argtypes = [ctypes.c_char_p]
+        if not lib.fm_cpu_ok():  # only where FROMAGE_KERNELS forces kernels this CPU cannot run
+            raise FromageError(f"FROMAGE_KERNELS={os.environ.get('FROMAGE_KERNELS')!r} names kernels this CPU or build "
+                               f"cannot run (avx512, avx2 or portable; {kernels_in_use(lib)} would run here)")
         lib.fm_transpose.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                                    ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -120,6 +123,12 @@ def load_library():
         lib.fm_forward_batch.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32] + [ctypes.c_void_p] * 6
         _lib = lib
     return _lib
+
+
+def kernels_in_use(lib=None) -> str:
+    """Which copy of the native kernels runs: "avx512", "avx2" or "portable" (chosen at load by what the
+    CPU has; FROMAGE_KERNELS forces one)."""
+    return (lib or load_library()).fm_kernels().decode()
 
 
 def available() -> str | None:
@@ -137,6 +146,7 @@ class NativeDecoder:
 
     def __init__(self, path, model: dict, threads: int | None = None):
         self.lib = load_library()
+        self.kernels = kernels_in_use(self.lib)  # "avx512", "avx2" or "portable"
         if "rms_norm_eps" not in model:
             raise FromageError("this bundle predates the native decoder (no rms_norm_eps in its manifest); "
                                "re-export it")

@@ -4,10 +4,9 @@
  * faster than one (on the 2-core CI machines: ~20 GB/s with one stream per thread, ~23-26 with
  * eight), and the decoder's kernels read that way too. The share is either one contiguous part per
  * thread, or pieces taken in turn, so that the threads read near each other. */
+#include "kernels.h"
 #include <stddef.h>
 #include <omp.h>
-
-#include "kernels.h"
 
 /* The sum of `streams` runs of `each` floats (each a multiple of 8) from a, read side by side. */
 static inline __attribute__((always_inline)) float read_streams(const float *a, size_t each, const int streams) {

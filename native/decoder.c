@@ -1,22 +1,10 @@
 /* The decoder's forward pass: for each layer RMSNorm, QKV, rotary + KV cache append, causal
  * grouped-query attention, O projection, RMSNorm, gate/up, SiLU * up, down projection; then the
  * last position's logits and retrieval embedding. The same computation as export/llama_graph.py. */
+#include "kernels.h" /* first: it names this copy's functions and sets the instruction set (FM_ISA) */
 #include <math.h>
 #include <string.h>
 #include <omp.h>
-
-#include "fromage_native.h"
-
-int fm_cpu_ok(void) {
-#if defined(__x86_64__) && !defined(FM_PORTABLE)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-    return 1;
-#endif
-}
-
-#include "kernels.h" /* below here: code for CPUs that pass fm_cpu_ok */
 
 static void rms_norm(const float *x, const float *w, float *out, int T, int E, float eps) {
     for (int t = 0; t < T; t++) {

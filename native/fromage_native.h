@@ -45,8 +45,20 @@ typedef struct {
     const float *wt, *wt_bias;        /* retrieval head (retrieval_dim, hidden) as fm_linear.w, (retrieval_dim) */
 } fm_model;
 
-/* 1 when this CPU runs the compiled kernels (AVX2, FMA and F16C on x86-64). */
+/* The kernels are compiled once per instruction set and one copy is chosen when the library loads,
+ * by what the CPU has: "avx512" (AVX-512 F/BW/VL/DQ with VNNI: 512-bit loads, vpdpwssd on the 16-bit
+ * activations), "avx2" (AVX2 + FMA + F16C), else "portable" (plain C; the only copy off x86-64). The
+ * environment variable FROMAGE_KERNELS=avx512|avx2|portable forces one.
+ * fm_cpu_ok: 1 when the chosen copy can run here, 0 when FROMAGE_KERNELS names a copy this CPU cannot
+ * run (or none this build has); then the library runs the best one it can, and fm_kernels names it. */
 int fm_cpu_ok(void);
+/* The name of the kernels in use. */
+const char *fm_kernels(void);
+/* Switches to the named kernels ("auto" or NULL: the best this CPU runs) for the calls that follow
+ * (not while another thread is inside fm_forward*). Returns 0, or -1 when this CPU or build cannot
+ * run them (nothing changed). Results within one copy are deterministic; across copies they differ
+ * by rounding (the 4/8-bit kernels of "portable" use fp32 activations, the others 16-bit ones). */
+int fm_set_kernels(const char *name);
 /* Feed T positions (embeds (T, hidden)) on a cache holding `past` positions of `capacity`;
  * k_cache[i], v_cache[i]: layer i's (n_kv, capacity, head_dim) buffers, appended in place.
  * Writes the last position's logits (head.N + head_extra.N) and L2-normalised retrieval embedding.

@@ -4,27 +4,11 @@
  * Batch-1 decoding reads every weight once per token, so these loops are about streaming memory: the
  * threads claim chunks of output columns and read each chunk front to back. Prefill (T > 1) reuses each
  * weight for 6 tokens from registers. */
+#include "kernels.h"
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
 #include <omp.h>
-
-#include "kernels.h"
-
-/* Grow-only, per calling thread, kept for the thread's lifetime (for a prefill, one fp32 matrix in panels:
- * 7 MB for the default model's largest). */
-static _Thread_local float *scratch_buf[2];
-static _Thread_local size_t scratch_cap[2];
-
-float *fm_scratch(int slot, size_t floats) {
-    if (floats > scratch_cap[slot]) {
-        free(scratch_buf[slot]);
-        size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
-        scratch_buf[slot] = aligned_alloc(64, bytes);
-        scratch_cap[slot] = scratch_buf[slot] ? floats : 0;
-    }
-    return scratch_buf[slot];
-}
 
 /* One token: a matrix's columns are shared out in chunks of about CHUNK_BYTES of weights, each thread
  * claiming the next chunk from a counter when it is done with one. The two cores' speeds differ from

@@ -1,12 +1,34 @@
-/* Internal: the linear layers and the small vector helpers the decoder uses. Everything after this
- * header is compiled for AVX2 + FMA + F16C on x86-64 (the library checks the CPU: fm_cpu_ok). */
+/* Internal: the linear layers and the small vector helpers the decoder uses.
+ *
+ * The decoder (decoder.c), these kernels (kernels.c) and the bandwidth probe (bandwidth.c) are compiled
+ * once per instruction set, by the files kernels_<isa>.c, which define FM_ISA before including this
+ * header: avx512 (AVX-512 F/BW/VL/DQ + VNNI, with AVX2/FMA/F16C), avx2 (AVX2 + FMA + F16C) and
+ * portable (plain C, the only one on non-x86 CPUs). Each copy's public functions get the ISA's suffix
+ * (fm_forward_avx512, ...); dispatch.c picks one copy at load by what the CPU has (FROMAGE_KERNELS
+ * forces one). Compiled without FM_ISA (a build of decoder.c + kernels.c alone), the code is the AVX2
+ * copy under the plain names; with FM_PORTABLE, the portable one. */
 #ifndef FROMAGE_KERNELS_H
 #define FROMAGE_KERNELS_H
 #include <math.h>
 #include <stddef.h>
 
-/* FM_PORTABLE builds the plain-C path that other CPUs run, so it can be tested here too */
-#if defined(__x86_64__) && !defined(FM_PORTABLE)
+#ifdef FM_ISA
+#define FM_PASTE_(a, b) a##_##b
+#define FM_PASTE(a, b) FM_PASTE_(a, b)
+#define fm_forward FM_PASTE(fm_forward, FM_ISA)
+#define fm_forward_batch FM_PASTE(fm_forward_batch, FM_ISA)
+#define fm_transpose FM_PASTE(fm_transpose, FM_ISA)
+#define fm_stream_read FM_PASTE(fm_stream_read, FM_ISA)
+#define fm_linear_forward FM_PASTE(fm_linear_forward, FM_ISA)
+#define fm_linear_rows FM_PASTE(fm_linear_rows, FM_ISA)
+#endif
+
+#if defined(__x86_64__) && defined(FM_ISA_AVX512)
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#include <immintrin.h>
+#define FM_AVX2 1
+#define FM_AVX512 1
+#elif defined(__x86_64__) && !defined(FM_PORTABLE) && !defined(FM_ISA_PORTABLE)
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 #define FM_AVX2 1

@@ -109,8 +109,39 @@ static int batch_matches(const fm_model *m) {
     return same && refused;
 }
 
+/* All checks on the kernels in use; fills the prefill's fp32 and 4-bit logits (V each) for comparing copies. */
+static int check(const fm_model *mf, const fm_model *mq, const float *emb, float *out_f, float *out_q) {
+    float a[V], b[V], c[V], ra[R], rb[R], rc[R];
+    run(mf, emb, 1, a, ra);
+    run(mf, emb, T, b, rb);
+    run(mq, emb, T, c, rc);
+    float scale = 0.f;
+    for (int i = 0; i < V; i++) scale = fabsf(a[i]) > scale ? fabsf(a[i]) : scale;
+    const float prefill = max_diff(a, b, V) / scale, blocks = max_diff(b, c, V) / scale;
+    printf("[%s] prefill vs one at a time: %.2e (retrieval %.2e); 4-bit blocks vs fp32: %.2e\n", fm_kernels(), prefill,
+           max_diff(ra, rb, R), blocks);
+    float *kk[LAYERS] = {0}, *vv[LAYERS] = {0};
+    const int refused = fm_forward(mf, emb, 1, POS, POS, kk, vv, a, ra) == -1; /* past the capacity */
+    const int batch_f32 = batch_matches(mf), batch_q4 = batch_matches(mq);
+    printf("[%s] batched steps bit-identical to single ones: fp32 %s, 4-bit %s\n", fm_kernels(), batch_f32 ? "yes" : "NO",
+           batch_q4 ? "yes" : "NO");
+    memcpy(out_f, b, sizeof b);
+    memcpy(out_q, c, sizeof c);
+    return prefill < 1e-5f && max_diff(ra, rb, R) < 1e-5f && blocks < 1e-3f && refused && batch_f32 && batch_q4;
+}
+
 int main(void) {
-    if (!fm_cpu_ok()) { printf("skipped: this CPU lacks AVX2/FMA/F16C\n"); return 0; }
+    /* FROMAGE_KERNELS=<copy>: that copy alone (77, ctest's "skipped", where this CPU cannot run it);
+     * else every copy this CPU runs. Each is compared with the portable copy as well. */
+    const char *forced = getenv("FROMAGE_KERNELS"), *all[] = {"avx512", "avx2", "portable"}, *paths[3];
+    int n_paths = 0;
+    if (forced && *forced) {
+        if (!fm_cpu_ok()) { printf("skipped: this CPU cannot run the %s kernels\n", forced); return 77; }
+        paths[n_paths++] = fm_kernels();
+    } else {
+        for (int i = 0; i < 3; i++)
+            if (fm_set_kernels(all[i]) == 0) paths[n_paths++] = all[i];
+    }
     fm_layer lf[LAYERS], lq[LAYERS];
     for (int i = 0; i < LAYERS; i++) {
         lf[i].attn_norm = lq[i].attn_norm = randv(E, 0.2f, 1.f);
@@ -132,21 +163,21 @@ int main(void) {
                    randv(E * R, 0.5f, 0.f), randv(R, 0.1f, 0.f)};
     fm_model mq = mf;
     mq.layers = lq, mq.head = head_q;
-    float *emb = randv(T * E, 1.f, 0.f), a[V], b[V], c[V], ra[R], rb[R], rc[R];
-    run(&mf, emb, 1, a, ra);
-    run(&mf, emb, T, b, rb);
-    run(&mq, emb, T, c, rc);
-    float scale = 0.f;
-    for (int i = 0; i < V; i++) scale = fabsf(a[i]) > scale ? fabsf(a[i]) : scale;
-    const float prefill = max_diff(a, b, V) / scale, blocks = max_diff(b, c, V) / scale;
-    printf("prefill vs one at a time: %.2e (retrieval %.2e); 4-bit blocks vs fp32: %.2e\n", prefill,
-           max_diff(ra, rb, R), blocks);
-    float *kk[LAYERS] = {0}, *vv[LAYERS] = {0};
-    const int refused = fm_forward(&mf, emb, 1, POS, POS, kk, vv, a, ra) == -1; /* past the capacity */
-    const int batch_f32 = batch_matches(&mf), batch_q4 = batch_matches(&mq);
-    printf("batched steps bit-identical to single ones: fp32 %s, 4-bit %s\n", batch_f32 ? "yes" : "NO",
-           batch_q4 ? "yes" : "NO");
-    if (!(prefill < 1e-5f && max_diff(ra, rb, R) < 1e-5f && blocks < 1e-3f && refused && batch_f32 && batch_q4)) {
+    float *emb = randv(T * E, 1.f, 0.f), ref_f[V], ref_q[V], got_f[V], got_q[V];
+    int ok = 1;
+    if (fm_set_kernels("portable") != 0) return 2;
+    ok &= check(&mf, &mq, emb, ref_f, ref_q);
+    for (int i = 0; i < n_paths; i++) {
+        if (!strcmp(paths[i], "portable")) continue;
+        if (fm_set_kernels(paths[i]) != 0) return 2;
+        ok &= check(&mf, &mq, emb, got_f, got_q);
+        float scale = 0.f;
+        for (int j = 0; j < V; j++) scale = fabsf(ref_f[j]) > scale ? fabsf(ref_f[j]) : scale;
+        const float df = max_diff(ref_f, got_f, V) / scale, dq = max_diff(ref_q, got_q, V) / scale;
+        printf("[%s] logits vs the portable copy: fp32 %.2e, 4-bit %.2e\n", paths[i], df, dq);
+        ok &= df < 1e-5f && dq < 1e-4f;
+    }
+    if (!ok) {
         printf("FAILED\n");
         return 1;
     }

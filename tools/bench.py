@@ -321,7 +321,20 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores_available": default_threads(), "platform": platform.platform()}
+    out = {"cpu": cpu, "cores_available": default_threads(), "platform": platform.platform()}
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        out["cpu_flags"] = sorted(f for f in flags.split(":", 1)[1].split()
+                                  if f.startswith(("avx", "fma", "f16c", "amx")))
+    except (OSError, StopIteration):
+        pass
+    from fromage.engines import native
+    try:  # the copy of the native kernels this machine runs (FROMAGE_KERNELS, inherited by the workers, forces one)
+        out["kernels"] = native.kernels_in_use()
+    except FromageError as e:
+        out["kernels"] = None
+        out["kernels_note"] = str(e)
+    return out
 
 
 def _versions() -> dict:

@@ -213,6 +213,8 @@ class FromageSystem:
         self.query = state.ret_embedding.copy()
         self.info = {"weights_bytes": initializer_bytes(m.bundle.graph_path("decoder")),
                      "ret_index_size": index.count, "engine": m.engine}
+        if hasattr(m.decoder, "kernels"):  # the native engine: which copy of its kernels ran (avx512, avx2, portable)
+            self.info["kernels"] = m.decoder.kernels
 
     def generate(self, image: bool, n: int) -> dict:
         from fromage.runtime.generate import Result

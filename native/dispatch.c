@@ -1,0 +1,107 @@
+/* Run-time choice of the kernels: the decoder is compiled once per instruction set (kernels_<isa>.c:
+ * kernels.h), and the public entry points call the copy chosen when the library loads. Plain C,
+ * compiled for the baseline CPU: nothing here may use the vector units the copies need. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "fromage_native.h"
+
+#define DECLARE(isa)                                                                                          \
+    int fm_forward_##isa(const fm_model *, const float *, int32_t, int32_t, int32_t, float *const *,         \
+                         float *const *, float *, float *);                                                   \
+    int fm_forward_batch_##isa(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,    \
+                               float *const *, float *const *, float *, float *);                             \
+    void fm_transpose_##isa(const float *, int64_t, int64_t, float *);                                       \
+    float fm_stream_read_##isa(const float *, size_t, int, size_t);
+
+typedef struct {
+    const char *name;
+    int (*forward)(const fm_model *, const float *, int32_t, int32_t, int32_t, float *const *, float *const *,
+                   float *, float *);
+    int (*forward_batch)(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,
+                         float *const *, float *const *, float *, float *);
+    void (*transpose)(const float *, int64_t, int64_t, float *);
+    float (*stream_read)(const float *, size_t, int, size_t);
+} kernels;
+
+#define ENTRY(isa) {#isa, fm_forward_##isa, fm_forward_batch_##isa, fm_transpose_##isa, fm_stream_read_##isa}
+
+DECLARE(portable)
+#if defined(__x86_64__)
+DECLARE(avx512)
+DECLARE(avx2)
+static const kernels copies[] = {ENTRY(avx512), ENTRY(avx2), ENTRY(portable)}; /* best first */
+#else
+static const kernels copies[] = {ENTRY(portable)};
+#endif
+enum { COPIES = sizeof copies / sizeof copies[0] };
+
+static int runs_here(const kernels *k) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (!strcmp(k->name, "avx512"))
+        return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512vnni");
+    if (!strcmp(k->name, "avx2")) return avx2;
+#endif
+    return !strcmp(k->name, "portable");
+}
+
+static const kernels *active = NULL;
+static int forced_ok = 1;
+
+int fm_set_kernels(const char *name) {
+    for (int i = 0; i < COPIES; i++)
+        if ((!name || !*name || !strcmp(name, "auto") || !strcmp(name, copies[i].name)) && runs_here(copies + i)) {
+            __atomic_store_n(&active, copies + i, __ATOMIC_RELEASE);
+            return 0;
+        }
+    return -1;
+}
+
+static const kernels *chosen(void) {
+    const kernels *k = __atomic_load_n(&active, __ATOMIC_ACQUIRE);
+    if (k) return k;
+    const char *forced = getenv("FROMAGE_KERNELS");
+    if (fm_set_kernels(forced) != 0) forced_ok = 0, fm_set_kernels(NULL);  /* the best there is, and say so */
+    return __atomic_load_n(&active, __ATOMIC_ACQUIRE);
+}
+
+__attribute__((constructor)) static void choose_at_load(void) { chosen(); }
+
+int fm_cpu_ok(void) { return chosen() && forced_ok; }
+const char *fm_kernels(void) { return chosen()->name; }
+
+int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
+               float *const *k_cache, float *const *v_cache, float *logits, float *ret) {
+    return chosen()->forward(m, embeds, T, past, capacity, k_cache, v_cache, logits, ret);
+}
+
+int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
+                     float *const *k_cache, float *const *v_cache, float *logits, float *ret) {
+    return chosen()->forward_batch(m, embeds, B, past, capacity, k_cache, v_cache, logits, ret);
+}
+
+void fm_transpose(const float *src, int64_t rows, int64_t cols, float *dst) { chosen()->transpose(src, rows, cols, dst); }
+
+float fm_stream_read(const float *a, size_t n, int streams, size_t piece) {
+    return chosen()->stream_read(a, n, streams, piece);
+}
+
+/* Thread-local grow-only scratch shared by the copies: slot 0 belongs to the kernels, slot 1 to the
+ * decoder; kept for the thread's lifetime (for a prefill, one fp32 matrix in panels: 7 MB for the
+ * default model's largest). */
+static _Thread_local float *scratch_buf[2];
+static _Thread_local size_t scratch_cap[2];
+
+float *fm_scratch(int slot, size_t floats) {
+    if (floats > scratch_cap[slot]) {
+        free(scratch_buf[slot]);
+        size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+        scratch_buf[slot] = aligned_alloc(64, bytes);
+        scratch_cap[slot] = scratch_buf[slot] ? floats : 0;
+    }
+    return scratch_buf[slot];
+}
