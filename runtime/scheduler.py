@@ -113,7 +113,7 @@ class Scheduler:
     def _check_room(self) -> None:
         if self._closed:
             raise FromageError("the scheduler is shut down")
-        if len(self.waiting) >= self.max_queue and len(self.running) >= self.max_batch:
+        if len(self.waiting) + len(self.running) >= self.max_batch + self.max_queue:
             raise QueueFull(f"the server is busy: {len(self.running)} requests running and {len(self.waiting)} "
                             "waiting (the limit); retry later")
 

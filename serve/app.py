@@ -146,9 +146,13 @@ def create_app(config: ServerConfig, model: Fromage | None = None) -> FastAPI:
         req = parse_chat_request(body, state.media)
         rid, t0 = f"chatcmpl-{uuid.uuid4().hex}", time.perf_counter()
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def on_event(event):  # in the scheduler's thread; a request's end is counted even if its client left
+            if isinstance(event, Finished):
+                state.metrics.finished(event.result, time.perf_counter() - t0)
+            loop.call_soon_threadsafe(events.put_nowait, event)
         try:
-            handle = await run_in_threadpool(state.scheduler.submit, req.parts, req.params,
-                                             lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+            handle = await run_in_threadpool(state.scheduler.submit, req.parts, req.params, on_event)
         except QueueFull as e:
             raise BadRequest(str(e), 429) from None
         except FromageError as e:
@@ -185,10 +189,6 @@ class _Outputs:
             else:
                 self.metrics.itl.observe(now - self.last)
             self.last = now
-        elif isinstance(event, Finished):
-            self.metrics.e2e.observe(now - self.t0)
-            self.metrics.generation_tokens.inc(len(event.result.token_ids))
-            self.metrics.requests.labels(FINISH_REASONS.get(event.result.stop_reason, "error")).inc()
         return event
 
     def text(self, text: str) -> str:

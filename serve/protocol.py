@@ -5,7 +5,9 @@ Retrieved images are an extension a plain OpenAI client ignores: `message.conten
 chunk's `delta.content`) carries the text only; `message.parts` (and `delta.parts`) carries the answer
 in order, text parts `{"type": "text", "text"}` and image parts
 `{"type": "image_url", "image_url": {"url": "/v1/images/KEY"}, "key", "score", "caption"}`.
-Besides OpenAI's fields, `ignore_eos: true` (as in vLLM) generates exactly max_tokens tokens.
+Besides OpenAI's fields, `ignore_eos: true` (as in vLLM) generates exactly max_tokens tokens, and
+`min_word_tokens` (default 2), `max_rets` (default 1: one retrieval per answer; 0 = no limit),
+`ret_scale_factor` and `top_images` steer retrieval as in `fromage generate`.
 """
 from __future__ import annotations
 
@@ -24,7 +26,12 @@ DEFAULT_MAX_TOKENS = 256
 IGNORED_FIELDS = {"model", "user", "n", "presence_penalty", "frequency_penalty", "logit_bias", "metadata", "store",
                   "service_tier", "parallel_tool_calls", "response_format"}
 PARAMS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
-          "top_p": "top_p", "seed": "seed", "stop": "stop"}
+          "top_p": "top_p", "seed": "seed", "stop": "stop",
+          # fromage's own: retrieval in an answer (defaults as the demo's: DEFAULTS)
+          "min_word_tokens": "min_word_tokens", "max_rets": "max_rets", "ret_scale_factor": "ret_scale_factor",
+          "top_images": "top_images"}
+# an answer does not open with an image and shows at most one retrieval, as in the demo
+DEFAULTS = {"max_new_tokens": DEFAULT_MAX_TOKENS, "min_word_tokens": 2, "max_rets": 1}
 
 
 @dataclass
@@ -50,7 +57,7 @@ def parse_chat_request(body, media) -> ChatRequest:
     turns = [_message(m, i, media) for i, m in enumerate(messages)]
     if turns[-1][0] != "user":
         raise BadRequest("the last message must be the user's", param="messages")
-    kwargs = {"max_new_tokens": DEFAULT_MAX_TOKENS}
+    kwargs = dict(DEFAULTS)
     for name, field in PARAMS.items():
         if body.get(name) is not None:
             kwargs[field] = body[name]
@@ -66,7 +73,7 @@ def parse_chat_request(body, media) -> ChatRequest:
     try:
         params = SamplingParams(**kwargs, stop=tuple(stop or ()) + (() if ignore_eos else (ANSWER_STOP,)))
     except ParameterError as e:
-        field = {v: k for k, v in PARAMS.items()}.get(e.param, e.param)
+        field = next((k for k, v in PARAMS.items() if v == e.param and k in body), e.param)
         raise BadRequest(f"{field}: {e.message}", param=field) from None
     stream = body.get("stream", False)
     options = body.get("stream_options") or {}

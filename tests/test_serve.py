@@ -96,6 +96,7 @@ def test_errors_have_openai_shape(server, assets, tmp_path):
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
         ({"messages": [{"role": "user", "content": "hi"}], "top_p": 2}, 400, "top_p"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3}, 400, "max_completion_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
         ({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "bogus"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
@@ -154,14 +155,17 @@ def test_api_key_guards_v1_but_not_health(served_model):
         s.close()
 
 
-def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_model):
+def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_model, monkeypatch):
+    step = served_model.advance_batch
+    monkeypatch.setattr(served_model, "advance_batch", lambda *a: time.sleep(0.02) or step(*a))  # slow steps
     s = LiveServer(served_model, max_batch=1, max_queue=0)
     sched = lambda: s.app.state.fromage.scheduler  # noqa: E731
-    body = {"max_tokens": 90, "stream": True, "messages": [{"role": "user", "content": "a"}]}
+    body = {"max_tokens": 80, "stream": True, "ignore_eos": True, "messages": [{"role": "user", "content": "a"}]}
     try:
         with httpx.Client(timeout=30) as c:
             with c.stream("POST", s.url + "/v1/chat/completions", json=body) as stream:
-                next(stream.iter_lines())  # the first chunk: it is running
+                lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+                next(lines)  # the first chunk: it is running
                 busy = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "b"}]})
                 assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
             # the stream is closed mid-answer: its request is cancelled within a step or so
