@@ -1,8 +1,8 @@
 """The embedding graph run as a numpy lookup: a bundle's embed.onnx is one Gather over an fp32 table.
 
-Why: the decode loop embeds one token per step, and an ONNX Runtime call for that cost ~150 us per
-token here (its machinery runs cache-cold after each decoder step), ~2 % of an int4 step. Other
-embedding graphs run on ONNX Runtime (`gather_table` returns None for them).
+Why: the decode loop embeds one token per step, and an ONNX Runtime call costs far more than the
+lookup (its machinery runs cache-cold after each decoder step). Other embedding graphs run on ONNX
+Runtime (`gather_table` returns None for them).
 """
 from __future__ import annotations
 

@@ -134,8 +134,8 @@ class Fromage:
         self.layers, self.kv_heads, self.head_dim = m["num_layers"], m["kv_heads"], m["head_dim"]
         self.ret_id = self.bundle.tokens["ret"]
         self.tokenizer = Tokenizer.from_file(str(self.bundle.tokenizer_path))
-        # idle ONNX Runtime workers spin for a while after a run, on the cores the decoder needs next
-        # (with an image, the first token came 60-75 ms later): the vision graph's sleep instead
+        # idle ONNX Runtime workers spin for a while after a run, on the cores the decoder needs next:
+        # the vision graph's sleep instead
         self.vision = open_session(self.bundle.graph_path("vision"), device=device, threads=threads, spin=False)
         # a plain table lookup runs in numpy (engines/gather.py); otherwise ONNX Runtime with one thread
         embed_path = self.bundle.graph_path("embed")

@@ -14,10 +14,8 @@ from usearch.index import BatchMatches, Index, MetricKind, ScalarKind
 from .errors import FromageError
 from .files import sha256_file
 
-# Up to this many images every search is exact (complete by construction). One 256-d query, top-10, on 2 cores
-# (AMD EPYC, AVX-512): exact 0.06 ms at 1k images, 0.10 ms at 2k, 0.23 ms at 5k, 0.43 ms at 10k, 1.0 ms at 20k;
-# HNSW 0.04-0.08 ms. Below 10k an exact search costs under half a millisecond: the runtime pays that for
-# certainty. Above it HNSW, whose graph every build checks (see index_build.check_graph).
+# Up to this many images every search is exact (complete by construction; under half a millisecond per
+# query, README "Retrieval"). Above it HNSW, whose graph every build checks (index_build.check_graph).
 EXACT_SEARCH_MAX = 10_000
 VERIFY_MAX_BYTES = 256 << 20  # open() checks the vectors file's sha256 up to this size (`fromage index check`: any)
 FORMAT, VERSION = "fromage-index", 1

@@ -10,8 +10,8 @@ from .app import ServerConfig, create_app
 
 
 def cmd_serve(args) -> None:
-    # OpenMP's idle threads would spin between decoding steps on the cores that the HTTP side needs
-    # (10x slower streams at one client here); set before the native library loads
+    # OpenMP's idle threads would spin between decoding steps on the cores that the HTTP side needs;
+    # set before the native library loads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
     if not 0 < args.port < 65536:
