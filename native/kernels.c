@@ -76,10 +76,59 @@ static inline __attribute__((always_inline)) void f32_quarters(const float *W, i
 }
 #endif
 
+#ifdef FM_AVX512
+/* f32_quarters 512 bits wide (K a multiple of 16), over S parts of the range (S forward streams): each
+ * 64-byte load is one cache line of a column, and the 32 registers hold 4 x 6 accumulators, so a batch
+ * of 16 rows takes 3 passes over a chunk (6 + 6 + 4; the AVX2 path's 3 rows: 6 passes). Measured on
+ * Zen 4, one thread, the default model's matrices: B = 16 ~30 % faster than the AVX2 path, B = 1 the
+ * same (memory-bound: 8 streams or software prefetch were slower). */
+enum { F32_ROWS_512 = 6, F32_STREAMS_512 = 4 };
+static inline __attribute__((always_inline)) void f32_parts512(const float *W, int K, const float *x, const int R,
+                                                               const int S, int n0, int q, float *y, size_t ldy,
+                                                               int accumulate) {
+    for (int n = n0; n < n0 + q; n++) {
+        const float *w[8];
+        for (int j = 0; j < S; j++) w[j] = W + (size_t)(n + j * q) * K;
+        __m512 a[F32_ROWS_512][8];
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < S; j++) a[r][j] = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            __m512 v[8];
+            for (int j = 0; j < S; j++) v[j] = _mm512_loadu_ps(w[j] + k);
+            for (int r = 0; r < R; r++) {
+                const __m512 xv = _mm512_loadu_ps(x + (size_t)r * K + k);
+                for (int j = 0; j < S; j++) a[r][j] = _mm512_fmadd_ps(xv, v[j], a[r][j]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            float *yr = y + (size_t)r * ldy;
+            for (int j = 0; j < S; j++) yr[n + j * q] = (accumulate ? yr[n + j * q] : 0.f) + _mm512_reduce_add_ps(a[r][j]);
+        }
+    }
+}
+#endif
+
 /* y[r][n] (+)= W[n] . x[r] for the columns n0..n1 of W (N, K) and the B rows of x (B, K), y (B, ldy). */
 static void f32_columns(const float *W, int K, const float *x, int B, int n0, int n1, float *y, size_t ldy,
                         int accumulate) {
     int n = n0;
+#ifdef FM_AVX512
+    if (K % 16 == 0) {
+        const int S = F32_STREAMS_512, q = (n1 - n0) / S;
+        int r = 0;
+#define PARTS(R) f32_parts512(W, K, x + (size_t)r * K, R, S, n0, q, y + r * ldy, ldy, accumulate)
+        for (; r + F32_ROWS_512 <= B; r += F32_ROWS_512) PARTS(F32_ROWS_512);
+        switch (B - r) {  /* a constant row count each, so the accumulators stay in registers */
+            case 5: PARTS(5); break;
+            case 4: PARTS(4); break;
+            case 3: PARTS(3); break;
+            case 2: PARTS(2); break;
+            case 1: PARTS(1); break;
+        }
+#undef PARTS
+        n = n0 + S * q;  /* the parts are done */
+    } else
+#endif
 #ifdef FM_AVX2
     if (K % 8 == 0) {
         const int q = (n1 - n0) / 4;
@@ -223,6 +272,9 @@ static inline void block_unpack(const uint8_t *q, int bits, __m256i *lo, __m256i
 /* x16_b . q_b as 8 int32 lanes, for the unpacked block (lo, hi); x16 ordered as block_unpack's q. */
 static inline __m256i unpacked_dot(__m256i lo, __m256i hi, const int16_t *x16) {
     const __m256i *xv = (const __m256i *)x16;
+#ifdef FM_AVX512  /* VNNI: the second multiply and the add in one instruction (the same int32 sums) */
+    return _mm256_dpwssd_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xv)), hi, _mm256_loadu_si256(xv + 1));
+#endif
     return _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xv)), _mm256_madd_epi16(hi, _mm256_loadu_si256(xv + 1)));
 }
 
