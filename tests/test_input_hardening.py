@@ -134,11 +134,17 @@ def test_peak_memory_of_hostile_images(tmp_path):
                        "bomb 100000x100000": png_header(100_000, 100_000)}.items():
         r = _peak(tmp_path, data)
         assert r["error"] and r["extra"] <= budget and r["seconds"] < 1, (name, r, ref)
-    # within the limits: 8000x8000 (a 1-bit PNG of a few hundred KB: a decompression bomb) and an
-    # RGBA one, whose transparency is composited in strips
+    # at the decoded-pixel limit (a 1-bit PNG of a few hundred KB: a decompression bomb) and an RGBA
+    # one, whose transparency is composited in strips; beyond it a PNG is refused, a JPEG decoded smaller
+    side = int(P.MAX_DECODED_PIXELS ** 0.5)
     for mode, per_pixel in (("1", 5), ("RGBA", 8)):  # Pillow keeps RGB in 4 bytes a pixel
-        r = _peak(tmp_path, png_bytes(8000, 8000, mode, level=9))
-        assert r["error"] is None and r["extra"] <= per_pixel * 64e6 * 1.15 + (32 << 20), (mode, r)
+        r = _peak(tmp_path, png_bytes(side, side, mode, level=9))
+        assert r["error"] is None and r["extra"] <= per_pixel * side * side * 1.15 + (32 << 20), (mode, r)
+    assert "too large" in _peak(tmp_path, png_bytes(8000, 8000, "1", level=9))["error"]
+    b = io.BytesIO()
+    Image.new("RGB", (8000, 8000), (90, 120, 200)).save(b, "JPEG")
+    r = _peak(tmp_path, b.getvalue())
+    assert r["error"] is None and r["extra"] <= 8 * 2000 * 2000 * 1.15 + (32 << 20), r  # decoded at 1/4 scale
 
 
 # --- images: files ---------------------------------------------------------------------------
