@@ -387,6 +387,8 @@ static void nbits_prepare(const float *x, int K, int bits, float *sums, float *s
  * A pair of blocks (A, B: 32 bytes of q) is one vector; its int32 lanes are A's 4 then B's 4, scaled
  * by [s_A x 4 | s_B x 4]. The activations of a pair, 128 bytes: [h of A even | h of B even], the same
  * for the odd elements, then the l's (a last odd block: 16-byte parts, A's only). */
+enum { NBITS_ROWS_VNNI = 4 };  /* rows per pass (the AVX-512 registers hold 4 x 4 accumulators) */
+
 static void pairs_to_bytes(int16_t *x16, int K) {
     const int nb = K / FM_BLOCK;
     const __m512i lowbyte = _mm512_set1_epi16(255);
@@ -441,15 +443,15 @@ static inline __attribute__((always_inline)) void nbits4_columns_vnni(const fm_l
                                                                       const float *sx, const float *sums, const int R,
                                                                       float *y, size_t ldy) {
     const int K = L->K, nb = K / FM_BLOCK, pairs = nb / 2, quarter = (n1 - n0) / 4, per = (nb + 1) / 2 * 8;
-    float scale[NBITS_ROWS][4][per] __attribute__((aligned(32)));
+    float scale[NBITS_ROWS_VNNI][4][per] __attribute__((aligned(32)));
     const __m256i low = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
     for (int i = 0; i < quarter + (n1 - n0) % 4; i++) {
         const int cols = i < quarter ? 4 : 1;  /* the range's last (n1 - n0) % 4 columns: one at a time */
         const int n[4] = {i < quarter ? n0 + i : n0 + 4 * quarter + (i - quarter), n0 + i + quarter, n0 + i + 2 * quarter,
                           n0 + i + 3 * quarter};
         const uint8_t *col[4];
-        float m[NBITS_ROWS][4];
-        __m256 acc[NBITS_ROWS][4];
+        float m[NBITS_ROWS_VNNI][4];
+        __m256 acc[NBITS_ROWS_VNNI][4];
         for (int j = 0; j < cols; j++) {
             col[j] = record_q(L, n[j]);
             for (int r = 0; r < R; r++) {
@@ -509,12 +511,13 @@ static void nbits_chunk(const fm_linear *L, int n0, int n1, const float *x, int 
     if (L->bits == 4) {
         (void)x;
         int r = 0;
-        for (; r + NBITS_ROWS <= B; r += NBITS_ROWS)
-            nbits4_columns_vnni(L, n0, n1, (const uint8_t *)(x16 + (size_t)r * K), sx + (size_t)r * nb, sums + (size_t)r * nb,
-                                NBITS_ROWS, y + r * ldy, ldy);
-        for (; r < B; r++)
-            nbits4_columns_vnni(L, n0, n1, (const uint8_t *)(x16 + (size_t)r * K), sx + (size_t)r * nb, sums + (size_t)r * nb,
-                                1, y + r * ldy, ldy);
+#define VNNI_ROWS(R) nbits4_columns_vnni(L, n0, n1, (const uint8_t *)(x16 + (size_t)r * K), sx + (size_t)r * nb, \
+                                         sums + (size_t)r * nb, R, y + r * ldy, ldy)
+        for (; r + NBITS_ROWS_VNNI <= B; r += NBITS_ROWS_VNNI) VNNI_ROWS(NBITS_ROWS_VNNI);
+        if (B - r == 3) VNNI_ROWS(3);
+        if (B - r == 2) VNNI_ROWS(2);
+        if (B - r == 1) VNNI_ROWS(1);
+#undef VNNI_ROWS
         return;
     }
 #endif
