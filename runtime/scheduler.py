@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import FromageError
+from .errors import FromageError, ParameterError
 from .generate import DecodeState, Fromage, ImageEvent, Result, Sequence, TextEvent
 from .prompt import Part
 from .sampling import SamplingParams
@@ -81,10 +81,13 @@ class _Slot:
 
 
 class Scheduler:
-    def __init__(self, model: Fromage, max_batch: int = 16, max_queue: int = 64, max_prompt_chunk: int = 512):
+    def __init__(self, model: Fromage, max_batch: int = 16, max_queue: int = 64, max_prompt_chunk: int = 512,
+                 max_prompt: int | None = None, max_new_tokens: int | None = None):
+        """max_prompt / max_new_tokens: per-request caps below the model's context (None: the context)."""
         if max_batch < 1 or max_queue < 0 or max_prompt_chunk < 2:
             raise FromageError("max_batch must be >= 1, max_queue >= 0 and max_prompt_chunk >= 2")
         self.model, self.max_batch, self.max_queue, self.max_prompt_chunk = model, max_batch, max_queue, max_prompt_chunk
+        self.max_prompt, self.max_new_tokens = max_prompt, max_new_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[_Slot] = []
         self._ids = itertools.count()
@@ -101,8 +104,12 @@ class Scheduler:
         params = params or SamplingParams()
         with self._cond:
             self._check_room()
+        if self.max_new_tokens is not None and params.max_new_tokens > self.max_new_tokens:
+            raise ParameterError("max_new_tokens", f"at most {self.max_new_tokens} here, got {params.max_new_tokens}")
         result = Result()
         embeds = self.model.prepare(parts, params, result)
+        if self.max_prompt is not None and embeds.shape[1] > self.max_prompt:
+            raise FromageError(f"the prompt is {embeds.shape[1]} positions long; at most {self.max_prompt} here")
         req = Request(next(self._ids), params, embeds, result, on_event)
         with self._cond:
             self._check_room()

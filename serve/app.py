@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from fromage.runtime.errors import FromageError
+from fromage.runtime.errors import FromageError, ParameterError
 from fromage.runtime.generate import Fromage, ImageEvent, TextEvent
 from fromage.runtime.preprocess import load_rgb
 from fromage.runtime.scheduler import Finished, QueueFull, Scheduler
@@ -46,6 +46,8 @@ class ServerConfig:
     allowed_media_dir: str | None = None
     max_body_bytes: int = 100 * 1024 * 1024
     model_name: str | None = None
+    max_prompt_tokens: int | None = None   # prompt positions per request (None: the model's context)
+    max_tokens: int | None = None          # output tokens per request (None: what the context leaves)
 
 
 class _State:
@@ -61,10 +63,13 @@ class _State:
             model = model or Fromage(c.bundle, index=c.index, device=c.device, threads=c.threads, verify=c.verify,
                                      engine=c.engine)
             self.media.index = model.index
-            self.scheduler = Scheduler(model, max_batch=c.max_batch, max_queue=c.max_queue)
+            self.scheduler = Scheduler(model, max_batch=c.max_batch, max_queue=c.max_queue,
+                                       max_prompt=c.max_prompt_tokens, max_new_tokens=c.max_tokens)
             self.model = model
         except FromageError as e:
             self.load_error = str(e)
+        except Exception as e:  # reported by /health, not lost in a thread
+            self.load_error = f"{type(e).__name__}: {e}"
 
     def ready(self) -> None:
         if self.model is None:
@@ -144,6 +149,8 @@ def create_app(config: ServerConfig, model: Fromage | None = None) -> FastAPI:
         state.ready()
         body = await _read_json(request, config.max_body_bytes)
         req = parse_chat_request(body, state.media)
+        if config.max_tokens and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            req.params.max_new_tokens = min(req.params.max_new_tokens, config.max_tokens)  # the default, capped
         rid, t0 = f"chatcmpl-{uuid.uuid4().hex}", time.perf_counter()
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -155,6 +162,9 @@ def create_app(config: ServerConfig, model: Fromage | None = None) -> FastAPI:
             handle = await run_in_threadpool(state.scheduler.submit, req.parts, req.params, on_event)
         except QueueFull as e:
             raise BadRequest(str(e), 429) from None
+        except ParameterError as e:
+            field = "max_tokens" if e.param == "max_new_tokens" else e.param
+            raise BadRequest(f"{field}: {e.message}", param=field) from None
         except FromageError as e:
             raise BadRequest(str(e), 413 if "too large" in str(e) else 400) from None
         positions = handle.embeds.shape[1]

@@ -23,7 +23,8 @@ def cmd_serve(args) -> None:
     config = ServerConfig(bundle=args.bundle, index=args.index, engine=args.engine, device=args.device,
                           threads=args.threads, verify=not args.no_verify, max_batch=args.max_batch,
                           max_queue=args.max_queue, api_key=args.api_key, allowed_media_dir=args.allowed_media_dir,
-                          max_body_bytes=int(args.max_body_mb * 1024 * 1024), model_name=args.model_name)
+                          max_body_bytes=int(args.max_body_mb * 1024 * 1024), model_name=args.model_name,
+                          max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"fromage: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)

@@ -138,7 +138,7 @@ class LiveServer:
         self.thread.start()
         deadline = time.time() + 30
         while not (self.server.started and self.app.state.fromage.model is not None):
-            assert time.time() < deadline, "the server did not start"
+            assert time.time() < deadline, f"the server did not start: {self.app.state.fromage.load_error}"
             time.sleep(0.02)
 
     def close(self):

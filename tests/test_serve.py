@@ -205,3 +205,18 @@ def test_health_is_503_while_loading(exported):
             assert time.time() < deadline
             time.sleep(0.05)
     json.dumps(first.json())
+
+
+def test_per_request_caps(served_model):
+    s = LiveServer(served_model, max_tokens=5, max_prompt_tokens=12)
+    try:
+        post = lambda body: httpx.post(s.url + "/v1/chat/completions", json=body)  # noqa: E731
+        r = post({"max_tokens": 6, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        r = post({"max_tokens": 5, "messages": [{"role": "user", "content": "the cat " * 10}]})
+        assert r.status_code == 400 and "at most 12" in r.json()["error"]["message"]
+        assert post({"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+        r = post({"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True})  # the default, capped
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    finally:
+        s.close()

@@ -37,7 +37,8 @@ DEFAULT_IMAGE = "/usr/share/tuxpaint/stamps/animals/marsupials/kangaroo.png"
 def request_body(i: int, max_tokens: int, image: str | None = None, stream: bool = True, words: int = 0) -> dict:
     text = f"Tell me a long story about {TOPICS[i % len(TOPICS)]}."
     if words:
-        text = " ".join(random.Random(i).choice(TOPICS).split()[-1] for _ in range(words)) + " " + text
+        rng = random.Random(i)
+        text = " ".join(rng.choice(TOPICS).split()[-1] for _ in range(words)) + " " + text
     content = text if image is None else [{"type": "image_url", "image_url": {"url": image}},
                                           {"type": "text", "text": text}]
     body = {"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
@@ -68,7 +69,7 @@ def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) 
                     continue
                 msg = json.loads(line[6:])
                 if msg.get("usage"):
-                    rec["tokens"] = msg["usage"]["completion_tokens"]
+                    rec["tokens"], rec["prompt_tokens"] = msg["usage"]["completion_tokens"], msg["usage"]["prompt_tokens"]
                 delta = (msg.get("choices") or [{}])[0].get("delta") or {}
                 if delta.get("content") or delta.get("parts"):
                     rec["token_times"].append(time.perf_counter() - t0)
@@ -213,7 +214,7 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log)
             with httpx.Client(timeout=600) as http:
                 long = send(http, url, request_body(99, 8, words=prompt_words))
             out["long_prompt_ttft_ms"] = long.get("ttft_s", 0) * 1000
-            out["long_prompt_tokens"] = prompt_words
+            out["long_prompt_tokens"] = long.get("prompt_tokens")
         else:
             time.sleep(4.0)
         out["window_s"] = time.perf_counter() - t
@@ -225,7 +226,7 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log)
     base, loaded = run(False), run(True)
     ratio = loaded["itl_ms"]["p99"] / base["itl_ms"]["p99"]
     log(f"  ITL p99 of {streams} streams: {base['itl_ms']['p99']:.0f} ms alone, {loaded['itl_ms']['p99']:.0f} ms while "
-        f"a {prompt_words}-word prompt arrives ({ratio:.2f}x; its TTFT {loaded['long_prompt_ttft_ms']:.0f} ms)")
+        f"a {loaded['long_prompt_tokens']}-token prompt arrives ({ratio:.2f}x; its TTFT {loaded['long_prompt_ttft_ms']:.0f} ms)")
     return {"streams": streams, "without": base, "with": loaded, "itl_p99_ratio": ratio}
 
 

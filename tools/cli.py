@@ -150,6 +150,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond, 429 (default 64)")
     p.add_argument("--allowed-media-dir", help="file:// image URLs are allowed below this directory (default: none)")
     p.add_argument("--max-body-mb", type=float, default=100, help="largest request body (default 100 MB)")
+    p.add_argument("--max-prompt-tokens", type=int, help="prompt positions per request (default: the model's context)")
+    p.add_argument("--max-tokens", type=int, help="output tokens per request (default: what the context leaves)")
     p.add_argument("--model-name", help="the model id the API reports (default: the bundle folder's name)")
     p.add_argument("--device", default="cpu")
     add_engine_argument(p)
