@@ -63,6 +63,28 @@ static void key_scores(const float *q, const float *k, int n, int d, float scale
 /* o = sum_s p[s] * v[s] for the n cached values v (n, d); 32 of o's d values at a time in registers. */
 static void weighted_values(const float *p, const float *v, int n, int d, float *o) {
     int i = 0;
+#ifdef FM_AVX512
+    /* 64 of o's values in 4 vectors, two positions at a time on two sets of accumulators: the chain
+     * of dependent FMAs is half as long (one position at a time, the loop waited on FMA latency) */
+    for (; i + 64 <= d; i += 64) {
+        __m512 a[4], b[4];
+        for (int j = 0; j < 4; j++) a[j] = b[j] = _mm512_setzero_ps();
+        int s = 0;
+        for (; s + 2 <= n; s += 2) {
+            const __m512 ps = _mm512_set1_ps(p[s]), qs = _mm512_set1_ps(p[s + 1]);
+            const float *vs = v + (size_t)s * d + i, *ws = vs + d;
+            for (int j = 0; j < 4; j++) {
+                a[j] = _mm512_fmadd_ps(ps, _mm512_loadu_ps(vs + 16 * j), a[j]);
+                b[j] = _mm512_fmadd_ps(qs, _mm512_loadu_ps(ws + 16 * j), b[j]);
+            }
+        }
+        if (s < n) {
+            const __m512 ps = _mm512_set1_ps(p[s]);
+            for (int j = 0; j < 4; j++) a[j] = _mm512_fmadd_ps(ps, _mm512_loadu_ps(v + (size_t)s * d + i + 16 * j), a[j]);
+        }
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(o + i + 16 * j, _mm512_add_ps(a[j], b[j]));
+    }
+#endif
 #ifdef FM_AVX2
     for (; i + 32 <= d; i += 32) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
