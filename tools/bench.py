@@ -34,8 +34,9 @@ from .bench_report import bandwidth_summary, format_table, plot, summarize
 from .bench_worker import prompt_ids, write_bench_image
 
 
-PEERS = ("hf", "reference", "optimum", "ort_genai", "ort_genai_int4")
-PREPARED_PEERS = {"optimum", "ort_genai", "ort_genai_int4"}  # an ONNX export / model build first, cached
+PEERS = ("hf", "reference", "optimum", "ort_genai", "ort_genai_int4", "llama_cpp", "llama_cpp_f32")
+# an ONNX export / model build first (llama.cpp: its build, and the F32 GGUF), cached
+PREPARED_PEERS = {"optimum", "ort_genai", "ort_genai_int4", "llama_cpp", "llama_cpp_f32"}
 RET_INDEX_SIZE = 10_000  # vectors in the index the fromage [RET] query is timed against
 WORKER_TIMEOUT_S = 3600
 
@@ -281,7 +282,7 @@ def run_bench(args, log=print) -> dict:
             "warmup": args.warmup, "threads": threads, "peers": list(peers), "prompt_token_ids": ids,
             "decoding": "greedy, [RET] banned, no stop tokens: exactly new_tokens tokens per run",
             "order": f"systems interleaved run by run, each in its own subprocess, each round and the probe after a {SETTLE_S} s pause",
-            "text_only_peers": "hf, optimum and the ORT GenAI peers take no image: their runs are text-only",
+            "text_only_peers": "hf, optimum, the ORT GenAI and the llama.cpp peers take no image: their runs are text-only",
             "load_average": {"before": load_before, "after": list(os.getloadavg())},
             "retrieval_index": {"size": RET_INDEX_SIZE, "dim": m["retrieval_dim"], "top_k": 1},
             "definitions": {

@@ -5,6 +5,9 @@
   optimum         optimum's ORTModelForCausalLM on an ONNX export of the LM made once by optimum
   ort_genai       ONNX Runtime GenAI on a model made once by its own builder, fp32
   ort_genai_int4  the same builder with -p int4
+  llama_cpp       llama.cpp's llama-server on the default LM's Q4_1 GGUF (compare with 4-bit bundles), timed
+                  by its own timings (no Python in its loop); built once from llama-cpp-python's vendored tree
+  llama_cpp_f32   the same on an F32 GGUF of those weights (compare with fp32 bundles)
 
 Each runs in its own process (this module imports torch/transformers, so it lives in training/):
 
@@ -274,8 +277,100 @@ class GenAISystem:
         return {"tokens": tokens, "token_times": times, "e2e_s": time.perf_counter() - t0}
 
 
+class LlamaCppSystem:
+    """llama.cpp's llama-server (built once from the tree vendored in llama-cpp-python: tools/llama_cpp.py)
+    on the default LM's GGUF: Q4_1 as shipped (llama_cpp), or its F32 dequantization (llama_cpp_f32).
+    Timed by llama.cpp itself, without Python in its loop: each run is one /completion request of the
+    prompt's token ids (no prompt cache, greedy, no stop), and the times are the server's own timings:
+    TTFT = prompt_ms (prefill and the first token), decode = predicted_ms / predicted_n per token (as
+    llama.cpp reports its t/s). Peak memory: the server process's VmHWM."""
+    takes_images = False
+
+    def __init__(self, spec: dict, precision: str):
+        import socket
+        import urllib.request
+        from fromage.tools.llama_cpp import ensure_built, f32_gguf
+        from fromage.training.backbones import default_gguf_path
+        cache = Path(spec["cache"]) if spec.get("cache") else None
+        if cache is None:
+            from fromage.training.backbones import cache_root
+            cache = cache_root()
+        gguf = f32_gguf(cache) if precision == "f32" else default_gguf_path()
+        binary = ensure_built(cache) / "llama-server"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        threads, ctx = spec["threads"], -(-(len(spec["prompt_ids"]) + spec["new_tokens"] + 64) // 256) * 256
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                                      "-t", str(threads), "-tb", str(threads), "-np", "1", "-c", str(ctx),
+                                      "--no-webui"], stdout=self.log, stderr=subprocess.STDOUT)
+        self.url, self.ids, self.request = f"http://127.0.0.1:{port}", spec["prompt_ids"], urllib.request
+        deadline = time.time() + 300
+        while True:  # /health: 503 while loading, 200 when ready
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise FromageError(f"llama-server exited (code {self.proc.returncode}): "
+                                   f"{self.log.read().decode(errors='replace')[-1500:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise FromageError("llama-server did not become ready in 300 s")
+            time.sleep(0.2)
+        self.info = {"weights_bytes": gguf.stat().st_size, "gguf": str(gguf), "precision": precision,
+                     "server": str(binary), "timing": "llama-server's own timings (prompt_ms, predicted_ms)"}
+
+    def generate(self, image: bool, n: int) -> dict:
+        body = {"prompt": self.ids, "n_predict": n, "ignore_eos": True, "temperature": 0.0, "top_k": 1,
+                "cache_prompt": False, "return_tokens": True, "stream": False}
+        req = self.request.Request(self.url + "/completion", data=json.dumps(body).encode(),
+                                   headers={"Content-Type": "application/json"})
+        with self.request.urlopen(req, timeout=600) as r:
+            out = json.loads(r.read())
+        t = out["timings"]
+        if t.get("predicted_n") != n:
+            raise FromageError(f"llama-server decoded {t.get('predicted_n')} tokens instead of {n}")
+        first, step = t["prompt_ms"] / 1000, t["predicted_ms"] / 1000 / max(t["predicted_n"], 1)
+        tokens = [int(x) for x in out.get("tokens") or []] or [0] * n  # no ids from this server: placeholders
+        return {"tokens": tokens[:n], "token_times": [first + i * step for i in range(n)],
+                "e2e_s": (t["prompt_ms"] + t["predicted_ms"]) / 1000}
+
+    def peak_rss_mb(self) -> float:
+        """The server's peak resident memory (VmHWM)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def __del__(self):
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _prepare_llama_cpp(spec: dict, precision: str) -> Path:
+    """Builds llama-server once (and, for F32, dequantizes the GGUF once)."""
+    from fromage.tools.llama_cpp import ensure_built, f32_gguf
+    from fromage.training.backbones import cache_root
+    cache = Path(spec["cache"]) if spec.get("cache") else cache_root()
+    binaries = ensure_built(cache)
+    return f32_gguf(cache) if precision == "f32" else binaries
+
+
+PREPARE["llama_cpp"] = lambda s: _prepare_llama_cpp(s, "q4_1")
+PREPARE["llama_cpp_f32"] = lambda s: _prepare_llama_cpp(s, "f32")
+
 SYSTEMS = {"hf": HFSystem, "reference": ReferenceSystem, "optimum": OptimumSystem,
-           "ort_genai": lambda s: GenAISystem(s, "fp32"), "ort_genai_int4": lambda s: GenAISystem(s, "int4")}
+           "ort_genai": lambda s: GenAISystem(s, "fp32"), "ort_genai_int4": lambda s: GenAISystem(s, "int4"),
+           "llama_cpp": lambda s: LlamaCppSystem(s, "q4_1"), "llama_cpp_f32": lambda s: LlamaCppSystem(s, "f32")}
 
 
 # ---- command line ----------------------------------------------------------------------------------

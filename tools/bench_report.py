@@ -79,6 +79,10 @@ def format_table(result: dict) -> str:
         print(f"roofline {result['roofline_tok_s']:.1f} tok/s = read bandwidth {bw['gb_s']:.1f} GB/s "
               f"({bw['method']}, {bw['array_bytes'] / 2**30:.0f} GiB) / "
               f"{result['weights_bytes_per_token'] / 1e6:.1f} MB of decoder weights per token", file=out)
+        mach = s.get("machine") or {}
+        if mach.get("kernels"):  # which copy of the native kernels ran (chosen by the CPU, or FROMAGE_KERNELS)
+            print(f"native kernels: {mach['kernels']} on {mach.get('cpu')} ({' '.join(mach.get('cpu_flags') or [])})",
+                  file=out)
         head = ("system", "decode tok/s", "p90 tok/s", "x fromage", "roofline", "TPOT ms", "TTFT ms", "TTFT+img ms",
                 "e2e s", "img enc ms", "retr ms", "peak MB", "same tok")
         rows = []
@@ -90,7 +94,9 @@ def format_table(result: dict) -> str:
             vs = (m.get("vs_fromage") or {}).get("decode_tok_s")
             same = m.get("agrees_with_fromage_tokens")
             rows.append((name, _fmt(m["decode_tok_s"]), _fmt(pct.get("p90")), _fmt(vs, ".2f") if vs else "1.00"
-                         if name == "fromage" else "-", _fmt(m.get("roofline_fraction"), ".0%"), _fmt(m["tpot_ms"]),
+                         if name == "fromage" else "-", _fmt(m.get("roofline_fraction"), ".0%")
+                         + (f" (own {m['own_weights_roofline_fraction']:.0%})" if m.get("own_weights_roofline_fraction")
+                            else ""), _fmt(m["tpot_ms"]),
                          _fmt(m["ttft_ms"]), _fmt(m["ttft_image_ms"]), _fmt(m["e2e_ms"], ".2f", 1e-3),
                          _fmt(m["image_encode_ms"]), _fmt(m["retrieval_ms"], ".2f"), _fmt(m["peak_rss_mb"], ".0f"),
                          "-" if same is None else f"{same}/{len(m['tokens'])}"))

@@ -137,7 +137,7 @@ def serve(make_system, spec: dict, handle=None) -> int:
         traceback.print_exc()
         _reply(out, {"error": f"{type(e).__name__}: {e}"})
         return 1
-    _reply(out, {"ready": True, "load_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
+    _reply(out, {"ready": True, "load_s": time.perf_counter() - t0, "peak_rss_mb": getattr(system, "peak_rss_mb", peak_rss_mb)(),
                  "info": getattr(system, "info", {})})
     for line in sys.stdin:
         msg = json.loads(line)
@@ -175,7 +175,7 @@ def run_round(system, spec: dict, images: bool) -> dict:
         out["image_encode_s"] = system.encode_image()
     if hasattr(system, "retrieval"):
         out["retrieval_s"] = system.retrieval()
-    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_mb"] = getattr(system, "peak_rss_mb", peak_rss_mb)()  # a server peer: its server process's
     return out
 
 

@@ -49,8 +49,8 @@ def ensure_built(cache: Path) -> Path:
              f"build {', '.join(TARGETS)} (a few minutes)")
         staged = tmp / "out" / "bin"
         staged.mkdir(parents=True)
-        for t in TARGETS:
-            shutil.copy2(next(build.rglob(t)), staged / t)
+        for t in TARGETS:  # the executables (build/bin/<t>; not the tools/<t> source folders of the same name)
+            shutil.copy2(next(p for p in build.rglob(t) if p.is_file() and os.access(p, os.X_OK)), staged / t)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp / "out", out)
