@@ -307,8 +307,10 @@ class NativeDecoder:
                    for a, n in ((logits, self.vocab_size), (ret, self.retrieval_dim))):
             raise FromageError(f"logits and ret must be C-contiguous float32 ({B}, {self.vocab_size}) and "
                                f"({B}, {self.retrieval_dim})")
-        if len({id(c[0]) for c in caches}) != B:  # two rows appending to one buffer would race
-            raise FromageError("each sequence of a batch needs a KV cache of its own")
+        # rows may share a cache (consecutive positions of one sequence: all rows append before any attends,
+        # so each row sees the positions before it), never a position
+        if len({(id(c[0]), p) for c, p in zip(caches, pasts)}) != B:
+            raise FromageError("two rows of a batch would write the same position of one KV cache")
         k, v = self._pointer_tables(caches)
         capacity = [c[0].shape[2] for c in caches]
         rc = self.lib.fm_forward_batch(ctypes.byref(self.model), embeds.ctypes.data, B, (ctypes.c_int32 * B)(*pasts),

@@ -200,10 +200,14 @@ class Fromage:
         chunks = [visual[s.source] if isinstance(s, ImagePart) else self.embed_ids(s) for s in segments]
         return np.concatenate(chunks, axis=0)[None].astype(np.float32)
 
+    def new_state(self) -> "DecodeState":
+        """An empty cache (it grows as positions are fed)."""
+        cache = [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.kv_names]
+        return DecodeState(cache, 0, np.zeros(self.vocab_size, np.float32), np.zeros(self.retrieval_dim, np.float32))
+
     def start(self, embeds: np.ndarray) -> "DecodeState":
         """Prefill: run the prompt (1, n, E) from an empty cache."""
-        cache = [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.kv_names]
-        state = DecodeState(cache, 0, np.zeros(self.vocab_size, np.float32), np.zeros(self.retrieval_dim, np.float32))
+        state = self.new_state()
         self.advance(state, embeds)
         return state
 
@@ -215,23 +219,32 @@ class Fromage:
         state.length = total
 
     def advance_batch(self, states: list["DecodeState"], token_ids: list[int]) -> None:
-        """One token on each of several states (one decoding step of a batch): with the native engine one
-        call that reads the weights once for all of them, each state's outputs bit-identical to advance();
-        with ONNX Runtime, one call per state."""
-        embeds = np.ascontiguousarray(self.embed_ids(token_ids), dtype=np.float32)  # (B, E)
-        for state in states:
-            self._reserve(state, 1)
-        if not hasattr(self.decoder, "forward_batch") or len(states) == 1:
-            for state, row in zip(states, embeds):
-                self.decoder.forward(row[None, None], state.cache, state.length, state.logits, state.ret_embedding)
-                state.length += 1
+        """One token on each of several states (one decoding step of a batch)."""
+        embeds = self.embed_ids(token_ids)
+        self.advance_rows([(state, embeds[i:i + 1]) for i, state in enumerate(states)])
+
+    def advance_rows(self, rows: list[tuple["DecodeState", np.ndarray]]) -> None:
+        """Feed each state its positions (n, E), all in one decoder call: with the native engine every
+        weight is read once for all the positions, and each position is computed as a decoding step
+        computes it (the same kernels whatever else is in the call: a state's outputs do not depend on
+        its companions or on how its prompt was cut). With ONNX Runtime, one call per state."""
+        if not hasattr(self.decoder, "forward_batch"):
+            for state, embeds in rows:
+                self.advance(state, embeds[None])
             return
-        logits = np.empty((len(states), self.vocab_size), np.float32)
-        ret = np.empty((len(states), self.retrieval_dim), np.float32)
-        self.decoder.forward_batch(embeds, [s.cache for s in states], [s.length for s in states], logits, ret)
-        for state, lg, r in zip(states, logits, ret):
-            state.logits[:], state.ret_embedding[:] = lg, r
-            state.length += 1
+        caches, pasts, last = [], [], []
+        for state, embeds in rows:
+            self._reserve(state, len(embeds))
+            caches += [state.cache] * len(embeds)
+            pasts += range(state.length, state.length + len(embeds))
+            last.append(len(pasts) - 1)
+        embeds = np.ascontiguousarray(np.concatenate([e for _, e in rows]), dtype=np.float32)
+        logits = np.empty((len(pasts), self.vocab_size), np.float32)
+        ret = np.empty((len(pasts), self.retrieval_dim), np.float32)
+        self.decoder.forward_batch(embeds, caches, pasts, logits, ret)
+        for (state, e), i in zip(rows, last):
+            state.logits[:], state.ret_embedding[:] = logits[i], ret[i]
+            state.length += len(e)
 
     def _reserve(self, state: "DecodeState", n: int) -> int:
         """Room for n more positions in the state's cache (grown by doubling: amortised, not per step);
@@ -296,13 +309,32 @@ class Sequence:
     strings, the token budget, streamed text and images. Fromage.stream drives one; the scheduler
     (scheduler.py) drives many, fed by batched decoder steps."""
 
+    ECHO_TOKENS = 3  # after a [RET], this many tokens re-saying the answer before it end the answer
+
+    @staticmethod
+    def echo_run(token_ids: list[int], ret_id: int) -> int:
+        """After a [RET]: the length of the longest run of tokens, ending with the last one, that re-says in
+        order a run of the answer's tokens before the [RET] (0: none, or no [RET]); ECHO_TOKENS when 2 or more
+        such tokens re-say the end of what was said. The text of such tokens is held back; at ECHO_TOKENS the
+        answer ends there, without them (after "The kangaroo is a marsupial mammal. [RET]" the LM tends to
+        say " kangaroo is a marsupial mammal." again, after "A camera. [RET]", " camera.")."""
+        if ret_id not in token_ids:
+            return 0
+        last = len(token_ids) - 1 - token_ids[::-1].index(ret_id)
+        post, pre = token_ids[last + 1:], [t for t in token_ids[:last] if t != ret_id]
+        for n in range(len(post), 0, -1):
+            starts = [i for i in range(len(pre) - n + 1) if pre[i:i + n] == post[-n:]]
+            if starts:
+                return max(n, Sequence.ECHO_TOKENS) if n >= 2 and starts[-1] == len(pre) - n else n
+        return 0
+
     def __init__(self, model: "Fromage", params: SamplingParams, result: Result):
         self.p, self.result, self.ret_id = params, result, model.ret_id
         self.stop_ids = set(model.bundle.tokens["stop"] if params.stop_ids is None else params.stop_ids)
         self.allow_ret = params.retrieval and model.index is not None
         self.rng = np.random.default_rng(params.seed)
         self.text = _TextStream(model.tokenizer)
-        self.rets, self.done, self.held = 0, False, ""
+        self.rets, self.done, self.held, self.echo = 0, False, "", ""
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # text kept back: a stop string may start in it
         result.stop_reason = "length"
 
@@ -336,11 +368,17 @@ class Sequence:
             self.result.parts.append(image_part(hits, token_index=step))
             return events + [ImageEvent(hits, step)]
         delta = self.text.push(token)
+        if self.rets and (run := self.echo_run(self.result.token_ids, self.ret_id)):
+            self.echo += delta  # held back: it may be the start of a repetition
+            if run >= self.ECHO_TOKENS:
+                self.echo, self.done, self.result.stop_reason = "", True, "stop"
+            return []
+        delta, self.echo = self.echo + delta, ""
         return self._text(delta) if delta else []
 
     def finish(self) -> list:
-        """The text held back for stop strings, at the end."""
-        return [] if self.done else self._text("", flush=True)
+        """The text held back for stop strings (and a shorter echo than ECHO_TOKENS), at the end."""
+        return [] if self.done else self._text(self.echo, flush=True)
 
     def _text(self, delta: str, flush: bool = False) -> list:
         text, self.held = self.held + delta, ""

@@ -1,16 +1,18 @@
 """Continuous batching: many requests decoded together by one loaded model.
 
-One thread runs the loop. Each iteration it admits waiting requests into free slots (at most
-`max_batch` running), runs one chunk of one prompt's prefill, then one decoding step for every
-running request: each samples its next token (generate.Sequence, as a single generation does), the
-tokens are fed in one batched decoder call (the native engine reads every weight once for all of
-them; ONNX Runtime runs them one after the other), and the [RET]s of the step are searched together.
-A request that finishes or is cancelled leaves at the next iteration and frees its slot.
+One thread runs the loop. Each iteration admits waiting requests into free slots (at most `max_batch`
+running), lets every decoding request choose its next token (generate.Sequence, as a single
+generation does), and feeds all those tokens together with the next piece of one waiting prompt in
+ONE decoder call: the native engine reads every weight once for all the rows; ONNX Runtime runs the
+requests one after the other. The [RET]s of the step are searched together. A request that finishes
+or is cancelled leaves at the next iteration and frees its slot.
 
-Prefill is cut into chunks sized to take about as long as a decoding step while others decode, so a
-long prompt arriving does not stall the streams already running; alone, a prompt is prefilled whole.
-A request's tokens are the same as `Fromage.generate` gives it alone (native engine: a batch row
-and a prompt cut into chunks of at least two positions compute exactly what a solo call does).
+While others decode, a prompt is fed about as many positions per call as there are decoding rows, so a
+long prompt arriving slows the running streams' steps by a bounded factor instead of stalling them.
+Every position (prompt or generated) is computed by the decoding kernels, whose rows do not depend on
+what else is in the call: a request's outputs are the same alone or in any batch, however its prompt
+was cut. `Fromage.generate` prefills with the prompt kernels instead, which round differently: its
+greedy tokens agree with the scheduler's nearly always, not by construction (README, Serving).
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ from .errors import FromageError, ParameterError
 from .generate import DecodeState, Fromage, ImageEvent, Result, Sequence, TextEvent
 from .prompt import Part
 from .sampling import SamplingParams
+
+
+PROMPT_ROWS_BUSY = 8  # prompt positions per call, at least, while other requests decode
 
 
 class QueueFull(FromageError):
@@ -81,11 +86,11 @@ class _Slot:
 
 
 class Scheduler:
-    def __init__(self, model: Fromage, max_batch: int = 16, max_queue: int = 64, max_prompt_chunk: int = 512,
+    def __init__(self, model: Fromage, max_batch: int = 16, max_queue: int = 64, max_prompt_chunk: int = 64,
                  max_prompt: int | None = None, max_new_tokens: int | None = None):
         """max_prompt / max_new_tokens: per-request caps below the model's context (None: the context)."""
-        if max_batch < 1 or max_queue < 0 or max_prompt_chunk < 2:
-            raise FromageError("max_batch must be >= 1, max_queue >= 0 and max_prompt_chunk >= 2")
+        if max_batch < 1 or max_queue < 0 or max_prompt_chunk < 1:
+            raise FromageError("max_batch must be >= 1, max_queue >= 0 and max_prompt_chunk >= 1")
         self.model, self.max_batch, self.max_queue, self.max_prompt_chunk = model, max_batch, max_queue, max_prompt_chunk
         self.max_prompt, self.max_new_tokens = max_prompt, max_new_tokens
         self.waiting: deque[Request] = deque()
@@ -93,7 +98,6 @@ class Scheduler:
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
-        self._step_s, self._prefill_token_s = 0.0, 0.0  # running estimates that size the prompt chunks
         self._thread = threading.Thread(target=self._loop, name="fromage-scheduler", daemon=True)
         self._thread.start()
 
@@ -164,48 +168,12 @@ class Scheduler:
             self._finish(slot, "cancelled")
 
     def _iteration(self) -> None:
+        """One decoder call: a token for every decoding request and the next piece of one prompt."""
         for slot in [s for s in self.running if s.req.cancelled]:
             self._finish(slot, "cancelled")
         decoding = [s for s in self.running if s.seq is not None]
-        prefilling = next((s for s in self.running if s.seq is None), None)
-        if prefilling is not None:
-            try:
-                self._prefill_chunk(prefilling, busy=bool(decoding))
-            except FromageError as e:
-                self._finish(prefilling, "error", str(e))
-        if decoding:
-            self._decode_step(decoding)
-
-    def _chunk(self, slot: _Slot, busy: bool) -> int:
-        """Prompt positions to prefill now: all (up to max_prompt_chunk) when nothing else runs; else
-        about what takes as long as a decoding step. Never leaves a single position for the last chunk
-        (one position takes the decoding kernels, which round differently from the prompt's)."""
-        left = slot.prompt_len - slot.fed
-        n = self.max_prompt_chunk
-        if busy and self._prefill_token_s > 0:
-            n = int(np.clip(0.6 * self._step_s / self._prefill_token_s, 2, n))
-        n = min(n, left)
-        return left if left - n == 1 else max(n, min(2, left))
-
-    def _prefill_chunk(self, slot: _Slot, busy: bool) -> None:
-        n, model, t = self._chunk(slot, busy), self.model, time.perf_counter()
-        piece = np.ascontiguousarray(slot.req.embeds[:, slot.fed:slot.fed + n])
-        if slot.state is None:
-            slot.state = model.start(piece)
-        else:
-            model.advance(slot.state, piece)
-        slot.fed += n
-        elapsed = time.perf_counter() - t
-        self._prefill_token_s = 0.8 * self._prefill_token_s + 0.2 * elapsed / n if self._prefill_token_s else elapsed / n
-        if slot.fed == slot.prompt_len:
-            timings = slot.req.result.timings
-            timings["prefill_s"] = time.perf_counter() - slot.req.submitted - timings["queue_s"]
-            slot.seq = Sequence(model, slot.req.params, slot.req.result)
-
-    def _decode_step(self, slots: list[_Slot]) -> None:
-        t = time.perf_counter()
-        fed, model = [], self.model
-        for slot in slots:
+        rows, fed = [], []
+        for slot in decoding:
             token = slot.seq.next_token(slot.state.logits)
             if token is None:
                 self._finish(slot)
@@ -214,16 +182,52 @@ class Scheduler:
             else:
                 self._emit(slot, slot.seq.on_token(token))
         if fed:
-            model.advance_batch([s.state for s, _ in fed], [tok for _, tok in fed])
+            embeds = self.model.embed_ids([tok for _, tok in fed])
+            rows = [(slot.state, embeds[i:i + 1]) for i, (slot, _) in enumerate(fed)]
+        prompts = self._prompt_pieces(len(fed))
+        for slot, n in prompts:
+            if slot.state is None:
+                slot.state = self.model.new_state()
+            rows.append((slot.state, slot.req.embeds[0, slot.fed:slot.fed + n]))
+        if not rows:
+            return
+        try:
+            self.model.advance_rows(rows)
+        except FromageError as e:  # e.g. out of memory: those requests fail, the server goes on
+            for slot in [s for s, _ in fed] + [s for s, _ in prompts]:
+                self._finish(slot, "error", str(e))
+            return
+        for slot, n in prompts:
+            slot.fed += n
+            if slot.fed == slot.prompt_len:
+                timings = slot.req.result.timings
+                timings["prefill_s"] = time.perf_counter() - slot.req.submitted - timings["queue_s"]
+                slot.seq = Sequence(self.model, slot.req.params, slot.req.result)
+        self._after_step(fed)
+
+    def _prompt_pieces(self, decoding: int) -> list[tuple[_Slot, int]]:
+        """Prompt positions to feed in this call, oldest request first: beside `decoding` running requests
+        about as many rows again (at least PROMPT_ROWS_BUSY: a call's cost grows with its rows, so the
+        streams' steps at most about double while prompts are fed); with none decoding, max_prompt_chunk."""
+        budget = max(PROMPT_ROWS_BUSY, decoding) if decoding else self.max_prompt_chunk
+        pieces = []
+        for slot in self.running:
+            if slot.seq is None and budget > 0:
+                n = min(budget, slot.prompt_len - slot.fed)
+                pieces.append((slot, n))
+                budget -= n
+        return pieces
+
+    def _after_step(self, fed: list) -> None:
+        """The events of the step's tokens; every [RET] of the step searched in one query batch."""
+        model, found = self.model, {}
         rets = [s for s, tok in fed if tok == model.ret_id]
-        found = {}
-        if rets:  # every [RET] of the step in one search
+        if rets:
             top = max(s.req.params.top_images for s in rets)
             hits = model.index.search_batch(np.stack([s.state.ret_embedding for s in rets]), top)
             found = {id(s): h[:s.req.params.top_images] for s, h in zip(rets, hits)}
         for slot, token in fed:
             self._emit(slot, slot.seq.on_token(token, found.get(id(slot))))
-        self._step_s = 0.8 * self._step_s + 0.2 * (time.perf_counter() - t) if self._step_s else time.perf_counter() - t
 
     def _emit(self, slot: _Slot, events: list) -> None:
         timings = slot.req.result.timings

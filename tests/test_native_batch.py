@@ -100,6 +100,6 @@ def test_batch_refuses_a_full_cache_and_bad_shapes(exported):
     frozen[3].flags.writeable = False  # the C code writes every cache it is given
     with pytest.raises(FromageError, match="KV cache"):
         rt.decoder.forward_batch(emb, [frozen] + caches[1:], pasts, logits, ret)
-    with pytest.raises(FromageError, match="of its own"):
-        rt.decoder.forward_batch(emb, caches[:-1] + [caches[0]], pasts, logits, ret)
+    with pytest.raises(FromageError, match="same position"):
+        rt.decoder.forward_batch(emb, caches[:-1] + [caches[0]], pasts[:-1] + [pasts[0]], logits, ret)
     rt.decoder.forward_batch(emb, caches, pasts, logits, ret)  # all fit now
