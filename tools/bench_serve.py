@@ -62,7 +62,7 @@ def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) 
         with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
             rec["status"] = r.status_code
             if r.status_code != 200:
-                r.read()
+                rec["error"] = f"HTTP {r.status_code}: {r.read()[:200]!r}"
                 return rec
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -77,6 +77,7 @@ def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) 
                         rec["cancelled"] = True
                         break
         rec["ok"] = True
+        rec["tokens"] = rec["tokens"] or len(rec["token_times"])  # a server without usage: a chunk a token
     except httpx.HTTPError as e:
         rec["error"] = f"{type(e).__name__}: {e}"
     rec["e2e_s"] = time.perf_counter() - t0
@@ -109,7 +110,8 @@ def summarize(records: list, wall: float) -> dict:
             for r in ok if len(r["token_times"]) > 1]
     itl = [b - a for r in ok for a, b in zip(r["token_times"], r["token_times"][1:])]
     ms = lambda v: {k: x * 1000 for k, x in (percentiles(v) or {}).items()}  # noqa: E731
-    return {"requests": len(records), "errors": len(records) - len(ok), "wall_s": wall,
+    failures = sorted({r.get("error") or f"HTTP {r['status']}" for r in records if not r["ok"]})
+    return {"requests": len(records), "errors": len(records) - len(ok), "error_examples": failures[:3], "wall_s": wall,
             "request_throughput": len(ok) / wall, "output_tok_s": tokens / wall, "output_tokens": tokens,
             "ttft_ms": ms([r["ttft_s"] for r in ok if "ttft_s" in r]), "tpot_ms": ms(tpot), "itl_ms": ms(itl),
             "e2e_ms": ms([r["e2e_s"] for r in ok])}
