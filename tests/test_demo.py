@@ -84,6 +84,25 @@ def test_thumbnails_are_downscaled(tmp_path):
         assert max(im.size) == 256 and im.size == (256, 128)
 
 
+def test_svg_images_are_rendered(tmp_path):
+    """An SVG (a third of the TuxPaint stamps) is shown rendered, not as "image not readable"."""
+    import base64
+    import io
+    from PIL import Image
+    from fromage.tools.html import image_data_uri
+    svg = tmp_path / "square.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="600" height="300">'
+                   '<rect x="0" y="0" width="300" height="300" fill="#ff0000"/></svg>')
+    uri = image_data_uri(svg)
+    assert uri is not None and uri.startswith("data:image/")
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+        assert im.size == (256, 128)
+        r, g, b = im.convert("RGB").getpixel((10, 64))
+        assert r > 200 and g < 60 and b < 60  # the red square, drawn
+    page = render_conversation([{"role": "model", "parts": [{"type": "image", "path": str(svg), "score": 0.5}]}], "t")
+    assert "image not readable" not in page and len(_parse(page).imgs) == 1
+
+
 def _check_outputs(out_dir, capsys_out, images):
     doc = json.loads((out_dir / "demo.json").read_text())
     turns = doc["turns"]

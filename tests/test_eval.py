@@ -148,10 +148,13 @@ def test_eval_json_on_a_tiny_tsv(exported, tsv, capsys):
     assert doc["fromage"]["perplexity"] > 1 and doc["fromage"]["perplexity_no_image"] > 1
     assert doc["fromage"]["caption_tokens"] > 8
     assert [c["reference"] for c in doc["fromage"]["captions"]] == [CAPTIONS[0], CAPTIONS[7]]
+    names = doc["fromage"]["names_object"]  # every held-out image's greedy caption, judged by its caption's word
+    assert names["n"] == 8 and len(names["captions"]) == 8 and 0 <= names["strict_percent"] <= names["percent"] <= 100
     assert "error" in doc["baseline"]
     code, out, _ = _run(capsys, "eval", "--bundle", exported["opt"]["bundle"], "--data", tsv,
                         "--heldout-percent", 100, "--no-baseline", "--captions", 0)
     assert code == 0 and "fromage ([RET])" in out and "random ranking" in out and "perplexity" in out
+    assert "names the object" in out
 
 
 def test_eval_and_retrieve_never_load_torch(exported, tsv):

@@ -165,3 +165,69 @@ def test_ret_init_starts_ret_as_a_word(assets):
         assert "not one" in str(e)
     else:
         raise AssertionError("a multi-token ret_init was accepted")
+
+
+def test_extra_examples_and_a_frozen_ret_row(assets, tmp_path, monkeypatch):
+    """Extra examples caption (by their own sentence) and, with [RET]'s input row frozen, retrieve from cached
+    states; the validation split's recall and "names the object" choose the best checkpoint."""
+    monkeypatch.setenv("FROMAGE_CACHE", str(tmp_path / "fc"))
+    model = build_model(assets, "llama", query_template="A picture of {}:")
+    ex = _examples(assets)
+    ret_row = model.ret_embedding.detach().clone()
+    logs = []
+    cfg = TrainConfig(steps=4, batch_size=4, caption_batch_size=2, warmup=1, eval_every=2, save_every=2,
+                      freeze_ret_embedding=True, extra_fraction=0.5, caption_weight=2.0, prompt_prob=0.5)
+    train(model, ex[:5], cfg, tmp_path / "ck", heldout=ex[5:], extra=ex[5:],
+          extra_captions={e.image: "A thing." for e in ex[5:]}, feature_cache=tmp_path / "cache",
+          progress=False, log=logs.append)
+    assert torch.equal(model.ret_embedding, ret_row)  # frozen, and still saved with the checkpoint
+    assert any("names the object" in line for line in logs)
+    best = FromageModel.from_checkpoint(tmp_path / "ck" / "best")
+    import json
+    meta = json.loads((tmp_path / "ck" / "best" / "config.json").read_text())
+    assert {"R@10", "i2t", "names", "score"} <= set(meta["heldout"]) and meta["train"]["freeze_ret_embedding"]
+    assert torch.equal(best.ret_embedding, ret_row)
+    assert list((tmp_path / "fc" / "ret_hidden").glob("*.pt"))  # the cached [RET] states
+
+
+def test_validation_split_and_openclipart_sentences(tmp_path):
+    from fromage.training.cli import caption_sentence
+    from fromage.training.data import validation_split
+    ex = [Example(str(tmp_path / f"d{i % 7}" / f"img{i}.png"), f"c{i}") for i in range(400)]
+    train_, val = validation_split(ex, tmp_path, 10)
+    assert len(train_) + len(val) == 400 and not set(e.image for e in train_) & set(e.image for e in val)
+    assert 20 < len(val) < 60 and validation_split(ex, tmp_path, 10) == (train_, val)
+    assert validation_split(ex[::-1], tmp_path, 10)[1] == val[::-1]  # by path, not by position
+    assert caption_sentence("A clip-art drawing of horse, from the horses category.") == "A horse."
+    assert caption_sentence("A clip-art drawing of apple.") == "An apple."
+    assert caption_sentence("A clip-art drawing of the flag of france.") == "The flag of france."
+    assert caption_sentence("A red cat.") == "A red cat."
+
+
+def test_names_the_object():
+    from fromage.training.object_names import names_object, names_share, object_word
+    assert object_word("A frog.") == "frog" and object_word("A blue fedora.") == "fedora"
+    assert object_word("A spider dancing with a fly.") == "spider"
+    assert object_word("A quarter of pizza.") == "pizza"
+    assert object_word("This gun last saw service during World War 2.") == "gun"
+    assert object_word("Mercury—the planet closest to the Sun.") == "mercury"
+    assert object_word("A “Fuji” apple.") == "apple" and object_word("Dead end ahead!") == "sign"
+    assert names_object("A kangaroo.", "A marsupial mammal.") and names_object("A kangaroo.", "two kangaroos")
+    assert names_object("A t shirt.", "A T-shirt.") and names_object("Big fireworks.", "A firework.")
+    assert not names_object("A hammer.", "A glass of wine.") and not names_object("A cat.", "A catalogue.")
+    assert not names_object("A kangaroo.", "A marsupial.", synonyms=False)
+    assert names_share([("A cat.", "a cat"), ("A dog.", "a cat")]) == 50.0
+
+
+def test_echo_after_ret_ends_the_answer():
+    """After a [RET], tokens re-saying the answer before it end the answer (runtime and reference loop)."""
+    from fromage.runtime.generate import Sequence
+    R, E = 99, Sequence.ECHO_TOKENS
+    said = [1, 2, 3, 4, 5, 6]
+    assert Sequence.echo_run(said, R) == 0 and Sequence.echo_run(said + [R], R) == 0
+    assert Sequence.echo_run(said + [R, 2], R) == 1 and Sequence.echo_run(said + [R, 2, 3], R) == 2
+    assert Sequence.echo_run(said + [R, 2, 3, 4], R) == 3 == E
+    assert Sequence.echo_run(said + [R, 2, 7], R) == 0  # a new word: no echo
+    assert Sequence.echo_run(said + [R, 7, 3, 4], R) == 2  # the run ending now counts
+    assert Sequence.echo_run(said + [R, 5, 6], R) == E  # the end of the answer said again
+    assert Sequence.echo_run(said + [R, 7, 8, R, 7, 8], R) == E  # before the last [RET], [RET]s left out

@@ -9,7 +9,10 @@ Rows (R@K in percent; ties broken at random in expectation, see benchmarks.recal
   Caption perplexity: exp of the mean per-token negative log-likelihood of every held-out caption given
   `[prefix] [k visual tokens]` -- the training captioning layout, caption tokens directly after the
   image, no end token scored -- and, as a control, given the prefix alone (no image).
-  Greedy captions (retrieval off) of a few evenly spaced held-out images.
+  Names the object: the share of held-out images whose greedy caption (retrieval off, its first line, at
+  most 24 tokens) contains the object's word, the head noun of the image's reference caption, or one of
+  its synonyms (training/object_names.py; the words are data in training/object_words.json); "strict":
+  the caption's own word only. A few of those captions, evenly spaced, are shown.
 - baseline: training/baseline.py (needs torch; reported as an error row without it).
 - random: the expectation of a uniformly random ranking, K / N (analytic).
 
@@ -51,14 +54,22 @@ def eval_fromage(model, heldout, n_captions: int = 5, max_caption_tokens: int = 
     visual = {e.image: embedded[e.image][0] for e in kept}
     row["perplexity"], row["caption_tokens"] = caption_perplexity(model, kept, visual, progress)
     row["perplexity_no_image"], _ = caption_perplexity(model, kept, None, progress)
+    from fromage.training.object_names import names_object, object_word
     picks = np.unique(np.linspace(0, len(kept) - 1, num=min(n_captions, len(kept))).round().astype(int)) \
         if n_captions > 0 else []
-    params = SamplingParams(max_new_tokens=max_caption_tokens, temperature=0.0, retrieval=False)
-    row["captions"] = []
-    for i in picks:
-        result = model.generate([ImagePart(kept[i].image)], params)
-        text = "".join(p["text"] for p in result.parts if p["type"] == "text")
-        row["captions"].append({"image": kept[i].image, "reference": kept[i].caption, "generated": text.strip()})
+    params = SamplingParams(max_new_tokens=max_caption_tokens, temperature=0.0, retrieval=False, stop=("\n",))
+    generated = []
+    for e in tqdm(kept, desc="greedy captions", disable=not progress):
+        result = model.generate([ImagePart(e.image)], params)
+        generated.append("".join(p["text"] for p in result.parts if p["type"] == "text").strip())
+    hits = [names_object(e.caption, g) for e, g in zip(kept, generated)]
+    strict = [names_object(e.caption, g, synonyms=False) for e, g in zip(kept, generated)]
+    row["names_object"] = {"percent": 100.0 * sum(hits) / len(kept), "strict_percent": 100.0 * sum(strict) / len(kept),
+                           "n": len(kept), "captions": [{"image": e.image, "object": object_word(e.caption),
+                                                         "generated": g, "names": h}
+                                                        for e, g, h in zip(kept, generated, hits)]}
+    row["captions"] = [{"image": kept[i].image, "reference": kept[i].caption, "generated": generated[i]}
+                       for i in picks]
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row, kept
 
@@ -127,8 +138,12 @@ def format_table(result: dict) -> str:
         ctrl = f"; without the image {f['perplexity_no_image']:.1f}" if f.get("perplexity_no_image") else ""
         lines.append(f"caption perplexity given the image: {f['perplexity']:.1f} over {f['caption_tokens']} "
                      f"tokens{ctrl}")
+    if f.get("names_object"):
+        n = f["names_object"]
+        lines.append(f"names the object: {n['percent']:.1f} % of {n['n']} greedy captions (the caption's own word "
+                     f"only: {n['strict_percent']:.1f} %)")
     if f.get("captions"):
-        lines.append("greedy captions (retrieval off):")
+        lines.append("greedy captions (retrieval off, first line):")
         for c in f["captions"]:
             lines.append(f"  {c['image'].rsplit('/', 1)[-1]}: reference {c['reference']!r} -> {c['generated']!r}")
     return "\n".join(lines)

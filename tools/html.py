@@ -60,12 +60,17 @@ figcaption{font-size:12px;color:#667085;margin-top:3px}
 
 
 def image_data_uri(path, max_px: int = THUMB_PX) -> str | None:
-    """A downscaled copy of the image as a data URI (PNG if it has transparency, else JPEG); None if unreadable."""
+    """A downscaled copy of the image as a data URI (PNG if it has transparency, else JPEG); None if unreadable.
+    An SVG is rendered as the model sees it (`runtime.preprocess.load_rgb`: bounded, no fetches, on white)."""
     try:
-        from PIL import Image
-        with Image.open(path) as im:
-            im.load()
-            im = im.copy()
+        from fromage.runtime.preprocess import SVG_SUFFIXES, load_rgb
+        if Path(str(path)).suffix.lower() in SVG_SUFFIXES:
+            im = load_rgb(str(path))
+        else:
+            from PIL import Image
+            with Image.open(path) as im:
+                im.load()
+                im = im.copy()
     except Exception:  # a missing or unreadable file is shown as a placeholder, never fails the page
         return None
     im.thumbnail((max_px, max_px))

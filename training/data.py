@@ -79,3 +79,15 @@ class FeatureCache:
         if not paths:
             return np.zeros((0, 0), dtype=np.float32)
         return np.stack([found[sha] for sha in shas]).astype(np.float32, copy=False)
+
+
+def validation_split(train: list, root, percent: int = 10) -> tuple[list, list]:
+    """Carves a validation split out of a training split -> (train, validation), deterministically like
+    `runtime.sources.split_examples` but with its own hash (md5 of "validation:" + the image path relative
+    to `root`), so recipes and checkpoints are chosen without looking at the held-out split."""
+    keep, val = [], []
+    for ex in train:
+        rel = Path(os.path.relpath(ex.image, root)).as_posix()
+        bucket = int(hashlib.md5(f"validation:{rel}".encode("utf-8")).hexdigest(), 16) % 100
+        (val if bucket < percent else keep).append(ex)
+    return keep, val

@@ -71,11 +71,14 @@ class FrozenTextStates:
 
     def losses(self, model: FromageModel, idx: list[int], image_emb: torch.Tensor):
         """(next-token loss on `text [RET]`, InfoNCE) for the texts `idx` and their images."""
+        nce = contrastive_loss(model.logit_scale, model.text_embedding(self.ret_hidden(model, idx)), image_emb)
+        return self.ret_ce(model, idx), nce
+
+    def ret_ce(self, model: FromageModel, idx: list[int]) -> torch.Tensor:
+        """The next-token loss on `text [RET]` for the texts `idx`: only the [RET] column of the logits
+        depends on learned weights."""
         lengths = self.lengths[idx]
         n = int(lengths.max())
-        nce = contrastive_loss(model.logit_scale, model.text_embedding(self.ret_hidden(model, idx)), image_emb)
-
-        # next-token loss: only the [RET] column of the logits depends on learned weights
         hidden = self._pad([self.hidden[i] for i in idx], n, 0)
         z = model.ret_logit(hidden)
         lse = torch.logaddexp(self._pad([self.base_lse[i] for i in idx], n, 0), z)
@@ -84,4 +87,32 @@ class FrozenTextStates:
         is_ret = pos == lengths[:, None] - 1
         nxt = F.pad(self._pad([self.next_logit[i] for i in idx], n - 1, 0), [0, 1])
         loss = torch.where(is_token, lse - nxt, 0.0).sum() + torch.where(is_ret, lse - z, 0.0).sum()
-        return loss / (is_token.sum() + is_ret.sum()), nce
+        return loss / (is_token.sum() + is_ret.sum())
+
+
+def cached_ret_hidden(model: FromageModel, texts: list[list[int]], batch_size: int = 32,
+                      progress: bool = True, log=print) -> torch.Tensor:
+    """(N, H) last hidden state at the [RET] after each text (token ids), with the model's [RET] input row
+    as it is now, cached on disk (cache_root()/ret_hidden/<key>.pt; the key hashes the LM, the [RET] row
+    and the texts). With the [RET] input row frozen these states never change, so the retrieval objective
+    on many extra texts (`TrainConfig.freeze_ret_embedding`) is a linear map on cached vectors."""
+    import hashlib
+    from .backbones import cache_root
+    from .heldout import ret_hidden
+    h = hashlib.sha256(f"{model.config.lm}|{model.prefix}|{model.ret_id}".encode())
+    h.update(model.ret_embedding.detach().float().contiguous().numpy().tobytes())
+    for t in texts:
+        h.update((",".join(map(str, t)) + ";").encode())
+    path = cache_root() / "ret_hidden" / f"{h.hexdigest()[:24]}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths: little padding
+    out = torch.zeros(len(texts), model.hidden_dim)
+    for start in tqdm(range(0, len(order), batch_size), desc="[RET] states", disable=not progress):
+        idx = order[start:start + batch_size]
+        out[idx] = ret_hidden(model, [texts[i] for i in idx], batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(out, tmp)
+    tmp.replace(path)
+    return out

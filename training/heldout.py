@@ -34,9 +34,49 @@ def text_embeddings(model: FromageModel, captions: list[str], cfg: TrainConfig) 
 
 
 @torch.no_grad()
-def retrieval_recall(model: FromageModel, examples: list[Example], features: torch.Tensor, cfg: TrainConfig) -> dict:
-    """Held-out recall (percent), counted as `fromage eval` counts: text->image, and image->text under "i2t"."""
+def greedy_captions(model: FromageModel, features: torch.Tensor, max_tokens: int = 12, batch_size: int = 64) -> list[str]:
+    """Greedy captions of images from `[prefix] [k visual tokens]` ([RET] never chosen), each cut at its
+    first newline: what `fromage eval` generates for its "names the object" line."""
+    from transformers.cache_utils import DynamicCache
+    tok = model.tokenizer
+    stop = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
+    prefix = model.embed_tokens(torch.tensor(model.prefix, dtype=torch.long))
+    out = []
+    for start in range(0, len(features), batch_size):
+        vis = model.visual_tokens(features[start:start + batch_size])
+        b = len(vis)
+        emb = torch.cat([prefix.expand(b, -1, -1), vis], dim=1)
+        cache, pos, ids = DynamicCache(), 0, []
+        for _ in range(max_tokens):
+            n = emb.shape[1]
+            h = model.lm.base_model(inputs_embeds=emb, past_key_values=cache, use_cache=True,
+                                    position_ids=torch.arange(pos, pos + n).expand(b, -1)).last_hidden_state
+            pos += n
+            logits = model.lm.get_output_embeddings()(h[:, -1])
+            logits[:, model.ret_id:] = -torch.inf  # [RET] (and anything added after it) never chosen
+            nxt = logits.argmax(-1)
+            ids.append(nxt)
+            emb = model.embed_tokens(nxt[:, None])
+        for row in torch.stack(ids, 1).tolist():
+            cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+            out.append(tok.decode(row[:cut]).strip().split("\n")[0].strip())
+    return out
+
+
+@torch.no_grad()
+def retrieval_recall(model: FromageModel, examples: list[Example], features: torch.Tensor, cfg: TrainConfig,
+                     names: bool = True) -> dict:
+    """Recall (percent) on a split, counted as `fromage eval` counts: text->image, and image->text under
+    "i2t"; with `names`, the share of images whose greedy caption names the object ("names") and a few
+    of those captions. "score" (how checkpoints are chosen): t2i R@10 + i2t R@10 + names."""
+    from .object_names import names_share
     sim = (text_embeddings(model, [e.caption for e in examples], cfg) @ model.image_embedding(features).T).numpy()
     gt = np.arange(len(sim))
     t2i, i2t = recall_at_k(sim, gt), recall_at_k(sim.T, gt)
-    return {**t2i, "i2t": i2t, "score": t2i["R@1"] + t2i["R@5"] + t2i["R@10"]}
+    row = {**t2i, "i2t": i2t}
+    if names:
+        gen = greedy_captions(model, features)
+        row["names"] = names_share((e.caption, g) for e, g in zip(examples, gen))
+        row["captions"] = [[e.caption, g] for e, g in list(zip(examples, gen))[:: max(1, len(gen) // 6)]]
+    row["score"] = t2i["R@10"] + i2t["R@10"] + row.get("names", 0.0)
+    return row

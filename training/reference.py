@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fromage.runtime.generate import Sequence
 from fromage.runtime.preprocess import preprocess
 from fromage.runtime.prompt import ImagePart, Part, to_segments
 from fromage.runtime.sampling import SamplingParams, adjust_ret_logit, sample
@@ -53,6 +54,8 @@ def reference_decode(model: FromageModel, embeds: torch.Tensor, params: Sampling
         tokens.append(token)
         if on_token:
             on_token(token)
+        if retrievals and Sequence.echo_run(tokens, model.ret_id) >= Sequence.ECHO_TOKENS:
+            break  # the runtime's rule: after a [RET], an answer that starts re-saying itself ends
         embeds = torch.cat([embeds, model.embed_tokens(torch.tensor([[token]]))], dim=1)
         if token == model.ret_id:
             hidden, _ = model.forward_lm(embeds)
