@@ -8,11 +8,15 @@ from fromage.runtime.errors import FromageError
 
 from .app import ServerConfig, create_app
 
+SPIN_COUNT = 30_000  # libgomp spin iterations before an idle thread sleeps (its default: 300,000)
+
 
 def cmd_serve(args) -> None:
-    # OpenMP's idle threads would spin between decoding steps on the cores that the HTTP side needs;
-    # set before the native library loads
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's idle threads spin for a while after each parallel region: long enough (libgomp's default)
+    # and they take the cores the HTTP side needs between decoding steps; not at all, and every region
+    # pays a wake-up. A short spin covers the gaps inside a step. Set before the native library loads.
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     import uvicorn
     if not 0 < args.port < 65536:
         raise FromageError(f"--port must be 1..65535, got {args.port}")

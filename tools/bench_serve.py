@@ -292,32 +292,27 @@ def cmd_bench_serve(args, log=print) -> dict:
                            "max_batch": args.max_batch, "threads": args.threads, "ignore_eos": True},
               "machine": machine(), "systems": {}}
     image = data_url(args.bench_image) if args.bench_image and os.path.isfile(args.bench_image) else None
-    servers = []
-    try:
-        if args.url:
-            targets = [("fromage", None, args.url)]
-        else:
-            if not args.bundle:
-                raise FromageError("give --bundle (a server is started on it) or --url")
-            s = start_fromage(args, log_dir)
-            servers.append(s)
-            targets = [("fromage", s, s.url)]
-        peer = args.peer
-        if peer == "auto":
-            peer = "none" if args.url or not args.bundle else (
-                "llama_cpp" if load_bundle(args.bundle, verify=False).manifest.get("quantization") else "llama_cpp_f32")
-        if peer != "none":
+    targets = [("fromage", None)]
+    peer = args.peer
+    if peer == "auto":
+        peer = "none" if args.url or not args.bundle else (
+            "llama_cpp" if load_bundle(args.bundle, verify=False).manifest.get("quantization") else "llama_cpp_f32")
+    if peer != "none":
+        targets.append((peer, peer))
+    if not args.url and not args.bundle:
+        raise FromageError("give --bundle (a server is started on it) or --url")
+    for name, kind in targets:  # one server at a time: an idle one's threads would take the other's cores
+        server = None
+        if kind is None and not args.url:
+            server = start_fromage(args, log_dir)
+        elif kind is not None:
             from fromage.training.backbones import default_gguf_path
             from .llama_cpp import f32_gguf
-            gguf = default_gguf_path() if peer == "llama_cpp" else f32_gguf(Path(args.cache))
-            s = start_llama_server(args, log_dir, gguf)
-            servers.append(s)
-            targets.append((peer, s, s.url))
-        for name, server, url in targets:
+            server = start_llama_server(args, log_dir, default_gguf_path() if kind == "llama_cpp" else f32_gguf(Path(args.cache)))
+        url = server.url if server else args.url
+        try:
             log(f"{name} ({url}), text only:")
             entry = result["systems"][name] = {"text": sweep(url, levels, args.requests, args.max_tokens, None, log)}
-            if server is not None:
-                entry["rss_mb"] = server.rss_mb()
             if name == "fromage" and image:
                 log(f"{name}, with an image:")
                 entry["image"] = sweep(url, levels, args.requests, args.max_tokens, image, log)
@@ -327,9 +322,11 @@ def cmd_bench_serve(args, log=print) -> dict:
             if name == "fromage" and args.load_test and server is not None:
                 log(f"{name}, load test:")
                 entry["load_test"] = load_test(server, 32, 20, args.max_tokens, image, log)
-    finally:
-        for s in servers:
-            s.close()
+            if server is not None:
+                entry["rss_mb"] = server.rss_mb()
+        finally:
+            if server is not None:
+                server.close()
     result["targets"] = targets_met(result)
     return result
 
@@ -407,4 +404,7 @@ def cmd(args) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     if args.plot:
-        plot(result, args.plot)
+        try:
+            plot(result, args.plot)
+        except ModuleNotFoundError:
+            raise FromageError("--plot needs matplotlib: pip install 'fromage[bench]'") from None
