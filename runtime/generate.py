@@ -322,7 +322,7 @@ class Sequence:
             return 0
         last = len(token_ids) - 1 - token_ids[::-1].index(ret_id)
         post, pre = token_ids[last + 1:], [t for t in token_ids[:last] if t != ret_id]
-        for n in range(len(post), 0, -1):
+        for n in range(min(len(post), Sequence.ECHO_TOKENS), 0, -1):  # longer runs decide nothing more
             starts = [i for i in range(len(pre) - n + 1) if pre[i:i + n] == post[-n:]]
             if starts:
                 return max(n, Sequence.ECHO_TOKENS) if n >= 2 and starts[-1] == len(pre) - n else n

@@ -34,7 +34,13 @@ DEFAULT_IMAGE = "/usr/share/tuxpaint/stamps/animals/marsupials/kangaroo.png"
 
 
 # ---- one request ----------------------------------------------------------------------------------
-def request_body(i: int, max_tokens: int, image: str | None = None, stream: bool = True, words: int = 0) -> dict:
+# fromage's extension that keeps [RET] out of a timed answer, so that it is exactly max_tokens tokens long
+# (after a [RET] an answer that re-says itself ends early)
+NO_RETRIEVAL = {"min_word_tokens": 1 << 20}
+
+
+def request_body(i: int, max_tokens: int, image: str | None = None, stream: bool = True, words: int = 0,
+                 extra: dict | None = None) -> dict:
     text = f"Tell me a long story about {TOPICS[i % len(TOPICS)]}."
     if words:
         rng = random.Random(i)
@@ -45,7 +51,7 @@ def request_body(i: int, max_tokens: int, image: str | None = None, stream: bool
             "temperature": 0, "ignore_eos": True, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
-    return body
+    return {**body, **(extra or {})}
 
 
 def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) -> dict:
@@ -186,11 +192,11 @@ def data_url(path: str) -> str:
 
 
 # ---- scenarios -------------------------------------------------------------------------------------
-def sweep(url: str, levels: list, per_client: int, max_tokens: int, image: str | None, log) -> list:
+def sweep(url: str, levels: list, per_client: int, max_tokens: int, image: str | None, log, extra=None) -> list:
     rows = []
-    send(httpx.Client(timeout=600), url, request_body(0, 4, image))  # warm-up
+    send(httpx.Client(timeout=600), url, request_body(0, 4, image, extra=extra))  # warm-up
     for c in levels:
-        recs, wall = run_clients(url, c, per_client, lambda i: (request_body(i, max_tokens, image),))
+        recs, wall = run_clients(url, c, per_client, lambda i: (request_body(i, max_tokens, image, extra=extra),))
         row = {"concurrency": c, **summarize(recs, wall)}
         log(f"  C={c:>2}: {row['output_tok_s']:7.1f} tok/s, {row['request_throughput']:.2f} req/s, TTFT p50 "
             f"{row['ttft_ms'].get('p50', 0):.0f} ms, ITL p99 {row['itl_ms'].get('p99', 0):.0f} ms, errors {row['errors']}")
@@ -198,7 +204,7 @@ def sweep(url: str, levels: list, per_client: int, max_tokens: int, image: str |
     return rows
 
 
-def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log) -> dict:
+def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log, extra=None) -> dict:
     """ITL of `streams` running streams without, then with, one long prompt arriving mid-run."""
     def run(with_long: bool) -> dict:
         out, stop = {}, threading.Event()
@@ -207,14 +213,14 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log)
         def streaming(c):
             with httpx.Client(timeout=600) as http:
                 while not stop.is_set():
-                    recs.append(send(http, url, request_body(c, max_tokens)))
+                    recs.append(send(http, url, request_body(c, max_tokens, extra=extra)))
         threads = [threading.Thread(target=streaming, args=(c,)) for c in range(streams)]
         [t.start() for t in threads]
         time.sleep(2.0)
         t = time.perf_counter()
         if with_long:
             with httpx.Client(timeout=600) as http:
-                long = send(http, url, request_body(99, 8, words=prompt_words))
+                long = send(http, url, request_body(99, 8, words=prompt_words, extra=extra))
             out["long_prompt_ttft_ms"] = long.get("ttft_s", 0) * 1000
             out["long_prompt_tokens"] = long.get("prompt_tokens")
         else:
@@ -312,13 +318,14 @@ def cmd_bench_serve(args, log=print) -> dict:
         url = server.url if server else args.url
         try:
             log(f"{name} ({url}), text only:")
-            entry = result["systems"][name] = {"text": sweep(url, levels, args.requests, args.max_tokens, None, log)}
+            extra = NO_RETRIEVAL if name == "fromage" else None
+            entry = result["systems"][name] = {"text": sweep(url, levels, args.requests, args.max_tokens, None, log, extra)}
             if name == "fromage" and image:
                 log(f"{name}, with an image:")
-                entry["image"] = sweep(url, levels, args.requests, args.max_tokens, image, log)
+                entry["image"] = sweep(url, levels, args.requests, args.max_tokens, image, log, extra)
             if name == "fromage" and args.long_prompt:
                 log(f"{name}, long prompt:")
-                entry["long_prompt"] = long_prompt(url, 8, args.max_tokens, args.long_prompt, log)
+                entry["long_prompt"] = long_prompt(url, 8, args.max_tokens, args.long_prompt, log, extra)
             if name == "fromage" and args.load_test and server is not None:
                 log(f"{name}, load test:")
                 entry["load_test"] = load_test(server, 32, 20, args.max_tokens, image, log)
