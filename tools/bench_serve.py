@@ -115,7 +115,7 @@ def summarize(records: list, wall: float) -> dict:
     tpot = [(r["token_times"][-1] - r["token_times"][0]) / (len(r["token_times"]) - 1)
             for r in ok if len(r["token_times"]) > 1]
     itl = [b - a for r in ok for a, b in zip(r["token_times"], r["token_times"][1:])]
-    ms = lambda v: {k: x * 1000 for k, x in (percentiles(v) or {}).items()}  # noqa: E731
+    ms = lambda v: {k: x * 1000 for k, x in (percentiles(v) or {}).items() if k != "runs"}  # noqa: E731
     failures = sorted({r.get("error") or f"HTTP {r['status']}" for r in records if not r["ok"]})
     return {"requests": len(records), "errors": len(records) - len(ok), "error_examples": failures[:3], "wall_s": wall,
             "request_throughput": len(ok) / wall, "output_tok_s": tokens / wall, "output_tokens": tokens,
@@ -229,7 +229,7 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log,
         stop.set()
         [t.join() for t in threads]
         itl = [b - a for r in recs for a, b in zip(r["token_times"], r["token_times"][1:])]
-        out["itl_ms"] = {k: v * 1000 for k, v in percentiles(itl).items()}
+        out["itl_ms"] = {k: v * 1000 for k, v in percentiles(itl).items() if k != "runs"}
         return out
     base, loaded = run(False), run(True)
     ratio = loaded["itl_ms"]["p99"] / base["itl_ms"]["p99"]
