@@ -1,11 +1,10 @@
-"""Caption/image datasets for training: FROMAGe-style TSVs, the TuxPaint stamps, a deterministic
-train/held-out split, SVG rendering, and an on-disk cache of frozen image-encoder features.
-
-Torch-free on purpose: `fromage index build` (runtime side) reads TSVs with it."""
+"""Training data beside what runtime/sources.py reads (TSVs, the TuxPaint stamps, the held-out split):
+an on-disk cache of frozen image-encoder features, and the validation split carved from training."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Callable
@@ -13,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 
-from fromage.runtime.files import sha256_file
+from fromage.runtime.files import sha256_file, write_atomic
 
 
 class FeatureCache:
@@ -40,12 +39,9 @@ class FeatureCache:
             return None  # absent or unreadable: recompute it
 
     def _store(self, sha: str, feat: np.ndarray) -> None:
-        final = self._file(sha)
-        final.parent.mkdir(exist_ok=True)
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:  # a file object, because np.save(str) would append ".npy"
-            np.save(f, feat)
-        os.replace(tmp, final)
+        buf = io.BytesIO()  # np.save to a path would append ".npy" to the temp name
+        np.save(buf, feat)
+        write_atomic(self._file(sha), buf.getvalue())
 
     def get_many(self, paths: list[str], compute: Callable[[list[str]], np.ndarray],
                  batch_size: int = 64, progress: bool = True) -> np.ndarray:
