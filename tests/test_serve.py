@@ -156,8 +156,8 @@ def test_api_key_guards_v1_but_not_health(served_model):
 
 
 def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_model, monkeypatch):
-    step = served_model.advance_batch
-    monkeypatch.setattr(served_model, "advance_batch", lambda *a: time.sleep(0.02) or step(*a))  # slow steps
+    step = served_model.advance_rows
+    monkeypatch.setattr(served_model, "advance_rows", lambda *a: time.sleep(0.02) or step(*a))  # slow steps
     s = LiveServer(served_model, max_batch=1, max_queue=0)
     sched = lambda: s.app.state.fromage.scheduler  # noqa: E731
     body = {"max_tokens": 80, "stream": True, "ignore_eos": True, "messages": [{"role": "user", "content": "a"}]}
