@@ -205,6 +205,16 @@ static int retrieval(const fm_model *m, const float *h, int B, float *ret) {
     return 0;
 }
 
+/* buf[i] = the next sizes[i] floats of the decoder's scratch, each 64-byte aligned; -2 when out of memory. */
+static int carve_scratch(const size_t *sizes, int n, float **buf) {
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += (sizes[i] + 15) / 16 * 16;
+    float *ws = fm_scratch(1, total);
+    if (!ws) return -2;
+    for (int i = 0; i < n; i++) buf[i] = ws, ws += (sizes[i] + 15) / 16 * 16;
+    return 0;
+}
+
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
                float *const *k_cache, float *const *v_cache, float *logits, float *ret) {
     if (T < 1 || past < 0 || past + T > capacity || past + T > m->rope_positions) return -1;
@@ -214,11 +224,8 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
     const size_t sizes[] = {(size_t)T * E, (size_t)T * E, T * width, (size_t)T * H * d, (size_t)T * 2 * I,
                             (size_t)T * I, attention_scratch(m, past + T, omp_get_max_threads())};
     enum { N_BUFFERS = sizeof sizes / sizeof sizes[0] };
-    size_t total = 0;
-    for (int i = 0; i < N_BUFFERS; i++) total += (sizes[i] + 15) / 16 * 16;  /* 64-byte aligned each */
-    float *buf[N_BUFFERS], *ws = fm_scratch(1, total);
-    if (!ws) return -2;
-    for (int i = 0; i < N_BUFFERS; i++) buf[i] = ws, ws += (sizes[i] + 15) / 16 * 16;
+    float *buf[N_BUFFERS];
+    if (carve_scratch(sizes, N_BUFFERS, buf)) return -2;
     float *x = buf[0], *h = buf[1], *qkv = buf[2], *attn = buf[3], *gu = buf[4], *act = buf[5], *att_scratch = buf[6];
     int rc = 0;
 
@@ -290,11 +297,8 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
     const size_t sizes[] = {(size_t)B * E, (size_t)B * E, B * width, (size_t)B * H * d, (size_t)B * 2 * I,
                             (size_t)B * I, partials, (size_t)omp_get_max_threads() * ATT_BLOCK};
     enum { N_BUFFERS = sizeof sizes / sizeof sizes[0] };
-    size_t total = 0;
-    for (int i = 0; i < N_BUFFERS; i++) total += (sizes[i] + 15) / 16 * 16;  /* 64-byte aligned each */
-    float *buf[N_BUFFERS], *ws = fm_scratch(1, total);
-    if (!ws) return -2;
-    for (int i = 0; i < N_BUFFERS; i++) buf[i] = ws, ws += (sizes[i] + 15) / 16 * 16;
+    float *buf[N_BUFFERS];
+    if (carve_scratch(sizes, N_BUFFERS, buf)) return -2;
     float *x = buf[0], *h = buf[1], *qkv = buf[2], *attn = buf[3], *gu = buf[4], *act = buf[5], *part = buf[6], *sc = buf[7];
     int rc = 0;
 
