@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from .errors import ParameterError
-
 import numpy as np
+
+from .errors import ParameterError
 
 
 class Graph(Protocol):

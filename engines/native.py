@@ -278,8 +278,13 @@ class NativeDecoder:
         (native/fromage_native.h), each buffer checked first: the C code trusts their sizes."""
         n, kv, d, f32 = self.model.n_layers, self.model.n_kv, self.model.head_dim, np.dtype(np.float32)
         address, buffer = ctypes.addressof, ctypes.c_char.from_buffer
-        k, v = [], []
+        k, v, seen = [], [], {}
         for cache in caches:
+            if id(cache) in seen:  # rows of one prompt share its cache
+                addresses = seen[id(cache)]
+                k += addresses[0::2]
+                v += addresses[1::2]
+                continue
             shape = cache[0].shape if len(cache) == 2 * n else ()
             try:
                 if not (len(shape) == 4 and shape[:2] == (1, kv) and shape[3] == d
@@ -290,15 +295,16 @@ class NativeDecoder:
             except TypeError:
                 raise FromageError(f"the KV cache must be {2 * n} C-contiguous writable float32 arrays "
                                    f"of shape (1, {kv}, capacity, {d})") from None
+            seen[id(cache)] = addresses
             k += addresses[0::2]
             v += addresses[1::2]
         return (ctypes.c_void_p * len(k))(*k), (ctypes.c_void_p * len(v))(*v)
 
     def forward_batch(self, embeds: np.ndarray, caches: list, pasts: list, logits: np.ndarray, ret: np.ndarray) -> None:
-        """One decoding step of B sequences at once: sequence b feeds embeds[b] (embeds (B, E)) on its
-        own cache caches[b] (as forward's, holding pasts[b] positions); writes logits[b] (V,) and
-        ret[b] (R,) in place. Each weight matrix is read once for all B, and row b is bit-identical to
-        forward() of sequence b alone."""
+        """B rows in one call: row b feeds embeds[b] (embeds (B, E)) at position pasts[b] of cache caches[b]
+        (as forward's); writes logits[b] (V,) and ret[b] (R,) in place. Each weight matrix is read once for
+        all B, and row b is bit-identical to forward() of that one position. Rows may share a cache at
+        consecutive positions (one prompt's pieces), never a position."""
         B, E = len(caches), self.model.hidden
         if not (B >= 1 and len(pasts) == B and embeds.dtype == np.float32 and embeds.flags.c_contiguous
                 and embeds.shape == (B, E)):

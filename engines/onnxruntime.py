@@ -16,6 +16,8 @@ PROVIDERS = {
 
 
 class OrtSession:
+    """One graph on ONNX Runtime (a base.Graph)."""
+
     def __init__(self, path, device: str = "cpu", threads: int | None = None, spin: bool = True):
         import onnxruntime as ort
         if device not in PROVIDERS:
@@ -60,22 +62,22 @@ class InPlaceDecoder:
         self._local = threading.local()  # an I/O binding per calling thread: one shared binding mixes calls
 
     def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray) -> None:
-        total = past + embeds.shape[1]
-        local = self._local
+        total, ort, local = past + embeds.shape[1], self.session.session, self._local
         if not hasattr(local, "binding"):
-            local.binding, local.bound = self.session.session.io_binding(), None
+            local.binding, local.bound = ort.io_binding(), (None, None, None)
         binding = local.binding
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        if local.bound is not cache[0] or local.outputs != (logits.ctypes.data, ret.ctypes.data):
+        bound = (cache[0], logits, ret)  # held while bound, so `is` compares the very buffers
+        if any(a is not b for a, b in zip(local.bound, bound)):
             for name, present, buf in zip(self.kv_names, self.present_names, cache):
                 bind_array(binding, name, buf, output=False)
                 bind_array(binding, present, buf, output=True)
             bind_array(binding, "logits", logits[None], output=True)
             bind_array(binding, "ret_embedding", ret[None], output=True)
-            local.bound, local.outputs = cache[0], (logits.ctypes.data, ret.ctypes.data)
-        self.session.session.run_with_iobinding(binding)
+            local.bound = bound
+        ort.run_with_iobinding(binding)
 
 
 class ConcatDecoder:
@@ -94,7 +96,3 @@ class ConcatDecoder:
         new_logits, new_ret, *cache[:] = self.session.run(feeds)
         logits[:], ret[:] = new_logits[0], new_ret[0]
 
-
-def open_session(path, device: str = "cpu", threads: int | None = None, spin: bool = True) -> OrtSession:
-    """One graph on ONNX Runtime (a base.Graph)."""
-    return OrtSession(path, device=device, threads=threads, spin=spin)

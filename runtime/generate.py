@@ -13,7 +13,7 @@ import numpy as np
 
 from fromage.engines import native
 from fromage.engines.gather import gather_table
-from fromage.engines.onnxruntime import ConcatDecoder, InPlaceDecoder, open_session
+from fromage.engines.onnxruntime import ConcatDecoder, InPlaceDecoder, OrtSession
 
 from .bundle_reader import Bundle, load_bundle
 from .errors import FromageError
@@ -136,10 +136,10 @@ class Fromage:
         self.tokenizer = Tokenizer.from_file(str(self.bundle.tokenizer_path))
         # idle ONNX Runtime workers spin for a while after a run, on the cores the decoder needs next:
         # the vision graph's sleep instead
-        self.vision = open_session(self.bundle.graph_path("vision"), device=device, threads=threads, spin=False)
+        self.vision = OrtSession(self.bundle.graph_path("vision"), device=device, threads=threads, spin=False)
         # a plain table lookup runs in numpy (engines/gather.py); otherwise ONNX Runtime with one thread
         embed_path = self.bundle.graph_path("embed")
-        self.embed = (gather_table(embed_path) if device == "cpu" else None) or open_session(
+        self.embed = (gather_table(embed_path) if device == "cpu" else None) or OrtSession(
             embed_path, device=device, threads=1)
         io = self.bundle.manifest["graphs"]["decoder"]
         self.kv_names = io["inputs"][3:]
@@ -172,7 +172,7 @@ class Fromage:
                     why_not = str(e)
             if engine == "native":
                 raise FromageError(f"the native engine cannot run this: {why_not}")
-        graph = open_session(path, device=device, threads=threads)
+        graph = OrtSession(path, device=device, threads=threads)
         decoder = InPlaceDecoder(graph) if self.fused else ConcatDecoder(graph)
         return "onnxruntime", decoder, why_not and f"native engine not used: {why_not}"
 
@@ -217,11 +217,6 @@ class Fromage:
         total = self._reserve(state, embeds.shape[1])
         self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding)
         state.length = total
-
-    def advance_batch(self, states: list["DecodeState"], token_ids: list[int]) -> None:
-        """One token on each of several states (one decoding step of a batch)."""
-        embeds = self.embed_ids(token_ids)
-        self.advance_rows([(state, embeds[i:i + 1]) for i, state in enumerate(states)])
 
     def advance_rows(self, rows: list[tuple["DecodeState", np.ndarray]]) -> None:
         """Feed each state its positions (n, E), all in one decoder call: with the native engine every

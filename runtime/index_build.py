@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 from usearch.index import BatchMatches, Index
 
-from fromage.engines.onnxruntime import open_session
+from fromage.engines.onnxruntime import OrtSession
 
 from .errors import FromageError
 from .files import sha256_file, write_atomic
@@ -44,12 +44,10 @@ def index_images(bundle, source, out, *, image_dir=None, batch_size: int = 32, o
     """Embed the images of `source` (a folder or a TSV) with a loaded bundle's vision graph into an
     index at `out` (resuming an unfinished build). TSV rows whose image file is missing are skipped
     with a warning (skip_missing=False: refused). -> ImageIndex"""
-    vision = open_session(bundle.graph_path("vision"), threads=threads)
+    vision = OrtSession(bundle.graph_path("vision"), threads=threads)
     pp = bundle.preprocessing
 
-    def embed(paths):
-        for p in paths:
-            _readable_image(p)
+    def embed(paths):  # preprocess refuses what is not a regular image file of bounded size, unopened
         try:
             pixels = preprocess(paths, pp)
         except FromageError:
@@ -60,21 +58,6 @@ def index_images(bundle, source, out, *, image_dir=None, batch_size: int = 32, o
     return build_index(list_images(source, image_dir, skip_missing=skip_missing), embed, out,
                        dim=bundle.model["retrieval_dim"], embedder=bundle.vision_fingerprint,
                        batch_size=batch_size, overwrite=overwrite)
-
-
-def _readable_image(path: str) -> None:
-    """Refuse (FromageError: the image is skipped) what is no regular, readable file of a sane size, before
-    any decoder opens it: a FIFO would block, a device or a huge SVG would never end."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise FromageError(f"cannot read image {path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise FromageError(f"{path} is not a regular file")
-    if st.st_size > MAX_IMAGE_BYTES:
-        raise FromageError(f"image too large: {path} ({st.st_size} bytes > {MAX_IMAGE_BYTES})")
-    if not os.access(path, os.R_OK):
-        raise FromageError(f"cannot read image {path}: permission denied")
 
 
 def _content_id(path: str) -> str:

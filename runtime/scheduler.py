@@ -16,7 +16,6 @@ greedy tokens agree with the scheduler's nearly always, not by construction (REA
 """
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -49,7 +48,6 @@ class Finished:
 class Request:
     """A submitted generation. Events (TextEvent, ImageEvent, then Finished) go to `on_event`, called
     from the scheduler's thread; without one they queue up for iteration (`for event in request`)."""
-    id: int
     params: SamplingParams
     embeds: np.ndarray
     result: Result
@@ -95,7 +93,6 @@ class Scheduler:
         self.max_prompt, self.max_new_tokens = max_prompt, max_new_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[_Slot] = []
-        self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="fromage-scheduler", daemon=True)
@@ -114,7 +111,7 @@ class Scheduler:
         embeds = self.model.prepare(parts, params, result)
         if self.max_prompt is not None and embeds.shape[1] > self.max_prompt:
             raise FromageError(f"the prompt is {embeds.shape[1]} positions long; at most {self.max_prompt} here")
-        req = Request(next(self._ids), params, embeds, result, on_event)
+        req = Request(params, embeds, result, on_event)
         with self._cond:
             self._check_room()
             self.waiting.append(req)
@@ -168,7 +165,7 @@ class Scheduler:
             self._finish(slot, "cancelled")
 
     def _iteration(self) -> None:
-        """One decoder call: a token for every decoding request and the next piece of one prompt."""
+        """One decoder call: a token for every decoding request and the next pieces of waiting prompts."""
         for slot in [s for s in self.running if s.req.cancelled]:
             self._finish(slot, "cancelled")
         decoding = [s for s in self.running if s.seq is not None]

@@ -26,7 +26,7 @@ from fromage.runtime.scheduler import Finished, QueueFull, Scheduler
 from .errors import BadRequest, error_body
 from .media import MediaPolicy
 from .metrics import Metrics
-from .protocol import FINISH_REASONS, chunk, completion, image_part, parse_chat_request, usage
+from .protocol import FINISH_REASONS, AnswerStart, chunk, completion, image_part, parse_chat_request, usage
 
 STATIC = Path(__file__).with_name("static")
 IMAGE_PX = 512  # retrieved images are served as PNG thumbnails of at most this size
@@ -188,7 +188,7 @@ class _Outputs:
     """A request's events as the client sees them, timed for the metrics."""
 
     def __init__(self, events: asyncio.Queue, metrics: Metrics, t0: float):
-        self.events, self.metrics, self.t0, self.last, self.started = events, metrics, t0, None, False
+        self.events, self.metrics, self.t0, self.last, self.text = events, metrics, t0, None, AnswerStart()
 
     async def next(self):
         event = await self.events.get()
@@ -200,13 +200,6 @@ class _Outputs:
                 self.metrics.itl.observe(now - self.last)
             self.last = now
         return event
-
-    def text(self, text: str) -> str:
-        """An answer starts at its first non-blank character (the format puts a space after 'A:')."""
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        return text
 
 
 async def _until_finished(handle, outputs: _Outputs, request: Request):
@@ -248,7 +241,8 @@ async def _sse(handle, outputs: _Outputs, rid: str, model: str, positions: int, 
                 if text:
                     yield _data(chunk(rid, model, {"content": text}))
             elif isinstance(event, ImageEvent):
-                yield _data(chunk(rid, model, {"parts": [image_part(event.hits[0])]}))
+                hit = event.hits[0]
+                yield _data(chunk(rid, model, {"parts": [image_part(hit.key, hit.score, hit.caption)]}))
             elif isinstance(event, Finished):
                 if event.error:
                     yield _data({"error": {"message": event.error, "type": "server_error", "code": 500}})

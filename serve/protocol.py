@@ -104,22 +104,34 @@ def _message(m, i: int, media) -> tuple[str, list]:
 
 
 # ---- responses --------------------------------------------------------------------------------
-def image_part(hit) -> dict:
-    return {"type": "image_url", "image_url": {"url": f"/v1/images/{hit.key}"}, "key": hit.key,
-            "score": round(float(hit.score), 6), "caption": hit.caption}
+def image_part(key: int, score: float, caption: str | None) -> dict:
+    """A retrieved image as a response part: by index key, never by path."""
+    return {"type": "image_url", "image_url": {"url": f"/v1/images/{key}"}, "key": key,
+            "score": round(float(score), 6), "caption": caption}
+
+
+class AnswerStart:
+    """An answer starts at its first non-blank character (the format puts a space after "A:"): called on
+    each piece of text in order, it strips what comes before."""
+
+    def __init__(self):
+        self.started = False
+
+    def __call__(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        return text
 
 
 def answer_parts(result_parts: list) -> list:
-    """A Result's parts -> the response's parts (image parts by index key, never by path)."""
-    out = []
+    """A Result's parts -> the response's parts."""
+    out, start = [], AnswerStart()
     for p in result_parts:
-        if p["type"] == "text":
-            text = p["text"] if any(q["type"] == "text" for q in out) else p["text"].lstrip()  # as the stream
-            if text:
-                out.append({"type": "text", "text": text})
-        else:
-            out.append({"type": "image_url", "image_url": {"url": f"/v1/images/{p['key']}"}, "key": p["key"],
-                        "score": round(float(p["score"]), 6), "caption": p.get("caption")})
+        if p["type"] != "text":
+            out.append(image_part(p["key"], p["score"], p.get("caption")))
+        elif text := start(p["text"]):
+            out.append({"type": "text", "text": text})
     return out
 
 

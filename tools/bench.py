@@ -295,7 +295,7 @@ def run_bench(args, log=print) -> dict:
                 "retrieval_ms": "one [RET] query (the decoder's retrieval embedding) against the index, top-1",
                 "peak_rss_mb": "peak resident memory of the system's worker process (VmHWM)",
                 "statistics": "median and p50/p90/p99 over the timed runs (inter_token_ms: over all tokens)"},
-            "machine": _machine(), "versions": _versions(),
+            "machine": machine_info(), "versions": _versions(),
         },
         "systems": ordered,
     }
@@ -313,7 +313,8 @@ def resolve_peers(compare) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
+    """The CPU, its vector flags and the native kernels it runs: recorded with every benchmark."""
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

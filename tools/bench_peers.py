@@ -287,40 +287,17 @@ class LlamaCppSystem:
     takes_images = False
 
     def __init__(self, spec: dict, precision: str):
-        import socket
         import urllib.request
         from fromage.tools.llama_cpp import ensure_built, f32_gguf
-        from fromage.training.backbones import default_gguf_path
-        cache = Path(spec["cache"]) if spec.get("cache") else None
-        if cache is None:
-            from fromage.training.backbones import cache_root
-            cache = cache_root()
+        from fromage.tools.server_process import Server, free_port
+        from fromage.training.backbones import cache_root, default_gguf_path
+        cache = Path(spec["cache"]) if spec.get("cache") else cache_root()
         gguf = f32_gguf(cache) if precision == "f32" else default_gguf_path()
         binary = ensure_built(cache) / "llama-server"
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        threads, ctx = spec["threads"], -(-(len(spec["prompt_ids"]) + spec["new_tokens"] + 64) // 256) * 256
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                                      "-t", str(threads), "-tb", str(threads), "-np", "1", "-c", str(ctx),
-                                      "--no-webui"], stdout=self.log, stderr=subprocess.STDOUT)
-        self.url, self.ids, self.request = f"http://127.0.0.1:{port}", spec["prompt_ids"], urllib.request
-        deadline = time.time() + 300
-        while True:  # /health: 503 while loading, 200 when ready
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise FromageError(f"llama-server exited (code {self.proc.returncode}): "
-                                   f"{self.log.read().decode(errors='replace')[-1500:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise FromageError("llama-server did not become ready in 300 s")
-            time.sleep(0.2)
+        threads, ctx, port = spec["threads"], -(-(len(spec["prompt_ids"]) + spec["new_tokens"] + 64) // 256) * 256, free_port()
+        self.server = Server("llama-server", [binary, "-m", gguf, "--host", "127.0.0.1", "--port", port, "-t", threads,
+                                              "-tb", threads, "-np", 1, "-c", ctx, "--no-webui"], port)
+        self.url, self.ids, self.request = self.server.url, spec["prompt_ids"], urllib.request
         self.info = {"weights_bytes": gguf.stat().st_size, "gguf": str(gguf), "precision": precision,
                      "server": str(binary), "timing": "llama-server's own timings (prompt_ms, predicted_ms)"}
 
@@ -341,19 +318,11 @@ class LlamaCppSystem:
 
     def peak_rss_mb(self) -> float:
         """The server's peak resident memory (VmHWM)."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        return self.server.memory_mb("VmHWM") or 0.0
 
     def __del__(self):
-        proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if getattr(self, "server", None) is not None:
+            self.server.close()
 
 
 def _prepare_llama_cpp(spec: dict, precision: str) -> Path:

@@ -14,8 +14,6 @@ import base64
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -26,7 +24,9 @@ import numpy as np
 
 from fromage.runtime.errors import FromageError
 
+from .bench import machine_info
 from .bench_report import percentiles
+from .server_process import Server, free_port
 
 TOPICS = ("a red kangaroo", "an old lighthouse", "a blue whale", "a small boat", "a yellow sun over hills",
           "a painter at the market", "a green frog", "a snowy mountain")
@@ -124,57 +124,13 @@ def summarize(records: list, wall: float) -> dict:
 
 
 # ---- servers ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server process started here, stopped on close; `rss_mb()` reads its resident memory."""
-
-    def __init__(self, name: str, argv: list, url: str, log: Path, health: str = "/health", timeout: float = 300):
-        self.name, self.url = name, url
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen([str(a) for a in argv], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise FromageError(f"{name} exited ({self.proc.returncode}); see {log}")
-            try:
-                if httpx.get(url + health, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                self.close()
-                raise FromageError(f"{name} did not become healthy in {timeout:.0f} s; see {log}")
-            time.sleep(0.25)
-
-    def rss_mb(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
 def start_fromage(args, log_dir: Path) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "fromage.tools.cli", "serve", "--bundle", args.bundle, "--port", port,
             "--max-batch", args.max_batch, "--max-queue", 1024, "--threads", args.threads]
     if args.index:
         argv += ["--index", args.index]
-    return Server("fromage", argv, f"http://127.0.0.1:{port}", log_dir / "fromage-serve.log")
+    return Server("fromage", argv, port, log_dir / "fromage-serve.log")
 
 
 def start_llama_server(args, log_dir: Path, gguf: Path) -> Server:
@@ -183,7 +139,7 @@ def start_llama_server(args, log_dir: Path, gguf: Path) -> Server:
     argv = [ensure_built(Path(args.cache)) / "llama-server", "-m", gguf, "--host", "127.0.0.1", "--port", port,
             "-t", args.threads, "-tb", args.threads, "-np", args.max_batch, "-c", args.max_batch * 1024, "-cb",
             "--no-webui"]
-    return Server(f"llama-server ({gguf.name})", argv, f"http://127.0.0.1:{port}", log_dir / "llama-server.log")
+    return Server(f"llama-server ({gguf.name})", argv, port, log_dir / "llama-server.log")
 
 
 def data_url(path: str) -> str:
@@ -253,7 +209,7 @@ def load_test(server: Server, clients: int, per_client: int, max_tokens: int, im
         kinds[i] = "cancelled" if r < 0.15 else "ok"
         body = request_body(i, max_tokens, image if rng.random() < 0.3 else None, stream=(r < 0.15 or rng.random() < 0.5))
         if len(kinds) % 25 == 0:
-            rss.append((len(kinds), server.rss_mb()))
+            rss.append((len(kinds), server.memory_mb()))
         return (body, rng.randint(1, max_tokens // 2) if kinds[i] == "cancelled" else None)
     recs, wall = run_clients(server.url, clients, per_client, make)
     statuses = [r["status"] for r in recs]
@@ -296,7 +252,7 @@ def cmd_bench_serve(args, log=print) -> dict:
     log_dir.mkdir(parents=True, exist_ok=True)
     result = {"settings": {"concurrency": levels, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
                            "max_batch": args.max_batch, "threads": args.threads, "ignore_eos": True},
-              "machine": machine(), "systems": {}}
+              "machine": machine_info(), "systems": {}}
     image = data_url(args.bench_image) if args.bench_image and os.path.isfile(args.bench_image) else None
     targets = [("fromage", None)]
     peer = args.peer
@@ -330,7 +286,7 @@ def cmd_bench_serve(args, log=print) -> dict:
                 log(f"{name}, load test:")
                 entry["load_test"] = load_test(server, 32, 20, args.max_tokens, image, log)
             if server is not None:
-                entry["rss_mb"] = server.rss_mb()
+                entry["rss_mb"] = server.memory_mb()
         finally:
             if server is not None:
                 server.close()
@@ -349,19 +305,6 @@ def targets_met(result: dict) -> dict:
             if 16 in ptext:
                 out[f"vs_{peer}_at_16"] = text[16]["output_tok_s"] / ptext[16]["output_tok_s"]
     return out
-
-
-def machine() -> dict:
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":")[1].split())
-                break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "avx512_vnni": "avx512_vnni" in flags}
 
 
 def format_table(result: dict) -> str:
