@@ -91,11 +91,11 @@ def test_threads_are_per_decoder(exported):
 
 def test_embedding_lookup_runs_in_numpy_and_matches_onnxruntime(exported):
     from fromage.engines.gather import GatherTable, gather_table
-    from fromage.engines.onnxruntime import open_session
+    from fromage.engines.onnxruntime import OrtSession
     bundle = Fromage(exported["llama"]["bundle"])
     assert isinstance(bundle.embed, GatherTable)  # the bundle's embed.onnx is one Gather
     ids = np.array([[0, 5, bundle.ret_id, 3]], dtype=np.int64)
-    ort = open_session(bundle.bundle.graph_path("embed"), threads=1)
+    ort = OrtSession(bundle.bundle.graph_path("embed"), threads=1)
     assert np.array_equal(bundle.embed.run({"input_ids": ids})[0], ort.run({"input_ids": ids})[0])
     with pytest.raises(FromageError, match="out of range"):
         bundle.embed.run({"input_ids": np.array([[-1]])})
