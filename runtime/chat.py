@@ -4,7 +4,7 @@ follows it and ends with a newline, which is also where a generated answer stops
 A system message is plain text before the first turn."""
 from __future__ import annotations
 
-from .prompt import ImagePart, Part
+from .prompt import Part
 
 ANSWER_STOP = "\n"
 
@@ -47,5 +47,3 @@ def chat_prompt(messages: list[tuple[str, list[Part]]]) -> list[Part]:
             prompt += [(" " + p if i == 0 and isinstance(p, str) else p) for i, p in enumerate(answer_turn(parts))]
     return prompt
 
-
-__all__ = ["ANSWER_STOP", "ImagePart", "answer_turn", "chat_prompt", "user_turn"]
