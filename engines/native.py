@@ -120,7 +120,8 @@ def load_library():
         lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                                    ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p]
-        lib.fm_forward_batch.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32] + [ctypes.c_void_p] * 6
+        lib.fm_forward_batch.argtypes = ([ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32] + [ctypes.c_void_p] * 4
+                                         + [ctypes.c_int32] + [ctypes.c_void_p] * 3)
         _lib = lib
     return _lib
 
@@ -300,27 +301,34 @@ class NativeDecoder:
             v += addresses[1::2]
         return (ctypes.c_void_p * len(k))(*k), (ctypes.c_void_p * len(v))(*v)
 
-    def forward_batch(self, embeds: np.ndarray, caches: list, pasts: list, logits: np.ndarray, ret: np.ndarray) -> None:
+    def forward_batch(self, embeds: np.ndarray, caches: list, pasts: list, logits: np.ndarray, ret: np.ndarray,
+                      out_rows: list | None = None) -> None:
         """B rows in one call: row b feeds embeds[b] (embeds (B, E)) at position pasts[b] of cache caches[b]
-        (as forward's); writes logits[b] (V,) and ret[b] (R,) in place. Each weight matrix is read once for
-        all B, and row b is bit-identical to forward() of that one position. Rows may share a cache at
-        consecutive positions (one prompt's pieces), never a position."""
+        (as forward's). Writes the outputs of the rows out_rows (ascending; None: all B), in that order:
+        logits (n, V) and ret (n, R), in place. Each weight matrix is read once for all B, and row b is
+        bit-identical to forward() of that one position. Rows may share a cache at consecutive positions
+        (one prompt's pieces), never a position."""
         B, E = len(caches), self.model.hidden
         if not (B >= 1 and len(pasts) == B and embeds.dtype == np.float32 and embeds.flags.c_contiguous
                 and embeds.shape == (B, E)):
             raise FromageError(f"embeds must be C-contiguous float32 (B, {E}), with B >= 1 caches and pasts")
-        if not all(a.dtype == np.float32 and a.flags.c_contiguous and a.shape == (B, n)
-                   for a, n in ((logits, self.vocab_size), (ret, self.retrieval_dim))):
-            raise FromageError(f"logits and ret must be C-contiguous float32 ({B}, {self.vocab_size}) and "
-                               f"({B}, {self.retrieval_dim})")
+        n = B if out_rows is None else len(out_rows)
+        if out_rows is not None and not all(0 <= a < b for a, b in zip(out_rows, list(out_rows[1:]) + [B])):
+            raise FromageError(f"out_rows must be ascending rows of the batch (0..{B - 1})")
+        if not all(a.dtype == np.float32 and a.flags.c_contiguous and a.shape == (n, m)
+                   for a, m in ((logits, self.vocab_size), (ret, self.retrieval_dim))):
+            raise FromageError(f"logits and ret must be C-contiguous float32 ({n}, {self.vocab_size}) and "
+                               f"({n}, {self.retrieval_dim})")
         # rows may share a cache (consecutive positions of one sequence: all rows append before any attends,
         # so each row sees the positions before it), never a position
         if len({(id(c[0]), p) for c, p in zip(caches, pasts)}) != B:
             raise FromageError("two rows of a batch would write the same position of one KV cache")
         k, v = self._pointer_tables(caches)
         capacity = [c[0].shape[2] for c in caches]
+        rows = None if out_rows is None else (ctypes.c_int32 * n)(*out_rows)
         rc = self.lib.fm_forward_batch(ctypes.byref(self.model), embeds.ctypes.data, B, (ctypes.c_int32 * B)(*pasts),
-                                       (ctypes.c_int32 * B)(*capacity), k, v, logits.ctypes.data, ret.ctypes.data)
+                                       (ctypes.c_int32 * B)(*capacity), k, v, n, rows, logits.ctypes.data,
+                                       ret.ctypes.data)
         if rc == -1:
             b = next((b for b in range(B) if not 0 <= pasts[b] < min(capacity[b], self.model.rope_positions)), 0)
             raise FromageError(f"sequence {b}: {pasts[b]} + 1 positions exceed its cache ({capacity[b]}) "

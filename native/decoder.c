@@ -284,8 +284,12 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
 }
 
 int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
-                     float *const *k_cache, float *const *v_cache, float *logits, float *ret) {
+                     float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
+                     float *logits, float *ret) {
     if (B < 1) return -1;
+    if (!out_rows) n_out = B;
+    for (int i = 0; out_rows && i < n_out; i++)
+        if (out_rows[i] < 0 || out_rows[i] >= B || (i > 0 && out_rows[i] <= out_rows[i - 1])) return -1;
     size_t partials = 0;
     for (int b = 0; b < B; b++) {
         if (past[b] < 0 || past[b] + 1 > capacity[b] || past[b] + 1 > m->rope_positions) return -1;
@@ -319,9 +323,12 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
     }
     if (rc) return -2;
 
+    /* the head only for the rows that want outputs: a prompt's inner positions need none */
     const size_t V = (size_t)m->head.N + m->head_extra.N;
-    rms_norm(x, m->final_norm, h, B, E, m->eps);
-    rc |= fm_linear_rows(&m->head, h, B, logits, V, 0);
-    if (m->head_extra.N > 0) rc |= fm_linear_rows(&m->head_extra, h, B, logits + m->head.N, V, 0);
-    return rc ? -2 : retrieval(m, h, B, ret);
+    for (int i = 0; i < n_out; i++)
+        rms_norm(x + (size_t)(out_rows ? out_rows[i] : i) * E, m->final_norm, h + (size_t)i * E, 1, E, m->eps);
+    if (n_out == 0) return 0;
+    rc |= fm_linear_rows(&m->head, h, n_out, logits, V, 0);
+    if (m->head_extra.N > 0) rc |= fm_linear_rows(&m->head_extra, h, n_out, logits + m->head.N, V, 0);
+    return rc ? -2 : retrieval(m, h, n_out, ret);
 }

@@ -10,7 +10,7 @@
     int fm_forward_##isa(const fm_model *, const float *, int32_t, int32_t, int32_t, float *const *,         \
                          float *const *, float *, float *);                                                   \
     int fm_forward_batch_##isa(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,    \
-                               float *const *, float *const *, float *, float *);                             \
+                               float *const *, float *const *, int32_t, const int32_t *, float *, float *);   \
     void fm_transpose_##isa(const float *, int64_t, int64_t, float *);                                       \
     float fm_stream_read_##isa(const float *, size_t, int, size_t);
 
@@ -19,7 +19,7 @@ typedef struct {
     int (*forward)(const fm_model *, const float *, int32_t, int32_t, int32_t, float *const *, float *const *,
                    float *, float *);
     int (*forward_batch)(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,
-                         float *const *, float *const *, float *, float *);
+                         float *const *, float *const *, int32_t, const int32_t *, float *, float *);
     void (*transpose)(const float *, int64_t, int64_t, float *);
     float (*stream_read)(const float *, size_t, int, size_t);
 } kernels;
@@ -80,8 +80,9 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
 }
 
 int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
-                     float *const *k_cache, float *const *v_cache, float *logits, float *ret) {
-    return chosen()->forward_batch(m, embeds, B, past, capacity, k_cache, v_cache, logits, ret);
+                     float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
+                     float *logits, float *ret) {
+    return chosen()->forward_batch(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, logits, ret);
 }
 
 void fm_transpose(const float *src, int64_t rows, int64_t cols, float *dst) { chosen()->transpose(src, rows, cols, dst); }

@@ -67,13 +67,17 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
                float *const *k_cache, float *const *v_cache, float *logits, float *ret);
 /* One decoding step of B independent sequences: sequence b feeds embeds[b] (embeds (B, hidden)) on its
  * own cache holding past[b] positions of capacity[b]; k_cache[b * n_layers + i], v_cache[...]: its
- * layer i's (n_kv, capacity[b], head_dim) buffers, appended in place. Writes logits (B, head.N +
- * head_extra.N) and ret (B, retrieval_dim). Each weight matrix is read once for all B rows, and row b
- * is bit-identical to fm_forward(T = 1) of sequence b alone (its logits, ret and cache writes).
- * Returns 0, or -1 when some past[b] + 1 exceeds capacity[b] or the rotary table (nothing written),
- * -2 when out of memory. */
+ * layer i's (n_kv, capacity[b], head_dim) buffers, appended in place. Rows may share a cache at
+ * distinct positions (one prompt's consecutive positions: every row appends before any attends).
+ * Outputs for the n_out rows out_rows[] (ascending), in that order: logits (n_out, head.N +
+ * head_extra.N) and ret (n_out, retrieval_dim); out_rows NULL: all B rows (n_out is then ignored).
+ * Each weight matrix is read once for all B rows, and row b is bit-identical to fm_forward(T = 1) of
+ * sequence b alone (its logits, ret and cache writes).
+ * Returns 0, or -1 when some past[b] + 1 exceeds capacity[b] or the rotary table, or out_rows is not
+ * ascending within [0, B) (nothing written), -2 when out of memory. */
 int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
-                     float *const *k_cache, float *const *v_cache, float *logits, float *ret);
+                     float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
+                     float *logits, float *ret);
 
 /* dst (cols, rows) = the transpose of src (rows, cols), both row-major: lays an ONNX MatMul
  * initializer out as fm_linear.w. Parallel (OpenMP). */

@@ -66,8 +66,9 @@ static void run(const fm_model *m, const float *emb, int steps, float *logits, f
 }
 
 /* Sequences of different lengths and capacities, prefilled, then STEPS steps two ways: fm_forward_batch
- * for all, fm_forward (T = 1) for each alone on a copy of its cache. 1 when logits, ret and caches are
- * bit-identical, and a batch with one sequence at its capacity is refused. */
+ * for all (outputs for every row, or on odd steps for some rows only), fm_forward (T = 1) for each alone
+ * on a copy of its cache. 1 when logits, ret and caches are bit-identical, and a batch with one sequence
+ * at its capacity, or with output rows out of order, is refused. */
 enum { NB = 8, STEPS = 3 };  /* 8: a full group of the widest row kernel (6) and a remainder */
 
 static int batch_matches(const fm_model *m) {
@@ -89,10 +90,14 @@ static int batch_matches(const fm_model *m) {
     int same = 1;
     for (int step = 0; step < STEPS; step++) {
         float *emb = randv(NB * E, 1.f, 0.f), lb[NB][V], rb[NB][R], ls[V], rs[R];
-        if (fm_forward_batch(m, emb, NB, past, capacity, k, v, lb[0], rb[0])) exit(2);
-        for (int b = 0; b < NB; b++) {
+        const int32_t some[] = {1, 3, 6}, n_some = step % 2 ? 3 : 0;
+        if (fm_forward_batch(m, emb, NB, past, capacity, k, v, n_some, n_some ? some : NULL, lb[0], rb[0])) exit(2);
+        for (int b = 0, out = 0; b < NB; b++) {
             if (fm_forward(m, emb + b * E, 1, past[b], capacity[b], ks + b * LAYERS, vs + b * LAYERS, ls, rs)) exit(2);
-            same &= !memcmp(ls, lb[b], sizeof ls) && !memcmp(rs, rb[b], sizeof rs);
+            if (!n_some || (out < n_some && some[out] == b)) {
+                same &= !memcmp(ls, lb[out], sizeof ls) && !memcmp(rs, rb[out], sizeof rs);
+                out++;
+            }
             for (int i = 0; i < LAYERS; i++) {
                 const size_t n = 4 * (size_t)KV * cap[b] * D;
                 same &= !memcmp(k[b * LAYERS + i], ks[b * LAYERS + i], n) && !memcmp(v[b * LAYERS + i], vs[b * LAYERS + i], n);
@@ -103,8 +108,10 @@ static int batch_matches(const fm_model *m) {
     }
     float emb[NB * E], lb[NB][V], rb[NB][R];
     memset(emb, 0, sizeof emb);
+    const int32_t unordered[] = {3, 1};
+    int refused = fm_forward_batch(m, emb, NB, past, capacity, k, v, 2, unordered, lb[0], rb[0]) == -1;
     past[1] = capacity[1];  /* full */
-    const int refused = fm_forward_batch(m, emb, NB, past, capacity, k, v, lb[0], rb[0]) == -1;
+    refused &= fm_forward_batch(m, emb, NB, past, capacity, k, v, 0, NULL, lb[0], rb[0]) == -1;
     for (int j = 0; j < NB * LAYERS; j++) free(k[j]), free(v[j]), free(ks[j]), free(vs[j]);
     return same && refused;
 }

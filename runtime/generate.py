@@ -234,11 +234,11 @@ class Fromage:
             pasts += range(state.length, state.length + len(embeds))
             last.append(len(pasts) - 1)
         embeds = np.ascontiguousarray(np.concatenate([e for _, e in rows]), dtype=np.float32)
-        logits = np.empty((len(pasts), self.vocab_size), np.float32)
-        ret = np.empty((len(pasts), self.retrieval_dim), np.float32)
-        self.decoder.forward_batch(embeds, caches, pasts, logits, ret)
-        for (state, e), i in zip(rows, last):
-            state.logits[:], state.ret_embedding[:] = logits[i], ret[i]
+        logits = np.empty((len(last), self.vocab_size), np.float32)  # a state's last position only
+        ret = np.empty((len(last), self.retrieval_dim), np.float32)
+        self.decoder.forward_batch(embeds, caches, pasts, logits, ret, out_rows=last)
+        for (state, e), lg, rt in zip(rows, logits, ret):
+            state.logits[:], state.ret_embedding[:] = lg, rt
             state.length += len(e)
 
     def _reserve(self, state: "DecodeState", n: int) -> int:

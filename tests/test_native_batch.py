@@ -79,6 +79,25 @@ def test_batch_of_one_and_odd_sizes(exported):
             assert np.array_equal(logits[b], s.logits) and np.array_equal(ret[b], s.ret_embedding)
 
 
+def test_outputs_for_some_rows_only(exported):
+    """out_rows: the head runs for the listed rows only (a prompt's inner positions need no logits), their
+    outputs bit-identical to single steps; the other rows still write their caches."""
+    rt = Fromage(exported["llama"]["bundle"], engine="native", threads=2)
+    rng = np.random.default_rng(3)
+    states = [rt.start((rng.standard_normal((1, 3 + 5 * b, rt.embed_dim)) * 0.5).astype(np.float32)) for b in range(4)]
+    solo = [s.fork() for s in states]
+    emb = (rng.standard_normal((4, rt.embed_dim)) * 0.5).astype(np.float32)
+    logits, ret = np.zeros((2, rt.vocab_size), np.float32), np.zeros((2, rt.retrieval_dim), np.float32)
+    rt.decoder.forward_batch(emb, [s.cache for s in states], [s.length for s in states], logits, ret, out_rows=[1, 3])
+    for b, s in enumerate(solo):
+        rt.advance(s, emb[b][None, None])
+        assert all(np.array_equal(x[:, :, :s.length], y[:, :, :s.length]) for x, y in zip(states[b].cache, s.cache))
+    for i, b in enumerate((1, 3)):
+        assert np.array_equal(logits[i], solo[b].logits) and np.array_equal(ret[i], solo[b].ret_embedding)
+    with pytest.raises(FromageError, match="out_rows"):
+        rt.decoder.forward_batch(emb, [s.cache for s in states], [s.length for s in states], logits, ret, out_rows=[3, 1])
+
+
 def test_batch_refuses_a_full_cache_and_bad_shapes(exported):
     rt = Fromage(exported["llama"]["bundle"], engine="native")
     batch = _states(rt, np.random.default_rng(2))
