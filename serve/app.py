@@ -42,6 +42,7 @@ class ServerConfig:
     verify: bool = True
     max_batch: int = 16
     max_queue: int = 64
+    prefill_rows: int | None = None         # prompt positions per step while others decode (None: Scheduler's rule)
     api_key: str | None = None
     allowed_media_dir: str | None = None
     max_body_bytes: int = 100 * 1024 * 1024
@@ -64,7 +65,8 @@ class _State:
                                      engine=c.engine)
             self.media.index = model.index
             self.scheduler = Scheduler(model, max_batch=c.max_batch, max_queue=c.max_queue,
-                                       max_prompt=c.max_prompt_tokens, max_new_tokens=c.max_tokens)
+                                       max_prompt=c.max_prompt_tokens, max_new_tokens=c.max_tokens,
+                                       prefill_rows=c.prefill_rows)
             self.model = model
         except FromageError as e:
             self.load_error = str(e)

@@ -128,6 +128,8 @@ def start_fromage(args, log_dir: Path) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "fromage.tools.cli", "serve", "--bundle", args.bundle, "--port", port,
             "--max-batch", args.max_batch, "--max-queue", 1024, "--threads", args.threads]
+    if args.prefill_rows:
+        argv += ["--prefill-rows", args.prefill_rows]
     if args.index:
         argv += ["--index", args.index]
     return Server("fromage", argv, port, log_dir / "fromage-serve.log")
@@ -237,6 +239,7 @@ def add_arguments(p) -> None:
     p.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default 64)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together; llama-server slots (default 16)")
+    p.add_argument("--prefill-rows", type=int, help="the started server's --prefill-rows (default: its own)")
     p.add_argument("--bench-image", default=DEFAULT_IMAGE, help="image for the with-image rows ('' to skip them)")
     p.add_argument("--peer", choices=["auto", "none", "llama_cpp", "llama_cpp_f32"], default="auto",
                    help="llama-server on the same weights: Q4_1 GGUF (llama_cpp) or its F32 dequantization; "
@@ -251,7 +254,8 @@ def cmd_bench_serve(args, log=print) -> dict:
     log_dir = Path(args.cache) / "bench-serve"
     log_dir.mkdir(parents=True, exist_ok=True)
     result = {"settings": {"concurrency": levels, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-                           "max_batch": args.max_batch, "threads": args.threads, "ignore_eos": True},
+                           "max_batch": args.max_batch, "prefill_rows": args.prefill_rows, "threads": args.threads,
+                           "ignore_eos": True},
               "machine": machine_info(), "systems": {}}
     image = data_url(args.bench_image) if args.bench_image and os.path.isfile(args.bench_image) else None
     targets = [("fromage", None)]
