@@ -17,6 +17,7 @@ greedy tokens agree with the scheduler's nearly always, not by construction (REA
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -30,6 +31,8 @@ from .generate import DecodeState, Fromage, ImageEvent, Result, Sequence, TextEv
 from .prompt import Part
 from .sampling import SamplingParams
 
+
+log = logging.getLogger("fromage.scheduler")
 
 PROMPT_ROWS_BUSY = 8  # prompt positions per call, at least, while other requests decode
 
@@ -45,7 +48,7 @@ class Finished:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """A submitted generation. Events (TextEvent, ImageEvent, then Finished) go to `on_event`, called
     from the scheduler's thread; without one they queue up for iteration (`for event in request`)."""
@@ -72,7 +75,7 @@ class Request:
                 return
 
 
-@dataclass
+@dataclass(eq=False)  # identity: slots are found in the running list by who they are, not by their fields
 class _Slot:
     req: Request
     state: DecodeState | None = None
@@ -164,6 +167,7 @@ class Scheduler:
             try:
                 self._iteration()
             except Exception as e:  # a bug or a decoder failure: fail the running requests, keep serving
+                log.exception("scheduler step failed; its %d running requests end with an error", len(self.running))
                 for slot in list(self.running):
                     self._finish(slot, "error", f"{type(e).__name__}: {e}")
         for slot in list(self.running) + [_Slot(r) for r in self.waiting]:

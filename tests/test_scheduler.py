@@ -62,6 +62,22 @@ def test_batched_requests_equal_their_outputs_alone(model, assets):
     assert agree == len(solo) if model.engine == "onnxruntime" else agree >= len(solo) - 1
 
 
+def test_requests_with_the_same_settings_leave_in_any_order(model):
+    """A server's requests usually share their settings: one admitted later leaves (here: cancelled)
+    while the earlier ones run on, and is found in the batch by identity, not by comparing fields."""
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, retrieval=False, stop_ids=[])
+    sched = Scheduler(model, max_batch=3)
+    try:
+        reqs = [sched.submit([prompt], params) for prompt in ("a red cat", "the big blue boat", "a dog")]
+        next(iter(reqs[1]))  # its first token: all three are decoding
+        reqs[1].cancel()
+        results = [[e for e in r][-1] for r in reqs]
+    finally:
+        sched.close()
+    assert [f.result.stop_reason for f in results] == ["length", "cancelled", "length"]
+    assert not any(f.error for f in results)
+
+
 def test_bad_limits_are_refused(model):
     with pytest.raises(FromageError, match="prefill_rows"):
         Scheduler(model, prefill_rows=0)
