@@ -106,14 +106,99 @@ static void weighted_values(const float *p, const float *v, int n, int d, float 
     }
 }
 
-enum { ATT_BLOCK = 64 };  /* cache positions per partial softmax */
+/* ATT_BLOCK cache positions per partial softmax; up to FUSED_HEADS query heads of a group read each key
+ * and value vector once (AVX-512: 32 vector registers hold their accumulators). */
+enum { ATT_BLOCK = 64, FUSED_HEADS = 3, SCORES = FUSED_HEADS * ATT_BLOCK };
+
+#ifdef FM_AVX512
+/* key_scores for the G heads q (G * d) at once: sc[h * ATT_BLOCK + s]. Each key vector is loaded once
+ * for the G heads, and each head's scores are summed in key_scores's order (the same results). */
+static inline __attribute__((always_inline)) void key_scores_heads(const float *q, const int G, const float *k, int n,
+                                                                   int d, float scale, float *sc) {
+    int s = 0;
+    for (; s + 8 <= n; s += 8) {
+        __m256 acc[FUSED_HEADS][8];
+        for (int h = 0; h < G; h++)
+            for (int j = 0; j < 8; j++) acc[h][j] = _mm256_setzero_ps();
+        for (int i = 0; i < d; i += 8) {
+            __m256 qv[FUSED_HEADS];
+            for (int h = 0; h < G; h++) qv[h] = _mm256_loadu_ps(q + (size_t)h * d + i);
+            for (int j = 0; j < 8; j++) {
+                const __m256 kv = _mm256_loadu_ps(k + (size_t)(s + j) * d + i);
+                for (int h = 0; h < G; h++) acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
+            }
+        }
+        for (int h = 0; h < G; h++) {
+            fm_transpose8(acc[h]);
+            for (int j = 1; j < 8; j++) acc[h][0] = _mm256_add_ps(acc[h][0], acc[h][j]);
+            _mm256_storeu_ps(sc + (size_t)h * ATT_BLOCK + s, _mm256_mul_ps(acc[h][0], _mm256_set1_ps(scale)));
+        }
+    }
+    for (; s < n; s++)
+        for (int h = 0; h < G; h++) sc[(size_t)h * ATT_BLOCK + s] = fm_dot(q + (size_t)h * d, k + (size_t)s * d, d) * scale;
+}
+
+/* weighted_values for G heads at once (d a multiple of 64): o_h = part + h * stride + 2. Each value vector
+ * is loaded once for the G heads; each head sums in weighted_values's order. */
+static inline __attribute__((always_inline)) void weighted_values_heads(const float *p, const int G, const float *v,
+                                                                        int n, int d, float *part, size_t stride) {
+    for (int i = 0; i < d; i += 64) {
+        __m512 a[FUSED_HEADS][4], b[FUSED_HEADS][4];
+        for (int h = 0; h < G; h++)
+            for (int j = 0; j < 4; j++) a[h][j] = b[h][j] = _mm512_setzero_ps();
+        int s = 0;
+        for (; s + 2 <= n; s += 2) {
+            __m512 vs[4];
+            for (int j = 0; j < 4; j++) vs[j] = _mm512_loadu_ps(v + (size_t)s * d + i + 16 * j);
+            for (int h = 0; h < G; h++) {
+                const __m512 ps = _mm512_set1_ps(p[(size_t)h * ATT_BLOCK + s]);
+                for (int j = 0; j < 4; j++) a[h][j] = _mm512_fmadd_ps(ps, vs[j], a[h][j]);
+            }
+            for (int j = 0; j < 4; j++) vs[j] = _mm512_loadu_ps(v + (size_t)(s + 1) * d + i + 16 * j);
+            for (int h = 0; h < G; h++) {
+                const __m512 qs = _mm512_set1_ps(p[(size_t)h * ATT_BLOCK + s + 1]);
+                for (int j = 0; j < 4; j++) b[h][j] = _mm512_fmadd_ps(qs, vs[j], b[h][j]);
+            }
+        }
+        if (s < n)
+            for (int h = 0; h < G; h++) {
+                const __m512 ps = _mm512_set1_ps(p[(size_t)h * ATT_BLOCK + s]);
+                for (int j = 0; j < 4; j++) a[h][j] = _mm512_fmadd_ps(ps, _mm512_loadu_ps(v + (size_t)s * d + i + 16 * j), a[h][j]);
+            }
+        for (int h = 0; h < G; h++)
+            for (int j = 0; j < 4; j++) _mm512_storeu_ps(part + h * stride + 2 + i + 16 * j, _mm512_add_ps(a[h][j], b[h][j]));
+    }
+}
+
+static inline __attribute__((always_inline)) void attend_heads(const float *q, const int G, const float *k, const float *v,
+                                                               int n, int d, float scale, float *sc, float *part,
+                                                               size_t stride) {
+    key_scores_heads(q, G, k, n, d, scale, sc);
+    for (int h = 0; h < G; h++) {
+        float *row = sc + (size_t)h * ATT_BLOCK, top = -INFINITY;
+        for (int s = 0; s < n; s++) top = row[s] > top ? row[s] : top;
+        part[h * stride] = top, part[h * stride + 1] = fm_exp_shifted(row, n, top);
+    }
+    weighted_values_heads(sc, G, v, n, d, part, stride);
+}
+#endif
 
 /* The G query heads q (G * d) of one KV group over cache positions [s0, s1): for head j, part[j * stride]
  * = {the top score m, the sum of exp(score - m), the sum of exp(score - m) * v (d floats)}. The block's
- * keys and values (16 KiB each for d = 64) are read from memory once for all G heads. */
+ * keys and values (16 KiB each for d = 64) are read from memory once for all G heads. sc: SCORES floats. */
 static void attend_block(const float *q, int G, const float *k, const float *v, int s0, int s1, int d, float scale,
                          float *sc, float *part, size_t stride) {
     const int n = s1 - s0;
+#ifdef FM_AVX512
+    if (d % 64 == 0 && G <= FUSED_HEADS) {
+        k += (size_t)s0 * d, v += (size_t)s0 * d;
+        switch (G) {  /* a constant head count each, so the accumulators stay in registers */
+            case 3: attend_heads(q, 3, k, v, n, d, scale, sc, part, stride); return;
+            case 2: attend_heads(q, 2, k, v, n, d, scale, sc, part, stride); return;
+            case 1: attend_heads(q, 1, k, v, n, d, scale, sc, part, stride); return;
+        }
+    }
+#endif
     for (int j = 0; j < G; j++, part += stride) {
         key_scores(q + (size_t)j * d, k + (size_t)s0 * d, n, d, scale, sc);
         float top = -INFINITY;
@@ -136,10 +221,10 @@ static void merge_blocks(const float *part, int blocks, int d, float *out) {
     for (int i = 0; i < d; i++) out[i] /= total;
 }
 
-/* Floats of attention scratch for `total` cache positions: the partials, and ATT_BLOCK scores per thread. */
+/* Floats of attention scratch for `total` cache positions: the partials, and SCORES scores per thread. */
 static size_t attention_scratch(const fm_model *m, int total, int threads) {
     const int H = m->n_heads, G = H / m->n_kv, blocks = (total + ATT_BLOCK - 1) / ATT_BLOCK;
-    return (size_t)(H > threads * G ? H : threads * G) * blocks * (m->head_dim + 2) + (size_t)threads * ATT_BLOCK;
+    return (size_t)(H > threads * G ? H : threads * G) * blocks * (m->head_dim + 2) + (size_t)threads * SCORES;
 }
 
 /* Causal grouped-query attention of the T new positions over the cache; out (T, H*d). The cache is cut
@@ -151,7 +236,7 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d;
     const int blocks = (past + T + ATT_BLOCK - 1) / ATT_BLOCK;
     const float scale = 1.f / sqrtf((float)d);
-    float *part = scratch + (size_t)omp_get_max_threads() * ATT_BLOCK;  /* after the threads' scores */
+    float *part = scratch + (size_t)omp_get_max_threads() * SCORES;  /* after the threads' scores */
     const size_t per_head = (size_t)blocks * (d + 2);
     if (T == 1) {
 #pragma omp parallel for collapse(2) schedule(static)
@@ -159,7 +244,7 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
             for (int b = 0; b < blocks; b++) {
                 const int s0 = b * ATT_BLOCK, s1 = s0 + ATT_BLOCK < past + 1 ? s0 + ATT_BLOCK : past + 1;
                 attend_block(qkv + (size_t)g * G * d, G, kc + (size_t)g * capacity * d, vc + (size_t)g * capacity * d,
-                             s0, s1, d, scale, scratch + (size_t)omp_get_thread_num() * ATT_BLOCK,
+                             s0, s1, d, scale, scratch + (size_t)omp_get_thread_num() * SCORES,
                              part + (size_t)g * G * per_head + (size_t)b * (d + 2), per_head);
             }
         for (int h = 0; h < H; h++) merge_blocks(part + (size_t)h * per_head, blocks, d, out + (size_t)h * d);
@@ -173,7 +258,7 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
             for (int b = 0; b * ATT_BLOCK < n; b++)
                 attend_block(qkv + (size_t)t * width + (size_t)g * G * d, G, kc + (size_t)g * capacity * d,
                              vc + (size_t)g * capacity * d, b * ATT_BLOCK, (b + 1) * ATT_BLOCK < n ? (b + 1) * ATT_BLOCK : n,
-                             d, scale, scratch + (size_t)id * ATT_BLOCK, mine + (size_t)b * (d + 2), per_head);
+                             d, scale, scratch + (size_t)id * SCORES, mine + (size_t)b * (d + 2), per_head);
             for (int j = 0; j < G; j++)
                 merge_blocks(mine + (size_t)j * per_head, (n + ATT_BLOCK - 1) / ATT_BLOCK, d,
                              out + (size_t)t * H * d + (size_t)(g * G + j) * d);
@@ -253,7 +338,7 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
 /* Attention of one new position per sequence (qkv (B, width)) over each sequence's cache: the threads
  * share the (sequence, group, block) triples, and each head merges its blocks in order, as attention()
  * does for T = 1, so a sequence's result does not depend on the others. part: the partials,
- * H * blocks(b) * (d + 2) floats per sequence; sc: ATT_BLOCK scores per thread. */
+ * H * blocks(b) * (d + 2) floats per sequence; sc: SCORES scores per thread. */
 static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
                             float *const *kc, float *const *vc, int layer, float *out, float *part, float *sc) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d;
@@ -271,7 +356,7 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
         const size_t per_head = (size_t)blocks * (d + 2), cache = (size_t)g * capacity[b] * d;
         attend_block(qkv + (size_t)b * width + (size_t)g * G * d, G, kc[(size_t)b * m->n_layers + layer] + cache,
                      vc[(size_t)b * m->n_layers + layer] + cache, s0, s1, d, scale,
-                     sc + (size_t)omp_get_thread_num() * ATT_BLOCK, part + offset + g * G * per_head + (size_t)blk * (d + 2),
+                     sc + (size_t)omp_get_thread_num() * SCORES, part + offset + g * G * per_head + (size_t)blk * (d + 2),
                      per_head);
     }
     size_t offset = 0;
@@ -299,7 +384,7 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
     const size_t width = (size_t)(H + 2 * KV) * d;
     const size_t sizes[] = {(size_t)B * E, (size_t)B * E, B * width, (size_t)B * H * d, (size_t)B * 2 * I,
-                            (size_t)B * I, partials, (size_t)omp_get_max_threads() * ATT_BLOCK};
+                            (size_t)B * I, partials, (size_t)omp_get_max_threads() * SCORES};
     enum { N_BUFFERS = sizeof sizes / sizeof sizes[0] };
     float *buf[N_BUFFERS];
     if (carve_scratch(sizes, N_BUFFERS, buf)) return -2;

@@ -83,6 +83,20 @@ def test_bench_retrieval(tmp_path, cache, capsys, monkeypatch):
     assert json.loads(out.read_text())["retrieval"]["loaded_from_cache"] is True
 
 
+def test_bench_context(exported, tmp_path, monkeypatch, capsys):
+    import fromage.tools.bench_context as bench_context
+    monkeypatch.setattr(bench_context, "PROBE_GIB", 1 / 64)
+    out = tmp_path / "context.json"
+    assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "40,64", "--runs", "1",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["context"]
+    assert [row["positions"] for row in r["lengths"]] == [40, 64] and r["bandwidth_gb_s"] > 0
+    assert all(row["bound_ms"] > 0 and row["step_ms"] > 0 for row in r["lengths"])
+    assert "x that bound" in capsys.readouterr().out
+    assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "8"]) == 2
+    assert "lengths must be over 16" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch", "2"], "only batch 1"),
     (["--compare", "vllm"], "unknown peer"),

@@ -6,7 +6,8 @@ with --compare, the peers of `fromage.tools.bench_peers`) runs in its own worker
 loaded once; the timed runs are interleaved round by round (A B C A B C ...) so that the noise
 of a shared machine hits every system alike. The memory-bandwidth roofline is measured the same way:
 a probe subprocess reads a 1 GiB array once per round (numpy's reads and the native multi-stream
-read). `--retrieval N` benchmarks the image index on N random clustered vectors.
+read). `--retrieval N` benchmarks the image index on N random clustered vectors; `--context N,N` times
+the native decode step at long cache lengths instead of the decode bench (tools/bench_context.py).
 
 This module never imports torch or transformers: the peers that need them live in training/.
 """
@@ -373,6 +374,8 @@ def add_arguments(p) -> None:
     p.add_argument("--compare", nargs="*", metavar="PEER",
                    help=f"also run peers, interleaved run by run (default: all of {', '.join(PEERS)})")
     p.add_argument("--retrieval", type=int, metavar="N", help="benchmark the image index on N random vectors")
+    p.add_argument("--context", metavar="N,N", help="instead of the decode bench: the native decode step at these "
+                   "cache lengths (e.g. 1024,4096), its attention time against the KV bytes / the bandwidth")
     p.add_argument("--dim", type=int, help="vector dims for --retrieval (default: the bundle's, else 256)")
     p.add_argument("--cache", help="cache folder for prepared peers and indexes (default: fromage's cache)")
 
@@ -400,7 +403,14 @@ def cmd_bench(args) -> None:
             raise FromageError(f"--also-engine {engine}: that is the main run's engine already (--engine {args.engine})")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     result: dict = {}
-    if args.bundle is not None:
+    if args.context is not None:
+        from .bench_context import format_context, parse_lengths, run_context_bench
+        if args.bundle is None:
+            raise FromageError("--context needs --bundle")
+        result["context"] = run_context_bench(args.bundle, parse_lengths(args.context), args.threads or default_threads(),
+                                              args.runs, log=log)
+        print(format_context(result["context"]))
+    elif args.bundle is not None:
         result = run_bench(args, log=log)
     if args.retrieval is not None:
         from fromage.runtime.bundle_reader import load_bundle
@@ -408,7 +418,9 @@ def cmd_bench(args) -> None:
         cache = Path(args.cache) if args.cache else cache_root()
         result["retrieval"] = run_retrieval_bench(args.retrieval, dim, args.threads or default_threads(), cache,
                                                   log=log)
-    print(format_table(result))
+    table = format_table(result)
+    if table.strip():
+        print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
         log(f"JSON written to {args.json}")

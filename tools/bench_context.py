@@ -1,0 +1,78 @@
+"""`fromage bench --context 1024,4096`: the decode step at long contexts on the native engine. A step's
+attention share is the step at N cached positions minus the step at BASE_POSITIONS; its bound is the KV
+cache's bytes (every layer's keys and values, each read once) ÷ the memory bandwidth, measured between
+the steps as the main bench measures it."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from fromage.runtime.errors import FromageError
+
+BASE_POSITIONS = 16
+STEPS_PER_RUN = 10  # decode steps timed per length and run, after one untimed
+PROBE_GIB = 1.0  # the bandwidth probe's array, as the main bench's
+
+
+def parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise FromageError(f"--context {text!r}: give cache lengths like 1024,4096") from None
+    if not lengths or lengths[0] <= BASE_POSITIONS:
+        raise FromageError(f"--context {text!r}: lengths must be over {BASE_POSITIONS}")
+    return lengths
+
+
+def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=print) -> dict:
+    from fromage.runtime.generate import Fromage
+    from .bench_worker import BandwidthProbe
+    model = Fromage(bundle, engine="native", threads=threads)
+    dec = model.decoder
+    m = dec.model
+    if lengths[-1] + 1 > min(m.rope_positions, model.max_positions):
+        raise FromageError(f"--context {lengths[-1]}: the model's context is {model.max_positions} positions")
+    rng = np.random.default_rng(0)
+    shape = (1, m.n_kv, lengths[-1] + 1, m.head_dim)
+    cache = [rng.standard_normal(shape, dtype=np.float32) for _ in range(2 * m.n_layers)]
+    embeds = (rng.standard_normal((1, 1, m.hidden)) * 0.02).astype(np.float32)
+    logits, ret = np.zeros(dec.vocab_size, np.float32), np.zeros(dec.retrieval_dim, np.float32)
+    probe = BandwidthProbe(threads, gib=PROBE_GIB)
+    points = [BASE_POSITIONS] + lengths
+    steps, bandwidth = {p: [] for p in points}, []
+    for r in range(runs):  # lengths interleaved, a bandwidth measurement per run
+        for p in points:
+            dec.forward(embeds, cache, p, logits, ret)
+            for _ in range(STEPS_PER_RUN):
+                t = time.perf_counter()
+                dec.forward(embeds, cache, p, logits, ret)
+                steps[p].append(time.perf_counter() - t)
+        bandwidth.append(probe.measure()["gb_s"])
+        log(f"  run {r + 1}/{runs}: " + ", ".join(f"{p}: {statistics.median(steps[p][-STEPS_PER_RUN:]) * 1e3:.2f} ms"
+                                                 for p in points) + f"; bandwidth {bandwidth[-1]:.1f} GB/s")
+    gb_s = statistics.median(bandwidth)
+    base = statistics.median(steps[BASE_POSITIONS])
+    rows = []
+    for p in lengths:
+        step = statistics.median(steps[p])
+        kv_bytes = 2 * m.n_layers * m.n_kv * (p + 1) * m.head_dim * 4
+        bound = kv_bytes / (gb_s * 1e9)
+        rows.append({"positions": p, "step_ms": step * 1e3, "attention_ms": (step - base) * 1e3,
+                     "kv_mb": kv_bytes / 1e6, "bound_ms": bound * 1e3, "x_bound": (step - base) / bound})
+    return {"kernels": dec.kernels, "threads": threads, "runs": runs, "steps_per_run": STEPS_PER_RUN,
+            "bandwidth_gb_s": gb_s, "base_positions": BASE_POSITIONS, "base_step_ms": base * 1e3, "lengths": rows,
+            "note": f"attention_ms = median step at N positions - median step at {BASE_POSITIONS}; "
+                    "bound_ms = KV bytes / bandwidth_gb_s"}
+
+
+def format_context(result: dict) -> str:
+    lines = [f"long context ({result['kernels']} kernels, {result['threads']} threads, median of "
+             f"{result['runs']} x {result['steps_per_run']} steps; bandwidth {result['bandwidth_gb_s']:.1f} GB/s; "
+             f"step at {result['base_positions']} positions {result['base_step_ms']:.2f} ms)",
+             "positions   step ms   attention ms   KV MB   KV bytes / bandwidth ms   x that bound"]
+    for r in result["lengths"]:
+        lines.append(f"{r['positions']:9d}   {r['step_ms']:7.2f}   {r['attention_ms']:12.2f}   {r['kv_mb']:5.1f}   "
+                     f"{r['bound_ms']:23.2f}   {r['x_bound']:12.2f}")
+    return "\n".join(lines)
