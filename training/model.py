@@ -44,6 +44,9 @@ class FromageConfig:
     # default model's template ends where this word would follow, so [RET] starts from the state the
     # frozen LM has there.
     ret_init: str | None = None
+    # Set by training/naming.py: W_c's k visual tokens are this text's token embeddings (fixed) with the
+    # image-dependent row in its "{}" slot. Checkpoints then store only the slot's rows of W_c (`compact_w_c`).
+    visual_template: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "FromageConfig":
@@ -181,6 +184,9 @@ class FromageModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {n: p.detach().contiguous().clone() for n, p in self.checkpoint_state().items()}
+        if self.config.visual_template:
+            from .naming import compact_w_c
+            tensors.update(compact_w_c(self))
         tmp = directory / "learned.safetensors.tmp"
         save_file(tensors, tmp)
         tmp.replace(directory / "learned.safetensors")
@@ -192,6 +198,10 @@ class FromageModel(nn.Module):
         from safetensors.torch import load_file
         state = load_file(Path(directory) / "learned.safetensors")
         own = self.checkpoint_state()
+        if self.config.visual_template and state.get("W_c.weight") is not None \
+                and state["W_c.weight"].shape != own["W_c.weight"].shape:
+            from .naming import expand_w_c
+            state.update(expand_w_c(self, state["W_c.weight"], state["W_c.bias"]))
         # checkpoints from before the statistics existed read W_t's input as it is (identity); those of
         # tied LMs from before [RET] had its own output row used the input row
         if self.tied and "ret_output" not in state and "ret_embedding" in state:
