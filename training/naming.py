@@ -3,9 +3,9 @@
 A single visual token that is exactly the LM's input embedding of the object's word does not make
 SmolLM2-135M say that word; the same word inside a short sentence does ("A picture of a duck." then
 "This is a picture of" -> " a duck."). So W_c here emits k visual tokens, one per token of
-NAMING_TEMPLATE and one for its "{}" slot: the template's own token embeddings (W_c's bias, no weight) and, in the template's "{}" slot,
-a ridge regression from the image feature onto the mean input embedding of the object's word (the
-head noun of each training caption, `object_names.object_word`). Still one linear map, so export and
+NAMING_TEMPLATE (its own token embeddings: W_c's bias, no weight) and one for its "{}" slot: a ridge
+regression from the image feature onto the mean input embedding of the object's word (the head noun
+of each training caption, `object_names.object_word`). Still one linear map, so export and
 the runtime are unchanged apart from k. Measurements: training/default/MODEL_CARD.md.
 
     python -m fromage.training.naming --out CKPT   # the shipped retrieval pieces + this W_c
