@@ -1,12 +1,13 @@
 """The conversation format: how chat turns become one prompt for a FROMAGe model, shared by the
 server's chat API and the demo. A user turn is "Q: <text>\\nA:" with its images in place; an answer
-follows it and ends with a newline, which is also where a generated answer stops (ANSWER_STOP).
-A system message is plain text before the first turn."""
+follows it and ends with a newline. A generated answer stops there, or where the model starts the next
+question itself (ANSWER_STOPS). A system message is plain text before the first turn."""
 from __future__ import annotations
 
 from .prompt import Part
 
 ANSWER_STOP = "\n"
+ANSWER_STOPS = (ANSWER_STOP, "Q:")
 
 
 def user_turn(parts: list[Part]) -> list[Part]:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from fromage.runtime.chat import ANSWER_STOP, chat_prompt
+from fromage.runtime.chat import ANSWER_STOPS, chat_prompt
 from fromage.runtime.errors import ParameterError
-from fromage.runtime.sampling import SamplingParams
+from fromage.runtime.sampling import MAX_STOP_STRINGS, SamplingParams
 
 from .errors import BadRequest
 from .media import image_part_from_url
+
+MAX_USER_STOPS = MAX_STOP_STRINGS - len(ANSWER_STOPS)  # the chat format's own stops come on top
 
 DEFAULT_MAX_TOKENS = 256
 # request fields that are OpenAI's but change nothing here; anything else unknown is refused
@@ -65,13 +67,15 @@ def parse_chat_request(body, media) -> ChatRequest:
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and not isinstance(stop, list):
         raise BadRequest("`stop` must be a string or a list of strings", param="stop")
+    if stop is not None and len(stop) > MAX_USER_STOPS:
+        raise BadRequest(f"stop: at most {MAX_USER_STOPS} strings, got {len(stop)}", param="stop")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise BadRequest("`ignore_eos` must be true or false", param="ignore_eos")
     if ignore_eos:  # vLLM's extension, for benchmarks: exactly max_tokens tokens (no EOS, no end of answer)
         kwargs["stop_ids"] = []
     try:
-        params = SamplingParams(**kwargs, stop=tuple(stop or ()) + (() if ignore_eos else (ANSWER_STOP,)))
+        params = SamplingParams(**kwargs, stop=tuple(stop or ()) + (() if ignore_eos else ANSWER_STOPS))
     except ParameterError as e:
         field = next((k for k, v in PARAMS.items() if v == e.param and k in body), e.param)
         raise BadRequest(f"{field}: {e.message}", param=field) from None

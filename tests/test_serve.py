@@ -99,6 +99,7 @@ def test_errors_have_openai_shape(server, assets, tmp_path):
         ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3}, 400, "max_completion_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
         ({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "bogus"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 7}, 400, "stop"),  # 6 + the chat's own 2
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
          "max_tokens": 2}, 400, None),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},

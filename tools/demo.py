@@ -5,7 +5,7 @@ TuxPaint stamps via `fromage index build`), then runs a short scripted interleav
 runtime API and writes it as a page like the FROMAGe paper's figures (DIR/demo.html) and as JSON
 (DIR/demo.json). A second run reuses the bundle and the index.
 
-The session (greedy, each answer stops at a newline or the model's end of sequence):
+The session (greedy; each answer stops at a newline, at the model's own next "Q:", or at its end of sequence):
  1. a request answered with a retrieved image: "Show me a picture of a kangaroo." If the model does
     not emit [RET] in its answer, [RET] is appended at the end of the answer (its embedding computed
     as `runtime.scoring` does) and the image is marked as forced;
@@ -267,6 +267,7 @@ def cmd_demo(args) -> None:
     from fromage.runtime.generate import Fromage
     from fromage.runtime.files import write_atomic
     from .html import write_conversation
+    from fromage.runtime.chat import ANSWER_STOPS
     from fromage.runtime.sampling import SamplingParams
     out = Path(args.out)
     bundle = Path(args.bundle) if args.bundle else out / "default-bundle"
@@ -281,7 +282,7 @@ def cmd_demo(args) -> None:
     subject = args.subject or Path(image).stem.replace("_", " ").replace("-", " ")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
                             min_word_tokens=args.min_word_tokens, ret_scale_factor=args.ret_scale_factor,
-                            max_rets=args.max_rets)
+                            max_rets=args.max_rets, stop=ANSWER_STOPS)
     turns = run_session(model, default_session(image, subject), params)
 
     m = model.bundle.model
