@@ -358,15 +358,17 @@ class Sequence:
         if token == self.ret_id:
             self.rets += 1
             self.text.reset()
-            events = self._text(self.held, flush=True)
+            events = self._text("", flush=True)  # the text held back for stop strings comes before the image
             step = len(self.result.token_ids) - 1
             self.result.parts.append(image_part(hits, token_index=step))
             return events + [ImageEvent(hits, step)]
         delta = self.text.push(token)
         if self.rets and (run := self.echo_run(self.result.token_ids, self.ret_id)):
             self.echo += delta  # held back: it may be the start of a repetition
-            if run >= self.ECHO_TOKENS:
-                self.echo, self.done, self.result.stop_reason = "", True, "stop"
+            if run >= self.ECHO_TOKENS:  # the repetition is dropped; the text before it is kept
+                self.echo, self.result.stop_reason = "", "stop"
+                events, self.done = self._text("", flush=True), True
+                return events
             return []
         delta, self.echo = self.echo + delta, ""
         return self._text(delta) if delta else []

@@ -36,3 +36,46 @@ def test_text_stream_emits_what_a_full_decode_gives():
     assert deltas == [tok.decode(ids[:n + 1])[len(tok.decode(ids[:n])):] for n in range(len(ids))]
     stream.reset()
     assert "".join(stream.push(i) for i in ids[3:]) == tok.decode(ids[3:])
+
+
+class _Tokens:
+    """A tokenizer and model stub for Sequence: token i is the string WORDS[i]; 9 is [RET]."""
+    WORDS = ["a", " kangaroo", ".", " is", " big", "Q", ":", "\n", "x", ""]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.WORDS[i] for i in ids)
+
+
+def _sequence(stop):
+    from types import SimpleNamespace
+    from fromage.runtime.generate import Result, Sequence
+    from fromage.runtime.sampling import SamplingParams
+    model = SimpleNamespace(ret_id=9, bundle=SimpleNamespace(tokens={"stop": []}), index=object(), tokenizer=_Tokens())
+    result = Result()
+    return Sequence(model, SamplingParams(stop=stop), result), result
+
+
+def _feed(seq, result, tokens):
+    from fromage.runtime.retrieval import Hit
+    events = []
+    for t in tokens:
+        if seq.done:  # next_token ends the generation here
+            break
+        result.token_ids.append(t)
+        events += seq.on_token(t, hits=[Hit(1, "k.png", None, 0.5)] if t == 9 else None)
+    return events + seq.finish()
+
+
+def test_text_held_for_stop_strings_is_said_once():
+    """A two-character stop string holds one character back: it comes out once, before an image and
+    before an echo that ends the answer (it was doubled before an image, and lost at an echo)."""
+    seq, result = _sequence(("\n", "Q:"))
+    _feed(seq, result, [0, 1, 2, 9, 1, 3, 4])  # "a kangaroo." [RET] " kangaroo is big"
+    texts = [p["text"] for p in result.parts if p["type"] == "text"]
+    assert texts == ["a kangaroo.", " kangaroo is big"]
+    seq, result = _sequence(("\n", "Q:"))
+    _feed(seq, result, [0, 1, 2, 9, 0, 1, 2])  # the answer said again after the image: dropped
+    assert [p["type"] for p in result.parts] == ["text", "image"] and result.parts[0]["text"] == "a kangaroo."
+    seq, result = _sequence(("\n", "Q:"))
+    _feed(seq, result, [0, 1, 2, 5, 6, 8])  # the model starts the next question itself
+    assert result.parts[0]["text"] == "a kangaroo." and result.stop_reason == "stop"
