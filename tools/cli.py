@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, type=kind, help=f"default {hint} (or the preset's)")
     p.add_argument("--threads", type=int)
 
+    p = sub.add_parser("train-naming", help="fit W_c in closed form so that the model names what it sees "
+                       "(the default model's second step, after `fromage train --preset tuxpaint`)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--base", help="checkpoint whose retrieval pieces are kept (default: the default model's)")
+    p.add_argument("--tuxpaint", default=TUXPAINT_ROOT, help="the TuxPaint stamps (their training split)")
+    p.add_argument("--ridge", type=float, help="the ridge penalty (default: the default model's)")
+    p.add_argument("--template", help="the visual tokens' sentence, '{}' = the object word (default: the default model's)")
+    p.add_argument("--all-training", action="store_true",
+                   help="fit on the whole training split (default: leave the validation split out and report on it)")
+    p.add_argument("--threads", type=int)
+
     p = sub.add_parser("export", help="compile a checkpoint (or the default model) into a bundle")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--default", action="store_true", help="the embedded default model")
@@ -326,7 +337,8 @@ COMMANDS = {
     "retrieve": ("fromage.tools.cli", "_cmd_retrieve"), "eval": ("fromage.tools.evaluate", "cmd_eval"),
     "bench": ("fromage.tools.bench", "cmd_bench"), "demo": ("fromage.tools.demo", "cmd_demo"),
     "bench-serve": ("fromage.tools.bench_serve", "cmd"),
-    "train": ("fromage.training.cli", "cmd_train"), "export": ("fromage.export.cli", "cmd_export"),
+    "train": ("fromage.training.cli", "cmd_train"), "train-naming": ("fromage.training.naming", "cmd_naming"),
+    "export": ("fromage.export.cli", "cmd_export"),
     "serve": ("fromage.serve.server", "cmd_serve"),
 }
 

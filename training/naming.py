@@ -8,11 +8,10 @@ regression from the image feature onto the mean input embedding of the object's 
 of each training caption, `object_names.object_word`). Still one linear map, so export and
 the runtime are unchanged apart from k. Measurements: training/default/MODEL_CARD.md.
 
-    python -m fromage.training.naming --out CKPT   # the shipped retrieval pieces + this W_c
+    fromage train-naming --out CKPT   # the shipped retrieval pieces + this W_c
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -141,33 +140,27 @@ def _provenance(base) -> dict:
     return {"from": Path(base).name, **{k: v for k, v in meta.items() if k not in skip}}
 
 
-def main(argv=None) -> None:
-    from fromage.runtime.sources import TUXPAINT_ROOT, load_split
-    from .cli import DEFAULT_CHECKPOINT
+def cmd_naming(args) -> None:
+    """`fromage train-naming`: W_c fitted in closed form on a checkpoint's training images."""
+    from fromage.runtime.sources import load_split
     from .data import validation_split
     from .heldout import greedy_captions
     from .object_names import names_share
     from .train import image_features
-    p = argparse.ArgumentParser(prog="python -m fromage.training.naming", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--base", default=str(DEFAULT_CHECKPOINT), help="checkpoint whose retrieval pieces are kept")
-    p.add_argument("--tuxpaint", default=TUXPAINT_ROOT)
-    p.add_argument("--ridge", type=float, default=RIDGE)
-    p.add_argument("--template", default=NAMING_TEMPLATE)
-    p.add_argument("--all-training", action="store_true",
-                   help="fit on the whole training split (default: leave the validation split out and report on it)")
-    p.add_argument("--threads", type=int)
-    args = p.parse_args(argv)
+    from .cli import DEFAULT_CHECKPOINT
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = naming_model(args.base, args.template)
+    base = args.base or DEFAULT_CHECKPOINT
+    ridge = RIDGE if args.ridge is None else args.ridge
+    template = args.template or NAMING_TEMPLATE
+    model = naming_model(base, template)
     train, _, _ = load_split(args.tuxpaint)  # the held-out split is never read here
     fit, val = (train, []) if args.all_training else validation_split(train, args.tuxpaint)
     features, fit = image_features(model.encoder, fit)
-    fit_naming(model, features, [e.caption for e in fit], args.ridge, args.template)
-    extra = {"naming": {"template": args.template, "ridge": args.ridge, "fit_images": len(fit)},
-             "retrieval_pieces": _provenance(args.base)}
+    fit_naming(model, features, [e.caption for e in fit], ridge, template)
+    extra = {"naming": {"template": template, "ridge": ridge, "fit_images": len(fit)},
+             "retrieval_pieces": _provenance(base)}
     if val:
         vf, val = image_features(model.encoder, val)
         share = names_share((e.caption, g) for e, g in zip(val, greedy_captions(model, vf)))
@@ -175,7 +168,3 @@ def main(argv=None) -> None:
         print(f"validation ({len(val)} images): greedy captions name the object {share:.1f} %")
     model.save_checkpoint(args.out, extra=extra)
     print(f"k = {model.config.k}; checkpoint written to {args.out} in {time.perf_counter() - t0:.0f} s")
-
-
-if __name__ == "__main__":
-    main()
