@@ -20,13 +20,15 @@ def cmd_serve(args) -> None:
     import uvicorn
     if not 0 < args.port < 65536:
         raise FromageError(f"--port must be 1..65535, got {args.port}")
-    if args.max_batch < 1 or args.max_queue < 0 or args.max_body_mb <= 0 or (args.prefill_rows or 1) < 1:
+    bad_prefill = args.prefill_rows is not None and args.prefill_rows < 1
+    if args.max_batch < 1 or args.max_queue < 0 or args.max_body_mb <= 0 or bad_prefill:
         raise FromageError("--max-batch and --prefill-rows must be >= 1, --max-queue >= 0 and --max-body-mb > 0")
     if args.allowed_media_dir and not os.path.isdir(args.allowed_media_dir):
         raise FromageError(f"--allowed-media-dir {args.allowed_media_dir} is not a directory")
     config = ServerConfig(bundle=args.bundle, index=args.index, engine=args.engine, device=args.device,
                           threads=args.threads, verify=not args.no_verify, max_batch=args.max_batch,
-                          max_queue=args.max_queue, prefill_rows=args.prefill_rows, api_key=args.api_key, allowed_media_dir=args.allowed_media_dir,
+                          max_queue=args.max_queue, prefill_rows=args.prefill_rows, api_key=args.api_key,
+                          allowed_media_dir=args.allowed_media_dir,
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024), model_name=args.model_name,
                           max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -45,6 +45,12 @@ def test_text_that_is_not_utf8(exported, capsys, tmp_path):
     assert "not UTF-8" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--max-batch", "--prefill-rows"])
+def test_serve_refuses_zero_rows(exported, capsys, option):
+    assert main(["serve", "--bundle", str(exported["llama"]["bundle"]), option, "0"]) == 2
+    assert "--prefill-rows must be >= 1" in capsys.readouterr().err
+
+
 def test_the_context_budget_is_said_at_start(exported, capsys):
     assert main(["generate", "--bundle", str(exported["llama"]["bundle"]), "--max-new-tokens", "1000000000",
                  "--no-retrieval", "--stop-id", "0", "a cat"]) == 0
