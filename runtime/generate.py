@@ -316,11 +316,21 @@ class Sequence:
         if ret_id not in token_ids:
             return 0
         last = len(token_ids) - 1 - token_ids[::-1].index(ret_id)
-        post, pre = token_ids[last + 1:], [t for t in token_ids[:last] if t != ret_id]
+        return Sequence._run(Sequence._said(token_ids[:last], ret_id), token_ids[last + 1:])
+
+    @staticmethod
+    def _said(before: list[int], ret_id: int) -> tuple[list[int], list[set]]:
+        """What was said before a [RET] ([RET]s left out), and its runs of 1..ECHO_TOKENS tokens."""
+        pre = [t for t in before if t != ret_id]
+        return pre, [set(zip(*(pre[i:] for i in range(n)))) for n in range(1, Sequence.ECHO_TOKENS + 1)]
+
+    @staticmethod
+    def _run(said: tuple[list[int], list[set]], post: list[int]) -> int:
+        pre, runs = said
         for n in range(min(len(post), Sequence.ECHO_TOKENS), 0, -1):  # longer runs decide nothing more
-            starts = [i for i in range(len(pre) - n + 1) if pre[i:i + n] == post[-n:]]
-            if starts:
-                return max(n, Sequence.ECHO_TOKENS) if n >= 2 and starts[-1] == len(pre) - n else n
+            tail = tuple(post[-n:])
+            if tail in runs[n - 1]:
+                return max(n, Sequence.ECHO_TOKENS) if n >= 2 and tuple(pre[-n:]) == tail else n
         return 0
 
     def __init__(self, model: "Fromage", params: SamplingParams, result: Result):
@@ -330,6 +340,7 @@ class Sequence:
         self.rng = np.random.default_rng(params.seed)
         self.text = _TextStream(model.tokenizer)
         self.rets, self.done, self.held, self.echo = 0, False, "", ""
+        self.said, self.after = None, 0  # before the last [RET] (Sequence._said), and where its answer resumes
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # text kept back: a stop string may start in it
         result.stop_reason = "length"
 
@@ -357,13 +368,15 @@ class Sequence:
         else the text it completes."""
         if token == self.ret_id:
             self.rets += 1
+            self.said, self.after = self._said(self.result.token_ids[:-1], self.ret_id), len(self.result.token_ids)
             self.text.reset()
             events = self._text("", flush=True)  # the text held back for stop strings comes before the image
             step = len(self.result.token_ids) - 1
             self.result.parts.append(image_part(hits, token_index=step))
             return events + [ImageEvent(hits, step)]
         delta = self.text.push(token)
-        if self.rets and (run := self.echo_run(self.result.token_ids, self.ret_id)):
+        ids = self.result.token_ids
+        if self.said and (run := self._run(self.said, ids[max(self.after, len(ids) - self.ECHO_TOKENS):])):
             self.echo += delta  # held back: it may be the start of a repetition
             if run >= self.ECHO_TOKENS:  # the repetition is dropped; the text before it is kept
                 self.echo, self.result.stop_reason = "", "stop"

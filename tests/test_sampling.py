@@ -79,3 +79,17 @@ def test_text_held_for_stop_strings_is_said_once():
     seq, result = _sequence(("\n", "Q:"))
     _feed(seq, result, [0, 1, 2, 5, 6, 8])  # the model starts the next question itself
     assert result.parts[0]["text"] == "a kangaroo." and result.stop_reason == "stop"
+
+
+def test_a_sequence_ends_where_echo_run_says():
+    """Sequence indexes the answer once per [RET]; it ends on the same token as echo_run on the whole list."""
+    import random
+    from fromage.runtime.generate import Sequence
+    rng = random.Random(1)
+    for _ in range(300):
+        seq, result = _sequence(())
+        ids = [rng.choice([0, 1, 2, 3, 4, 8, 9]) for _ in range(rng.randrange(1, 20))]
+        _feed(seq, result, ids)
+        ended = next((i + 1 for i in range(len(ids)) if Sequence.echo_run(ids[:i + 1], 9) >= Sequence.ECHO_TOKENS),
+                     None)
+        assert (result.token_ids == ids[:ended]) if ended else (not seq.done and result.token_ids == ids)

@@ -231,3 +231,25 @@ def test_echo_after_ret_ends_the_answer():
     assert Sequence.echo_run(said + [R, 7, 3, 4], R) == 2  # the run ending now counts
     assert Sequence.echo_run(said + [R, 5, 6], R) == E  # the end of the answer said again
     assert Sequence.echo_run(said + [R, 7, 8, R, 7, 8], R) == E  # before the last [RET], [RET]s left out
+
+
+def test_echo_run_matches_a_plain_search():
+    """echo_run (runs of the answer indexed once per [RET]) against the plain definition, on random answers."""
+    import random
+    from fromage.runtime.generate import Sequence
+    R, E = 9, Sequence.ECHO_TOKENS
+
+    def plain(ids):
+        if R not in ids:
+            return 0
+        last = len(ids) - 1 - ids[::-1].index(R)
+        post, pre = ids[last + 1:], [t for t in ids[:last] if t != R]
+        for n in range(min(len(post), E), 0, -1):
+            starts = [i for i in range(len(pre) - n + 1) if pre[i:i + n] == post[-n:]]
+            if starts:
+                return max(n, E) if n >= 2 and starts[-1] == len(pre) - n else n
+        return 0
+    rng = random.Random(0)
+    for _ in range(2000):
+        ids = [rng.randrange(10) for _ in range(rng.randrange(1, 16))]
+        assert Sequence.echo_run(ids, R) == plain(ids), ids
