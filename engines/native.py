@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import mmap
+import operator
 import os
 from pathlib import Path
 
@@ -179,7 +180,7 @@ class NativeDecoder:
                     self._repack(t["name"][:-len(".qweight")])
         self.model = self._model(model)
         self.model.threads = resolve_threads(threads)
-        self._tables = (None, None, None)  # forward's (cache[0], k table, v table), replaced as one tuple
+        self._known = {}  # the last call's caches: id -> (their buffers, addresses); replaced as one dict
 
     def _get(self, name):
         if name in self._external:
@@ -262,12 +263,9 @@ class NativeDecoder:
                    for a, n in ((logits, self.vocab_size), (ret, self.retrieval_dim))):
             raise FromageError(f"logits and ret must be C-contiguous float32 ({self.vocab_size},) and "
                                f"({self.retrieval_dim},)")
-        tables = self._tables  # one read: other threads may replace it meanwhile
-        if tables[0] is not cache[0]:  # pointer tables for this cache's buffers (~40 us to build)
-            tables = (cache[0], *self._pointer_tables([cache]))
-            self._tables = tables
+        k, v = self._pointer_tables([cache])
         rc = self.lib.fm_forward(ctypes.byref(self.model), embeds.ctypes.data, embeds.shape[1], past,
-                                 cache[0].shape[2], tables[1], tables[2], logits.ctypes.data, ret.ctypes.data)
+                                 cache[0].shape[2], k, v, logits.ctypes.data, ret.ctypes.data)
         if rc == -1:
             raise FromageError(f"{past} + {embeds.shape[1]} positions exceed the cache ({cache[0].shape[2]}) "
                                f"or the rotary table ({self.model.rope_positions})")
@@ -276,30 +274,34 @@ class NativeDecoder:
 
     def _pointer_tables(self, caches: list) -> tuple:
         """The k and v pointer tables of cache lists ([key0, value0, key1, ...] each), sequence-major
-        (native/fromage_native.h), each buffer checked first: the C code trusts their sizes."""
-        n, kv, d, f32 = self.model.n_layers, self.model.n_kv, self.model.head_dim, np.dtype(np.float32)
-        address, buffer = ctypes.addressof, ctypes.c_char.from_buffer
-        k, v, seen = [], [], {}
+        (native/fromage_native.h). A cache's addresses are remembered from the previous call while its
+        buffers are the same arrays (one that grew has new ones): building them is ~30 us a cache, and a
+        step's caches are mostly the last step's. The buffers are checked when first seen: the C code
+        trusts their sizes."""
+        known, seen, k, v = self._known, {}, [], []
         for cache in caches:
-            if id(cache) in seen:  # rows of one prompt share its cache
-                addresses = seen[id(cache)]
-                k += addresses[0::2]
-                v += addresses[1::2]
-                continue
-            shape = cache[0].shape if len(cache) == 2 * n else ()
-            try:
-                if not (len(shape) == 4 and shape[:2] == (1, kv) and shape[3] == d
-                        and all(c.dtype is f32 and c.shape == shape for c in cache)):
-                    raise TypeError
-                # from_buffer refuses buffers that are not C-contiguous and writable; ~4x cheaper than .ctypes.data
-                addresses = [address(buffer(c)) for c in cache] if shape[2] else [c.ctypes.data for c in cache]
-            except TypeError:
-                raise FromageError(f"the KV cache must be {2 * n} C-contiguous writable float32 arrays "
-                                   f"of shape (1, {kv}, capacity, {d})") from None
-            seen[id(cache)] = addresses
-            k += addresses[0::2]
-            v += addresses[1::2]
+            entry = seen.get(id(cache)) or known.get(id(cache))  # rows of one prompt share its cache
+            if entry is None or len(entry[0]) != len(cache) or not all(map(operator.is_, entry[0], cache)):
+                entry = (tuple(cache), self._addresses(cache))
+            seen[id(cache)] = entry
+            k += entry[1][0::2]
+            v += entry[1][1::2]
+        self._known = seen  # one assignment: other threads may call meanwhile (they rebuild what they miss)
         return (ctypes.c_void_p * len(k))(*k), (ctypes.c_void_p * len(v))(*v)
+
+    def _addresses(self, cache: list) -> list[int]:
+        n, kv, d, f32 = self.model.n_layers, self.model.n_kv, self.model.head_dim, np.dtype(np.float32)
+        shape = cache[0].shape if len(cache) == 2 * n else ()
+        try:
+            if not (len(shape) == 4 and shape[:2] == (1, kv) and shape[3] == d
+                    and all(c.dtype is f32 and c.shape == shape for c in cache)):
+                raise TypeError
+            # from_buffer refuses buffers that are not C-contiguous and writable; ~4x cheaper than .ctypes.data
+            return [ctypes.addressof(ctypes.c_char.from_buffer(c)) for c in cache] if shape[2] else \
+                [c.ctypes.data for c in cache]
+        except TypeError:
+            raise FromageError(f"the KV cache must be {2 * n} C-contiguous writable float32 arrays "
+                               f"of shape (1, {kv}, capacity, {d})") from None
 
     def forward_batch(self, embeds: np.ndarray, caches: list, pasts: list, logits: np.ndarray, ret: np.ndarray,
                       out_rows: list | None = None) -> None:
