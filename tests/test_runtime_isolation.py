@@ -59,3 +59,21 @@ def test_usearch_then_onnxruntime_import_order():
     """usearch 2.26 segfaulted when imported before onnxruntime; the pinned version must not."""
     proc = _python("import usearch.index, onnxruntime; print('ok')")
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_the_cli_runs_without_the_optional_extras():
+    """httpx and matplotlib come with the [bench] extra: without them every command still parses, and the
+    benchmark that needs one says so."""
+    r = _python("""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('httpx', 'matplotlib'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from fromage.tools.cli import build_parser, main
+build_parser()
+sys.exit(main(['bench', 'serve', '--bundle', 'nowhere']))
+""")
+    assert r.returncode == 2, r.stderr
+    assert "needs httpx" in r.stderr

@@ -19,9 +19,14 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
+try:
+    import httpx
+except ImportError:  # the [bench] extra: the CLI's parser imports this module, every command must run without it
+    httpx = None
+
+from fromage.engines.base import default_threads
 from fromage.runtime.errors import FromageError
 
 from .bench import machine_info
@@ -152,7 +157,8 @@ def data_url(path: str) -> str:
 # ---- scenarios -------------------------------------------------------------------------------------
 def sweep(url: str, levels: list, per_client: int, max_tokens: int, image: str | None, log, extra=None) -> list:
     rows = []
-    send(httpx.Client(timeout=600), url, request_body(0, 4, image, extra=extra))  # warm-up
+    with httpx.Client(timeout=600) as http:
+        send(http, url, request_body(0, 4, image, extra=extra))  # warm-up
     for c in levels:
         recs, wall = run_clients(url, c, per_client, lambda i: (request_body(i, max_tokens, image, extra=extra),))
         row = {"concurrency": c, **summarize(recs, wall)}
@@ -234,6 +240,12 @@ def load_test(server: Server, clients: int, per_client: int, max_tokens: int, im
 
 # ---- the command ----------------------------------------------------------------------------------
 def add_arguments(p) -> None:
+    p.add_argument("--bundle", help="bundle to serve (a `fromage serve` is started on it), unless --url")
+    p.add_argument("--index", help="image index for the started server")
+    p.add_argument("--threads", type=int, help="threads of each server (default: the cores this process may use)")
+    p.add_argument("--cache", help="where llama.cpp is built and the logs go (default: fromage's cache)")
+    p.add_argument("--json", metavar="FILE", help="write every number as JSON")
+    p.add_argument("--plot", metavar="FILE", help="PNG: throughput and p99 latency against concurrency")
     p.add_argument("--url", help="a running server to drive (default: start `fromage serve` on --bundle)")
     p.add_argument("--concurrency", default="1,2,4,8,16,32", help="client counts (default 1,2,4,8,16,32)")
     p.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
@@ -352,7 +364,10 @@ def plot(result: dict, path) -> None:
 
 def cmd(args) -> None:
     from fromage.training.backbones import cache_root
+    if httpx is None:
+        raise FromageError("fromage bench serve needs httpx: pip install 'fromage[bench]'")
     args.cache = args.cache or str(cache_root())
+    args.threads = args.threads or default_threads()
     result = cmd_bench_serve(args, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_table(result))
     if args.json:

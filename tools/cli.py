@@ -132,12 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_arguments(p)
     p = sub.add_parser("bench-serve", prog="fromage bench serve", help="(also `fromage bench serve`) a server under "
                        "concurrent load against llama.cpp's llama-server: throughput, TTFT, TPOT, ITL, latency")
-    p.add_argument("--bundle", help="bundle to serve (a `fromage serve` is started on it), unless --url")
-    p.add_argument("--index", help="image index for the started server")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of each server (default: all cores)")
-    p.add_argument("--cache", default=None, help="where llama.cpp is built and the logs go (default: fromage's cache)")
-    p.add_argument("--json", metavar="FILE", help="write every number as JSON")
-    p.add_argument("--plot", metavar="FILE", help="PNG: throughput and p99 latency against concurrency")
     from .bench_serve import add_arguments as _bench_serve_arguments
     _bench_serve_arguments(p)
     p = sub.add_parser("demo", help="first run: the default model answers a scripted interleaved session "
