@@ -36,8 +36,9 @@ def resolve_threads(threads: int | None) -> int:
     """The thread count an engine uses: `threads`, checked, or all the cores this process may use."""
     if threads is None:
         return default_threads()
-    limit = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+    cores = default_threads()
+    limit = MAX_THREADS_PER_CORE * cores
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= limit:
-        raise ParameterError("threads", f"must be a whole number from 1 to {limit} ({os.cpu_count()} cores here), "
-                                        f"got {threads!r}")
+        raise ParameterError("threads", f"must be a whole number from 1 to {limit} ({cores} cores for this "
+                                        f"process), got {threads!r}")
     return threads

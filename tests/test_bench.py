@@ -84,8 +84,9 @@ def test_bench_retrieval(tmp_path, cache, capsys, monkeypatch):
 
 
 def test_bench_context(exported, tmp_path, monkeypatch, capsys):
-    import fromage.tools.bench_context as bench_context
-    monkeypatch.setattr(bench_context, "PROBE_GIB", 1 / 64)
+    import fromage.tools.bench_worker as bench_worker
+    probe = bench_worker.BandwidthProbe
+    monkeypatch.setattr(bench_worker, "BandwidthProbe", lambda threads: probe(threads, gib=1 / 64))
     out = tmp_path / "context.json"
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "40,64", "--runs", "1",
                  "--json", str(out)]) == 0
@@ -95,6 +96,8 @@ def test_bench_context(exported, tmp_path, monkeypatch, capsys):
     assert "x that bound" in capsys.readouterr().out
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "8"]) == 2
     assert "lengths must be over 16" in capsys.readouterr().err
+    assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "40", "--plot", "x.png"]) == 2
+    assert "without --plot" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

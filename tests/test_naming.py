@@ -76,3 +76,15 @@ def test_checkpoint_stores_only_the_slot_rows(assets, tmp_path):
     again = FromageModel.from_checkpoint(tmp_path / "ck2", lm=model.lm, tokenizer=model.tokenizer,
                                          encoder=model.encoder)
     assert torch.equal(again.W_c.bias, model.W_c.bias)
+
+
+def test_a_slot_alone_is_stored_whole(assets, tmp_path):
+    """The template "{}" (k = 1, no fixed rows) saves and loads as the plain W_c."""
+    model = build_model(assets, "llama", k=1)
+    feats = torch.randn(len(CAPTIONS), model.encoder.dim, generator=torch.Generator().manual_seed(3))
+    fit_naming(model, feats, CAPTIONS, lam=1.0, template="{}")
+    model.save_checkpoint(tmp_path / "ck")
+    from fromage.training.model import FromageModel
+    again = FromageModel.from_checkpoint(tmp_path / "ck", lm=model.lm, tokenizer=model.tokenizer,
+                                         encoder=model.encoder)
+    assert torch.equal(again.W_c.weight, model.W_c.weight) and torch.equal(again.W_c.bias, model.W_c.bias)

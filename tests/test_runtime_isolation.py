@@ -77,3 +77,10 @@ sys.exit(main(['bench', 'serve', '--bundle', 'nowhere']))
 """)
     assert r.returncode == 2, r.stderr
     assert "needs httpx" in r.stderr
+
+
+def test_the_import_graph_resolves_relative_imports(tmp_path):
+    from fromage.tools.import_graph import module_imports
+    f = tmp_path / "m.py"
+    f.write_text("from .scheduler import Scheduler\nfrom ..training import data\nfrom fromage.engines import native\n")
+    assert module_imports(f, "runtime") == [("runtime", 1), ("training", 2), ("engines", 3)]

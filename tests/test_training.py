@@ -200,6 +200,8 @@ def test_validation_split_and_openclipart_sentences(tmp_path):
     assert validation_split(ex[::-1], tmp_path, 10)[1] == val[::-1]  # by path, not by position
     assert caption_sentence("A clip-art drawing of horse, from the horses category.") == "A horse."
     assert caption_sentence("A clip-art drawing of apple.") == "An apple."
+    assert caption_sentence("A clip-art drawing of a star with 5 points.") == "A star with 5 points."
+    assert caption_sentence("A clip-art drawing of an apple, from the food category.") == "An apple."
     assert caption_sentence("A clip-art drawing of the flag of france.") == "The flag of france."
     assert caption_sentence("A red cat.") == "A red cat."
 

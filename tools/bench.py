@@ -9,7 +9,7 @@ a probe subprocess reads a 1 GiB array once per round (numpy's reads and the nat
 read). `--retrieval N` benchmarks the image index on N random clustered vectors; `--context N,N` times
 the native decode step at long cache lengths instead of the decode bench (tools/bench_context.py).
 
-This module never imports torch or transformers: the peers that need them live in training/.
+This module never imports torch or transformers: the peers that need them import them in their own processes.
 """
 from __future__ import annotations
 
@@ -390,6 +390,8 @@ def cmd_bench(args) -> None:
             raise FromageError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise FromageError("--warmup must be >= 0 and --threads >= 1")
+    if args.context is not None and (args.plot or args.compare is not None or args.also or args.also_engine):
+        raise FromageError("--context times the native decoder alone: without --plot, --compare, --also, --also-engine")
     if args.plot:
         if args.bundle is None:
             raise FromageError("--plot draws the decode benchmark: give --bundle")

@@ -13,7 +13,6 @@ from fromage.runtime.errors import FromageError
 
 BASE_POSITIONS = 16
 STEPS_PER_RUN = 10  # decode steps timed per length and run, after one untimed
-PROBE_GIB = 1.0  # the bandwidth probe's array, as the main bench's
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -39,7 +38,7 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
     cache = [rng.standard_normal(shape, dtype=np.float32) for _ in range(2 * m.n_layers)]
     embeds = (rng.standard_normal((1, 1, m.hidden)) * 0.02).astype(np.float32)
     logits, ret = np.zeros(dec.vocab_size, np.float32), np.zeros(dec.retrieval_dim, np.float32)
-    probe = BandwidthProbe(threads, gib=PROBE_GIB)
+    probe = BandwidthProbe(threads)
     points = [BASE_POSITIONS] + lengths
     steps, bandwidth = {p: [] for p in points}, []
     for r in range(runs):  # lengths interleaved, a bandwidth measurement per run

@@ -9,7 +9,7 @@
                   by its own timings (no Python in its loop); built once from llama-cpp-python's vendored tree
   llama_cpp_f32   the same on an F32 GGUF of those weights (compare with fp32 bundles)
 
-Each runs in its own process (this module imports torch/transformers, so it lives in training/):
+Each runs in its own process (torch and transformers are imported by the systems that need them):
 
   python -m fromage.tools.bench_peers hf --bundle B [--runs 3 --warmup 1 ...]   # one-shot, prints JSON
   python -m fromage.tools.bench_peers optimum --spec spec.json --prepare          # export once (cached)
@@ -290,8 +290,8 @@ class LlamaCppSystem:
         import urllib.request
         from fromage.tools.llama_cpp import ensure_built, f32_gguf
         from fromage.tools.server_process import Server, free_port
-        from fromage.training.backbones import cache_root, default_gguf_path
-        cache = Path(spec["cache"]) if spec.get("cache") else cache_root()
+        from fromage.training.backbones import default_gguf_path
+        cache = _llama_cpp_cache(spec)
         gguf = f32_gguf(cache) if precision == "f32" else default_gguf_path()
         binary = ensure_built(cache) / "llama-server"
         threads, ctx, port = spec["threads"], -(-(len(spec["prompt_ids"]) + spec["new_tokens"] + 64) // 256) * 256, free_port()
@@ -325,11 +325,18 @@ class LlamaCppSystem:
             self.server.close()
 
 
+def _llama_cpp_cache(spec: dict) -> Path:
+    """The cache folder of the llama.cpp peers, which run the default LM's own GGUF only."""
+    from fromage.training.backbones import DEFAULT_LM, cache_root
+    if spec["lm"] != DEFAULT_LM:
+        raise FromageError(f"the llama.cpp peers run the default LM's GGUF; this bundle's LM is {spec['lm']!r}")
+    return Path(spec["cache"]) if spec.get("cache") else cache_root()
+
+
 def _prepare_llama_cpp(spec: dict, precision: str) -> Path:
     """Builds llama-server once (and, for F32, dequantizes the GGUF once)."""
     from fromage.tools.llama_cpp import ensure_built, f32_gguf
-    from fromage.training.backbones import cache_root
-    cache = Path(spec["cache"]) if spec.get("cache") else cache_root()
+    cache = _llama_cpp_cache(spec)
     binaries = ensure_built(cache)
     return f32_gguf(cache) if precision == "f32" else binaries
 

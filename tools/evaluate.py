@@ -2,7 +2,7 @@
 (the TuxPaint stamps by default, or a TSV), next to random ranking and a sentence-encoder baseline.
 Also the command handlers of `fromage eval vist|visdial` (the metrics live in benchmarks.py).
 
-Rows (R@K in percent; ties broken at random in expectation, see benchmarks.recall_at_k):
+Rows (R@K in percent; ties broken at random in expectation, see runtime.metrics.recall_at_k):
 - fromage: text->image: each held-out caption's [RET] embedding as a text query (the caption written in
   the bundle's query template, then [RET]: `scoring.ret_embeddings`, as trained) against
   the vision graph's `image_embedding` of every held-out image; image->text: the same scores transposed.
@@ -31,9 +31,10 @@ from fromage.runtime.prompt import ImagePart
 from fromage.runtime.scoring import caption_perplexity
 from fromage.runtime.sources import load_split
 from fromage.runtime.sources import TUXPAINT_ROOT
+from fromage.training.object_names import CAPTION_TOKENS, names_object, object_word
 
 
-def eval_fromage(model, heldout, n_captions: int = 5, max_caption_tokens: int = 24, progress: bool = False):
+def eval_fromage(model, heldout, n_captions: int = 5, max_caption_tokens: int = CAPTION_TOKENS, progress: bool = False):
     """-> (row, the held-out examples whose image could be read)."""
     from tqdm import tqdm
     from fromage.runtime.metrics import recall_at_k
@@ -54,7 +55,6 @@ def eval_fromage(model, heldout, n_captions: int = 5, max_caption_tokens: int = 
     visual = {e.image: embedded[e.image][0] for e in kept}
     row["perplexity"], row["caption_tokens"] = caption_perplexity(model, kept, visual, progress)
     row["perplexity_no_image"], _ = caption_perplexity(model, kept, None, progress)
-    from fromage.training.object_names import names_object, object_word
     picks = np.unique(np.linspace(0, len(kept) - 1, num=min(n_captions, len(kept))).round().astype(int)) \
         if n_captions > 0 else []
     params = SamplingParams(max_new_tokens=max_caption_tokens, temperature=0.0, retrieval=False, stop=("\n",))

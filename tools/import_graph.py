@@ -30,7 +30,12 @@ def module_imports(path: Path, folder: str) -> list[tuple[str, int]]:
     out = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.ImportFrom):
-            names = [f"fromage.{folder}"] if node.level else [node.module or ""]
+            if node.level == 1:  # from .x import y: this folder
+                names = [f"fromage.{folder}"]
+            elif node.level > 1:  # from ..pkg import y: a sibling folder
+                names = [f"fromage.{node.module}"] if node.module else []
+            else:
+                names = [node.module or ""]
             if node.module == "fromage":  # from fromage import runtime
                 names = [f"fromage.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):

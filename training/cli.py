@@ -95,7 +95,7 @@ def caption_sentence(caption: str) -> str:
     if not m:
         return caption
     what = m.group(1)
-    if what.startswith("the "):
+    if re.match(r"(a|an|the) ", what):  # "a star with 5 points": its own article
         return what[0].upper() + what[1:] + "."
     return ("An " if what[:1].lower() in "aeiou" else "A ") + what + "."
 

@@ -8,6 +8,7 @@ from fromage.runtime.metrics import recall_at_k
 
 from fromage.runtime.sources import Example
 from .model import FromageModel
+from .object_names import CAPTION_TOKENS
 from .train import TrainConfig, _pad, retrieval_ids, retrieval_layouts
 
 
@@ -34,7 +35,8 @@ def text_embeddings(model: FromageModel, captions: list[str], cfg: TrainConfig) 
 
 
 @torch.no_grad()
-def greedy_captions(model: FromageModel, features: torch.Tensor, max_tokens: int = 12, batch_size: int = 64) -> list[str]:
+def greedy_captions(model: FromageModel, features: torch.Tensor, max_tokens: int = CAPTION_TOKENS,
+                    batch_size: int = 64) -> list[str]:
     """Greedy captions of images from `[prefix] [k visual tokens]` ([RET] never chosen), each cut at its
     first newline: what `fromage eval` generates for its "names the object" line."""
     from transformers.cache_utils import DynamicCache

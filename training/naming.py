@@ -92,7 +92,7 @@ def compact_w_c(model: FromageModel) -> dict[str, torch.Tensor]:
     w = model.W_c.weight.detach().view(k, e, -1)
     b = model.W_c.bias.detach().view(k, e)
     fixed = [i for i in range(k) if i != slot]
-    if w[fixed].abs().max() > 0 or not torch.equal(b[fixed], rows[fixed]):
+    if not fixed or w[fixed].abs().sum() > 0 or not torch.equal(b[fixed], rows[fixed]):
         return {"W_c.weight": model.W_c.weight.detach().clone(), "W_c.bias": model.W_c.bias.detach().clone()}
     return {"W_c.weight": w[slot].clone(), "W_c.bias": b[slot].clone()}
 

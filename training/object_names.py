@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 DATA = Path(__file__).with_name("object_words.json")
+CAPTION_TOKENS = 24  # the greedy caption judged: at most this many tokens (fromage eval and training's validation)
 
 
 @lru_cache(maxsize=1)
