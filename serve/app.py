@@ -102,18 +102,7 @@ def create_app(config: ServerConfig, model: Fromage | None = None) -> FastAPI:
     async def http_error(request, e: HTTPException):
         return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and config.api_key:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)", 401),
-                                    status_code=401)
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > config.max_body_bytes:
-            return JSONResponse(error_body(f"the body is larger than {config.max_body_bytes} bytes", 413),
-                                status_code=413)
-        return await call_next(request)
+    app.add_middleware(_Guard, config=config)
 
     @app.get("/health")
     async def health():
@@ -258,6 +247,35 @@ async def _sse(handle, outputs: _Outputs, rid: str, model: str, positions: int, 
         handle.cancel()  # no-op when finished; frees the slot when the client went away
 
 
+class _Guard:
+    """The API key on /v1/* and the early refusal of a body announced too large, as plain ASGI: responses
+    (token streams above all) pass through untouched, not re-streamed chunk by chunk through another task
+    as under Starlette's @app.middleware("http")."""
+
+    def __init__(self, app, config: ServerConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refusal = self._refusal(Request(scope))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, request: Request) -> JSONResponse | None:
+        key, limit = self.config.api_key, self.config.max_body_bytes
+        if request.url.path.startswith("/v1/") and key:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)", 401),
+                                    status_code=401)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            return JSONResponse(error_body(f"the body is larger than {limit} bytes", 413), status_code=413)
+        return None
+
+
 async def _read_json(request: Request, limit: int):
     """The body, read up to `limit` bytes (413 beyond), as JSON (400 if it is not)."""
     body = bytearray()
@@ -272,7 +290,7 @@ async def _read_json(request: Request, limit: int):
 
 
 @functools.lru_cache(maxsize=256)
-def _thumbnail_cached(index_id: int, key: int, path: str) -> bytes:
+def _thumbnail_png(path: str) -> bytes:
     img = load_rgb(path)
     img.thumbnail((IMAGE_PX, IMAGE_PX))
     out = io.BytesIO()
@@ -285,7 +303,7 @@ def _thumbnail(index, key: int) -> bytes | None:
     if found is None:
         return None
     try:
-        return _thumbnail_cached(id(index), key, found[0])
+        return _thumbnail_png(found[0])
     except FromageError:
         return None
 

@@ -6,8 +6,9 @@ chunk's `delta.content`) carries the text only; `message.parts` (and `delta.part
 in order, text parts `{"type": "text", "text"}` and image parts
 `{"type": "image_url", "image_url": {"url": "/v1/images/KEY"}, "key", "score", "caption"}`.
 Besides OpenAI's fields, `ignore_eos: true` (as in vLLM) generates exactly max_tokens tokens, and
-`min_word_tokens` (default 2), `max_rets` (default 1: one retrieval per answer; 0 = no limit),
-`ret_scale_factor` and `top_images` steer retrieval as in `fromage generate`.
+`retrieval` (default true; false: [RET] is never chosen), `min_word_tokens` (default 2), `max_rets`
+(default 1: one retrieval per answer; 0 = no limit), `ret_scale_factor` and `top_images` steer retrieval
+as in `fromage generate`.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ IGNORED_FIELDS = {"model", "user", "n", "presence_penalty", "frequency_penalty",
 PARAMS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
           "top_p": "top_p", "seed": "seed", "stop": "stop",
           # fromage's own: retrieval in an answer (defaults as the demo's: DEFAULTS)
-          "min_word_tokens": "min_word_tokens", "max_rets": "max_rets", "ret_scale_factor": "ret_scale_factor",
-          "top_images": "top_images"}
+          "retrieval": "retrieval", "min_word_tokens": "min_word_tokens", "max_rets": "max_rets",
+          "ret_scale_factor": "ret_scale_factor", "top_images": "top_images"}
 # an answer does not open with an image and shows at most one retrieval, as in the demo
 DEFAULTS = {"max_new_tokens": DEFAULT_MAX_TOKENS, "min_word_tokens": 2, "max_rets": 1}
 

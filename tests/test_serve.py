@@ -100,6 +100,7 @@ def test_errors_have_openai_shape(server, assets, tmp_path):
         ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
         ({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "bogus"),
         ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 7}, 400, "stop"),  # 6 + the chat's own 2
+        ({"messages": [{"role": "user", "content": "hi"}], "retrieval": "no"}, 400, "retrieval"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
          "max_tokens": 2}, 400, None),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},
@@ -221,3 +222,14 @@ def test_per_request_caps(served_model):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
     finally:
         s.close()
+
+
+def test_retrieval_can_be_turned_off_per_request(server):
+    def images(**extra):
+        body = {"messages": [{"role": "user", "content": "show me a cat"}], "max_tokens": 6, "temperature": 0,
+                "ret_scale_factor": 9, "min_word_tokens": 0, **extra}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return [p for p in r.json()["choices"][0]["message"]["parts"] if p["type"] == "image_url"]
+    assert images(), "[RET] favoured this much, the tiny model retrieves"
+    assert not images(retrieval=False)

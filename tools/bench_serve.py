@@ -41,7 +41,7 @@ DEFAULT_IMAGE = "/usr/share/tuxpaint/stamps/animals/marsupials/kangaroo.png"
 # ---- one request ----------------------------------------------------------------------------------
 # fromage's extension that keeps [RET] out of a timed answer, so that it is exactly max_tokens tokens long
 # (after a [RET] an answer that re-says itself ends early)
-NO_RETRIEVAL = {"min_word_tokens": 1 << 20}
+NO_RETRIEVAL = {"retrieval": False}
 
 
 def request_body(i: int, max_tokens: int, image: str | None = None, stream: bool = True, words: int = 0,
