@@ -42,6 +42,10 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import FromageError
 
+class ImageTooLarge(FromageError):
+    """An image over one of the size limits below (the server answers 413)."""
+
+
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_IMAGE_PIXELS = 64_000_000  # ~8k x 8k; larger files are refused before decoding
 MAX_DECODED_PIXELS = 24_000_000
@@ -92,7 +96,7 @@ def _not_regular(path, mode: int) -> FromageError:
 
 
 def _too_many_bytes(name, n) -> FromageError:
-    return FromageError(f"image too large: {name} is {n} bytes (limit {MAX_IMAGE_BYTES})")
+    return ImageTooLarge(f"image too large: {name} is {n} bytes (limit {MAX_IMAGE_BYTES})")
 
 
 def read_image_file(path) -> bytes:
@@ -133,7 +137,7 @@ def check_image_size(width: int, height: int, name) -> None:
     if width < 1 or height < 1:
         raise FromageError(f"cannot read image {name}: it has no pixels ({width}x{height})")
     if width * height > MAX_IMAGE_PIXELS:
-        raise FromageError(f"image too large: {name} is {width}x{height} pixels (limit {MAX_IMAGE_PIXELS})")
+        raise ImageTooLarge(f"image too large: {name} is {width}x{height} pixels (limit {MAX_IMAGE_PIXELS})")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise FromageError(f"image too elongated: {name} is {width}x{height} pixels "
                            f"(aspect ratio over {MAX_ASPECT_RATIO}:1)")
@@ -153,14 +157,14 @@ def decode_image(data: bytes, name=BYTES_NAME) -> Image.Image:
     except UnidentifiedImageError:
         raise FromageError(f"cannot read image {name}: not an image (or a format Pillow cannot read)") from None
     except Image.DecompressionBombError as e:  # Pillow's own check, at 2.8x MAX_IMAGE_PIXELS
-        raise FromageError(f"image too large: {name} (limit {MAX_IMAGE_PIXELS} pixels; {e})") from None
+        raise ImageTooLarge(f"image too large: {name} (limit {MAX_IMAGE_PIXELS} pixels; {e})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise FromageError(f"cannot read image {name}: {e}") from None
     check_image_size(img.width, img.height, name)
     if img.format == "JPEG":
         img.draft("RGB", (DECODE_SIDE, DECODE_SIDE))  # the model sees a few hundred pixels: decode less
     if img.width * img.height > MAX_DECODED_PIXELS:
-        raise FromageError(f"image too large: {name} is {img.width}x{img.height} pixels (limit {MAX_DECODED_PIXELS} "
+        raise ImageTooLarge(f"image too large: {name} is {img.width}x{img.height} pixels (limit {MAX_DECODED_PIXELS} "
                            f"pixels; JPEGs up to {MAX_IMAGE_PIXELS}, decoded at a reduced scale)")
     try:
         img.load()
@@ -231,7 +235,7 @@ def _gunzip(data: bytes, name) -> bytes:
     except zlib.error as e:
         raise FromageError(f"cannot render SVG {name}: damaged gzip data ({e})") from None
     if len(out) > MAX_IMAGE_BYTES or d.unconsumed_tail:
-        raise FromageError(f"image too large: {name} expands beyond {MAX_IMAGE_BYTES} bytes when decompressed")
+        raise ImageTooLarge(f"image too large: {name} expands beyond {MAX_IMAGE_BYTES} bytes when decompressed")
     return out
 
 
@@ -253,13 +257,13 @@ def _svg_fetcher(name):
             try:
                 img = Image.open(io.BytesIO(data), formats=_open_formats())
             except Image.DecompressionBombError:
-                raise FromageError(f"image too large: the images embedded in {name} exceed "
+                raise ImageTooLarge(f"image too large: the images embedded in {name} exceed "
                                    f"{MAX_IMAGE_PIXELS} pixels") from None
             except Exception:
                 raise FromageError(f"an image embedded in {name} is not an image Pillow can read") from None
             used[0] += img.width * img.height
             if used[0] > MAX_IMAGE_PIXELS:
-                raise FromageError(f"image too large: the images embedded in {name} exceed "
+                raise ImageTooLarge(f"image too large: the images embedded in {name} exceed "
                                    f"{MAX_IMAGE_PIXELS} pixels")
         return data
     return fetcher

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from fromage.runtime.errors import FromageError, ParameterError
 from fromage.runtime.generate import Fromage, ImageEvent, TextEvent
-from fromage.runtime.preprocess import load_rgb
+from fromage.runtime.preprocess import ImageTooLarge, load_rgb
 from fromage.runtime.scheduler import Finished, QueueFull, Scheduler
 
 from .errors import BadRequest, error_body
@@ -157,7 +157,7 @@ def create_app(config: ServerConfig, model: Fromage | None = None) -> FastAPI:
             field = "max_tokens" if e.param == "max_new_tokens" else e.param
             raise BadRequest(f"{field}: {e.message}", param=field) from None
         except FromageError as e:
-            raise BadRequest(str(e), 413 if "too large" in str(e) else 400) from None
+            raise BadRequest(str(e), 413 if isinstance(e, ImageTooLarge) else 400) from None
         positions = handle.embeds.shape[1]
         state.metrics.prompt_tokens.inc(positions)
         outputs = _Outputs(events, state.metrics, t0)

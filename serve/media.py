@@ -22,7 +22,6 @@ IMAGE_KEY_URL = re.compile(r"(?:https?://[^/]+)?/v1/images/(\d{1,18})")
 class MediaPolicy:
     allowed_dir: Path | None = None   # file:// URLs below it (resolved); None: file:// refused
     index: object = None              # the served ImageIndex, for /v1/images/KEY
-    max_image_bytes: int = MAX_IMAGE_BYTES
 
 
 def image_part_from_url(url: str, media: MediaPolicy, where: str) -> ImagePart:
@@ -30,8 +29,8 @@ def image_part_from_url(url: str, media: MediaPolicy, where: str) -> ImagePart:
         header, comma, data = url.partition(",")
         if not comma or not header.endswith(";base64"):
             raise BadRequest(f"{where}: only base64 data: URLs are supported (data:image/png;base64,...)", param="messages")
-        if len(data) // 4 * 3 > media.max_image_bytes:
-            raise BadRequest(f"{where}: the image is larger than {media.max_image_bytes} bytes", 413, "messages")
+        if len(data) // 4 * 3 > MAX_IMAGE_BYTES:  # refused before decoding
+            raise BadRequest(f"{where}: the image is larger than {MAX_IMAGE_BYTES} bytes", 413, "messages")
         try:
             return ImagePart(base64.b64decode(data, validate=True))
         except (binascii.Error, ValueError):

@@ -119,6 +119,10 @@ def test_errors_have_openai_shape(server, assets, tmp_path):
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    from test_input_hardening import png_header
+    bomb = "data:image/png;base64," + base64.b64encode(png_header(20000, 20000)).decode()
+    r = post({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": bomb}}]}]})
+    assert r.status_code == 413 and "too large" in r.json()["error"]["message"]  # over the pixel limit
     huge = "data:image/png;base64," + "A" * (90 * 1024 * 1024)
     r = post({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": huge}}]}]})
     assert r.status_code == 413
