@@ -140,19 +140,20 @@ def read_tuxpaint(root=TUXPAINT_ROOT) -> list[Example]:
     return sorted(examples, key=lambda e: e.image)
 
 
-def split_examples(examples, root, heldout_percent: int = 15):
+def split_examples(examples, root, heldout_percent: int = 15, salt: str = ""):
     """Deterministic train/held-out split that needs no stored state.
 
-    An example is held out iff int(md5(rel).hexdigest(), 16) % 100 < heldout_percent, where rel is
-    its image path relative to `root` with '/' separators. So the split is the same on every
-    machine and run, and an example stays on its side when others are added or removed.
-    Returns (train, heldout), each in input order."""
+    An example is held out iff int(md5(salt + rel).hexdigest(), 16) % 100 < heldout_percent, where rel
+    is its image path relative to `root` with '/' separators. So the split is the same on every
+    machine and run, and an example stays on its side when others are added or removed; another
+    salt cuts an independent split (training's validation split). Returns (train, heldout), each in
+    input order."""
     if not 0 <= heldout_percent <= 100:
         raise FromageError(f"heldout_percent must be between 0 and 100, got {heldout_percent}")
     train, heldout = [], []
     for ex in examples:
         rel = Path(os.path.relpath(ex.image, root)).as_posix()
-        bucket = int(hashlib.md5(rel.encode("utf-8")).hexdigest(), 16) % 100
+        bucket = int(hashlib.md5((salt + rel).encode("utf-8")).hexdigest(), 16) % 100
         (heldout if bucket < heldout_percent else train).append(ex)
     return train, heldout
 

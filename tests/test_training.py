@@ -255,3 +255,12 @@ def test_echo_run_matches_a_plain_search():
     for _ in range(2000):
         ids = [rng.randrange(10) for _ in range(rng.randrange(1, 16))]
         assert Sequence.echo_run(ids, R) == plain(ids), ids
+
+
+def test_presets_reach_the_training_settings():
+    from fromage.tools.cli import build_parser
+    from fromage.training.cli import train_settings
+    s = train_settings(build_parser().parse_args(["train", "--preset", "openclipart", "--out", "x", "--steps", "3"]))
+    assert (s.extra, s.freeze_ret_embedding, s.prompt_prob, s.caption_batch_size, s.steps) == (["openclipart"], True, 0.3, 16, 3)
+    s = train_settings(build_parser().parse_args(["train", "--preset", "tuxpaint", "--out", "x"]))
+    assert (s.extra, s.freeze_ret_embedding, s.steps, s.lr) == (None, False, 60, 1e-3)

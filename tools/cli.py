@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="learn [RET], W_c, W_t, W_i on image-caption pairs")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", choices=["tuxpaint"], help="a documented recipe (data + settings); "
-                     "`tuxpaint` reproduces the shipped default checkpoint")
+    src.add_argument("--preset", choices=["tuxpaint", "openclipart"], help="a documented recipe (data + "
+                     "settings; training/default/MODEL_CARD.md): `tuxpaint` reproduces the shipped default "
+                     "checkpoint's retrieval pieces, `openclipart` the recipe tried with clip art added")
     src.add_argument("--data", help="TSV with header 'caption<TAB>image'")
     src.add_argument("--tuxpaint", nargs="?", const=TUXPAINT_ROOT, metavar="ROOT",
                      help="the TuxPaint stamps (training split; the held-out split is evaluated)")

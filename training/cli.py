@@ -66,11 +66,11 @@ DEFAULTS = {"query_template": "{}", "ret_init": None, "extra": None, "lm": "defa
 # Tried for issue 16 and not shipped (held-out t2i R@10 67.0, i2t 67.0, names the object 0 %, perplexity 73:
 # worse than the shipped checkpoint; see training/default/MODEL_CARD.md): the OpenClipArt PNGs as extra
 # examples, [RET]'s input row frozen at " a" so the retrieval objective runs on cached states of all 6k texts,
-# captioning 16 pairs a step, 30 % as answers to prompts. `fromage train --preset tuxpaint` with these
-# settings on top (the CLI has no flags for the last four; training/cli.py:cmd_train reads them from here).
+# captioning 16 pairs a step, 30 % as answers to prompts. `fromage train --preset openclipart`.
 OPENCLIPART_RECIPE = {"extra": ["openclipart"], "steps": 150, "caption_batch_size": 16, "save_every": 25,
                       "eval_every": 25, "freeze_ret_embedding": True, "extra_fraction": 0.5, "prompt_prob": 0.3,
                       "caption_weight": 1.0}
+PRESETS["openclipart"] = {**PRESETS["tuxpaint"], **OPENCLIPART_RECIPE}
 
 
 def extra_examples(names: list[str], max_stars: int = 50) -> list:
@@ -100,14 +100,19 @@ def caption_sentence(caption: str) -> str:
     return ("An " if what[:1].lower() in "aeiou" else "A ") + what + "."
 
 
+def train_settings(args) -> argparse.Namespace:
+    """The command line over the preset over DEFAULTS."""
+    settings = {**DEFAULTS, **PRESETS.get(args.preset or "", {})}
+    settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
+    return argparse.Namespace(**{**vars(args), **settings})
+
+
 def cmd_train(args) -> None:
     from fromage.runtime.sources import load_split
     from fromage.runtime.sources import read_tsv
     from .train import TrainConfig, train
     _set_threads(args.threads)
-    settings = {**DEFAULTS, **PRESETS.get(args.preset or "", {})}
-    settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
-    args = argparse.Namespace(**{**vars(args), **settings})
+    args = train_settings(args)
     validation, extra, extra_captions = None, None, None
     if args.data:
         examples = read_tsv(args.data, args.image_dir)

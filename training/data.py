@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +12,7 @@ import numpy as np
 
 
 from fromage.runtime.files import sha256_file, write_atomic
+from fromage.runtime.sources import split_examples
 
 
 class FeatureCache:
@@ -78,12 +78,6 @@ class FeatureCache:
 
 
 def validation_split(train: list, root, percent: int = 10) -> tuple[list, list]:
-    """Carves a validation split out of a training split -> (train, validation), deterministically like
-    `runtime.sources.split_examples` but with its own hash (md5 of "validation:" + the image path relative
-    to `root`), so recipes and checkpoints are chosen without looking at the held-out split."""
-    keep, val = [], []
-    for ex in train:
-        rel = Path(os.path.relpath(ex.image, root)).as_posix()
-        bucket = int(hashlib.md5(f"validation:{rel}".encode("utf-8")).hexdigest(), 16) % 100
-        (val if bucket < percent else keep).append(ex)
-    return keep, val
+    """Carves a validation split out of a training split -> (train, validation): `split_examples` with its
+    own salt, so recipes and checkpoints are chosen without looking at the held-out split."""
+    return split_examples(train, root, percent, salt="validation:")

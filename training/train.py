@@ -340,7 +340,7 @@ def train(model: FromageModel, examples: list[Example], cfg: TrainConfig, out, *
         losses = {k: float(v.detach()) for k, v in out_losses.items()}
         bar.set_postfix(loss=f"{losses['loss']:.3f}", nce=f"{losses['contrastive']:.3f}")
         done = step + 1
-        extra = {"step": done, "train": train_settings, "losses": losses}
+        meta = {"step": done, "train": train_settings, "losses": losses}
         if eval_set and (done % cfg.eval_every == 0 or done == cfg.steps):
             model.eval()
             recall = retrieval_recall(model, *eval_set, cfg)
@@ -349,12 +349,12 @@ def train(model: FromageModel, examples: list[Example], cfg: TrainConfig, out, *
                 f"{recall['R@1']:.1f} / {recall['R@5']:.1f} / {recall['R@10']:.1f}, image->text R@10 "
                 f"{recall['i2t']['R@10']:.1f}, names the object {recall['names']:.1f} %  "
                 f"(score {recall['score']:.1f})")
-            extra["heldout"] = recall
+            meta["heldout"] = recall
             if best is None or recall["score"] > best["score"]:
                 best = recall
-                model.save_checkpoint(out / "best", extra=extra)
+                model.save_checkpoint(out / "best", extra=meta)
         if done % cfg.save_every == 0 or done == cfg.steps:
             _save_trainer(out.mkdir(parents=True, exist_ok=True) or out, opt, names, done)
-            model.save_checkpoint(out, extra=extra)
+            model.save_checkpoint(out, extra=meta)
     model.eval()
     return losses
