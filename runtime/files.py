@@ -9,7 +9,10 @@ from typing import Callable, Union
 
 from .errors import FromageError
 
-_HASHES: dict[tuple, str] = {}  # (abspath, mtime_ns, size) -> sha256: each file hashed once per process
+# (device, inode, mtime_ns, size) -> sha256: a file hashed once per process, found again after a rename (an
+# index swapped into place); the oldest entries go beyond HASHES_KEPT (an index build hashes every image)
+_HASHES: dict[tuple, str] = {}
+HASHES_KEPT = 4096
 
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:
@@ -18,12 +21,14 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
         st = os.stat(path)
     except OSError as e:
         raise FromageError(f"file not found: {path}") from e
-    key = (path, st.st_mtime_ns, st.st_size)
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
     if key not in _HASHES:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             while block := f.read(chunk):
                 h.update(block)
+        while len(_HASHES) >= HASHES_KEPT:
+            del _HASHES[next(iter(_HASHES))]
         _HASHES[key] = h.hexdigest()
     return _HASHES[key]
 

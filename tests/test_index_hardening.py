@@ -374,3 +374,23 @@ def test_cli_index_build_of_a_tsv_with_missing_images(exported, assets, tmp_path
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_file_hashes_are_remembered_boundedly_and_across_renames(tmp_path, monkeypatch):
+    from fromage.runtime import files
+    monkeypatch.setattr(files, "_HASHES", {})
+    monkeypatch.setattr(files, "HASHES_KEPT", 3)
+    paths = []
+    for i in range(5):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(bytes([i]) * 10)
+        paths.append(p)
+        files.sha256_file(p)
+    assert len(files._HASHES) == 3
+    digest = files.sha256_file(paths[4])
+    moved = paths[4].rename(tmp_path / "moved")
+    calls, sha256 = [], files.hashlib.sha256
+    monkeypatch.setattr(files.hashlib, "sha256", lambda *a: calls.append(a) or sha256(*a))
+    assert files.sha256_file(moved) == digest and not calls  # the same file, renamed: not read again
+    moved.write_bytes(b"changed")
+    assert files.sha256_file(moved) != digest and calls
