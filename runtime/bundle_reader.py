@@ -1,6 +1,7 @@
 """Load a bundle directory and refuse one whose files do not match its manifest."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -32,7 +33,7 @@ class Bundle:
     def tokens(self) -> dict:
         return self.manifest["tokens"]
 
-    @property
+    @functools.cached_property  # parsed once, not for every image of every request
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.from_dict(self.manifest["preprocessing"])
 

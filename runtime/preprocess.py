@@ -180,15 +180,18 @@ def _to_rgb(img: Image.Image, name) -> Image.Image:
     if img.mode == "RGB":
         return img
     alpha = img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
-    out = Image.new("RGB", img.size)
-    step = max(1, _STRIP_PIXELS // img.width)
+
+    def rgb(part: Image.Image) -> Image.Image:
+        if alpha:
+            part = Image.alpha_composite(Image.new("RGBA", part.size, (255, 255, 255, 255)), part.convert("RGBA"))
+        return part.convert("RGB")
     try:
+        if img.width * img.height <= _STRIP_PIXELS:  # one strip: converted whole, no copy to paste from
+            return rgb(img)
+        out = Image.new("RGB", img.size)
+        step = max(1, _STRIP_PIXELS // img.width)
         for top in range(0, img.height, step):
-            part = img.crop((0, top, img.width, min(img.height, top + step)))
-            if alpha:
-                part = part.convert("RGBA")
-                part = Image.alpha_composite(Image.new("RGBA", part.size, (255, 255, 255, 255)), part)
-            out.paste(part.convert("RGB"), (0, top))
+            out.paste(rgb(img.crop((0, top, img.width, min(img.height, top + step)))), (0, top))
     except (ValueError, OSError) as e:  # a mode without an RGB conversion
         raise FromageError(f"cannot read image {name}: {e}") from None
     return out
