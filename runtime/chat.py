@@ -48,3 +48,16 @@ def chat_prompt(messages: list[tuple[str, list[Part]]]) -> list[Part]:
             prompt += [(" " + p if i == 0 and isinstance(p, str) else p) for i, p in enumerate(answer_turn(parts))]
     return prompt
 
+
+class AnswerStart:
+    """An answer starts at its first non-blank character (the format puts a space after "A:"): called on
+    each piece of text in order, it strips what comes before."""
+
+    def __init__(self):
+        self.started = False
+
+    def __call__(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        return text

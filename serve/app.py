@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from fromage.runtime.chat import AnswerStart
 from fromage.runtime.errors import FromageError, ParameterError
 from fromage.runtime.generate import Fromage, ImageEvent, TextEvent
 from fromage.runtime.preprocess import ImageTooLarge, load_rgb
@@ -26,7 +27,7 @@ from fromage.runtime.scheduler import Finished, QueueFull, Scheduler
 from .errors import BadRequest, error_body
 from .media import MediaPolicy
 from .metrics import Metrics
-from .protocol import FINISH_REASONS, AnswerStart, chunk, completion, image_part, parse_chat_request, usage
+from .protocol import FINISH_REASONS, chunk, completion, image_part, parse_chat_request, usage
 
 STATIC = Path(__file__).with_name("static")
 IMAGE_PX = 512  # retrieved images are served as PNG thumbnails of at most this size

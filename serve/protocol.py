@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from fromage.runtime.chat import ANSWER_STOPS, chat_prompt
+from fromage.runtime.chat import ANSWER_STOPS, AnswerStart, chat_prompt
 from fromage.runtime.errors import ParameterError
 from fromage.runtime.sampling import MAX_STOP_STRINGS, SamplingParams
 
@@ -113,20 +113,6 @@ def image_part(key: int, score: float, caption: str | None) -> dict:
     """A retrieved image as a response part: by index key, never by path."""
     return {"type": "image_url", "image_url": {"url": f"/v1/images/{key}"}, "key": key,
             "score": round(float(score), 6), "caption": caption}
-
-
-class AnswerStart:
-    """An answer starts at its first non-blank character (the format puts a space after "A:"): called on
-    each piece of text in order, it strips what comes before."""
-
-    def __init__(self):
-        self.started = False
-
-    def __call__(self, text: str) -> str:
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        return text
 
 
 def answer_parts(result_parts: list) -> list:

@@ -96,32 +96,24 @@ class _Printer:
 
 
 def _answer(model, prompt: list, params, force_ret: bool, out: _Printer) -> list[dict]:
-    """Runs one model turn; streams it to stdout; -> the answer's parts (Result.parts dicts).
-    Stops at the first newline (a newline first is an empty answer)."""
-    from fromage.runtime.generate import ImageEvent, Result, TextEvent, append_text
-    result, parts = Result(), []
+    """Runs one model turn (it ends at the chat format's stops); streams it to stdout; -> the answer's
+    parts (Result.parts dicts, from its first non-blank character, trailing blanks cut)."""
+    from fromage.runtime.chat import AnswerStart
+    from fromage.runtime.generate import ImageEvent, Result, TextEvent
+    result, shown = Result(), AnswerStart()
     out.write("model: ")
-    gen = model.stream(prompt, params, result)
-    try:
-        for event in gen:
-            if isinstance(event, ImageEvent):
-                part = dict(result.parts[-1])
-                parts.append(part)
-                out.line(f"[image: {part['path']} ({part['score']:.3f})]")
-                continue
-            if not isinstance(event, TextEvent):
-                continue
-            text, done = event.text, "\n" in event.text
-            text = text.partition("\n")[0]
-            if not any(p["type"] == "text" for p in parts):
-                text = text.lstrip()  # the answer's first words
-            if text:
-                append_text(parts, text)
-                out.write(text)
-            if done:
-                break
-    finally:
-        gen.close()
+    for event in model.stream(prompt, params, result):
+        if isinstance(event, ImageEvent):
+            part = result.parts[-1]
+            out.line(f"[image: {part['path']} ({part['score']:.3f})]")
+        elif isinstance(event, TextEvent):
+            out.write(shown(event.text))
+    start, parts = AnswerStart(), []
+    for p in result.parts:
+        if p["type"] != "text":
+            parts.append(dict(p))
+        elif text := start(p["text"]):
+            parts.append({"type": "text", "text": text})
     if parts and parts[-1]["type"] == "text":
         parts[-1]["text"] = parts[-1]["text"].rstrip()
         if not parts[-1]["text"]:
@@ -272,17 +264,15 @@ def cmd_demo(args) -> None:
     out = Path(args.out)
     bundle = Path(args.bundle) if args.bundle else out / "default-bundle"
     index = Path(args.index) if args.index else out / "tuxpaint-index"
-    if args.max_new_tokens < 1:
-        raise FromageError("--max-new-tokens must be at least 1")
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,  # checked before any work
+                            min_word_tokens=args.min_word_tokens, ret_scale_factor=args.ret_scale_factor,
+                            max_rets=args.max_rets, stop=ANSWER_STOPS)
     ensure_bundle(bundle, managed=args.bundle is None)
     loaded = load_bundle(bundle, verify=not args.no_verify)  # checked once, used for the index and the model
     ensure_index(index, loaded, args.stamps, managed=args.index is None, threads=args.threads)
     model = Fromage(loaded, index=index, device=args.device, threads=args.threads, engine=args.engine)
     image = pick_image(args, model)
     subject = args.subject or Path(image).stem.replace("_", " ").replace("-", " ")
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                            min_word_tokens=args.min_word_tokens, ret_scale_factor=args.ret_scale_factor,
-                            max_rets=args.max_rets, stop=ANSWER_STOPS)
     turns = run_session(model, default_session(image, subject), params)
 
     m = model.bundle.model
