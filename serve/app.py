@@ -195,20 +195,18 @@ class _Outputs:
 
 
 async def _until_finished(handle, outputs: _Outputs, request: Request):
-    """Waits for the request's end; cancels it (freeing its slot) if the client disconnects."""
-    waiter = asyncio.ensure_future(_drain(outputs))
+    """Waits for the request's end; cancels it (freeing its slot) if the client disconnects first."""
+    async def disconnected():  # the body is read: the next message from the server is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    waiter, gone = asyncio.ensure_future(_drain(outputs)), asyncio.ensure_future(disconnected())
     try:
-        while True:
-            done, _ = await asyncio.wait({waiter}, timeout=0.05)
-            if done:
-                return waiter.result()
-            if await request.is_disconnected():
-                handle.cancel()
-                return None
+        done, _ = await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return waiter.result() if waiter in done else None
     finally:
         if not waiter.done():
             handle.cancel()
-            waiter.cancel()
+        waiter.cancel(), gone.cancel()
 
 
 async def _drain(outputs: _Outputs) -> Finished:

@@ -182,6 +182,13 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_model, mo
         metrics = httpx.get(s.url + "/metrics").text
         assert "fromage_num_requests_running 0.0" in metrics
         assert 'fromage_request_total{finish_reason="abort"}' in metrics
+        # a whole (not streamed) answer's client that goes away frees the slot too, long before 80 steps
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/chat/completions", json=dict(body, stream=False), timeout=0.3)
+        started = time.time()
+        while sched().counts != (0, 0):
+            assert time.time() < started + 1.0, "the disconnected request still holds its slot"
+            time.sleep(0.02)
     finally:
         s.close()
 
