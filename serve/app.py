@@ -27,7 +27,7 @@ from fromage.runtime.scheduler import Finished, QueueFull, Scheduler
 from .errors import BadRequest, error_body
 from .media import MediaPolicy
 from .metrics import Metrics
-from .protocol import FINISH_REASONS, chunk, completion, image_part, parse_chat_request, usage
+from .protocol import chunk, completion, finish_reason, image_part, param_error, parse_chat_request, usage
 
 STATIC = Path(__file__).with_name("static")
 IMAGE_PX = 512  # retrieved images are served as PNG thumbnails of at most this size
@@ -140,9 +140,7 @@ def create_app(config: ServerConfig, model: Fromage | None = None) -> FastAPI:
     async def chat(request: Request):
         state.ready()
         body = await _read_json(request, config.max_body_bytes)
-        req = parse_chat_request(body, state.media)
-        if config.max_tokens and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-            req.params.max_new_tokens = min(req.params.max_new_tokens, config.max_tokens)  # the default, capped
+        req = parse_chat_request(body, state.media, config.max_tokens)
         rid, t0 = f"chatcmpl-{uuid.uuid4().hex}", time.perf_counter()
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -155,8 +153,7 @@ def create_app(config: ServerConfig, model: Fromage | None = None) -> FastAPI:
         except QueueFull as e:
             raise BadRequest(str(e), 429) from None
         except ParameterError as e:
-            field = "max_tokens" if e.param == "max_new_tokens" else e.param
-            raise BadRequest(f"{field}: {e.message}", param=field) from None
+            raise param_error(e, body) from None
         except FromageError as e:
             raise BadRequest(str(e), 413 if isinstance(e, ImageTooLarge) else 400) from None
         positions = handle.embeds.shape[1]
@@ -236,7 +233,7 @@ async def _sse(handle, outputs: _Outputs, rid: str, model: str, positions: int, 
             elif isinstance(event, Finished):
                 if event.error:
                     yield _data({"error": {"message": event.error, "type": "server_error", "code": 500}})
-                reason = FINISH_REASONS.get(event.result.stop_reason, event.result.stop_reason)
+                reason = finish_reason(event.result)
                 yield _data(chunk(rid, model, {}, reason))
                 if include_usage:
                     yield _data(chunk(rid, model, None, None, usage(event.result, positions)))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .protocol import FINISH_REASONS
+from .protocol import finish_reason
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    30.0, 60.0, 120.0)
@@ -32,7 +32,7 @@ class Metrics:
     def finished(self, result, e2e_s: float) -> None:
         self.e2e.observe(e2e_s)
         self.generation_tokens.inc(len(result.token_ids))
-        self.requests.labels(FINISH_REASONS.get(result.stop_reason, "error")).inc()
+        self.requests.labels(finish_reason(result)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -45,8 +45,9 @@ class ChatRequest:
     include_usage: bool
 
 
-def parse_chat_request(body, media) -> ChatRequest:
-    """A decoded JSON body -> ChatRequest. `media` is the server's media.MediaPolicy."""
+def parse_chat_request(body, media, max_tokens: int | None = None) -> ChatRequest:
+    """A decoded JSON body -> ChatRequest. `media` is the server's media.MediaPolicy; `max_tokens`, the
+    server's cap, also caps the default when the request names none."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     unknown = set(body) - set(PARAMS) - IGNORED_FIELDS - {"messages", "stream", "stream_options", "ignore_eos"}
@@ -61,6 +62,8 @@ def parse_chat_request(body, media) -> ChatRequest:
     if turns[-1][0] != "user":
         raise BadRequest("the last message must be the user's", param="messages")
     kwargs = dict(DEFAULTS)
+    if max_tokens:
+        kwargs["max_new_tokens"] = min(DEFAULT_MAX_TOKENS, max_tokens)
     for name, field in PARAMS.items():
         if body.get(name) is not None:
             kwargs[field] = body[name]
@@ -78,13 +81,24 @@ def parse_chat_request(body, media) -> ChatRequest:
     try:
         params = SamplingParams(**kwargs, stop=tuple(stop or ()) + (() if ignore_eos else ANSWER_STOPS))
     except ParameterError as e:
-        field = next((k for k, v in PARAMS.items() if v == e.param and k in body), e.param)
-        raise BadRequest(f"{field}: {e.message}", param=field) from None
+        raise param_error(e, body) from None
     stream = body.get("stream", False)
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise BadRequest("`stream` must be true or false and `stream_options` an object", param="stream")
     return ChatRequest(chat_prompt(turns), params, stream, bool(options.get("include_usage", False)))
+
+
+def param_error(e: ParameterError, body: dict) -> BadRequest:
+    """A parameter refused by the runtime, named as the request named it (max_tokens or max_completion_tokens)."""
+    field = next((k for k, v in PARAMS.items() if v == e.param and k in body), e.param)
+    if field == "max_new_tokens":  # the server's own cap on a request that named no maximum
+        field = "max_tokens"
+    return BadRequest(f"{field}: {e.message}", param=field)
+
+
+def finish_reason(result) -> str:
+    return FINISH_REASONS.get(result.stop_reason, "error")
 
 
 def _message(m, i: int, media) -> tuple[str, list]:
@@ -139,7 +153,7 @@ def completion(rid: str, model: str, result, prompt_positions: int) -> dict:
     text = "".join(p["text"] for p in parts if p["type"] == "text")
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "parts": parts},
-                         "finish_reason": FINISH_REASONS.get(result.stop_reason, result.stop_reason)}],
+                         "finish_reason": finish_reason(result)}],
             "usage": usage(result, prompt_positions)}
 
 
