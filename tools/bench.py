@@ -29,25 +29,20 @@ from fromage.engines.base import default_threads
 
 from .bench_retrieval import build_vector_index, clustered_vectors, run_retrieval_bench
 from fromage.runtime.errors import FromageError
+from fromage.training.backbones import cache_root  # torch-free
 from fromage.engines.onnx_weights import initializer_bytes
 
 from .bench_report import bandwidth_summary, format_table, plot, summarize
+from .bench_peers import PREPARE, SYSTEMS
 from .bench_worker import prompt_ids, write_bench_image
 
 
-PEERS = ("hf", "reference", "optimum", "ort_genai", "ort_genai_int4", "llama_cpp", "llama_cpp_f32")
-# an ONNX export / model build first (llama.cpp: its build, and the F32 GGUF), cached
-PREPARED_PEERS = {"optimum", "ort_genai", "ort_genai_int4", "llama_cpp", "llama_cpp_f32"}
+PEERS = tuple(SYSTEMS)  # PREPARE: the peers with a one-time preparation (an export, a build), cached
 RET_INDEX_SIZE = 10_000  # vectors in the index the fromage [RET] query is timed against
 WORKER_TIMEOUT_S = 3600
 
 
 # ---- small helpers -----------------------------------------------------------------------------
-def cache_root() -> Path:
-    from fromage.training.backbones import cache_root as root  # torch-free module
-    return root()
-
-
 # a pause before each system's round and the probe: the previous process's idle thread pools (ONNX
 # Runtime, OpenBLAS) spin for a while after their work, and took the cores from the next system's prefill
 SETTLE_S = 0.25
@@ -201,7 +196,7 @@ def run_bench(args, log=print) -> dict:
     names = ("fromage",) + tuple(also) + peers
     for name in names:
         try:
-            if name in PREPARED_PEERS:
+            if name in PREPARE:
                 log(f"preparing {name} (once; cached under {cache / 'peers'}) ...")
                 prepare_peer(name, spec_path, env, work / f"{name}.prepare.log")
             log(f"loading {name} ...")
