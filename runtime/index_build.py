@@ -345,8 +345,6 @@ def _finalize(out: Path, items, state: sqlite3.Connection, dim: int, embedder: s
     if not good:
         raise FromageError(f"none of the {len(items)} images could be embedded; nothing to index")
     graph = check_graph(index, progress=progress)
-    if graph["nonfinite_keys"]:  # cannot happen: every vector was checked on its way in
-        raise FromageError(f"internal error: non-finite vectors in the new index ({graph['nonfinite_keys'][:5]})")
     write_atomic(out / VECTORS, lambda tmp: index.save(tmp))
 
     def write_images(tmp: Path) -> None:

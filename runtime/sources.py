@@ -132,9 +132,7 @@ def read_tuxpaint(root=TUXPAINT_ROOT) -> list[Example]:
             image = next((stem + e for e in (".png", ".svg") if stem + e in names), None)
             if image is None:
                 continue  # a caption without a stamp image (happens in the real package)
-            with open(os.path.join(dirpath, name), encoding="utf-8-sig", errors="replace") as f:
-                first = f.readline()
-            caption = " ".join(first.split())  # collapses odd/repeated whitespace, strips \r
+            caption = _sidecar_caption(Path(dirpath) / image)
             if caption:
                 examples.append(Example(os.path.abspath(os.path.join(dirpath, image)), caption))
     return sorted(examples, key=lambda e: e.image)
