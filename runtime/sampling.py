@@ -50,10 +50,9 @@ class SamplingParams:
         if not isinstance(self.retrieval, bool):
             raise ParameterError("retrieval", f"must be true or false, got {self.retrieval!r}")
         if self.stop_ids is not None:
-            if not isinstance(self.stop_ids, (list, tuple)) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_ids):
+            if not isinstance(self.stop_ids, (list, tuple)) or not all(_is_whole(t, 0) for t in self.stop_ids):
                 raise ParameterError("stop_ids", f"must be a list of token ids >= 0, got {self.stop_ids!r}")
-            self.stop_ids = list(self.stop_ids)
+            self.stop_ids = [int(t) for t in self.stop_ids]
 
     def check_vocab(self, vocab_size: int) -> None:
         """The checks that need the model: stop ids within its vocabulary."""
@@ -62,9 +61,13 @@ class SamplingParams:
             raise ParameterError("stop_ids", f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
 
 
+def _is_whole(v, low: int, high: int | None = None) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= low and (high is None or v <= high)
+
+
 def _whole(p, name: str, low: int, high: int | None = None) -> None:
     v = getattr(p, name)
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low or (high is not None and v > high):
+    if not _is_whole(v, low, high):
         bound = f"from {low} to {high}" if high is not None else f">= {low}"
         raise ParameterError(name, f"must be a whole number {bound}, got {v!r}")
     setattr(p, name, int(v))
