@@ -13,6 +13,7 @@ surrogates, as sys.argv can hold).
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,23 +49,16 @@ def query_text(template: str, text: str) -> str:
 
 MAX_TEXT_CHARS = 1_000_000  # characters of text in one prompt (the context bounds the tokens later)
 
-_PLAIN: dict[int, tuple] = {}  # id(tokenizer) -> (tokenizer, its copy without added tokens, added ids)
-
-
+@functools.lru_cache(maxsize=16)  # a Tokenizer hashes by identity
 def _plain(tokenizer) -> tuple:
-    hit = _PLAIN.get(id(tokenizer))
-    if hit is None or hit[0] is not tokenizer:
-        from tokenizers import Tokenizer
-        spec = json.loads(tokenizer.to_str())
-        spec["added_tokens"] = []
-        plain = Tokenizer.from_str(json.dumps(spec))
-        added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
-        unk = (spec.get("model") or {}).get("unk_token")
-        unk_id = plain.token_to_id(unk) if isinstance(unk, str) else None
-        if len(_PLAIN) >= 16:
-            _PLAIN.clear()
-        hit = _PLAIN[id(tokenizer)] = (tokenizer, plain, added, unk_id)
-    return hit
+    """(tokenizer, its copy without added tokens, the added tokens' ids -> text, the unknown token's id)"""
+    from tokenizers import Tokenizer
+    spec = json.loads(tokenizer.to_str())
+    spec["added_tokens"] = []
+    plain = Tokenizer.from_str(json.dumps(spec))
+    added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+    unk = (spec.get("model") or {}).get("unk_token")
+    return tokenizer, plain, added, plain.token_to_id(unk) if isinstance(unk, str) else None
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
