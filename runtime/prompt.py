@@ -51,14 +51,14 @@ MAX_TEXT_CHARS = 1_000_000  # characters of text in one prompt (the context boun
 
 @functools.lru_cache(maxsize=16)  # a Tokenizer hashes by identity
 def _plain(tokenizer) -> tuple:
-    """(tokenizer, its copy without added tokens, the added tokens' ids -> text, the unknown token's id)"""
+    """(the tokenizer's copy without added tokens, the added tokens' ids -> text, the unknown token's id)"""
     from tokenizers import Tokenizer
     spec = json.loads(tokenizer.to_str())
     spec["added_tokens"] = []
     plain = Tokenizer.from_str(json.dumps(spec))
     added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
     unk = (spec.get("model") or {}).get("unk_token")
-    return tokenizer, plain, added, plain.token_to_id(unk) if isinstance(unk, str) else None
+    return plain, added, plain.token_to_id(unk) if isinstance(unk, str) else None
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -69,7 +69,7 @@ def encode_text(tokenizer, text: str) -> list[int]:
         raise FromageError(f"text is not valid UTF-8: character {e.start} is {text[e.start]!r} "
                            f"({e.reason})") from None
     ids = tokenizer.encode(text, add_special_tokens=False).ids
-    _, plain, added, unk_id = _plain(tokenizer)
+    plain, added, unk_id = _plain(tokenizer)
     if not any(i in added for i in ids):
         return ids  # the fast path: exactly the tokenizer's own ids
     enc = plain.encode(text, add_special_tokens=False)
