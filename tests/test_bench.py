@@ -135,3 +135,22 @@ def test_bench_also_runs_a_quantized_bundle(exported, tmp_path, cache):
     assert q["decode_tok_s"] > 0 and q["vs_fromage"]["decode_tok_s"] > 0
     assert 0 < q["weights_bytes"] < r["weights_bytes_per_token"]  # its own, smaller weights
     assert main(["bench", "--bundle", str(e["bundle"]), "--also", str(e["bundle"])]) == 2  # fp32 twice
+
+
+def test_bench_serve_smoke(exported, tmp_path, monkeypatch, capsys):
+    """`fromage bench serve` against a started server on the tiny model: the sweep, the long-prompt window
+    and a small mixed load test (shapes of the output, never timings)."""
+    import fromage.tools.bench_serve as bench_serve
+    load_test = bench_serve.load_test
+    monkeypatch.setattr(bench_serve, "load_test", lambda server, clients, per_client, *a, **k:
+                        load_test(server, 4, 30, *a, **k))  # 120 requests: the memory window 100..600 has two samples
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--bundle", str(exported["llama"]["bundle"]), "--concurrency", "1,2", "--requests",
+                 "1", "--max-tokens", "4", "--peer", "none", "--bench-image", "", "--long-prompt", "30", "--load-test",
+                 "--threads", "2", "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["systems"]["fromage"]
+    assert [row["concurrency"] for row in r["text"]] == [1, 2] and all(row["errors"] == 0 for row in r["text"])
+    assert r["text"][0]["output_tok_s"] > 0 and r["long_prompt"]["with"]["itl_ms"]["p99"] > 0
+    lt = r["load_test"]
+    assert lt["requests"] == 120 and lt["5xx"] == 0 and lt["4xx"] == lt["malformed_sent"] and lt["running_after"] == 0
+    assert "fromage" in capsys.readouterr().out

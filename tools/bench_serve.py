@@ -60,9 +60,11 @@ def request_body(i: int, max_tokens: int, image: str | None = None, stream: bool
 
 
 def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) -> dict:
-    """One chat request; -> {ok, status, ttft_s, token_times, e2e_s, tokens, cancelled}. A streamed answer
-    is timed chunk by chunk; `cancel_after` closes the stream after that many chunks."""
-    t0, rec = time.perf_counter(), {"ok": False, "status": None, "token_times": [], "tokens": 0, "cancelled": False}
+    """One chat request; -> {ok, status, t0, ttft_s, token_times, e2e_s, tokens, cancelled}: t0 the send's
+    perf_counter, times after it. A streamed answer is timed chunk by chunk; `cancel_after` closes the
+    stream after that many chunks."""
+    t0 = time.perf_counter()
+    rec = {"ok": False, "status": None, "t0": t0, "token_times": [], "tokens": 0, "cancelled": False}
     try:
         if not (isinstance(body, dict) and body.get("stream")):
             r = client.post(url + "/v1/chat/completions", **({"json": body} if isinstance(body, dict) else {"content": body}))
@@ -190,9 +192,11 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log,
         else:
             time.sleep(4.0)
         out["window_s"] = time.perf_counter() - t
+        end = time.perf_counter()
         stop.set()
         [t.join() for t in threads]
-        itl = [b - a for r in recs for a, b in zip(r["token_times"], r["token_times"][1:])]
+        # the intervals that ended inside the window only (not the ramp before it, nor the streams' tails)
+        itl = [b - a for r in recs for a, b in zip(r["token_times"], r["token_times"][1:]) if t <= r["t0"] + b <= end]
         out["itl_ms"] = {k: v * 1000 for k, v in percentiles(itl).items() if k != "runs"}
         return out
     base, loaded = run(False), run(True)
@@ -209,16 +213,20 @@ def load_test(server: Server, clients: int, per_client: int, max_tokens: int, im
            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}]
     kinds, rss = {}, []
 
-    def make(i):
+    def plan(i):  # drawn in order before any client runs: the same mix every run
         r = rng.random()
         if r < 0.05:
             kinds[i] = "malformed"
             return (rng.choice(bad),)
         kinds[i] = "cancelled" if r < 0.15 else "ok"
         body = request_body(i, max_tokens, image if rng.random() < 0.3 else None, stream=(r < 0.15 or rng.random() < 0.5))
-        if len(kinds) % 25 == 0:
-            rss.append((len(kinds), server.memory_mb()))
         return (body, rng.randint(1, max_tokens // 2) if kinds[i] == "cancelled" else None)
+    requests = [plan(i) for i in range(clients * per_client)]
+
+    def make(i):
+        if i % 25 == 0:  # the server's memory every 25 requests (by index: each sampled once)
+            rss.append((i, server.memory_mb()))
+        return requests[i]
     recs, wall = run_clients(server.url, clients, per_client, make)
     statuses = [r["status"] for r in recs]
     malformed = [r for r in recs if r["status"] and 400 <= r["status"] < 500]
