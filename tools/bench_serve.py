@@ -11,6 +11,7 @@ requests (streamed or not, images, 10 % cancelled mid-stream, 5 % malformed), wi
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import random
@@ -221,11 +222,12 @@ def load_test(server: Server, clients: int, per_client: int, max_tokens: int, im
         kinds[i] = "cancelled" if r < 0.15 else "ok"
         body = request_body(i, max_tokens, image if rng.random() < 0.3 else None, stream=(r < 0.15 or rng.random() < 0.5))
         return (body, rng.randint(1, max_tokens // 2) if kinds[i] == "cancelled" else None)
-    requests = [plan(i) for i in range(clients * per_client)]
+    requests, issued = [plan(i) for i in range(clients * per_client)], itertools.count()
 
     def make(i):
-        if i % 25 == 0:  # the server's memory every 25 requests (by index: each sampled once)
-            rss.append((i, server.memory_mb()))
+        n = next(issued)  # requests sent so far, in time order (the clients run their indices in parallel)
+        if n % 25 == 0:
+            rss.append((n, server.memory_mb()))
         return requests[i]
     recs, wall = run_clients(server.url, clients, per_client, make)
     statuses = [r["status"] for r in recs]
