@@ -56,21 +56,16 @@ def ridge_map(features: torch.Tensor, targets: torch.Tensor, lam: float) -> tupl
 def fit_naming(model: FromageModel, features: torch.Tensor, captions: list[str], lam: float = RIDGE,
                template: str = NAMING_TEMPLATE) -> None:
     """Sets model.W_c (k must be the template's token count + 1) from (N, D) image features and their captions."""
-    tok = model.tokenizer.backend_tokenizer
-    before, after = template_tokens(tok, template)
-    k = len(before) + 1 + len(after)
-    if model.config.k != k:
-        raise FromageError(f"template {template!r} needs k = {k} visual tokens, the model has k = {model.config.k}")
-    table = model.lm.get_input_embeddings().weight.detach()
     targets = torch.stack([word_embedding(model, object_word(c)) for c in captions])
     weight, bias = ridge_map(features, targets, lam)
-    e, d = model.embed_dim, features.shape[1]
-    W = torch.zeros(k, e, d)
-    b = table[before + [0] + after].clone()  # 0: the slot's row, replaced next
-    W[len(before)], b[len(before)] = weight, bias
-    model.W_c.weight.copy_(W.reshape(k * e, d))
-    model.W_c.bias.copy_(b.reshape(k * e))
-    model.config.visual_template = template
+    previous, model.config.visual_template = model.config.visual_template, template
+    try:
+        expanded = expand_w_c(model, weight, bias)  # checks k against the template
+    except FromageError:
+        model.config.visual_template = previous
+        raise
+    model.W_c.weight.copy_(expanded["W_c.weight"])
+    model.W_c.bias.copy_(expanded["W_c.bias"])
 
 
 def _layout(model: FromageModel) -> tuple[torch.Tensor, int]:
@@ -98,7 +93,7 @@ def compact_w_c(model: FromageModel) -> dict[str, torch.Tensor]:
 
 
 def expand_w_c(model: FromageModel, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The full W_c from its slot rows (`compact_w_c`) and the template's embeddings."""
+    """The full W_c from its slot rows (`compact_w_c`, or a fit) and the template's embeddings."""
     e, k, d = model.embed_dim, model.config.k, model.encoder.dim
     if weight.shape != (e, d) or bias.shape != (e,):
         raise FromageError(f"W_c of shape {tuple(weight.shape)} is neither the full map nor its slot rows ({e}, {d})")
