@@ -29,8 +29,10 @@ class ImageEncoder(nn.Module):
     spec: dict
 
     def fingerprint(self) -> str:
-        """Identifies spec + weights: the key of the on-disk feature cache."""
+        """Identifies spec + weights + how images are decoded: the key of the on-disk feature cache."""
+        from fromage.runtime.preprocess import DECODE_SIDE
         h = hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode())
+        h.update(f"decode side {DECODE_SIDE}".encode())  # large JPEGs are decoded at a reduced scale
         for name, t in sorted(self.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
