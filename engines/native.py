@@ -24,7 +24,7 @@ from fromage.engines.errors import FromageError
 from fromage.engines.onnx_weights import initializers, read_inline
 
 _DTYPES = {1: np.float32, 2: np.uint8}  # the weights; the graphs' int64 shape constants are not needed
-F32, NBITS, BLOCK = 0, 1, 32  # as in native/fromage_native.h
+F32, NBITS, BLOCK, PANEL = 0, 1, 32, 16  # as in native/fromage_native.h
 
 
 class _Linear(ctypes.Structure):
@@ -51,8 +51,14 @@ _HEADS = ("lm_head", "lm_head.extra_rows", "W_t.weight")  # fp32 matrices beside
 
 
 def _is_f32_matrix(t: dict) -> bool:
-    """An fp32 MatMul weight (K, N), which the kernels take transposed (native/fromage_native.h)."""
+    """An fp32 MatMul weight (K, N), which the kernels take in panels of 16 columns (native/fromage_native.h)."""
     return t["dtype"] == 1 and len(t["dims"]) == 2 and (t["name"].endswith("_proj") or t["name"] in _HEADS)
+
+
+def _panels_bytes(dims) -> int:
+    """Bytes of an fp32 matrix (K, N) in panels of 16 columns, the last one zero-padded."""
+    k, n = dims
+    return 4 * k * -(-n // PANEL) * PANEL
 
 
 def _records_bytes(qweight_dims) -> int:
@@ -117,7 +123,7 @@ def load_library():
         if not lib.fm_cpu_ok():  # only where FROMAGE_KERNELS forces kernels this CPU cannot run
             raise FromageError(f"FROMAGE_KERNELS={os.environ.get('FROMAGE_KERNELS')!r} names kernels this CPU or build "
                                f"cannot run (avx512, avx2 or portable; {kernels_in_use(lib)} would run here)")
-        lib.fm_transpose.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.fm_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                                    ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p]
@@ -155,9 +161,9 @@ class NativeDecoder:
         # read into 64-byte-aligned memory of one arena: used in place from a memory map (arbitrary
         # offsets), the same kernels ran ~15 % slower here (split cache-line loads); read(), not copied
         # from a map, so loading never holds the file's pages and the copies at once. fp32 matrices
-        # are read aside and transposed into the arena, 4/8-bit weights read aside and repacked into
-        # it (_repack), one matrix at a time.
-        self.w, self._nbits = {}, {}
+        # are read aside and laid out in panels in the arena (_pack), 4/8-bit weights read aside and
+        # repacked into it (_repack), one matrix at a time.
+        self.w, self._f32, self._nbits = {}, {}, {}
         with open(path, "rb") as fh:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 table = [t for t in initializers(buf) if t["dtype"] in _DTYPES]
@@ -166,7 +172,8 @@ class NativeDecoder:
             kept = [t for t in table if not t["name"].endswith(_TEMPORARY)]
             records = [_records_bytes(t["dims"]) for t in table
                        if t["name"].endswith(".qweight") and len(t["dims"]) == 3]
-            self.arena = _Arena(sum(_Arena.padded(n) for n in records + [t["raw"][1] - t["raw"][0] for t in kept]))
+            sizes = [_panels_bytes(t["dims"]) if _is_f32_matrix(t) else t["raw"][1] - t["raw"][0] for t in kept]
+            self.arena = _Arena(sum(_Arena.padded(n) for n in records + sizes))
             for t in sorted(table, key=lambda t: t["name"].endswith(".qweight")):  # blocks after their scales
                 a, b = t["raw"]
                 matrix = _is_f32_matrix(t)
@@ -175,7 +182,7 @@ class NativeDecoder:
                 read_inline(fh, t, out)
                 self.w[t["name"]] = out.reshape(t["dims"])
                 if matrix:
-                    self._transpose(t["name"])
+                    self._pack(t["name"])
                 if t["name"].endswith(".qweight"):
                     self._repack(t["name"][:-len(".qweight")])
         self.model = self._model(model)
@@ -193,12 +200,12 @@ class NativeDecoder:
     def _ptr(self, name) -> int:
         return self._get(name).ctypes.data
 
-    def _transpose(self, name: str) -> None:
-        """An fp32 matrix (K, N), read aside -> (N, K) in the arena (fm_linear.w)."""
-        w = self.w[name]
-        out = self.arena.take(w.nbytes).view(np.float32).reshape(w.shape[::-1])
-        self.lib.fm_transpose(w.ctypes.data, w.shape[0], w.shape[1], out.ctypes.data)
-        self.w[name] = out
+    def _pack(self, name: str) -> None:
+        """An fp32 matrix (K, N), read aside -> panels of 16 columns in the arena (fm_linear.w)."""
+        w = self.w.pop(name)
+        out = self.arena.take(_panels_bytes(w.shape)).view(np.float32)
+        self.lib.fm_pack(w.ctypes.data, w.shape[0], w.shape[1], out.ctypes.data)
+        self._f32[name] = _Linear(F32, w.shape[0], w.shape[1], 0, out.ctypes.data, None)
 
     def _repack(self, name: str) -> None:
         """A 4/8-bit matrix's blocks and scales (read aside) -> one record per column in the arena."""
@@ -224,8 +231,10 @@ class NativeDecoder:
     def _linear(self, name: str) -> _Linear:
         if name in self._nbits:
             return self._nbits[name]
-        w = self._get(name)  # (N, K): _transpose
-        return _Linear(F32, w.shape[1], w.shape[0], 0, w.ctypes.data, None)
+        if name in self._f32:
+            return self._f32[name]
+        self._get(name)  # says what is missing
+        raise FromageError(f"decoder.onnx: {name} is not a matrix the native decoder reads")
 
     def _model(self, model: dict) -> _Model:
         n_layers, kv, d = model["num_layers"], model["kv_heads"], model["head_dim"]
@@ -238,14 +247,15 @@ class NativeDecoder:
         self._layers = layers  # kept alive: the model struct points into it
         qkv, gate_up = layers[0].qkv, layers[0].gate_up
         cos = self._get("cos_cache")
-        extra = self._linear("lm_head.extra_rows") if "lm_head.extra_rows" in self.w else _Linear()
+        extra_rows = "lm_head.extra_rows"
+        extra = self._linear(extra_rows) if extra_rows in self._f32 or extra_rows in self._nbits else _Linear()
         head = self._linear("lm_head")
         self.vocab_size = head.N + extra.N
-        wt = self._get("W_t.weight")
-        self.retrieval_dim = wt.shape[0]
+        wt = self._linear("W_t.weight")
+        self.retrieval_dim = wt.N
         m = _Model(n_layers, qkv.K, qkv.N // d - 2 * kv, kv, d, gate_up.N // 2, cos.shape[0], self.retrieval_dim, 0,
                    float(model["rms_norm_eps"]), cos.ctypes.data, self._ptr("sin_cache"), layers,
-                   self._ptr("model.norm.weight"), head, extra, wt.ctypes.data, self._ptr("W_t.bias"))
+                   self._ptr("model.norm.weight"), head, extra, wt.w, self._ptr("W_t.bias"))
         same = all((lay.qkv.K, lay.qkv.N, lay.o.K, lay.o.N, lay.gate_up.N, lay.down.K, lay.down.N)
                    == (qkv.K, qkv.N, m.n_heads * d, qkv.K, gate_up.N, m.inter, qkv.K) for lay in layers)
         if m.n_heads < 1 or m.n_heads % kv or qkv.N % d or cos.shape[1] * 2 != d or not same:

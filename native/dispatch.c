@@ -11,7 +11,6 @@
                          float *const *, float *, float *);                                                   \
     int fm_forward_batch_##isa(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,    \
                                float *const *, float *const *, int32_t, const int32_t *, float *, float *);   \
-    void fm_transpose_##isa(const float *, int64_t, int64_t, float *);                                       \
     float fm_stream_read_##isa(const float *, size_t, int, size_t);
 
 typedef struct {
@@ -20,11 +19,10 @@ typedef struct {
                    float *, float *);
     int (*forward_batch)(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,
                          float *const *, float *const *, int32_t, const int32_t *, float *, float *);
-    void (*transpose)(const float *, int64_t, int64_t, float *);
     float (*stream_read)(const float *, size_t, int, size_t);
 } kernels;
 
-#define ENTRY(isa) {#isa, fm_forward_##isa, fm_forward_batch_##isa, fm_transpose_##isa, fm_stream_read_##isa}
+#define ENTRY(isa) {#isa, fm_forward_##isa, fm_forward_batch_##isa, fm_stream_read_##isa}
 
 DECLARE(portable)
 #if defined(__x86_64__)
@@ -85,15 +83,24 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
     return chosen()->forward_batch(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, logits, ret);
 }
 
-void fm_transpose(const float *src, int64_t rows, int64_t cols, float *dst) { chosen()->transpose(src, rows, cols, dst); }
+void fm_pack(const float *src, int64_t K, int64_t N, float *dst) {
+    const int64_t panels = (N + FM_PANEL - 1) / FM_PANEL;
+    for (int64_t p = 0; p < panels; p++) {
+        const int64_t n0 = p * FM_PANEL, width = N - n0 < FM_PANEL ? N - n0 : FM_PANEL;
+        for (int64_t k = 0; k < K; k++) {
+            float *d = dst + (p * K + k) * FM_PANEL;
+            memcpy(d, src + k * N + n0, sizeof(float) * width);
+            memset(d + width, 0, sizeof(float) * (FM_PANEL - width));
+        }
+    }
+}
 
 float fm_stream_read(const float *a, size_t n, int streams, size_t piece) {
     return chosen()->stream_read(a, n, streams, piece);
 }
 
 /* Thread-local grow-only scratch shared by the copies: slot 0 belongs to the kernels, slot 1 to the
- * decoder; kept for the thread's lifetime (for a prefill, one fp32 matrix in panels: 7 MB for the
- * default model's largest). */
+ * decoder; kept for the thread's lifetime. */
 static _Thread_local float *scratch_buf[2];
 static _Thread_local size_t scratch_cap[2];
 

@@ -2,10 +2,11 @@
  *
  * The weights are the bundle's own decoder.onnx initializers, loaded by the caller (engines/native.py
  * reads them into 64-byte-aligned buffers):
- * fp32 MatMul matrices (K, N) laid out transposed, (N, K) (fm_transpose), or MatMulNBits' 4/8-bit blocks with a scale and a
- * minimum per block in fp16 (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit bundle computes with exactly
- * the weights of the fp32 one; the caller lays each column's scales and blocks out as one record. The KV cache is the runtime's (1, kv, capacity, d) buffers,
- * written in place, the same layout the ONNX graph uses. */
+ * fp32 MatMul matrices (K, N) laid out in panels of 16 columns (fm_pack), or MatMulNBits' 4/8-bit
+ * blocks with a scale and a minimum per block in fp16 (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit
+ * bundle computes with exactly the weights of the fp32 one; the caller lays each column's scales and
+ * blocks out as one record. The KV cache is the runtime's (1, kv, capacity, d) buffers, written in
+ * place, the same layout the ONNX graph uses. */
 #ifndef FROMAGE_NATIVE_H
 #define FROMAGE_NATIVE_H
 #include <stddef.h>
@@ -17,13 +18,13 @@ extern "C" {
 
 enum { FM_F32 = 0, FM_NBITS = 1 };
 enum { FM_BLOCK = 32 };
+enum { FM_PANEL = 16 };
 
 /* y = x @ W for x (T, K), y (T, N). */
 typedef struct {
     int32_t kind, K, N, bits;
-    const float *w;       /* FM_F32: (N, K) row-major, one row per output: the transpose of the ONNX
-                           * MatMul initializer (fm_transpose), so a batch-1 step reads each row as one
-                           * stream and sums it in registers */
+    const float *w;       /* FM_F32: ceil(N / 16) panels of K x 16 floats, panel p holding columns
+                           * 16p..16p+15 (zero-padded): fm_pack of the ONNX MatMul initializer (K, N) */
     const uint8_t *q;     /* FM_NBITS: N records, one per column, each [d (K/32 fp16) | m (K/32 fp16) |
                            * K/32 blocks of 32*bits/8 bytes of unsigned q, MatMulNBits' packing (4-bit:
                            * element 2i in the low nibble)]; weight = d * q + m */
@@ -42,7 +43,7 @@ typedef struct {
     const fm_layer *layers;
     const float *final_norm;
     fm_linear head, head_extra;       /* logits = [h @ head | h @ head_extra]; head_extra.N may be 0 */
-    const float *wt, *wt_bias;        /* retrieval head (retrieval_dim, hidden) as fm_linear.w, (retrieval_dim) */
+    const float *wt, *wt_bias;        /* retrieval head (hidden, retrieval_dim) as fm_linear.w, (retrieval_dim) */
 } fm_model;
 
 /* The kernels are compiled once per instruction set and one copy is chosen when the library loads,
@@ -79,9 +80,9 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
                      float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
                      float *logits, float *ret);
 
-/* dst (cols, rows) = the transpose of src (rows, cols), both row-major: lays an ONNX MatMul
- * initializer out as fm_linear.w. Parallel (OpenMP). */
-void fm_transpose(const float *src, int64_t rows, int64_t cols, float *dst);
+/* dst (ceil(N / FM_PANEL) * FM_PANEL * K floats) = src (K, N) row-major, an ONNX MatMul initializer,
+ * laid out as fm_linear.w. */
+void fm_pack(const float *src, int64_t K, int64_t N, float *dst);
 
 /* Sums a (n floats) with OpenMP's threads, each reading its share as `streams` side-by-side forward
  * streams (1, 2, 4 or 8): the reads that `fromage bench` measures the memory bandwidth roofline with.

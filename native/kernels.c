@@ -1,9 +1,9 @@
-/* The linear layers: fp32 matrices (one row per output column), and MatMulNBits' 4/8-bit blocks (one
+/* The linear layers: fp32 matrices (panels of 16 columns), and MatMulNBits' 4/8-bit blocks (one
  * record per output column, met by int16-rounded activations).
  *
  * Batch-1 decoding reads every weight once per token, so these loops are about streaming memory: the
- * threads claim chunks of output columns and read each chunk front to back. Prefill (T > 1) reuses each
- * weight for 6 tokens from registers. */
+ * threads claim chunks of output columns and read each chunk front to back. Several rows (a batched
+ * step, a prompt) reuse each loaded weight for every row from registers and cache. */
 #include "kernels.h"
 #include <stdlib.h>
 #include <math.h>
@@ -37,118 +37,108 @@ static int chunk_columns(size_t column_bytes, int N, int threads) {
         }                                                                          \
     } while (0)
 
-/* Several tokens in one step (fm_linear_rows): rows of x per pass over a chunk of columns, each loaded
- * weight vector meeting every row of the group from registers; the first group streams the chunk
- * from memory, the others read it from cache. fp32: 4 columns x 3 rows, 12 accumulators (B = 16 of
- * the default model: ~10 % faster than 2 rows); 4/8-bit: 2 rows (its unpacked blocks need registers
- * too). */
-enum { F32_ROWS = 3, NBITS_ROWS = 2 };
-
-#ifdef FM_AVX2
-/* y[r][n] (+)= W[n] . x[r] for R rows and the columns n0 + i + j * q (i < q, j < 4): four columns at a
- * time, one from each quarter of the range, so four long forward streams. A core's read bandwidth
- * here is bounded by how far ahead its prefetchers run per stream, so four concurrent streams read
- * faster than one (576-wide matrices: ~10 -> ~16 GB/s on one core). Each row sums in the one-row
- * order, so its result does not depend on the other rows. */
-static inline __attribute__((always_inline)) void f32_quarters(const float *W, int K, const float *x, const int R,
-                                                               int n0, int q, float *y, size_t ldy, int accumulate) {
-    for (int n = n0; n < n0 + q; n++) {
-        const float *w0 = W + (size_t)n * K, *w1 = w0 + (size_t)q * K, *w2 = w1 + (size_t)q * K, *w3 = w2 + (size_t)q * K;
-        __m256 a[F32_ROWS][4];
-        for (int r = 0; r < R; r++) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm256_setzero_ps();
-        for (int k = 0; k < K; k += 8) {
-            const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k), v2 = _mm256_loadu_ps(w2 + k),
-                         v3 = _mm256_loadu_ps(w3 + k);
-            for (int r = 0; r < R; r++) {
-                const __m256 xv = _mm256_loadu_ps(x + (size_t)r * K + k);
-                a[r][0] = _mm256_fmadd_ps(xv, v0, a[r][0]);
-                a[r][1] = _mm256_fmadd_ps(xv, v1, a[r][1]);
-                a[r][2] = _mm256_fmadd_ps(xv, v2, a[r][2]);
-                a[r][3] = _mm256_fmadd_ps(xv, v3, a[r][3]);
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            const float d[4] = {hsum(a[r][0]), hsum(a[r][1]), hsum(a[r][2]), hsum(a[r][3])};
-            float *yr = y + (size_t)r * ldy;
-            for (int j = 0; j < 4; j++) yr[n + j * q] = (accumulate ? yr[n + j * q] : 0.f) + d[j];
-        }
-    }
-}
+/* ---- fp32 matrices, in panels of 16 columns ------------------------------------------------------- */
+/* An fp32 matrix (K, N) is laid out by fm_pack as panels: panel p holds the columns 16p..16p+15 as K
+ * rows of 16 floats (the last panel zero-padded), so a 64-byte load is one k of 16 columns and a
+ * panel is one forward stream. Every kernel here sums an output in one vector lane, acc = fma(x[k],
+ * w[k], acc) for k ascending from 0, then adds it to y when accumulating: a row's result is the same
+ * bits whatever else is in the call — other rows, one token or a prompt — and on the AVX-512 and AVX2
+ * copies alike. Rows meet each loaded weight vector in registers (outer products, no horizontal
+ * sums), x transposed first (xt[k * ldx + r]) so that the values a k needs are one line. */
+enum { PANEL = FM_PANEL };
+#if defined(FM_AVX512)
+/* 2 panels x 12 rows: 24 accumulators of the 32 registers (a 16-row step: ~180 GFLOP/s of the 2 cores'
+ * ~234 with the weights from memory; dot products per column with a horizontal sum: ~125) */
+#define F32_PANELS 2
+#define F32_ROWS 12
+#define F32_PREFETCH 32
+typedef __m512 f32_vec;
+#define VEC_PER_PANEL 1
+#define VEC_LOAD(p) _mm512_loadu_ps(p)
+#define VEC_ZERO() _mm512_setzero_ps()
+#define VEC_FMA(x, w, a) _mm512_fmadd_ps(_mm512_set1_ps(x), w, a)
+#elif defined(FM_AVX2)
+#define F32_PANELS 1
+#define F32_ROWS 6  /* 12 accumulators of the 16 registers */
+#define F32_PREFETCH 0
+typedef __m256 f32_vec;
+#define VEC_PER_PANEL 2
+#define VEC_LOAD(p) _mm256_loadu_ps(p)
+#define VEC_ZERO() _mm256_setzero_ps()
+#define VEC_FMA(x, w, a) _mm256_fmadd_ps(_mm256_set1_ps(x), w, a)
+#else
+#define F32_PANELS 1
+#define F32_ROWS 4
+#endif
+#ifdef VEC_PER_PANEL
+enum { VEC = PANEL / VEC_PER_PANEL };
 #endif
 
-#ifdef FM_AVX512
-/* f32_quarters 512 bits wide (K a multiple of 16), over S parts of the range (S forward streams): each
- * 64-byte load is one cache line of a column, and the 32 registers hold 4 x 6 accumulators, so a batch
- * of 16 rows takes 3 passes over a chunk (6 + 6 + 4; the AVX2 path's 3 rows: 6 passes). Measured on
- * Zen 4, one thread, the default model's matrices: B = 16 ~30 % faster than the AVX2 path, B = 1 the
- * same (memory-bound: 8 streams or software prefetch were slower). */
-enum { F32_ROWS_512 = 6, F32_STREAMS_512 = 4 };
-static inline __attribute__((always_inline)) void f32_parts512(const float *W, int K, const float *x, const int R,
-                                                               const int S, int n0, int q, float *y, size_t ldy,
-                                                               int accumulate) {
-    for (int n = n0; n < n0 + q; n++) {
-        const float *w[8];
-        for (int j = 0; j < S; j++) w[j] = W + (size_t)(n + j * q) * K;
-        __m512 a[F32_ROWS_512][8];
+/* y[r][16 p_j + i] (+)= sum_k xt[k * ldx + r] * panel_j[k][i] for r < R and the NP panels p_j = p + j * step
+ * (columns past N are not written). */
+static inline __attribute__((always_inline)) void f32_tile(const float *W, int K, int N, int p, int step, const int NP,
+                                                           const float *xt, size_t ldx, const int R, float *y,
+                                                           size_t ldy, int accumulate) {
+    const float *w[4];
+    for (int j = 0; j < NP; j++) w[j] = W + (size_t)(p + j * step) * K * PANEL;
+#if defined(FM_AVX2)
+    f32_vec a[F32_ROWS][4 * VEC_PER_PANEL];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NP * VEC_PER_PANEL; j++) a[r][j] = VEC_ZERO();
+    for (int k = 0; k < K; k++) {
+        f32_vec v[4 * VEC_PER_PANEL];
+        for (int j = 0; j < NP; j++) {
+            const float *wk = w[j] + (size_t)k * PANEL;
+            if (F32_PREFETCH && R > 1) _mm_prefetch((const char *)(wk + F32_PREFETCH * PANEL), _MM_HINT_T0);
+            for (int i = 0; i < VEC_PER_PANEL; i++) v[j * VEC_PER_PANEL + i] = VEC_LOAD(wk + i * VEC);
+        }
+        const float *xk = xt + (size_t)k * ldx;
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < S; j++) a[r][j] = _mm512_setzero_ps();
-        for (int k = 0; k < K; k += 16) {
-            __m512 v[8];
-            for (int j = 0; j < S; j++) v[j] = _mm512_loadu_ps(w[j] + k);
-            for (int r = 0; r < R; r++) {
-                const __m512 xv = _mm512_loadu_ps(x + (size_t)r * K + k);
-                for (int j = 0; j < S; j++) a[r][j] = _mm512_fmadd_ps(xv, v[j], a[r][j]);
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            float *yr = y + (size_t)r * ldy;
-            for (int j = 0; j < S; j++) yr[n + j * q] = (accumulate ? yr[n + j * q] : 0.f) + _mm512_reduce_add_ps(a[r][j]);
-        }
+            for (int j = 0; j < NP * VEC_PER_PANEL; j++) a[r][j] = VEC_FMA(xk[r], v[j], a[r][j]);
     }
-}
-#endif
-
-/* y[r][n] (+)= W[n] . x[r] for the columns n0..n1 of W (N, K) and the B rows of x (B, K), y (B, ldy). */
-static void f32_columns(const float *W, int K, const float *x, int B, int n0, int n1, float *y, size_t ldy,
-                        int accumulate) {
-    int n = n0;
-#ifdef FM_AVX512
-    if (K % 16 == 0) {
-        const int S = F32_STREAMS_512, q = (n1 - n0) / S;
-        int r = 0;
-#define PARTS(R) f32_parts512(W, K, x + (size_t)r * K, R, S, n0, q, y + r * ldy, ldy, accumulate)
-        for (; r + F32_ROWS_512 <= B; r += F32_ROWS_512) PARTS(F32_ROWS_512);
-        switch (B - r) {  /* a constant row count each, so the accumulators stay in registers */
-            case 5: PARTS(5); break;
-            case 4: PARTS(4); break;
-            case 3: PARTS(3); break;
-            case 2: PARTS(2); break;
-            case 1: PARTS(1); break;
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NP; j++) {
+            const int n0 = (p + j * step) * PANEL;
+            float *yr = y + r * ldy + n0, out[PANEL];
+            for (int i = 0; i < VEC_PER_PANEL; i++) memcpy(out + i * VEC, &a[r][j * VEC_PER_PANEL + i], sizeof(f32_vec));
+            for (int i = 0; i < PANEL && n0 + i < N; i++) yr[i] = accumulate ? yr[i] + out[i] : out[i];
         }
-#undef PARTS
-        n = n0 + S * q;  /* the parts are done */
-    } else
+#else
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NP; j++) {
+            float acc[PANEL] = {0};
+            for (int k = 0; k < K; k++)
+                for (int i = 0; i < PANEL; i++) acc[i] += xt[(size_t)k * ldx + r] * w[j][(size_t)k * PANEL + i];
+            const int n0 = (p + j * step) * PANEL;
+            float *yr = y + r * ldy + n0;
+            for (int i = 0; i < PANEL && n0 + i < N; i++) yr[i] = accumulate ? yr[i] + acc[i] : acc[i];
+        }
 #endif
-#ifdef FM_AVX2
-    if (K % 8 == 0) {
-        const int q = (n1 - n0) / 4;
-        int r = 0;
-        for (; r + F32_ROWS <= B; r += F32_ROWS)
-            f32_quarters(W, K, x + (size_t)r * K, F32_ROWS, n0, q, y + r * ldy, ldy, accumulate);
-        if (B - r == 2) f32_quarters(W, K, x + (size_t)r * K, 2, n0, q, y + r * ldy, ldy, accumulate);
-        if (B - r == 1) f32_quarters(W, K, x + (size_t)r * K, 1, n0, q, y + r * ldy, ldy, accumulate);
-        n = n0 + 4 * q;  /* the quarters are done */
-    }
-#endif
-    for (int r = 0; r < B; r++)
-        for (int c = n; c < n1; c++)
-            y[r * ldy + c] = (accumulate ? y[r * ldy + c] : 0.f) + fm_dot(W + (size_t)c * K, x + (size_t)r * K, K);
 }
 
-static int f32_gemv(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
-    const int K = L->K, N = L->N, chunk = chunk_columns(sizeof(float) * K, N, omp_get_max_threads());
-    FOR_CLAIMED_CHUNKS(N, chunk, n0, n1, f32_columns(L->w, K, x, B, n0, n1, y, ldy, accumulate));
-    return 0;
+/* Rows 0..B of xt against the panels p + j * step (j < NP), F32_ROWS rows at a time. */
+static inline __attribute__((always_inline)) void f32_rows_of(const float *W, int K, int N, int p, int step, const int NP,
+                                                              const float *xt, size_t ldx, int B, float *y, size_t ldy,
+                                                              int accumulate) {
+    int r = 0;
+#define TILE(R) f32_tile(W, K, N, p, step, NP, xt + r, ldx, R, y + r * ldy, ldy, accumulate)
+    for (; r + F32_ROWS <= B; r += F32_ROWS) TILE(F32_ROWS);
+    switch (B - r) {  /* a constant row count each, so the accumulators stay in registers */
+#if F32_ROWS > 6
+        case 11: TILE(11); break;
+        case 10: TILE(10); break;
+        case 9: TILE(9); break;
+        case 8: TILE(8); break;
+        case 7: TILE(7); break;
+        case 6: TILE(6); break;
+#endif
+        case 5: TILE(5); break;
+        case 4: TILE(4); break;
+        case 3: TILE(3); break;
+        case 2: TILE(2); break;
+        case 1: TILE(1); break;
+    }
+#undef TILE
 }
 
 /* dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols: 8 x 8 tiles transposed in registers. */
@@ -171,54 +161,64 @@ static void transpose_tile(const float *src, size_t ld_src, int rows, int cols, 
         for (int c = 0; c < cols; c++) dst[c * ld_dst + r] = src[r * ld_src + c];
 }
 
-void fm_transpose(const float *src, int64_t rows, int64_t cols, float *dst) {
-    enum { TILE = 64 };  /* 64 x 64 tiles: each thread's reads and writes stay in cache lines it fills */
-    const int64_t tiles_c = (cols + TILE - 1) / TILE, tiles = (rows + TILE - 1) / TILE * tiles_c;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int64_t r = t / tiles_c * TILE, c = t % tiles_c * TILE;
-        transpose_tile(src + r * cols + c, (size_t)cols, (int)(rows - r < TILE ? rows - r : TILE),
-                       (int)(cols - c < TILE ? cols - c : TILE), dst + c * rows + r, (size_t)rows);
+/* Rows are transposed in blocks of ROW_BLOCK: block j is xt + j * ROW_BLOCK * K, (K, its rows), so that a
+ * block's values sit beside the chunk's panels in L2, and a long prompt's k-th values are not 4 KiB
+ * apart (that put them all in two L1 sets: a 512-token prefill ran ~10 % slower). */
+enum { ROW_BLOCK = 48 };
+
+/* The panels p0..p1 of W for the B rows of xt. One row (a decode step of one sequence): four panels
+ * at a time, one from each quarter of the range, so four forward streams (a core's read bandwidth is
+ * bounded by how far ahead its prefetchers run per stream). Several rows: F32_PANELS panels from as
+ * many parts of the range, every row group of a block of rows meeting them from cache. */
+static void f32_panels(const float *W, int K, int N, int p0, int p1, const float *xt, int B, float *y, size_t ldy,
+                       int accumulate) {
+    int p = p0;
+    if (B == 1) {
+        const int q = (p1 - p0) / 4;
+        for (; p < p0 + q; p++) f32_tile(W, K, N, p, q, 4, xt, 1, 1, y, ldy, accumulate);
+        switch (p1 - (p = p0 + 4 * q)) {  /* the rest side by side too */
+            case 3: f32_tile(W, K, N, p, 1, 3, xt, 1, 1, y, ldy, accumulate); break;
+            case 2: f32_tile(W, K, N, p, 1, 2, xt, 1, 1, y, ldy, accumulate); break;
+            case 1: f32_tile(W, K, N, p, 0, 1, xt, 1, 1, y, ldy, accumulate); break;
+        }
+        return;
+    }
+    const int part = (p1 - p0) / F32_PANELS;
+    for (int r0 = 0; r0 < B; r0 += ROW_BLOCK) {
+        const int rows = B - r0 < ROW_BLOCK ? B - r0 : ROW_BLOCK;
+        const float *block = xt + (size_t)r0 * K;
+        for (p = p0; p < p0 + part; p++)
+            f32_rows_of(W, K, N, p, part, F32_PANELS, block, rows, rows, y + r0 * ldy, ldy, accumulate);
+        for (p = p0 + F32_PANELS * part; p < p1; p++)
+            f32_rows_of(W, K, N, p, 0, 1, block, rows, rows, y + r0 * ldy, ldy, accumulate);
     }
 }
 
-/* Several tokens: y[t][0:width] (+)= x[t] @ P[:, 0:width] for a panel P (K rows, row stride ldp) of at
- * most 16 columns, in tiles of 6 tokens x 16 columns held in registers (12 accumulators). */
-enum { TILE_T = 6, PANEL = 16 };
-
-static void gemm_panel(const float *P, size_t ldp, int width, const float *x, int T, int K, float *y, int ldy,
-                       int accumulate) {
-    for (int t0 = 0; t0 < T; t0 += TILE_T) {
-        const int rows = T - t0 < TILE_T ? T - t0 : TILE_T;
-        const float *xr[TILE_T];
-        for (int r = 0; r < TILE_T; r++) xr[r] = x + (size_t)(t0 + (r < rows ? r : 0)) * K;
-        float out[TILE_T][PANEL];
-#ifdef FM_AVX2
-        if (width == PANEL) {
-            __m256 a[TILE_T][2];
-            for (int r = 0; r < TILE_T; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
-            for (int k = 0; k < K; k++) {
-                const float *w = P + (size_t)k * ldp;
-                __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
-                for (int r = 0; r < TILE_T; r++) {
-                    __m256 xb = _mm256_broadcast_ss(xr[r] + k);
-                    a[r][0] = _mm256_fmadd_ps(xb, w0, a[r][0]);
-                    a[r][1] = _mm256_fmadd_ps(xb, w1, a[r][1]);
-                }
-            }
-            for (int r = 0; r < TILE_T; r++) _mm256_storeu_ps(out[r], a[r][0]), _mm256_storeu_ps(out[r] + 8, a[r][1]);
-        } else
-#endif
-        {
-            memset(out, 0, sizeof out);
-            for (int k = 0; k < K; k++)
-                for (int r = 0; r < TILE_T; r++) fm_axpy(xr[r][k], P + (size_t)k * ldp, out[r], width);
-        }
-        for (int r = 0; r < rows; r++) {
-            float *yr = y + (size_t)(t0 + r) * ldy;
-            for (int j = 0; j < width; j++) yr[j] = (accumulate ? yr[j] : 0.f) + out[r][j];
-        }
+/* x (B, K) transposed in blocks of rows (ROW_BLOCK), in the kernels' scratch after `skip` floats; x
+ * itself for B = 1. */
+static const float *transposed_rows(const float *x, int B, int K, size_t skip) {
+    if (B == 1) return x;
+    float *xt = fm_scratch(0, skip + (size_t)B * K);
+    if (!xt) return NULL;
+    xt += skip;
+#pragma omp parallel for schedule(static)
+    for (int r0 = 0; r0 < B; r0 += ROW_BLOCK) {
+        const int rows = B - r0 < ROW_BLOCK ? B - r0 : ROW_BLOCK;
+        transpose_tile(x + (size_t)r0 * K, (size_t)K, rows, K, xt + (size_t)r0 * K, (size_t)rows);
     }
+    return xt;
+}
+
+static int f32_linear(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
+    const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
+    const float *xt = transposed_rows(x, B, K, 0);
+    if (!xt) return -2;
+    const int threads = omp_get_max_threads(), fair = panels / (4 * threads);
+    int chunk = (chunk_columns(sizeof(float) * K, N, threads) + PANEL / 2) / PANEL;
+    if (B == 1 && chunk < 8 && fair > chunk) chunk = fair < 8 ? fair : 8;  /* two panels per stream, 4 chunks a thread */
+    if (chunk < 1) chunk = 1;
+    FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, f32_panels(L->w, K, N, p0, p1, xt, B, y, ldy, accumulate));
+    return 0;
 }
 
 /* ---- 4/8-bit blocks (one record per column) ---------------------------------------------------- */
@@ -295,6 +295,8 @@ static inline float column_scales(const uint16_t *dm, int nb, const float *sx, c
     for (; b < nb; b++) scale[b] = _cvtsh_ss(dm[b]) * sx[b], mterm += _cvtsh_ss(dm[nb + b]) * sums[b];
     return mterm;
 }
+
+enum { NBITS_ROWS = 2 };  /* rows per pass over a chunk: the unpacked blocks need registers too */
 
 /* y[r][n] += x[r] . w_n for R rows (x16 (R, K), sx and sums (R, nb)) and columns n0..n1, four at a
  * time, one from each quarter of the range: the thread reads four forward streams, as f32_quarters
@@ -594,16 +596,10 @@ static inline void dequantize_block(const uint8_t *q, float d, float m, int bits
 #endif
 }
 
-/* Columns n0..n0+width (at most PANEL) of L as a panel of K rows of PANEL floats: fp32 rows (one
- * stretch of memory) transposed, or 4/8-bit columns dequantized 8 at a time and their blocks
- * transposed (storing each value on its own was ~1/3 of an int4 prefill). */
+/* Columns n0..n0+width (at most PANEL) of a 4/8-bit L as an fp32 panel: dequantized 8 columns at a
+ * time and their blocks transposed (storing each value on its own was ~1/3 of an int4 prefill). */
 static void fill_panel(const fm_linear *L, int n0, int width, float *panel) {
-    const int K = L->K;
-    if (L->kind == FM_F32) {
-        transpose_tile(L->w + (size_t)n0 * K, K, width, K, panel, PANEL);
-        return;
-    }
-    const int nb = K / FM_BLOCK, qb = FM_BLOCK * L->bits / 8;
+    const int K = L->K, nb = K / FM_BLOCK, qb = FM_BLOCK * L->bits / 8;
     for (int j = 0; j < width; j += 8) {
         const int cols = width - j < 8 ? width - j : 8;
         for (int b = 0; b < nb; b++) {
@@ -618,30 +614,32 @@ static void fill_panel(const fm_linear *L, int n0, int width, float *panel) {
     }
 }
 
-/* Several tokens: each thread takes panels of 16 columns, fills one (fill_panel) and walks it row by
- * row with the register tiles. */
-static int linear_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
+/* Several tokens of a 4/8-bit matrix: each thread takes panels of 16 columns, dequantizes one
+ * (fill_panel) and runs the fp32 tiles over it. */
+static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
     const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
-    float *buffers = fm_scratch(0, (size_t)omp_get_max_threads() * K * PANEL);
-    if (!buffers) return -2;
+    const size_t buffers = (size_t)omp_get_max_threads() * K * PANEL;
+    const float *xt = transposed_rows(x, T, K, buffers);
+    float *panel_buffers = fm_scratch(0, buffers + (size_t)T * K);
+    if (!xt || !panel_buffers) return -2;
 #pragma omp parallel
     {
-        float *panel = buffers + (size_t)omp_get_thread_num() * K * PANEL;
+        float *panel = panel_buffers + (size_t)omp_get_thread_num() * K * PANEL;
 #pragma omp for schedule(static)
         for (int p = 0; p < panels; p++) {
             const int n0 = p * PANEL, width = N - n0 < PANEL ? N - n0 : PANEL;
             fill_panel(L, n0, width, panel);
-            gemm_panel(panel, PANEL, width, x, T, K, y + n0, N, accumulate);
+            f32_panels(panel, K, width, 0, 1, xt, T, y + n0, N, accumulate);
         }
     }
     return 0;
 }
 
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
-    return L->kind == FM_F32 ? f32_gemv(L, x, B, y, ldy, accumulate) : nbits_gemv(L, x, B, y, ldy, accumulate);
+    return L->kind == FM_F32 ? f32_linear(L, x, B, y, ldy, accumulate) : nbits_gemv(L, x, B, y, ldy, accumulate);
 }
 
 int fm_linear_forward(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
-    if (T > 1) return linear_gemm(L, x, T, y, accumulate);
-    return fm_linear_rows(L, x, 1, y, (size_t)L->N, accumulate);
+    if (T > 1 && L->kind != FM_F32) return nbits_gemm(L, x, T, y, accumulate);
+    return fm_linear_rows(L, x, T, y, (size_t)L->N, accumulate);
 }

@@ -17,7 +17,6 @@
 #define FM_PASTE(a, b) FM_PASTE_(a, b)
 #define fm_forward FM_PASTE(fm_forward, FM_ISA)
 #define fm_forward_batch FM_PASTE(fm_forward_batch, FM_ISA)
-#define fm_transpose FM_PASTE(fm_transpose, FM_ISA)
 #define fm_stream_read FM_PASTE(fm_stream_read, FM_ISA)
 #define fm_linear_forward FM_PASTE(fm_linear_forward, FM_ISA)
 #define fm_linear_rows FM_PASTE(fm_linear_rows, FM_ISA)
