@@ -345,7 +345,7 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
     const float scale = 1.f / sqrtf((float)d);
     size_t items = 0;
     for (int b = 0; b < B; b++) items += (size_t)KV * ((past[b] + ATT_BLOCK) / ATT_BLOCK);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 2) /* a preempted thread does not hold the step up */
     for (size_t it = 0; it < items; it++) {
         size_t first = 0, offset = 0;  /* the sequence of item `it`: B is small, a walk is cheap */
         int b = 0, blocks = (past[0] + ATT_BLOCK) / ATT_BLOCK;

@@ -201,7 +201,7 @@ static const float *transposed_rows(const float *x, int B, int K, size_t skip) {
     float *xt = fm_scratch(0, skip + (size_t)B * K);
     if (!xt) return NULL;
     xt += skip;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B > ROW_BLOCK) /* one block: not worth waking a thread */
     for (int r0 = 0; r0 < B; r0 += ROW_BLOCK) {
         const int rows = B - r0 < ROW_BLOCK ? B - r0 : ROW_BLOCK;
         transpose_tile(x + (size_t)r0 * K, (size_t)K, rows, K, xt + (size_t)r0 * K, (size_t)rows);

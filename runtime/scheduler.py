@@ -7,13 +7,13 @@ ONE decoder call: the native engine reads every weight once for all the rows; ON
 requests one after the other. The [RET]s of the step are searched together. A request that finishes
 or is cancelled leaves at the next iteration and frees its slot.
 
-While others decode, a prompt is fed about as many positions per call as there are decoding rows (or
-`prefill_rows`), so a long prompt arriving slows the running streams' steps by a bounded factor instead
-of stalling them.
+While others decode, prompts are fed PROMPT_ROWS_BUSY positions per call (or `prefill_rows`), so a
+long prompt arriving slows the running streams' steps by a bounded factor instead of stalling them.
 Every position (prompt or generated) is computed by the decoding kernels, whose rows do not depend on
 what else is in the call: a request's outputs are the same alone or in any batch, however its prompt
-was cut. `Fromage.generate` prefills with the prompt kernels instead, which round differently: its
-greedy tokens agree with the scheduler's nearly always, not by construction (README, Serving).
+was cut. `Fromage.generate` prefills fp32 bundles with the same kernels (the same outputs again); a
+4/8-bit bundle's prefill dequantizes to fp32, which rounds differently: its greedy tokens agree with
+the scheduler's nearly always, not by construction (README, Serving).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from .sampling import SamplingParams
 
 log = logging.getLogger("fromage.scheduler")
 
-PROMPT_ROWS_BUSY = 8  # prompt positions per call, at least, while other requests decode
+PROMPT_ROWS_BUSY = 8  # prompt positions per call while other requests decode
 
 
 class QueueFull(FromageError):
@@ -91,9 +91,8 @@ class Scheduler:
     def __init__(self, model: Fromage, max_batch: int = 16, max_queue: int = 64, max_prompt_chunk: int = 64,
                  max_prompt: int | None = None, max_new_tokens: int | None = None, prefill_rows: int | None = None):
         """max_prompt / max_new_tokens: per-request caps below the model's context (None: the context).
-        prefill_rows: prompt positions per call while others decode (None: as many as are decoding, at
-        least PROMPT_ROWS_BUSY); fewer keep the streams' inter-token latency lower, and a new request's
-        first token comes later."""
+        prefill_rows: prompt positions per call while others decode (None: PROMPT_ROWS_BUSY); fewer keep
+        the streams' inter-token latency lower, and a new request's first token comes later."""
         if max_batch < 1 or max_queue < 0 or max_prompt_chunk < 1 or (prefill_rows is not None and prefill_rows < 1):
             raise FromageError("max_batch must be >= 1, max_queue >= 0, max_prompt_chunk >= 1 and prefill_rows >= 1")
         self.model, self.max_batch, self.max_queue, self.max_prompt_chunk = model, max_batch, max_queue, max_prompt_chunk
@@ -212,14 +211,10 @@ class Scheduler:
         self._after_step(fed)
 
     def _prompt_pieces(self, decoding: int) -> list[tuple[_Slot, int]]:
-        """Prompt positions to feed in this call, oldest request first: beside `decoding` running requests
-        prefill_rows, or about as many rows again (at least PROMPT_ROWS_BUSY: a call's cost grows with its
-        rows, so the streams' steps at most about double while prompts are fed); with none decoding,
-        max_prompt_chunk."""
-        if not decoding:
-            budget = self.max_prompt_chunk
-        else:
-            budget = self.prefill_rows or max(PROMPT_ROWS_BUSY, decoding)
+        """Prompt positions to feed in this call, oldest request first: beside running requests
+        prefill_rows (PROMPT_ROWS_BUSY: a call's cost grows with its rows, so the streams' steps grow by
+        a bounded share while prompts are fed); with none decoding, max_prompt_chunk."""
+        budget = (self.prefill_rows or PROMPT_ROWS_BUSY) if decoding else self.max_prompt_chunk
         pieces = []
         for slot in self.running:
             if slot.seq is None and budget > 0:

@@ -155,8 +155,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond, 429 (default 64)")
     p.add_argument("--prefill-rows", type=int,
-                   help="prompt positions fed per step while others decode (default: as many as are decoding, "
-                        "at least 8); fewer: lower inter-token latency, later first tokens")
+                   help="prompt positions fed per step while others decode (default 8); fewer: lower "
+                        "inter-token latency, later first tokens")
     p.add_argument("--allowed-media-dir", help="file:// image URLs are allowed below this directory (default: none)")
     p.add_argument("--max-body-mb", type=float, default=100, help="largest request body (default 100 MB)")
     p.add_argument("--max-prompt-tokens", type=int, help="prompt positions per request (default: the model's context)")
