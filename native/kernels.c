@@ -299,7 +299,7 @@ static inline float column_scales(const uint16_t *dm, int nb, const float *sx, c
 enum { NBITS_ROWS = 2 };  /* rows per pass over a chunk: the unpacked blocks need registers too */
 
 /* y[r][n] += x[r] . w_n for R rows (x16 (R, K), sx and sums (R, nb)) and columns n0..n1, four at a
- * time, one from each quarter of the range: the thread reads four forward streams, as f32_quarters
+ * time, one from each quarter of the range: the thread reads four forward streams, as f32_panels
  * does (one stream: ~20 % slower, two threads). Each block is unpacked once for all R rows; each row
  * sums in the one-row order. */
 static inline __attribute__((always_inline)) void nbits_columns(const fm_linear *L, int n0, int n1, const int16_t *x16,
@@ -502,7 +502,7 @@ static inline __attribute__((always_inline)) void nbits4_columns_vnni(const fm_l
 }
 #endif
 
-/* B tokens, each as a one-token step: the columns in claimed chunks, as f32_gemv; x (B, K), per row
+/* B tokens, each as a one-token step: the columns in claimed chunks, as f32_linear; x (B, K), per row
  * x16 (B, K), sx and sums (B, nb). */
 static void nbits_chunk(const fm_linear *L, int n0, int n1, const float *x, int B, const int16_t *x16, const float *sx,
                         const float *sums, float *y, size_t ldy, int accumulate) {
