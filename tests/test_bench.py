@@ -100,8 +100,22 @@ def test_bench_context(exported, tmp_path, monkeypatch, capsys):
     assert "without --plot" in capsys.readouterr().err
 
 
+def test_bench_batch(exported, tmp_path, capsys):
+    """The batched decode step (what the server runs) at several batch sizes on the tiny model."""
+    out = tmp_path / "batch.json"
+    assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--batch", "1,3,8", "--runs", "1",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["batch"]
+    assert [row["batch"] for row in r["batches"]] == [1, 3, 8] and r["batches"][0]["x_batch_1"] == 1
+    assert all(row["step_ms"] > 0 and row["tok_s"] > 0 and row["gflop_s"] > 0 for row in r["batches"])
+    assert "matrix GFLOP/s" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--batch", "2"], "only batch 1"),
+    (["--batch", "0"], "between 1 and 256"),
+    (["--batch", "two"], "batch sizes like"),
+    (["--batch", "4", "--context", "64"], "two separate benches"),
+    (["--batch", "4", "--plot", "x.png"], "without --plot"),
     (["--compare", "vllm"], "unknown peer"),
     (["--also-engine", "native"], "main run's engine"),  # --engine auto runs native already
 ])

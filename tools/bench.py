@@ -7,7 +7,8 @@ loaded once; the timed runs are interleaved round by round (A B C A B C ...) so 
 of a shared machine hits every system alike. The memory-bandwidth roofline is measured the same way:
 a probe subprocess reads a 1 GiB array once per round (numpy's reads and the native multi-stream
 read). `--retrieval N` benchmarks the image index on N random clustered vectors; `--context N,N` times
-the native decode step at long cache lengths instead of the decode bench (tools/bench_context.py).
+the native decode step at long cache lengths instead of the decode bench (tools/bench_context.py), `--batch
+N,N` its batched step with N sequences (tools/bench_batch.py).
 
 This module never imports torch or transformers: the peers that need them import them in their own processes.
 """
@@ -353,7 +354,8 @@ def add_arguments(p) -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per run (no early stop)")
     p.add_argument("--images", type=int, choices=(0, 1), default=0,
                    help="1: an image after the prefix in the main runs (TTFT is measured with and without anyway)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (only 1 is supported)")
+    p.add_argument("--batch", metavar="N,N", help="instead of the decode bench: the native engine's batched decode "
+                   "step with these numbers of sequences (e.g. 1,8,16): aggregate tok/s and the matrices' GFLOP/s")
     p.add_argument("--runs", type=int, default=5, help="timed runs per system")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--threads", type=int, help="threads per system (default: all cores)")
@@ -376,8 +378,6 @@ def add_arguments(p) -> None:
 
 
 def cmd_bench(args) -> None:
-    if args.batch != 1:
-        raise FromageError(f"--batch {args.batch}: only batch 1 is supported for now")
     if args.bundle is None and args.retrieval is None:
         raise FromageError("give --bundle (and/or --retrieval N)")
     for flag in ("runs", "prompt_tokens", "new_tokens"):
@@ -385,8 +385,11 @@ def cmd_bench(args) -> None:
             raise FromageError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise FromageError("--warmup must be >= 0 and --threads >= 1")
-    if args.context is not None and (args.plot or args.compare is not None or args.also or args.also_engine):
-        raise FromageError("--context times the native decoder alone: without --plot, --compare, --also, --also-engine")
+    for flag in ("context", "batch"):
+        if getattr(args, flag) is not None and (args.plot or args.compare is not None or args.also or args.also_engine):
+            raise FromageError(f"--{flag} times the native decoder alone: without --plot, --compare, --also, --also-engine")
+    if args.context is not None and args.batch is not None:
+        raise FromageError("--context and --batch are two separate benches: give one")
     if args.plot:
         if args.bundle is None:
             raise FromageError("--plot draws the decode benchmark: give --bundle")
@@ -407,6 +410,13 @@ def cmd_bench(args) -> None:
         result["context"] = run_context_bench(args.bundle, parse_lengths(args.context), args.threads or default_threads(),
                                               args.runs, log=log)
         print(format_context(result["context"]))
+    elif args.batch is not None:
+        from .bench_batch import format_batch, parse_batches, run_batch_bench
+        if args.bundle is None:
+            raise FromageError("--batch needs --bundle")
+        result["batch"] = run_batch_bench(args.bundle, parse_batches(args.batch), args.threads or default_threads(),
+                                          args.runs, log=log)
+        print(format_batch(result["batch"]))
     elif args.bundle is not None:
         result = run_bench(args, log=log)
     if args.retrieval is not None:

@@ -1,0 +1,79 @@
+"""`fromage bench --batch 1,8,16`: the native engine's batched decode step (fm_forward_batch, what the server
+runs), B sequences each at BATCH_POSITIONS cached positions of its own cache (fewer in a model with a shorter
+context), one decoder call per step.
+Aggregate tokens/s = B / step; the arithmetic rate counts the matrices' 2 x weights x B flops per step (the
+step's attention, norms and head included in its time)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from fromage.runtime.errors import FromageError
+
+BATCH_POSITIONS = 128
+STEPS_PER_RUN = 10  # steps timed per batch size and run, after one untimed
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        batches = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise FromageError(f"--batch {text!r}: give batch sizes like 1,8,16") from None
+    if not batches or batches[0] < 1 or batches[-1] > 256:
+        raise FromageError(f"--batch {text!r}: batch sizes must be between 1 and 256")
+    return batches
+
+
+def matrix_weights(m, vocab: int) -> int:
+    """Weights of the decoder's matrices read per step (layers and head), from the model's shapes."""
+    e, d = m.hidden, m.head_dim
+    layer = e * (m.n_heads + 2 * m.n_kv) * d + m.n_heads * d * e + e * 2 * m.inter + m.inter * e
+    return m.n_layers * layer + e * vocab
+
+
+def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=print) -> dict:
+    from fromage.runtime.generate import Fromage
+    model = Fromage(bundle, engine="native", threads=threads)
+    dec, m = model.decoder, model.decoder.model
+    positions = min(BATCH_POSITIONS, min(m.rope_positions, model.max_positions) // 2)
+    rng = np.random.default_rng(0)
+    shape = (1, m.n_kv, positions + 1, m.head_dim)
+    caches = [[rng.standard_normal(shape, dtype=np.float32) for _ in range(2 * m.n_layers)]
+              for _ in range(batches[-1])]
+    embeds = (rng.standard_normal((batches[-1], m.hidden)) * 0.02).astype(np.float32)
+    steps = {b: [] for b in batches}
+    for r in range(runs):  # batch sizes interleaved
+        for b in batches:
+            logits = np.empty((b, dec.vocab_size), np.float32)
+            ret = np.empty((b, dec.retrieval_dim), np.float32)
+            for i in range(STEPS_PER_RUN + 1):
+                t = time.perf_counter()
+                dec.forward_batch(embeds[:b], caches[:b], [positions] * b, logits, ret)
+                if i:
+                    steps[b].append(time.perf_counter() - t)
+        log(f"  run {r + 1}/{runs}: " + ", ".join(f"B={b}: {statistics.median(steps[b][-STEPS_PER_RUN:]) * 1e3:.1f} ms"
+                                                 for b in batches))
+    weights = matrix_weights(m, dec.vocab_size)
+    rows = []
+    for b in batches:
+        step = statistics.median(steps[b])
+        rows.append({"batch": b, "step_ms": step * 1e3, "tok_s": b / step, "gflop_s": 2 * weights * b / step / 1e9})
+    one = next((row["tok_s"] for row in rows if row["batch"] == 1), None)
+    for row in rows:
+        row["x_batch_1"] = row["tok_s"] / one if one else None
+    return {"kernels": dec.kernels, "threads": threads, "runs": runs, "steps_per_run": STEPS_PER_RUN,
+            "positions": positions, "matrix_weights": weights, "batches": rows,
+            "note": "tok_s = batch / median step; gflop_s = 2 x matrix_weights x batch / median step"}
+
+
+def format_batch(result: dict) -> str:
+    lines = [f"batched decode steps ({result['kernels']} kernels, {result['threads']} threads, each sequence at "
+             f"{result['positions']} positions, median of {result['runs']} x {result['steps_per_run']} steps; "
+             f"{result['matrix_weights'] / 1e6:.1f} M matrix weights)",
+             "batch   step ms    tok/s   x batch 1   matrix GFLOP/s"]
+    for r in result["batches"]:
+        x = f"{r['x_batch_1']:9.2f}" if r["x_batch_1"] else f"{'-':>9}"
+        lines.append(f"{r['batch']:5d}   {r['step_ms']:7.2f}   {r['tok_s']:6.1f}   {x}   {r['gflop_s']:14.1f}")
+    return "\n".join(lines)
