@@ -95,7 +95,7 @@ def test_bench_context(exported, tmp_path, monkeypatch, capsys):
     assert all(row["bound_ms"] > 0 and row["step_ms"] > 0 for row in r["lengths"])
     assert "x that bound" in capsys.readouterr().out
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "8"]) == 2
-    assert "lengths must be over 16" in capsys.readouterr().err
+    assert "must be at least 17" in capsys.readouterr().err
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "40", "--plot", "x.png"]) == 2
     assert "without --plot" in capsys.readouterr().err
 
@@ -113,7 +113,7 @@ def test_bench_batch(exported, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch", "0"], "between 1 and 256"),
-    (["--batch", "two"], "batch sizes like"),
+    (["--batch", "two"], "numbers like 1,8,16"),
     (["--batch", "4", "--context", "64"], "two separate benches"),
     (["--batch", "4", "--plot", "x.png"], "without --plot"),
     (["--compare", "vllm"], "unknown peer"),

@@ -403,20 +403,17 @@ def cmd_bench(args) -> None:
             raise FromageError(f"--also-engine {engine}: that is the main run's engine already (--engine {args.engine})")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     result: dict = {}
-    if args.context is not None:
-        from .bench_context import format_context, parse_lengths, run_context_bench
+    if args.context is not None or args.batch is not None:  # the native decoder alone
+        if args.context is not None:
+            from .bench_context import format_context as fmt, parse_lengths as parse, run_context_bench as run
+            key, text = "context", args.context
+        else:
+            from .bench_batch import format_batch as fmt, parse_batches as parse, run_batch_bench as run
+            key, text = "batch", args.batch
         if args.bundle is None:
-            raise FromageError("--context needs --bundle")
-        result["context"] = run_context_bench(args.bundle, parse_lengths(args.context), args.threads or default_threads(),
-                                              args.runs, log=log)
-        print(format_context(result["context"]))
-    elif args.batch is not None:
-        from .bench_batch import format_batch, parse_batches, run_batch_bench
-        if args.bundle is None:
-            raise FromageError("--batch needs --bundle")
-        result["batch"] = run_batch_bench(args.bundle, parse_batches(args.batch), args.threads or default_threads(),
-                                          args.runs, log=log)
-        print(format_batch(result["batch"]))
+            raise FromageError(f"--{key} needs --bundle")
+        result[key] = run(args.bundle, parse(text), args.threads or default_threads(), args.runs, log=log)
+        print(fmt(result[key]))
     elif args.bundle is not None:
         result = run_bench(args, log=log)
     if args.retrieval is not None:

@@ -10,20 +10,14 @@ import time
 
 import numpy as np
 
-from fromage.runtime.errors import FromageError
+from .options import int_list
 
 BATCH_POSITIONS = 128
 STEPS_PER_RUN = 10  # steps timed per batch size and run, after one untimed
 
 
 def parse_batches(text: str) -> list[int]:
-    try:
-        batches = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise FromageError(f"--batch {text!r}: give batch sizes like 1,8,16") from None
-    if not batches or batches[0] < 1 or batches[-1] > 256:
-        raise FromageError(f"--batch {text!r}: batch sizes must be between 1 and 256")
-    return batches
+    return int_list(text, "--batch", "1,8,16", 1, 256)
 
 
 def matrix_weights(m, vocab: int) -> int:

@@ -11,18 +11,14 @@ import numpy as np
 
 from fromage.runtime.errors import FromageError
 
+from .options import int_list
+
 BASE_POSITIONS = 16
 STEPS_PER_RUN = 10  # decode steps timed per length and run, after one untimed
 
 
 def parse_lengths(text: str) -> list[int]:
-    try:
-        lengths = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise FromageError(f"--context {text!r}: give cache lengths like 1024,4096") from None
-    if not lengths or lengths[0] <= BASE_POSITIONS:
-        raise FromageError(f"--context {text!r}: lengths must be over {BASE_POSITIONS}")
-    return lengths
+    return int_list(text, "--context", "1024,4096", BASE_POSITIONS + 1)
 
 
 def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=print) -> dict:

@@ -171,8 +171,12 @@ def sweep(url: str, levels: list, per_client: int, max_tokens: int, image: str |
     return rows
 
 
+MIN_WINDOW_S = 1.0
+
+
 def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log, extra=None) -> dict:
-    """ITL of `streams` running streams without, then with, one long prompt arriving mid-run."""
+    """ITL of `streams` running streams without, then with, one long prompt arriving mid-run: the intervals
+    that overlap the long prompt's lifetime (at least MIN_WINDOW_S), against those of a 4-second window."""
     def run(with_long: bool) -> dict:
         out, stop = {}, threading.Event()
         recs = []
@@ -190,14 +194,14 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log,
                 long = send(http, url, request_body(99, 8, words=prompt_words, extra=extra))
             out["long_prompt_ttft_ms"] = long.get("ttft_s", 0) * 1000
             out["long_prompt_tokens"] = long.get("prompt_tokens")
+            time.sleep(max(0.0, MIN_WINDOW_S - (time.perf_counter() - t)))  # a prompt done within a step or two
         else:
             time.sleep(4.0)
         out["window_s"] = time.perf_counter() - t
         end = time.perf_counter()
         stop.set()
         [t.join() for t in threads]
-        # the intervals that overlap the window only (not the ramp before it, nor the streams' tails); a
-        # prompt faster than one step still meets the intervals around it
+        # the intervals that overlap the window only (not the ramp before it, nor the streams' tails)
         itl = [b - a for r in recs for a, b in zip(r["token_times"], r["token_times"][1:])
                if r["t0"] + a < end and r["t0"] + b > t]
         out["itl_ms"] = {k: v * 1000 for k, v in (percentiles(itl) or {}).items() if k != "runs"}
