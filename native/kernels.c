@@ -194,25 +194,24 @@ static void f32_panels(const float *W, int K, int N, int p0, int p1, const float
     }
 }
 
-/* x (B, K) transposed in blocks of rows (ROW_BLOCK), in the kernels' scratch after `skip` floats; x
- * itself for B = 1. */
-static const float *transposed_rows(const float *x, int B, int K, size_t skip) {
-    if (B == 1) return x;
-    float *xt = fm_scratch(0, skip + (size_t)B * K);
-    if (!xt) return NULL;
-    xt += skip;
+/* xt = x (B, K) transposed in blocks of rows (ROW_BLOCK). */
+static void transpose_rows(const float *x, int B, int K, float *xt) {
 #pragma omp parallel for schedule(static) if (B > ROW_BLOCK) /* one block: not worth waking a thread */
     for (int r0 = 0; r0 < B; r0 += ROW_BLOCK) {
         const int rows = B - r0 < ROW_BLOCK ? B - r0 : ROW_BLOCK;
         transpose_tile(x + (size_t)r0 * K, (size_t)K, rows, K, xt + (size_t)r0 * K, (size_t)rows);
     }
-    return xt;
 }
 
 static int f32_linear(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
     const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
-    const float *xt = transposed_rows(x, B, K, 0);
-    if (!xt) return -2;
+    const float *xt = x;  /* one row is its own transpose */
+    if (B > 1) {
+        float *t = fm_scratch(0, (size_t)B * K);
+        if (!t) return -2;
+        transpose_rows(x, B, K, t);
+        xt = t;
+    }
     const int threads = omp_get_max_threads(), fair = panels / (4 * threads);
     int chunk = (chunk_columns(sizeof(float) * K, N, threads) + PANEL / 2) / PANEL;
     if (B == 1 && chunk < 8 && fair > chunk) chunk = fair < 8 ? fair : 8;  /* two panels per stream, 4 chunks a thread */
@@ -619,9 +618,10 @@ static void fill_panel(const fm_linear *L, int n0, int width, float *panel) {
 static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
     const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
     const size_t buffers = (size_t)omp_get_max_threads() * K * PANEL;
-    const float *xt = transposed_rows(x, T, K, buffers);
     float *panel_buffers = fm_scratch(0, buffers + (size_t)T * K);
-    if (!xt || !panel_buffers) return -2;
+    if (!panel_buffers) return -2;
+    float *xt = panel_buffers + buffers;
+    transpose_rows(x, T, K, xt);
 #pragma omp parallel
     {
         float *panel = panel_buffers + (size_t)omp_get_thread_num() * K * PANEL;
