@@ -15,6 +15,7 @@ import glob
 import mmap
 import operator
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +164,7 @@ class NativeDecoder:
         # from a map, so loading never holds the file's pages and the copies at once. fp32 matrices
         # are read aside and laid out in panels in the arena (_pack), 4/8-bit weights read aside and
         # repacked into it (_repack), one matrix at a time.
-        self.w, self._f32, self._nbits = {}, {}, {}
+        self.w, self._linears = {}, {}  # name -> _Linear: fp32 panels (_pack) or 4/8-bit records (_repack)
         with open(path, "rb") as fh:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 table = [t for t in initializers(buf) if t["dtype"] in _DTYPES]
@@ -205,7 +206,7 @@ class NativeDecoder:
         w = self.w.pop(name)
         out = self.arena.take(_panels_bytes(w.shape)).view(np.float32)
         self.lib.fm_pack(w.ctypes.data, w.shape[0], w.shape[1], out.ctypes.data)
-        self._f32[name] = _Linear(F32, w.shape[0], w.shape[1], 0, out.ctypes.data, None)
+        self._linears[name] = _Linear(F32, w.shape[0], w.shape[1], 0, out.ctypes.data, None)
 
     def _repack(self, name: str) -> None:
         """A 4/8-bit matrix's blocks and scales (read aside) -> one record per column in the arena."""
@@ -226,13 +227,11 @@ class NativeDecoder:
         records = self.arena.take(_records_bytes(q.shape)).reshape(n, -1)
         records[:, :4 * nb] = dm.astype(np.float16).view(np.uint8)
         records[:, 4 * nb:] = q.reshape(n, -1)
-        self._nbits[name] = _Linear(NBITS, nb * BLOCK, n, nbytes * 8 // BLOCK, None, records.ctypes.data)
+        self._linears[name] = _Linear(NBITS, nb * BLOCK, n, nbytes * 8 // BLOCK, None, records.ctypes.data)
 
     def _linear(self, name: str) -> _Linear:
-        if name in self._nbits:
-            return self._nbits[name]
-        if name in self._f32:
-            return self._f32[name]
+        if name in self._linears:
+            return self._linears[name]
         self._get(name)  # says what is missing
         raise FromageError(f"decoder.onnx: {name} is not a matrix the native decoder reads")
 
@@ -247,8 +246,7 @@ class NativeDecoder:
         self._layers = layers  # kept alive: the model struct points into it
         qkv, gate_up = layers[0].qkv, layers[0].gate_up
         cos = self._get("cos_cache")
-        extra_rows = "lm_head.extra_rows"
-        extra = self._linear(extra_rows) if extra_rows in self._f32 or extra_rows in self._nbits else _Linear()
+        extra = self._linears.get("lm_head.extra_rows", _Linear())
         head = self._linear("lm_head")
         self.vocab_size = head.N + extra.N
         wt = self._linear("W_t.weight")
@@ -287,15 +285,20 @@ class NativeDecoder:
         (native/fromage_native.h). A cache's addresses are remembered from the previous call while its
         buffers are the same arrays (one that grew has new ones): building them is ~30 us a cache, and a
         step's caches are mostly the last step's. The buffers are checked when first seen: the C code
-        trusts their sizes."""
+        trusts their sizes. Remembered by weak reference, so a finished request's cache is not kept alive."""
         known, seen, k, v = self._known, {}, [], []
         for cache in caches:
-            entry = seen.get(id(cache)) or known.get(id(cache))  # rows of one prompt share its cache
-            if entry is None or len(entry[0]) != len(cache) or not all(map(operator.is_, entry[0], cache)):
-                entry = (tuple(cache), self._addresses(cache))
-            seen[id(cache)] = entry
-            k += entry[1][0::2]
-            v += entry[1][1::2]
+            entry = seen.get(id(cache))  # rows of one prompt share its cache: looked at once per call
+            if entry is None:
+                entry = known.get(id(cache))
+                same = entry is not None and len(entry[0]) == len(cache) and all(
+                    map(operator.is_, (ref() for ref in entry[0]), cache))
+                if not same:
+                    addresses = self._addresses(cache)
+                    entry = ([weakref.ref(b) for b in cache], addresses[0::2], addresses[1::2])
+                seen[id(cache)] = entry
+            k += entry[1]
+            v += entry[2]
         self._known = seen  # one assignment: other threads may call meanwhile (they rebuild what they miss)
         return (ctypes.c_void_p * len(k))(*k), (ctypes.c_void_p * len(v))(*v)
 
