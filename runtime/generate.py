@@ -370,7 +370,8 @@ class Sequence:
             self.rets += 1
             self.said, self.after = self._said(self.result.token_ids[:-1], self.ret_id), len(self.result.token_ids)
             self.text.reset()
-            events = self._text("", flush=True)  # the text held back for stop strings comes before the image
+            events = self._text(self.echo, flush=True)  # text held back (stop strings, a possible echo) comes first
+            self.echo = ""
             step = len(self.result.token_ids) - 1
             self.result.parts.append(image_part(hits, token_index=step))
             return events + [ImageEvent(hits, step)]

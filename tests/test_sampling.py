@@ -76,6 +76,10 @@ def test_text_held_for_stop_strings_is_said_once():
     seq, result = _sequence(("\n", "Q:"))
     _feed(seq, result, [0, 1, 2, 9, 0, 1, 2])  # the answer said again after the image: dropped
     assert [p["type"] for p in result.parts] == ["text", "image"] and result.parts[0]["text"] == "a kangaroo."
+    seq, result = _sequence(())
+    _feed(seq, result, [0, 1, 2, 9, 0, 9, 3, 4])  # "a" may start an echo, then a second [RET]: it comes first
+    assert [p["type"] for p in result.parts] == ["text", "image", "text", "image", "text"]
+    assert [p["text"] for p in result.parts if p["type"] == "text"] == ["a kangaroo.", "a", " is big"]
     seq, result = _sequence(("\n", "Q:"))
     _feed(seq, result, [0, 1, 2, 5, 6, 8])  # the model starts the next question itself
     assert result.parts[0]["text"] == "a kangaroo." and result.stop_reason == "stop"
