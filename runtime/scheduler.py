@@ -96,7 +96,7 @@ class Scheduler:
         if max_batch < 1 or max_queue < 0 or max_prompt_chunk < 1 or (prefill_rows is not None and prefill_rows < 1):
             raise FromageError("max_batch must be >= 1, max_queue >= 0, max_prompt_chunk >= 1 and prefill_rows >= 1")
         self.model, self.max_batch, self.max_queue, self.max_prompt_chunk = model, max_batch, max_queue, max_prompt_chunk
-        self.prefill_rows = prefill_rows
+        self.prefill_rows = prefill_rows or PROMPT_ROWS_BUSY
         self.max_prompt, self.max_new_tokens = max_prompt, max_new_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[_Slot] = []
@@ -214,7 +214,7 @@ class Scheduler:
         """Prompt positions to feed in this call, oldest request first: beside running requests
         prefill_rows (PROMPT_ROWS_BUSY: a call's cost grows with its rows, so the streams' steps grow by
         a bounded share while prompts are fed); with none decoding, max_prompt_chunk."""
-        budget = (self.prefill_rows or PROMPT_ROWS_BUSY) if decoding else self.max_prompt_chunk
+        budget = self.prefill_rows if decoding else self.max_prompt_chunk
         pieces = []
         for slot in self.running:
             if slot.seq is None and budget > 0:
