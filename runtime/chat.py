@@ -61,3 +61,15 @@ class AnswerStart:
             text = text.lstrip()
             self.started = bool(text)
         return text
+
+
+def answer_parts(result_parts: list, image=dict) -> list:
+    """A Result's parts from the answer's first non-blank character (AnswerStart): text parts as
+    {"type": "text", "text"}, image parts through `image` (default: copied as they are)."""
+    out, start = [], AnswerStart()
+    for p in result_parts:
+        if p["type"] != "text":
+            out.append(image(p))
+        elif text := start(p["text"]):
+            out.append({"type": "text", "text": text})
+    return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from fromage.runtime.chat import ANSWER_STOPS, AnswerStart, chat_prompt
+from fromage.runtime.chat import ANSWER_STOPS, answer_parts, chat_prompt
 from fromage.runtime.errors import ParameterError
 from fromage.runtime.sampling import MAX_STOP_STRINGS, SamplingParams
 
@@ -62,8 +62,8 @@ def parse_chat_request(body, media, max_tokens: int | None = None) -> ChatReques
     if turns[-1][0] != "user":
         raise BadRequest("the last message must be the user's", param="messages")
     kwargs = dict(DEFAULTS)
-    if max_tokens:
-        kwargs["max_new_tokens"] = min(DEFAULT_MAX_TOKENS, max_tokens)
+    if max_tokens is not None:  # the server's cap (--max-tokens) bounds the default too
+        kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], max_tokens)
     for name, field in PARAMS.items():
         if body.get(name) is not None:
             kwargs[field] = body[name]
@@ -92,8 +92,6 @@ def parse_chat_request(body, media, max_tokens: int | None = None) -> ChatReques
 def param_error(e: ParameterError, body: dict) -> BadRequest:
     """A parameter refused by the runtime, named as the request named it (max_tokens or max_completion_tokens)."""
     field = next((k for k, v in PARAMS.items() if v == e.param and k in body), e.param)
-    if field == "max_new_tokens":  # the server's own cap on a request that named no maximum
-        field = "max_tokens"
     return BadRequest(f"{field}: {e.message}", param=field)
 
 
@@ -129,15 +127,9 @@ def image_part(key: int, score: float, caption: str | None) -> dict:
             "score": round(float(score), 6), "caption": caption}
 
 
-def answer_parts(result_parts: list) -> list:
-    """A Result's parts -> the response's parts."""
-    out, start = [], AnswerStart()
-    for p in result_parts:
-        if p["type"] != "text":
-            out.append(image_part(p["key"], p["score"], p.get("caption")))
-        elif text := start(p["text"]):
-            out.append({"type": "text", "text": text})
-    return out
+def response_parts(result_parts: list) -> list:
+    """A Result's parts -> the response's parts (images by index key)."""
+    return answer_parts(result_parts, lambda p: image_part(p["key"], p["score"], p.get("caption")))
 
 
 def usage(result, prompt_positions: int) -> dict:
@@ -149,7 +141,7 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "err
 
 
 def completion(rid: str, model: str, result, prompt_positions: int) -> dict:
-    parts = answer_parts(result.parts)
+    parts = response_parts(result.parts)
     text = "".join(p["text"] for p in parts if p["type"] == "text")
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "parts": parts},

@@ -20,9 +20,11 @@ def cmd_serve(args) -> None:
     import uvicorn
     if not 0 < args.port < 65536:
         raise FromageError(f"--port must be 1..65535, got {args.port}")
-    bad_prefill = args.prefill_rows is not None and args.prefill_rows < 1
-    if args.max_batch < 1 or args.max_queue < 0 or args.max_body_mb <= 0 or bad_prefill:
-        raise FromageError("--max-batch and --prefill-rows must be >= 1, --max-queue >= 0 and --max-body-mb > 0")
+    below_one = [n for n in ("prefill_rows", "max_tokens", "max_prompt_tokens") if getattr(args, n) is not None
+                 and getattr(args, n) < 1]
+    if args.max_batch < 1 or args.max_queue < 0 or args.max_body_mb <= 0 or below_one:
+        raise FromageError("--max-batch, --prefill-rows, --max-tokens and --max-prompt-tokens must be >= 1, "
+                           "--max-queue >= 0 and --max-body-mb > 0")
     if args.allowed_media_dir and not os.path.isdir(args.allowed_media_dir):
         raise FromageError(f"--allowed-media-dir {args.allowed_media_dir} is not a directory")
     config = ServerConfig(bundle=args.bundle, index=args.index, engine=args.engine, device=args.device,

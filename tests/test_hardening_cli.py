@@ -45,10 +45,10 @@ def test_text_that_is_not_utf8(exported, capsys, tmp_path):
     assert "not UTF-8" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option", ["--max-batch", "--prefill-rows"])
+@pytest.mark.parametrize("option", ["--max-batch", "--prefill-rows", "--max-tokens", "--max-prompt-tokens"])
 def test_serve_refuses_zero_rows(exported, capsys, option):
     assert main(["serve", "--bundle", str(exported["llama"]["bundle"]), option, "0"]) == 2
-    assert "--prefill-rows must be >= 1" in capsys.readouterr().err
+    assert f"{option}" in capsys.readouterr().err.split("must be >= 1")[0]
 
 
 def test_the_context_budget_is_said_at_start(exported, capsys):

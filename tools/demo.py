@@ -98,7 +98,7 @@ class _Printer:
 def _answer(model, prompt: list, params, force_ret: bool, out: _Printer) -> list[dict]:
     """Runs one model turn (it ends at the chat format's stops); streams it to stdout; -> the answer's
     parts (Result.parts dicts, from its first non-blank character, trailing blanks cut)."""
-    from fromage.runtime.chat import AnswerStart
+    from fromage.runtime.chat import AnswerStart, answer_parts
     from fromage.runtime.generate import ImageEvent, Result, TextEvent
     result, shown = Result(), AnswerStart()
     out.write("model: ")
@@ -108,12 +108,7 @@ def _answer(model, prompt: list, params, force_ret: bool, out: _Printer) -> list
             out.line(f"[image: {part['path']} ({part['score']:.3f})]")
         elif isinstance(event, TextEvent):
             out.write(shown(event.text))
-    start, parts = AnswerStart(), []
-    for p in result.parts:
-        if p["type"] != "text":
-            parts.append(dict(p))
-        elif text := start(p["text"]):
-            parts.append({"type": "text", "text": text})
+    parts = answer_parts(result.parts)
     if parts and parts[-1]["type"] == "text":
         parts[-1]["text"] = parts[-1]["text"].rstrip()
         if not parts[-1]["text"]:
