@@ -405,15 +405,14 @@ def cmd_bench(args) -> None:
     result: dict = {}
     if args.context is not None or args.batch is not None:  # the native decoder alone
         if args.context is not None:
-            from .bench_context import format_context as fmt, parse_lengths as parse, run_context_bench as run
+            from .bench_context import parse_lengths as parse, run_context_bench as run
             key, text = "context", args.context
         else:
-            from .bench_batch import format_batch as fmt, parse_batches as parse, run_batch_bench as run
+            from .bench_batch import parse_batches as parse, run_batch_bench as run
             key, text = "batch", args.batch
         if args.bundle is None:
             raise FromageError(f"--{key} needs --bundle")
         result[key] = run(args.bundle, parse(text), args.threads or default_threads(), args.runs, log=log)
-        print(fmt(result[key]))
     elif args.bundle is not None:
         result = run_bench(args, log=log)
     if args.retrieval is not None:
@@ -422,9 +421,7 @@ def cmd_bench(args) -> None:
         cache = Path(args.cache) if args.cache else cache_root()
         result["retrieval"] = run_retrieval_bench(args.retrieval, dim, args.threads or default_threads(), cache,
                                                   log=log)
-    table = format_table(result)
-    if table.strip():
-        print(table)
+    print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
         log(f"JSON written to {args.json}")

@@ -5,8 +5,8 @@ import io
 
 import numpy as np
 
-
-
+from .bench_batch import format_batch
+from .bench_context import format_context
 from .bench_worker import BANDWIDTH_PASSES
 
 
@@ -71,6 +71,10 @@ def _fmt(v, spec: str = ".1f", scale: float = 1.0) -> str:
 
 def format_table(result: dict) -> str:
     out = io.StringIO()
+    if "context" in result:
+        print(format_context(result["context"]), file=out)
+    if "batch" in result:
+        print(format_batch(result["batch"]), file=out)
     if "systems" in result:
         s, bw = result["settings"], result["bandwidth"]
         print(f"\nmodel {s['lm']} ({s['architecture']}, {s['num_layers']} layers); prompt {s['prompt_tokens']} tokens"

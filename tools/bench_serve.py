@@ -32,6 +32,7 @@ from fromage.runtime.errors import FromageError
 
 from .bench import machine_info
 from .bench_report import percentiles
+from .options import int_list
 from .server_process import Server, free_port
 
 TOPICS = ("a red kangaroo", "an old lighthouse", "a blue whale", "a small boat", "a yellow sun over hills",
@@ -117,13 +118,17 @@ def run_clients(url: str, concurrency: int, per_client: int, make_body, headers=
     return records, time.perf_counter() - t0
 
 
+def ms(values) -> dict:
+    """Percentiles of seconds, in milliseconds ({} for no values)."""
+    return {k: x * 1000 for k, x in (percentiles(values) or {}).items() if k != "runs"}
+
+
 def summarize(records: list, wall: float) -> dict:
     ok = [r for r in records if r["ok"]]
     tokens = sum(r["tokens"] for r in ok)
     tpot = [(r["token_times"][-1] - r["token_times"][0]) / (len(r["token_times"]) - 1)
             for r in ok if len(r["token_times"]) > 1]
     itl = [b - a for r in ok for a, b in zip(r["token_times"], r["token_times"][1:])]
-    ms = lambda v: {k: x * 1000 for k, x in (percentiles(v) or {}).items() if k != "runs"}  # noqa: E731
     failures = sorted({r.get("error") or f"HTTP {r['status']}" for r in records if not r["ok"]})
     return {"requests": len(records), "errors": len(records) - len(ok), "error_examples": failures[:3], "wall_s": wall,
             "request_throughput": len(ok) / wall, "output_tok_s": tokens / wall, "output_tokens": tokens,
@@ -136,7 +141,7 @@ def start_fromage(args, log_dir: Path) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "fromage.tools.cli", "serve", "--bundle", args.bundle, "--port", port,
             "--max-batch", args.max_batch, "--max-queue", 1024, "--threads", args.threads]
-    if args.prefill_rows:
+    if args.prefill_rows is not None:
         argv += ["--prefill-rows", args.prefill_rows]
     if args.index:
         argv += ["--index", args.index]
@@ -197,14 +202,14 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log,
             time.sleep(max(0.0, MIN_WINDOW_S - (time.perf_counter() - t)))  # a prompt done within a step or two
         else:
             time.sleep(4.0)
-        out["window_s"] = time.perf_counter() - t
         end = time.perf_counter()
+        out["window_s"] = end - t
         stop.set()
         [t.join() for t in threads]
         # the intervals that overlap the window only (not the ramp before it, nor the streams' tails)
         itl = [b - a for r in recs for a, b in zip(r["token_times"], r["token_times"][1:])
                if r["t0"] + a < end and r["t0"] + b > t]
-        out["itl_ms"] = {k: v * 1000 for k, v in (percentiles(itl) or {}).items() if k != "runs"}
+        out["itl_ms"] = ms(itl)
         return out
     base, loaded = run(False), run(True)
     if not (base["itl_ms"] and loaded["itl_ms"]):
@@ -281,7 +286,7 @@ def add_arguments(p) -> None:
 
 def cmd_bench_serve(args, log=print) -> dict:
     from fromage.runtime.bundle_reader import load_bundle
-    levels = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
+    levels = int_list(args.concurrency, "--concurrency", "1,2,4,8", 1)
     log_dir = Path(args.cache) / "bench-serve"
     log_dir.mkdir(parents=True, exist_ok=True)
     result = {"settings": {"concurrency": levels, "requests_per_client": args.requests, "max_tokens": args.max_tokens,

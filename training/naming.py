@@ -58,21 +58,19 @@ def fit_naming(model: FromageModel, features: torch.Tensor, captions: list[str],
     """Sets model.W_c (k must be the template's token count + 1) from (N, D) image features and their captions."""
     targets = torch.stack([word_embedding(model, object_word(c)) for c in captions])
     weight, bias = ridge_map(features, targets, lam)
-    previous, model.config.visual_template = model.config.visual_template, template
-    try:
-        expanded = expand_w_c(model, weight, bias)  # checks k against the template
-    except FromageError:
-        model.config.visual_template = previous
-        raise
+    expanded = expand_w_c(model, weight, bias, template)  # checks k against the template
+    model.config.visual_template = template
     model.W_c.weight.copy_(expanded["W_c.weight"])
     model.W_c.bias.copy_(expanded["W_c.bias"])
 
 
-def _layout(model: FromageModel) -> tuple[torch.Tensor, int]:
-    """(the template's fixed rows as (k, E) embeddings, the slot's index) of a model's visual_template."""
-    before, after = template_tokens(model.tokenizer.backend_tokenizer, model.config.visual_template)
+def _layout(model: FromageModel, template: str | None = None) -> tuple[torch.Tensor, int]:
+    """(the template's fixed rows as (k, E) embeddings, the slot's index) of `template` (default: the
+    model's visual_template)."""
+    template = template or model.config.visual_template
+    before, after = template_tokens(model.tokenizer.backend_tokenizer, template)
     if len(before) + 1 + len(after) != model.config.k:
-        raise FromageError(f"visual_template {model.config.visual_template!r} needs k = "
+        raise FromageError(f"visual_template {template!r} needs k = "
                            f"{len(before) + 1 + len(after)}, the model has k = {model.config.k}")
     rows = model.lm.get_input_embeddings().weight.detach()[before + [0] + after].clone()
     return rows, len(before)
@@ -92,12 +90,14 @@ def compact_w_c(model: FromageModel) -> dict[str, torch.Tensor]:
     return {"W_c.weight": w[slot].clone(), "W_c.bias": b[slot].clone()}
 
 
-def expand_w_c(model: FromageModel, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The full W_c from its slot rows (`compact_w_c`, or a fit) and the template's embeddings."""
+def expand_w_c(model: FromageModel, weight: torch.Tensor, bias: torch.Tensor,
+               template: str | None = None) -> dict[str, torch.Tensor]:
+    """The full W_c from its slot rows (`compact_w_c`, or a fit) and the embeddings of `template` (default:
+    the model's visual_template)."""
     e, k, d = model.embed_dim, model.config.k, model.encoder.dim
     if weight.shape != (e, d) or bias.shape != (e,):
         raise FromageError(f"W_c of shape {tuple(weight.shape)} is neither the full map nor its slot rows ({e}, {d})")
-    rows, slot = _layout(model)
+    rows, slot = _layout(model, template)
     w = torch.zeros(k, e, d)
     w[slot], rows[slot] = weight, bias
     return {"W_c.weight": w.reshape(k * e, d), "W_c.bias": rows.reshape(k * e)}
@@ -142,9 +142,8 @@ def cmd_naming(args) -> None:
     from .heldout import greedy_captions
     from .object_names import names_share
     from .train import image_features
-    from .cli import DEFAULT_CHECKPOINT
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .cli import DEFAULT_CHECKPOINT, _set_threads
+    _set_threads(args.threads)
     t0 = time.perf_counter()
     base = args.base or DEFAULT_CHECKPOINT
     ridge = RIDGE if args.ridge is None else args.ridge
