@@ -4,8 +4,8 @@ bundle's own decoder.onnx weights.
 Why: batch-1 decoding reads every weight once per token. ONNX Runtime's fp32 MatMul streams them
 at ~80 % of this machine's bandwidth, and its 4-bit MatMulNBits is fast only when it rounds the
 activations to int8 (which changes greedy output). The C kernels stream fp32 weights at the
-bandwidth limit and run the GGUF's 4-bit grids with fp32 activations, so a 4-bit bundle decodes
-with exactly the fp32 bundle's weights. The KV cache is the runtime's (1, kv, capacity, d) buffers,
+bandwidth limit and run the GGUF's 4-bit grids with 16-bit activations (logits within ~1e-5 of fp32
+ones), so a 4-bit bundle decodes with exactly the fp32 bundle's weights. The KV cache is the runtime's (1, kv, capacity, d) buffers,
 as with the ONNX graph, so the runtime's cache handling is the same for both engines.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ class _Model(ctypes.Structure):
 
 
 HUGE_PAGE = 2 << 20
-_TEMPORARY = (".qweight", ".scales", ".offsets")  # read, then repacked into column records
+_TEMPORARY = (".qweight", ".scales", ".offsets")  # read, then repacked for the kernels
 _HEADS = ("lm_head", "lm_head.extra_rows", "W_t.weight")  # fp32 matrices besides the layers' *_proj
 
 
@@ -62,11 +62,12 @@ def _panels_bytes(dims) -> int:
     return 4 * k * -(-n // PANEL) * PANEL
 
 
-def _records_bytes(qweight_dims) -> int:
-    """Bytes of the column records of a MatMulNBits weight (N, K/32, bytes per block): per column
-    the blocks' fp16 d and m, then the blocks (native/fromage_native.h)."""
+def _nbits_bytes(qweight_dims) -> int:
+    """Bytes of a MatMulNBits weight (N, K/32, bytes per block) as the kernels take it
+    (native/fromage_native.h): 4-bit in panels of 16 columns, 8-bit one record per column; both hold
+    each block's fp16 d and m beside it."""
     n, nb, nbytes = qweight_dims
-    return n * nb * (4 + nbytes)
+    return (-(-n // PANEL) * PANEL if nbytes == BLOCK // 2 else n) * nb * (4 + nbytes)
 
 
 class _Arena:
@@ -125,6 +126,7 @@ def load_library():
             raise FromageError(f"FROMAGE_KERNELS={os.environ.get('FROMAGE_KERNELS')!r} names kernels this CPU or build "
                                f"cannot run (avx512, avx2 or portable; {kernels_in_use(lib)} would run here)")
         lib.fm_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.fm_pack_q4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                                    ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p]
@@ -164,14 +166,14 @@ class NativeDecoder:
         # from a map, so loading never holds the file's pages and the copies at once. fp32 matrices
         # are read aside and laid out in panels in the arena (_pack), 4/8-bit weights read aside and
         # repacked into it (_repack), one matrix at a time.
-        self.w, self._linears = {}, {}  # name -> _Linear: fp32 panels (_pack) or 4/8-bit records (_repack)
+        self.w, self._linears = {}, {}  # name -> _Linear: fp32 panels (_pack) or 4/8-bit blocks (_repack)
         with open(path, "rb") as fh:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 table = [t for t in initializers(buf) if t["dtype"] in _DTYPES]
             self._external = {t["name"] for t in table if t["raw"] is None}
             table = [t for t in table if t["raw"] is not None]
             kept = [t for t in table if not t["name"].endswith(_TEMPORARY)]
-            records = [_records_bytes(t["dims"]) for t in table
+            records = [_nbits_bytes(t["dims"]) for t in table
                        if t["name"].endswith(".qweight") and len(t["dims"]) == 3]
             sizes = [_panels_bytes(t["dims"]) if _is_f32_matrix(t) else t["raw"][1] - t["raw"][0] for t in kept]
             self.arena = _Arena(sum(_Arena.padded(n) for n in records + sizes))
@@ -209,7 +211,7 @@ class NativeDecoder:
         self._linears[name] = _Linear(F32, w.shape[0], w.shape[1], 0, out.ctypes.data, None)
 
     def _repack(self, name: str) -> None:
-        """A 4/8-bit matrix's blocks and scales (read aside) -> one record per column in the arena."""
+        """A 4/8-bit matrix's blocks and scales (read aside) -> the kernels' layout in the arena."""
         q, d = self.w.pop(name + ".qweight"), self.w.pop(name + ".scales", None)
         if q.ndim != 3 or d is None:
             raise FromageError(f"decoder.onnx: {name} is not a MatMulNBits weight the native decoder reads")
@@ -223,11 +225,16 @@ class NativeDecoder:
         dm = np.concatenate([d, m], axis=1)
         if not np.array_equal(dm.astype(np.float16).astype(np.float32), dm):
             raise FromageError(f"{name}: block scales are not fp16 values (re-export the bundle)")
-        # one record per column, [d | m | blocks], so that a column is one stretch of memory
-        records = self.arena.take(_records_bytes(q.shape)).reshape(n, -1)
-        records[:, :4 * nb] = dm.astype(np.float16).view(np.uint8)
-        records[:, 4 * nb:] = q.reshape(n, -1)
-        self._linears[name] = _Linear(NBITS, nb * BLOCK, n, nbytes * 8 // BLOCK, None, records.ctypes.data)
+        dm = np.ascontiguousarray(dm.astype(np.float16))
+        out = self.arena.take(_nbits_bytes(q.shape))
+        if nbytes == BLOCK // 2:  # 4-bit: panels of 16 columns
+            q = np.ascontiguousarray(q)
+            self.lib.fm_pack_q4(q.ctypes.data, dm.ctypes.data, nb * BLOCK, n, out.ctypes.data)
+        else:  # one record per column, [d | m | blocks], so that a column is one stretch of memory
+            records = out.reshape(n, -1)
+            records[:, :4 * nb] = dm.view(np.uint8)
+            records[:, 4 * nb:] = q.reshape(n, -1)
+        self._linears[name] = _Linear(NBITS, nb * BLOCK, n, nbytes * 8 // BLOCK, None, out.ctypes.data)
 
     def _linear(self, name: str) -> _Linear:
         if name in self._linears:

@@ -4,8 +4,8 @@
  * reads them into 64-byte-aligned buffers):
  * fp32 MatMul matrices (K, N) laid out in panels of 16 columns (fm_pack), or MatMulNBits' 4/8-bit
  * blocks with a scale and a minimum per block in fp16 (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit
- * bundle computes with exactly the weights of the fp32 one; the caller lays each column's scales and
- * blocks out as one record. The KV cache is the runtime's (1, kv, capacity, d) buffers, written in
+ * bundle computes with exactly the weights of the fp32 one; 4-bit ones laid out in panels of 16 columns
+ * too (fm_pack_q4), 8-bit ones as one record per column. The KV cache is the runtime's (1, kv, capacity, d) buffers, written in
  * place, the same layout the ONNX graph uses. */
 #ifndef FROMAGE_NATIVE_H
 #define FROMAGE_NATIVE_H
@@ -25,9 +25,10 @@ typedef struct {
     int32_t kind, K, N, bits;
     const float *w;       /* FM_F32: ceil(N / 16) panels of K x 16 floats, panel p holding columns
                            * 16p..16p+15 (zero-padded): fm_pack of the ONNX MatMul initializer (K, N) */
-    const uint8_t *q;     /* FM_NBITS: N records, one per column, each [d (K/32 fp16) | m (K/32 fp16) |
-                           * K/32 blocks of 32*bits/8 bytes of unsigned q, MatMulNBits' packing (4-bit:
-                           * element 2i in the low nibble)]; weight = d * q + m */
+    const uint8_t *q;     /* FM_NBITS, weight = d * q + m per block of 32 (q unsigned):
+                           * bits 4: fm_pack_q4's panels of 16 columns;
+                           * bits 8: N records, one per column, [d (K/32 fp16) | m (K/32 fp16) | K/32
+                           * blocks of 32 bytes of q] */
 } fm_linear;
 
 typedef struct {
@@ -47,8 +48,8 @@ typedef struct {
 } fm_model;
 
 /* The kernels are compiled once per instruction set and one copy is chosen when the library loads,
- * by what the CPU has: "avx512" (AVX-512 F/BW/VL/DQ with VNNI: 512-bit loads, vpdpwssd on the 16-bit
- * activations), "avx2" (AVX2 + FMA + F16C), else "portable" (plain C; the only copy off x86-64). The
+ * by what the CPU has: "avx512" (AVX-512 F/BW/VL/DQ with VNNI: 512-bit vectors, vpdpbusd's byte products
+ * for the 4-bit weights), "avx2" (AVX2 + FMA + F16C), else "portable" (plain C; the only copy off x86-64). The
  * environment variable FROMAGE_KERNELS=avx512|avx2|portable forces one.
  * fm_cpu_ok: 1 when the chosen copy can run here, 0 when FROMAGE_KERNELS names a copy this CPU cannot
  * run (or none this build has); then the library runs the best one it can, and fm_kernels names it. */
@@ -58,7 +59,7 @@ const char *fm_kernels(void);
 /* Switches to the named kernels ("auto" or NULL: the best this CPU runs) for the calls that follow
  * (not while another thread is inside fm_forward*). Returns 0, or -1 when this CPU or build cannot
  * run them (nothing changed). Results within one copy are deterministic; across copies they differ
- * by rounding (the 4/8-bit kernels of "portable" use fp32 activations, the others 16-bit ones). */
+ * by rounding. */
 int fm_set_kernels(const char *name);
 /* Feed T positions (embeds (T, hidden)) on a cache holding `past` positions of `capacity`;
  * k_cache[i], v_cache[i]: layer i's (n_kv, capacity, head_dim) buffers, appended in place.
@@ -83,6 +84,11 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
 /* dst (ceil(N / FM_PANEL) * FM_PANEL * K floats) = src (K, N) row-major, an ONNX MatMul initializer,
  * laid out as fm_linear.w. */
 void fm_pack(const float *src, int64_t K, int64_t N, float *dst);
+
+/* dst (ceil(N / FM_PANEL) * K/32 * 320 bytes, 64-byte aligned) = a 4-bit matrix laid out as fm_linear.q:
+ * q (N, K/32, 16) MatMulNBits' packing (element 2i of a block in the low nibble of byte i), dm (N, 2 K/32)
+ * each column's [d | m] in fp16. */
+void fm_pack_q4(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, uint8_t *dst);
 
 /* Sums a (n floats) with OpenMP's threads, each reading its share as `streams` side-by-side forward
  * streams (1, 2, 4 or 8): the reads that `fromage bench` measures the memory bandwidth roofline with.

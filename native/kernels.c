@@ -203,6 +203,14 @@ static void transpose_rows(const float *x, int B, int K, float *xt) {
     }
 }
 
+/* Panels per claimed chunk for a matrix of N columns of column_bytes each. */
+static int panel_chunk(size_t column_bytes, int N, int B) {
+    const int threads = omp_get_max_threads(), panels = (N + PANEL - 1) / PANEL, fair = panels / (4 * threads);
+    int chunk = (chunk_columns(column_bytes, N, threads) + PANEL / 2) / PANEL;
+    if (B == 1 && chunk < 8 && fair > chunk) chunk = fair < 8 ? fair : 8;  /* two panels per stream, 4 chunks a thread */
+    return chunk < 1 ? 1 : chunk;
+}
+
 static int f32_linear(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
     const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
     const float *xt = x;  /* one row is its own transpose */
@@ -212,34 +220,19 @@ static int f32_linear(const fm_linear *L, const float *x, int B, float *y, size_
         transpose_rows(x, B, K, t);
         xt = t;
     }
-    const int threads = omp_get_max_threads(), fair = panels / (4 * threads);
-    int chunk = (chunk_columns(sizeof(float) * K, N, threads) + PANEL / 2) / PANEL;
-    if (B == 1 && chunk < 8 && fair > chunk) chunk = fair < 8 ? fair : 8;  /* two panels per stream, 4 chunks a thread */
-    if (chunk < 1) chunk = 1;
+    const int chunk = panel_chunk(sizeof(float) * K, N, B);
     FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, f32_panels(L->w, K, N, p0, p1, xt, B, y, ldy, accumulate));
     return 0;
 }
 
-/* ---- 4/8-bit blocks (one record per column) ---------------------------------------------------- */
-/* Column n is one record: nb = K/32 scales d and minimums m (fp16), then nb blocks of 32 unsigned q
- * (MatMulNBits' packing: 4-bit two per byte, element 2i in the low nibble; 8-bit one per byte);
- * weight = d * q + m. So
- *     x . w_column = sum_b d * (x_b . q_b) + sum_b m * S_b,   S_b = the sum of x over block b,
- * the second sum being one short dot product per column. (d, m) in fp16 lose nothing for GGUF grids.
- * A column's scales sit next to its blocks, so that a column is one stretch of memory (with the
- * scales in an array of their own, a second stream, the same kernel was ~7-16 % slower).
- *
- * For x_b . q_b the AVX2 path rounds each block of x to int16 with its own scale sx_b (relative error
- * <= 2^-16 of the block's largest |x|: logits move by ~1e-5, not the ~3 % of int8 activations) and
- * multiplies with pmaddwd: 4x fewer instructions per weight than converting every weight to fp32. */
-
-static inline size_t record_bytes(const fm_linear *L) { return (size_t)L->K / FM_BLOCK * (4 + FM_BLOCK * L->bits / 8); }
-static inline const uint16_t *record_dm(const fm_linear *L, int n) {
-    return (const uint16_t *)(L->q + (size_t)n * record_bytes(L));
-}
-static inline const uint8_t *record_q(const fm_linear *L, int n) {
-    return L->q + (size_t)n * record_bytes(L) + (size_t)4 * (L->K / FM_BLOCK);
-}
+/* ---- 4/8-bit blocks ------------------------------------------------------------------------------ */
+/* Both store unsigned q per block of 32 weights with a scale d and a minimum m (fp16): weight = d * q
+ * + m (the GGUF grids: (d, m) in fp16 lose nothing). So for a column
+ *     x . w = sum_b d_b * (x_b . q_b) + sum_b m_b * S_b,   S_b = the sum of x over block b.
+ * x_b . q_b is taken in integers: each block of x is rounded to int16 with its own scale sx_b (relative
+ * error <= 2^-16 of the block's largest |x|: logits move by ~1e-5, not the ~3 % of int8 activations).
+ * 8-bit: one record per column, [d (nb) | m (nb) | nb blocks of 32 q], a column one stretch of memory,
+ * multiplied with pmaddwd. 4-bit: panels of 16 columns, as the fp32 matrices (below). */
 
 static inline float half_to_float(uint16_t h) {
 #ifdef FM_AVX2
@@ -253,31 +246,62 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
-static inline float block_value(const uint8_t *q, int i, int bits) {
-    return (float)(bits == 4 ? (i & 1 ? q[i / 2] >> 4 : q[i / 2] & 15) : q[i]);
-}
-
+/* Per block of x: S_b, sx_b and x16_b (rounded to nearest even). */
+static void nbits_prepare(const float *x, int K, float *sums, float *sx, int16_t *x16) {
+    for (int b = 0; b < K / FM_BLOCK; b++) {
+        const float *xb = x + (size_t)b * FM_BLOCK;
 #ifdef FM_AVX2
-/* A block's 32 q as two vectors of 16 int16 (4-bit: [16 even | 16 odd] elements, the nibbles). */
-static inline void block_unpack(const uint8_t *q, int bits, __m256i *lo, __m256i *hi) {
-    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
-    if (bits == 4) {
-        *lo = _mm256_and_si256(v, _mm256_set1_epi16(15)), *hi = _mm256_srli_epi16(v, 4);
-    } else {
-        *lo = v, *hi = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
+                     v3 = _mm256_loadu_ps(xb + 24);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        sums[b] = hsum(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
+        sx[b] = top / 32767.f;
+        const __m256 scale = _mm256_set1_ps(top > 0.f ? 32767.f / top : 0.f);
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, scale)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, scale));
+        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, scale)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, scale));
+        /* packs interleaves 128-bit halves; the permute puts the 16 values back in order */
+        _mm256_storeu_si256((__m256i *)(x16 + (size_t)b * FM_BLOCK), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
+        _mm256_storeu_si256((__m256i *)(x16 + (size_t)b * FM_BLOCK + 16),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8));
+#else
+        float top = 0.f, s = 0.f;
+        for (int i = 0; i < FM_BLOCK; i++) top = fabsf(xb[i]) > top ? fabsf(xb[i]) : top, s += xb[i];
+        sums[b] = s, sx[b] = top / 32767.f;
+        const float scale = top > 0.f ? 32767.f / top : 0.f;
+        for (int i = 0; i < FM_BLOCK; i++) x16[(size_t)b * FM_BLOCK + i] = (int16_t)lrintf(xb[i] * scale);
+#endif
     }
 }
 
-/* x16_b . q_b as 8 int32 lanes, for the unpacked block (lo, hi); x16 ordered as block_unpack's q. */
-static inline __m256i unpacked_dot(__m256i lo, __m256i hi, const int16_t *x16) {
-    const __m256i *xv = (const __m256i *)x16;
-    return _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xv)), _mm256_madd_epi16(hi, _mm256_loadu_si256(xv + 1)));
+/* Scratch for B rows of nbits_prepare: sums and sx (B, nb) each, then `bytes` per row, 64-byte aligned. */
+static float *nbits_scratch(int B, int K, size_t bytes, float **sx, uint8_t **rows) {
+    const size_t nb = (size_t)K / FM_BLOCK, scales = (2 * B * nb + 15) / 16 * 16;
+    float *sums = fm_scratch(0, scales + (B * bytes + 3) / 4);
+    if (sums) *sx = sums + B * nb, *rows = (uint8_t *)(sums + scales);
+    return sums;
 }
 
-static inline __m256i block_dot(const uint8_t *q, const int16_t *x16, int bits) {
-    __m256i lo, hi;
-    block_unpack(q, bits, &lo, &hi);
-    return unpacked_dot(lo, hi, x16);
+/* ---- 8-bit records -------------------------------------------------------------------------------- */
+static inline size_t record_bytes(const fm_linear *L) { return (size_t)L->K / FM_BLOCK * (4 + FM_BLOCK); }
+static inline const uint16_t *record_dm(const fm_linear *L, int n) {
+    return (const uint16_t *)(L->q + (size_t)n * record_bytes(L));
+}
+static inline const uint8_t *record_q(const fm_linear *L, int n) {
+    return L->q + (size_t)n * record_bytes(L) + (size_t)4 * (L->K / FM_BLOCK);
+}
+
+#ifdef FM_AVX2
+/* x16_b . q_b as 8 int32 lanes. */
+static inline __m256i block_dot(const uint8_t *q, const int16_t *x16) {
+    const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q)),
+                  hi = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
+    const __m256i *xv = (const __m256i *)x16;
+    return _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xv)), _mm256_madd_epi16(hi, _mm256_loadu_si256(xv + 1)));
 }
 
 /* For one column: scale[b] = d_b * sx_b, and the minimums' term sum_b m_b * S_b (8 blocks at a time). */
@@ -295,22 +319,21 @@ static inline float column_scales(const uint16_t *dm, int nb, const float *sx, c
     return mterm;
 }
 
-enum { NBITS_ROWS = 2 };  /* rows per pass over a chunk: the unpacked blocks need registers too */
+enum { Q8_ROWS = 2 };  /* rows per pass over a chunk: the loaded blocks need registers too */
 
 /* y[r][n] += x[r] . w_n for R rows (x16 (R, K), sx and sums (R, nb)) and columns n0..n1, four at a
- * time, one from each quarter of the range: the thread reads four forward streams, as f32_panels
- * does (one stream: ~20 % slower, two threads). Each block is unpacked once for all R rows; each row
- * sums in the one-row order. */
-static inline __attribute__((always_inline)) void nbits_columns(const fm_linear *L, int n0, int n1, const int16_t *x16,
-                                                                const float *sx, const float *sums, const int R,
-                                                                float *y, size_t ldy, const int bits) {
-    const int K = L->K, nb = K / FM_BLOCK, qb = FM_BLOCK * bits / 8, quarter = (n1 - n0) / 4;
-    float scale[NBITS_ROWS][4][nb];
+ * time, one from each quarter of the range: the thread reads four forward streams (one stream: ~20 %
+ * slower, two threads). Each row sums in the one-row order. */
+static inline __attribute__((always_inline)) void q8_columns(const fm_linear *L, int n0, int n1, const int16_t *x16,
+                                                             const float *sx, const float *sums, const int R,
+                                                             float *y, size_t ldy) {
+    const int K = L->K, nb = K / FM_BLOCK, quarter = (n1 - n0) / 4;
+    float scale[Q8_ROWS][4][nb];
     for (int i = 0; i < quarter; i++) {
         const int n[4] = {n0 + i, n0 + i + quarter, n0 + i + 2 * quarter, n0 + i + 3 * quarter};
         const uint8_t *col[4];
-        float m[NBITS_ROWS][4];
-        __m256 acc[NBITS_ROWS][4];
+        float m[Q8_ROWS][4];
+        __m256 acc[Q8_ROWS][4];
         for (int j = 0; j < 4; j++) {
             col[j] = record_q(L, n[j]);
             for (int r = 0; r < R; r++) {
@@ -319,13 +342,11 @@ static inline __attribute__((always_inline)) void nbits_columns(const fm_linear 
             }
         }
         for (int b = 0; b < nb; b++)
-            for (int j = 0; j < 4; j++) {
-                __m256i lo, hi;
-                block_unpack(col[j] + (size_t)b * qb, bits, &lo, &hi);
+            for (int j = 0; j < 4; j++)
                 for (int r = 0; r < R; r++)
-                    acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(unpacked_dot(lo, hi, x16 + (size_t)r * K + b * FM_BLOCK)),
+                    acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(col[j] + (size_t)b * FM_BLOCK,
+                                                                             x16 + (size_t)r * K + b * FM_BLOCK)),
                                                 _mm256_broadcast_ss(scale[r][j] + b), acc[r][j]);
-            }
         for (int r = 0; r < R; r++)
             for (int j = 0; j < 4; j++) y[r * ldy + n[j]] += hsum(acc[r][j]) + m[r][j];
     }
@@ -336,285 +357,315 @@ static inline __attribute__((always_inline)) void nbits_columns(const fm_linear 
             const float mr = column_scales(record_dm(L, n), nb, sx + (size_t)r * nb, sums + (size_t)r * nb, scale[0][0]);
             __m256 acc = _mm256_setzero_ps();
             for (int b = 0; b < nb; b++)
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(col + (size_t)b * qb, xr + (size_t)b * FM_BLOCK, bits)),
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(col + (size_t)b * FM_BLOCK, xr + (size_t)b * FM_BLOCK)),
                                       _mm256_broadcast_ss(scale[0][0] + b), acc);
             y[r * ldy + n] += hsum(acc) + mr;
         }
     }
 }
-
-/* Per block: S_b, sx_b and x16_b (4-bit: de-interleaved to [even | odd]); rounding to nearest even. */
-static void nbits_prepare(const float *x, int K, int bits, float *sums, float *sx, int16_t *x16) {
-    const __m256 sign = _mm256_set1_ps(-0.f);
-    for (int b = 0; b < K / FM_BLOCK; b++) {
-        const float *xb = x + (size_t)b * FM_BLOCK;
-        const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
-                     v3 = _mm256_loadu_ps(xb + 24);
-        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                  _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        const float top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-        sums[b] = hsum(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
-        sx[b] = top / 32767.f;
-        const __m256 scale = _mm256_set1_ps(top > 0.f ? 32767.f / top : 0.f);
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, scale)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, scale));
-        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, scale)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, scale));
-        if (bits == 4) { /* (i0, i1) -> even elements 0..14 and odd 1..15 of the block; (i2, i3) -> 16..31 */
-#define PICK(a, b, imm) _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps( \
-            _mm256_castsi256_ps(a), _mm256_castsi256_ps(b), imm)), 0xD8)
-            const __m256i e01 = PICK(i0, i1, 0x88), o01 = PICK(i0, i1, 0xDD), e23 = PICK(i2, i3, 0x88),
-                          o23 = PICK(i2, i3, 0xDD);
-#undef PICK
-            i0 = e01, i1 = e23, i2 = o01, i3 = o23;
-        }
-        /* packs interleaves 128-bit halves; the permute puts the 16 values back in order */
-        _mm256_storeu_si256((__m256i *)(x16 + (size_t)b * FM_BLOCK), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
-        _mm256_storeu_si256((__m256i *)(x16 + (size_t)b * FM_BLOCK + 16),
-                            _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8));
-    }
-}
 #endif
 
-#ifdef FM_AVX512
-/* 4-bit with VNNI's byte products (vpdpbusd: unsigned bytes times signed bytes, four to an int32).
- * Each int16 activation is split exactly as x = 256 h + l (h = x >> 8 signed, l = x & 255 unsigned),
- * so that x . q = 256 (q . h) + (l . q) with the nibbles q (0..15) as the unsigned operand against h
- * and as the signed one against l: the same int32 sums as pmaddwd's, in 4 byte-product instructions
- * per 64 weights instead of 4 pmaddwd + 2 adds, and no widening of the nibbles to int16 (Zen 4, one
- * thread: ~6-7 % faster than the AVX2 kernel on the default model's matrices; vpdpwssd in place of
- * pmaddwd + add measured no faster there, and 512-bit vectors of two blocks slower, so 8-bit blocks
- * keep the AVX2 kernel).
- * A pair of blocks (A, B: 32 bytes of q) is one vector; its int32 lanes are A's 4 then B's 4, scaled
- * by [s_A x 4 | s_B x 4]. The activations of a pair, 128 bytes: [h of A even | h of B even], the same
- * for the odd elements, then the l's (a last odd block: 16-byte parts, A's only). */
-enum { NBITS_ROWS_VNNI = 4 };  /* rows per pass (the AVX-512 registers hold 4 x 4 accumulators) */
-
-static void pairs_to_bytes(int16_t *x16, int K) {
-    const int nb = K / FM_BLOCK;
-    const __m512i lowbyte = _mm512_set1_epi16(255);
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        int16_t *p = x16 + (size_t)b * FM_BLOCK;  /* [A even | A odd | B even | B odd], 16 int16 each */
-        const __m512i a = _mm512_loadu_si512(p), c = _mm512_loadu_si512(p + 32);
-        const __m512i ev = _mm512_shuffle_i64x2(a, c, 0x44), od = _mm512_shuffle_i64x2(a, c, 0xEE);
-        __m256i *out = (__m256i *)p;
-        _mm256_storeu_si256(out, _mm512_cvtepi16_epi8(_mm512_srai_epi16(ev, 8)));
-        _mm256_storeu_si256(out + 1, _mm512_cvtepi16_epi8(_mm512_srai_epi16(od, 8)));
-        _mm256_storeu_si256(out + 2, _mm512_cvtepi16_epi8(_mm512_and_si512(ev, lowbyte)));
-        _mm256_storeu_si256(out + 3, _mm512_cvtepi16_epi8(_mm512_and_si512(od, lowbyte)));
-    }
-    if (b < nb) {
-        int16_t *p = x16 + (size_t)b * FM_BLOCK;
-        const __m256i ev = _mm256_loadu_si256((const __m256i *)p), od = _mm256_loadu_si256((const __m256i *)(p + 16));
-        __m128i *out = (__m128i *)p;
-        _mm_storeu_si128(out, _mm256_cvtepi16_epi8(_mm256_srai_epi16(ev, 8)));
-        _mm_storeu_si128(out + 1, _mm256_cvtepi16_epi8(_mm256_srai_epi16(od, 8)));
-        _mm_storeu_si128(out + 2, _mm256_cvtepi16_epi8(_mm256_and_si256(ev, _mm256_set1_epi16(255))));
-        _mm_storeu_si128(out + 3, _mm256_cvtepi16_epi8(_mm256_and_si256(od, _mm256_set1_epi16(255))));
-    }
-}
-
-/* For one column and row: pair p's scales [s_2p x 4 | s_2p+1 x 4] at scale + 8 p (a last odd block's
- * [s x 4 | 0 x 4]), s_b = d_b * sx_b; returns the minimums' term sum_b m_b * S_b. */
-static inline float column_pair_scales(const uint16_t *dm, int nb, const float *sx, const float *sums, float *scale) {
-    __m256 macc = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        const __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b))), _mm256_loadu_ps(sx + b));
-        macc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + nb + b))), _mm256_loadu_ps(sums + b), macc);
-        for (int j = 0; j < 4; j++)
-            _mm256_store_ps(scale + (size_t)(b + 2 * j) * 4,
-                            _mm256_permutevar8x32_ps(s, _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1, 2 * j + 1,
-                                                                          2 * j + 1, 2 * j + 1)));
-    }
-    float mterm = hsum(macc);
-    for (; b < nb; b += 2) {
-        const float sa = _cvtsh_ss(dm[b]) * sx[b], sb = b + 1 < nb ? _cvtsh_ss(dm[b + 1]) * sx[b + 1] : 0.f;
-        mterm += _cvtsh_ss(dm[nb + b]) * sums[b];
-        if (b + 1 < nb) mterm += _cvtsh_ss(dm[nb + b + 1]) * sums[b + 1];
-        _mm256_store_ps(scale + (size_t)b * 4, _mm256_set_m128(_mm_set1_ps(sb), _mm_set1_ps(sa)));
-    }
-    return mterm;
-}
-
-/* As nbits_columns for 4-bit, with the byte products: y[r][n] += x[r] . w_n, x8 (R rows of 2 K bytes,
- * pairs_to_bytes' layout); four columns at a time from the range's quarters, each row in the one-row order. */
-static inline __attribute__((always_inline)) void nbits4_columns_vnni(const fm_linear *L, int n0, int n1, const uint8_t *x8,
-                                                                      const float *sx, const float *sums, const int R,
-                                                                      float *y, size_t ldy) {
-    const int K = L->K, nb = K / FM_BLOCK, pairs = nb / 2, quarter = (n1 - n0) / 4, per = (nb + 1) / 2 * 8;
-    float scale[NBITS_ROWS_VNNI][4][per] __attribute__((aligned(32)));
-    const __m256i low = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
-    for (int i = 0; i < quarter + (n1 - n0) % 4; i++) {
-        const int cols = i < quarter ? 4 : 1;  /* the range's last (n1 - n0) % 4 columns: one at a time */
-        const int n[4] = {i < quarter ? n0 + i : n0 + 4 * quarter + (i - quarter), n0 + i + quarter, n0 + i + 2 * quarter,
-                          n0 + i + 3 * quarter};
-        const uint8_t *col[4];
-        float m[NBITS_ROWS_VNNI][4];
-        __m256 acc[NBITS_ROWS_VNNI][4];
-        for (int j = 0; j < cols; j++) {
-            col[j] = record_q(L, n[j]);
-            for (int r = 0; r < R; r++) {
-                m[r][j] = column_pair_scales(record_dm(L, n[j]), nb, sx + (size_t)r * nb, sums + (size_t)r * nb, scale[r][j]);
-                acc[r][j] = _mm256_setzero_ps();
-            }
-        }
-#define PAIRS(C)                                                                                                       \
-    for (int p = 0; p < pairs; p++)                                                                                    \
-        for (int j = 0; j < C; j++) {                                                                                  \
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(col[j] + (size_t)p * 32));                          \
-            const __m256i lo = _mm256_and_si256(q, low), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);          \
-            for (int r = 0; r < R; r++) {                                                                              \
-                const __m256i *xp = (const __m256i *)(x8 + (size_t)r * 2 * K + (size_t)p * 128);                       \
-                const __m256i h = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, lo, _mm256_loadu_si256(xp)), hi,      \
-                                                      _mm256_loadu_si256(xp + 1));                                     \
-                const __m256i l = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, _mm256_loadu_si256(xp + 2), lo),      \
-                                                      _mm256_loadu_si256(xp + 3), hi);                                 \
-                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(h, 8), l)),          \
-                                            _mm256_load_ps(scale[r][j] + p * 8), acc[r][j]);                           \
-            }                                                                                                          \
-        }                                                                                                              \
-    if (nb % 2)                                                                                                        \
-        for (int j = 0; j < C; j++) {                                                                                  \
-            const __m128i q = _mm_loadu_si128((const __m128i *)(col[j] + (size_t)pairs * 32));                         \
-            const __m128i lo = _mm_and_si128(q, _mm256_castsi256_si128(low)),                                          \
-                          hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm256_castsi256_si128(low));                       \
-            for (int r = 0; r < R; r++) {                                                                              \
-                const __m128i *xp = (const __m128i *)(x8 + (size_t)r * 2 * K + (size_t)pairs * 128);                   \
-                const __m128i z = _mm_setzero_si128();                                                                 \
-                const __m128i h = _mm_dpbusd_epi32(_mm_dpbusd_epi32(z, lo, _mm_loadu_si128(xp)), hi, _mm_loadu_si128(xp + 1)); \
-                const __m128i l = _mm_dpbusd_epi32(_mm_dpbusd_epi32(z, _mm_loadu_si128(xp + 2), lo), _mm_loadu_si128(xp + 3), hi); \
-                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_zextsi128_si256(_mm_add_epi32(_mm_slli_epi32(h, 8), l))), \
-                                            _mm256_load_ps(scale[r][j] + pairs * 8), acc[r][j]);                       \
-            }                                                                                                          \
-        }
-        if (cols == 4) {
-            PAIRS(4)
-        } else {
-            PAIRS(1)
-        }
-#undef PAIRS
-        for (int r = 0; r < R; r++)
-            for (int j = 0; j < cols; j++) y[r * ldy + n[j]] += hsum(acc[r][j]) + m[r][j];
-    }
-}
-#endif
-
-/* B tokens, each as a one-token step: the columns in claimed chunks, as f32_linear; x (B, K), per row
- * x16 (B, K), sx and sums (B, nb). */
-static void nbits_chunk(const fm_linear *L, int n0, int n1, const float *x, int B, const int16_t *x16, const float *sx,
-                        const float *sums, float *y, size_t ldy, int accumulate) {
+/* B tokens, each as a one-token step: the columns in claimed chunks, as f32_linear. */
+static void q8_chunk(const fm_linear *L, int n0, int n1, int B, const int16_t *x16, const float *sx,
+                     const float *sums, float *y, size_t ldy, int accumulate) {
     const int K = L->K, nb = K / FM_BLOCK;
     if (!accumulate)
         for (int r = 0; r < B; r++) memset(y + r * ldy + n0, 0, sizeof(float) * (n1 - n0));
-#ifdef FM_AVX512
-    if (L->bits == 4) {
-        (void)x;
-        int r = 0;
-#define VNNI_ROWS(R) nbits4_columns_vnni(L, n0, n1, (const uint8_t *)(x16 + (size_t)r * K), sx + (size_t)r * nb, \
-                                         sums + (size_t)r * nb, R, y + r * ldy, ldy)
-        for (; r + NBITS_ROWS_VNNI <= B; r += NBITS_ROWS_VNNI) VNNI_ROWS(NBITS_ROWS_VNNI);
-        if (B - r == 3) VNNI_ROWS(3);
-        if (B - r == 2) VNNI_ROWS(2);
-        if (B - r == 1) VNNI_ROWS(1);
-#undef VNNI_ROWS
-        return;
-    }
-#endif
 #ifdef FM_AVX2
-    (void)x;
     int r = 0;
-#define ROWS(R)                                                                                                  \
-    (L->bits == 4 ? nbits_columns(L, n0, n1, x16 + (size_t)r * K, sx + (size_t)r * nb, sums + (size_t)r * nb, R, \
-                                  y + r * ldy, ldy, 4)                                                           \
-                  : nbits_columns(L, n0, n1, x16 + (size_t)r * K, sx + (size_t)r * nb, sums + (size_t)r * nb, R, \
-                                  y + r * ldy, ldy, 8))
-    for (; r + NBITS_ROWS <= B; r += NBITS_ROWS) ROWS(NBITS_ROWS);
-    for (; r < B; r++) ROWS(1);
-#undef ROWS
+    for (; r + Q8_ROWS <= B; r += Q8_ROWS)
+        q8_columns(L, n0, n1, x16 + (size_t)r * K, sx + (size_t)r * nb, sums + (size_t)r * nb, Q8_ROWS, y + r * ldy, ldy);
+    for (; r < B; r++)
+        q8_columns(L, n0, n1, x16 + (size_t)r * K, sx + (size_t)r * nb, sums + (size_t)r * nb, 1, y + r * ldy, ldy);
 #else
-    (void)x16, (void)sx;
-    const int qb = FM_BLOCK * L->bits / 8;
     for (int r = 0; r < B; r++)
-        for (int n = n0; n < n1; n++)  /* portable path: fp32 products */
+        for (int n = n0; n < n1; n++) {
+            const uint16_t *dm = record_dm(L, n);
+            float acc = 0.f;
             for (int b = 0; b < nb; b++) {
-                const uint8_t *q = record_q(L, n) + (size_t)b * qb;
-                const uint16_t *dm = record_dm(L, n);
-                const float *xb = x + (size_t)r * K + (size_t)b * FM_BLOCK;
-                float p = 0.f;
-                for (int i = 0; i < FM_BLOCK; i++) p += block_value(q, i, L->bits) * xb[i];
-                y[r * ldy + n] += half_to_float(dm[b]) * p + half_to_float(dm[nb + b]) * sums[(size_t)r * nb + b];
+                const uint8_t *q = record_q(L, n) + (size_t)b * FM_BLOCK;
+                const int16_t *xb = x16 + (size_t)r * K + (size_t)b * FM_BLOCK;
+                int32_t dot = 0;
+                for (int i = 0; i < FM_BLOCK; i++) dot += (int32_t)q[i] * xb[i];
+                acc += half_to_float(dm[b]) * sx[(size_t)r * nb + b] * (float)dot + half_to_float(dm[nb + b]) * sums[(size_t)r * nb + b];
             }
+            y[r * ldy + n] += acc;
+        }
 #endif
 }
 
-static int nbits_gemv(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
+static int q8_gemv(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
     const int K = L->K, N = L->N, nb = K / FM_BLOCK, chunk = chunk_columns(record_bytes(L), N, omp_get_max_threads());
-    const size_t scales = ((size_t)2 * B * nb + 15) / 16 * 16;  /* sums, sx; then x16 64-byte aligned */
-    float *sums = fm_scratch(0, scales + (size_t)B * K / 2);
+    float *sx;
+    uint8_t *rows;
+    float *sums = nbits_scratch(B, K, (size_t)2 * K, &sx, &rows);
     if (!sums) return -2;
-    float *sx = sums + (size_t)B * nb;
-    int16_t *x16 = (int16_t *)(sums + scales);
-    for (int r = 0; r < B; r++) {
-        const float *xr = x + (size_t)r * K;
-#ifdef FM_AVX2
-        nbits_prepare(xr, K, L->bits, sums + (size_t)r * nb, sx + (size_t)r * nb, x16 + (size_t)r * K);
-#ifdef FM_AVX512
-        if (L->bits == 4) pairs_to_bytes(x16 + (size_t)r * K, K);
-#endif
-#else
-        for (int b = 0; b < nb; b++) {
-            float *s = sums + (size_t)r * nb + b;
-            *s = 0.f;
-            for (int i = 0; i < FM_BLOCK; i++) *s += xr[(size_t)b * FM_BLOCK + i];
-        }
-#endif
-    }
-    FOR_CLAIMED_CHUNKS(N, chunk, n0, n1, nbits_chunk(L, n0, n1, x, B, x16, sx, sums, y, ldy, accumulate));
+    const int16_t *x16 = (const int16_t *)rows;
+    for (int r = 0; r < B; r++)
+        nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb, (int16_t *)x16 + (size_t)r * K);
+    FOR_CLAIMED_CHUNKS(N, chunk, n0, n1, q8_chunk(L, n0, n1, B, x16, sx, sums, y, ldy, accumulate));
     return 0;
 }
 
-/* w[0..32) = d * q + m for one block, in element order. */
-static inline void dequantize_block(const uint8_t *q, float d, float m, int bits, float *w) {
-#ifdef FM_AVX2
-    __m128i lo, hi;  /* the block's 32 values as bytes, in order */
-    if (bits == 4) {
-        const __m128i raw = _mm_loadu_si128((const __m128i *)q), low = _mm_set1_epi8(15);
-        const __m128i a = _mm_and_si128(raw, low), b = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-        lo = _mm_unpacklo_epi8(a, b), hi = _mm_unpackhi_epi8(a, b);
-    } else {
-        lo = _mm_loadu_si128((const __m128i *)q), hi = _mm_loadu_si128((const __m128i *)(q + 16));
-    }
-    const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
-    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int i = 0; i < 4; i++)
-        _mm256_storeu_ps(w + 8 * i, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), vm));
+/* ---- 4-bit panels --------------------------------------------------------------------------------- */
+/* fm_pack_q4 lays a 4-bit matrix out in panels of 16 columns: panel p is nb records of Q4_RECORD
+ * bytes, record b = [d (16 fp16) | m (16 fp16) | 4 vectors of 64 bytes], where in vector v the 4 bytes
+ * of lane i belong to column 16p + i, byte j holding q[32b + 4v + j] in its low nibble and q[32b + 16
+ * + 4v + j] in its high one. A vector's nibbles are then 4 k of 16 columns: the operand of VNNI's
+ * vpdpbusd (each int32 lane sums 4 byte products) against 4 activation bytes broadcast, so the 16
+ * columns' sums build up in lanes (no horizontal sums) and a block's x16 . q is an exact int32. The
+ * activations are split exactly as x16 = 256 h + l (h = x16 >> 8 signed, l = x16 & 255 unsigned):
+ * x16 . q = 256 (q . h) + (l . q), the nibbles the unsigned operand against h and the signed one
+ * against l. Per row and block: acc = fma(float(x16 . q), d sx_b, acc), then acc = fma(m, S_b, acc),
+ * so a row's result does not depend on the other rows of the call. AVX2 has no vpdpbusd: pmaddubsw
+ * (pairs of byte products, no saturation for nibbles) and pmaddwd by ones give the same int32s. */
+enum { Q4_RECORD = 4 * PANEL + PANEL * FM_BLOCK / 2 };
+
+#if defined(FM_AVX512)
+#define Q4_HALVES 1  /* vectors per 16 columns */
+#define Q4_ROWS 6     /* 18 accumulators, a panel's unpacked weights and broadcasts: no spills */
+#define Q4_PREFETCH 2048
+typedef __m512i q4_ints;
+typedef __m512 q4_floats;
+static inline q4_ints q4_load(const uint8_t *p) { return _mm512_load_si512(p); }
+static inline q4_ints q4_low(q4_ints v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
+static inline q4_ints q4_high(q4_ints v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15)); }
+static inline q4_ints q4_dot(q4_ints acc, q4_ints u, q4_ints s) { return _mm512_dpbusd_epi32(acc, u, s); }
+static inline q4_ints q4_bytes4(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+static inline q4_ints q4_zero(void) { return _mm512_setzero_si512(); }
+static inline q4_floats q4_int_sum(q4_ints h, q4_ints l) {
+    return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h, 8), l));
+}
+static inline q4_floats q4_halfs(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)p)); }
+static inline q4_floats q4_fma(q4_floats a, q4_floats b, q4_floats c) { return _mm512_fmadd_ps(a, b, c); }
+static inline q4_floats q4_mul1(q4_floats a, float b) { return _mm512_mul_ps(a, _mm512_set1_ps(b)); }
+static inline q4_floats q4_fma1(q4_floats a, float b, q4_floats c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(b), c); }
+static inline q4_floats q4_fzero(void) { return _mm512_setzero_ps(); }
+static inline q4_floats q4_nibble_floats(q4_ints v, int shift) {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(15)));
+}
+static inline void q4_store(float *p, q4_floats v) { _mm512_storeu_ps(p, v); }
+#elif defined(FM_AVX2)
+#define Q4_HALVES 2
+#define Q4_ROWS 2
+typedef __m256i q4_ints;
+typedef __m256 q4_floats;
+static inline q4_ints q4_load(const uint8_t *p) { return _mm256_load_si256((const __m256i *)p); }
+static inline q4_ints q4_low(q4_ints v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
+static inline q4_ints q4_high(q4_ints v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15)); }
+static inline q4_ints q4_dot(q4_ints acc, q4_ints u, q4_ints s) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+static inline q4_ints q4_bytes4(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+static inline q4_ints q4_zero(void) { return _mm256_setzero_si256(); }
+static inline q4_floats q4_int_sum(q4_ints h, q4_ints l) {
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(h, 8), l));
+}
+static inline q4_floats q4_halfs(const uint16_t *p) { return _mm256_cvtph_ps(_mm_load_si128((const __m128i *)p)); }
+static inline q4_floats q4_fma(q4_floats a, q4_floats b, q4_floats c) { return _mm256_fmadd_ps(a, b, c); }
+static inline q4_floats q4_mul1(q4_floats a, float b) { return _mm256_mul_ps(a, _mm256_set1_ps(b)); }
+static inline q4_floats q4_fma1(q4_floats a, float b, q4_floats c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(b), c); }
+static inline q4_floats q4_fzero(void) { return _mm256_setzero_ps(); }
+static inline q4_floats q4_nibble_floats(q4_ints v, int shift) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(15)));
+}
+static inline void q4_store(float *p, q4_floats v) { _mm256_storeu_ps(p, v); }
 #else
-    for (int i = 0; i < FM_BLOCK; i++) w[i] = d * block_value(q, i, bits) + m;
+#define Q4_ROWS 4
+#endif
+#ifndef Q4_PREFETCH
+#define Q4_PREFETCH 0
+#endif
+#ifdef Q4_HALVES
+enum { Q4_LANES = PANEL / Q4_HALVES };
+#endif
+
+static inline const uint8_t *q4_panel(const fm_linear *L, int p) {
+    return L->q + (size_t)p * (L->K / FM_BLOCK) * Q4_RECORD;
+}
+
+/* y[r][16 p_j + i] (+)= x[r] . w_{16 p_j + i} for r < R and the NP panels p_j = p + j * step (columns past N
+ * are not written); x8 row r: [h (K bytes) | l (K bytes)], sx and sums (R, nb). */
+static inline __attribute__((always_inline)) void q4_tile(const fm_linear *L, int p, int step, const int NP,
+                                                          const uint8_t *x8, const float *sx, const float *sums,
+                                                          const int R, float *y, size_t ldy, int accumulate) {
+    const int K = L->K, nb = K / FM_BLOCK;
+    const uint8_t *w[4];
+    for (int j = 0; j < NP; j++) w[j] = q4_panel(L, p + j * step);
+#ifdef Q4_HALVES
+    enum { MAX_ROWS = Q4_ROWS > 1 ? Q4_ROWS : 1, MAX_VECS = 4 * Q4_HALVES };
+    q4_floats acc[MAX_ROWS][MAX_VECS];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NP * Q4_HALVES; j++) acc[r][j] = q4_fzero();
+    for (int b = 0; b < nb; b++) {
+        q4_ints h[MAX_ROWS][MAX_VECS], l[MAX_ROWS][MAX_VECS];
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < NP * Q4_HALVES; j++) h[r][j] = l[r][j] = q4_zero();
+        for (int v = 0; v < 4; v++)
+            for (int j = 0; j < NP * Q4_HALVES; j++) {
+                if (Q4_PREFETCH && R > 1 && j % Q4_HALVES == 0)
+                    _mm_prefetch((const char *)(w[j / Q4_HALVES] + (size_t)b * Q4_RECORD + 64 * v + Q4_PREFETCH), _MM_HINT_T0);
+                const q4_ints raw = q4_load(w[j / Q4_HALVES] + (size_t)b * Q4_RECORD + 4 * PANEL + 64 * v + 32 * (j % Q4_HALVES));
+                const q4_ints lo = q4_low(raw), hi = q4_high(raw);
+                for (int r = 0; r < R; r++) {
+                    const uint8_t *xh = x8 + (size_t)r * 2 * K + (size_t)b * FM_BLOCK + 4 * v, *xl = xh + K;
+                    h[r][j] = q4_dot(q4_dot(h[r][j], lo, q4_bytes4(xh)), hi, q4_bytes4(xh + 16));
+                    l[r][j] = q4_dot(q4_dot(l[r][j], q4_bytes4(xl), lo), q4_bytes4(xl + 16), hi);
+                }
+            }
+        for (int j = 0; j < NP * Q4_HALVES; j++) {
+            const uint16_t *dm = (const uint16_t *)(w[j / Q4_HALVES] + (size_t)b * Q4_RECORD) + Q4_LANES * (j % Q4_HALVES);
+            const q4_floats d = q4_halfs(dm), m = q4_halfs(dm + PANEL);
+            for (int r = 0; r < R; r++) {
+                acc[r][j] = q4_fma(q4_int_sum(h[r][j], l[r][j]), q4_mul1(d, sx[(size_t)r * nb + b]), acc[r][j]);
+                acc[r][j] = q4_fma1(m, sums[(size_t)r * nb + b], acc[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NP; j++) {
+            const int n0 = (p + j * step) * PANEL;
+            float *yr = y + r * ldy + n0, out[PANEL];
+            for (int c = 0; c < Q4_HALVES; c++) q4_store(out + c * Q4_LANES, acc[r][j * Q4_HALVES + c]);
+            for (int i = 0; i < PANEL && n0 + i < L->N; i++) yr[i] = accumulate ? yr[i] + out[i] : out[i];
+        }
+#else
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NP; j++) {
+            const int n0 = (p + j * step) * PANEL;
+            for (int i = 0; i < PANEL && n0 + i < L->N; i++) {
+                float acc = 0.f;
+                for (int b = 0; b < nb; b++) {
+                    const uint8_t *rec = w[j] + (size_t)b * Q4_RECORD, *xh = x8 + (size_t)r * 2 * K + (size_t)b * FM_BLOCK;
+                    const uint16_t *dm = (const uint16_t *)rec;
+                    int32_t dot = 0;
+                    for (int k = 0; k < FM_BLOCK; k++) {
+                        const uint8_t byte = rec[4 * PANEL + 64 * (k % 16 / 4) + 4 * i + k % 4];
+                        dot += (k < 16 ? byte & 15 : byte >> 4) * (256 * (int8_t)xh[k] + xh[K + k]);
+                    }
+                    acc = fmaf((float)dot, half_to_float(dm[i]) * sx[(size_t)r * nb + b], acc);
+                    acc = fmaf(half_to_float(dm[PANEL + i]), sums[(size_t)r * nb + b], acc);
+                }
+                y[r * ldy + n0 + i] = accumulate ? y[r * ldy + n0 + i] + acc : acc;
+            }
+        }
 #endif
 }
 
-/* Columns n0..n0+width (at most PANEL) of a 4/8-bit L as an fp32 panel: dequantized 8 columns at a
- * time and their blocks transposed (storing each value on its own was ~1/3 of an int4 prefill). */
-static void fill_panel(const fm_linear *L, int n0, int width, float *panel) {
-    const int K = L->K, nb = K / FM_BLOCK, qb = FM_BLOCK * L->bits / 8;
-    for (int j = 0; j < width; j += 8) {
-        const int cols = width - j < 8 ? width - j : 8;
-        for (int b = 0; b < nb; b++) {
-            float w[8][FM_BLOCK];
-            for (int c = 0; c < cols; c++) {
-                const uint16_t *dm = record_dm(L, n0 + j + c);
-                dequantize_block(record_q(L, n0 + j + c) + (size_t)b * qb, half_to_float(dm[b]),
-                                 half_to_float(dm[nb + b]), L->bits, w[c]);
-            }
-            transpose_tile(w[0], FM_BLOCK, cols, FM_BLOCK, panel + (size_t)b * FM_BLOCK * PANEL + j, PANEL);
+/* The panels p0..p1 for B rows. One row: four panels at a time from the range's quarters (four forward
+ * streams, as f32_panels); several: Q4_ROWS rows at a time meet each unpacked weight vector. */
+static void q4_panels(const fm_linear *L, int p0, int p1, const uint8_t *x8, const float *sx, const float *sums,
+                      int B, float *y, size_t ldy, int accumulate) {
+    const int K = L->K, nb = K / FM_BLOCK;
+    int p = p0;
+    if (B == 1) {
+#if !defined(FM_AVX2) || defined(FM_AVX512)
+        const int q = (p1 - p0) / 4;
+        for (; p < p0 + q; p++) q4_tile(L, p, q, 4, x8, sx, sums, 1, y, ldy, accumulate);
+        switch (p1 - (p = p0 + 4 * q)) {  /* the rest side by side too */
+            case 3: q4_tile(L, p, 1, 3, x8, sx, sums, 1, y, ldy, accumulate); break;
+            case 2: q4_tile(L, p, 1, 2, x8, sx, sums, 1, y, ldy, accumulate); break;
+            case 1: q4_tile(L, p, 0, 1, x8, sx, sums, 1, y, ldy, accumulate); break;
         }
+#else
+        for (; p < p1; p++) q4_tile(L, p, 0, 1, x8, sx, sums, 1, y, ldy, accumulate);
+#endif
+        return;
+    }
+    for (p = p0; p < p1; p++) {
+        int r = 0;
+#define TILE(R) q4_tile(L, p, 0, 1, x8 + (size_t)r * 2 * K, sx + (size_t)r * nb, sums + (size_t)r * nb, R, \
+                        y + r * ldy, ldy, accumulate)
+        for (; r + Q4_ROWS <= B; r += Q4_ROWS) TILE(Q4_ROWS);
+        switch (B - r) {  /* a constant row count each, so the accumulators stay in registers */
+#if Q4_ROWS > 5
+            case 5: TILE(5); break;
+#endif
+#if Q4_ROWS > 4
+            case 4: TILE(4); break;
+#endif
+#if Q4_ROWS > 3
+            case 3: TILE(3); break;
+#endif
+#if Q4_ROWS > 2
+            case 2: TILE(2); break;
+#endif
+            case 1: TILE(1); break;
+        }
+#undef TILE
     }
 }
 
-/* Several tokens of a 4/8-bit matrix: each thread takes panels of 16 columns, dequantizes one
- * (fill_panel) and runs the fp32 tiles over it. */
+/* x16 (K) -> [h (K) | l (K)] bytes: x16 = 256 h + l. */
+static void split_bytes(const int16_t *x16, int K, uint8_t *x8) {
+    int k = 0;
+#ifdef FM_AVX2
+    for (; k + 16 <= K; k += 16) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(x16 + k));
+        const __m256i h = _mm256_srai_epi16(v, 8), l = _mm256_and_si256(v, _mm256_set1_epi16(255));
+        _mm_storeu_si128((__m128i *)(x8 + k), _mm_packs_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+        _mm_storeu_si128((__m128i *)(x8 + K + k), _mm_packus_epi16(_mm256_castsi256_si128(l), _mm256_extracti128_si256(l, 1)));
+    }
+#endif
+    for (; k < K; k++) x8[k] = (uint8_t)(int8_t)(x16[k] >> 8), x8[K + k] = (uint8_t)(x16[k] & 255);
+}
+
+static int q4_gemv(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
+    const int K = L->K, nb = K / FM_BLOCK, panels = (L->N + PANEL - 1) / PANEL;
+    float *sx;
+    uint8_t *x8;
+    float *sums = nbits_scratch(B, K, (size_t)4 * K, &sx, &x8);  /* per row: x16, then its bytes */
+    if (!sums) return -2;
+    for (int r = 0; r < B; r++) {
+        int16_t *x16 = (int16_t *)(x8 + (size_t)B * 2 * K) + (size_t)r * K;
+        nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb, x16);
+        split_bytes(x16, K, x8 + (size_t)r * 2 * K);
+    }
+    const int chunk = panel_chunk((size_t)nb * Q4_RECORD / PANEL, L->N, B);
+    FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q4_panels(L, p0, p1, x8, sx, sums, B, y, ldy, accumulate));
+    return 0;
+}
+
+/* ---- several tokens of a 4/8-bit matrix ----------------------------------------------------------- */
+/* Each thread takes panels of 16 columns, dequantizes one to fp32 (fill_panel) and runs the fp32 tiles
+ * over it. */
+static void fill_panel(const fm_linear *L, int p, float *panel) {
+    const int K = L->K, nb = K / FM_BLOCK, n0 = p * PANEL, width = L->N - n0 < PANEL ? L->N - n0 : PANEL;
+    if (L->bits == 4) {
+        const uint8_t *rec = q4_panel(L, p);
+        for (int b = 0; b < nb; b++, rec += Q4_RECORD) {
+            const uint16_t *dm = (const uint16_t *)rec;
+            float *out = panel + (size_t)b * FM_BLOCK * PANEL;
+#ifdef Q4_HALVES
+            for (int c = 0; c < Q4_HALVES; c++) {
+                const q4_floats d = q4_halfs(dm + c * Q4_LANES), m = q4_halfs(dm + PANEL + c * Q4_LANES);
+                for (int v = 0; v < 4; v++) {
+                    const q4_ints raw = q4_load(rec + 4 * PANEL + 64 * v + 32 * c);
+                    for (int j = 0; j < 4; j++) {
+                        q4_store(out + (4 * v + j) * PANEL + c * Q4_LANES, q4_fma(d, q4_nibble_floats(raw, 8 * j), m));
+                        q4_store(out + (16 + 4 * v + j) * PANEL + c * Q4_LANES, q4_fma(d, q4_nibble_floats(raw, 8 * j + 4), m));
+                    }
+                }
+            }
+#else
+            for (int k = 0; k < FM_BLOCK; k++)
+                for (int i = 0; i < PANEL; i++) {
+                    const uint8_t byte = rec[4 * PANEL + 64 * (k % 16 / 4) + 4 * i + k % 4];
+                    out[k * PANEL + i] = half_to_float(dm[i]) * (k < 16 ? byte & 15 : byte >> 4) + half_to_float(dm[PANEL + i]);
+                }
+#endif
+        }
+        return;
+    }
+    for (int b = 0; b < nb; b++)  /* 8-bit records */
+        for (int i = 0; i < width; i++) {
+            const uint16_t *dm = record_dm(L, n0 + i);
+            const float d = half_to_float(dm[b]), m = half_to_float(dm[nb + b]);
+            const uint8_t *q = record_q(L, n0 + i) + (size_t)b * FM_BLOCK;
+            for (int k = 0; k < FM_BLOCK; k++) panel[((size_t)b * FM_BLOCK + k) * PANEL + i] = d * q[k] + m;
+        }
+}
+
 static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
     const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
     const size_t buffers = (size_t)omp_get_max_threads() * K * PANEL;
@@ -628,7 +679,7 @@ static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int a
 #pragma omp for schedule(static)
         for (int p = 0; p < panels; p++) {
             const int n0 = p * PANEL, width = N - n0 < PANEL ? N - n0 : PANEL;
-            fill_panel(L, n0, width, panel);
+            fill_panel(L, p, panel);
             f32_panels(panel, K, width, 0, 1, xt, T, y + n0, N, accumulate);
         }
     }
@@ -636,7 +687,8 @@ static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int a
 }
 
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
-    return L->kind == FM_F32 ? f32_linear(L, x, B, y, ldy, accumulate) : nbits_gemv(L, x, B, y, ldy, accumulate);
+    if (L->kind == FM_F32) return f32_linear(L, x, B, y, ldy, accumulate);
+    return L->bits == 4 ? q4_gemv(L, x, B, y, ldy, accumulate) : q8_gemv(L, x, B, y, ldy, accumulate);
 }
 
 int fm_linear_forward(const fm_linear *L, const float *x, int T, float *y, int accumulate) {

@@ -28,26 +28,28 @@ static float *packed(const float *w, int K, int N) {
     return p;
 }
 
-/* A (K, N) linear on a Q4_1 grid: fp32 copy in *f32, 4-bit blocks in *q4. */
+/* A (K, N) linear on a Q4_1 grid: fp32 copy in *f32, 4-bit blocks in *q4 (fm_pack_q4). */
 static void make_linear(int K, int N, fm_linear *f32, fm_linear *q4) {
     float *w = malloc(sizeof(float) * K * N);
-    const int nb = K / 32, record = nb * (4 + 16);  /* per column: d[nb], m[nb] (fp16), then the blocks */
-    uint8_t *q = calloc((size_t)N, record);
+    const int nb = K / 32;
+    uint8_t *q = calloc((size_t)N * nb, 16);      /* MatMulNBits' (N, nb, 16) */
+    uint16_t *dm = calloc((size_t)N * 2 * nb, 2); /* per column [d | m] */
     for (int n = 0; n < N; n++)
         for (int b = 0; b < nb; b++) {
             const float d = (1 + (int)((frand() + 0.5f) * 8)) / 1024.f, m = -8 * d + (int)(frand() * 4) / 1024.f;
-            uint16_t *dm = (uint16_t *)(q + (size_t)n * record);
-            uint8_t *blk = q + (size_t)n * record + 4 * nb + b * 16;
+            uint8_t *blk = q + ((size_t)n * nb + b) * 16;
             for (int i = 0; i < 32; i++) {
                 const int v = (int)((frand() + 0.5f) * 16) & 15;
                 blk[i / 2] |= (uint8_t)(i & 1 ? v << 4 : v);
                 w[(size_t)(b * 32 + i) * N + n] = d * v + m;
             }
-            dm[b] = to_half(d), dm[nb + b] = to_half(m);
+            dm[(size_t)n * 2 * nb + b] = to_half(d), dm[(size_t)n * 2 * nb + nb + b] = to_half(m);
         }
     *f32 = (fm_linear){FM_F32, K, N, 0, packed(w, K, N), NULL};
-    free(w);
-    *q4 = (fm_linear){FM_NBITS, K, N, 4, NULL, q};
+    uint8_t *panels = aligned_alloc(64, (size_t)(N + FM_PANEL - 1) / FM_PANEL * nb * 320);
+    fm_pack_q4(q, dm, K, N, panels);
+    free(w), free(q), free(dm);
+    *q4 = (fm_linear){FM_NBITS, K, N, 4, NULL, panels};
 }
 
 static float *randv(int n, float scale, float offset) {
