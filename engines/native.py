@@ -63,11 +63,10 @@ def _panels_bytes(dims) -> int:
 
 
 def _nbits_bytes(qweight_dims) -> int:
-    """Bytes of a MatMulNBits weight (N, K/32, bytes per block) as the kernels take it
-    (native/fromage_native.h): 4-bit in panels of 16 columns, 8-bit one record per column; both hold
-    each block's fp16 d and m beside it."""
+    """Bytes of a MatMulNBits weight (N, K/32, bytes per block) in the kernels' panels of 16 columns,
+    each block's fp16 d and m beside it (native/fromage_native.h)."""
     n, nb, nbytes = qweight_dims
-    return (-(-n // PANEL) * PANEL if nbytes == BLOCK // 2 else n) * nb * (4 + nbytes)
+    return -(-n // PANEL) * PANEL * nb * (4 + nbytes)
 
 
 class _Arena:
@@ -126,7 +125,8 @@ def load_library():
             raise FromageError(f"FROMAGE_KERNELS={os.environ.get('FROMAGE_KERNELS')!r} names kernels this CPU or build "
                                f"cannot run (avx512, avx2 or portable; {kernels_in_use(lib)} would run here)")
         lib.fm_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        lib.fm_pack_q4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.fm_pack_nbits.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
+                                      ctypes.c_void_p]
         lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                                    ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p]
@@ -225,16 +225,10 @@ class NativeDecoder:
         dm = np.concatenate([d, m], axis=1)
         if not np.array_equal(dm.astype(np.float16).astype(np.float32), dm):
             raise FromageError(f"{name}: block scales are not fp16 values (re-export the bundle)")
-        dm = np.ascontiguousarray(dm.astype(np.float16))
+        q, dm, bits = np.ascontiguousarray(q), np.ascontiguousarray(dm.astype(np.float16)), nbytes * 8 // BLOCK
         out = self.arena.take(_nbits_bytes(q.shape))
-        if nbytes == BLOCK // 2:  # 4-bit: panels of 16 columns
-            q = np.ascontiguousarray(q)
-            self.lib.fm_pack_q4(q.ctypes.data, dm.ctypes.data, nb * BLOCK, n, out.ctypes.data)
-        else:  # one record per column, [d | m | blocks], so that a column is one stretch of memory
-            records = out.reshape(n, -1)
-            records[:, :4 * nb] = dm.view(np.uint8)
-            records[:, 4 * nb:] = q.reshape(n, -1)
-        self._linears[name] = _Linear(NBITS, nb * BLOCK, n, nbytes * 8 // BLOCK, None, out.ctypes.data)
+        self.lib.fm_pack_nbits(q.ctypes.data, dm.ctypes.data, nb * BLOCK, n, bits, out.ctypes.data)
+        self._linears[name] = _Linear(NBITS, nb * BLOCK, n, bits, None, out.ctypes.data)
 
     def _linear(self, name: str) -> _Linear:
         if name in self._linears:

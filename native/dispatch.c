@@ -95,20 +95,20 @@ void fm_pack(const float *src, int64_t K, int64_t N, float *dst) {
     }
 }
 
-void fm_pack_q4(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, uint8_t *dst) {
-    const int64_t nb = K / FM_BLOCK, panels = (N + FM_PANEL - 1) / FM_PANEL, record = 4 * FM_PANEL + FM_PANEL * FM_BLOCK / 2;
+void fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, int32_t bits, uint8_t *dst) {
+    const int64_t nb = K / FM_BLOCK, panels = (N + FM_PANEL - 1) / FM_PANEL, block = FM_BLOCK * bits / 8,
+                  record = 4 * FM_PANEL + FM_PANEL * block;
     memset(dst, 0, (size_t)(panels * nb * record));
     for (int64_t n = 0; n < N; n++) {
         const int64_t i = n % FM_PANEL;
         for (int64_t b = 0; b < nb; b++) {
-            uint8_t *rec = dst + (n / FM_PANEL * nb + b) * record;
+            uint8_t *rec = dst + (n / FM_PANEL * nb + b) * record, *vectors = rec + 4 * FM_PANEL + 4 * i;
             uint16_t *h = (uint16_t *)rec;
-            const uint8_t *blk = q + (n * nb + b) * (FM_BLOCK / 2);
+            const uint8_t *blk = q + (n * nb + b) * block;
             h[i] = dm[n * 2 * nb + b], h[FM_PANEL + i] = dm[n * 2 * nb + nb + b];
-            for (int k = 0; k < 16; k++) {  /* element k low, k + 16 high, in lane i of vector k / 4 */
-                const uint8_t lo = blk[k / 2] >> (4 * (k & 1)) & 15, hi = blk[(k + 16) / 2] >> (4 * (k & 1)) & 15;
-                rec[4 * FM_PANEL + 64 * (k / 4) + 4 * i + k % 4] = (uint8_t)(lo | hi << 4);
-            }
+            for (int k = 0; k < 16 * (bits / 4); k++) /* 4-bit: element k low, k + 16 high, in vector k / 4 */
+                vectors[64 * (k / 4) + k % 4] = bits == 8 ? blk[k]
+                    : (uint8_t)((blk[k / 2] >> (4 * (k & 1)) & 15) | (blk[(k + 16) / 2] >> (4 * (k & 1)) & 15) << 4);
         }
     }
 }

@@ -4,8 +4,8 @@
  * reads them into 64-byte-aligned buffers):
  * fp32 MatMul matrices (K, N) laid out in panels of 16 columns (fm_pack), or MatMulNBits' 4/8-bit
  * blocks with a scale and a minimum per block in fp16 (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit
- * bundle computes with exactly the weights of the fp32 one; 4-bit ones laid out in panels of 16 columns
- * too (fm_pack_q4), 8-bit ones as one record per column. The KV cache is the runtime's (1, kv, capacity, d) buffers, written in
+ * bundle computes with exactly the weights of the fp32 one; laid out in panels of 16 columns too
+ * (fm_pack_nbits). The KV cache is the runtime's (1, kv, capacity, d) buffers, written in
  * place, the same layout the ONNX graph uses. */
 #ifndef FROMAGE_NATIVE_H
 #define FROMAGE_NATIVE_H
@@ -25,10 +25,8 @@ typedef struct {
     int32_t kind, K, N, bits;
     const float *w;       /* FM_F32: ceil(N / 16) panels of K x 16 floats, panel p holding columns
                            * 16p..16p+15 (zero-padded): fm_pack of the ONNX MatMul initializer (K, N) */
-    const uint8_t *q;     /* FM_NBITS, weight = d * q + m per block of 32 (q unsigned):
-                           * bits 4: fm_pack_q4's panels of 16 columns;
-                           * bits 8: N records, one per column, [d (K/32 fp16) | m (K/32 fp16) | K/32
-                           * blocks of 32 bytes of q] */
+    const uint8_t *q;     /* FM_NBITS (bits 4 or 8): fm_pack_nbits' panels of 16 columns, weight = d * q + m
+                           * per block of 32 (q unsigned) */
 } fm_linear;
 
 typedef struct {
@@ -85,10 +83,10 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
  * laid out as fm_linear.w. */
 void fm_pack(const float *src, int64_t K, int64_t N, float *dst);
 
-/* dst (ceil(N / FM_PANEL) * K/32 * 320 bytes, 64-byte aligned) = a 4-bit matrix laid out as fm_linear.q:
- * q (N, K/32, 16) MatMulNBits' packing (element 2i of a block in the low nibble of byte i), dm (N, 2 K/32)
- * each column's [d | m] in fp16. */
-void fm_pack_q4(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, uint8_t *dst);
+/* dst (ceil(N / FM_PANEL) * K/32 * (64 + 16 * 32 * bits / 8) bytes, 64-byte aligned) = a 4/8-bit matrix
+ * laid out as fm_linear.q: q (N, K/32, 32 * bits / 8) MatMulNBits' packing (4-bit: element 2i of a block
+ * in the low nibble of byte i), dm (N, 2 K/32) each column's [d | m] in fp16. */
+void fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, int32_t bits, uint8_t *dst);
 
 /* Sums a (n floats) with OpenMP's threads, each reading its share as `streams` side-by-side forward
  * streams (1, 2, 4 or 8): the reads that `fromage bench` measures the memory bandwidth roofline with.

@@ -231,8 +231,7 @@ static int f32_linear(const fm_linear *L, const float *x, int B, float *y, size_
  *     x . w = sum_b d_b * (x_b . q_b) + sum_b m_b * S_b,   S_b = the sum of x over block b.
  * x_b . q_b is taken in integers: each block of x is rounded to int16 with its own scale sx_b (relative
  * error <= 2^-16 of the block's largest |x|: logits move by ~1e-5, not the ~3 % of int8 activations).
- * 8-bit: one record per column, [d (nb) | m (nb) | nb blocks of 32 q], a column one stretch of memory,
- * multiplied with pmaddwd. 4-bit: panels of 16 columns, as the fp32 matrices (below). */
+ * Both are laid out in panels of 16 columns, as the fp32 matrices (below). */
 
 static inline float half_to_float(uint16_t h) {
 #ifdef FM_AVX2
@@ -286,140 +285,21 @@ static float *nbits_scratch(int B, int K, size_t bytes, float **sx, uint8_t **ro
     return sums;
 }
 
-/* ---- 8-bit records -------------------------------------------------------------------------------- */
-static inline size_t record_bytes(const fm_linear *L) { return (size_t)L->K / FM_BLOCK * (4 + FM_BLOCK); }
-static inline const uint16_t *record_dm(const fm_linear *L, int n) {
-    return (const uint16_t *)(L->q + (size_t)n * record_bytes(L));
-}
-static inline const uint8_t *record_q(const fm_linear *L, int n) {
-    return L->q + (size_t)n * record_bytes(L) + (size_t)4 * (L->K / FM_BLOCK);
-}
-
-#ifdef FM_AVX2
-/* x16_b . q_b as 8 int32 lanes. */
-static inline __m256i block_dot(const uint8_t *q, const int16_t *x16) {
-    const __m256i lo = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q)),
-                  hi = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
-    const __m256i *xv = (const __m256i *)x16;
-    return _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256(xv)), _mm256_madd_epi16(hi, _mm256_loadu_si256(xv + 1)));
-}
-
-/* For one column: scale[b] = d_b * sx_b, and the minimums' term sum_b m_b * S_b (8 blocks at a time). */
-static inline float column_scales(const uint16_t *dm, int nb, const float *sx, const float *sums, float *scale) {
-    __m256 macc = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b)));
-        _mm256_storeu_ps(scale + b, _mm256_mul_ps(d, _mm256_loadu_ps(sx + b)));
-        macc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + nb + b))),
-                               _mm256_loadu_ps(sums + b), macc);
-    }
-    float mterm = hsum(macc);
-    for (; b < nb; b++) scale[b] = _cvtsh_ss(dm[b]) * sx[b], mterm += _cvtsh_ss(dm[nb + b]) * sums[b];
-    return mterm;
-}
-
-enum { Q8_ROWS = 2 };  /* rows per pass over a chunk: the loaded blocks need registers too */
-
-/* y[r][n] += x[r] . w_n for R rows (x16 (R, K), sx and sums (R, nb)) and columns n0..n1, four at a
- * time, one from each quarter of the range: the thread reads four forward streams (one stream: ~20 %
- * slower, two threads). Each row sums in the one-row order. */
-static inline __attribute__((always_inline)) void q8_columns(const fm_linear *L, int n0, int n1, const int16_t *x16,
-                                                             const float *sx, const float *sums, const int R,
-                                                             float *y, size_t ldy) {
-    const int K = L->K, nb = K / FM_BLOCK, quarter = (n1 - n0) / 4;
-    float scale[Q8_ROWS][4][nb];
-    for (int i = 0; i < quarter; i++) {
-        const int n[4] = {n0 + i, n0 + i + quarter, n0 + i + 2 * quarter, n0 + i + 3 * quarter};
-        const uint8_t *col[4];
-        float m[Q8_ROWS][4];
-        __m256 acc[Q8_ROWS][4];
-        for (int j = 0; j < 4; j++) {
-            col[j] = record_q(L, n[j]);
-            for (int r = 0; r < R; r++) {
-                m[r][j] = column_scales(record_dm(L, n[j]), nb, sx + (size_t)r * nb, sums + (size_t)r * nb, scale[r][j]);
-                acc[r][j] = _mm256_setzero_ps();
-            }
-        }
-        for (int b = 0; b < nb; b++)
-            for (int j = 0; j < 4; j++)
-                for (int r = 0; r < R; r++)
-                    acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(col[j] + (size_t)b * FM_BLOCK,
-                                                                             x16 + (size_t)r * K + b * FM_BLOCK)),
-                                                _mm256_broadcast_ss(scale[r][j] + b), acc[r][j]);
-        for (int r = 0; r < R; r++)
-            for (int j = 0; j < 4; j++) y[r * ldy + n[j]] += hsum(acc[r][j]) + m[r][j];
-    }
-    for (int n = n0 + 4 * quarter; n < n1; n++) {
-        const uint8_t *col = record_q(L, n);
-        for (int r = 0; r < R; r++) {
-            const int16_t *xr = x16 + (size_t)r * K;
-            const float mr = column_scales(record_dm(L, n), nb, sx + (size_t)r * nb, sums + (size_t)r * nb, scale[0][0]);
-            __m256 acc = _mm256_setzero_ps();
-            for (int b = 0; b < nb; b++)
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(col + (size_t)b * FM_BLOCK, xr + (size_t)b * FM_BLOCK)),
-                                      _mm256_broadcast_ss(scale[0][0] + b), acc);
-            y[r * ldy + n] += hsum(acc) + mr;
-        }
-    }
-}
-#endif
-
-/* B tokens, each as a one-token step: the columns in claimed chunks, as f32_linear. */
-static void q8_chunk(const fm_linear *L, int n0, int n1, int B, const int16_t *x16, const float *sx,
-                     const float *sums, float *y, size_t ldy, int accumulate) {
-    const int K = L->K, nb = K / FM_BLOCK;
-    if (!accumulate)
-        for (int r = 0; r < B; r++) memset(y + r * ldy + n0, 0, sizeof(float) * (n1 - n0));
-#ifdef FM_AVX2
-    int r = 0;
-    for (; r + Q8_ROWS <= B; r += Q8_ROWS)
-        q8_columns(L, n0, n1, x16 + (size_t)r * K, sx + (size_t)r * nb, sums + (size_t)r * nb, Q8_ROWS, y + r * ldy, ldy);
-    for (; r < B; r++)
-        q8_columns(L, n0, n1, x16 + (size_t)r * K, sx + (size_t)r * nb, sums + (size_t)r * nb, 1, y + r * ldy, ldy);
-#else
-    for (int r = 0; r < B; r++)
-        for (int n = n0; n < n1; n++) {
-            const uint16_t *dm = record_dm(L, n);
-            float acc = 0.f;
-            for (int b = 0; b < nb; b++) {
-                const uint8_t *q = record_q(L, n) + (size_t)b * FM_BLOCK;
-                const int16_t *xb = x16 + (size_t)r * K + (size_t)b * FM_BLOCK;
-                int32_t dot = 0;
-                for (int i = 0; i < FM_BLOCK; i++) dot += (int32_t)q[i] * xb[i];
-                acc += half_to_float(dm[b]) * sx[(size_t)r * nb + b] * (float)dot + half_to_float(dm[nb + b]) * sums[(size_t)r * nb + b];
-            }
-            y[r * ldy + n] += acc;
-        }
-#endif
-}
-
-static int q8_gemv(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
-    const int K = L->K, N = L->N, nb = K / FM_BLOCK, chunk = chunk_columns(record_bytes(L), N, omp_get_max_threads());
-    float *sx;
-    uint8_t *rows;
-    float *sums = nbits_scratch(B, K, (size_t)2 * K, &sx, &rows);
-    if (!sums) return -2;
-    const int16_t *x16 = (const int16_t *)rows;
-    for (int r = 0; r < B; r++)
-        nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb, (int16_t *)x16 + (size_t)r * K);
-    FOR_CLAIMED_CHUNKS(N, chunk, n0, n1, q8_chunk(L, n0, n1, B, x16, sx, sums, y, ldy, accumulate));
-    return 0;
-}
-
-/* ---- 4-bit panels --------------------------------------------------------------------------------- */
-/* fm_pack_q4 lays a 4-bit matrix out in panels of 16 columns: panel p is nb records of Q4_RECORD
- * bytes, record b = [d (16 fp16) | m (16 fp16) | 4 vectors of 64 bytes], where in vector v the 4 bytes
- * of lane i belong to column 16p + i, byte j holding q[32b + 4v + j] in its low nibble and q[32b + 16
- * + 4v + j] in its high one. A vector's nibbles are then 4 k of 16 columns: the operand of VNNI's
- * vpdpbusd (each int32 lane sums 4 byte products) against 4 activation bytes broadcast, so the 16
- * columns' sums build up in lanes (no horizontal sums) and a block's x16 . q is an exact int32. The
- * activations are split exactly as x16 = 256 h + l (h = x16 >> 8 signed, l = x16 & 255 unsigned):
- * x16 . q = 256 (q . h) + (l . q), the nibbles the unsigned operand against h and the signed one
- * against l. Per row and block: acc = fma(float(x16 . q), d sx_b, acc), then acc = fma(m, S_b, acc),
- * so a row's result does not depend on the other rows of the call. AVX2 has no vpdpbusd: pmaddubsw
- * (pairs of byte products, no saturation for nibbles) and pmaddwd by ones give the same int32s. */
-enum { Q4_RECORD = 4 * PANEL + PANEL * FM_BLOCK / 2 };
+/* ---- 4/8-bit panels ------------------------------------------------------------------------------- */
+/* fm_pack_nbits lays a 4/8-bit matrix out in panels of 16 columns, as the fp32 ones: panel p is nb
+ * records of q_record(bits) bytes, record b = [d (16 fp16) | m (16 fp16) | the block's q as 64-byte
+ * vectors], the 4 bytes of lane i of a vector belonging to column 16p + i. 4-bit: 4 vectors, byte j of
+ * vector v holding q[32b + 4v + j] in its low nibble and q[32b + 16 + 4v + j] in its high one; 8-bit:
+ * 8 vectors, byte j of vector v = q[32b + 4v + j]. A vector (4-bit: its nibbles) is then 4 k of 16
+ * columns: the operand of VNNI's vpdpbusd (each int32 lane sums 4 byte products) against 4 activation
+ * bytes broadcast, so the 16 columns' sums build up in lanes (no horizontal sums) and a block's
+ * x16 . q is an exact int32. The activations are split exactly as x16 = 256 h + l (h = x16 >> 8 signed,
+ * l = x16 & 255 unsigned): x16 . q = 256 (q . h) + (l . q), q the unsigned operand against h and the
+ * signed one against l -- for 8-bit, as its nibbles: l . q = l . q_low + 16 (l . q_high). Per row and
+ * block: acc = fma(float(x16 . q), d sx_b, acc), then acc = fma(m, S_b, acc), so a row's result does
+ * not depend on the other rows of the call. AVX2 has no vpdpbusd: pmaddubsw (pairs of byte products;
+ * nibble operands never saturate it) and pmaddwd by ones give the same int32s. */
+static inline int q_record(int bits) { return 4 * PANEL + PANEL * FM_BLOCK * bits / 8; }
 
 #if defined(FM_AVX512)
 #define Q4_HALVES 1  /* vectors per 16 columns */
@@ -431,18 +311,24 @@ static inline q4_ints q4_load(const uint8_t *p) { return _mm512_load_si512(p); }
 static inline q4_ints q4_low(q4_ints v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
 static inline q4_ints q4_high(q4_ints v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15)); }
 static inline q4_ints q4_dot(q4_ints acc, q4_ints u, q4_ints s) { return _mm512_dpbusd_epi32(acc, u, s); }
+/* acc + h . q for 8-bit q = lo + 16 hi: q itself is vpdpbusd's unsigned operand */
+static inline q4_ints q8_dot_h(q4_ints acc, q4_ints q, q4_ints lo, q4_ints hi, q4_ints h) {
+    (void)lo, (void)hi;
+    return _mm512_dpbusd_epi32(acc, q, h);
+}
 static inline q4_ints q4_bytes4(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 static inline q4_ints q4_zero(void) { return _mm512_setzero_si512(); }
 static inline q4_floats q4_int_sum(q4_ints h, q4_ints l) {
     return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h, 8), l));
 }
+static inline q4_ints q4_add_shifted(q4_ints l, q4_ints l16) { return _mm512_add_epi32(l, _mm512_slli_epi32(l16, 4)); }
 static inline q4_floats q4_halfs(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)p)); }
 static inline q4_floats q4_fma(q4_floats a, q4_floats b, q4_floats c) { return _mm512_fmadd_ps(a, b, c); }
 static inline q4_floats q4_mul1(q4_floats a, float b) { return _mm512_mul_ps(a, _mm512_set1_ps(b)); }
 static inline q4_floats q4_fma1(q4_floats a, float b, q4_floats c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(b), c); }
 static inline q4_floats q4_fzero(void) { return _mm512_setzero_ps(); }
-static inline q4_floats q4_nibble_floats(q4_ints v, int shift) {
-    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(15)));
+static inline q4_floats q4_byte_floats(q4_ints v, int shift, int mask) {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(mask)));
 }
 static inline void q4_store(float *p, q4_floats v) { _mm512_storeu_ps(p, v); }
 #elif defined(FM_AVX2)
@@ -456,18 +342,24 @@ static inline q4_ints q4_high(q4_ints v) { return _mm256_and_si256(_mm256_srli_e
 static inline q4_ints q4_dot(q4_ints acc, q4_ints u, q4_ints s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
+/* acc + h . q for 8-bit q = lo + 16 hi, by its nibbles (whole bytes could saturate pmaddubsw) */
+static inline q4_ints q8_dot_h(q4_ints acc, q4_ints q, q4_ints lo, q4_ints hi, q4_ints h) {
+    (void)q;
+    return q4_dot(_mm256_add_epi32(acc, _mm256_slli_epi32(q4_dot(_mm256_setzero_si256(), hi, h), 4)), lo, h);
+}
 static inline q4_ints q4_bytes4(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
 static inline q4_ints q4_zero(void) { return _mm256_setzero_si256(); }
 static inline q4_floats q4_int_sum(q4_ints h, q4_ints l) {
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(h, 8), l));
 }
+static inline q4_ints q4_add_shifted(q4_ints l, q4_ints l16) { return _mm256_add_epi32(l, _mm256_slli_epi32(l16, 4)); }
 static inline q4_floats q4_halfs(const uint16_t *p) { return _mm256_cvtph_ps(_mm_load_si128((const __m128i *)p)); }
 static inline q4_floats q4_fma(q4_floats a, q4_floats b, q4_floats c) { return _mm256_fmadd_ps(a, b, c); }
 static inline q4_floats q4_mul1(q4_floats a, float b) { return _mm256_mul_ps(a, _mm256_set1_ps(b)); }
 static inline q4_floats q4_fma1(q4_floats a, float b, q4_floats c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(b), c); }
 static inline q4_floats q4_fzero(void) { return _mm256_setzero_ps(); }
-static inline q4_floats q4_nibble_floats(q4_ints v, int shift) {
-    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(15)));
+static inline q4_floats q4_byte_floats(q4_ints v, int shift, int mask) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(mask)));
 }
 static inline void q4_store(float *p, q4_floats v) { _mm256_storeu_ps(p, v); }
 #else
@@ -480,44 +372,58 @@ static inline void q4_store(float *p, q4_floats v) { _mm256_storeu_ps(p, v); }
 enum { Q4_LANES = PANEL / Q4_HALVES };
 #endif
 
-static inline const uint8_t *q4_panel(const fm_linear *L, int p) {
-    return L->q + (size_t)p * (L->K / FM_BLOCK) * Q4_RECORD;
+static inline const uint8_t *q_panel(const fm_linear *L, int p) {
+    return L->q + (size_t)p * (L->K / FM_BLOCK) * q_record(L->bits);
+}
+
+/* q[k] of lane i in a record (the scalar reading of the layout above). */
+static inline int q_at(const uint8_t *rec, int bits, int i, int k) {
+    if (bits == 8) return rec[4 * PANEL + 64 * (k / 4) + 4 * i + k % 4];
+    const uint8_t byte = rec[4 * PANEL + 64 * (k % 16 / 4) + 4 * i + k % 4];
+    return k < 16 ? byte & 15 : byte >> 4;
 }
 
 /* y[r][16 p_j + i] (+)= x[r] . w_{16 p_j + i} for r < R and the NP panels p_j = p + j * step (columns past N
  * are not written); x8 row r: [h (K bytes) | l (K bytes)], sx and sums (R, nb). */
-static inline __attribute__((always_inline)) void q4_tile(const fm_linear *L, int p, int step, const int NP,
-                                                          const uint8_t *x8, const float *sx, const float *sums,
-                                                          const int R, float *y, size_t ldy, int accumulate) {
-    const int K = L->K, nb = K / FM_BLOCK;
+static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int p, int step, const int NP,
+                                                         const uint8_t *x8, const float *sx, const float *sums,
+                                                         const int R, float *y, size_t ldy, int accumulate,
+                                                         const int bits) {
+    const int K = L->K, nb = K / FM_BLOCK, record = q_record(bits);
     const uint8_t *w[4];
-    for (int j = 0; j < NP; j++) w[j] = q4_panel(L, p + j * step);
+    for (int j = 0; j < NP; j++) w[j] = q_panel(L, p + j * step);
 #ifdef Q4_HALVES
     enum { MAX_ROWS = Q4_ROWS > 1 ? Q4_ROWS : 1, MAX_VECS = 4 * Q4_HALVES };
     q4_floats acc[MAX_ROWS][MAX_VECS];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < NP * Q4_HALVES; j++) acc[r][j] = q4_fzero();
     for (int b = 0; b < nb; b++) {
-        q4_ints h[MAX_ROWS][MAX_VECS], l[MAX_ROWS][MAX_VECS];
+        q4_ints h[MAX_ROWS][MAX_VECS], l[MAX_ROWS][MAX_VECS], l16[MAX_ROWS][MAX_VECS];
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < NP * Q4_HALVES; j++) h[r][j] = l[r][j] = q4_zero();
-        for (int v = 0; v < 4; v++)
+            for (int j = 0; j < NP * Q4_HALVES; j++) h[r][j] = l[r][j] = l16[r][j] = q4_zero();
+        for (int v = 0; v < bits; v++)  /* 4 or 8 vectors */
             for (int j = 0; j < NP * Q4_HALVES; j++) {
-                if (Q4_PREFETCH && R > 1 && j % Q4_HALVES == 0)
-                    _mm_prefetch((const char *)(w[j / Q4_HALVES] + (size_t)b * Q4_RECORD + 64 * v + Q4_PREFETCH), _MM_HINT_T0);
-                const q4_ints raw = q4_load(w[j / Q4_HALVES] + (size_t)b * Q4_RECORD + 4 * PANEL + 64 * v + 32 * (j % Q4_HALVES));
-                const q4_ints lo = q4_low(raw), hi = q4_high(raw);
+                const uint8_t *wv = w[j / Q4_HALVES] + (size_t)b * record + 64 * v;
+                if (Q4_PREFETCH && R > 1 && j % Q4_HALVES == 0) _mm_prefetch((const char *)(wv + Q4_PREFETCH), _MM_HINT_T0);
+                const q4_ints raw = q4_load(wv + 4 * PANEL + 32 * (j % Q4_HALVES)), lo = q4_low(raw), hi = q4_high(raw);
                 for (int r = 0; r < R; r++) {
                     const uint8_t *xh = x8 + (size_t)r * 2 * K + (size_t)b * FM_BLOCK + 4 * v, *xl = xh + K;
-                    h[r][j] = q4_dot(q4_dot(h[r][j], lo, q4_bytes4(xh)), hi, q4_bytes4(xh + 16));
-                    l[r][j] = q4_dot(q4_dot(l[r][j], q4_bytes4(xl), lo), q4_bytes4(xl + 16), hi);
+                    if (bits == 4) {
+                        h[r][j] = q4_dot(q4_dot(h[r][j], lo, q4_bytes4(xh)), hi, q4_bytes4(xh + 16));
+                        l[r][j] = q4_dot(q4_dot(l[r][j], q4_bytes4(xl), lo), q4_bytes4(xl + 16), hi);
+                    } else {
+                        const q4_ints xlv = q4_bytes4(xl);
+                        h[r][j] = q8_dot_h(h[r][j], raw, lo, hi, q4_bytes4(xh));
+                        l[r][j] = q4_dot(l[r][j], xlv, lo), l16[r][j] = q4_dot(l16[r][j], xlv, hi);
+                    }
                 }
             }
         for (int j = 0; j < NP * Q4_HALVES; j++) {
-            const uint16_t *dm = (const uint16_t *)(w[j / Q4_HALVES] + (size_t)b * Q4_RECORD) + Q4_LANES * (j % Q4_HALVES);
+            const uint16_t *dm = (const uint16_t *)(w[j / Q4_HALVES] + (size_t)b * record) + Q4_LANES * (j % Q4_HALVES);
             const q4_floats d = q4_halfs(dm), m = q4_halfs(dm + PANEL);
             for (int r = 0; r < R; r++) {
-                acc[r][j] = q4_fma(q4_int_sum(h[r][j], l[r][j]), q4_mul1(d, sx[(size_t)r * nb + b]), acc[r][j]);
+                const q4_floats dot = q4_int_sum(h[r][j], bits == 4 ? l[r][j] : q4_add_shifted(l[r][j], l16[r][j]));
+                acc[r][j] = q4_fma(dot, q4_mul1(d, sx[(size_t)r * nb + b]), acc[r][j]);
                 acc[r][j] = q4_fma1(m, sums[(size_t)r * nb + b], acc[r][j]);
             }
         }
@@ -536,13 +442,10 @@ static inline __attribute__((always_inline)) void q4_tile(const fm_linear *L, in
             for (int i = 0; i < PANEL && n0 + i < L->N; i++) {
                 float acc = 0.f;
                 for (int b = 0; b < nb; b++) {
-                    const uint8_t *rec = w[j] + (size_t)b * Q4_RECORD, *xh = x8 + (size_t)r * 2 * K + (size_t)b * FM_BLOCK;
+                    const uint8_t *rec = w[j] + (size_t)b * record, *xh = x8 + (size_t)r * 2 * K + (size_t)b * FM_BLOCK;
                     const uint16_t *dm = (const uint16_t *)rec;
                     int32_t dot = 0;
-                    for (int k = 0; k < FM_BLOCK; k++) {
-                        const uint8_t byte = rec[4 * PANEL + 64 * (k % 16 / 4) + 4 * i + k % 4];
-                        dot += (k < 16 ? byte & 15 : byte >> 4) * (256 * (int8_t)xh[k] + xh[K + k]);
-                    }
+                    for (int k = 0; k < FM_BLOCK; k++) dot += q_at(rec, bits, i, k) * (256 * (int8_t)xh[k] + xh[K + k]);
                     acc = fmaf((float)dot, half_to_float(dm[i]) * sx[(size_t)r * nb + b], acc);
                     acc = fmaf(half_to_float(dm[PANEL + i]), sums[(size_t)r * nb + b], acc);
                 }
@@ -554,28 +457,29 @@ static inline __attribute__((always_inline)) void q4_tile(const fm_linear *L, in
 
 /* The panels p0..p1 for B rows. One row: four panels at a time from the range's quarters (four forward
  * streams, as f32_panels); several: Q4_ROWS rows at a time meet each unpacked weight vector. */
-static void q4_panels(const fm_linear *L, int p0, int p1, const uint8_t *x8, const float *sx, const float *sums,
-                      int B, float *y, size_t ldy, int accumulate) {
+static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, int p0, int p1, const uint8_t *x8,
+                                                           const float *sx, const float *sums, int B, float *y,
+                                                           size_t ldy, int accumulate, const int bits) {
     const int K = L->K, nb = K / FM_BLOCK;
     int p = p0;
     if (B == 1) {
 #if !defined(FM_AVX2) || defined(FM_AVX512)
         const int q = (p1 - p0) / 4;
-        for (; p < p0 + q; p++) q4_tile(L, p, q, 4, x8, sx, sums, 1, y, ldy, accumulate);
+        for (; p < p0 + q; p++) q_tile(L, p, q, 4, x8, sx, sums, 1, y, ldy, accumulate, bits);
         switch (p1 - (p = p0 + 4 * q)) {  /* the rest side by side too */
-            case 3: q4_tile(L, p, 1, 3, x8, sx, sums, 1, y, ldy, accumulate); break;
-            case 2: q4_tile(L, p, 1, 2, x8, sx, sums, 1, y, ldy, accumulate); break;
-            case 1: q4_tile(L, p, 0, 1, x8, sx, sums, 1, y, ldy, accumulate); break;
+            case 3: q_tile(L, p, 1, 3, x8, sx, sums, 1, y, ldy, accumulate, bits); break;
+            case 2: q_tile(L, p, 1, 2, x8, sx, sums, 1, y, ldy, accumulate, bits); break;
+            case 1: q_tile(L, p, 0, 1, x8, sx, sums, 1, y, ldy, accumulate, bits); break;
         }
 #else
-        for (; p < p1; p++) q4_tile(L, p, 0, 1, x8, sx, sums, 1, y, ldy, accumulate);
+        for (; p < p1; p++) q_tile(L, p, 0, 1, x8, sx, sums, 1, y, ldy, accumulate, bits);
 #endif
         return;
     }
     for (p = p0; p < p1; p++) {
         int r = 0;
-#define TILE(R) q4_tile(L, p, 0, 1, x8 + (size_t)r * 2 * K, sx + (size_t)r * nb, sums + (size_t)r * nb, R, \
-                        y + r * ldy, ldy, accumulate)
+#define TILE(R) q_tile(L, p, 0, 1, x8 + (size_t)r * 2 * K, sx + (size_t)r * nb, sums + (size_t)r * nb, R, \
+                       y + r * ldy, ldy, accumulate, bits)
         for (; r + Q4_ROWS <= B; r += Q4_ROWS) TILE(Q4_ROWS);
         switch (B - r) {  /* a constant row count each, so the accumulators stay in registers */
 #if Q4_ROWS > 5
@@ -610,7 +514,7 @@ static void split_bytes(const int16_t *x16, int K, uint8_t *x8) {
     for (; k < K; k++) x8[k] = (uint8_t)(int8_t)(x16[k] >> 8), x8[K + k] = (uint8_t)(x16[k] & 255);
 }
 
-static int q4_gemv(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
+static int nbits_gemv(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
     const int K = L->K, nb = K / FM_BLOCK, panels = (L->N + PANEL - 1) / PANEL;
     float *sx;
     uint8_t *x8;
@@ -621,8 +525,11 @@ static int q4_gemv(const fm_linear *L, const float *x, int B, float *y, size_t l
         nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb, x16);
         split_bytes(x16, K, x8 + (size_t)r * 2 * K);
     }
-    const int chunk = panel_chunk((size_t)nb * Q4_RECORD / PANEL, L->N, B);
-    FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q4_panels(L, p0, p1, x8, sx, sums, B, y, ldy, accumulate));
+    const int chunk = panel_chunk((size_t)nb * q_record(L->bits) / PANEL, L->N, B);
+    if (L->bits == 4)
+        FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q_panels(L, p0, p1, x8, sx, sums, B, y, ldy, accumulate, 4));
+    else
+        FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q_panels(L, p0, p1, x8, sx, sums, B, y, ldy, accumulate, 8));
     return 0;
 }
 
@@ -630,40 +537,30 @@ static int q4_gemv(const fm_linear *L, const float *x, int B, float *y, size_t l
 /* Each thread takes panels of 16 columns, dequantizes one to fp32 (fill_panel) and runs the fp32 tiles
  * over it. */
 static void fill_panel(const fm_linear *L, int p, float *panel) {
-    const int K = L->K, nb = K / FM_BLOCK, n0 = p * PANEL, width = L->N - n0 < PANEL ? L->N - n0 : PANEL;
-    if (L->bits == 4) {
-        const uint8_t *rec = q4_panel(L, p);
-        for (int b = 0; b < nb; b++, rec += Q4_RECORD) {
-            const uint16_t *dm = (const uint16_t *)rec;
-            float *out = panel + (size_t)b * FM_BLOCK * PANEL;
+    const int nb = L->K / FM_BLOCK, bits = L->bits, record = q_record(bits);
+    const uint8_t *rec = q_panel(L, p);
+    for (int b = 0; b < nb; b++, rec += record) {
+        const uint16_t *dm = (const uint16_t *)rec;
+        float *out = panel + (size_t)b * FM_BLOCK * PANEL;
 #ifdef Q4_HALVES
-            for (int c = 0; c < Q4_HALVES; c++) {
-                const q4_floats d = q4_halfs(dm + c * Q4_LANES), m = q4_halfs(dm + PANEL + c * Q4_LANES);
-                for (int v = 0; v < 4; v++) {
-                    const q4_ints raw = q4_load(rec + 4 * PANEL + 64 * v + 32 * c);
-                    for (int j = 0; j < 4; j++) {
-                        q4_store(out + (4 * v + j) * PANEL + c * Q4_LANES, q4_fma(d, q4_nibble_floats(raw, 8 * j), m));
-                        q4_store(out + (16 + 4 * v + j) * PANEL + c * Q4_LANES, q4_fma(d, q4_nibble_floats(raw, 8 * j + 4), m));
+        for (int c = 0; c < Q4_HALVES; c++) {
+            const q4_floats d = q4_halfs(dm + c * Q4_LANES), m = q4_halfs(dm + PANEL + c * Q4_LANES);
+            for (int v = 0; v < bits; v++) {
+                const q4_ints raw = q4_load(rec + 4 * PANEL + 64 * v + 32 * c);
+                for (int j = 0; j < 4; j++)
+                    if (bits == 4) {
+                        q4_store(out + (4 * v + j) * PANEL + c * Q4_LANES, q4_fma(d, q4_byte_floats(raw, 8 * j, 15), m));
+                        q4_store(out + (16 + 4 * v + j) * PANEL + c * Q4_LANES, q4_fma(d, q4_byte_floats(raw, 8 * j + 4, 15), m));
+                    } else {
+                        q4_store(out + (4 * v + j) * PANEL + c * Q4_LANES, q4_fma(d, q4_byte_floats(raw, 8 * j, 255), m));
                     }
-                }
             }
+        }
 #else
-            for (int k = 0; k < FM_BLOCK; k++)
-                for (int i = 0; i < PANEL; i++) {
-                    const uint8_t byte = rec[4 * PANEL + 64 * (k % 16 / 4) + 4 * i + k % 4];
-                    out[k * PANEL + i] = half_to_float(dm[i]) * (k < 16 ? byte & 15 : byte >> 4) + half_to_float(dm[PANEL + i]);
-                }
+        for (int k = 0; k < FM_BLOCK; k++)
+            for (int i = 0; i < PANEL; i++) out[k * PANEL + i] = half_to_float(dm[i]) * q_at(rec, bits, i, k) + half_to_float(dm[PANEL + i]);
 #endif
-        }
-        return;
     }
-    for (int b = 0; b < nb; b++)  /* 8-bit records */
-        for (int i = 0; i < width; i++) {
-            const uint16_t *dm = record_dm(L, n0 + i);
-            const float d = half_to_float(dm[b]), m = half_to_float(dm[nb + b]);
-            const uint8_t *q = record_q(L, n0 + i) + (size_t)b * FM_BLOCK;
-            for (int k = 0; k < FM_BLOCK; k++) panel[((size_t)b * FM_BLOCK + k) * PANEL + i] = d * q[k] + m;
-        }
 }
 
 static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
@@ -687,8 +584,7 @@ static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int a
 }
 
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
-    if (L->kind == FM_F32) return f32_linear(L, x, B, y, ldy, accumulate);
-    return L->bits == 4 ? q4_gemv(L, x, B, y, ldy, accumulate) : q8_gemv(L, x, B, y, ldy, accumulate);
+    return L->kind == FM_F32 ? f32_linear(L, x, B, y, ldy, accumulate) : nbits_gemv(L, x, B, y, ldy, accumulate);
 }
 
 int fm_linear_forward(const fm_linear *L, const float *x, int T, float *y, int accumulate) {

@@ -1,6 +1,7 @@
 /* Self-check of the native decoder on a tiny random model (ctest): a prefill gives the same bits as the
- * same positions fed one at a time, the 4-bit blocks of weights lying on a Q4_1 grid give the logits of
- * their fp32 copy, and a batched step gives each sequence exactly what its own step gives. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
+ * same positions fed one at a time, 4-bit blocks of weights on a Q4_1 grid (and an 8-bit lm_head on a
+ * Q8_0 one) give the logits of their fp32 copy, and a batched step gives each sequence exactly what its
+ * own step gives. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,28 +29,31 @@ static float *packed(const float *w, int K, int N) {
     return p;
 }
 
-/* A (K, N) linear on a Q4_1 grid: fp32 copy in *f32, 4-bit blocks in *q4 (fm_pack_q4). */
-static void make_linear(int K, int N, fm_linear *f32, fm_linear *q4) {
+/* A (K, N) linear on a Q4_1 grid (bits 4) or a Q8_0 one (bits 8, the default LM's lm_head): fp32 copy in
+ * *f32, the blocks in *q (fm_pack_nbits). */
+static void make_linear(int K, int N, fm_linear *f32, fm_linear *qb, int bits) {
     float *w = malloc(sizeof(float) * K * N);
-    const int nb = K / 32;
-    uint8_t *q = calloc((size_t)N * nb, 16);      /* MatMulNBits' (N, nb, 16) */
+    const int nb = K / 32, block = 32 * bits / 8;
+    uint8_t *q = calloc((size_t)N * nb, block);   /* MatMulNBits' (N, nb, block) */
     uint16_t *dm = calloc((size_t)N * 2 * nb, 2); /* per column [d | m] */
     for (int n = 0; n < N; n++)
         for (int b = 0; b < nb; b++) {
-            const float d = (1 + (int)((frand() + 0.5f) * 8)) / 1024.f, m = -8 * d + (int)(frand() * 4) / 1024.f;
-            uint8_t *blk = q + ((size_t)n * nb + b) * 16;
+            const float d = (1 + (int)((frand() + 0.5f) * 8)) / 1024.f,
+                        m = bits == 8 ? -128 * d : -8 * d + (int)(frand() * 4) / 1024.f;
+            uint8_t *blk = q + ((size_t)n * nb + b) * block;
             for (int i = 0; i < 32; i++) {
-                const int v = (int)((frand() + 0.5f) * 16) & 15;
-                blk[i / 2] |= (uint8_t)(i & 1 ? v << 4 : v);
+                const int v = (int)((frand() + 0.5f) * (1 << bits)) & ((1 << bits) - 1);
+                if (bits == 8) blk[i] = (uint8_t)v;
+                else blk[i / 2] |= (uint8_t)(i & 1 ? v << 4 : v);
                 w[(size_t)(b * 32 + i) * N + n] = d * v + m;
             }
             dm[(size_t)n * 2 * nb + b] = to_half(d), dm[(size_t)n * 2 * nb + nb + b] = to_half(m);
         }
     *f32 = (fm_linear){FM_F32, K, N, 0, packed(w, K, N), NULL};
-    uint8_t *panels = aligned_alloc(64, (size_t)(N + FM_PANEL - 1) / FM_PANEL * nb * 320);
-    fm_pack_q4(q, dm, K, N, panels);
+    uint8_t *panels = aligned_alloc(64, (size_t)(N + FM_PANEL - 1) / FM_PANEL * nb * (64 + 16 * block));
+    fm_pack_nbits(q, dm, K, N, bits, panels);
     free(w), free(q), free(dm);
-    *q4 = (fm_linear){FM_NBITS, K, N, 4, NULL, panels};
+    *qb = (fm_linear){FM_NBITS, K, N, bits, NULL, panels};
 }
 
 static float *randv(int n, float scale, float offset) {
@@ -136,12 +140,12 @@ static int check(const fm_model *mf, const fm_model *mq, const float *emb, float
     float scale = 0.f;
     for (int i = 0; i < V; i++) scale = fabsf(a[i]) > scale ? fabsf(a[i]) : scale;
     const float prefill = max_diff(a, b, V) / scale, blocks = max_diff(b, c, V) / scale;
-    printf("[%s] prefill vs one at a time: %.2e (retrieval %.2e); 4-bit blocks vs fp32: %.2e\n", fm_kernels(), prefill,
+    printf("[%s] prefill vs one at a time: %.2e (retrieval %.2e); 4/8-bit blocks vs fp32: %.2e\n", fm_kernels(), prefill,
            max_diff(ra, rb, R), blocks);
     float *kk[LAYERS] = {0}, *vv[LAYERS] = {0};
     const int refused = fm_forward(mf, emb, 1, POS, POS, kk, vv, a, ra) == -1; /* past the capacity */
     const int batch_f32 = batch_matches(mf), batch_q4 = batch_matches(mq);
-    printf("[%s] batched steps bit-identical to single ones: fp32 %s, 4-bit %s\n", fm_kernels(), batch_f32 ? "yes" : "NO",
+    printf("[%s] batched steps bit-identical to single ones: fp32 %s, 4/8-bit %s\n", fm_kernels(), batch_f32 ? "yes" : "NO",
            batch_q4 ? "yes" : "NO");
     memcpy(out_f, b, sizeof b);
     memcpy(out_q, c, sizeof c);
@@ -164,10 +168,10 @@ int main(void) {
     for (int i = 0; i < LAYERS; i++) {
         lf[i].attn_norm = lq[i].attn_norm = randv(E, 0.2f, 1.f);
         lf[i].mlp_norm = lq[i].mlp_norm = randv(E, 0.2f, 1.f);
-        make_linear(E, (H + 2 * KV) * D, &lf[i].qkv, &lq[i].qkv);
-        make_linear(H * D, E, &lf[i].o, &lq[i].o);
-        make_linear(E, 2 * I, &lf[i].gate_up, &lq[i].gate_up);
-        make_linear(I, E, &lf[i].down, &lq[i].down);
+        make_linear(E, (H + 2 * KV) * D, &lf[i].qkv, &lq[i].qkv, 4);
+        make_linear(H * D, E, &lf[i].o, &lq[i].o, 4);
+        make_linear(E, 2 * I, &lf[i].gate_up, &lq[i].gate_up, 4);
+        make_linear(I, E, &lf[i].down, &lq[i].down, 4);
     }
     float *cosv = malloc(sizeof(float) * POS * D / 2), *sinv = malloc(sizeof(float) * POS * D / 2);
     for (int p = 0; p < POS; p++)
@@ -176,7 +180,7 @@ int main(void) {
             cosv[p * D / 2 + j] = cosf(a), sinv[p * D / 2 + j] = sinf(a);
         }
     fm_linear head_f, head_q, none = {0};
-    make_linear(E, V, &head_f, &head_q);
+    make_linear(E, V, &head_f, &head_q, 8);
     fm_model mf = {LAYERS, E, H, KV, D, I, POS, R, 0, 1e-5f, cosv, sinv, lf, randv(E, 0.2f, 1.f), head_f, none,
                    packed(randv(E * R, 0.5f, 0.f), E, R), randv(R, 0.1f, 0.f)};
     fm_model mq = mf;
@@ -192,7 +196,7 @@ int main(void) {
         float scale = 0.f;
         for (int j = 0; j < V; j++) scale = fabsf(ref_f[j]) > scale ? fabsf(ref_f[j]) : scale;
         const float df = max_diff(ref_f, got_f, V) / scale, dq = max_diff(ref_q, got_q, V) / scale;
-        printf("[%s] logits vs the portable copy: fp32 %.2e, 4-bit %.2e\n", paths[i], df, dq);
+        printf("[%s] logits vs the portable copy: fp32 %.2e, 4/8-bit %.2e\n", paths[i], df, dq);
         ok &= df < 1e-5f && dq < 1e-4f;
     }
     if (!ok) {
