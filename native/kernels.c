@@ -327,9 +327,6 @@ static inline q4_floats q4_fma(q4_floats a, q4_floats b, q4_floats c) { return _
 static inline q4_floats q4_mul1(q4_floats a, float b) { return _mm512_mul_ps(a, _mm512_set1_ps(b)); }
 static inline q4_floats q4_fma1(q4_floats a, float b, q4_floats c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(b), c); }
 static inline q4_floats q4_fzero(void) { return _mm512_setzero_ps(); }
-static inline q4_floats q4_byte_floats(q4_ints v, int shift, int mask) {
-    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(mask)));
-}
 static inline void q4_store(float *p, q4_floats v) { _mm512_storeu_ps(p, v); }
 #elif defined(FM_AVX2)
 #define Q4_HALVES 2
@@ -358,9 +355,6 @@ static inline q4_floats q4_fma(q4_floats a, q4_floats b, q4_floats c) { return _
 static inline q4_floats q4_mul1(q4_floats a, float b) { return _mm256_mul_ps(a, _mm256_set1_ps(b)); }
 static inline q4_floats q4_fma1(q4_floats a, float b, q4_floats c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(b), c); }
 static inline q4_floats q4_fzero(void) { return _mm256_setzero_ps(); }
-static inline q4_floats q4_byte_floats(q4_ints v, int shift, int mask) {
-    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(mask)));
-}
 static inline void q4_store(float *p, q4_floats v) { _mm256_storeu_ps(p, v); }
 #else
 #define Q4_ROWS 4
@@ -533,61 +527,10 @@ static int nbits_gemv(const fm_linear *L, const float *x, int B, float *y, size_
     return 0;
 }
 
-/* ---- several tokens of a 4/8-bit matrix ----------------------------------------------------------- */
-/* Each thread takes panels of 16 columns, dequantizes one to fp32 (fill_panel) and runs the fp32 tiles
- * over it. */
-static void fill_panel(const fm_linear *L, int p, float *panel) {
-    const int nb = L->K / FM_BLOCK, bits = L->bits, record = q_record(bits);
-    const uint8_t *rec = q_panel(L, p);
-    for (int b = 0; b < nb; b++, rec += record) {
-        const uint16_t *dm = (const uint16_t *)rec;
-        float *out = panel + (size_t)b * FM_BLOCK * PANEL;
-#ifdef Q4_HALVES
-        for (int c = 0; c < Q4_HALVES; c++) {
-            const q4_floats d = q4_halfs(dm + c * Q4_LANES), m = q4_halfs(dm + PANEL + c * Q4_LANES);
-            for (int v = 0; v < bits; v++) {
-                const q4_ints raw = q4_load(rec + 4 * PANEL + 64 * v + 32 * c);
-                for (int j = 0; j < 4; j++)
-                    if (bits == 4) {
-                        q4_store(out + (4 * v + j) * PANEL + c * Q4_LANES, q4_fma(d, q4_byte_floats(raw, 8 * j, 15), m));
-                        q4_store(out + (16 + 4 * v + j) * PANEL + c * Q4_LANES, q4_fma(d, q4_byte_floats(raw, 8 * j + 4, 15), m));
-                    } else {
-                        q4_store(out + (4 * v + j) * PANEL + c * Q4_LANES, q4_fma(d, q4_byte_floats(raw, 8 * j, 255), m));
-                    }
-            }
-        }
-#else
-        for (int k = 0; k < FM_BLOCK; k++)
-            for (int i = 0; i < PANEL; i++) out[k * PANEL + i] = half_to_float(dm[i]) * q_at(rec, bits, i, k) + half_to_float(dm[PANEL + i]);
-#endif
-    }
-}
-
-static int nbits_gemm(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
-    const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
-    const size_t buffers = (size_t)omp_get_max_threads() * K * PANEL;
-    float *panel_buffers = fm_scratch(0, buffers + (size_t)T * K);
-    if (!panel_buffers) return -2;
-    float *xt = panel_buffers + buffers;
-    transpose_rows(x, T, K, xt);
-#pragma omp parallel
-    {
-        float *panel = panel_buffers + (size_t)omp_get_thread_num() * K * PANEL;
-#pragma omp for schedule(static)
-        for (int p = 0; p < panels; p++) {
-            const int n0 = p * PANEL, width = N - n0 < PANEL ? N - n0 : PANEL;
-            fill_panel(L, p, panel);
-            f32_panels(panel, K, width, 0, 1, xt, T, y + n0, N, accumulate);
-        }
-    }
-    return 0;
-}
-
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
     return L->kind == FM_F32 ? f32_linear(L, x, B, y, ldy, accumulate) : nbits_gemv(L, x, B, y, ldy, accumulate);
 }
 
 int fm_linear_forward(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
-    if (T > 1 && L->kind != FM_F32) return nbits_gemm(L, x, T, y, accumulate);
     return fm_linear_rows(L, x, T, y, (size_t)L->N, accumulate);
 }
