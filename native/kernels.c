@@ -1,5 +1,5 @@
-/* The linear layers: fp32 matrices (panels of 16 columns), and MatMulNBits' 4/8-bit blocks (one
- * record per output column, met by int16-rounded activations).
+/* The linear layers: fp32 matrices and MatMulNBits' 4/8-bit blocks, both in panels of 16 columns (the
+ * blocks met by int16-rounded activations).
  *
  * Batch-1 decoding reads every weight once per token, so these loops are about streaming memory: the
  * threads claim chunks of output columns and read each chunk front to back. Several rows (a batched
