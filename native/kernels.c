@@ -305,37 +305,24 @@ static inline int q_record(int bits) { return 4 * PANEL + PANEL * FM_BLOCK * bit
 #define Q4_HALVES 1  /* vectors per 16 columns */
 #define Q4_ROWS 6     /* 18 accumulators, a panel's unpacked weights and broadcasts: no spills */
 #define Q4_PREFETCH 2048
+#define QV(op) _mm512_##op
+#define QV_SI(op) _mm512_##op##_si512
 typedef __m512i q4_ints;
 typedef __m512 q4_floats;
-static inline q4_ints q4_load(const uint8_t *p) { return _mm512_load_si512(p); }
-static inline q4_ints q4_low(q4_ints v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
-static inline q4_ints q4_high(q4_ints v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15)); }
 static inline q4_ints q4_dot(q4_ints acc, q4_ints u, q4_ints s) { return _mm512_dpbusd_epi32(acc, u, s); }
 /* acc + h . q for 8-bit q = lo + 16 hi: q itself is vpdpbusd's unsigned operand */
 static inline q4_ints q8_dot_h(q4_ints acc, q4_ints q, q4_ints lo, q4_ints hi, q4_ints h) {
     (void)lo, (void)hi;
     return _mm512_dpbusd_epi32(acc, q, h);
 }
-static inline q4_ints q4_bytes4(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
-static inline q4_ints q4_zero(void) { return _mm512_setzero_si512(); }
-static inline q4_floats q4_int_sum(q4_ints h, q4_ints l) {
-    return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h, 8), l));
-}
-static inline q4_ints q4_add_shifted(q4_ints l, q4_ints l16) { return _mm512_add_epi32(l, _mm512_slli_epi32(l16, 4)); }
 static inline q4_floats q4_halfs(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)p)); }
-static inline q4_floats q4_fma(q4_floats a, q4_floats b, q4_floats c) { return _mm512_fmadd_ps(a, b, c); }
-static inline q4_floats q4_mul1(q4_floats a, float b) { return _mm512_mul_ps(a, _mm512_set1_ps(b)); }
-static inline q4_floats q4_fma1(q4_floats a, float b, q4_floats c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(b), c); }
-static inline q4_floats q4_fzero(void) { return _mm512_setzero_ps(); }
-static inline void q4_store(float *p, q4_floats v) { _mm512_storeu_ps(p, v); }
 #elif defined(FM_AVX2)
 #define Q4_HALVES 2
 #define Q4_ROWS 2
+#define QV(op) _mm256_##op
+#define QV_SI(op) _mm256_##op##_si256
 typedef __m256i q4_ints;
 typedef __m256 q4_floats;
-static inline q4_ints q4_load(const uint8_t *p) { return _mm256_load_si256((const __m256i *)p); }
-static inline q4_ints q4_low(q4_ints v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
-static inline q4_ints q4_high(q4_ints v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15)); }
 static inline q4_ints q4_dot(q4_ints acc, q4_ints u, q4_ints s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
@@ -344,20 +331,23 @@ static inline q4_ints q8_dot_h(q4_ints acc, q4_ints q, q4_ints lo, q4_ints hi, q
     (void)q;
     return q4_dot(_mm256_add_epi32(acc, _mm256_slli_epi32(q4_dot(_mm256_setzero_si256(), hi, h), 4)), lo, h);
 }
-static inline q4_ints q4_bytes4(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
-static inline q4_ints q4_zero(void) { return _mm256_setzero_si256(); }
-static inline q4_floats q4_int_sum(q4_ints h, q4_ints l) {
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(h, 8), l));
-}
-static inline q4_ints q4_add_shifted(q4_ints l, q4_ints l16) { return _mm256_add_epi32(l, _mm256_slli_epi32(l16, 4)); }
 static inline q4_floats q4_halfs(const uint16_t *p) { return _mm256_cvtph_ps(_mm_load_si128((const __m128i *)p)); }
-static inline q4_floats q4_fma(q4_floats a, q4_floats b, q4_floats c) { return _mm256_fmadd_ps(a, b, c); }
-static inline q4_floats q4_mul1(q4_floats a, float b) { return _mm256_mul_ps(a, _mm256_set1_ps(b)); }
-static inline q4_floats q4_fma1(q4_floats a, float b, q4_floats c) { return _mm256_fmadd_ps(a, _mm256_set1_ps(b), c); }
-static inline q4_floats q4_fzero(void) { return _mm256_setzero_ps(); }
-static inline void q4_store(float *p, q4_floats v) { _mm256_storeu_ps(p, v); }
 #else
 #define Q4_ROWS 4
+#endif
+#ifdef QV  /* the rest is the same on both vector widths */
+static inline q4_ints q4_load(const uint8_t *p) { return QV_SI(load)((const void *)p); }
+static inline q4_ints q4_low(q4_ints v) { return QV_SI(and)(v, QV(set1_epi8)(15)); }
+static inline q4_ints q4_high(q4_ints v) { return QV_SI(and)(QV(srli_epi16)(v, 4), QV(set1_epi8)(15)); }
+static inline q4_ints q4_bytes4(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return QV(set1_epi32)(v); }
+static inline q4_ints q4_zero(void) { return QV_SI(setzero)(); }
+static inline q4_floats q4_int_sum(q4_ints h, q4_ints l) { return QV(cvtepi32_ps)(QV(add_epi32)(QV(slli_epi32)(h, 8), l)); }
+static inline q4_ints q4_add_shifted(q4_ints l, q4_ints l16) { return QV(add_epi32)(l, QV(slli_epi32)(l16, 4)); }
+static inline q4_floats q4_fma(q4_floats a, q4_floats b, q4_floats c) { return QV(fmadd_ps)(a, b, c); }
+static inline q4_floats q4_mul1(q4_floats a, float b) { return QV(mul_ps)(a, QV(set1_ps)(b)); }
+static inline q4_floats q4_fma1(q4_floats a, float b, q4_floats c) { return QV(fmadd_ps)(a, QV(set1_ps)(b), c); }
+static inline q4_floats q4_fzero(void) { return QV(setzero_ps)(); }
+static inline void q4_store(float *p, q4_floats v) { QV(storeu_ps)(p, v); }
 #endif
 #ifndef Q4_PREFETCH
 #define Q4_PREFETCH 0
