@@ -302,58 +302,58 @@ static float *nbits_scratch(int B, int K, size_t bytes, float **sx, uint8_t **ro
 static inline int q_record(int bits) { return 4 * PANEL + PANEL * FM_BLOCK * bits / 8; }
 
 #if defined(FM_AVX512)
-#define Q4_HALVES 1  /* vectors per 16 columns */
-#define Q4_ROWS 6     /* 18 accumulators, a panel's unpacked weights and broadcasts: no spills */
-#define Q4_PREFETCH 2048
+#define QB_HALVES 1  /* vectors per 16 columns */
+#define QB_ROWS 6     /* 18 accumulators, a panel's unpacked weights and broadcasts: no spills */
+#define QB_PREFETCH 2048
 #define QV(op) _mm512_##op
 #define QV_SI(op) _mm512_##op##_si512
-typedef __m512i q4_ints;
-typedef __m512 q4_floats;
-static inline q4_ints q4_dot(q4_ints acc, q4_ints u, q4_ints s) { return _mm512_dpbusd_epi32(acc, u, s); }
+typedef __m512i qb_ints;
+typedef __m512 qb_floats;
+static inline qb_ints qb_dot(qb_ints acc, qb_ints u, qb_ints s) { return _mm512_dpbusd_epi32(acc, u, s); }
 /* acc + h . q for 8-bit q = lo + 16 hi: q itself is vpdpbusd's unsigned operand */
-static inline q4_ints q8_dot_h(q4_ints acc, q4_ints q, q4_ints lo, q4_ints hi, q4_ints h) {
+static inline qb_ints q8_dot_h(qb_ints acc, qb_ints q, qb_ints lo, qb_ints hi, qb_ints h) {
     (void)lo, (void)hi;
     return _mm512_dpbusd_epi32(acc, q, h);
 }
-static inline q4_floats q4_halfs(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)p)); }
+static inline qb_floats qb_halfs(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)p)); }
 #elif defined(FM_AVX2)
-#define Q4_HALVES 2
-#define Q4_ROWS 2
+#define QB_HALVES 2
+#define QB_ROWS 2
 #define QV(op) _mm256_##op
 #define QV_SI(op) _mm256_##op##_si256
-typedef __m256i q4_ints;
-typedef __m256 q4_floats;
-static inline q4_ints q4_dot(q4_ints acc, q4_ints u, q4_ints s) {
+typedef __m256i qb_ints;
+typedef __m256 qb_floats;
+static inline qb_ints qb_dot(qb_ints acc, qb_ints u, qb_ints s) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 /* acc + h . q for 8-bit q = lo + 16 hi, by its nibbles (whole bytes could saturate pmaddubsw) */
-static inline q4_ints q8_dot_h(q4_ints acc, q4_ints q, q4_ints lo, q4_ints hi, q4_ints h) {
+static inline qb_ints q8_dot_h(qb_ints acc, qb_ints q, qb_ints lo, qb_ints hi, qb_ints h) {
     (void)q;
-    return q4_dot(_mm256_add_epi32(acc, _mm256_slli_epi32(q4_dot(_mm256_setzero_si256(), hi, h), 4)), lo, h);
+    return qb_dot(_mm256_add_epi32(acc, _mm256_slli_epi32(qb_dot(_mm256_setzero_si256(), hi, h), 4)), lo, h);
 }
-static inline q4_floats q4_halfs(const uint16_t *p) { return _mm256_cvtph_ps(_mm_load_si128((const __m128i *)p)); }
+static inline qb_floats qb_halfs(const uint16_t *p) { return _mm256_cvtph_ps(_mm_load_si128((const __m128i *)p)); }
 #else
-#define Q4_ROWS 4
+#define QB_ROWS 4
 #endif
 #ifdef QV  /* the rest is the same on both vector widths */
-static inline q4_ints q4_load(const uint8_t *p) { return QV_SI(load)((const void *)p); }
-static inline q4_ints q4_low(q4_ints v) { return QV_SI(and)(v, QV(set1_epi8)(15)); }
-static inline q4_ints q4_high(q4_ints v) { return QV_SI(and)(QV(srli_epi16)(v, 4), QV(set1_epi8)(15)); }
-static inline q4_ints q4_bytes4(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return QV(set1_epi32)(v); }
-static inline q4_ints q4_zero(void) { return QV_SI(setzero)(); }
-static inline q4_floats q4_int_sum(q4_ints h, q4_ints l) { return QV(cvtepi32_ps)(QV(add_epi32)(QV(slli_epi32)(h, 8), l)); }
-static inline q4_ints q4_add_shifted(q4_ints l, q4_ints l16) { return QV(add_epi32)(l, QV(slli_epi32)(l16, 4)); }
-static inline q4_floats q4_fma(q4_floats a, q4_floats b, q4_floats c) { return QV(fmadd_ps)(a, b, c); }
-static inline q4_floats q4_mul1(q4_floats a, float b) { return QV(mul_ps)(a, QV(set1_ps)(b)); }
-static inline q4_floats q4_fma1(q4_floats a, float b, q4_floats c) { return QV(fmadd_ps)(a, QV(set1_ps)(b), c); }
-static inline q4_floats q4_fzero(void) { return QV(setzero_ps)(); }
-static inline void q4_store(float *p, q4_floats v) { QV(storeu_ps)(p, v); }
+static inline qb_ints qb_load(const uint8_t *p) { return QV_SI(load)((const void *)p); }
+static inline qb_ints qb_low(qb_ints v) { return QV_SI(and)(v, QV(set1_epi8)(15)); }
+static inline qb_ints qb_high(qb_ints v) { return QV_SI(and)(QV(srli_epi16)(v, 4), QV(set1_epi8)(15)); }
+static inline qb_ints qb_bytes4(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return QV(set1_epi32)(v); }
+static inline qb_ints qb_zero(void) { return QV_SI(setzero)(); }
+static inline qb_floats qb_int_sum(qb_ints h, qb_ints l) { return QV(cvtepi32_ps)(QV(add_epi32)(QV(slli_epi32)(h, 8), l)); }
+static inline qb_ints qb_add_shifted(qb_ints l, qb_ints l16) { return QV(add_epi32)(l, QV(slli_epi32)(l16, 4)); }
+static inline qb_floats qb_fma(qb_floats a, qb_floats b, qb_floats c) { return QV(fmadd_ps)(a, b, c); }
+static inline qb_floats qb_mul1(qb_floats a, float b) { return QV(mul_ps)(a, QV(set1_ps)(b)); }
+static inline qb_floats qb_fma1(qb_floats a, float b, qb_floats c) { return QV(fmadd_ps)(a, QV(set1_ps)(b), c); }
+static inline qb_floats qb_fzero(void) { return QV(setzero_ps)(); }
+static inline void qb_store(float *p, qb_floats v) { QV(storeu_ps)(p, v); }
 #endif
-#ifndef Q4_PREFETCH
-#define Q4_PREFETCH 0
+#ifndef QB_PREFETCH
+#define QB_PREFETCH 0
 #endif
-#ifdef Q4_HALVES
-enum { Q4_LANES = PANEL / Q4_HALVES };
+#ifdef QB_HALVES
+enum { QB_LANES = PANEL / QB_HALVES };
 #endif
 
 static inline const uint8_t *q_panel(const fm_linear *L, int p) {
@@ -376,39 +376,39 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
     const int K = L->K, nb = K / FM_BLOCK, record = q_record(bits);
     const uint8_t *w[4];
     for (int j = 0; j < NP; j++) w[j] = q_panel(L, p + j * step);
-#ifdef Q4_HALVES
-    enum { MAX_ROWS = Q4_ROWS > 1 ? Q4_ROWS : 1, MAX_VECS = 4 * Q4_HALVES };
-    q4_floats acc[MAX_ROWS][MAX_VECS];
+#ifdef QB_HALVES
+    enum { MAX_ROWS = QB_ROWS > 1 ? QB_ROWS : 1, MAX_VECS = 4 * QB_HALVES };
+    qb_floats acc[MAX_ROWS][MAX_VECS];
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < NP * Q4_HALVES; j++) acc[r][j] = q4_fzero();
+        for (int j = 0; j < NP * QB_HALVES; j++) acc[r][j] = qb_fzero();
     for (int b = 0; b < nb; b++) {
-        q4_ints h[MAX_ROWS][MAX_VECS], l[MAX_ROWS][MAX_VECS], l16[MAX_ROWS][MAX_VECS];
+        qb_ints h[MAX_ROWS][MAX_VECS], l[MAX_ROWS][MAX_VECS], l16[MAX_ROWS][MAX_VECS];
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < NP * Q4_HALVES; j++) h[r][j] = l[r][j] = l16[r][j] = q4_zero();
+            for (int j = 0; j < NP * QB_HALVES; j++) h[r][j] = l[r][j] = l16[r][j] = qb_zero();
         for (int v = 0; v < bits; v++)  /* 4 or 8 vectors */
-            for (int j = 0; j < NP * Q4_HALVES; j++) {
-                const uint8_t *wv = w[j / Q4_HALVES] + (size_t)b * record + 64 * v;
-                if (Q4_PREFETCH && R > 1 && j % Q4_HALVES == 0) _mm_prefetch((const char *)(wv + Q4_PREFETCH), _MM_HINT_T0);
-                const q4_ints raw = q4_load(wv + 4 * PANEL + 32 * (j % Q4_HALVES)), lo = q4_low(raw), hi = q4_high(raw);
+            for (int j = 0; j < NP * QB_HALVES; j++) {
+                const uint8_t *wv = w[j / QB_HALVES] + (size_t)b * record + 64 * v;
+                if (QB_PREFETCH && R > 1 && j % QB_HALVES == 0) _mm_prefetch((const char *)(wv + QB_PREFETCH), _MM_HINT_T0);
+                const qb_ints raw = qb_load(wv + 4 * PANEL + 32 * (j % QB_HALVES)), lo = qb_low(raw), hi = qb_high(raw);
                 for (int r = 0; r < R; r++) {
                     const uint8_t *xh = x8 + (size_t)r * 2 * K + (size_t)b * FM_BLOCK + 4 * v, *xl = xh + K;
                     if (bits == 4) {
-                        h[r][j] = q4_dot(q4_dot(h[r][j], lo, q4_bytes4(xh)), hi, q4_bytes4(xh + 16));
-                        l[r][j] = q4_dot(q4_dot(l[r][j], q4_bytes4(xl), lo), q4_bytes4(xl + 16), hi);
+                        h[r][j] = qb_dot(qb_dot(h[r][j], lo, qb_bytes4(xh)), hi, qb_bytes4(xh + 16));
+                        l[r][j] = qb_dot(qb_dot(l[r][j], qb_bytes4(xl), lo), qb_bytes4(xl + 16), hi);
                     } else {
-                        const q4_ints xlv = q4_bytes4(xl);
-                        h[r][j] = q8_dot_h(h[r][j], raw, lo, hi, q4_bytes4(xh));
-                        l[r][j] = q4_dot(l[r][j], xlv, lo), l16[r][j] = q4_dot(l16[r][j], xlv, hi);
+                        const qb_ints xlv = qb_bytes4(xl);
+                        h[r][j] = q8_dot_h(h[r][j], raw, lo, hi, qb_bytes4(xh));
+                        l[r][j] = qb_dot(l[r][j], xlv, lo), l16[r][j] = qb_dot(l16[r][j], xlv, hi);
                     }
                 }
             }
-        for (int j = 0; j < NP * Q4_HALVES; j++) {
-            const uint16_t *dm = (const uint16_t *)(w[j / Q4_HALVES] + (size_t)b * record) + Q4_LANES * (j % Q4_HALVES);
-            const q4_floats d = q4_halfs(dm), m = q4_halfs(dm + PANEL);
+        for (int j = 0; j < NP * QB_HALVES; j++) {
+            const uint16_t *dm = (const uint16_t *)(w[j / QB_HALVES] + (size_t)b * record) + QB_LANES * (j % QB_HALVES);
+            const qb_floats d = qb_halfs(dm), m = qb_halfs(dm + PANEL);
             for (int r = 0; r < R; r++) {
-                const q4_floats dot = q4_int_sum(h[r][j], bits == 4 ? l[r][j] : q4_add_shifted(l[r][j], l16[r][j]));
-                acc[r][j] = q4_fma(dot, q4_mul1(d, sx[(size_t)r * nb + b]), acc[r][j]);
-                acc[r][j] = q4_fma1(m, sums[(size_t)r * nb + b], acc[r][j]);
+                const qb_floats dot = qb_int_sum(h[r][j], bits == 4 ? l[r][j] : qb_add_shifted(l[r][j], l16[r][j]));
+                acc[r][j] = qb_fma(dot, qb_mul1(d, sx[(size_t)r * nb + b]), acc[r][j]);
+                acc[r][j] = qb_fma1(m, sums[(size_t)r * nb + b], acc[r][j]);
             }
         }
     }
@@ -416,7 +416,7 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
         for (int j = 0; j < NP; j++) {
             const int n0 = (p + j * step) * PANEL;
             float *yr = y + r * ldy + n0, out[PANEL];
-            for (int c = 0; c < Q4_HALVES; c++) q4_store(out + c * Q4_LANES, acc[r][j * Q4_HALVES + c]);
+            for (int c = 0; c < QB_HALVES; c++) qb_store(out + c * QB_LANES, acc[r][j * QB_HALVES + c]);
             for (int i = 0; i < PANEL && n0 + i < L->N; i++) yr[i] = accumulate ? yr[i] + out[i] : out[i];
         }
 #else
@@ -440,7 +440,8 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
 }
 
 /* The panels p0..p1 for B rows. One row: four panels at a time from the range's quarters (four forward
- * streams, as f32_panels); several: Q4_ROWS rows at a time meet each unpacked weight vector. */
+ * streams, as f32_panels; AVX2 one at a time: four panels' accumulators spill its 16 registers, 7-8 %
+ * slower); several: QB_ROWS rows at a time meet each unpacked weight vector. */
 static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, int p0, int p1, const uint8_t *x8,
                                                            const float *sx, const float *sums, int B, float *y,
                                                            size_t ldy, int accumulate, const int bits) {
@@ -464,18 +465,18 @@ static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, i
         int r = 0;
 #define TILE(R) q_tile(L, p, 0, 1, x8 + (size_t)r * 2 * K, sx + (size_t)r * nb, sums + (size_t)r * nb, R, \
                        y + r * ldy, ldy, accumulate, bits)
-        for (; r + Q4_ROWS <= B; r += Q4_ROWS) TILE(Q4_ROWS);
+        for (; r + QB_ROWS <= B; r += QB_ROWS) TILE(QB_ROWS);
         switch (B - r) {  /* a constant row count each, so the accumulators stay in registers */
-#if Q4_ROWS > 5
+#if QB_ROWS > 5
             case 5: TILE(5); break;
 #endif
-#if Q4_ROWS > 4
+#if QB_ROWS > 4
             case 4: TILE(4); break;
 #endif
-#if Q4_ROWS > 3
+#if QB_ROWS > 3
             case 3: TILE(3); break;
 #endif
-#if Q4_ROWS > 2
+#if QB_ROWS > 2
             case 2: TILE(2); break;
 #endif
             case 1: TILE(1); break;
