@@ -127,6 +127,7 @@ def load_library():
         lib.fm_pack.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         lib.fm_pack_nbits.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32,
                                       ctypes.c_void_p]
+        lib.fm_pack_nbits.restype = ctypes.c_int
         lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                                    ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p]
@@ -227,7 +228,9 @@ class NativeDecoder:
             raise FromageError(f"{name}: block scales are not fp16 values (re-export the bundle)")
         q, dm, bits = np.ascontiguousarray(q), np.ascontiguousarray(dm.astype(np.float16)), nbytes * 8 // BLOCK
         out = self.arena.take(_nbits_bytes(q.shape))
-        self.lib.fm_pack_nbits(q.ctypes.data, dm.ctypes.data, nb * BLOCK, n, bits, out.ctypes.data)
+        if self.lib.fm_pack_nbits(q.ctypes.data, dm.ctypes.data, nb * BLOCK, n, bits, out.ctypes.data):
+            raise FromageError(f"decoder.onnx: {name} has {nbytes * 8 / BLOCK:g}-bit blocks; the native decoder "
+                               f"reads 4- and 8-bit ones")
         self._linears[name] = _Linear(NBITS, nb * BLOCK, n, bits, None, out.ctypes.data)
 
     def _linear(self, name: str) -> _Linear:

@@ -95,7 +95,8 @@ void fm_pack(const float *src, int64_t K, int64_t N, float *dst) {
     }
 }
 
-void fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, int32_t bits, uint8_t *dst) {
+int fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, int32_t bits, uint8_t *dst) {
+    if ((bits != 4 && bits != 8) || K <= 0 || K % FM_BLOCK || N <= 0) return -1;
     const int64_t nb = K / FM_BLOCK, panels = (N + FM_PANEL - 1) / FM_PANEL, block = FM_BLOCK * bits / 8,
                   record = 4 * FM_PANEL + FM_PANEL * block;
     memset(dst, 0, (size_t)(panels * nb * record));
@@ -111,6 +112,7 @@ void fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, i
                     : (uint8_t)((blk[k / 2] >> (4 * (k & 1)) & 15) | (blk[(k + 16) / 2] >> (4 * (k & 1)) & 15) << 4);
         }
     }
+    return 0;
 }
 
 float fm_stream_read(const float *a, size_t n, int streams, size_t piece) {

@@ -85,8 +85,9 @@ void fm_pack(const float *src, int64_t K, int64_t N, float *dst);
 
 /* dst (ceil(N / FM_PANEL) * K/32 * (64 + 16 * 32 * bits / 8) bytes, 64-byte aligned) = a 4/8-bit matrix
  * laid out as fm_linear.q: q (N, K/32, 32 * bits / 8) MatMulNBits' packing (4-bit: element 2i of a block
- * in the low nibble of byte i), dm (N, 2 K/32) each column's [d | m] in fp16. */
-void fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, int32_t bits, uint8_t *dst);
+ * in the low nibble of byte i), dm (N, 2 K/32) each column's [d | m] in fp16. Returns 0, or -1 (nothing
+ * written) unless bits is 4 or 8, K a positive multiple of 32 and N positive. */
+int fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, int32_t bits, uint8_t *dst);
 
 /* Sums a (n floats) with OpenMP's threads, each reading its share as `streams` side-by-side forward
  * streams (1, 2, 4 or 8): the reads that `fromage bench` measures the memory bandwidth roofline with.

@@ -51,7 +51,8 @@ static void make_linear(int K, int N, fm_linear *f32, fm_linear *qb, int bits) {
         }
     *f32 = (fm_linear){FM_F32, K, N, 0, packed(w, K, N), NULL};
     uint8_t *panels = aligned_alloc(64, (size_t)(N + FM_PANEL - 1) / FM_PANEL * nb * (64 + 16 * block));
-    fm_pack_nbits(q, dm, K, N, bits, panels);
+    if (fm_pack_nbits(q, dm, K, N, bits, panels) || !fm_pack_nbits(q, dm, K, N, 3, panels) ||
+        !fm_pack_nbits(q, dm, K + 1, N, bits, panels)) exit(3);
     free(w), free(q), free(dm);
     *qb = (fm_linear){FM_NBITS, K, N, bits, NULL, panels};
 }
