@@ -5,8 +5,9 @@ Why: batch-1 decoding reads every weight once per token. ONNX Runtime's fp32 Mat
 at ~80 % of this machine's bandwidth, and its 4-bit MatMulNBits is fast only when it rounds the
 activations to int8 (which changes greedy output). The C kernels stream fp32 weights at the
 bandwidth limit and run the GGUF's 4-bit grids with 16-bit activations (logits within ~1e-5 of fp32
-ones), so a 4-bit bundle decodes with exactly the fp32 bundle's weights. The KV cache is the runtime's (1, kv, capacity, d) buffers,
-as with the ONNX graph, so the runtime's cache handling is the same for both engines.
+ones), so a 4-bit bundle decodes with exactly the fp32 bundle's weights. The KV cache is the runtime's
+(1, kv, capacity, d) buffers, as with the ONNX graph, so the runtime's cache handling is the same for
+both engines.
 """
 from __future__ import annotations
 
@@ -174,10 +175,10 @@ class NativeDecoder:
             self._external = {t["name"] for t in table if t["raw"] is None}
             table = [t for t in table if t["raw"] is not None]
             kept = [t for t in table if not t["name"].endswith(_TEMPORARY)]
-            records = [_nbits_bytes(t["dims"]) for t in table
-                       if t["name"].endswith(".qweight") and len(t["dims"]) == 3]
+            blocks = [_nbits_bytes(t["dims"]) for t in table
+                      if t["name"].endswith(".qweight") and len(t["dims"]) == 3]
             sizes = [_panels_bytes(t["dims"]) if _is_f32_matrix(t) else t["raw"][1] - t["raw"][0] for t in kept]
-            self.arena = _Arena(sum(_Arena.padded(n) for n in records + sizes))
+            self.arena = _Arena(sum(_Arena.padded(n) for n in blocks + sizes))
             for t in sorted(table, key=lambda t: t["name"].endswith(".qweight")):  # blocks after their scales
                 a, b = t["raw"]
                 matrix = _is_f32_matrix(t)
