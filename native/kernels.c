@@ -318,7 +318,7 @@ static inline qb_ints q8_dot_h(qb_ints acc, qb_ints q, qb_ints lo, qb_ints hi, q
 static inline qb_floats qb_halfs(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)p)); }
 #elif defined(FM_AVX2)
 #define QB_HALVES 2
-#define QB_ROWS 3  /* 16 rows, the copy forced on a Zen 4: 0.95x the time of 2 (4: no better) */
+#define QB_ROWS 3  /* with a panel half's unpacked weights, what 16 ymm registers hold */
 #define QV(op) _mm256_##op
 #define QV_SI(op) _mm256_##op##_si256
 typedef __m256i qb_ints;
@@ -440,8 +440,8 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
 }
 
 /* The panels p0..p1 for B rows. One row: four panels at a time from the range's quarters (four forward
- * streams, as f32_panels; AVX2 one at a time: four panels' accumulators spill its 16 registers, 7-8 %
- * slower); several: QB_ROWS rows at a time meet each unpacked weight vector. */
+ * streams, as f32_panels; AVX2 one at a time: four panels' accumulators would spill its 16 registers);
+ * several: QB_ROWS rows at a time meet each unpacked weight vector. */
 static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, int p0, int p1, const uint8_t *x8,
                                                            const float *sx, const float *sums, int B, float *y,
                                                            size_t ldy, int accumulate, const int bits) {
