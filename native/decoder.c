@@ -318,20 +318,20 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
     for (int i = 0; i < m->n_layers && !rc; i++) {
         const fm_layer *L = m->layers + i;
         rms_norm(x, L->attn_norm, h, T, E, m->eps);
-        rc |= fm_linear_forward(&L->qkv, h, T, qkv, 0);
+        rc |= fm_linear_rows(&L->qkv, h, T, qkv, (size_t)L->qkv.N, 0);
         rope_and_append(m, qkv, T, past, capacity, k_cache[i], v_cache[i]);
         attention(m, qkv, T, past, capacity, k_cache[i], v_cache[i], attn, att_scratch);
-        rc |= fm_linear_forward(&L->o, attn, T, x, 1);
+        rc |= fm_linear_rows(&L->o, attn, T, x, (size_t)L->o.N, 1);
         rms_norm(x, L->mlp_norm, h, T, E, m->eps);
-        rc |= fm_linear_forward(&L->gate_up, h, T, gu, 0);
+        rc |= fm_linear_rows(&L->gate_up, h, T, gu, (size_t)L->gate_up.N, 0);
         silu_mul(gu, T, I, act);
-        rc |= fm_linear_forward(&L->down, act, T, x, 1);
+        rc |= fm_linear_rows(&L->down, act, T, x, (size_t)L->down.N, 1);
     }
     if (rc) return -2;
 
     rms_norm(x + (size_t)(T - 1) * E, m->final_norm, h, 1, E, m->eps);
-    rc |= fm_linear_forward(&m->head, h, 1, logits, 0);
-    if (m->head_extra.N > 0) rc |= fm_linear_forward(&m->head_extra, h, 1, logits + m->head.N, 0);
+    rc |= fm_linear_rows(&m->head, h, 1, logits, (size_t)m->head.N, 0);
+    if (m->head_extra.N > 0) rc |= fm_linear_rows(&m->head_extra, h, 1, logits + m->head.N, (size_t)m->head_extra.N, 0);
     return rc ? -2 : retrieval(m, h, 1, ret);
 }
 

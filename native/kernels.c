@@ -521,7 +521,3 @@ static int nbits_gemv(const fm_linear *L, const float *x, int B, float *y, size_
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
     return L->kind == FM_F32 ? f32_linear(L, x, B, y, ldy, accumulate) : nbits_gemv(L, x, B, y, ldy, accumulate);
 }
-
-int fm_linear_forward(const fm_linear *L, const float *x, int T, float *y, int accumulate) {
-    return fm_linear_rows(L, x, T, y, (size_t)L->N, accumulate);
-}

@@ -18,7 +18,6 @@
 #define fm_forward FM_PASTE(fm_forward, FM_ISA)
 #define fm_forward_batch FM_PASTE(fm_forward_batch, FM_ISA)
 #define fm_stream_read FM_PASTE(fm_stream_read, FM_ISA)
-#define fm_linear_forward FM_PASTE(fm_linear_forward, FM_ISA)
 #define fm_linear_rows FM_PASTE(fm_linear_rows, FM_ISA)
 #endif
 
@@ -35,11 +34,9 @@
 
 #include "fromage_native.h"
 
-/* y (T, N) = x (T, K) @ W, or y += x @ W when accumulate (the residual adds). Returns 0, or -2 when
- * its scratch memory cannot be had. Parallel (OpenMP) inside. */
-int fm_linear_forward(const fm_linear *L, const float *x, int T, float *y, int accumulate);
-/* B independent tokens x (B, K) -> y (B, ldy): each row bit-identical to a one-token fm_linear_forward
- * of that row alone (the one-token kernels, each weight read once for all rows). 0 or -2 as above. */
+/* y (B, ldy) = x (B, K) @ W for B rows (a prompt's positions or a batch's tokens), or y += x @ W when
+ * accumulate (the residual adds); each weight is read once for all rows, and each row is bit-identical
+ * to that row alone. Returns 0, or -2 when its scratch memory cannot be had. Parallel (OpenMP) inside. */
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate);
 /* Thread-local grow-only scratch: slot 0 belongs to the kernels, slot 1 to the decoder. */
 float *fm_scratch(int slot, size_t floats);
