@@ -245,8 +245,9 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
-/* Per block of x: S_b, sx_b and x16_b (rounded to nearest even). */
-static void nbits_prepare(const float *x, int K, float *sums, float *sx, int16_t *x16) {
+/* Per block of x: S_b, sx_b and x16_b (rounded to nearest even), the latter as the bytes the panels'
+ * kernels take: x8 = [h (K) | l (K)], x16 = 256 h + l (h signed, l unsigned). */
+static void nbits_prepare(const float *x, int K, float *sums, float *sx, uint8_t *x8) {
     for (int b = 0; b < K / FM_BLOCK; b++) {
         const float *xb = x + (size_t)b * FM_BLOCK;
 #ifdef FM_AVX2
@@ -263,24 +264,31 @@ static void nbits_prepare(const float *x, int K, float *sums, float *sx, int16_t
         const __m256 scale = _mm256_set1_ps(top > 0.f ? 32767.f / top : 0.f);
         const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, scale)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, scale));
         const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, scale)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, scale));
-        /* packs interleaves 128-bit halves; the permute puts the 16 values back in order */
-        _mm256_storeu_si256((__m256i *)(x16 + (size_t)b * FM_BLOCK), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
-        _mm256_storeu_si256((__m256i *)(x16 + (size_t)b * FM_BLOCK + 16),
-                            _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8));
+        /* packs interleaves 128-bit halves; each permute puts the values back in order */
+        const __m256i a = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8),  /* x16 of 0..15 */
+                      c = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8);  /* 16..31 */
+        const __m256i low = _mm256_set1_epi16(255);
+        _mm256_storeu_si256((__m256i *)(x8 + (size_t)b * FM_BLOCK), _mm256_permute4x64_epi64(
+            _mm256_packs_epi16(_mm256_srai_epi16(a, 8), _mm256_srai_epi16(c, 8)), 0xD8));
+        _mm256_storeu_si256((__m256i *)(x8 + K + (size_t)b * FM_BLOCK), _mm256_permute4x64_epi64(
+            _mm256_packus_epi16(_mm256_and_si256(a, low), _mm256_and_si256(c, low)), 0xD8));
 #else
         float top = 0.f, s = 0.f;
         for (int i = 0; i < FM_BLOCK; i++) top = fabsf(xb[i]) > top ? fabsf(xb[i]) : top, s += xb[i];
         sums[b] = s, sx[b] = top / 32767.f;
         const float scale = top > 0.f ? 32767.f / top : 0.f;
-        for (int i = 0; i < FM_BLOCK; i++) x16[(size_t)b * FM_BLOCK + i] = (int16_t)lrintf(xb[i] * scale);
+        for (int i = 0; i < FM_BLOCK; i++) {
+            const int v = (int)lrintf(xb[i] * scale);
+            x8[(size_t)b * FM_BLOCK + i] = (uint8_t)(int8_t)(v >> 8), x8[K + (size_t)b * FM_BLOCK + i] = (uint8_t)(v & 255);
+        }
 #endif
     }
 }
 
-/* Scratch for B rows of nbits_prepare: sums and sx (B, nb) each, then `bytes` per row, 64-byte aligned. */
-static float *nbits_scratch(int B, int K, size_t bytes, float **sx, uint8_t **rows) {
+/* Scratch for B rows of nbits_prepare: sums and sx (B, nb) each, then 2 K bytes per row, 64-byte aligned. */
+static float *nbits_scratch(int B, int K, float **sx, uint8_t **rows) {
     const size_t nb = (size_t)K / FM_BLOCK, scales = (2 * B * nb + 15) / 16 * 16;
-    float *sums = fm_scratch(0, scales + (B * bytes + 3) / 4);
+    float *sums = fm_scratch(0, scales + (size_t)B * K / 2);
     if (sums) *sx = sums + B * nb, *rows = (uint8_t *)(sums + scales);
     return sums;
 }
@@ -485,31 +493,14 @@ static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, i
     }
 }
 
-/* x16 (K) -> [h (K) | l (K)] bytes: x16 = 256 h + l. */
-static void split_bytes(const int16_t *x16, int K, uint8_t *x8) {
-    int k = 0;
-#ifdef FM_AVX2
-    for (; k + 16 <= K; k += 16) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(x16 + k));
-        const __m256i h = _mm256_srai_epi16(v, 8), l = _mm256_and_si256(v, _mm256_set1_epi16(255));
-        _mm_storeu_si128((__m128i *)(x8 + k), _mm_packs_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
-        _mm_storeu_si128((__m128i *)(x8 + K + k), _mm_packus_epi16(_mm256_castsi256_si128(l), _mm256_extracti128_si256(l, 1)));
-    }
-#endif
-    for (; k < K; k++) x8[k] = (uint8_t)(int8_t)(x16[k] >> 8), x8[K + k] = (uint8_t)(x16[k] & 255);
-}
-
 static int nbits_gemv(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
     const int K = L->K, nb = K / FM_BLOCK, panels = (L->N + PANEL - 1) / PANEL;
     float *sx;
     uint8_t *x8;
-    float *sums = nbits_scratch(B, K, (size_t)4 * K, &sx, &x8);  /* per row: x16, then its bytes */
+    float *sums = nbits_scratch(B, K, &sx, &x8);
     if (!sums) return -2;
-    for (int r = 0; r < B; r++) {
-        int16_t *x16 = (int16_t *)(x8 + (size_t)B * 2 * K) + (size_t)r * K;
-        nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb, x16);
-        split_bytes(x16, K, x8 + (size_t)r * 2 * K);
-    }
+    for (int r = 0; r < B; r++)
+        nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb, x8 + (size_t)r * 2 * K);
     const int chunk = panel_chunk((size_t)nb * q_record(L->bits) / PANEL, L->N, B);
     if (L->bits == 4)
         FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q_panels(L, p0, p1, x8, sx, sums, B, y, ldy, accumulate, 4));
