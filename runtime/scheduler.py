@@ -11,9 +11,8 @@ While others decode, prompts are fed PROMPT_ROWS_BUSY positions per call (or `pr
 long prompt arriving slows the running streams' steps by a bounded factor instead of stalling them.
 Every position (prompt or generated) is computed by the decoding kernels, whose rows do not depend on
 what else is in the call: a request's outputs are the same alone or in any batch, however its prompt
-was cut. `Fromage.generate` prefills fp32 bundles with the same kernels (the same outputs again); a
-4/8-bit bundle's prefill dequantizes to fp32, which rounds differently: its greedy tokens agree with
-the scheduler's nearly always, not by construction (README, Serving).
+was cut. On the native engine `Fromage.generate` prefills with the same kernels, so it gives the same
+outputs again, fp32 and 4/8-bit bundles alike (README, Serving).
 """
 from __future__ import annotations
 
