@@ -6,14 +6,13 @@ step's attention, norms and head included in its time)."""
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 
+from .bench_steps import STEPS_PER_RUN, format_rows, time_steps
 from .options import int_list
 
 BATCH_POSITIONS = 128
-STEPS_PER_RUN = 10  # steps timed per batch size and run, after one untimed
 
 
 def parse_batches(text: str) -> list[int]:
@@ -37,18 +36,10 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
     caches = [[rng.standard_normal(shape, dtype=np.float32) for _ in range(2 * m.n_layers)]
               for _ in range(batches[-1])]
     embeds = (rng.standard_normal((batches[-1], m.hidden)) * 0.02).astype(np.float32)
-    steps = {b: [] for b in batches}
-    for r in range(runs):  # batch sizes interleaved
-        for b in batches:
-            logits = np.empty((b, dec.vocab_size), np.float32)
-            ret = np.empty((b, dec.retrieval_dim), np.float32)
-            for i in range(STEPS_PER_RUN + 1):
-                t = time.perf_counter()
-                dec.forward_batch(embeds[:b], caches[:b], [positions] * b, logits, ret)
-                if i:
-                    steps[b].append(time.perf_counter() - t)
-        log(f"  run {r + 1}/{runs}: " + ", ".join(f"B={b}: {statistics.median(steps[b][-STEPS_PER_RUN:]) * 1e3:.1f} ms"
-                                                 for b in batches))
+    outputs = {b: (np.empty((b, dec.vocab_size), np.float32), np.empty((b, dec.retrieval_dim), np.float32))
+               for b in batches}
+    steps = time_steps(batches, lambda b: dec.forward_batch(embeds[:b], caches[:b], [positions] * b, *outputs[b]),
+                       runs, log, label=lambda b: f"B={b}")
     weights = matrix_weights(m, dec.vocab_size)
     rows = []
     for b in batches:
@@ -63,11 +54,8 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
 
 
 def format_batch(result: dict) -> str:
-    lines = [f"batched decode steps ({result['kernels']} kernels, {result['threads']} threads, each sequence at "
-             f"{result['positions']} positions, median of {result['runs']} x {result['steps_per_run']} steps; "
-             f"{result['matrix_weights'] / 1e6:.1f} M matrix weights)",
-             "batch   step ms    tok/s   x batch 1   matrix GFLOP/s"]
-    for r in result["batches"]:
-        x = f"{r['x_batch_1']:9.2f}" if r["x_batch_1"] else f"{'-':>9}"
-        lines.append(f"{r['batch']:5d}   {r['step_ms']:7.2f}   {r['tok_s']:6.1f}   {x}   {r['gflop_s']:14.1f}")
-    return "\n".join(lines)
+    return format_rows(f"batched decode steps ({result['kernels']} kernels, {result['threads']} threads, each sequence at "
+                       f"{result['positions']} positions, median of {result['runs']} x {result['steps_per_run']} steps; "
+                       f"{result['matrix_weights'] / 1e6:.1f} M matrix weights)",
+                       [("batch", "batch", "d"), ("step ms", "step_ms", ".2f"), ("tok/s", "tok_s", ".1f"),
+                        ("x batch 1", "x_batch_1", ".2f"), ("matrix GFLOP/s", "gflop_s", ".1f")], result["batches"])

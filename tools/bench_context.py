@@ -5,16 +5,15 @@ the steps as the main bench measures it."""
 from __future__ import annotations
 
 import statistics
-import time
 
 import numpy as np
 
 from fromage.runtime.errors import FromageError
 
+from .bench_steps import STEPS_PER_RUN, format_rows, time_steps
 from .options import int_list
 
 BASE_POSITIONS = 16
-STEPS_PER_RUN = 10  # decode steps timed per length and run, after one untimed
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -36,17 +35,12 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
     logits, ret = np.zeros(dec.vocab_size, np.float32), np.zeros(dec.retrieval_dim, np.float32)
     probe = BandwidthProbe(threads)
     points = [BASE_POSITIONS] + lengths
-    steps, bandwidth = {p: [] for p in points}, []
-    for r in range(runs):  # lengths interleaved, a bandwidth measurement per run
-        for p in points:
-            dec.forward(embeds, cache, p, logits, ret)
-            for _ in range(STEPS_PER_RUN):
-                t = time.perf_counter()
-                dec.forward(embeds, cache, p, logits, ret)
-                steps[p].append(time.perf_counter() - t)
+    bandwidth = []
+
+    def measure() -> str:  # the bandwidth once per run, between the steps
         bandwidth.append(probe.measure()["gb_s"])
-        log(f"  run {r + 1}/{runs}: " + ", ".join(f"{p}: {statistics.median(steps[p][-STEPS_PER_RUN:]) * 1e3:.2f} ms"
-                                                 for p in points) + f"; bandwidth {bandwidth[-1]:.1f} GB/s")
+        return f"; bandwidth {bandwidth[-1]:.1f} GB/s"
+    steps = time_steps(points, lambda p: dec.forward(embeds, cache, p, logits, ret), runs, log, after_run=measure)
     gb_s = statistics.median(bandwidth)
     base = statistics.median(steps[BASE_POSITIONS])
     rows = []
@@ -63,11 +57,10 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
 
 
 def format_context(result: dict) -> str:
-    lines = [f"long context ({result['kernels']} kernels, {result['threads']} threads, median of "
-             f"{result['runs']} x {result['steps_per_run']} steps; bandwidth {result['bandwidth_gb_s']:.1f} GB/s; "
-             f"step at {result['base_positions']} positions {result['base_step_ms']:.2f} ms)",
-             "positions   step ms   attention ms   KV MB   KV bytes / bandwidth ms   x that bound"]
-    for r in result["lengths"]:
-        lines.append(f"{r['positions']:9d}   {r['step_ms']:7.2f}   {r['attention_ms']:12.2f}   {r['kv_mb']:5.1f}   "
-                     f"{r['bound_ms']:23.2f}   {r['x_bound']:12.2f}")
-    return "\n".join(lines)
+    return format_rows(f"long context ({result['kernels']} kernels, {result['threads']} threads, median of "
+                       f"{result['runs']} x {result['steps_per_run']} steps; bandwidth {result['bandwidth_gb_s']:.1f} "
+                       f"GB/s; step at {result['base_positions']} positions {result['base_step_ms']:.2f} ms)",
+                       [("positions", "positions", "d"), ("step ms", "step_ms", ".2f"),
+                        ("attention ms", "attention_ms", ".2f"), ("KV MB", "kv_mb", ".1f"),
+                        ("KV bytes / bandwidth ms", "bound_ms", ".2f"), ("x that bound", "x_bound", ".2f")],
+                       result["lengths"])

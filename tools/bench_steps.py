@@ -1,0 +1,34 @@
+"""The native decoder's steps timed as `fromage bench --context` and `--batch` time them, and their tables."""
+from __future__ import annotations
+
+import statistics
+import time
+
+STEPS_PER_RUN = 10  # steps timed per setting and run, after one untimed
+
+
+def time_steps(settings: list, step, runs: int, log, label=str, after_run=None) -> dict:
+    """step(s) runs one decoder step at setting s. Per run every setting in turn (interleaved: a shared
+    machine's slow moments hit them alike) gets one untimed step, then STEPS_PER_RUN timed ones; after_run()
+    may add a measurement, its text ending the run's log line. -> {setting: [seconds]}."""
+    times = {s: [] for s in settings}
+    for r in range(runs):
+        for s in settings:
+            step(s)
+            for _ in range(STEPS_PER_RUN):
+                t = time.perf_counter()
+                step(s)
+                times[s].append(time.perf_counter() - t)
+        extra = after_run() if after_run else ""
+        log(f"  run {r + 1}/{runs}: " + ", ".join(f"{label(s)}: {statistics.median(times[s][-STEPS_PER_RUN:]) * 1e3:.2f} ms"
+                                                 for s in settings) + extra)
+    return times
+
+
+def format_rows(title: str, columns: list[tuple[str, str, str]], rows: list[dict]) -> str:
+    """A table: columns (header, row key, format spec), each cell right-aligned under its header
+    ('-' for None)."""
+    lines = [title, "   ".join(h for h, _, _ in columns)]
+    for row in rows:
+        lines.append("   ".join(("-" if row[k] is None else format(row[k], spec)).rjust(len(h)) for h, k, spec in columns))
+    return "\n".join(lines)
