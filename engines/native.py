@@ -153,9 +153,20 @@ def available() -> str | None:
         return str(e)
 
 
+KV_BLOCK = 64  # FM_KV_BLOCK: cache capacities are multiples of it; keys are stored in blocks of it
+
+
+def keys_by_position(keys: np.ndarray) -> np.ndarray:
+    """A native key cache (1, kv, capacity, d), stored in blocks of KV_BLOCK positions each dimension-major
+    (native/fromage_native.h), as a copy in position order: the layout of the values and of the ONNX graph."""
+    one, kv, capacity, d = keys.shape
+    return keys.reshape(one, kv, capacity // KV_BLOCK, d, KV_BLOCK).swapaxes(3, 4).reshape(keys.shape).copy()
+
+
 class NativeDecoder:
     """One bundle's fused decoder graph (export/llama_graph.py, fp32 or --quantize) run natively."""
     in_place = True  # writes the KV cache buffers in place (the runtime grows them)
+    capacity_step = KV_BLOCK  # a cache's capacity is a multiple of this
 
     def __init__(self, path, model: dict, threads: int | None = None):
         self.lib = load_library()
@@ -311,7 +322,7 @@ class NativeDecoder:
         n, kv, d, f32 = self.model.n_layers, self.model.n_kv, self.model.head_dim, np.dtype(np.float32)
         shape = cache[0].shape if len(cache) == 2 * n else ()
         try:
-            if not (len(shape) == 4 and shape[:2] == (1, kv) and shape[3] == d
+            if not (len(shape) == 4 and shape[:2] == (1, kv) and shape[3] == d and shape[2] % KV_BLOCK == 0
                     and all(c.dtype is f32 and c.shape == shape for c in cache)):
                 raise TypeError
             # from_buffer refuses buffers that are not C-contiguous and writable; ~4x cheaper than .ctypes.data
@@ -319,7 +330,7 @@ class NativeDecoder:
                 [c.ctypes.data for c in cache]
         except TypeError:
             raise FromageError(f"the KV cache must be {2 * n} C-contiguous writable float32 arrays "
-                               f"of shape (1, {kv}, capacity, {d})") from None
+                               f"of shape (1, {kv}, capacity, {d}), capacity a multiple of {KV_BLOCK}") from None
 
     def forward_batch(self, embeds: np.ndarray, caches: list, pasts: list, logits: np.ndarray, ret: np.ndarray,
                       out_rows: list | None = None) -> None:

@@ -55,6 +55,7 @@ class InPlaceDecoder:
     graph appends to the cache in place; logits and ret are written into the caller's arrays.
     Several threads may call one decoder at once, each with its own cache."""
     in_place = True
+    capacity_step = 1
 
     def __init__(self, session: OrtSession):
         self.session = session

@@ -23,41 +23,47 @@ static void rotate(float *v, const float *c, const float *s, int half) {
     }
 }
 
-/* Rotates q in place and appends the rotated k and the v of each new position to the cache. */
+/* ATT_BLOCK cache positions per partial softmax, and per key tile: the key cache holds each block of
+ * ATT_BLOCK positions dimension-major (d rows of ATT_BLOCK floats), so a block's scores are ATT_BLOCK lanes
+ * of multiply-adds over one forward stream, with no sums across a vector; the value cache is position-major.
+ * Up to FUSED_HEADS query heads of a group read each key and value once (AVX-512: 32 vector registers). */
+enum { ATT_BLOCK = FM_KV_BLOCK, FUSED_HEADS = 3, SCORES = FUSED_HEADS * ATT_BLOCK };
+
+/* Rotates q and k in place and appends the k and v of each new position to the cache. */
 static void rope_and_append(const fm_model *m, float *qkv, int T, int past, int capacity, float *kc, float *vc) {
     const int H = m->n_heads, KV = m->n_kv, d = m->head_dim, half = d / 2, width = (H + 2 * KV) * d;
     for (int t = 0; t < T; t++) {
         const int p = past + t;
         const float *c = m->cos + (size_t)p * half, *s = m->sin + (size_t)p * half;
         float *row = qkv + (size_t)t * width;
-        for (int h = 0; h < H; h++) rotate(row + h * d, c, s, half);
+        for (int h = 0; h < H + KV; h++) rotate(row + h * d, c, s, half);
         for (int g = 0; g < KV; g++) {
-            float *k = kc + ((size_t)g * capacity + p) * d;
-            memcpy(k, row + (H + g) * d, sizeof(float) * d);
-            rotate(k, c, s, half);
+            const float *k = row + (H + g) * d;
+            float *tile = kc + (size_t)g * capacity * d + (size_t)(p / ATT_BLOCK) * ATT_BLOCK * d + p % ATT_BLOCK;
+            for (int i = 0; i < d; i++) tile[(size_t)i * ATT_BLOCK] = k[i];
             memcpy(vc + ((size_t)g * capacity + p) * d, row + (H + KV + g) * d, sizeof(float) * d);
         }
     }
 }
 
-/* sc[s] = q . k[s] * scale for the n cached keys k (n, d): eight keys at a time, their eight
- * partial-sum vectors transposed so that one add tree gives eight scores (not a horizontal sum per key). */
-static void key_scores(const float *q, const float *k, int n, int d, float scale, float *sc) {
-    int s = 0;
+/* sc[s] = q . k[s] * scale for the ATT_BLOCK keys of one tile (kt: d rows of ATT_BLOCK floats), every
+ * lane computed (a block's lanes past its last position hold whatever the cache has and are not used). */
+static void block_scores(const float *q, const float *kt, int d, float scale, float *sc) {
 #ifdef FM_AVX2
-    for (; s + 8 <= n && d % 8 == 0; s += 8) {
-        __m256 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-        for (int i = 0; i < d; i += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + i);
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (size_t)(s + j) * d + i), acc[j]);
-        }
-        fm_transpose8(acc);
-        for (int j = 1; j < 8; j++) acc[0] = _mm256_add_ps(acc[0], acc[j]);
-        _mm256_storeu_ps(sc + s, _mm256_mul_ps(acc[0], _mm256_set1_ps(scale)));
+    __m256 acc[ATT_BLOCK / 8];
+    for (int j = 0; j < ATT_BLOCK / 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int i = 0; i < d; i++) {
+        const __m256 qi = _mm256_set1_ps(q[i]);
+        for (int j = 0; j < ATT_BLOCK / 8; j++)
+            acc[j] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(kt + (size_t)i * ATT_BLOCK + 8 * j), acc[j]);
     }
+    for (int j = 0; j < ATT_BLOCK / 8; j++) _mm256_storeu_ps(sc + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(scale)));
+#else
+    float acc[ATT_BLOCK] = {0};
+    for (int i = 0; i < d; i++)
+        for (int s = 0; s < ATT_BLOCK; s++) acc[s] += q[i] * kt[(size_t)i * ATT_BLOCK + s];
+    for (int s = 0; s < ATT_BLOCK; s++) sc[s] = acc[s] * scale;
 #endif
-    for (; s < n; s++) sc[s] = fm_dot(q, k + (size_t)s * d, d) * scale;
 }
 
 /* o = sum_s p[s] * v[s] for the n cached values v (n, d); 32 of o's d values at a time in registers. */
@@ -106,36 +112,61 @@ static void weighted_values(const float *p, const float *v, int n, int d, float 
     }
 }
 
-/* ATT_BLOCK cache positions per partial softmax; up to FUSED_HEADS query heads of a group read each key
- * and value vector once (AVX-512: 32 vector registers hold their accumulators). */
-enum { ATT_BLOCK = 64, FUSED_HEADS = 3, SCORES = FUSED_HEADS * ATT_BLOCK };
-
 #ifdef FM_AVX512
-/* key_scores for the G heads q (G * d) at once: sc[h * ATT_BLOCK + s]. Each key vector is loaded once
- * for the G heads, and each head's scores are summed in key_scores's order (the same results). */
-static inline __attribute__((always_inline)) void key_scores_heads(const float *q, const int G, const float *k, int n,
-                                                                   int d, float scale, float *sc) {
-    int s = 0;
-    for (; s + 8 <= n; s += 8) {
-        __m256 acc[FUSED_HEADS][8];
-        for (int h = 0; h < G; h++)
-            for (int j = 0; j < 8; j++) acc[h][j] = _mm256_setzero_ps();
-        for (int i = 0; i < d; i += 8) {
-            __m256 qv[FUSED_HEADS];
-            for (int h = 0; h < G; h++) qv[h] = _mm256_loadu_ps(q + (size_t)h * d + i);
-            for (int j = 0; j < 8; j++) {
-                const __m256 kv = _mm256_loadu_ps(k + (size_t)(s + j) * d + i);
-                for (int h = 0; h < G; h++) acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
-            }
-        }
+/* exp(x) for 16 floats: fm_exp8's steps in 512-bit vectors (the same value in every lane). */
+static inline __m512 fm_exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+    const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+/* The G heads' scores over one key tile, their top and the exp(score - top) with its sum, all in
+ * registers: sc[h * ATT_BLOCK + s] = exp(score - top) for s < n, part[h * stride] = top,
+ * part[h * stride + 1] = the sum. */
+static inline __attribute__((always_inline)) void softmax_heads(const float *q, const int G, const float *kt, int n,
+                                                                int d, float scale, float *sc, float *part, size_t stride) {
+    enum { L = ATT_BLOCK / 16 };
+    __m512 acc[FUSED_HEADS][L];
+    for (int h = 0; h < G; h++)
+        for (int j = 0; j < L; j++) acc[h][j] = _mm512_setzero_ps();
+    for (int i = 0; i < d; i++) {
+        __m512 k[L];
+        for (int j = 0; j < L; j++) k[j] = _mm512_loadu_ps(kt + (size_t)i * ATT_BLOCK + 16 * j);
         for (int h = 0; h < G; h++) {
-            fm_transpose8(acc[h]);
-            for (int j = 1; j < 8; j++) acc[h][0] = _mm256_add_ps(acc[h][0], acc[h][j]);
-            _mm256_storeu_ps(sc + (size_t)h * ATT_BLOCK + s, _mm256_mul_ps(acc[h][0], _mm256_set1_ps(scale)));
+            const __m512 qi = _mm512_set1_ps(q[(size_t)h * d + i]);
+            for (int j = 0; j < L; j++) acc[h][j] = _mm512_fmadd_ps(qi, k[j], acc[h][j]);
         }
     }
-    for (; s < n; s++)
-        for (int h = 0; h < G; h++) sc[(size_t)h * ATT_BLOCK + s] = fm_dot(q + (size_t)h * d, k + (size_t)s * d, d) * scale;
+    __mmask16 live[L];
+    for (int j = 0; j < L; j++) {
+        const int left = n - 16 * j;
+        live[j] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+    }
+    for (int h = 0; h < G; h++) {
+        __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int j = 0; j < L; j++) {
+            acc[h][j] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), live[j], acc[h][j], _mm512_set1_ps(scale));
+            top = _mm512_max_ps(top, acc[h][j]);
+        }
+        const float t = _mm512_reduce_max_ps(top);
+        for (int j = 0; j < L; j++) {
+            const __m512 e = _mm512_maskz_mov_ps(live[j], fm_exp16(_mm512_sub_ps(acc[h][j], _mm512_set1_ps(t))));
+            _mm512_storeu_ps(sc + (size_t)h * ATT_BLOCK + 16 * j, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        part[h * stride] = t, part[h * stride + 1] = _mm512_reduce_add_ps(sum);
+    }
 }
 
 /* weighted_values for G heads at once (d a multiple of 64): o_h = part + h * stride + 2. Each value vector
@@ -170,28 +201,24 @@ static inline __attribute__((always_inline)) void weighted_values_heads(const fl
     }
 }
 
-static inline __attribute__((always_inline)) void attend_heads(const float *q, const int G, const float *k, const float *v,
+static inline __attribute__((always_inline)) void attend_heads(const float *q, const int G, const float *kt, const float *v,
                                                                int n, int d, float scale, float *sc, float *part,
                                                                size_t stride) {
-    key_scores_heads(q, G, k, n, d, scale, sc);
-    for (int h = 0; h < G; h++) {
-        float *row = sc + (size_t)h * ATT_BLOCK, top = -INFINITY;
-        for (int s = 0; s < n; s++) top = row[s] > top ? row[s] : top;
-        part[h * stride] = top, part[h * stride + 1] = fm_exp_shifted(row, n, top);
-    }
+    softmax_heads(q, G, kt, n, d, scale, sc, part, stride);
     weighted_values_heads(sc, G, v, n, d, part, stride);
 }
 #endif
 
-/* The G query heads q (G * d) of one KV group over cache positions [s0, s1): for head j, part[j * stride]
- * = {the top score m, the sum of exp(score - m), the sum of exp(score - m) * v (d floats)}. The block's
- * keys and values (16 KiB each for d = 64) are read from memory once for all G heads. sc: SCORES floats. */
+/* The G query heads q (G * d) of one KV group over cache positions [s0, s1) of one block: for head j,
+ * part[j * stride] = {the top score m, the sum of exp(score - m), the sum of exp(score - m) * v (d floats)}.
+ * The block's key tile and values (16 KiB each for d = 64) are read from memory once for all G heads.
+ * k, v: the group's caches; sc: SCORES floats. */
 static void attend_block(const float *q, int G, const float *k, const float *v, int s0, int s1, int d, float scale,
                          float *sc, float *part, size_t stride) {
     const int n = s1 - s0;
+    k += (size_t)s0 * d, v += (size_t)s0 * d;  /* the block's tile starts where its positions would */
 #ifdef FM_AVX512
     if (d % 64 == 0 && G <= FUSED_HEADS) {
-        k += (size_t)s0 * d, v += (size_t)s0 * d;
         switch (G) {  /* a constant head count each, so the accumulators stay in registers */
             case 3: attend_heads(q, 3, k, v, n, d, scale, sc, part, stride); return;
             case 2: attend_heads(q, 2, k, v, n, d, scale, sc, part, stride); return;
@@ -200,11 +227,11 @@ static void attend_block(const float *q, int G, const float *k, const float *v, 
     }
 #endif
     for (int j = 0; j < G; j++, part += stride) {
-        key_scores(q + (size_t)j * d, k + (size_t)s0 * d, n, d, scale, sc);
+        block_scores(q + (size_t)j * d, k, d, scale, sc);
         float top = -INFINITY;
         for (int s = 0; s < n; s++) top = sc[s] > top ? sc[s] : top;
         part[0] = top, part[1] = fm_exp_shifted(sc, n, top);
-        weighted_values(sc, v + (size_t)s0 * d, n, d, part + 2);
+        weighted_values(sc, v, n, d, part + 2);
     }
 }
 
@@ -302,7 +329,7 @@ static int carve_scratch(const size_t *sizes, int n, float **buf) {
 
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
                float *const *k_cache, float *const *v_cache, float *logits, float *ret) {
-    if (T < 1 || past < 0 || past + T > capacity || past + T > m->rope_positions) return -1;
+    if (T < 1 || past < 0 || past + T > capacity || capacity % ATT_BLOCK || past + T > m->rope_positions) return -1;
     if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
     const size_t width = (size_t)(H + 2 * KV) * d;
@@ -377,7 +404,8 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
         if (out_rows[i] < 0 || out_rows[i] >= B || (i > 0 && out_rows[i] <= out_rows[i - 1])) return -1;
     size_t partials = 0;
     for (int b = 0; b < B; b++) {
-        if (past[b] < 0 || past[b] + 1 > capacity[b] || past[b] + 1 > m->rope_positions) return -1;
+        if (past[b] < 0 || past[b] + 1 > capacity[b] || capacity[b] % ATT_BLOCK || past[b] + 1 > m->rope_positions)
+            return -1;
         partials += (size_t)m->n_heads * ((past[b] + ATT_BLOCK) / ATT_BLOCK) * (m->head_dim + 2);
     }
     if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */

@@ -5,8 +5,10 @@
  * fp32 MatMul matrices (K, N) laid out in panels of 16 columns (fm_pack), or MatMulNBits' 4/8-bit
  * blocks with a scale and a minimum per block in fp16 (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit
  * bundle computes with exactly the weights of the fp32 one; laid out in panels of 16 columns too
- * (fm_pack_nbits). The KV cache is the runtime's (1, kv, capacity, d) buffers, written in
- * place, the same layout the ONNX graph uses. */
+ * (fm_pack_nbits). The KV cache is the runtime's buffers of (kv, capacity, d) floats per layer, written
+ * in place; capacity is a multiple of FM_KV_BLOCK. Values are position-major, as in the ONNX graph; keys
+ * are in blocks of FM_KV_BLOCK positions, each block dimension-major: the key of position p, group g, is
+ * at k[((g * capacity + p - p % FM_KV_BLOCK) * d) + i * FM_KV_BLOCK + p % FM_KV_BLOCK], i < d. */
 #ifndef FROMAGE_NATIVE_H
 #define FROMAGE_NATIVE_H
 #include <stddef.h>
@@ -19,6 +21,7 @@ extern "C" {
 enum { FM_F32 = 0, FM_NBITS = 1 };
 enum { FM_BLOCK = 32 };
 enum { FM_PANEL = 16 };
+enum { FM_KV_BLOCK = 64 };
 
 /* y = x @ W for x (T, K), y (T, N). */
 typedef struct {
@@ -62,7 +65,8 @@ int fm_set_kernels(const char *name);
 /* Feed T positions (embeds (T, hidden)) on a cache holding `past` positions of `capacity`;
  * k_cache[i], v_cache[i]: layer i's (n_kv, capacity, head_dim) buffers, appended in place.
  * Writes the last position's logits (head.N + head_extra.N) and L2-normalised retrieval embedding.
- * Returns 0, or -1 when past + T exceeds capacity or the rotary table, -2 when out of memory. */
+ * Returns 0, or -1 when past + T exceeds capacity or the rotary table or capacity is not a multiple of
+ * FM_KV_BLOCK, -2 when out of memory. */
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
                float *const *k_cache, float *const *v_cache, float *logits, float *ret);
 /* One decoding step of B independent sequences: sequence b feeds embeds[b] (embeds (B, hidden)) on its
@@ -73,7 +77,8 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
  * head_extra.N) and ret (n_out, retrieval_dim); out_rows NULL: all B rows (n_out is then ignored).
  * Each weight matrix is read once for all B rows, and row b is bit-identical to fm_forward(T = 1) of
  * sequence b alone (its logits, ret and cache writes).
- * Returns 0, or -1 when some past[b] + 1 exceeds capacity[b] or the rotary table, or out_rows is not
+ * Returns 0, or -1 when some past[b] + 1 exceeds capacity[b] or the rotary table, some capacity[b] is
+ * not a multiple of FM_KV_BLOCK, or out_rows is not
  * ascending within [0, B) (nothing written), -2 when out of memory. */
 int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                      float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,

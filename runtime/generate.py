@@ -249,10 +249,12 @@ class Fromage:
             raise FromageError(f"the sequence would be {total} positions long; "
                                f"the model's context is {self.max_positions}")
         if self.decoder.in_place and total > state.cache[0].shape[2]:
-            capacity = min(self.max_positions, max(MIN_CAPACITY, _pow2(total)))
+            step = self.decoder.capacity_step
+            capacity = -(-min(self.max_positions, max(MIN_CAPACITY, _pow2(total))) // step) * step
             for i, old in enumerate(state.cache):
+                # all of the old buffer: the native engine keeps keys in blocks, not as `length` leading rows
                 state.cache[i] = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], np.float32)
-                state.cache[i][:, :, :state.length] = old[:, :, :state.length]
+                state.cache[i][:, :, :old.shape[2]] = old
         return total
 
     # ---- the loop --------------------------------------------------------------------

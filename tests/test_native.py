@@ -21,8 +21,9 @@ def _steps(rt, lengths, seed=0):
             state = rt.start(emb)
         else:
             rt.advance(state, emb)
-        out.append((state.logits.copy(), state.ret_embedding.copy(),
-                    [c[:, :, :state.length].copy() for c in state.cache]))
+        cache = [native.keys_by_position(c) if rt.engine == "native" and i % 2 == 0 else c  # [key0, value0, ...]
+                 for i, c in enumerate(state.cache)]
+        out.append((state.logits.copy(), state.ret_embedding.copy(), [c[:, :, :state.length].copy() for c in cache]))
     return out
 
 
@@ -40,11 +41,14 @@ def test_native_matches_onnxruntime_step_by_step(exported):
 
 def test_native_refuses_a_cache_too_small(exported):
     rt = Fromage(exported["llama"]["bundle"], engine="native")
-    cache = [np.zeros((1, rt.kv_heads, 4, rt.head_dim), np.float32) for _ in rt.kv_names]
+    cache = [np.zeros((1, rt.kv_heads, native.KV_BLOCK, rt.head_dim), np.float32) for _ in rt.kv_names]
     logits, ret = np.zeros(rt.vocab_size, np.float32), np.zeros(rt.retrieval_dim, np.float32)
     with pytest.raises(FromageError, match="exceed the cache"):
-        rt.decoder.forward(np.zeros((1, 5, rt.embed_dim), np.float32), cache, 0, logits, ret)
+        rt.decoder.forward(np.zeros((1, native.KV_BLOCK + 1, rt.embed_dim), np.float32), cache, 0, logits, ret)
     # sizes the C code would trust are checked first
+    odd = [np.zeros((1, rt.kv_heads, native.KV_BLOCK + 8, rt.head_dim), np.float32) for _ in rt.kv_names]
+    with pytest.raises(FromageError, match=f"multiple of {native.KV_BLOCK}"):
+        rt.decoder.forward(np.zeros((1, 1, rt.embed_dim), np.float32), odd, 0, logits, ret)
     narrow = [np.zeros((1, rt.kv_heads, 8, rt.head_dim // 2), np.float32) for _ in rt.kv_names]
     with pytest.raises(FromageError, match="KV cache"):
         rt.decoder.forward(np.zeros((1, 1, rt.embed_dim), np.float32), narrow, 0, logits, ret)

@@ -8,8 +8,8 @@ from fromage.engines.native import NBITS
 from fromage.runtime.errors import FromageError
 from fromage.runtime.generate import Fromage
 
-LENGTHS = [3, 30, 62, 80]     # prompts; the third crosses an attention block (64) while stepping
-CAPACITIES = [8, 40, 70, 96]  # each sequence's own, all filled up to a few positions
+LENGTHS = [3, 59, 62, 80]        # prompts; the third crosses an attention block (64) while stepping
+CAPACITIES = [64, 64, 128, 128]  # each sequence's own (multiples of the cache block); the second filled
 STEPS = 5
 
 
@@ -107,7 +107,7 @@ def test_batch_refuses_a_full_cache_and_bad_shapes(exported):
     B = len(batch)
     emb = np.zeros((B, rt.embed_dim), np.float32)
     logits, ret = np.zeros((B, rt.vocab_size), np.float32), np.zeros((B, rt.retrieval_dim), np.float32)
-    with pytest.raises(FromageError, match="sequence 0: 8 \\+ 1 positions exceed its cache"):
+    with pytest.raises(FromageError, match="sequence 0: 64 \\+ 1 positions exceed its cache"):
         rt.decoder.forward_batch(emb, caches, pasts, logits, ret)
     pasts[0] = 0
     with pytest.raises(FromageError, match="embeds"):
