@@ -27,7 +27,9 @@ static void rotate(float *v, const float *c, const float *s, int half) {
  * ATT_BLOCK positions dimension-major (d rows of ATT_BLOCK floats), so a block's scores are ATT_BLOCK lanes
  * of multiply-adds over one forward stream, with no sums across a vector; the value cache is position-major.
  * Up to FUSED_HEADS query heads of a group read each key and value once (AVX-512: 32 vector registers). */
-enum { ATT_BLOCK = FM_KV_BLOCK, FUSED_HEADS = 3, SCORES = FUSED_HEADS * ATT_BLOCK };
+enum { ATT_BLOCK = FM_KV_BLOCK, FUSED_HEADS = 3 };
+/* Blocks whose scores a decoding thread computes before their values: 16 x 16 KiB of keys, then of values. */
+enum { STAGED_BLOCKS = 16 };
 
 /* Rotates q and k in place and appends the k and v of each new position to the cache. */
 static void rope_and_append(const fm_model *m, float *qkv, int T, int past, int capacity, float *kc, float *vc) {
@@ -131,11 +133,10 @@ static inline __m512 fm_exp16(__m512 x) {
     return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
 }
 
-/* The G heads' scores over one key tile, their top and the exp(score - top) with its sum, all in
- * registers: sc[h * ATT_BLOCK + s] = exp(score - top) for s < n, part[h * stride] = top,
- * part[h * stride + 1] = the sum. */
-static inline __attribute__((always_inline)) void softmax_heads(const float *q, const int G, const float *kt, int n,
-                                                                int d, float scale, float *sc, float *part, size_t stride) {
+/* block_scores for the G heads q (G * d) at once: sc[h * ATT_BLOCK + s]. Each key row is loaded once
+ * for the G heads, and each head's lanes are summed in block_scores's order (the same scores). */
+static inline __attribute__((always_inline)) void scores_heads(const float *q, const int G, const float *kt, int d,
+                                                               float scale, float *sc) {
     enum { L = ATT_BLOCK / 16 };
     __m512 acc[FUSED_HEADS][L];
     for (int h = 0; h < G; h++)
@@ -148,21 +149,30 @@ static inline __attribute__((always_inline)) void softmax_heads(const float *q, 
             for (int j = 0; j < L; j++) acc[h][j] = _mm512_fmadd_ps(qi, k[j], acc[h][j]);
         }
     }
+    for (int h = 0; h < G; h++)
+        for (int j = 0; j < L; j++) _mm512_storeu_ps(sc + (size_t)h * ATT_BLOCK + 16 * j, _mm512_mul_ps(acc[h][j], _mm512_set1_ps(scale)));
+}
+
+/* For each of the G heads' first n scores (sc[h * ATT_BLOCK + s]): their top, exp(score - top) in place
+ * and its sum: part[h * stride] = top, part[h * stride + 1] = the sum. */
+static inline void softmax_heads(const int G, int n, float *sc, float *part, size_t stride) {
+    enum { L = ATT_BLOCK / 16 };
     __mmask16 live[L];
     for (int j = 0; j < L; j++) {
         const int left = n - 16 * j;
         live[j] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
     }
     for (int h = 0; h < G; h++) {
-        __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        float *row = sc + (size_t)h * ATT_BLOCK;
+        __m512 x[L], top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
         for (int j = 0; j < L; j++) {
-            acc[h][j] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), live[j], acc[h][j], _mm512_set1_ps(scale));
-            top = _mm512_max_ps(top, acc[h][j]);
+            x[j] = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live[j], row + 16 * j);
+            top = _mm512_max_ps(top, x[j]);
         }
         const float t = _mm512_reduce_max_ps(top);
         for (int j = 0; j < L; j++) {
-            const __m512 e = _mm512_maskz_mov_ps(live[j], fm_exp16(_mm512_sub_ps(acc[h][j], _mm512_set1_ps(t))));
-            _mm512_storeu_ps(sc + (size_t)h * ATT_BLOCK + 16 * j, e);
+            const __m512 e = _mm512_maskz_mov_ps(live[j], fm_exp16(_mm512_sub_ps(x[j], _mm512_set1_ps(t))));
+            _mm512_storeu_ps(row + 16 * j, e);
             sum = _mm512_add_ps(sum, e);
         }
         part[h * stride] = t, part[h * stride + 1] = _mm512_reduce_add_ps(sum);
@@ -201,38 +211,52 @@ static inline __attribute__((always_inline)) void weighted_values_heads(const fl
     }
 }
 
-static inline __attribute__((always_inline)) void attend_heads(const float *q, const int G, const float *kt, const float *v,
-                                                               int n, int d, float scale, float *sc, float *part,
-                                                               size_t stride) {
-    softmax_heads(q, G, kt, n, d, scale, sc, part, stride);
-    weighted_values_heads(sc, G, v, n, d, part, stride);
-}
 #endif
 
-/* The G query heads q (G * d) of one KV group over cache positions [s0, s1) of one block: for head j,
- * part[j * stride] = {the top score m, the sum of exp(score - m), the sum of exp(score - m) * v (d floats)}.
- * The block's key tile and values (16 KiB each for d = 64) are read from memory once for all G heads.
- * k, v: the group's caches; sc: SCORES floats. */
-static void attend_block(const float *q, int G, const float *k, const float *v, int s0, int s1, int d, float scale,
-                         float *sc, float *part, size_t stride) {
-    const int n = s1 - s0;
-    k += (size_t)s0 * d, v += (size_t)s0 * d;  /* the block's tile starts where its positions would */
+/* A block is attended in two stages: the scores of a group's G query heads (q, G * d) over the block's
+ * key tile kt (sc: G * ATT_BLOCK floats, every lane), then their softmax pieces and values. A decoding step runs
+ * the first stage over many blocks before the second, so each thread reads its keys, then its values, as
+ * long forward streams; prefill and batched steps run both per block. The results are the same. */
+static void group_scores(const float *q, int G, const float *kt, int d, float scale, float *sc) {
 #ifdef FM_AVX512
     if (d % 64 == 0 && G <= FUSED_HEADS) {
         switch (G) {  /* a constant head count each, so the accumulators stay in registers */
-            case 3: attend_heads(q, 3, k, v, n, d, scale, sc, part, stride); return;
-            case 2: attend_heads(q, 2, k, v, n, d, scale, sc, part, stride); return;
-            case 1: attend_heads(q, 1, k, v, n, d, scale, sc, part, stride); return;
+            case 3: scores_heads(q, 3, kt, d, scale, sc); return;
+            case 2: scores_heads(q, 2, kt, d, scale, sc); return;
+            case 1: scores_heads(q, 1, kt, d, scale, sc); return;
+        }
+    }
+#endif
+    for (int j = 0; j < G; j++) block_scores(q + (size_t)j * d, kt, d, scale, sc + (size_t)j * ATT_BLOCK);
+}
+
+/* From the scores sc of the n positions of one block, whose values are v (n, d): for head j,
+ * part[j * stride] = {the top score m, the sum of exp(score - m), the sum of exp(score - m) * v (d floats)}.
+ * The values (16 KiB for d = 64) are read once for all G heads. */
+static void group_values(int G, const float *v, int n, int d, float *sc, float *part, size_t stride) {
+#ifdef FM_AVX512
+    if (d % 64 == 0 && G <= FUSED_HEADS) {
+        softmax_heads(G, n, sc, part, stride);
+        switch (G) {
+            case 3: weighted_values_heads(sc, 3, v, n, d, part, stride); return;
+            case 2: weighted_values_heads(sc, 2, v, n, d, part, stride); return;
+            case 1: weighted_values_heads(sc, 1, v, n, d, part, stride); return;
         }
     }
 #endif
     for (int j = 0; j < G; j++, part += stride) {
-        block_scores(q + (size_t)j * d, k, d, scale, sc);
-        float top = -INFINITY;
-        for (int s = 0; s < n; s++) top = sc[s] > top ? sc[s] : top;
-        part[0] = top, part[1] = fm_exp_shifted(sc, n, top);
-        weighted_values(sc, v, n, d, part + 2);
+        float *row = sc + (size_t)j * ATT_BLOCK, top = -INFINITY;
+        for (int s = 0; s < n; s++) top = row[s] > top ? row[s] : top;
+        part[0] = top, part[1] = fm_exp_shifted(row, n, top);
+        weighted_values(row, v, n, d, part + 2);
     }
+}
+
+/* Both stages for cache positions [s0, s1) of one block; k, v: the group's caches. */
+static void attend_block(const float *q, int G, const float *k, const float *v, int s0, int s1, int d, float scale,
+                         float *sc, float *part, size_t stride) {
+    group_scores(q, G, k + (size_t)s0 * d, d, scale, sc);  /* a block's tile starts where its positions would */
+    group_values(G, v + (size_t)s0 * d, s1 - s0, d, sc, part, stride);
 }
 
 /* One head's output (d) from its blocks' partials (part[b * (d + 2)], b < blocks), in block order. */
@@ -248,32 +272,47 @@ static void merge_blocks(const float *part, int blocks, int d, float *out) {
     for (int i = 0; i < d; i++) out[i] /= total;
 }
 
-/* Floats of attention scratch for `total` cache positions: the partials, and SCORES scores per thread. */
+/* Floats of scores a thread's attention needs: STAGED_BLOCKS blocks of a group's G heads. */
+static size_t thread_scores(const fm_model *m) { return (size_t)STAGED_BLOCKS * (m->n_heads / m->n_kv) * ATT_BLOCK; }
+
+/* Floats of attention scratch for `total` cache positions: the threads' scores, then the partials. */
 static size_t attention_scratch(const fm_model *m, int total, int threads) {
     const int H = m->n_heads, G = H / m->n_kv, blocks = (total + ATT_BLOCK - 1) / ATT_BLOCK;
-    return (size_t)(H > threads * G ? H : threads * G) * blocks * (m->head_dim + 2) + (size_t)threads * SCORES;
+    return (size_t)threads * thread_scores(m) + (size_t)(H > threads * G ? H : threads * G) * blocks * (m->head_dim + 2);
 }
 
 /* Causal grouped-query attention of the T new positions over the cache; out (T, H*d). The cache is cut
  * into blocks of ATT_BLOCK positions whose partial softmaxes are merged in a fixed order, so the result
- * does not depend on the thread count. One new position (decoding): the threads share the (group,
- * block) pairs; several (prefill): the (position, group) pairs. */
+ * does not depend on the thread count. One new position (decoding): each thread takes an equal run of
+ * the (group, block) pairs, and attends them STAGED_BLOCKS at a time, scores first; several (prefill):
+ * the threads share the (position, group) pairs. */
 static void attention(const fm_model *m, const float *qkv, int T, int past, int capacity,
                       const float *kc, const float *vc, float *out, float *scratch) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d;
     const int blocks = (past + T + ATT_BLOCK - 1) / ATT_BLOCK;
     const float scale = 1.f / sqrtf((float)d);
-    float *part = scratch + (size_t)omp_get_max_threads() * SCORES;  /* after the threads' scores */
-    const size_t per_head = (size_t)blocks * (d + 2);
+    const size_t per_head = (size_t)blocks * (d + 2), scores = thread_scores(m), group = (size_t)G * ATT_BLOCK;
+    float *part = scratch + (size_t)omp_get_max_threads() * scores;  /* after the threads' scores */
     if (T == 1) {
-#pragma omp parallel for collapse(2) schedule(static)
-        for (int g = 0; g < KV; g++)
-            for (int b = 0; b < blocks; b++) {
-                const int s0 = b * ATT_BLOCK, s1 = s0 + ATT_BLOCK < past + 1 ? s0 + ATT_BLOCK : past + 1;
-                attend_block(qkv + (size_t)g * G * d, G, kc + (size_t)g * capacity * d, vc + (size_t)g * capacity * d,
-                             s0, s1, d, scale, scratch + (size_t)omp_get_thread_num() * SCORES,
-                             part + (size_t)g * G * per_head + (size_t)b * (d + 2), per_head);
+#pragma omp parallel
+        {
+            const int threads = omp_get_num_threads(), id = omp_get_thread_num(), items = KV * blocks;
+            const int first = (int)((long)items * id / threads), end = (int)((long)items * (id + 1) / threads);
+            float *sc = scratch + (size_t)id * scores;
+            for (int a = first; a < end; a += STAGED_BLOCKS) {
+                const int z = a + STAGED_BLOCKS < end ? a + STAGED_BLOCKS : end;
+                for (int it = a; it < z; it++) {
+                    const int g = it / blocks, b = it % blocks;
+                    group_scores(qkv + (size_t)g * G * d, G, kc + ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d, d,
+                                 scale, sc + (it - a) * group);
+                }
+                for (int it = a; it < z; it++) {
+                    const int g = it / blocks, b = it % blocks, s0 = b * ATT_BLOCK;
+                    group_values(G, vc + ((size_t)g * capacity + s0) * d, (s0 + ATT_BLOCK < past + 1 ? s0 + ATT_BLOCK : past + 1) - s0,
+                                 d, sc + (it - a) * group, part + (size_t)g * G * per_head + (size_t)b * (d + 2), per_head);
+                }
             }
+        }
         for (int h = 0; h < H; h++) merge_blocks(part + (size_t)h * per_head, blocks, d, out + (size_t)h * d);
         return;
     }
@@ -285,7 +324,7 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
             for (int b = 0; b * ATT_BLOCK < n; b++)
                 attend_block(qkv + (size_t)t * width + (size_t)g * G * d, G, kc + (size_t)g * capacity * d,
                              vc + (size_t)g * capacity * d, b * ATT_BLOCK, (b + 1) * ATT_BLOCK < n ? (b + 1) * ATT_BLOCK : n,
-                             d, scale, scratch + (size_t)id * SCORES, mine + (size_t)b * (d + 2), per_head);
+                             d, scale, scratch + (size_t)id * scores, mine + (size_t)b * (d + 2), per_head);
             for (int j = 0; j < G; j++)
                 merge_blocks(mine + (size_t)j * per_head, (n + ATT_BLOCK - 1) / ATT_BLOCK, d,
                              out + (size_t)t * H * d + (size_t)(g * G + j) * d);
@@ -365,7 +404,7 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
 /* Attention of one new position per sequence (qkv (B, width)) over each sequence's cache: the threads
  * share the (sequence, group, block) triples, and each head merges its blocks in order, as attention()
  * does for T = 1, so a sequence's result does not depend on the others. part: the partials,
- * H * blocks(b) * (d + 2) floats per sequence; sc: SCORES scores per thread. */
+ * H * blocks(b) * (d + 2) floats per sequence; sc: thread_scores(m) floats per thread. */
 static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
                             float *const *kc, float *const *vc, int layer, float *out, float *part, float *sc) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d;
@@ -383,7 +422,7 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
         const size_t per_head = (size_t)blocks * (d + 2), cache = (size_t)g * capacity[b] * d;
         attend_block(qkv + (size_t)b * width + (size_t)g * G * d, G, kc[(size_t)b * m->n_layers + layer] + cache,
                      vc[(size_t)b * m->n_layers + layer] + cache, s0, s1, d, scale,
-                     sc + (size_t)omp_get_thread_num() * SCORES, part + offset + g * G * per_head + (size_t)blk * (d + 2),
+                     sc + (size_t)omp_get_thread_num() * thread_scores(m), part + offset + g * G * per_head + (size_t)blk * (d + 2),
                      per_head);
     }
     size_t offset = 0;
@@ -412,7 +451,7 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
     const size_t width = (size_t)(H + 2 * KV) * d;
     const size_t sizes[] = {(size_t)B * E, (size_t)B * E, B * width, (size_t)B * H * d, (size_t)B * 2 * I,
-                            (size_t)B * I, partials, (size_t)omp_get_max_threads() * SCORES};
+                            (size_t)B * I, partials, (size_t)omp_get_max_threads() * thread_scores(m)};
     enum { N_BUFFERS = sizeof sizes / sizeof sizes[0] };
     float *buf[N_BUFFERS];
     if (carve_scratch(sizes, N_BUFFERS, buf)) return -2;
