@@ -94,6 +94,15 @@ static void weighted_values(const float *p, const float *v, int n, int d, float 
     }
 #endif
 #ifdef FM_AVX2
+    for (; i + 64 <= d; i += 64) {  /* 8 accumulators: 8 independent chains of FMAs keep both FMA units busy */
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int s = 0; s < n; s++) {
+            const __m256 ps = _mm256_broadcast_ss(p + s);
+            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(v + (size_t)s * d + i + 8 * j), a[j]);
+        }
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(o + i + 8 * j, a[j]);
+    }
     for (; i + 32 <= d; i += 32) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int s = 0; s < n; s++) {
@@ -246,7 +255,15 @@ static void group_values(int G, const float *v, int n, int d, float *sc, float *
 #endif
     for (int j = 0; j < G; j++, part += stride) {
         float *row = sc + (size_t)j * ATT_BLOCK, top = -INFINITY;
-        for (int s = 0; s < n; s++) top = row[s] > top ? row[s] : top;
+        int s = 0;
+#ifdef FM_AVX2
+        __m256 m = _mm256_set1_ps(-INFINITY);
+        for (; s + 8 <= n; s += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(row + s));
+        const __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        const __m128 q = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        top = _mm_cvtss_f32(_mm_max_ss(q, _mm_movehdup_ps(q)));
+#endif
+        for (; s < n; s++) top = row[s] > top ? row[s] : top;
         part[0] = top, part[1] = fm_exp_shifted(row, n, top);
         weighted_values(row, v, n, d, part + 2);
     }
@@ -312,8 +329,10 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
                                  d, sc + (it - a) * group, part + (size_t)g * G * per_head + (size_t)b * (d + 2), per_head);
                 }
             }
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int h = 0; h < H; h++) merge_blocks(part + (size_t)h * per_head, blocks, d, out + (size_t)h * d);
         }
-        for (int h = 0; h < H; h++) merge_blocks(part + (size_t)h * per_head, blocks, d, out + (size_t)h * d);
         return;
     }
 #pragma omp parallel for collapse(2) schedule(static)
