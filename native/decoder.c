@@ -68,7 +68,7 @@ static void block_scores(const float *q, const float *kt, int d, float scale, fl
 #endif
 }
 
-/* o = sum_s p[s] * v[s] for the n cached values v (n, d); 32 of o's d values at a time in registers. */
+/* o = sum_s p[s] * v[s] for the n cached values v (n, d); 64 of o's d values at a time in registers. */
 static void weighted_values(const float *p, const float *v, int n, int d, float *o) {
     int i = 0;
 #ifdef FM_AVX512
@@ -124,7 +124,7 @@ static void weighted_values(const float *p, const float *v, int n, int d, float 
 }
 
 #ifdef FM_AVX512
-/* exp(x) for 16 floats: fm_exp8's steps in 512-bit vectors (the same value in every lane). */
+/* exp(x) for 16 floats: fm_exp8's steps in 512-bit vectors (each lane the value fm_exp8 gives it). */
 static inline __m512 fm_exp16(__m512 x) {
     x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
     const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
