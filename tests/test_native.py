@@ -39,6 +39,23 @@ def test_native_matches_onnxruntime_step_by_step(exported):
         _steps(a, lengths)
 
 
+def test_a_growing_cache_keeps_its_keys(exported, monkeypatch):
+    """A cache that outgrows its capacity is copied whole into the bigger one (the native keys live in blocks
+    of 64 positions): the steps after the growth still match ONNX Runtime's, whose cache grows too."""
+    from fromage.runtime import generate
+    monkeypatch.setattr(generate, "MIN_CAPACITY", native.KV_BLOCK)
+    bundle = exported["llama"]["bundle"]
+    a, b = Fromage(bundle, engine="native"), Fromage(bundle, engine="onnxruntime")
+    lengths = [60, 8, 1, 3]  # capacity 64, then past it from 60 positions: the growth copies a part-filled block
+    for (la, _, ca), (lb, _, cb) in zip(_steps(a, lengths), _steps(b, lengths)):
+        assert np.abs(la - lb).max() <= 1e-4 * max(1.0, np.abs(lb).max())
+        assert max(np.abs(x - y).max() for x, y in zip(ca, cb)) <= 1e-4
+    state = a.start(np.zeros((1, 60, a.embed_dim), np.float32))
+    assert state.cache[0].shape[2] == native.KV_BLOCK
+    a.advance(state, np.zeros((1, 8, a.embed_dim), np.float32))
+    assert state.cache[0].shape[2] == 2 * native.KV_BLOCK  # min(96 positions, 128) rounded up to the block
+
+
 def test_native_refuses_a_cache_too_small(exported):
     rt = Fromage(exported["llama"]["bundle"], engine="native")
     cache = [np.zeros((1, rt.kv_heads, native.KV_BLOCK, rt.head_dim), np.float32) for _ in rt.kv_names]
