@@ -9,6 +9,7 @@ from fromage.runtime.errors import FromageError
 from .app import ServerConfig, create_app
 
 SPIN_COUNT = 30_000  # libgomp spin iterations before an idle thread sleeps (its default: 300,000)
+GIL_SWITCH_S = 0.0005  # how long a thread waiting for the GIL lets its holder run (Python's default: 0.005)
 
 
 def cmd_serve(args) -> None:
@@ -18,6 +19,9 @@ def cmd_serve(args) -> None:
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     import uvicorn
+    # The scheduler's thread leaves each decoding step (ctypes, no GIL) needing the GIL back while the event
+    # loop holds it for the streams' chunks: with Python's 5 ms switch interval both cores could idle that long.
+    sys.setswitchinterval(GIL_SWITCH_S)
     if not 0 < args.port < 65536:
         raise FromageError(f"--port must be 1..65535, got {args.port}")
     below_one = [n for n in ("prefill_rows", "max_tokens", "max_prompt_tokens") if getattr(args, n) is not None
