@@ -307,6 +307,7 @@ class Sequence:
     (scheduler.py) drives many, fed by batched decoder steps."""
 
     ECHO_TOKENS = 3  # after a [RET], this many tokens re-saying the answer before it end the answer
+    SENTENCE_ENDS = (".", "!", "?", "\n")  # after a [RET], text is released a sentence at a time
 
     @staticmethod
     def echo_run(token_ids: list[int], ret_id: int) -> int:
@@ -342,6 +343,7 @@ class Sequence:
         self.rng = np.random.default_rng(params.seed)
         self.text = _TextStream(model.tokenizer)
         self.rets, self.done, self.held, self.echo = 0, False, "", ""
+        self.sentence = ""  # after a [RET]: the sentence being said, released when it ends (an echo drops it)
         self.said, self.after = None, 0  # before the last [RET] (Sequence._said), and where its answer resumes
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # text kept back: a stop string may start in it
         result.stop_reason = "length"
@@ -372,8 +374,9 @@ class Sequence:
             self.rets += 1
             self.said, self.after = self._said(self.result.token_ids[:-1], self.ret_id), len(self.result.token_ids)
             self.text.reset()
-            events = self._text(self.echo, flush=True)  # text held back (stop strings, a possible echo) comes first
-            self.echo = ""
+            # text held back (stop strings, an unfinished sentence, a possible echo) comes first
+            events = self._text(self.sentence + self.echo, flush=True)
+            self.sentence = self.echo = ""
             step = len(self.result.token_ids) - 1
             self.result.parts.append(image_part(hits, token_index=step))
             return events + [ImageEvent(hits, step)]
@@ -381,17 +384,23 @@ class Sequence:
         ids = self.result.token_ids
         if self.said and (run := self._run(self.said, ids[max(self.after, len(ids) - self.ECHO_TOKENS):])):
             self.echo += delta  # held back: it may be the start of a repetition
-            if run >= self.ECHO_TOKENS:  # the repetition is dropped; the text before it is kept
-                self.echo, self.result.stop_reason = "", "stop"
+            if run >= self.ECHO_TOKENS:  # the repetition and the unfinished sentence it ends are dropped
+                self.echo = self.sentence = ""
+                self.result.stop_reason = "stop"
                 events, self.done = self._text("", flush=True), True
                 return events
             return []
         delta, self.echo = self.echo + delta, ""
+        if self.said:  # " kangaroo is a kangaroo." after "a kangaroo. [RET]": no " kangaroo is" left dangling
+            self.sentence += delta
+            end = max(self.sentence.rfind(c) for c in self.SENTENCE_ENDS) + 1
+            delta, self.sentence = self.sentence[:end], self.sentence[end:]
         return self._text(delta) if delta else []
 
     def finish(self) -> list:
-        """The text held back for stop strings (and a shorter echo than ECHO_TOKENS), at the end."""
-        return [] if self.done else self._text(self.echo, flush=True)
+        """The text held back for stop strings (an unfinished sentence after a [RET], a shorter echo than
+        ECHO_TOKENS), at the end."""
+        return [] if self.done else self._text(self.sentence + self.echo, flush=True)
 
     def _text(self, delta: str, flush: bool = False) -> list:
         text, self.held = self.held + delta, ""

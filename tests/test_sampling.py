@@ -77,6 +77,13 @@ def test_text_held_for_stop_strings_is_said_once():
     _feed(seq, result, [0, 1, 2, 9, 0, 1, 2])  # the answer said again after the image: dropped
     assert [p["type"] for p in result.parts] == ["text", "image"] and result.parts[0]["text"] == "a kangaroo."
     seq, result = _sequence(())
+    _feed(seq, result, [0, 1, 2, 9, 1, 3, 0, 1, 2])  # " kangaroo is" then "a kangaroo." again: the sentence dropped
+    assert [p["type"] for p in result.parts] == ["text", "image"] and result.parts[0]["text"] == "a kangaroo."
+    seq, result = _sequence(())
+    events = _feed(seq, result, [0, 1, 2, 9, 3, 4, 2, 1, 3])  # a sentence after the image comes out when it ends
+    assert [p["text"] for p in result.parts if p["type"] == "text"] == ["a kangaroo.", " is big. kangaroo is"]
+    assert [e.text for e in events if hasattr(e, "text")][-2:] == [" is big.", " kangaroo is"]
+    seq, result = _sequence(())
     _feed(seq, result, [0, 1, 2, 9, 0, 9, 3, 4])  # "a" may start an echo, then a second [RET]: it comes first
     assert [p["type"] for p in result.parts] == ["text", "image", "text", "image", "text"]
     assert [p["text"] for p in result.parts if p["type"] == "text"] == ["a kangaroo.", "a", " is big"]
