@@ -28,8 +28,9 @@ static void rotate(float *v, const float *c, const float *s, int half) {
  * of multiply-adds over one forward stream, with no sums across a vector; the value cache is position-major.
  * Up to FUSED_HEADS query heads of a group read each key and value once (AVX-512: 32 vector registers). */
 enum { ATT_BLOCK = FM_KV_BLOCK, FUSED_HEADS = 3 };
-/* Blocks whose scores a decoding thread computes before their values: 16 x 16 KiB of keys, then of values. */
-enum { STAGED_BLOCKS = 16 };
+/* Blocks whose scores a decoding thread computes before their values, at most (stages of equal size): up to
+ * 32 x 16 KiB of keys, then of values; the scores, 24 KiB, stay in cache between the two. */
+enum { STAGED_BLOCKS = 32 };
 
 /* Rotates q and k in place and appends the k and v of each new position to the cache. */
 static void rope_and_append(const fm_model *m, float *qkv, int T, int past, int capacity, float *kc, float *vc) {
@@ -283,7 +284,7 @@ static size_t attention_scratch(const fm_model *m, int total, int threads) {
 /* Causal grouped-query attention of the T new positions over the cache; out (T, H*d). The cache is cut
  * into blocks of ATT_BLOCK positions whose partial softmaxes are merged in a fixed order, so the result
  * does not depend on the thread count. One new position (decoding): each thread takes an equal run of
- * the (group, block) pairs, and attends them STAGED_BLOCKS at a time, scores first; several (prefill):
+ * the (group, block) pairs, and attends them in stages of up to STAGED_BLOCKS, scores first; several (prefill):
  * the threads share the (position, group) pairs. */
 static void attention(const fm_model *m, const float *qkv, int T, int past, int capacity,
                       const float *kc, const float *vc, float *out, float *scratch) {
@@ -298,8 +299,10 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
             const int threads = omp_get_num_threads(), id = omp_get_thread_num(), items = KV * blocks;
             const int first = (int)((long)items * id / threads), end = (int)((long)items * (id + 1) / threads);
             float *sc = scratch + (size_t)id * scores;
-            for (int a = first; a < end; a += STAGED_BLOCKS) {
-                const int z = a + STAGED_BLOCKS < end ? a + STAGED_BLOCKS : end;
+            const int stages = (end - first + STAGED_BLOCKS - 1) / STAGED_BLOCKS;  /* fewest stream starts */
+            const int each = stages ? (end - first + stages - 1) / stages : 1;
+            for (int a = first; a < end; a += each) {
+                const int z = a + each < end ? a + each : end;
                 for (int it = a; it < z; it++) {
                     const int g = it / blocks, b = it % blocks;
                     group_scores(qkv + (size_t)g * G * d, G, kc + ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d, d,
