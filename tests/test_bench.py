@@ -93,6 +93,7 @@ def test_bench_context(exported, tmp_path, monkeypatch, capsys):
     r = json.loads(out.read_text())["context"]
     assert [row["positions"] for row in r["lengths"]] == [40, 64] and r["bandwidth_gb_s"] > 0
     assert all(row["bound_ms"] > 0 and row["step_ms"] > 0 for row in r["lengths"])
+    assert all(len(row["x_bound_runs"]) == 1 == len(r["bandwidth_runs_gb_s"]) for row in r["lengths"])
     assert "x that bound" in capsys.readouterr().out
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "8"]) == 2
     assert "must be at least 17" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """`fromage bench --context 1024,4096`: the decode step at long contexts on the native engine. A step's
 attention share is the step at N cached positions minus the step at BASE_POSITIONS; its bound is the KV
 cache's bytes (every layer's keys and values, each read once) ÷ the memory bandwidth, measured between
-the steps as the main bench measures it."""
+the steps as the main bench measures it. Both are taken per run (the machine's bandwidth moves from
+minute to minute), and the table gives their medians over runs."""
 from __future__ import annotations
 
 import statistics
@@ -10,10 +11,11 @@ import numpy as np
 
 from fromage.runtime.errors import FromageError
 
-from .bench_steps import STEPS_PER_RUN, format_rows, time_steps
+from .bench_steps import format_rows, time_steps
 from .options import int_list
 
 BASE_POSITIONS = 16
+STEPS = 20  # per setting and run: a few milliseconds of attention is a difference of two ~15 ms steps
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -40,25 +42,34 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
     def measure() -> str:  # the bandwidth once per run, between the steps
         bandwidth.append(probe.measure()["gb_s"])
         return f"; bandwidth {bandwidth[-1]:.1f} GB/s"
-    steps = time_steps(points, lambda p: dec.forward(embeds, cache, p, logits, ret), runs, log, after_run=measure)
-    gb_s = statistics.median(bandwidth)
-    base = statistics.median(steps[BASE_POSITIONS])
+    steps = time_steps(points, lambda p: dec.forward(embeds, cache, p, logits, ret), runs, log, after_run=measure,
+                       steps=STEPS)
+
+    def run_medians(p) -> list[float]:  # each run's median step: a run's steps and its bandwidth go together
+        return [statistics.median(steps[p][r * STEPS:(r + 1) * STEPS]) for r in range(runs)]
+    base = run_medians(BASE_POSITIONS)
     rows = []
     for p in lengths:
-        step = statistics.median(steps[p])
         kv_bytes = 2 * m.n_layers * m.n_kv * (p + 1) * m.head_dim * 4
-        bound = kv_bytes / (gb_s * 1e9)
-        rows.append({"positions": p, "step_ms": step * 1e3, "attention_ms": (step - base) * 1e3,
-                     "kv_mb": kv_bytes / 1e6, "bound_ms": bound * 1e3, "x_bound": (step - base) / bound})
-    return {"kernels": dec.kernels, "threads": threads, "runs": runs, "steps_per_run": STEPS_PER_RUN,
-            "bandwidth_gb_s": gb_s, "base_positions": BASE_POSITIONS, "base_step_ms": base * 1e3, "lengths": rows,
-            "note": f"attention_ms = median step at N positions - median step at {BASE_POSITIONS}; "
-                    "bound_ms = KV bytes / bandwidth_gb_s"}
+        attention = [s - b for s, b in zip(run_medians(p), base)]
+        bounds = [kv_bytes / (gb * 1e9) for gb in bandwidth]
+        ratios = [a / b for a, b in zip(attention, bounds)]
+        rows.append({"positions": p, "step_ms": statistics.median(steps[p]) * 1e3,
+                     "attention_ms": statistics.median(attention) * 1e3, "kv_mb": kv_bytes / 1e6,
+                     "bound_ms": statistics.median(bounds) * 1e3, "x_bound": statistics.median(ratios),
+                     "x_bound_runs": ratios})
+    return {"kernels": dec.kernels, "threads": threads, "runs": runs, "steps_per_run": STEPS,
+            "bandwidth_gb_s": statistics.median(bandwidth), "bandwidth_runs_gb_s": bandwidth,
+            "base_positions": BASE_POSITIONS, "base_step_ms": statistics.median(steps[BASE_POSITIONS]) * 1e3,
+            "lengths": rows,
+            "note": f"per run: attention = its median step at N positions - its median step at {BASE_POSITIONS}, "
+                    "bound = KV bytes / the bandwidth measured after its steps, x = attention / bound; the table "
+                    "gives the medians over runs (x_bound_runs: every run's x)"}
 
 
 def format_context(result: dict) -> str:
-    return format_rows(f"long context ({result['kernels']} kernels, {result['threads']} threads, median of "
-                       f"{result['runs']} x {result['steps_per_run']} steps; bandwidth {result['bandwidth_gb_s']:.1f} "
+    return format_rows(f"long context ({result['kernels']} kernels, {result['threads']} threads, {result['runs']} runs "
+                       f"of {result['steps_per_run']} steps, medians over runs; bandwidth {result['bandwidth_gb_s']:.1f} "
                        f"GB/s; step at {result['base_positions']} positions {result['base_step_ms']:.2f} ms)",
                        [("positions", "positions", "d"), ("step ms", "step_ms", ".2f"),
                         ("attention ms", "attention_ms", ".2f"), ("KV MB", "kv_mb", ".1f"),

@@ -4,23 +4,25 @@ from __future__ import annotations
 import statistics
 import time
 
-STEPS_PER_RUN = 10  # steps timed per setting and run, after one untimed
+STEPS_PER_RUN = 10  # steps timed per setting and run, after one untimed (--batch)
 
 
-def time_steps(settings: list, step, runs: int, log, label=str, after_run=None) -> dict:
-    """step(s) runs one decoder step at setting s. Per run every setting in turn (interleaved: a shared
-    machine's slow moments hit them alike) gets one untimed step, then STEPS_PER_RUN timed ones; after_run()
-    may add a measurement, its text ending the run's log line. -> {setting: [seconds]}."""
+def time_steps(settings: list, step, runs: int, log, label=str, after_run=None, steps: int = STEPS_PER_RUN) -> dict:
+    """step(s) runs one decoder step at setting s. Per run: one untimed step of every setting, then `steps`
+    rounds that each time one step of every setting in turn (neighbouring steps of different settings see a
+    shared machine's moments alike); after_run() may add a measurement, its text ending the run's log line.
+    -> {setting: [seconds]}, `steps` per run in run order."""
     times = {s: [] for s in settings}
     for r in range(runs):
         for s in settings:
             step(s)
-            for _ in range(STEPS_PER_RUN):
+        for _ in range(steps):
+            for s in settings:
                 t = time.perf_counter()
                 step(s)
                 times[s].append(time.perf_counter() - t)
         extra = after_run() if after_run else ""
-        log(f"  run {r + 1}/{runs}: " + ", ".join(f"{label(s)}: {statistics.median(times[s][-STEPS_PER_RUN:]) * 1e3:.2f} ms"
+        log(f"  run {r + 1}/{runs}: " + ", ".join(f"{label(s)}: {statistics.median(times[s][-steps:]) * 1e3:.2f} ms"
                                                  for s in settings) + extra)
     return times
 
