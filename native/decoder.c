@@ -125,24 +125,23 @@ static void weighted_values(const float *p, const float *v, int n, int d, float 
 }
 
 #ifdef FM_AVX512
-/* block_scores for the G heads q (G * d) at once: sc[h * ATT_BLOCK + s]. Each key row is loaded once
- * for the G heads, and each head's lanes are summed in block_scores's order (the same scores). */
-static inline __attribute__((always_inline)) void scores_heads(const float *q, const int G, const float *kt, int d,
-                                                               float scale, float *sc) {
-    enum { L = ATT_BLOCK / 16 };
-    __m512 acc[FUSED_HEADS][L];
+/* block_scores for the G heads q (G * d) at once, the tile's first 16 * V lanes: sc[h * ATT_BLOCK + s]. Each
+ * key row is loaded once for the G heads, and each head's lanes are summed in block_scores's order. */
+static inline __attribute__((always_inline)) void scores_heads(const float *q, const int G, const int V, const float *kt,
+                                                               int d, float scale, float *sc) {
+    __m512 acc[FUSED_HEADS][ATT_BLOCK / 16];
     for (int h = 0; h < G; h++)
-        for (int j = 0; j < L; j++) acc[h][j] = _mm512_setzero_ps();
+        for (int j = 0; j < V; j++) acc[h][j] = _mm512_setzero_ps();
     for (int i = 0; i < d; i++) {
-        __m512 k[L];
-        for (int j = 0; j < L; j++) k[j] = _mm512_loadu_ps(kt + (size_t)i * ATT_BLOCK + 16 * j);
+        __m512 k[ATT_BLOCK / 16];
+        for (int j = 0; j < V; j++) k[j] = _mm512_loadu_ps(kt + (size_t)i * ATT_BLOCK + 16 * j);
         for (int h = 0; h < G; h++) {
             const __m512 qi = _mm512_set1_ps(q[(size_t)h * d + i]);
-            for (int j = 0; j < L; j++) acc[h][j] = _mm512_fmadd_ps(qi, k[j], acc[h][j]);
+            for (int j = 0; j < V; j++) acc[h][j] = _mm512_fmadd_ps(qi, k[j], acc[h][j]);
         }
     }
     for (int h = 0; h < G; h++)
-        for (int j = 0; j < L; j++) _mm512_storeu_ps(sc + (size_t)h * ATT_BLOCK + 16 * j, _mm512_mul_ps(acc[h][j], _mm512_set1_ps(scale)));
+        for (int j = 0; j < V; j++) _mm512_storeu_ps(sc + (size_t)h * ATT_BLOCK + 16 * j, _mm512_mul_ps(acc[h][j], _mm512_set1_ps(scale)));
 }
 
 /* For each of the G heads' first n scores (sc[h * ATT_BLOCK + s]): their top, exp(score - top) in place
@@ -206,19 +205,28 @@ static inline __attribute__((always_inline)) void weighted_values_heads(const fl
 #endif
 
 /* A block is attended in two stages: the scores of a group's G query heads (q, G * d) over the block's
- * key tile kt (sc: G * ATT_BLOCK floats, every lane), then their softmax pieces and values. A decoding step runs
+ * key tile kt (sc: G * ATT_BLOCK floats), then their softmax pieces and values. A decoding step runs
  * the first stage over many blocks before the second, so each thread reads its keys, then its values, as
  * long forward streams; prefill and batched steps run both per block. The results are the same. */
-static void group_scores(const float *q, int G, const float *kt, int d, float scale, float *sc) {
+static void group_scores(const float *q, int G, const float *kt, int n, int d, float scale, float *sc) {
 #ifdef FM_AVX512
     if (d % 64 == 0 && G <= FUSED_HEADS) {
-        switch (G) {  /* a constant head count each, so the accumulators stay in registers */
-            case 3: scores_heads(q, 3, kt, d, scale, sc); return;
-            case 2: scores_heads(q, 2, kt, d, scale, sc); return;
-            case 1: scores_heads(q, 1, kt, d, scale, sc); return;
+        /* constant head and vector counts each, so the accumulators stay in registers; only the vectors of
+         * 16 positions that hold some of the n (a short sequence's one block, a cache's last) */
+#define SCORES_HEADS(g) switch ((n + 15) / 16) { \
+            case 1: scores_heads(q, g, 1, kt, d, scale, sc); return; \
+            case 2: scores_heads(q, g, 2, kt, d, scale, sc); return; \
+            case 3: scores_heads(q, g, 3, kt, d, scale, sc); return; \
+            default: scores_heads(q, g, 4, kt, d, scale, sc); return; }
+        switch (G) {
+            case 3: SCORES_HEADS(3)
+            case 2: SCORES_HEADS(2)
+            case 1: SCORES_HEADS(1)
         }
+#undef SCORES_HEADS
     }
 #endif
+    (void)n;  /* the other copies score the whole tile */
     for (int j = 0; j < G; j++) block_scores(q + (size_t)j * d, kt, d, scale, sc + (size_t)j * ATT_BLOCK);
 }
 
@@ -255,7 +263,7 @@ static void group_values(int G, const float *v, int n, int d, float *sc, float *
 /* Both stages for cache positions [s0, s1) of one block; k, v: the group's caches. */
 static void attend_block(const float *q, int G, const float *k, const float *v, int s0, int s1, int d, float scale,
                          float *sc, float *part, size_t stride) {
-    group_scores(q, G, k + (size_t)s0 * d, d, scale, sc);  /* a block's tile starts where its positions would */
+    group_scores(q, G, k + (size_t)s0 * d, s1 - s0, d, scale, sc);  /* a block's tile starts where its positions would */
     group_values(G, v + (size_t)s0 * d, s1 - s0, d, sc, part, stride);
 }
 
@@ -304,8 +312,8 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
             for (int a = first; a < end; a += each) {
                 const int z = a + each < end ? a + each : end;
                 for (int it = a; it < z; it++) {
-                    const int g = it / blocks, b = it % blocks;
-                    group_scores(qkv + (size_t)g * G * d, G, kc + ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d, d,
+                    const int g = it / blocks, b = it % blocks, n = b < blocks - 1 ? ATT_BLOCK : past + 1 - b * ATT_BLOCK;
+                    group_scores(qkv + (size_t)g * G * d, G, kc + ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d, n, d,
                                  scale, sc + (it - a) * group);
                 }
                 for (int it = a; it < z; it++) {
