@@ -260,11 +260,16 @@ static void group_values(int G, const float *v, int n, int d, float *sc, float *
     }
 }
 
-/* Both stages for cache positions [s0, s1) of one block; k, v: the group's caches. */
-static void attend_block(const float *q, int G, const float *k, const float *v, int s0, int s1, int d, float scale,
+/* Positions in block b of n cached ones. */
+static inline int block_len(int b, int n) { return n - b * ATT_BLOCK < ATT_BLOCK ? n - b * ATT_BLOCK : ATT_BLOCK; }
+
+/* Both stages for block b of the n cached positions; k, v: the group's caches (a block's key tile starts
+ * where its positions would). */
+static void attend_block(const float *q, int G, const float *k, const float *v, int b, int n, int d, float scale,
                          float *sc, float *part, size_t stride) {
-    group_scores(q, G, k + (size_t)s0 * d, s1 - s0, d, scale, sc);  /* a block's tile starts where its positions would */
-    group_values(G, v + (size_t)s0 * d, s1 - s0, d, sc, part, stride);
+    const size_t at = (size_t)b * ATT_BLOCK * d;
+    group_scores(q, G, k + at, block_len(b, n), d, scale, sc);
+    group_values(G, v + at, block_len(b, n), d, sc, part, stride);
 }
 
 /* One head's output (d) from its blocks' partials (part[b * (d + 2)], b < blocks), in block order. */
@@ -312,14 +317,14 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
             for (int a = first; a < end; a += each) {
                 const int z = a + each < end ? a + each : end;
                 for (int it = a; it < z; it++) {
-                    const int g = it / blocks, b = it % blocks, n = b < blocks - 1 ? ATT_BLOCK : past + 1 - b * ATT_BLOCK;
-                    group_scores(qkv + (size_t)g * G * d, G, kc + ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d, n, d,
-                                 scale, sc + (it - a) * group);
+                    const int g = it / blocks, b = it % blocks;
+                    group_scores(qkv + (size_t)g * G * d, G, kc + ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d,
+                                 block_len(b, past + 1), d, scale, sc + (it - a) * group);
                 }
                 for (int it = a; it < z; it++) {
-                    const int g = it / blocks, b = it % blocks, s0 = b * ATT_BLOCK;
-                    group_values(G, vc + ((size_t)g * capacity + s0) * d, (s0 + ATT_BLOCK < past + 1 ? s0 + ATT_BLOCK : past + 1) - s0,
-                                 d, sc + (it - a) * group, part + (size_t)g * G * per_head + (size_t)b * (d + 2), per_head);
+                    const int g = it / blocks, b = it % blocks;
+                    group_values(G, vc + ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d, block_len(b, past + 1), d,
+                                 sc + (it - a) * group, part + (size_t)g * G * per_head + (size_t)b * (d + 2), per_head);
                 }
             }
 #pragma omp barrier
@@ -335,8 +340,8 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
             float *mine = part + (size_t)id * G * per_head;
             for (int b = 0; b * ATT_BLOCK < n; b++)
                 attend_block(qkv + (size_t)t * width + (size_t)g * G * d, G, kc + (size_t)g * capacity * d,
-                             vc + (size_t)g * capacity * d, b * ATT_BLOCK, (b + 1) * ATT_BLOCK < n ? (b + 1) * ATT_BLOCK : n,
-                             d, scale, scratch + (size_t)id * scores, mine + (size_t)b * (d + 2), per_head);
+                             vc + (size_t)g * capacity * d, b, n, d, scale, scratch + (size_t)id * scores,
+                             mine + (size_t)b * (d + 2), per_head);
             for (int j = 0; j < G; j++)
                 merge_blocks(mine + (size_t)j * per_head, (n + ATT_BLOCK - 1) / ATT_BLOCK, d,
                              out + (size_t)t * H * d + (size_t)(g * G + j) * d);
@@ -421,6 +426,7 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
                             float *const *kc, float *const *vc, int layer, float *out, float *part, float *sc) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d;
     const float scale = 1.f / sqrtf((float)d);
+    const size_t scores = thread_scores(m);
     size_t items = 0;
     for (int b = 0; b < B; b++) items += (size_t)KV * ((past[b] + ATT_BLOCK) / ATT_BLOCK);
 #pragma omp parallel for schedule(dynamic, 2) /* a preempted thread does not hold the step up */
@@ -429,12 +435,11 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
         int b = 0, blocks = (past[0] + ATT_BLOCK) / ATT_BLOCK;
         for (; it >= first + (size_t)KV * blocks; b++, blocks = (past[b] + ATT_BLOCK) / ATT_BLOCK)
             first += (size_t)KV * blocks, offset += (size_t)H * blocks * (d + 2);
-        const int g = (int)((it - first) / blocks), blk = (int)((it - first) % blocks), n = past[b] + 1;
-        const int s0 = blk * ATT_BLOCK, s1 = s0 + ATT_BLOCK < n ? s0 + ATT_BLOCK : n;
+        const int g = (int)((it - first) / blocks), blk = (int)((it - first) % blocks);
         const size_t per_head = (size_t)blocks * (d + 2), cache = (size_t)g * capacity[b] * d;
         attend_block(qkv + (size_t)b * width + (size_t)g * G * d, G, kc[(size_t)b * m->n_layers + layer] + cache,
-                     vc[(size_t)b * m->n_layers + layer] + cache, s0, s1, d, scale,
-                     sc + (size_t)omp_get_thread_num() * thread_scores(m), part + offset + g * G * per_head + (size_t)blk * (d + 2),
+                     vc[(size_t)b * m->n_layers + layer] + cache, blk, past[b] + 1, d, scale,
+                     sc + (size_t)omp_get_thread_num() * scores, part + offset + g * G * per_head + (size_t)blk * (d + 2),
                      per_head);
     }
     size_t offset = 0;
