@@ -146,7 +146,8 @@ static int check(const fm_model *mf, const fm_model *mq, const float *emb, float
     printf("[%s] prefill vs one at a time (fp32 and 4/8-bit, logits and retrieval): %.2e; 4/8-bit blocks vs fp32: %.2e\n",
            fm_kernels(), prefill, blocks);
     float *kk[LAYERS] = {0}, *vv[LAYERS] = {0};
-    const int refused = fm_forward(mf, emb, 1, POS, POS, kk, vv, a, ra) == -1; /* past the capacity */
+    const int refused = fm_forward(mf, emb, 1, POS, POS, kk, vv, a, ra) == -1 && /* past the capacity */
+                        fm_forward(mf, emb, 1, 0, POS + 1, kk, vv, a, ra) == -1;  /* not whole key blocks */
     const int batch_f32 = batch_matches(mf), batch_q4 = batch_matches(mq);
     printf("[%s] batched steps bit-identical to single ones: fp32 %s, 4/8-bit %s\n", fm_kernels(), batch_f32 ? "yes" : "NO",
            batch_q4 ? "yes" : "NO");
