@@ -37,6 +37,21 @@ static int chunk_columns(size_t column_bytes, int N, int threads) {
         }                                                                          \
     } while (0)
 
+/* One row against the panels [p0, p1): TILE(p, step, NP) on NP panels p, p + step, ... side by side, four
+ * at a time, one from each quarter of the range (four forward streams: a core's read bandwidth is bounded
+ * by how far ahead its prefetchers run per stream), then the rest side by side too. */
+#define QUARTER_STREAMS(p0, p1, TILE)                                 \
+    do {                                                              \
+        const int q_ = ((p1) - (p0)) / 4;                             \
+        int p_ = (p0);                                                \
+        for (; p_ < (p0) + q_; p_++) TILE(p_, q_, 4);                 \
+        switch ((p1) - (p_ = (p0) + 4 * q_)) {                        \
+            case 3: TILE(p_, 1, 3); break;                            \
+            case 2: TILE(p_, 1, 2); break;                            \
+            case 1: TILE(p_, 0, 1); break;                            \
+        }                                                             \
+    } while (0)
+
 /* ---- fp32 matrices, in panels of 16 columns ------------------------------------------------------- */
 /* An fp32 matrix (K, N) is laid out by fm_pack as panels: panel p holds the columns 16p..16p+15 as K
  * rows of 16 floats (the last panel zero-padded), so a 64-byte load is one k of 16 columns and a
@@ -166,30 +181,24 @@ static void transpose_tile(const float *src, size_t ld_src, int rows, int cols, 
  * apart (that put them all in two L1 sets: a 512-token prefill ran ~10 % slower). */
 enum { ROW_BLOCK = 48 };
 
-/* The panels p0..p1 of W for the B rows of xt. One row (a decode step of one sequence): four panels
- * at a time, one from each quarter of the range, so four forward streams (a core's read bandwidth is
- * bounded by how far ahead its prefetchers run per stream). Several rows: F32_PANELS panels from as
- * many parts of the range, every row group of a block of rows meeting them from cache. */
+/* The panels p0..p1 of W for the B rows of xt. One row (a decode step of one sequence): QUARTER_STREAMS.
+ * Several rows: F32_PANELS panels from as many parts of the range, every row group of a block of rows
+ * meeting them from cache. */
 static void f32_panels(const float *W, int K, int N, int p0, int p1, const float *xt, int B, float *y, size_t ldy,
                        int accumulate) {
-    int p = p0;
     if (B == 1) {
-        const int q = (p1 - p0) / 4;
-        for (; p < p0 + q; p++) f32_tile(W, K, N, p, q, 4, xt, 1, 1, y, ldy, accumulate);
-        switch (p1 - (p = p0 + 4 * q)) {  /* the rest side by side too */
-            case 3: f32_tile(W, K, N, p, 1, 3, xt, 1, 1, y, ldy, accumulate); break;
-            case 2: f32_tile(W, K, N, p, 1, 2, xt, 1, 1, y, ldy, accumulate); break;
-            case 1: f32_tile(W, K, N, p, 0, 1, xt, 1, 1, y, ldy, accumulate); break;
-        }
+#define ONE_ROW(p, step, NP) f32_tile(W, K, N, p, step, NP, xt, 1, 1, y, ldy, accumulate)
+        QUARTER_STREAMS(p0, p1, ONE_ROW);
+#undef ONE_ROW
         return;
     }
     const int part = (p1 - p0) / F32_PANELS;
     for (int r0 = 0; r0 < B; r0 += ROW_BLOCK) {
         const int rows = B - r0 < ROW_BLOCK ? B - r0 : ROW_BLOCK;
         const float *block = xt + (size_t)r0 * K;
-        for (p = p0; p < p0 + part; p++)
+        for (int p = p0; p < p0 + part; p++)
             f32_rows_of(W, K, N, p, part, F32_PANELS, block, rows, rows, y + r0 * ldy, ldy, accumulate);
-        for (p = p0 + F32_PANELS * part; p < p1; p++)
+        for (int p = p0 + F32_PANELS * part; p < p1; p++)
             f32_rows_of(W, K, N, p, 0, 1, block, rows, rows, y + r0 * ldy, ldy, accumulate);
     }
 }
@@ -447,29 +456,23 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
 #endif
 }
 
-/* The panels p0..p1 for B rows. One row: four panels at a time from the range's quarters (four forward
- * streams, as f32_panels; AVX2 one at a time: four panels' accumulators would spill its 16 registers);
- * several: QB_ROWS rows at a time meet each unpacked weight vector. */
+/* The panels p0..p1 for B rows. One row: QUARTER_STREAMS (AVX2 one at a time: four panels' accumulators
+ * would spill its 16 registers); several: QB_ROWS rows at a time meet each unpacked weight vector. */
 static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, int p0, int p1, const uint8_t *x8,
                                                            const float *sx, const float *sums, int B, float *y,
                                                            size_t ldy, int accumulate, const int bits) {
     const int K = L->K, nb = K / FM_BLOCK;
-    int p = p0;
     if (B == 1) {
+#define ONE_ROW(p, step, NP) q_tile(L, p, step, NP, x8, sx, sums, 1, y, ldy, accumulate, bits)
 #if !defined(FM_AVX2) || defined(FM_AVX512)
-        const int q = (p1 - p0) / 4;
-        for (; p < p0 + q; p++) q_tile(L, p, q, 4, x8, sx, sums, 1, y, ldy, accumulate, bits);
-        switch (p1 - (p = p0 + 4 * q)) {  /* the rest side by side too */
-            case 3: q_tile(L, p, 1, 3, x8, sx, sums, 1, y, ldy, accumulate, bits); break;
-            case 2: q_tile(L, p, 1, 2, x8, sx, sums, 1, y, ldy, accumulate, bits); break;
-            case 1: q_tile(L, p, 0, 1, x8, sx, sums, 1, y, ldy, accumulate, bits); break;
-        }
+        QUARTER_STREAMS(p0, p1, ONE_ROW);
 #else
-        for (; p < p1; p++) q_tile(L, p, 0, 1, x8, sx, sums, 1, y, ldy, accumulate, bits);
+        for (int p = p0; p < p1; p++) ONE_ROW(p, 0, 1);
 #endif
+#undef ONE_ROW
         return;
     }
-    for (p = p0; p < p1; p++) {
+    for (int p = p0; p < p1; p++) {
         int r = 0;
 #define TILE(R) q_tile(L, p, 0, 1, x8 + (size_t)r * 2 * K, sx + (size_t)r * nb, sums + (size_t)r * nb, R, \
                        y + r * ldy, ldy, accumulate, bits)
