@@ -86,6 +86,12 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def cache_capacity(decoder, positions: int) -> int:
+    """The smallest KV cache capacity of at least `positions` that the decoder takes (a multiple of its
+    capacity_step: the native engine keeps keys in blocks of 64 positions)."""
+    return -(-positions // decoder.capacity_step) * decoder.capacity_step
+
+
 class _TextStream:
     """Incremental detokenization: emits only complete characters (no half UTF-8 sequences).
 
@@ -249,8 +255,7 @@ class Fromage:
             raise FromageError(f"the sequence would be {total} positions long; "
                                f"the model's context is {self.max_positions}")
         if self.decoder.in_place and total > state.cache[0].shape[2]:
-            step = self.decoder.capacity_step
-            capacity = -(-min(self.max_positions, max(MIN_CAPACITY, _pow2(total))) // step) * step
+            capacity = cache_capacity(self.decoder, min(self.max_positions, max(MIN_CAPACITY, _pow2(total))))
             for i, old in enumerate(state.cache):
                 # all of the old buffer: the native engine keeps keys in blocks, not as `length` leading rows
                 state.cache[i] = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], np.float32)

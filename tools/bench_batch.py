@@ -27,12 +27,12 @@ def matrix_weights(m, vocab: int) -> int:
 
 
 def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=print) -> dict:
-    from fromage.runtime.generate import Fromage
+    from fromage.runtime.generate import Fromage, cache_capacity
     model = Fromage(bundle, engine="native", threads=threads)
     dec, m = model.decoder, model.decoder.model
     positions = min(BATCH_POSITIONS, min(m.rope_positions, model.max_positions) // 2)
     rng = np.random.default_rng(0)
-    shape = (1, m.n_kv, -(-(positions + 1) // dec.capacity_step) * dec.capacity_step, m.head_dim)
+    shape = (1, m.n_kv, cache_capacity(dec, positions + 1), m.head_dim)
     caches = [[rng.standard_normal(shape, dtype=np.float32) for _ in range(2 * m.n_layers)]
               for _ in range(batches[-1])]
     embeds = (rng.standard_normal((batches[-1], m.hidden)) * 0.02).astype(np.float32)

@@ -23,7 +23,7 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=print) -> dict:
-    from fromage.runtime.generate import Fromage
+    from fromage.runtime.generate import Fromage, cache_capacity
     from .bench_worker import BandwidthProbe
     model = Fromage(bundle, engine="native", threads=threads)
     dec = model.decoder
@@ -31,7 +31,7 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
     if lengths[-1] + 1 > min(m.rope_positions, model.max_positions):
         raise FromageError(f"--context {lengths[-1]}: the model's context is {model.max_positions} positions")
     rng = np.random.default_rng(0)
-    shape = (1, m.n_kv, -(-(lengths[-1] + 1) // dec.capacity_step) * dec.capacity_step, m.head_dim)
+    shape = (1, m.n_kv, cache_capacity(dec, lengths[-1] + 1), m.head_dim)
     cache = [rng.standard_normal(shape, dtype=np.float32) for _ in range(2 * m.n_layers)]
     embeds = (rng.standard_normal((1, 1, m.hidden)) * 0.02).astype(np.float32)
     logits, ret = np.zeros(dec.vocab_size, np.float32), np.zeros(dec.retrieval_dim, np.float32)
