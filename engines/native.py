@@ -156,11 +156,14 @@ def available() -> str | None:
 KV_BLOCK = 64  # FM_KV_BLOCK: cache capacities are multiples of it; keys are stored in blocks of it
 
 
-def keys_by_position(keys: np.ndarray) -> np.ndarray:
-    """A native key cache (1, kv, capacity, d), stored in blocks of KV_BLOCK positions each dimension-major
-    (native/fromage_native.h), as a copy in position order: the layout of the values and of the ONNX graph."""
-    one, kv, capacity, d = keys.shape
-    return keys.reshape(one, kv, capacity // KV_BLOCK, d, KV_BLOCK).swapaxes(3, 4).reshape(keys.shape).copy()
+def cache_by_position(cache: list) -> list:
+    """A native KV cache ([key0, value0, key1, ...], each (1, kv, capacity, d)) in position order, the
+    layout of the ONNX graph's cache: the keys, stored in blocks of KV_BLOCK positions each dimension-major
+    (native/fromage_native.h), as reordered copies; the values as they are."""
+    def keys(k):
+        one, kv, capacity, d = k.shape
+        return k.reshape(one, kv, capacity // KV_BLOCK, d, KV_BLOCK).swapaxes(3, 4).reshape(k.shape).copy()
+    return [keys(c) if i % 2 == 0 else c for i, c in enumerate(cache)]
 
 
 class NativeDecoder:

@@ -20,6 +20,7 @@ import torch
 from fromage.engines import native
 from fromage.runtime.bundle_reader import MANIFEST, BUNDLE_FORMAT
 from fromage.runtime.files import sha256_file
+from fromage.runtime.generate import cache_capacity
 from fromage.runtime.errors import FromageError
 from fromage.runtime.prompt import special_prefix
 from fromage.training.model import FromageModel
@@ -76,7 +77,7 @@ def check_parity(m: FromageModel, folder: Path, io: dict, fused: bool) -> dict:
         cfg = m.lm.config
         engine = native.NativeDecoder(folder / "decoder.onnx", {"num_layers": dec.num_layers, "kv_heads": heads,
                                                                "head_dim": hd, "rms_norm_eps": cfg.rms_norm_eps})
-        native_cache = [np.zeros((1, heads, native.KV_BLOCK, hd), np.float32) for _ in past]
+        native_cache = [np.zeros((1, heads, cache_capacity(engine, b.shape[2]), hd), np.float32) for b in buffers]
         native_out = [np.zeros((engine.vocab_size,), np.float32), np.zeros((engine.retrieval_dim,), np.float32)]
         native_diffs = []
     for step_len in (5, 1, 3):
@@ -93,9 +94,8 @@ def check_parity(m: FromageModel, folder: Path, io: dict, fused: bool) -> dict:
             got = got[:2] + [b[:, :, :total + step_len] for b in buffers]
             if engine:
                 engine.forward(emb.numpy(), native_cache, total, *native_out)
-                mine = [o[None] for o in native_out] + [
-                    (native.keys_by_position(b) if i % 2 == 0 else b)[:, :, :total + step_len]  # [key0, value0, ...]
-                    for i, b in enumerate(native_cache)]
+                mine = [o[None] for o in native_out] + [b[:, :, :total + step_len]
+                                                         for b in native.cache_by_position(native_cache)]
                 native_diffs += [_diff(r, g) for r, g in zip(ref, mine)]
         else:
             got = sess.run(None, dict(zip(names_in, [emb.numpy(), mask.numpy(), pos.numpy(), *[p.numpy() for p in past]])))

@@ -21,8 +21,7 @@ def _steps(rt, lengths, seed=0):
             state = rt.start(emb)
         else:
             rt.advance(state, emb)
-        cache = [native.keys_by_position(c) if rt.engine == "native" and i % 2 == 0 else c  # [key0, value0, ...]
-                 for i, c in enumerate(state.cache)]
+        cache = native.cache_by_position(state.cache) if rt.engine == "native" else state.cache
         out.append((state.logits.copy(), state.ret_embedding.copy(), [c[:, :, :state.length].copy() for c in cache]))
     return out
 
