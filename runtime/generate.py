@@ -59,6 +59,7 @@ class Result:
     stop_reason: str = ""
     timings: dict = field(default_factory=dict)
     token_budget: int | None = None  # the new tokens the context leaves room for (<= max_new_tokens)
+    cached_positions: int = 0        # prompt positions copied from a cached prefix, not computed
 
     def to_json(self) -> dict:
         return {"parts": self.parts, "prompt_token_ids": self.prompt_token_ids,
@@ -210,6 +211,13 @@ class Fromage:
         """An empty cache (it grows as positions are fed)."""
         cache = [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.kv_names]
         return DecodeState(cache, 0, np.zeros(self.vocab_size, np.float32), np.zeros(self.retrieval_dim, np.float32))
+
+    def prefix_state(self, state: "DecodeState", n: int) -> "DecodeState":
+        """A new state holding the first n positions of `state`'s cache (logits not set: feed it more)."""
+        # in place: whole blocks of the layout (positions past n in the last one are never read)
+        keep = cache_capacity(self.decoder, n) if self.decoder.in_place else n
+        cache = [np.array(c[:, :, :keep]) for c in state.cache]
+        return DecodeState(cache, n, np.zeros(self.vocab_size, np.float32), np.zeros(self.retrieval_dim, np.float32))
 
     def start(self, embeds: np.ndarray) -> "DecodeState":
         """Prefill: run the prompt (1, n, E) from an empty cache."""

@@ -8,7 +8,8 @@ requests one after the other. The [RET]s of the step are searched together. A re
 or is cancelled leaves at the next iteration and frees its slot.
 
 While others decode, prompts are fed PROMPT_ROWS_BUSY positions per call (or `prefill_rows`), so a
-long prompt arriving slows the running streams' steps by a bounded factor instead of stalling them.
+long prompt arriving slows the running streams' steps by a bounded factor instead of stalling them. A
+prompt that starts as a recent one did is fed from where they part (prefix_cache.PrefixCache).
 Every position (prompt or generated) is computed by the decoding kernels, whose rows do not depend on
 what else is in the call: a request's outputs are the same alone or in any batch, however its prompt
 was cut. On the native engine `Fromage.generate` prefills with the same kernels, so it gives the same
@@ -27,6 +28,7 @@ import numpy as np
 
 from .errors import FromageError, ParameterError
 from .generate import DecodeState, Fromage, ImageEvent, Result, Sequence, TextEvent
+from .prefix_cache import PrefixCache
 from .prompt import Part
 from .sampling import SamplingParams
 
@@ -34,6 +36,7 @@ from .sampling import SamplingParams
 log = logging.getLogger("fromage.scheduler")
 
 PROMPT_ROWS_BUSY = 8  # prompt positions per call while other requests decode
+PREFIX_CACHE_BYTES = 256 << 20
 
 
 class QueueFull(FromageError):
@@ -88,15 +91,18 @@ class _Slot:
 
 class Scheduler:
     def __init__(self, model: Fromage, max_batch: int = 16, max_queue: int = 64, max_prompt_chunk: int = 64,
-                 max_prompt: int | None = None, max_new_tokens: int | None = None, prefill_rows: int | None = None):
+                 max_prompt: int | None = None, max_new_tokens: int | None = None, prefill_rows: int | None = None,
+                 prefix_cache_bytes: int = PREFIX_CACHE_BYTES):
         """max_prompt / max_new_tokens: per-request caps below the model's context (None: the context).
         prefill_rows: prompt positions per call while others decode (None: PROMPT_ROWS_BUSY); fewer keep
-        the streams' inter-token latency lower, and a new request's first token comes later."""
+        the streams' inter-token latency lower, and a new request's first token comes later.
+        prefix_cache_bytes: room for recent prompts' caches (0: none kept)."""
         if max_batch < 1 or max_queue < 0 or max_prompt_chunk < 1 or (prefill_rows is not None and prefill_rows < 1):
             raise FromageError("max_batch must be >= 1, max_queue >= 0, max_prompt_chunk >= 1 and prefill_rows >= 1")
         self.model, self.max_batch, self.max_queue, self.max_prompt_chunk = model, max_batch, max_queue, max_prompt_chunk
         self.prefill_rows = prefill_rows or PROMPT_ROWS_BUSY
         self.max_prompt, self.max_new_tokens = max_prompt, max_new_tokens
+        self.prefixes = PrefixCache(model, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.waiting: deque[Request] = deque()
         self.running: list[_Slot] = []
         self._cond = threading.Condition()
@@ -175,6 +181,8 @@ class Scheduler:
         """One decoder call: a token for every decoding request and the next pieces of waiting prompts."""
         for slot in [s for s in self.running if s.req.cancelled]:
             self._finish(slot, "cancelled")
+        for slot in [s for s in self.running if s.state is None]:
+            self._start(slot)
         decoding = [s for s in self.running if s.seq is not None]
         rows, fed = [], []
         for slot in decoding:
@@ -190,8 +198,6 @@ class Scheduler:
             rows = [(slot.state, embeds[i:i + 1]) for i, (slot, _) in enumerate(fed)]
         prompts = self._prompt_pieces(len(fed))
         for slot, n in prompts:
-            if slot.state is None:
-                slot.state = self.model.new_state()
             rows.append((slot.state, slot.req.embeds[0, slot.fed:slot.fed + n]))
         if not rows:
             return
@@ -204,10 +210,20 @@ class Scheduler:
         for slot, n in prompts:
             slot.fed += n
             if slot.fed == slot.prompt_len:
+                if self.prefixes:
+                    self.prefixes.store(slot.req.embeds[0], slot.state)
                 timings = slot.req.result.timings
                 timings["prefill_s"] = time.perf_counter() - slot.req.submitted - timings["queue_s"]
                 slot.seq = Sequence(self.model, slot.req.params, slot.req.result)
         self._after_step(fed)
+
+    def _start(self, slot: _Slot) -> None:
+        """The slot's state: empty, or holding the longest cached prefix of its prompt."""
+        if self.prefixes is None:
+            slot.state = self.model.new_state()
+            return
+        slot.state, slot.fed = self.prefixes.start(slot.req.embeds[0])
+        slot.req.result.cached_positions = slot.fed
 
     def _prompt_pieces(self, decoding: int) -> list[tuple[_Slot, int]]:
         """Prompt positions to feed in this call, oldest request first: beside running requests

@@ -22,7 +22,7 @@ from fromage.runtime.chat import AnswerStart
 from fromage.runtime.errors import FromageError, ParameterError
 from fromage.runtime.generate import Fromage, ImageEvent, TextEvent
 from fromage.runtime.preprocess import ImageTooLarge, load_rgb
-from fromage.runtime.scheduler import Finished, QueueFull, Scheduler
+from fromage.runtime.scheduler import PREFIX_CACHE_BYTES, Finished, QueueFull, Scheduler
 
 from .errors import BadRequest, error_body
 from .media import MediaPolicy
@@ -44,6 +44,7 @@ class ServerConfig:
     max_batch: int = 16
     max_queue: int = 64
     prefill_rows: int | None = None         # prompt positions per step while others decode (None: Scheduler's rule)
+    prefix_cache_bytes: int = PREFIX_CACHE_BYTES  # recent prompts' caches (0: none)
     api_key: str | None = None
     allowed_media_dir: str | None = None
     max_body_bytes: int = 100 * 1024 * 1024
@@ -67,7 +68,7 @@ class _State:
             self.media.index = model.index
             self.scheduler = Scheduler(model, max_batch=c.max_batch, max_queue=c.max_queue,
                                        max_prompt=c.max_prompt_tokens, max_new_tokens=c.max_tokens,
-                                       prefill_rows=c.prefill_rows)
+                                       prefill_rows=c.prefill_rows, prefix_cache_bytes=c.prefix_cache_bytes)
             self.model = model
         except FromageError as e:
             self.load_error = str(e)

@@ -25,6 +25,8 @@ class Metrics:
             lambda: counts()[1])
         self.prompt_tokens = Counter("fromage_prompt_tokens", "Prompt positions prefilled (images count k each)",
                                      registry=r)
+        self.cached_prompt_tokens = Counter("fromage_prompt_tokens_cached",
+                                            "Prompt positions copied from a cached prefix, not computed", registry=r)
         self.generation_tokens = Counter("fromage_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("fromage_request", "Finished requests by finish reason", ["finish_reason"],
                                 registry=r)
@@ -32,6 +34,7 @@ class Metrics:
     def finished(self, result, e2e_s: float) -> None:
         self.e2e.observe(e2e_s)
         self.generation_tokens.inc(len(result.token_ids))
+        self.cached_prompt_tokens.inc(result.cached_positions)
         self.requests.labels(finish_reason(result)).inc()
 
     def render(self) -> bytes:

@@ -134,7 +134,8 @@ def response_parts(result_parts: list) -> list:
 
 def usage(result, prompt_positions: int) -> dict:
     n = len(result.token_ids)
-    return {"prompt_tokens": prompt_positions, "completion_tokens": n, "total_tokens": prompt_positions + n}
+    return {"prompt_tokens": prompt_positions, "completion_tokens": n, "total_tokens": prompt_positions + n,
+            "prompt_tokens_details": {"cached_tokens": result.cached_positions}}
 
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}

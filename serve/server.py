@@ -26,14 +26,15 @@ def cmd_serve(args) -> None:
         raise FromageError(f"--port must be 1..65535, got {args.port}")
     below_one = [n for n in ("prefill_rows", "max_tokens", "max_prompt_tokens") if getattr(args, n) is not None
                  and getattr(args, n) < 1]
-    if args.max_batch < 1 or args.max_queue < 0 or args.max_body_mb <= 0 or below_one:
+    if args.max_batch < 1 or args.max_queue < 0 or args.max_body_mb <= 0 or args.prefix_cache_mb < 0 or below_one:
         raise FromageError("--max-batch, --prefill-rows, --max-tokens and --max-prompt-tokens must be >= 1, "
-                           "--max-queue >= 0 and --max-body-mb > 0")
+                           "--max-queue and --prefix-cache-mb >= 0 and --max-body-mb > 0")
     if args.allowed_media_dir and not os.path.isdir(args.allowed_media_dir):
         raise FromageError(f"--allowed-media-dir {args.allowed_media_dir} is not a directory")
     config = ServerConfig(bundle=args.bundle, index=args.index, engine=args.engine, device=args.device,
                           threads=args.threads, verify=not args.no_verify, max_batch=args.max_batch,
                           max_queue=args.max_queue, prefill_rows=args.prefill_rows, api_key=args.api_key,
+                          prefix_cache_bytes=int(args.prefix_cache_mb * 1024 * 1024),
                           allowed_media_dir=args.allowed_media_dir,
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024), model_name=args.model_name,
                           max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens)

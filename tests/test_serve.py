@@ -56,6 +56,8 @@ def test_streaming_matches_the_whole_answer_and_reports_usage(server):
     assert text == whole.choices[0].message.content
     assert [p["key"] for p in images] == [p["key"] for p in whole_images]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # the same prompt again: all but its last position come from the prefix cache (OpenAI's cached_tokens)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == whole.usage.prompt_tokens - 1
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
 
 

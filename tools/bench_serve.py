@@ -143,6 +143,8 @@ def start_fromage(args, log_dir: Path) -> Server:
             "--max-batch", args.max_batch, "--max-queue", 1024, "--threads", args.threads]
     if args.prefill_rows is not None:
         argv += ["--prefill-rows", args.prefill_rows]
+    if args.prefix_cache_mb is not None:
+        argv += ["--prefix-cache-mb", args.prefix_cache_mb]
     if args.index:
         argv += ["--index", args.index]
     return Server("fromage", argv, port, log_dir / "fromage-serve.log")
@@ -276,6 +278,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default 64)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together; llama-server slots (default 16)")
     p.add_argument("--prefill-rows", type=int, help="the started server's --prefill-rows (default: its own)")
+    p.add_argument("--prefix-cache-mb", type=float, help="the started server's --prefix-cache-mb (default: its own)")
     p.add_argument("--bench-image", default=DEFAULT_IMAGE, help="image for the with-image rows ('' to skip them)")
     p.add_argument("--peer", choices=["auto", "none", "llama_cpp", "llama_cpp_f32"], default="auto",
                    help="llama-server on the same weights: Q4_1 GGUF (llama_cpp) or its F32 dequantization; "
@@ -290,7 +293,8 @@ def cmd_bench_serve(args, log=print) -> dict:
     log_dir = Path(args.cache) / "bench-serve"
     log_dir.mkdir(parents=True, exist_ok=True)
     result = {"settings": {"concurrency": levels, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-                           "max_batch": args.max_batch, "prefill_rows": args.prefill_rows, "threads": args.threads,
+                           "max_batch": args.max_batch, "prefill_rows": args.prefill_rows,
+                           "prefix_cache_mb": args.prefix_cache_mb, "threads": args.threads,
                            "ignore_eos": True},
               "machine": machine_info(), "systems": {}}
     image = data_url(args.bench_image) if args.bench_image and os.path.isfile(args.bench_image) else None

@@ -157,6 +157,9 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--prefill-rows", type=int,
                    help="prompt positions fed per step while others decode (default 8); fewer: lower "
                         "inter-token latency, later first tokens")
+    p.add_argument("--prefix-cache-mb", type=float, default=256,
+                   help="memory for recent prompts' KV caches, so a prompt that starts as one of them (a chat's "
+                        "history, a shared system prompt) is fed from where they part (default 256; 0: off)")
     p.add_argument("--allowed-media-dir", help="file:// image URLs are allowed below this directory (default: none)")
     p.add_argument("--max-body-mb", type=float, default=100, help="largest request body (default 100 MB)")
     p.add_argument("--max-prompt-tokens", type=int, help="prompt positions per request (default: the model's context)")

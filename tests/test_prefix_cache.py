@@ -1,0 +1,90 @@
+"""Prefix caching (runtime/prefix_cache.py): a prompt that starts as a recent one is fed from where they
+part, and gives the same outputs as without the cache; entries are kept within their memory budget."""
+import numpy as np
+import pytest
+
+from fromage.runtime import prefix_cache
+from fromage.runtime.chat import chat_prompt
+from fromage.runtime.generate import Fromage
+from fromage.runtime.prefix_cache import PrefixCache
+from fromage.runtime.prompt import ImagePart
+from fromage.runtime.sampling import SamplingParams
+from fromage.runtime.scheduler import Scheduler
+
+SYSTEM = "You answer in short sentences about the big blue boat and the small red cat in the house."
+
+
+@pytest.fixture(scope="module", params=["native", "onnxruntime"])
+def model(exported, request):
+    return Fromage(exported["llama"]["bundle"], index=exported["llama"]["index"], engine=request.param)
+
+
+def _conversation(assets):
+    """Prompts that share beginnings: a system prompt, a chat's second turn, the same image again."""
+    image = ImagePart(assets["images"][0])
+    first = [("system", [SYSTEM]), ("user", ["where is the cat?"])]
+    return [chat_prompt(first),
+            chat_prompt([("system", [SYSTEM]), ("user", ["and the dog?"])]),
+            chat_prompt(first + [("assistant", ["on the boat."]), ("user", ["why?"])]),
+            [image, "a picture of the moon"],
+            [image, "a picture of a cat"]]
+
+
+def _results(model, prompts, params, **kw):
+    sched = Scheduler(model, max_batch=1, **kw)  # one at a time: each prompt is cached before the next starts
+    try:
+        return [sched.generate(p, params) for p in prompts]
+    finally:
+        sched.close()
+
+
+def test_hits_give_the_same_outputs(model, assets):
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ret_scale_factor=3.0)
+    prompts = _conversation(assets)
+    cold = _results(model, prompts, params, prefix_cache_bytes=0)
+    warm = _results(model, prompts, params)
+    for c, w in zip(cold, warm):
+        assert c.token_ids == w.token_ids
+        # the native engine computes a row the same however the prompt was cut: the same bits
+        assert c.parts == w.parts or model.engine == "onnxruntime"
+    cached = [r.cached_positions for r in warm]
+    assert cached[0] == 0 and all(c.cached_positions == 0 for c in cold)
+    assert cached[1] > len(model.tokenizer.encode(SYSTEM)) - 2  # the system prompt, not its question
+    assert cached[2] == len(warm[0].prompt_token_ids)  # the whole first turn
+    assert cached[4] >= model.k  # the image's visual tokens
+
+
+def test_entries_stay_within_their_budget(model):
+    state = model.new_state()
+    embeds = model.prompt_embeds(model.segments([" ".join(["the boat"] * 20)]))[0]
+    model.advance(state, embeds[None])
+    one = PrefixCache(model, 1 << 40)
+    one.store(embeds, state)
+    size = one.bytes
+    cache = PrefixCache(model, int(size * 2.5))
+    for i in range(5):  # different prompts: at most two fit
+        cache.store(embeds + i, state)
+    assert len(cache.entries) == 2 and cache.bytes <= cache.max_bytes
+    cache.store(embeds[:10] + 4, state)  # a prefix of a kept prompt: nothing new
+    assert len(cache.entries) == 2
+    longer = np.concatenate([embeds + 4, embeds[:3]])
+    cache.store(longer, _fed(model, longer))  # extends a kept prompt: replaces it
+    assert len(cache.entries) == 2 and any(len(e.embeds) == len(longer) for e in cache.entries.values())
+
+
+def _fed(model, embeds):
+    state = model.new_state()
+    model.advance(state, embeds[None])
+    return state
+
+
+def test_rows_are_compared_not_only_their_prints(model, monkeypatch):
+    """Two prompts whose fingerprints agree everywhere share only the rows that are really equal."""
+    monkeypatch.setattr(prefix_cache, "fingerprints", lambda e: np.zeros(len(e), np.uint64))
+    embeds = model.prompt_embeds(model.segments(["a red cat on the big blue boat"]))[0]
+    cache = PrefixCache(model, 1 << 30)
+    cache.store(embeds, _fed(model, embeds))
+    other = embeds.copy()
+    other[5:] += 1.0
+    state, shared = cache.start(other)
+    assert shared == 5 and state.length == 5
