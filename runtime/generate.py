@@ -252,7 +252,7 @@ class Fromage:
         ret = np.empty((len(last), self.retrieval_dim), np.float32)
         self.decoder.forward_batch(embeds, caches, pasts, logits, ret, out_rows=last)
         for (state, e), lg, rt in zip(rows, logits, ret):
-            state.logits[:], state.ret_embedding[:] = lg, rt
+            state.logits, state.ret_embedding = lg, rt  # each state's own row of this call's outputs, not a copy
             state.length += len(e)
 
     def _reserve(self, state: "DecodeState", n: int) -> int:
