@@ -39,6 +39,17 @@ PROMPT_ROWS_BUSY = 8  # prompt positions per call while other requests decode
 PREFIX_CACHE_BYTES = 256 << 20
 
 
+ATTENTION_POSITIONS = 2048  # a row's attention over this many positions takes as long as its matrices
+CHEAP_POSITIONS = 256        # attention over fewer positions than this is not counted
+
+
+def row_cost(position: int) -> float:
+    """What a prompt row at `position` adds to a call, in rows near the start: its matrices, and its
+    attention over the positions before it (default model, native engine, 2 threads: as long as the
+    matrices at ~2,000 positions)."""
+    return 1.0 + max(0, position - CHEAP_POSITIONS) / ATTENTION_POSITIONS
+
+
 class QueueFull(FromageError):
     """The waiting queue is at its limit: the caller should answer 'busy, retry later' at once."""
 
@@ -226,16 +237,24 @@ class Scheduler:
         slot.req.result.cached_positions = slot.fed
 
     def _prompt_pieces(self, decoding: int) -> list[tuple[_Slot, int]]:
-        """Prompt positions to feed in this call, oldest request first: beside running requests
-        prefill_rows (PROMPT_ROWS_BUSY: a call's cost grows with its rows, so the streams' steps grow by
-        a bounded share while prompts are fed); with none decoding, max_prompt_chunk."""
-        budget = self.prefill_rows if decoding else self.max_prompt_chunk
-        pieces = []
-        for slot in self.running:
-            if slot.seq is None and budget > 0:
-                n = min(budget, slot.prompt_len - slot.fed)
+        """Prompt positions to feed in this call, the prompts with the fewest left first (a long prompt
+        does not hold back the short ones that arrive behind it: they join the decoding streams, and it
+        takes what the call has left). Beside running requests, rows worth prefill_rows
+        (PROMPT_ROWS_BUSY: a call's cost grows with its rows, so the streams' steps grow by a bounded
+        share while prompts are fed; a row deep in a long prompt counts for more, row_cost); with none
+        decoding, max_prompt_chunk rows."""
+        prompts = sorted((s for s in self.running if s.seq is None), key=lambda s: s.prompt_len - s.fed)
+        cost = row_cost if decoding else (lambda position: 1.0)
+        budget, pieces = float(self.prefill_rows if decoding else self.max_prompt_chunk), []
+        for slot in prompts:
+            n = 0
+            while slot.fed + n < slot.prompt_len and budget >= cost(slot.fed + n):
+                budget -= cost(slot.fed + n)
+                n += 1
+            if n:
                 pieces.append((slot, n))
-                budget -= n
+        if prompts and not pieces:  # the next row costs more than the whole budget: one row a call still
+            pieces = [(prompts[0], 1)]
         return pieces
 
     def _after_step(self, fed: list) -> None:

@@ -166,6 +166,7 @@ def test_bench_serve_smoke(exported, tmp_path, monkeypatch, capsys):
     r = json.loads(out.read_text())["systems"]["fromage"]
     assert [row["concurrency"] for row in r["text"]] == [1, 2] and all(row["errors"] == 0 for row in r["text"])
     assert r["text"][0]["output_tok_s"] > 0 and r["long_prompt"]["with"]["itl_ms"]["p99"] > 0
+    assert r["long_prompt"]["with"]["streams_tok_s"] > 0 and r["long_prompt"]["without"]["streams_tok_s"] > 0
     lt = r["load_test"]
     assert lt["requests"] == 120 and lt["5xx"] == 0 and lt["4xx"] == lt["malformed_sent"] and lt["running_after"] == 0
     assert "fromage" in capsys.readouterr().out

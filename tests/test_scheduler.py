@@ -142,3 +142,20 @@ def test_ret_in_a_batch_searches_once_per_step(model, monkeypatch):
         sched.close()
     assert all(any(isinstance(e, ImageEvent) for e in ev) for ev in events)
     assert max(calls) > 1  # several [RET]s of one step searched together
+
+
+def test_rows_deep_in_a_long_prompt_count_for_more():
+    """Beside decoding requests a call takes prompt rows worth prefill_rows: near a prompt's start one row
+    each, deep in a long one fewer (their attention), and always at least one row so the prompt goes on."""
+    from fromage.runtime.scheduler import _Slot, Request, row_cost
+
+    def pieces(fed, prefill_rows=8, length=3000):
+        sched = Scheduler.__new__(Scheduler)  # no thread, no model: the choice of rows alone
+        sched.prefill_rows, sched.max_prompt_chunk = prefill_rows, 64
+        slot = _Slot(Request(SamplingParams(), np.zeros((1, length, 4), np.float32), None))
+        slot.fed, sched.running = fed, [slot]
+        return [n for _, n in sched._prompt_pieces(decoding=4)]
+    assert pieces(0) == [8] and pieces(2996) == [3] and pieces(2999) == [1]
+    assert row_cost(100) == 1.0 and 1.8 < row_cost(2000) < 1.9
+    assert pieces(1800) == [int(8 // row_cost(1803))]
+    assert pieces(2500, prefill_rows=1) == [1]
