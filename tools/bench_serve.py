@@ -46,9 +46,14 @@ DEFAULT_IMAGE = "/usr/share/tuxpaint/stamps/animals/marsupials/kangaroo.png"
 NO_RETRIEVAL = {"retrieval": False}
 
 
+_serial = itertools.count()
+
+
 def request_body(i: int, max_tokens: int, image: str | None = None, stream: bool = True, words: int = 0,
                  extra: dict | None = None) -> dict:
-    text = f"Tell me a long story about {TOPICS[i % len(TOPICS)]}."
+    # numbered first: no two requests of a bench share more than the chat format's opening, so a server's
+    # prefix cache saves nothing here that it would not save on distinct users' questions
+    text = f"{next(_serial)}. Tell me a long story about {TOPICS[i % len(TOPICS)]}."
     if words:
         rng = random.Random(i)
         text = " ".join(rng.choice(TOPICS).split()[-1] for _ in range(words)) + " " + text
