@@ -7,9 +7,10 @@ ONE decoder call: the native engine reads every weight once for all the rows; ON
 requests one after the other. The [RET]s of the step are searched together. A request that finishes
 or is cancelled leaves at the next iteration and frees its slot.
 
-While others decode, prompts are fed PROMPT_ROWS_BUSY positions per call (or `prefill_rows`), so a
-long prompt arriving slows the running streams' steps by a bounded factor instead of stalling them. A
-prompt that starts as a recent one did is fed from where they part (prefix_cache.PrefixCache).
+While others decode, prompts are fed rows worth PROMPT_ROWS_BUSY per call (or `prefill_rows`), the
+shortest first, so a long prompt arriving slows the running streams' steps by a bounded factor instead
+of stalling them, and does not hold back the short prompts behind it. A prompt that starts as a recent
+one did is fed from where they part (prefix_cache.PrefixCache).
 Every position (prompt or generated) is computed by the decoding kernels, whose rows do not depend on
 what else is in the call: a request's outputs are the same alone or in any batch, however its prompt
 was cut. On the native engine `Fromage.generate` prefills with the same kernels, so it gives the same
@@ -37,8 +38,6 @@ log = logging.getLogger("fromage.scheduler")
 
 PROMPT_ROWS_BUSY = 8  # prompt positions per call while other requests decode
 PREFIX_CACHE_BYTES = 256 << 20
-
-
 ATTENTION_POSITIONS = 2048  # a row's attention over this many positions takes as long as its matrices
 CHEAP_POSITIONS = 256        # attention over fewer positions than this is not counted
 
