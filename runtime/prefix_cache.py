@@ -17,7 +17,7 @@ import numpy as np
 
 from .generate import DecodeState, Fromage
 
-MIN_SHARED = 4  # a hit shorter than this is not worth a copy
+MIN_SHARED = 8  # a hit shorter than this is not worth a copy (every chat prompt shares its opening "Q: ")
 
 
 @dataclass(eq=False)

@@ -161,12 +161,14 @@ def test_bench_serve_smoke(exported, tmp_path, monkeypatch, capsys):
                         load_test(server, 4, 30, *a, **k))  # 120 requests: the memory window 100..600 has two samples
     out = tmp_path / "serve.json"
     assert main(["bench", "serve", "--bundle", str(exported["llama"]["bundle"]), "--concurrency", "1,2", "--requests",
-                 "1", "--max-tokens", "4", "--peer", "none", "--bench-image", "", "--long-prompt", "30", "--load-test",
+                 "1", "--max-tokens", "4", "--peer", "none", "--bench-image", "", "--long-prompt", "30", "--chat-turns", "2", "--load-test",
                  "--threads", "2", "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
     r = json.loads(out.read_text())["systems"]["fromage"]
     assert [row["concurrency"] for row in r["text"]] == [1, 2] and all(row["errors"] == 0 for row in r["text"])
     assert r["text"][0]["output_tok_s"] > 0 and r["long_prompt"]["with"]["itl_ms"]["p99"] > 0
     assert r["long_prompt"]["with"]["streams_tok_s"] > 0 and r["long_prompt"]["without"]["streams_tok_s"] > 0
+    first, second = r["chat"]["turns"]  # the second turn re-sends the first: found in the prefix cache
+    assert first["cached_tokens"] == 0 and 8 <= second["cached_tokens"] < second["prompt_tokens"]
     lt = r["load_test"]
     assert lt["requests"] == 120 and lt["5xx"] == 0 and lt["4xx"] == lt["malformed_sent"] and lt["running_after"] == 0
     assert "fromage" in capsys.readouterr().out

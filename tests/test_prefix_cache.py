@@ -81,10 +81,10 @@ def _fed(model, embeds):
 def test_rows_are_compared_not_only_their_prints(model, monkeypatch):
     """Two prompts whose fingerprints agree everywhere share only the rows that are really equal."""
     monkeypatch.setattr(prefix_cache, "fingerprints", lambda e: np.zeros(len(e), np.uint64))
-    embeds = model.prompt_embeds(model.segments(["a red cat on the big blue boat"]))[0]
+    embeds = model.prompt_embeds(model.segments(["a red cat on the big blue boat with the small dog in the house"]))[0]
     cache = PrefixCache(model, 1 << 30)
     cache.store(embeds, _fed(model, embeds))
     other = embeds.copy()
-    other[5:] += 1.0
+    other[10:] += 1.0
     state, shared = cache.start(other)
-    assert shared == 5 and state.length == 5
+    assert shared == 10 and state.length == 10

@@ -5,7 +5,8 @@ is timed), for C = 1, 2, 4, ... Per level: request throughput, output tokens/s, 
 time per output token, inter-token latency and end-to-end latency (p50/p90/p99), errors. The server is
 one given with --url or one started here (`fromage serve`), and, with --peer, llama.cpp's llama-server
 on the same weights (text only) with as many slots as fromage has batch rows, under the same load.
---long-prompt: 8 streams run while a 2,000-token prompt arrives; --load-test: 32 clients x 20 mixed
+--long-prompt: 8 streams run while a 2,000-token prompt arrives; --chat-turns: one conversation, its
+history re-sent every turn, with and without the prefix cache; --load-test: 32 clients x 20 mixed
 requests (streamed or not, images, 10 % cancelled mid-stream, 5 % malformed), with the server's memory.
 """
 from __future__ import annotations
@@ -90,7 +91,9 @@ def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) 
                 msg = json.loads(line[6:])
                 if msg.get("usage"):
                     rec["tokens"], rec["prompt_tokens"] = msg["usage"]["completion_tokens"], msg["usage"]["prompt_tokens"]
+                    rec["cached_tokens"] = (msg["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
                 delta = (msg.get("choices") or [{}])[0].get("delta") or {}
+                rec["text"] = rec.get("text", "") + (delta.get("content") or "")
                 if delta.get("content") or delta.get("parts"):
                     rec["token_times"].append(time.perf_counter() - t0)
                     if cancel_after is not None and len(rec["token_times"]) >= cancel_after:
@@ -232,6 +235,38 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log,
     return {"streams": streams, "without": base, "with": loaded, "itl_p99_ratio": ratio}
 
 
+CHAT_QUESTIONS = ("What is this?", "Where does it live?", "What does it eat?", "How big is it?", "Can it swim?",
+                  "Tell me one more fact about it.")
+
+
+def chat(url: str, turns: int, image: str | None, log, extra=None) -> dict:
+    """One conversation (the first question with the image), its whole history sent every turn as the
+    chat page sends it. Each turn is sent twice, side by side: as it is, and behind a system line of its
+    own (a history no prefix cache holds); -> per turn the time to first token of both and the
+    positions the server found cached."""
+    messages, rows = [], []
+    with httpx.Client(timeout=600) as http:
+        for k in range(turns):
+            question = CHAT_QUESTIONS[k % len(CHAT_QUESTIONS)]
+            content = question if k or image is None else [{"type": "image_url", "image_url": {"url": image}},
+                                                           {"type": "text", "text": question}]
+            messages.append({"role": "user", "content": content})
+            body = {"model": "bench", "messages": messages, "max_tokens": 24, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}, **(extra or {})}
+            own = send(http, url, {**body, "messages": [{"role": "system", "content": f"Chat {next(_serial)}."}]
+                                   + messages})
+            shared = send(http, url, body)
+            if not (own["ok"] and shared["ok"]):
+                raise FromageError(f"the chat's turn {k + 1} failed: {own.get('error') or shared.get('error')}")
+            messages.append({"role": "assistant", "content": shared.get("text", "").strip()})
+            rows.append({"turn": k + 1, "prompt_tokens": shared.get("prompt_tokens"),
+                         "cached_tokens": shared.get("cached_tokens"), "ttft_ms": shared["ttft_s"] * 1000,
+                         "ttft_uncached_ms": own["ttft_s"] * 1000})
+    log("  " + "; ".join(f"turn {r['turn']}: {r['ttft_ms']:.0f} ms ({r['cached_tokens']} of {r['prompt_tokens']} "
+                         f"positions cached), {r['ttft_uncached_ms']:.0f} ms uncached" for r in rows))
+    return {"turns": rows}
+
+
 def load_test(server: Server, clients: int, per_client: int, max_tokens: int, image: str | None, log) -> dict:
     """Mixed traffic; every malformed request must get a 4xx, nothing a 5xx, every slot freed."""
     rng = random.Random(0)
@@ -293,12 +328,16 @@ def add_arguments(p) -> None:
                    help="llama-server on the same weights: Q4_1 GGUF (llama_cpp) or its F32 dequantization; "
                         "auto: the one matching the bundle's precision")
     p.add_argument("--long-prompt", type=int, default=0, metavar="WORDS", help="also the long-prompt test (e.g. 2000)")
+    p.add_argument("--chat-turns", type=int, default=0, metavar="N",
+                   help="also a chat of N turns, the history re-sent each turn: TTFT with and without the prefix cache")
     p.add_argument("--load-test", action="store_true", help="also the mixed load test (32 clients x 20 requests)")
 
 
 def cmd_bench_serve(args, log=print) -> dict:
     from fromage.runtime.bundle_reader import load_bundle
     levels = int_list(args.concurrency, "--concurrency", "1,2,4,8", 1)
+    if args.chat_turns < 0 or args.long_prompt < 0:
+        raise FromageError("--chat-turns and --long-prompt must be >= 0")
     log_dir = Path(args.cache) / "bench-serve"
     log_dir.mkdir(parents=True, exist_ok=True)
     result = {"settings": {"concurrency": levels, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
@@ -335,6 +374,9 @@ def cmd_bench_serve(args, log=print) -> dict:
             if name == "fromage" and args.long_prompt:
                 log(f"{name}, long prompt:")
                 entry["long_prompt"] = long_prompt(url, 8, args.max_tokens, args.long_prompt, log, extra)
+            if name == "fromage" and args.chat_turns:
+                log(f"{name}, a chat of {args.chat_turns} turns (time to first token):")
+                entry["chat"] = chat(url, args.chat_turns, image, log, extra)
             if name == "fromage" and args.load_test and server is not None:
                 log(f"{name}, load test:")
                 entry["load_test"] = load_test(server, 32, 20, args.max_tokens, image, log)
