@@ -10,7 +10,8 @@ or is cancelled leaves at the next iteration and frees its slot.
 While others decode, prompts are fed rows worth PROMPT_ROWS_BUSY per call (or `prefill_rows`), the
 shortest first, so a long prompt arriving slows the running streams' steps by a bounded factor instead
 of stalling them, and does not hold back the short prompts behind it. A prompt that starts as a recent
-one did is fed from where they part (prefix_cache.PrefixCache).
+one did (a recent prompt, or a prompt with its answer: a chat's next turn) is fed from where they part
+(prefix_cache.PrefixCache).
 Every position (prompt or generated) is computed by the decoding kernels, whose rows do not depend on
 what else is in the call: a request's outputs are the same alone or in any batch, however its prompt
 was cut. On the native engine `Fromage.generate` prefills with the same kernels, so it gives the same
@@ -284,3 +285,12 @@ class Scheduler:
             result.stop_reason = reason
         result.timings["e2e_s"] = time.perf_counter() - slot.req.submitted
         slot.req.emit(Finished(result, error))
+        if self.prefixes and slot.seq is not None and reason is None:
+            self._store_answer(slot)
+
+    def _store_answer(self, slot: _Slot) -> None:
+        """Keep the prompt with its answer (the tokens fed after it): a chat's next turn re-sends both."""
+        fed = slot.state.length - slot.prompt_len
+        if fed > 0:
+            answer = self.model.embed_ids(slot.req.result.token_ids[:fed])
+            self.prefixes.store(np.concatenate([slot.req.embeds[0], answer]), slot.state)

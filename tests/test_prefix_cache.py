@@ -88,3 +88,27 @@ def test_rows_are_compared_not_only_their_prints(model, monkeypatch):
     other[10:] += 1.0
     state, shared = cache.start(other)
     assert shared == 10 and state.length == 10
+
+
+def test_a_finished_answer_is_kept_with_its_prompt(model):
+    """A chat's next turn re-sends the answer: the prompt is kept with the tokens fed after it, and a
+    prompt that goes on from there continues from the cached state as it would from scratch."""
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, retrieval=False, stop_ids=[])
+    sched = Scheduler(model, max_batch=1)
+    try:
+        first = sched.generate(chat_prompt([("system", [SYSTEM]), ("user", ["where is the cat?"])]), params)
+        sched.generate(["a red cat"], params)  # by its end the first answer is stored (after its Finished event)
+        entries = list(sched.prefixes.entries.values())
+    finally:
+        sched.close()
+    kept = max(entries, key=lambda e: len(e.embeds))
+    fed = len(first.token_ids) - 1  # the last token is chosen, never fed
+    assert len(kept.embeds) == len(first.prompt_token_ids) + fed
+    assert np.array_equal(kept.embeds[-fed:], model.embed_ids(first.token_ids[:fed]))
+    more = np.concatenate([kept.embeds, model.embed_ids([5, 6, 7])])
+    state, shared = PrefixCache.start(sched.prefixes, more)
+    assert shared == len(kept.embeds)
+    model.advance(state, more[None, shared:])
+    scratch = model.start(more[None])
+    assert np.array_equal(state.logits, scratch.logits) or model.engine == "onnxruntime"
+    np.testing.assert_allclose(state.logits, scratch.logits, atol=1e-4)
