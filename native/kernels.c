@@ -16,9 +16,8 @@
  * other; claimed chunks keep both reading until the matrix is done (default model: ~6 % faster than
  * the fixed split of rows, over 600 paired passes). Each output column is summed by one thread in a
  * fixed order, so the result does not depend on which thread took it. */
-enum { CHUNK_BYTES = 128 << 10 };
-/* Several rows: each byte takes them ~B times longer and every chunk's streams start cold, so chunks are
- * larger (a 16-row step ~7 % faster than with CHUNK_BYTES) and still claimed (a core that the server's
+enum { CHUNK_BYTES = 512 << 10 };  /* each chunk's streams start cold: the prefetchers ramp up again */
+/* Several rows spend ~B times longer on each byte: larger chunks, still claimed (a core that the server's
  * other threads share finishes fewer). */
 enum { ROWS_CHUNK_BYTES = 2 << 20 };
 
