@@ -78,13 +78,15 @@ class PrefixCache:
         self.entries.move_to_end(best)
         return self.model.prefix_state(entry.state, shared), shared
 
-    def store(self, embeds: np.ndarray, state: DecodeState) -> None:
-        """Keep the prompt (n, E) just fed to `state` (the state is copied; it goes on decoding). A cached
-        prompt that this one extends is dropped: every prompt that shares it shares this one."""
+    def store(self, embeds: np.ndarray, state: DecodeState, copy: bool = True) -> None:
+        """Keep the positions (n, E) just fed to `state`: a copy of its cache when it goes on decoding, the
+        cache itself (copy=False) when it is done with. A cached prompt that this one extends is dropped:
+        every prompt that shares it shares this one."""
         n = len(embeds)
         if n < MIN_SHARED:
             return
-        entry = _Entry(np.array(embeds, dtype=np.float32), fingerprints(embeds), self.model.prefix_state(state, n))
+        kept = self.model.prefix_state(state, n) if copy else DecodeState(state.cache, n)
+        entry = _Entry(np.array(embeds, dtype=np.float32), fingerprints(embeds), kept)
         if entry.nbytes > self.max_bytes:
             return
         for key, old in list(self.entries.items()):
