@@ -32,6 +32,9 @@ enum { ATT_BLOCK = FM_KV_BLOCK, FUSED_HEADS = 3 };
  * 32 x 16 KiB of keys, then of values; the scores, 24 KiB, stay in cache between the two. */
 enum { STAGED_BLOCKS = 32 };
 
+/* Where block b of group g starts in a layer's key or value cache of `capacity` positions (floats). */
+static inline size_t block_at(int g, int b, int capacity, int d) { return ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d; }
+
 /* Rotates q and k in place and appends the k and v of each new position to the cache. */
 static void rope_and_append(const fm_model *m, float *qkv, int T, int past, int capacity, float *kc, float *vc) {
     const int H = m->n_heads, KV = m->n_kv, d = m->head_dim, half = d / 2, width = (H + 2 * KV) * d;
@@ -42,7 +45,7 @@ static void rope_and_append(const fm_model *m, float *qkv, int T, int past, int 
         for (int h = 0; h < H + KV; h++) rotate(row + h * d, c, s, half);
         for (int g = 0; g < KV; g++) {
             const float *k = row + (H + g) * d;
-            float *tile = kc + (size_t)g * capacity * d + (size_t)(p / ATT_BLOCK) * ATT_BLOCK * d + p % ATT_BLOCK;
+            float *tile = kc + block_at(g, p / ATT_BLOCK, capacity, d) + p % ATT_BLOCK;
             for (int i = 0; i < d; i++) tile[(size_t)i * ATT_BLOCK] = k[i];
             memcpy(vc + ((size_t)g * capacity + p) * d, row + (H + KV + g) * d, sizeof(float) * d);
         }
@@ -267,9 +270,8 @@ static inline int block_len(int b, int n) { return n - b * ATT_BLOCK < ATT_BLOCK
  * where its positions would). */
 static void attend_block(const float *q, int G, const float *k, const float *v, int b, int n, int d, float scale,
                          float *sc, float *part, size_t stride) {
-    const size_t at = (size_t)b * ATT_BLOCK * d;
-    group_scores(q, G, k + at, block_len(b, n), d, scale, sc);
-    group_values(G, v + at, block_len(b, n), d, sc, part, stride);
+    group_scores(q, G, k + block_at(0, b, 0, d), block_len(b, n), d, scale, sc);
+    group_values(G, v + block_at(0, b, 0, d), block_len(b, n), d, sc, part, stride);
 }
 
 /* One head's output (d) from its blocks' partials (part[b * (d + 2)], b < blocks), in block order. */
@@ -318,12 +320,12 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
                 const int z = a + each < end ? a + each : end;
                 for (int it = a; it < z; it++) {
                     const int g = it / blocks, b = it % blocks;
-                    group_scores(qkv + (size_t)g * G * d, G, kc + ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d,
-                                 block_len(b, past + 1), d, scale, sc + (it - a) * group);
+                    group_scores(qkv + (size_t)g * G * d, G, kc + block_at(g, b, capacity, d), block_len(b, past + 1), d,
+                                 scale, sc + (it - a) * group);
                 }
                 for (int it = a; it < z; it++) {
                     const int g = it / blocks, b = it % blocks;
-                    group_values(G, vc + ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d, block_len(b, past + 1), d,
+                    group_values(G, vc + block_at(g, b, capacity, d), block_len(b, past + 1), d,
                                  sc + (it - a) * group, part + (size_t)g * G * per_head + (size_t)b * (d + 2), per_head);
                 }
             }
@@ -339,8 +341,8 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
             const int n = past + t + 1, id = omp_get_thread_num();
             float *mine = part + (size_t)id * G * per_head;
             for (int b = 0; b * ATT_BLOCK < n; b++)
-                attend_block(qkv + (size_t)t * width + (size_t)g * G * d, G, kc + (size_t)g * capacity * d,
-                             vc + (size_t)g * capacity * d, b, n, d, scale, scratch + (size_t)id * scores,
+                attend_block(qkv + (size_t)t * width + (size_t)g * G * d, G, kc + block_at(g, 0, capacity, d),
+                             vc + block_at(g, 0, capacity, d), b, n, d, scale, scratch + (size_t)id * scores,
                              mine + (size_t)b * (d + 2), per_head);
             for (int j = 0; j < G; j++)
                 merge_blocks(mine + (size_t)j * per_head, (n + ATT_BLOCK - 1) / ATT_BLOCK, d,
@@ -436,7 +438,7 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
         for (; it >= first + (size_t)KV * blocks; b++, blocks = (past[b] + ATT_BLOCK) / ATT_BLOCK)
             first += (size_t)KV * blocks, offset += (size_t)H * blocks * (d + 2);
         const int g = (int)((it - first) / blocks), blk = (int)((it - first) % blocks);
-        const size_t per_head = (size_t)blocks * (d + 2), cache = (size_t)g * capacity[b] * d;
+        const size_t per_head = (size_t)blocks * (d + 2), cache = block_at(g, 0, capacity[b], d);
         attend_block(qkv + (size_t)b * width + (size_t)g * G * d, G, kc[(size_t)b * m->n_layers + layer] + cache,
                      vc[(size_t)b * m->n_layers + layer] + cache, blk, past[b] + 1, d, scale,
                      sc + (size_t)omp_get_thread_num() * scores, part + offset + g * G * per_head + (size_t)blk * (d + 2),

@@ -217,9 +217,8 @@ static void transpose_rows(const float *x, int B, int K, float *xt) {
 
 /* Panels per claimed chunk for a matrix of N columns of column_bytes each. */
 static int panel_chunk(size_t column_bytes, int N, int B) {
-    const int threads = omp_get_max_threads(), panels = (N + PANEL - 1) / PANEL, fair = panels / (4 * threads);
-    int chunk = (chunk_columns(column_bytes, N, threads, B > 1 ? ROWS_CHUNK_BYTES : CHUNK_BYTES) + PANEL / 2) / PANEL;
-    if (B == 1 && chunk < 8 && fair > chunk) chunk = fair < 8 ? fair : 8;  /* two panels per stream, 4 chunks a thread */
+    const int chunk = (chunk_columns(column_bytes, N, omp_get_max_threads(), B > 1 ? ROWS_CHUNK_BYTES : CHUNK_BYTES)
+                       + PANEL / 2) / PANEL;
     return chunk < 1 ? 1 : chunk;
 }
 
