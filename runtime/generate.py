@@ -216,8 +216,9 @@ class Fromage:
         """A new state holding the first n positions of `state`'s cache (logits not set: feed it more)."""
         # in place: whole blocks of the layout (positions past n in the last one are never read)
         keep = cache_capacity(self.decoder, n) if self.decoder.in_place else n
-        cache = [np.array(c[:, :, :keep]) for c in state.cache]
-        return DecodeState(cache, n, np.zeros(self.vocab_size, np.float32), np.zeros(self.retrieval_dim, np.float32))
+        new = self.new_state()
+        new.cache, new.length = [np.array(c[:, :, :keep]) for c in state.cache], n
+        return new
 
     def start(self, embeds: np.ndarray) -> "DecodeState":
         """Prefill: run the prompt (1, n, E) from an empty cache."""

@@ -83,11 +83,12 @@ class PrefixCache:
         cache itself (copy=False) when it is done with. A cached prompt that this one extends is dropped:
         every prompt that shares it shares this one."""
         n = len(embeds)
-        if n < MIN_SHARED:
+        position_bytes = embeds[0].nbytes + sum(c.nbytes // max(1, c.shape[2]) for c in state.cache)
+        if n < MIN_SHARED or n * position_bytes > self.max_bytes:  # checked before a copy that would be dropped
             return
         kept = self.model.prefix_state(state, n) if copy else DecodeState(state.cache, n)
         entry = _Entry(np.array(embeds, dtype=np.float32), fingerprints(embeds), kept)
-        if entry.nbytes > self.max_bytes:
+        if entry.nbytes > self.max_bytes:  # with the capacity beyond n that it keeps
             return
         for key, old in list(self.entries.items()):
             m = shared_rows(old.fingerprints, entry.fingerprints)

@@ -61,6 +61,9 @@ def test_entries_stay_within_their_budget(model):
     one = PrefixCache(model, 1 << 40)
     one.store(embeds, state)
     size = one.bytes
+    tiny = PrefixCache(model, size - 1)
+    tiny.store(embeds, state)  # larger than the whole budget: not kept
+    assert not tiny.entries and tiny.bytes == 0
     cache = PrefixCache(model, int(size * 2.5))
     for i in range(5):  # different prompts: at most two fit
         cache.store(embeds + i, state)
@@ -106,7 +109,7 @@ def test_a_finished_answer_is_kept_with_its_prompt(model):
     assert len(kept.embeds) == len(first.prompt_token_ids) + fed
     assert np.array_equal(kept.embeds[-fed:], model.embed_ids(first.token_ids[:fed]))
     more = np.concatenate([kept.embeds, model.embed_ids([5, 6, 7])])
-    state, shared = PrefixCache.start(sched.prefixes, more)
+    state, shared = sched.prefixes.start(more)
     assert shared == len(kept.embeds)
     model.advance(state, more[None, shared:])
     scratch = model.start(more[None])

@@ -72,7 +72,7 @@ def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) 
     perf_counter, times after it. A streamed answer is timed chunk by chunk; `cancel_after` closes the
     stream after that many chunks."""
     t0 = time.perf_counter()
-    rec = {"ok": False, "status": None, "t0": t0, "token_times": [], "tokens": 0, "cancelled": False}
+    rec = {"ok": False, "status": None, "t0": t0, "token_times": [], "tokens": 0, "cancelled": False, "text": ""}
     try:
         if not (isinstance(body, dict) and body.get("stream")):
             r = client.post(url + "/v1/chat/completions", **({"json": body} if isinstance(body, dict) else {"content": body}))
@@ -93,7 +93,7 @@ def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) 
                     rec["tokens"], rec["prompt_tokens"] = msg["usage"]["completion_tokens"], msg["usage"]["prompt_tokens"]
                     rec["cached_tokens"] = (msg["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
                 delta = (msg.get("choices") or [{}])[0].get("delta") or {}
-                rec["text"] = rec.get("text", "") + (delta.get("content") or "")
+                rec["text"] += delta.get("content") or ""
                 if delta.get("content") or delta.get("parts"):
                     rec["token_times"].append(time.perf_counter() - t0)
                     if cancel_after is not None and len(rec["token_times"]) >= cancel_after:
@@ -258,7 +258,7 @@ def chat(url: str, turns: int, image: str | None, log, extra=None) -> dict:
             shared = send(http, url, body)
             if not (own["ok"] and shared["ok"]):
                 raise FromageError(f"the chat's turn {k + 1} failed: {own.get('error') or shared.get('error')}")
-            messages.append({"role": "assistant", "content": shared.get("text", "").strip()})
+            messages.append({"role": "assistant", "content": shared["text"].strip()})
             rows.append({"turn": k + 1, "prompt_tokens": shared.get("prompt_tokens"),
                          "cached_tokens": shared.get("cached_tokens"), "ttft_ms": shared["ttft_s"] * 1000,
                          "ttft_uncached_ms": own["ttft_s"] * 1000})
