@@ -266,6 +266,22 @@ static void group_values(int G, const float *v, int n, int d, float *sc, float *
 /* Positions in block b of n cached ones. */
 static inline int block_len(int b, int n) { return n - b * ATT_BLOCK < ATT_BLOCK ? n - b * ATT_BLOCK : ATT_BLOCK; }
 
+/* Batched attention's items per claim, at most. The items are short streams in the sequences' own buffers,
+ * which the prefetchers meet cold: a thread asks for the next item of its claim while it works on one. */
+enum { ATT_CHUNK = 8 };
+
+/* Asks for the lines of a block's key tile (the vectors of 16 positions that hold some of its n) and of its n
+ * values, ahead of their use. */
+static inline void prefetch_block(const float *kt, const float *v, int n, int d) {
+#ifdef FM_AVX2
+    for (int i = 0; i < d; i++)
+        for (int j = 0; j < (n + 15) / 16; j++) _mm_prefetch((const char *)(kt + (size_t)i * ATT_BLOCK + 16 * j), _MM_HINT_T0);
+    for (size_t o = 0; o < (size_t)n * d; o += 16) _mm_prefetch((const char *)(v + o), _MM_HINT_T0);
+#else
+    (void)kt, (void)v, (void)n, (void)d;
+#endif
+}
+
 /* Both stages for block b of the n cached positions; k, v: the group's caches (a block's key tile starts
  * where its positions would). */
 static void attend_block(const float *q, int G, const float *k, const float *v, int b, int n, int d, float scale,
@@ -421,9 +437,9 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
 }
 
 /* Attention of one new position per sequence (qkv (B, width)) over each sequence's cache: the threads
- * share the (sequence, group, block) triples, and each head merges its blocks in order, as attention()
- * does for T = 1, so a sequence's result does not depend on the others. part: the partials,
- * H * blocks(b) * (d + 2) floats per sequence; sc: thread_scores(m) floats per thread. */
+ * share the (sequence, group, block) triples, then the sequences' merges (each head merges its blocks in
+ * order, as attention() does for T = 1), so a sequence's result does not depend on the others. part: the
+ * partials, H * blocks(b) * (d + 2) floats per sequence; sc: thread_scores(m) floats per thread. */
 static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
                             float *const *kc, float *const *vc, int layer, float *out, float *part, float *sc) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d;
@@ -431,25 +447,42 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
     const size_t scores = thread_scores(m);
     size_t items = 0;
     for (int b = 0; b < B; b++) items += (size_t)KV * ((past[b] + ATT_BLOCK) / ATT_BLOCK);
-#pragma omp parallel for schedule(dynamic, 2) /* a preempted thread does not hold the step up */
-    for (size_t it = 0; it < items; it++) {
-        size_t first = 0, offset = 0;  /* the sequence of item `it`: B is small, a walk is cheap */
-        int b = 0, blocks = (past[0] + ATT_BLOCK) / ATT_BLOCK;
-        for (; it >= first + (size_t)KV * blocks; b++, blocks = (past[b] + ATT_BLOCK) / ATT_BLOCK)
-            first += (size_t)KV * blocks, offset += (size_t)H * blocks * (d + 2);
-        const int g = (int)((it - first) / blocks), blk = (int)((it - first) % blocks);
-        const size_t per_head = (size_t)blocks * (d + 2), cache = block_at(g, 0, capacity[b], d);
-        attend_block(qkv + (size_t)b * width + (size_t)g * G * d, G, kc[(size_t)b * m->n_layers + layer] + cache,
-                     vc[(size_t)b * m->n_layers + layer] + cache, blk, past[b] + 1, d, scale,
-                     sc + (size_t)omp_get_thread_num() * scores, part + offset + g * G * per_head + (size_t)blk * (d + 2),
-                     per_head);
-    }
-    size_t offset = 0;
-    for (int b = 0; b < B; b++) {
-        const int blocks = (past[b] + ATT_BLOCK) / ATT_BLOCK;
-        for (int h = 0; h < H; h++)
-            merge_blocks(part + offset + (size_t)h * blocks * (d + 2), blocks, d, out + ((size_t)b * H + h) * d);
-        offset += (size_t)H * blocks * (d + 2);
+    const size_t per_thread = items / (4 * (size_t)omp_get_max_threads());  /* a few claims each, at least */
+    const int chunk = per_thread < 1 ? 1 : per_thread > ATT_CHUNK ? ATT_CHUNK : (int)per_thread;
+#pragma omp parallel
+    {
+#pragma omp for schedule(dynamic, chunk) /* a preempted thread does not hold the step up */
+        for (size_t it = 0; it < items; it++) {
+            size_t first = 0, offset = 0;  /* the sequence of item `it`: B is small, a walk is cheap */
+            int b = 0, blocks = (past[0] + ATT_BLOCK) / ATT_BLOCK;
+            for (; it >= first + (size_t)KV * blocks; b++, blocks = (past[b] + ATT_BLOCK) / ATT_BLOCK)
+                first += (size_t)KV * blocks, offset += (size_t)H * blocks * (d + 2);
+            const int g = (int)((it - first) / blocks), blk = (int)((it - first) % blocks);
+            const size_t per_head = (size_t)blocks * (d + 2), cache = block_at(g, 0, capacity[b], d);
+            if ((it + 1) % chunk && it + 1 < items) {  /* the next item of this claim: its keys and values on their way */
+                int nb = b, ng = g, nblk = blk + 1;
+                if (nblk == blocks) nblk = 0, ng++;
+                if (ng == KV) ng = 0, nb++;
+                const size_t at = block_at(ng, nblk, capacity[nb], d);
+                prefetch_block(kc[(size_t)nb * m->n_layers + layer] + at, vc[(size_t)nb * m->n_layers + layer] + at,
+                               block_len(nblk, past[nb] + 1), d);
+            }
+            attend_block(qkv + (size_t)b * width + (size_t)g * G * d, G, kc[(size_t)b * m->n_layers + layer] + cache,
+                         vc[(size_t)b * m->n_layers + layer] + cache, blk, past[b] + 1, d, scale,
+                         sc + (size_t)omp_get_thread_num() * scores, part + offset + g * G * per_head + (size_t)blk * (d + 2),
+                         per_head);
+        }
+        /* the merges, an equal run of sequences per thread (its first one's partials found by a walk) */
+        const int threads = omp_get_num_threads(), id = omp_get_thread_num();
+        const int b0 = (int)((long)B * id / threads), b1 = (int)((long)B * (id + 1) / threads);
+        size_t offset = 0;
+        for (int b = 0; b < b0; b++) offset += (size_t)H * ((past[b] + ATT_BLOCK) / ATT_BLOCK) * (d + 2);
+        for (int b = b0; b < b1; b++) {
+            const int blocks = (past[b] + ATT_BLOCK) / ATT_BLOCK;
+            for (int h = 0; h < H; h++)
+                merge_blocks(part + offset + (size_t)h * blocks * (d + 2), blocks, d, out + ((size_t)b * H + h) * d);
+            offset += (size_t)H * blocks * (d + 2);
+        }
     }
 }
 
@@ -482,6 +515,9 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
         const fm_layer *L = m->layers + i;
         rms_norm(x, L->attn_norm, h, B, E, m->eps);
         rc |= fm_linear_rows(&L->qkv, h, B, qkv, width, 0);
+        /* each row writes its own position (a prompt's rows share a cache, at different positions); the keys'
+         * 64 lines per group are misses, which two threads wait on side by side */
+#pragma omp parallel for schedule(static) if (B > 1)
         for (int b = 0; b < B; b++)
             rope_and_append(m, qkv + b * width, 1, past[b], capacity[b], k_cache[(size_t)b * m->n_layers + i],
                             v_cache[(size_t)b * m->n_layers + i]);

@@ -172,3 +172,13 @@ def test_bench_serve_smoke(exported, tmp_path, monkeypatch, capsys):
     lt = r["load_test"]
     assert lt["requests"] == 120 and lt["5xx"] == 0 and lt["4xx"] == lt["malformed_sent"] and lt["running_after"] == 0
     assert "fromage" in capsys.readouterr().out
+
+
+def test_bench_serve_counts_the_window_where_every_client_runs():
+    """The rate while all clients have a request in flight leaves out the ramp-down (clients already done)."""
+    from fromage.tools.bench_serve import all_running_rate
+    rec = lambda client, t0, times, e2e: {"client": client, "ok": True, "t0": t0, "token_times": times, "e2e_s": e2e}  # noqa: E731
+    records = [rec(0, 0.0, [0.5, 1.5, 2.5, 3.5], 4.0),  # client 0 runs 0..4 s
+               rec(1, 1.0, [0.2, 1.2], 1.5), rec(1, 2.5, [0.1, 0.4], 0.5)]  # client 1 runs 1..3 s
+    assert all_running_rate(records) == pytest.approx(6 / 2.0)  # tokens at 1.2 1.5 2.2 2.5 2.6 2.9 in [1, 3)
+    assert all_running_rate([rec(0, 0.0, [0.1], 0.5)]) is None  # a window under MIN_WINDOW_S
