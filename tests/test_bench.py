@@ -160,11 +160,12 @@ def test_bench_serve_smoke(exported, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench_serve, "load_test", lambda server, clients, per_client, *a, **k:
                         load_test(server, 4, 30, *a, **k))  # 120 requests: the memory window 100..600 has two samples
     out = tmp_path / "serve.json"
-    assert main(["bench", "serve", "--bundle", str(exported["llama"]["bundle"]), "--concurrency", "1,2", "--requests",
-                 "1", "--max-tokens", "4", "--peer", "none", "--bench-image", "", "--long-prompt", "30", "--chat-turns", "2", "--load-test",
+    assert main(["bench", "serve", "--bundle", str(exported["llama"]["bundle"]), "--concurrency", "1,2", "--rounds", "2",
+                 "--requests", "1", "--max-tokens", "4", "--peer", "none", "--bench-image", "", "--long-prompt", "30", "--chat-turns", "2", "--load-test",
                  "--threads", "2", "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
     r = json.loads(out.read_text())["systems"]["fromage"]
     assert [row["concurrency"] for row in r["text"]] == [1, 2] and all(row["errors"] == 0 for row in r["text"])
+    assert all(len(row["rounds"]) == 2 for row in r["text"])  # each level twice, its median round reported
     assert r["text"][0]["output_tok_s"] > 0 and r["long_prompt"]["with"]["itl_ms"]["p99"] > 0
     assert r["long_prompt"]["with"]["streams_tok_s"] > 0 and r["long_prompt"]["without"]["streams_tok_s"] > 0
     first, second = r["chat"]["turns"]  # the second turn re-sends the first: found in the prefix cache
@@ -182,3 +183,14 @@ def test_bench_serve_counts_the_window_where_every_client_runs():
                rec(1, 1.0, [0.2, 1.2], 1.5), rec(1, 2.5, [0.1, 0.4], 0.5)]  # client 1 runs 1..3 s
     assert all_running_rate(records) == pytest.approx(6 / 2.0)  # tokens at 1.2 1.5 2.2 2.5 2.6 2.9 in [1, 3)
     assert all_running_rate([rec(0, 0.0, [0.1], 0.5)]) is None  # a window under MIN_WINDOW_S
+
+
+def test_bench_serve_scaling_is_the_median_of_each_rounds_own_ratio():
+    """16 streams against 1 pairs each round with itself: a slow minute in one round does not pair with a fast one."""
+    from fromage.tools.bench_serve import targets_met
+    rounds = lambda *rates: [{"output_tok_s": x, "itl_p99_ms": 3 * x, "tpot_p50_ms": x} for x in rates]  # noqa: E731
+    text = [{"concurrency": 1, "output_tok_s": 50.0, "all_running_tok_s": None, "rounds": rounds(40.0, 50.0, 60.0)},
+            {"concurrency": 16, "output_tok_s": 400.0, "all_running_tok_s": None, "rounds": rounds(360.0, 380.0, 400.0)}]
+    t = targets_met({"systems": {"fromage": {"text": text}}})
+    assert t["scaling_16_vs_1_rounds"] == pytest.approx([9.0, 7.6, 400 / 60]) and t["scaling_16_vs_1"] == pytest.approx(7.6)
+    assert t["itl_p99_16_vs_tpot_1"] == pytest.approx(380 * 3 / 50)
