@@ -427,14 +427,16 @@ def targets_met(result: dict) -> dict:
     out = {}
     if 1 in text and 16 in text:
         # each round's 16 streams against the same round's 1 stream, the median over the rounds
-        one, many = text[1]["rounds"], text[16]["rounds"]
-        out["scaling_16_vs_1"] = statistics.median(b["output_tok_s"] / a["output_tok_s"] for a, b in zip(one, many))
+        pairs = list(zip(text[1]["rounds"], text[16]["rounds"]))
+        for key, many, one in (("scaling_16_vs_1", "output_tok_s", "output_tok_s"),
+                               ("itl_p99_16_vs_tpot_1", "itl_p99_ms", "tpot_p50_ms")):
+            ratios = [b[many] / a[one] for a, b in pairs if a[one] and b[many] is not None]  # a round with no tokens: none
+            if ratios:
+                out[key] = statistics.median(ratios)
+                if len(pairs) > 1:
+                    out[key + "_rounds"] = ratios
         if text[16]["all_running_tok_s"] and text[1]["all_running_tok_s"]:
             out["scaling_16_vs_1_all_running"] = text[16]["all_running_tok_s"] / text[1]["all_running_tok_s"]
-        out["itl_p99_16_vs_tpot_1"] = statistics.median(b["itl_p99_ms"] / a["tpot_p50_ms"] for a, b in zip(one, many))
-        if len(one) > 1:
-            out["scaling_16_vs_1_rounds"] = [b["output_tok_s"] / a["output_tok_s"] for a, b in zip(one, many)]
-            out["itl_p99_16_vs_tpot_1_rounds"] = [b["itl_p99_ms"] / a["tpot_p50_ms"] for a, b in zip(one, many)]
         for peer in ("llama_cpp", "llama_cpp_f32"):
             ptext = {r["concurrency"]: r for r in result["systems"].get(peer, {}).get("text", [])}
             if 16 in ptext:
