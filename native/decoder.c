@@ -3,6 +3,7 @@
  * last position's logits and retrieval embedding. The same computation as export/llama_graph.py. */
 #include "kernels.h" /* first: it names this copy's functions and sets the instruction set (FM_ISA) */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
@@ -263,7 +264,8 @@ static void group_values(int G, const float *v, int n, int d, float *sc, float *
     }
 }
 
-/* Positions in block b of n cached ones. */
+/* Blocks that hold n cached positions, and the positions in block b of them. */
+static inline int blocks_of(int n) { return (n + ATT_BLOCK - 1) / ATT_BLOCK; }
 static inline int block_len(int b, int n) { return n - b * ATT_BLOCK < ATT_BLOCK ? n - b * ATT_BLOCK : ATT_BLOCK; }
 
 /* Batched attention's items per claim, at most. The items are short streams in the sequences' own buffers,
@@ -308,7 +310,7 @@ static size_t thread_scores(const fm_model *m) { return (size_t)STAGED_BLOCKS * 
 
 /* Floats of attention scratch for `total` cache positions: the threads' scores, then the partials. */
 static size_t attention_scratch(const fm_model *m, int total, int threads) {
-    const int H = m->n_heads, G = H / m->n_kv, blocks = (total + ATT_BLOCK - 1) / ATT_BLOCK;
+    const int H = m->n_heads, G = H / m->n_kv, blocks = blocks_of(total);
     return (size_t)threads * thread_scores(m) + (size_t)(H > threads * G ? H : threads * G) * blocks * (m->head_dim + 2);
 }
 
@@ -320,7 +322,7 @@ static size_t attention_scratch(const fm_model *m, int total, int threads) {
 static void attention(const fm_model *m, const float *qkv, int T, int past, int capacity,
                       const float *kc, const float *vc, float *out, float *scratch) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d;
-    const int blocks = (past + T + ATT_BLOCK - 1) / ATT_BLOCK;
+    const int blocks = blocks_of(past + T);
     const float scale = 1.f / sqrtf((float)d);
     const size_t per_head = (size_t)blocks * (d + 2), scores = thread_scores(m), group = (size_t)G * ATT_BLOCK;
     float *part = scratch + (size_t)omp_get_max_threads() * scores;  /* after the threads' scores */
@@ -361,7 +363,7 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
                              vc + block_at(g, 0, capacity, d), b, n, d, scale, scratch + (size_t)id * scores,
                              mine + (size_t)b * (d + 2), per_head);
             for (int j = 0; j < G; j++)
-                merge_blocks(mine + (size_t)j * per_head, (n + ATT_BLOCK - 1) / ATT_BLOCK, d,
+                merge_blocks(mine + (size_t)j * per_head, blocks_of(n), d,
                              out + (size_t)t * H * d + (size_t)(g * G + j) * d);
         }
 }
@@ -436,74 +438,66 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
     return rc ? -2 : retrieval(m, h, 1, ret);
 }
 
+/* Where each sequence of a batched step has its attention work, the same for every layer: sequence b's
+ * (group, block) items are item[b] .. item[b + 1] - 1 (group-major), its partials start part[b] floats in. */
+typedef struct { const size_t *item, *part; } batch_layout;
+
+/* Item `it` of a batched step: its sequence b (searched from `from`), group g and block blk. */
+static void batch_item(const batch_layout *lay, const int32_t *past, size_t it, int from, int *b, int *g, int *blk) {
+    int s = from;
+    while (it >= lay->item[s + 1]) s++;
+    const int blocks = blocks_of(past[s] + 1);
+    *b = s, *g = (int)((it - lay->item[s]) / blocks), *blk = (int)((it - lay->item[s]) % blocks);
+}
+
 /* Attention of one new position per sequence (qkv (B, width)) over each sequence's cache: the threads
- * share the (sequence, group, block) triples, then the sequences' merges (each head merges its blocks in
+ * share the (sequence, group, block) items, then the sequences' merges (each head merges its blocks in
  * order, as attention() does for T = 1), so a sequence's result does not depend on the others. part: the
- * partials, H * blocks(b) * (d + 2) floats per sequence; sc: thread_scores(m) floats per thread. */
+ * partials (lay); sc: thread_scores(m) floats per thread. */
 static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
-                            float *const *kc, float *const *vc, int layer, float *out, float *part, float *sc) {
+                            float *const *kc, float *const *vc, int layer, const batch_layout *lay, float *out,
+                            float *part, float *sc) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d;
     const float scale = 1.f / sqrtf((float)d);
-    const size_t scores = thread_scores(m);
-    size_t items = 0;
-    for (int b = 0; b < B; b++) items += (size_t)KV * ((past[b] + ATT_BLOCK) / ATT_BLOCK);
+    const size_t scores = thread_scores(m), items = lay->item[B];
     const size_t per_thread = items / (4 * (size_t)omp_get_max_threads());  /* a few claims each, at least */
     const int chunk = per_thread < 1 ? 1 : per_thread > ATT_CHUNK ? ATT_CHUNK : (int)per_thread;
 #pragma omp parallel
     {
 #pragma omp for schedule(dynamic, chunk) /* a preempted thread does not hold the step up */
         for (size_t it = 0; it < items; it++) {
-            size_t first = 0, offset = 0;  /* the sequence of item `it`: B is small, a walk is cheap */
-            int b = 0, blocks = (past[0] + ATT_BLOCK) / ATT_BLOCK;
-            for (; it >= first + (size_t)KV * blocks; b++, blocks = (past[b] + ATT_BLOCK) / ATT_BLOCK)
-                first += (size_t)KV * blocks, offset += (size_t)H * blocks * (d + 2);
-            const int g = (int)((it - first) / blocks), blk = (int)((it - first) % blocks);
-            const size_t per_head = (size_t)blocks * (d + 2), cache = block_at(g, 0, capacity[b], d);
+            int b, g, blk;
+            batch_item(lay, past, it, 0, &b, &g, &blk);
             if ((it + 1) % chunk && it + 1 < items) {  /* the next item of this claim: its keys and values on their way */
-                int nb = b, ng = g, nblk = blk + 1;
-                if (nblk == blocks) nblk = 0, ng++;
-                if (ng == KV) ng = 0, nb++;
+                int nb, ng, nblk;
+                batch_item(lay, past, it + 1, b, &nb, &ng, &nblk);
                 const size_t at = block_at(ng, nblk, capacity[nb], d);
                 prefetch_block(kc[(size_t)nb * m->n_layers + layer] + at, vc[(size_t)nb * m->n_layers + layer] + at,
                                block_len(nblk, past[nb] + 1), d);
             }
+            const size_t per_head = (size_t)blocks_of(past[b] + 1) * (d + 2), cache = block_at(g, 0, capacity[b], d);
             attend_block(qkv + (size_t)b * width + (size_t)g * G * d, G, kc[(size_t)b * m->n_layers + layer] + cache,
                          vc[(size_t)b * m->n_layers + layer] + cache, blk, past[b] + 1, d, scale,
-                         sc + (size_t)omp_get_thread_num() * scores, part + offset + g * G * per_head + (size_t)blk * (d + 2),
-                         per_head);
+                         sc + (size_t)omp_get_thread_num() * scores,
+                         part + lay->part[b] + g * G * per_head + (size_t)blk * (d + 2), per_head);
         }
-        /* the merges, an equal run of sequences per thread (its first one's partials found by a walk) */
-        const int threads = omp_get_num_threads(), id = omp_get_thread_num();
-        const int b0 = (int)((long)B * id / threads), b1 = (int)((long)B * (id + 1) / threads);
-        size_t offset = 0;
-        for (int b = 0; b < b0; b++) offset += (size_t)H * ((past[b] + ATT_BLOCK) / ATT_BLOCK) * (d + 2);
-        for (int b = b0; b < b1; b++) {
-            const int blocks = (past[b] + ATT_BLOCK) / ATT_BLOCK;
+#pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            const int blocks = blocks_of(past[b] + 1);
             for (int h = 0; h < H; h++)
-                merge_blocks(part + offset + (size_t)h * blocks * (d + 2), blocks, d, out + ((size_t)b * H + h) * d);
-            offset += (size_t)H * blocks * (d + 2);
+                merge_blocks(part + lay->part[b] + (size_t)h * blocks * (d + 2), blocks, d, out + ((size_t)b * H + h) * d);
         }
     }
 }
 
-int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
-                     float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
-                     float *logits, float *ret) {
-    if (B < 1) return -1;
-    if (!out_rows) n_out = B;
-    for (int i = 0; out_rows && i < n_out; i++)
-        if (out_rows[i] < 0 || out_rows[i] >= B || (i > 0 && out_rows[i] <= out_rows[i - 1])) return -1;
-    size_t partials = 0;
-    for (int b = 0; b < B; b++) {
-        if (past[b] < 0 || past[b] + 1 > capacity[b] || capacity[b] % ATT_BLOCK || past[b] + 1 > m->rope_positions)
-            return -1;
-        partials += (size_t)m->n_heads * ((past[b] + ATT_BLOCK) / ATT_BLOCK) * (m->head_dim + 2);
-    }
-    if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
+/* The layers and the head of a batched step (fm_forward_batch, its arguments checked). */
+static int forward_rows(const fm_model *m, const float *embeds, int B, const int32_t *past, const int32_t *capacity,
+                        float *const *k_cache, float *const *v_cache, int n_out, const int32_t *out_rows,
+                        float *logits, float *ret, const batch_layout *lay) {
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
     const size_t width = (size_t)(H + 2 * KV) * d;
     const size_t sizes[] = {(size_t)B * E, (size_t)B * E, B * width, (size_t)B * H * d, (size_t)B * 2 * I,
-                            (size_t)B * I, partials, (size_t)omp_get_max_threads() * thread_scores(m)};
+                            (size_t)B * I, lay->part[B], (size_t)omp_get_max_threads() * thread_scores(m)};
     enum { N_BUFFERS = sizeof sizes / sizeof sizes[0] };
     float *buf[N_BUFFERS];
     if (carve_scratch(sizes, N_BUFFERS, buf)) return -2;
@@ -521,7 +515,7 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
         for (int b = 0; b < B; b++)
             rope_and_append(m, qkv + b * width, 1, past[b], capacity[b], k_cache[(size_t)b * m->n_layers + i],
                             v_cache[(size_t)b * m->n_layers + i]);
-        attention_batch(m, qkv, B, past, capacity, k_cache, v_cache, i, attn, part, sc);
+        attention_batch(m, qkv, B, past, capacity, k_cache, v_cache, i, lay, attn, part, sc);
         rc |= fm_linear_rows(&L->o, attn, B, x, E, 1);
         rms_norm(x, L->mlp_norm, h, B, E, m->eps);
         rc |= fm_linear_rows(&L->gate_up, h, B, gu, (size_t)2 * I, 0);
@@ -538,4 +532,30 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
     rc |= fm_linear_rows(&m->head, h, n_out, logits, V, 0);
     if (m->head_extra.N > 0) rc |= fm_linear_rows(&m->head_extra, h, n_out, logits + m->head.N, V, 0);
     return rc ? -2 : retrieval(m, h, n_out, ret);
+}
+
+int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
+                     float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
+                     float *logits, float *ret) {
+    if (B < 1) return -1;
+    if (!out_rows) n_out = B;
+    for (int i = 0; out_rows && i < n_out; i++)
+        if (out_rows[i] < 0 || out_rows[i] >= B || (i > 0 && out_rows[i] <= out_rows[i - 1])) return -1;
+    for (int b = 0; b < B; b++)
+        if (past[b] < 0 || past[b] + 1 > capacity[b] || capacity[b] % ATT_BLOCK || past[b] + 1 > m->rope_positions)
+            return -1;
+    size_t *layout = malloc(sizeof(size_t) * 2 * ((size_t)B + 1));
+    if (!layout) return -2;
+    size_t *item = layout, *part = layout + B + 1;
+    item[0] = part[0] = 0;
+    for (int b = 0; b < B; b++) {
+        const int blocks = blocks_of(past[b] + 1);
+        item[b + 1] = item[b] + (size_t)m->n_kv * blocks;
+        part[b + 1] = part[b] + (size_t)m->n_heads * blocks * (m->head_dim + 2);
+    }
+    if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
+    const batch_layout lay = {item, part};
+    const int rc = forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, logits, ret, &lay);
+    free(layout);
+    return rc;
 }
