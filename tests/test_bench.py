@@ -190,8 +190,8 @@ def test_bench_serve_scaling_is_the_median_of_each_rounds_own_ratio():
     from fromage.tools.bench_serve import targets_met
     rounds = lambda *rates: [{"output_tok_s": x, "all_running_tok_s": 2 * x, "itl_p99_ms": 3 * x, "tpot_p50_ms": x}  # noqa: E731
                              for x in rates]
-    text = [{"concurrency": 1, "output_tok_s": 50.0, "all_running_tok_s": None, "rounds": rounds(40.0, 50.0, 60.0)},
-            {"concurrency": 16, "output_tok_s": 400.0, "all_running_tok_s": None, "rounds": rounds(360.0, 380.0, 400.0)}]
+    text = [{"concurrency": 1, "output_tok_s": 50.0, "rounds": rounds(40.0, 50.0, 60.0)},
+            {"concurrency": 16, "output_tok_s": 400.0, "rounds": rounds(360.0, 380.0, 400.0)}]
     t = targets_met({"systems": {"fromage": {"text": text}}})
     assert t["scaling_16_vs_1_rounds"] == pytest.approx([9.0, 7.6, 400 / 60]) and t["scaling_16_vs_1"] == pytest.approx(7.6)
     assert t["itl_p99_16_vs_tpot_1"] == pytest.approx(380 * 3 / 50)

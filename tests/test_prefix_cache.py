@@ -55,9 +55,8 @@ def test_hits_give_the_same_outputs(model, assets):
 
 
 def test_entries_stay_within_their_budget(model):
-    state = model.new_state()
     embeds = model.prompt_embeds(model.segments([" ".join(["the boat"] * 20)]))[0]
-    model.advance(state, embeds[None])
+    state = _fed(model, embeds)
     one = PrefixCache(model, 1 << 40)
     one.store(embeds, state)
     size = one.bytes

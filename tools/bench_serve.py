@@ -132,6 +132,11 @@ def ms(values) -> dict:
     return {k: x * 1000 for k, x in (percentiles(values) or {}).items() if k != "runs"}
 
 
+def tokens_between(records: list, begin: float, end: float) -> int:
+    """Streamed tokens the records received in [begin, end) (perf_counter times)."""
+    return sum(begin <= r["t0"] + t < end for r in records for t in r["token_times"])
+
+
 def all_running_rate(records: list) -> float | None:
     """Output tokens/s while every client had a request in flight: from the last client's first send to the
     first client's last answer. The whole run's rate also counts the ramp-down, when the clients that are
@@ -142,7 +147,7 @@ def all_running_rate(records: list) -> float | None:
         start, end = spans.get(r["client"], (r["t0"], r["t0"]))
         spans[r["client"]] = (min(start, r["t0"]), max(end, r["t0"] + r.get("e2e_s", 0.0)))
     begin, end = max(s for s, _ in spans.values()), min(e for _, e in spans.values())
-    tokens = sum(begin <= r["t0"] + t < end for r in records if r["ok"] for t in r["token_times"])
+    tokens = tokens_between(records, begin, end)
     return tokens / (end - begin) if end - begin >= MIN_WINDOW_S and tokens else None
 
 
@@ -250,7 +255,7 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log,
         out["itl_ms"] = ms(itl)
         # the streams' own rate in the window: a scheduler that parked them behind the long prompt would
         # show few intervals (their next requests waiting) and a low rate, not a high ITL
-        out["streams_tok_s"] = sum(t < r["t0"] + a < end for r in recs for a in r["token_times"]) / out["window_s"]
+        out["streams_tok_s"] = tokens_between(recs, t, end) / out["window_s"]
         return out
     base, loaded = run(False), run(True)
     if not (base["itl_ms"] and loaded["itl_ms"]):
