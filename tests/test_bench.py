@@ -196,3 +196,32 @@ def test_bench_serve_scaling_is_the_median_of_each_rounds_own_ratio():
     assert t["scaling_16_vs_1_rounds"] == pytest.approx([9.0, 7.6, 400 / 60]) and t["scaling_16_vs_1"] == pytest.approx(7.6)
     assert t["itl_p99_16_vs_tpot_1"] == pytest.approx(380 * 3 / 50)
     assert t["scaling_16_vs_1_all_running"] == pytest.approx(7.6)  # the same pairing for the rate while all run
+
+
+def test_bench_serve_drives_a_running_server_with_its_api_key(served_model, tmp_path, capsys):
+    """--url waits for the server's health check and sends --api-key; a refused warm-up is an error, not a
+    table of zeros."""
+    from conftest import LiveServer
+    server = LiveServer(served_model, api_key="sekrit")
+    try:
+        argv = ["bench", "serve", "--url", server.url, "--concurrency", "1", "--requests", "1", "--max-tokens", "3",
+                "--bench-image", "", "--cache", str(tmp_path / "cache")]
+        out = tmp_path / "serve.json"
+        assert main([*argv, "--api-key", "sekrit", "--json", str(out)]) == 0
+        row = json.loads(out.read_text())["systems"]["fromage"]["text"][0]
+        assert row["errors"] == 0 and row["output_tok_s"] > 0
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "warm-up request" in err and "401" in err
+    finally:
+        server.close()
+
+
+def test_bench_serve_url_that_never_answers(tmp_path, monkeypatch, capsys):
+    import fromage.tools.bench_serve as bench_serve
+    from fromage.tools.server_process import free_port
+    monkeypatch.setattr(bench_serve, "URL_WAIT_S", 0.5)
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["bench", "serve", "--url", url, "--bench-image", "", "--cache", str(tmp_path / "cache")]) == 2
+    assert f"the server at {url} did not answer 200 on /health" in capsys.readouterr().err

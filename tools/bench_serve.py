@@ -35,7 +35,7 @@ from fromage.runtime.errors import FromageError
 from .bench import machine_info
 from .bench_report import percentiles
 from .options import int_list
-from .server_process import Server, free_port
+from .server_process import Server, free_port, wait_healthy
 
 TOPICS = ("a red kangaroo", "an old lighthouse", "a blue whale", "a small boat", "a yellow sun over hills",
           "a painter at the market", "a green frog", "a snowy mountain")
@@ -195,16 +195,19 @@ def data_url(path: str) -> str:
 
 # ---- scenarios -------------------------------------------------------------------------------------
 def sweep(url: str, levels: list, per_client: int, max_tokens: int, image: str | None, log, extra=None,
-          rounds: int = 1) -> list:
+          rounds: int = 1, headers=None) -> list:
     """Each level in turn, `rounds` times over (levels side by side in time in every round: the machine's
     memory speed drifts from minute to minute). Per level, the row of the round with the median output rate,
     and every round's figures under "rounds"."""
     runs = {c: [] for c in levels}
-    with httpx.Client(timeout=600) as http:
-        send(http, url, request_body(0, 4, image, extra=extra))  # warm-up
+    with httpx.Client(timeout=600, headers=headers) as http:
+        warm = send(http, url, request_body(0, 4, image, extra=extra))
+    if not warm["ok"]:
+        raise FromageError(f"the warm-up request to {url} failed: {warm.get('error') or warm['status']}")
     for k in range(rounds):
         for c in levels:
-            recs, wall = run_clients(url, c, per_client, lambda i: (request_body(i, max_tokens, image, extra=extra),))
+            recs, wall = run_clients(url, c, per_client, lambda i: (request_body(i, max_tokens, image, extra=extra),),
+                                     headers)
             row = {"concurrency": c, **summarize(recs, wall)}
             log(f"  C={c:>2}{f' (round {k + 1})' if rounds > 1 else ''}: {row['output_tok_s']:7.1f} tok/s "
                 f"({row['all_running_tok_s'] or 0:.1f} while all run), {row['request_throughput']:.2f} req/s, TTFT p50 "
@@ -220,9 +223,10 @@ def sweep(url: str, levels: list, per_client: int, max_tokens: int, image: str |
 
 
 MIN_WINDOW_S = 1.0
+URL_WAIT_S = 300  # a --url server still loading its model
 
 
-def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log, extra=None) -> dict:
+def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log, extra=None, headers=None) -> dict:
     """ITL of `streams` running streams without, then with, one long prompt arriving mid-run: the intervals
     that overlap the long prompt's lifetime (at least MIN_WINDOW_S), against those of a 4-second window."""
     def run(with_long: bool) -> dict:
@@ -230,7 +234,7 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log,
         recs = []
 
         def streaming(c):
-            with httpx.Client(timeout=600) as http:
+            with httpx.Client(timeout=600, headers=headers) as http:
                 while not stop.is_set():
                     recs.append(send(http, url, request_body(c, max_tokens, extra=extra)))
         threads = [threading.Thread(target=streaming, args=(c,)) for c in range(streams)]
@@ -238,7 +242,7 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log,
         time.sleep(2.0)
         t = time.perf_counter()
         if with_long:
-            with httpx.Client(timeout=600) as http:
+            with httpx.Client(timeout=600, headers=headers) as http:
                 long = send(http, url, request_body(99, 8, words=prompt_words, extra=extra))
             out["long_prompt_ttft_ms"] = long.get("ttft_s", 0) * 1000
             out["long_prompt_tokens"] = long.get("prompt_tokens")
@@ -272,13 +276,13 @@ CHAT_QUESTIONS = ("What is this?", "Where does it live?", "What does it eat?", "
                   "Tell me one more fact about it.")
 
 
-def chat(url: str, turns: int, image: str | None, log, extra=None) -> dict:
+def chat(url: str, turns: int, image: str | None, log, extra=None, headers=None) -> dict:
     """One conversation (the first question with the image), its whole history sent every turn as the
     chat page sends it. Each turn is sent twice, side by side: as it is, and behind a system line of its
     own (a history no prefix cache holds); -> per turn the time to first token of both and the
     positions the server found cached."""
     messages, rows = [], []
-    with httpx.Client(timeout=600) as http:
+    with httpx.Client(timeout=600, headers=headers) as http:
         for k in range(turns):
             question = CHAT_QUESTIONS[k % len(CHAT_QUESTIONS)]
             content = question if k or image is None else [{"type": "image_url", "image_url": {"url": image}},
@@ -349,7 +353,9 @@ def add_arguments(p) -> None:
     p.add_argument("--cache", help="where llama.cpp is built and the logs go (default: fromage's cache)")
     p.add_argument("--json", metavar="FILE", help="write every number as JSON")
     p.add_argument("--plot", metavar="FILE", help="PNG: throughput and p99 latency against concurrency")
-    p.add_argument("--url", help="a running server to drive (default: start `fromage serve` on --bundle)")
+    p.add_argument("--url", help="a running server to drive (default: start `fromage serve` on --bundle); "
+                                 "waited for until its /health answers 200")
+    p.add_argument("--api-key", help="the --url server's API key (sent as Authorization: Bearer)")
     p.add_argument("--concurrency", default="1,2,4,8,16,32", help="client counts (default 1,2,4,8,16,32)")
     p.add_argument("--requests", type=int, default=4, help="requests per client per level (default 4)")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (default 64)")
@@ -400,21 +406,26 @@ def cmd_bench_serve(args, log=print) -> dict:
             from fromage.training.backbones import default_gguf_path
             from .llama_cpp import f32_gguf
             server = start_llama_server(args, log_dir, default_gguf_path() if kind == "llama_cpp" else f32_gguf(Path(args.cache)))
-        url = server.url if server else args.url
+        url = server.url if server else args.url.rstrip("/")
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key and server is None else None
         try:
+            if server is None:
+                log(f"waiting for {url}/health ...")
+                wait_healthy("the server", url, URL_WAIT_S)
             log(f"{name} ({url}), text only:")
             extra = NO_RETRIEVAL if name == "fromage" else None
             entry = result["systems"][name] = {"text": sweep(url, levels, args.requests, args.max_tokens, None, log, extra,
-                                                             args.rounds)}
+                                                             args.rounds, headers)}
             if name == "fromage" and image:
                 log(f"{name}, with an image:")
-                entry["image"] = sweep(url, levels, args.requests, args.max_tokens, image, log, extra, args.rounds)
+                entry["image"] = sweep(url, levels, args.requests, args.max_tokens, image, log, extra, args.rounds,
+                                       headers)
             if name == "fromage" and args.long_prompt:
                 log(f"{name}, long prompt:")
-                entry["long_prompt"] = long_prompt(url, 8, args.max_tokens, args.long_prompt, log, extra)
+                entry["long_prompt"] = long_prompt(url, 8, args.max_tokens, args.long_prompt, log, extra, headers)
             if name == "fromage" and args.chat_turns:
                 log(f"{name}, a chat of {args.chat_turns} turns (time to first token):")
-                entry["chat"] = chat(url, args.chat_turns, image, log, extra)
+                entry["chat"] = chat(url, args.chat_turns, image, log, extra, headers)
             if name == "fromage" and args.load_test and server is not None:
                 log(f"{name}, load test:")
                 entry["load_test"] = load_test(server, 32, 20, args.max_tokens, image, log)

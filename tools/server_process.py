@@ -18,28 +18,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(name: str, url: str, timeout: float, health: str = "/health", exited=lambda: None) -> None:
+    """Polls url + health until it answers 200 (connection refused while starting, 503 while loading);
+    `exited` returns an error message once the process behind it is gone."""
+    deadline = time.time() + timeout
+    while True:
+        if (gone := exited()) is not None:
+            raise FromageError(gone)
+        try:
+            with urllib.request.urlopen(url + health, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise FromageError(f"{name} at {url} did not answer 200 on {health} within {timeout:.0f} s")
+        time.sleep(0.25)
+
+
 class Server:
     def __init__(self, name: str, argv: list, port: int, log: Path | None = None, health: str = "/health",
                  timeout: float = 300):
         self.name, self.url = name, f"http://127.0.0.1:{port}"
         self.log = open(log, "w+b") if log else tempfile.TemporaryFile()
         self.proc = subprocess.Popen([str(a) for a in argv], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise FromageError(f"{name} exited (code {self.proc.returncode}): "
-                                   f"{self.log.read().decode(errors='replace')[-1500:]}")
-            try:
-                with urllib.request.urlopen(self.url + health, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:  # refused while starting; 503 while loading
-                pass
-            if time.time() > deadline:
-                self.close()
-                raise FromageError(f"{name} did not become healthy in {timeout:.0f} s")
-            time.sleep(0.25)
+        try:
+            wait_healthy(name, self.url, timeout, health, self._exited)
+        except FromageError:
+            self.close()
+            raise
+
+    def _exited(self) -> str | None:
+        if self.proc.poll() is None:
+            return None
+        self.log.seek(0)
+        return f"{self.name} exited (code {self.proc.returncode}): {self.log.read().decode(errors='replace')[-1500:]}"
 
     def memory_mb(self, field: str = "VmRSS") -> float | None:
         """Resident memory now (VmRSS) or at its peak (VmHWM)."""
