@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import hmac
 import io
 import json
@@ -69,6 +70,10 @@ class _State:
             self.scheduler = Scheduler(model, max_batch=c.max_batch, max_queue=c.max_queue,
                                        max_prompt=c.max_prompt_tokens, max_new_tokens=c.max_tokens,
                                        prefill_rows=c.prefill_rows, prefix_cache_bytes=c.prefix_cache_bytes)
+            # what is loaded now lives as long as the server: a full collection (which holds the GIL while every
+            # stream waits for its next step) need not walk it again
+            gc.collect()
+            gc.freeze()
             self.model = model
         except FromageError as e:
             self.load_error = str(e)

@@ -163,6 +163,18 @@ def test_api_key_guards_v1_but_not_health(served_model):
         s.close()
 
 
+def test_the_loaded_model_is_kept_out_of_full_collections(served_model):
+    """What is loaded lives as long as the server: it is frozen, so a full collection (holding the GIL while
+    every stream waits) does not walk it."""
+    import gc
+    gc.unfreeze()
+    s = LiveServer(served_model)
+    try:
+        assert gc.get_freeze_count() > 0
+    finally:
+        s.close()
+
+
 def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_model, monkeypatch):
     step = served_model.advance_rows
     monkeypatch.setattr(served_model, "advance_rows", lambda *a: time.sleep(0.02) or step(*a))  # slow steps
