@@ -257,8 +257,9 @@ static inline float half_to_float(uint16_t h) {
 }
 
 /* Per block of x: S_b, sx_b and x16_b (rounded to nearest even), the latter as the bytes the panels'
- * kernels take: x8 = [h (K) | l (K)], x16 = 256 h + l (h signed, l unsigned). */
-static void nbits_prepare(const float *x, int K, float *sums, float *sx, uint8_t *x8) {
+ * kernels take: x8 = [h (K) | l (K)], x16 = 256 h + l (h signed, l unsigned); and for the AVX-512 8-bit
+ * kernel ls_b = 128 * the sum of the block's l. */
+static void nbits_prepare(const float *x, int K, float *sums, float *sx, int32_t *ls, uint8_t *x8) {
     for (int b = 0; b < K / FM_BLOCK; b++) {
         const float *xb = x + (size_t)b * FM_BLOCK;
 #ifdef FM_AVX2
@@ -293,14 +294,21 @@ static void nbits_prepare(const float *x, int K, float *sums, float *sx, uint8_t
             x8[(size_t)b * FM_BLOCK + i] = (uint8_t)(int8_t)(v >> 8), x8[K + (size_t)b * FM_BLOCK + i] = (uint8_t)(v & 255);
         }
 #endif
+#ifdef FM_AVX512
+        int32_t l = 0;
+        for (int i = 0; i < FM_BLOCK; i++) l += x8[K + (size_t)b * FM_BLOCK + i];
+        ls[b] = 128 * l;
+#else
+        (void)ls;
+#endif
     }
 }
 
-/* Scratch for B rows of nbits_prepare: sums and sx (B, nb) each, then 2 K bytes per row, 64-byte aligned. */
-static float *nbits_scratch(int B, int K, float **sx, uint8_t **rows) {
-    const size_t nb = (size_t)K / FM_BLOCK, scales = (2 * B * nb + 15) / 16 * 16;
+/* Scratch for B rows of nbits_prepare: sums, sx and ls (B, nb) each, then 2 K bytes per row, 64-byte aligned. */
+static float *nbits_scratch(int B, int K, float **sx, int32_t **ls, uint8_t **rows) {
+    const size_t nb = (size_t)K / FM_BLOCK, scales = (3 * B * nb + 15) / 16 * 16;
     float *sums = fm_scratch(0, scales + (size_t)B * K / 2);
-    if (sums) *sx = sums + B * nb, *rows = (uint8_t *)(sums + scales);
+    if (sums) *sx = sums + B * nb, *ls = (int32_t *)(sums + 2 * B * nb), *rows = (uint8_t *)(sums + scales);
     return sums;
 }
 
@@ -314,7 +322,8 @@ static float *nbits_scratch(int B, int K, float **sx, uint8_t **rows) {
  * bytes broadcast, so the 16 columns' sums build up in lanes (no horizontal sums) and a block's
  * x16 . q is an exact int32. The activations are split exactly as x16 = 256 h + l (h = x16 >> 8 signed,
  * l = x16 & 255 unsigned): x16 . q = 256 (q . h) + (l . q), q the unsigned operand against h and the
- * signed one against l -- for 8-bit, as its nibbles: l . q = l . q_low + 16 (l . q_high). Per row and
+ * signed one against l -- for 8-bit, as q - 128 (q ^ 0x80) on AVX-512: l . q = l . (q - 128) + 128 sum(l)
+ * (ls_b), and as its nibbles on AVX2: l . q = l . q_low + 16 (l . q_high). Per row and
  * block: acc = fma(float(x16 . q), d sx_b, acc), then acc = fma(m, S_b, acc), so a row's result does
  * not depend on the other rows of the call. AVX2 has no vpdpbusd: pmaddubsw (pairs of byte products;
  * nibble operands never saturate it) and pmaddwd by ones give the same int32s. */
@@ -390,8 +399,8 @@ static inline int q_at(const uint8_t *rec, int bits, int i, int k) {
  * are not written); x8 row r: [h (K bytes) | l (K bytes)], sx and sums (R, nb). */
 static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int p, int step, const int NP,
                                                          const uint8_t *x8, const float *sx, const float *sums,
-                                                         const int R, float *y, size_t ldy, int accumulate,
-                                                         const int bits) {
+                                                         const int32_t *ls, const int R, float *y, size_t ldy,
+                                                         int accumulate, const int bits) {
     const int K = L->K, nb = K / FM_BLOCK, record = q_record(bits);
     const uint8_t *w[4];
     for (int j = 0; j < NP; j++) w[j] = q_panel(L, p + j * step);
@@ -409,6 +418,9 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
                 const uint8_t *wv = w[j / QB_HALVES] + (size_t)b * record + 64 * v;
                 if (QB_PREFETCH && R > 1 && j % QB_HALVES == 0) _mm_prefetch((const char *)(wv + QB_PREFETCH), _MM_HINT_T0);
                 const qb_ints raw = qb_load(wv + 4 * PANEL + 32 * (j % QB_HALVES)), lo = qb_low(raw), hi = qb_high(raw);
+#ifdef FM_AVX512
+                const qb_ints q_signed = _mm512_xor_si512(raw, _mm512_set1_epi8((char)0x80));  /* 8-bit q - 128 */
+#endif
                 for (int r = 0; r < R; r++) {
                     const uint8_t *xh = x8 + (size_t)r * 2 * K + (size_t)b * FM_BLOCK + 4 * v, *xl = xh + K;
                     if (bits == 4) {
@@ -417,7 +429,11 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
                     } else {
                         const qb_ints xlv = qb_bytes4(xl);
                         h[r][j] = q8_dot_h(h[r][j], raw, lo, hi, qb_bytes4(xh));
+#ifdef FM_AVX512  /* l . q = l . (q - 128) + ls: one vpdpbusd (no saturation) where pmaddubsw needs nibbles */
+                        l[r][j] = qb_dot(l[r][j], xlv, q_signed);
+#else
                         l[r][j] = qb_dot(l[r][j], xlv, lo), l16[r][j] = qb_dot(l16[r][j], xlv, hi);
+#endif
                     }
                 }
             }
@@ -425,7 +441,12 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
             const uint16_t *dm = (const uint16_t *)(w[j / QB_HALVES] + (size_t)b * record) + QB_LANES * (j % QB_HALVES);
             const qb_floats d = qb_halfs(dm), m = qb_halfs(dm + PANEL);
             for (int r = 0; r < R; r++) {
-                const qb_floats dot = qb_int_sum(h[r][j], bits == 4 ? l[r][j] : qb_add_shifted(l[r][j], l16[r][j]));
+#ifdef FM_AVX512
+                const qb_ints l8 = QV(add_epi32)(l[r][j], QV(set1_epi32)(ls[(size_t)r * nb + b]));
+#else
+                const qb_ints l8 = qb_add_shifted(l[r][j], l16[r][j]);
+#endif
+                const qb_floats dot = qb_int_sum(h[r][j], bits == 4 ? l[r][j] : l8);
                 acc[r][j] = qb_fma(dot, qb_mul1(d, sx[(size_t)r * nb + b]), acc[r][j]);
                 acc[r][j] = qb_fma1(m, sums[(size_t)r * nb + b], acc[r][j]);
             }
@@ -461,11 +482,12 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
 /* The panels p0..p1 for B rows. One row: QUARTER_STREAMS (AVX2 one at a time: four panels' accumulators
  * would spill its 16 registers); several: QB_ROWS rows at a time meet each unpacked weight vector. */
 static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, int p0, int p1, const uint8_t *x8,
-                                                           const float *sx, const float *sums, int B, float *y,
+                                                           const float *sx, const float *sums, const int32_t *ls,
+                                                           int B, float *y,
                                                            size_t ldy, int accumulate, const int bits) {
     const int K = L->K, nb = K / FM_BLOCK;
     if (B == 1) {
-#define ONE_ROW(p, step, NP) q_tile(L, p, step, NP, x8, sx, sums, 1, y, ldy, accumulate, bits)
+#define ONE_ROW(p, step, NP) q_tile(L, p, step, NP, x8, sx, sums, ls, 1, y, ldy, accumulate, bits)
 #if !defined(FM_AVX2) || defined(FM_AVX512)
         QUARTER_STREAMS(p0, p1, ONE_ROW);
 #else
@@ -476,7 +498,7 @@ static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, i
     }
     for (int p = p0; p < p1; p++) {
         int r = 0;
-#define TILE(R) q_tile(L, p, 0, 1, x8 + (size_t)r * 2 * K, sx + (size_t)r * nb, sums + (size_t)r * nb, R, \
+#define TILE(R) q_tile(L, p, 0, 1, x8 + (size_t)r * 2 * K, sx + (size_t)r * nb, sums + (size_t)r * nb, ls + (size_t)r * nb, R, \
                        y + r * ldy, ldy, accumulate, bits)
         for (; r + QB_ROWS <= B; r += QB_ROWS) TILE(QB_ROWS);
         switch (B - r) {  /* a constant row count each, so the accumulators stay in registers */
@@ -501,16 +523,18 @@ static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, i
 static int nbits_gemv(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
     const int K = L->K, nb = K / FM_BLOCK, panels = (L->N + PANEL - 1) / PANEL;
     float *sx;
+    int32_t *ls;
     uint8_t *x8;
-    float *sums = nbits_scratch(B, K, &sx, &x8);
+    float *sums = nbits_scratch(B, K, &sx, &ls, &x8);
     if (!sums) return -2;
     for (int r = 0; r < B; r++)
-        nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb, x8 + (size_t)r * 2 * K);
+        nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb, ls + (size_t)r * nb,
+                      x8 + (size_t)r * 2 * K);
     const int chunk = panel_chunk((size_t)nb * q_record(L->bits) / PANEL, L->N, B);
     if (L->bits == 4)
-        FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q_panels(L, p0, p1, x8, sx, sums, B, y, ldy, accumulate, 4));
+        FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q_panels(L, p0, p1, x8, sx, sums, ls, B, y, ldy, accumulate, 4));
     else
-        FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q_panels(L, p0, p1, x8, sx, sums, B, y, ldy, accumulate, 8));
+        FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q_panels(L, p0, p1, x8, sx, sums, ls, B, y, ldy, accumulate, 8));
     return 0;
 }
 
