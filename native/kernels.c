@@ -396,7 +396,7 @@ static inline int q_at(const uint8_t *rec, int bits, int i, int k) {
 }
 
 /* y[r][16 p_j + i] (+)= x[r] . w_{16 p_j + i} for r < R and the NP panels p_j = p + j * step (columns past N
- * are not written); x8 row r: [h (K bytes) | l (K bytes)], sx and sums (R, nb). */
+ * are not written); x8 row r: [h (K bytes) | l (K bytes)], sx, sums and ls (R, nb). */
 static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int p, int step, const int NP,
                                                          const uint8_t *x8, const float *sx, const float *sums,
                                                          const int32_t *ls, const int R, float *y, size_t ldy,
@@ -483,8 +483,8 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
  * would spill its 16 registers); several: QB_ROWS rows at a time meet each unpacked weight vector. */
 static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, int p0, int p1, const uint8_t *x8,
                                                            const float *sx, const float *sums, const int32_t *ls,
-                                                           int B, float *y,
-                                                           size_t ldy, int accumulate, const int bits) {
+                                                           int B, float *y, size_t ldy, int accumulate,
+                                                           const int bits) {
     const int K = L->K, nb = K / FM_BLOCK;
     if (B == 1) {
 #define ONE_ROW(p, step, NP) q_tile(L, p, step, NP, x8, sx, sums, ls, 1, y, ldy, accumulate, bits)
@@ -498,8 +498,8 @@ static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, i
     }
     for (int p = p0; p < p1; p++) {
         int r = 0;
-#define TILE(R) q_tile(L, p, 0, 1, x8 + (size_t)r * 2 * K, sx + (size_t)r * nb, sums + (size_t)r * nb, ls + (size_t)r * nb, R, \
-                       y + r * ldy, ldy, accumulate, bits)
+#define TILE(R) q_tile(L, p, 0, 1, x8 + (size_t)r * 2 * K, sx + (size_t)r * nb, sums + (size_t)r * nb, \
+                       ls + (size_t)r * nb, R, y + r * ldy, ldy, accumulate, bits)
         for (; r + QB_ROWS <= B; r += QB_ROWS) TILE(QB_ROWS);
         switch (B - r) {  /* a constant row count each, so the accumulators stay in registers */
 #if QB_ROWS > 5
