@@ -225,3 +225,5 @@ def test_bench_serve_url_that_never_answers(tmp_path, monkeypatch, capsys):
     url = f"http://127.0.0.1:{free_port()}"
     assert main(["bench", "serve", "--url", url, "--bench-image", "", "--cache", str(tmp_path / "cache")]) == 2
     assert f"the server at {url} did not answer 200 on /health" in capsys.readouterr().err
+    assert main(["bench", "serve", "--bundle", "b", "--peer", "none", "--api-key", "k", "--cache", str(tmp_path)]) == 2
+    assert "--api-key goes with --url" in capsys.readouterr().err

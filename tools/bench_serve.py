@@ -398,6 +398,8 @@ def cmd_bench_serve(args, log=print) -> dict:
         targets.append((peer, peer))
     if not args.url and not args.bundle:
         raise FromageError("give --bundle (a server is started on it) or --url")
+    if args.api_key and not args.url:
+        raise FromageError("--api-key goes with --url: a server started here needs none")
     for name, kind in targets:  # one server at a time: an idle one's threads would take the other's cores
         server = None
         if kind is None and not args.url:
@@ -407,7 +409,7 @@ def cmd_bench_serve(args, log=print) -> dict:
             from .llama_cpp import f32_gguf
             server = start_llama_server(args, log_dir, default_gguf_path() if kind == "llama_cpp" else f32_gguf(Path(args.cache)))
         url = server.url if server else args.url.rstrip("/")
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key and server is None else None
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
         try:
             if server is None:
                 log(f"waiting for {url}/health ...")
