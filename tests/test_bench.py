@@ -227,3 +227,5 @@ def test_bench_serve_url_that_never_answers(tmp_path, monkeypatch, capsys):
     assert f"the server at {url} did not answer 200 on /health" in capsys.readouterr().err
     assert main(["bench", "serve", "--bundle", "b", "--peer", "none", "--api-key", "k", "--cache", str(tmp_path)]) == 2
     assert "--api-key goes with --url" in capsys.readouterr().err
+    assert main(["bench", "serve", "--url", url, "--load-test", "--cache", str(tmp_path)]) == 2
+    assert "--load-test reads the server's memory" in capsys.readouterr().err

@@ -400,6 +400,8 @@ def cmd_bench_serve(args, log=print) -> dict:
         raise FromageError("give --bundle (a server is started on it) or --url")
     if args.api_key and not args.url:
         raise FromageError("--api-key goes with --url: a server started here needs none")
+    if args.load_test and args.url:
+        raise FromageError("--load-test reads the server's memory, so it starts its own: give --bundle, not --url")
     for name, kind in targets:  # one server at a time: an idle one's threads would take the other's cores
         server = None
         if kind is None and not args.url:
@@ -428,7 +430,7 @@ def cmd_bench_serve(args, log=print) -> dict:
             if name == "fromage" and args.chat_turns:
                 log(f"{name}, a chat of {args.chat_turns} turns (time to first token):")
                 entry["chat"] = chat(url, args.chat_turns, image, log, extra, headers)
-            if name == "fromage" and args.load_test and server is not None:
+            if name == "fromage" and args.load_test:
                 log(f"{name}, load test:")
                 entry["load_test"] = load_test(server, 32, 20, args.max_tokens, image, log)
             if server is not None:
