@@ -464,10 +464,12 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
     const int chunk = per_thread < 1 ? 1 : per_thread > ATT_CHUNK ? ATT_CHUNK : (int)per_thread;
 #pragma omp parallel
     {
-#pragma omp for schedule(dynamic, chunk) /* a preempted thread does not hold the step up */
+        int seq = 0;  /* the sequence of this thread's last item: its items come in increasing order (monotonic) */
+#pragma omp for schedule(monotonic: dynamic, chunk) /* a preempted thread does not hold the step up */
         for (size_t it = 0; it < items; it++) {
             int b, g, blk;
-            batch_item(lay, past, it, 0, &b, &g, &blk);
+            batch_item(lay, past, it, seq, &b, &g, &blk);
+            seq = b;
             if ((it + 1) % chunk && it + 1 < items) {  /* the next item of this claim: its keys and values on their way */
                 int nb, ng, nblk;
                 batch_item(lay, past, it + 1, b, &nb, &ng, &nblk);

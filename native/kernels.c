@@ -257,8 +257,8 @@ static inline float half_to_float(uint16_t h) {
 }
 
 /* Per block of x: S_b, sx_b and x16_b (rounded to nearest even), the latter as the bytes the panels'
- * kernels take: x8 = [h (K) | l (K)], x16 = 256 h + l (h signed, l unsigned); and for the AVX-512 8-bit
- * kernel ls_b = 128 * the sum of the block's l. */
+ * kernels take: x8 = [h (K) | l (K)], x16 = 256 h + l (h signed, l unsigned); and, when ls is given (the
+ * AVX-512 8-bit kernel's), ls_b = 128 * the sum of the block's l. */
 static void nbits_prepare(const float *x, int K, float *sums, float *sx, int32_t *ls, uint8_t *x8) {
     for (int b = 0; b < K / FM_BLOCK; b++) {
         const float *xb = x + (size_t)b * FM_BLOCK;
@@ -294,13 +294,11 @@ static void nbits_prepare(const float *x, int K, float *sums, float *sx, int32_t
             x8[(size_t)b * FM_BLOCK + i] = (uint8_t)(int8_t)(v >> 8), x8[K + (size_t)b * FM_BLOCK + i] = (uint8_t)(v & 255);
         }
 #endif
-#ifdef FM_AVX512
-        int32_t l = 0;
-        for (int i = 0; i < FM_BLOCK; i++) l += x8[K + (size_t)b * FM_BLOCK + i];
-        ls[b] = 128 * l;
-#else
-        (void)ls;
-#endif
+        if (ls) {
+            int32_t l = 0;
+            for (int i = 0; i < FM_BLOCK; i++) l += x8[K + (size_t)b * FM_BLOCK + i];
+            ls[b] = 128 * l;
+        }
     }
 }
 
@@ -379,6 +377,11 @@ static inline void qb_store(float *p, qb_floats v) { QV(storeu_ps)(p, v); }
 #endif
 #ifndef QB_PREFETCH
 #define QB_PREFETCH 0
+#endif
+#ifdef FM_AVX512
+#define NEEDS_LS 1  /* its 8-bit kernel takes l . (q - 128) + ls */
+#else
+#define NEEDS_LS 0
 #endif
 #ifdef QB_HALVES
 enum { QB_LANES = PANEL / QB_HALVES };
@@ -528,8 +531,8 @@ static int nbits_gemv(const fm_linear *L, const float *x, int B, float *y, size_
     float *sums = nbits_scratch(B, K, &sx, &ls, &x8);
     if (!sums) return -2;
     for (int r = 0; r < B; r++)
-        nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb, ls + (size_t)r * nb,
-                      x8 + (size_t)r * 2 * K);
+        nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb,
+                      NEEDS_LS && L->bits == 8 ? ls + (size_t)r * nb : NULL, x8 + (size_t)r * 2 * K);
     const int chunk = panel_chunk((size_t)nb * q_record(L->bits) / PANEL, L->N, B);
     if (L->bits == 4)
         FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q_panels(L, p0, p1, x8, sx, sums, ls, B, y, ldy, accumulate, 4));
