@@ -207,18 +207,19 @@ class Fromage:
         chunks = [visual[s.source] if isinstance(s, ImagePart) else self.embed_ids(s) for s in segments]
         return np.concatenate(chunks, axis=0)[None].astype(np.float32)
 
-    def new_state(self) -> "DecodeState":
-        """An empty cache (it grows as positions are fed)."""
-        cache = [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.kv_names]
-        return DecodeState(cache, 0, np.zeros(self.vocab_size, np.float32), np.zeros(self.retrieval_dim, np.float32))
+    def new_state(self, cache: list | None = None, length: int = 0) -> "DecodeState":
+        """A state on `cache` holding `length` positions; by default an empty cache (it grows as positions are
+        fed)."""
+        if cache is None:
+            cache = [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.kv_names]
+        outputs = np.zeros(self.vocab_size, np.float32), np.zeros(self.retrieval_dim, np.float32)
+        return DecodeState(cache, length, *outputs)
 
     def prefix_state(self, state: "DecodeState", n: int) -> "DecodeState":
         """A new state holding the first n positions of `state`'s cache (logits not set: feed it more)."""
         # in place: whole blocks of the layout (positions past n in the last one are never read)
         keep = cache_capacity(self.decoder, n) if self.decoder.in_place else n
-        new = self.new_state()
-        new.cache, new.length = [np.array(c[:, :, :keep]) for c in state.cache], n
-        return new
+        return self.new_state([np.array(c[:, :, :keep]) for c in state.cache], n)
 
     def start(self, embeds: np.ndarray) -> "DecodeState":
         """Prefill: run the prompt (1, n, E) from an empty cache."""
