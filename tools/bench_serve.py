@@ -68,6 +68,11 @@ def request_body(i: int, max_tokens: int, image: str | None = None, stream: bool
     return {**body, **(extra or {})}
 
 
+def http_client(headers: dict | None = None) -> httpx.Client:
+    """An HTTP client for a bench's requests (`headers`: the server's API key, if it needs one)."""
+    return httpx.Client(timeout=600, headers=headers)
+
+
 def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) -> dict:
     """One chat request; -> {ok, status, t0, ttft_s, token_times, e2e_s, tokens, cancelled}: t0 the send's
     perf_counter, times after it. A streamed answer is timed chunk by chunk; `cancel_after` closes the
@@ -110,12 +115,12 @@ def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) 
     return rec
 
 
-def run_clients(url: str, concurrency: int, per_client: int, make_body, headers=None, timeout: float = 600) -> tuple:
+def run_clients(url: str, concurrency: int, per_client: int, make_body, headers=None) -> tuple:
     """-> (records, wall seconds): `concurrency` threads, each sending `per_client` requests in turn."""
     records, lock = [], threading.Lock()
 
     def client(c: int):
-        with httpx.Client(timeout=timeout, headers=headers) as http:
+        with http_client(headers) as http:
             for j in range(per_client):
                 rec = {**send(http, url, *make_body(c * per_client + j)), "client": c}
                 with lock:
@@ -200,7 +205,7 @@ def sweep(url: str, levels: list, per_client: int, max_tokens: int, image: str |
     memory speed drifts from minute to minute). Per level, the row of the round with the median output rate,
     and every round's figures under "rounds"."""
     runs = {c: [] for c in levels}
-    with httpx.Client(timeout=600, headers=headers) as http:
+    with http_client(headers) as http:
         warm = send(http, url, request_body(0, 4, image, extra=extra))
     if not warm["ok"]:
         raise FromageError(f"the warm-up request to {url} failed: {warm.get('error') or warm['status']}")
@@ -234,7 +239,7 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log,
         recs = []
 
         def streaming(c):
-            with httpx.Client(timeout=600, headers=headers) as http:
+            with http_client(headers) as http:
                 while not stop.is_set():
                     recs.append(send(http, url, request_body(c, max_tokens, extra=extra)))
         threads = [threading.Thread(target=streaming, args=(c,)) for c in range(streams)]
@@ -242,7 +247,7 @@ def long_prompt(url: str, streams: int, max_tokens: int, prompt_words: int, log,
         time.sleep(2.0)
         t = time.perf_counter()
         if with_long:
-            with httpx.Client(timeout=600, headers=headers) as http:
+            with http_client(headers) as http:
                 long = send(http, url, request_body(99, 8, words=prompt_words, extra=extra))
             out["long_prompt_ttft_ms"] = long.get("ttft_s", 0) * 1000
             out["long_prompt_tokens"] = long.get("prompt_tokens")
@@ -282,7 +287,7 @@ def chat(url: str, turns: int, image: str | None, log, extra=None, headers=None)
     own (a history no prefix cache holds); -> per turn the time to first token of both and the
     positions the server found cached."""
     messages, rows = [], []
-    with httpx.Client(timeout=600, headers=headers) as http:
+    with http_client(headers) as http:
         for k in range(turns):
             question = CHAT_QUESTIONS[k % len(CHAT_QUESTIONS)]
             content = question if k or image is None else [{"type": "image_url", "image_url": {"url": image}},
