@@ -9,20 +9,21 @@
 #define DECLARE(isa)                                                                                          \
     int fm_forward_##isa(const fm_model *, const float *, int32_t, int32_t, int32_t, float *const *,         \
                          float *const *, float *, float *);                                                   \
-    int fm_forward_batch_##isa(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,    \
-                               float *const *, float *const *, int32_t, const int32_t *, float *, float *);   \
+    int fm_forward_rows_##isa(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,     \
+                              float *const *, float *const *, int32_t, const int32_t *, const uint8_t *,      \
+                              float *, float *);                                                              \
     float fm_stream_read_##isa(const float *, size_t, int, size_t);
 
 typedef struct {
     const char *name;
     int (*forward)(const fm_model *, const float *, int32_t, int32_t, int32_t, float *const *, float *const *,
                    float *, float *);
-    int (*forward_batch)(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,
-                         float *const *, float *const *, int32_t, const int32_t *, float *, float *);
+    int (*forward_rows)(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,
+                        float *const *, float *const *, int32_t, const int32_t *, const uint8_t *, float *, float *);
     float (*stream_read)(const float *, size_t, int, size_t);
 } kernels;
 
-#define ENTRY(isa) {#isa, fm_forward_##isa, fm_forward_batch_##isa, fm_stream_read_##isa}
+#define ENTRY(isa) {#isa, fm_forward_##isa, fm_forward_rows_##isa, fm_stream_read_##isa}
 
 DECLARE(portable)
 #if defined(__x86_64__)
@@ -80,39 +81,14 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
 int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                      float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
                      float *logits, float *ret) {
-    return chosen()->forward_batch(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, logits, ret);
+    return chosen()->forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, NULL, logits, ret);
 }
 
-void fm_pack(const float *src, int64_t K, int64_t N, float *dst) {
-    const int64_t panels = (N + FM_PANEL - 1) / FM_PANEL;
-    for (int64_t p = 0; p < panels; p++) {
-        const int64_t n0 = p * FM_PANEL, width = N - n0 < FM_PANEL ? N - n0 : FM_PANEL;
-        for (int64_t k = 0; k < K; k++) {
-            float *d = dst + (p * K + k) * FM_PANEL;
-            memcpy(d, src + k * N + n0, sizeof(float) * width);
-            memset(d + width, 0, sizeof(float) * (FM_PANEL - width));
-        }
-    }
-}
-
-int fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, int32_t bits, uint8_t *dst) {
-    if ((bits != 4 && bits != 8) || K <= 0 || K % FM_BLOCK || N <= 0) return -1;
-    const int64_t nb = K / FM_BLOCK, panels = (N + FM_PANEL - 1) / FM_PANEL, block = FM_BLOCK * bits / 8,
-                  record = 4 * FM_PANEL + FM_PANEL * block;
-    memset(dst, 0, (size_t)(panels * nb * record));
-    for (int64_t n = 0; n < N; n++) {
-        const int64_t i = n % FM_PANEL;
-        for (int64_t b = 0; b < nb; b++) {
-            uint8_t *rec = dst + (n / FM_PANEL * nb + b) * record, *vectors = rec + 4 * FM_PANEL + 4 * i;
-            uint16_t *h = (uint16_t *)rec;
-            const uint8_t *blk = q + (n * nb + b) * block;
-            h[i] = dm[n * 2 * nb + b], h[FM_PANEL + i] = dm[n * 2 * nb + nb + b];
-            for (int k = 0; k < 16 * (bits / 4); k++) /* 4-bit: element k low, k + 16 high, in vector k / 4 */
-                vectors[64 * (k / 4) + k % 4] = bits == 8 ? blk[k]
-                    : (uint8_t)((blk[k / 2] >> (4 * (k & 1)) & 15) | (blk[(k + 16) / 2] >> (4 * (k & 1)) & 15) << 4);
-        }
-    }
-    return 0;
+int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
+                    float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
+                    const uint8_t *out_greedy, float *logits, float *ret) {
+    return chosen()->forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_greedy, logits,
+                                  ret);
 }
 
 float fm_stream_read(const float *a, size_t n, int streams, size_t piece) {

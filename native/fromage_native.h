@@ -46,6 +46,11 @@ typedef struct {
     const float *final_norm;
     fm_linear head, head_extra;       /* logits = [h @ head | h @ head_extra]; head_extra.N may be 0 */
     const float *wt, *wt_bias;        /* retrieval head (hidden, retrieval_dim) as fm_linear.w, (retrieval_dim) */
+    /* Optional (head_q8.N = 0: none), for an fp32 head: its 8-bit copy (bits 8, fm_pack_nbits of fm_quantize8's
+     * blocks) and fm_quantize8's bound (2, head.N), with which fm_forward_rows' greedy rows read 8-bit
+     * weights and compute exactly only the few logits that can be the largest. */
+    fm_linear head_q8;
+    const float *head_q8_bound;
 } fm_model;
 
 /* The kernels are compiled once per instruction set and one copy is chosen when the library loads,
@@ -84,6 +89,15 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
                      float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
                      float *logits, float *ret);
 
+/* fm_forward_batch, where out_greedy (n_out flags, or NULL: none) marks the output rows that want only their
+ * greedy choice. With the model's head_q8, such a row's logits are exact (the same bits as unflagged) for
+ * every token that can be the largest and -INFINITY for the others: its largest logit and the first token
+ * that has it are the ones the full head gives, for ~1/4 of the head's memory reads. Without head_q8 the
+ * flags change nothing. head_extra's logits are always exact. */
+int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
+                    float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
+                    const uint8_t *out_greedy, float *logits, float *ret);
+
 /* dst (ceil(N / FM_PANEL) * FM_PANEL * K floats) = src (K, N) row-major, an ONNX MatMul initializer,
  * laid out as fm_linear.w. */
 void fm_pack(const float *src, int64_t K, int64_t N, float *dst);
@@ -93,6 +107,12 @@ void fm_pack(const float *src, int64_t K, int64_t N, float *dst);
  * in the low nibble of byte i), dm (N, 2 K/32) each column's [d | m] in fp16. Returns 0, or -1 (nothing
  * written) unless bits is 4 or 8, K a positive multiple of 32 and N positive. */
 int fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, int32_t bits, uint8_t *dst);
+
+/* An fp32 matrix w (K, N), row-major, rounded to 8-bit blocks of 32 (w' = d q + m, d and m fp16, m <= the
+ * block's least weight): q (N, K/32, 32) and dm (N, 2 K/32) as fm_pack_nbits takes them, and bound (2, N):
+ * per column the largest |w - w'|, then the largest 255 d + |m| of its blocks (fm_model.head_q8_bound).
+ * Returns 0, or -1 (nothing written) unless K is a positive multiple of 32 and N positive. */
+int fm_quantize8(const float *w, int64_t K, int64_t N, uint8_t *q, uint16_t *dm, float *bound);
 
 /* Sums a (n floats) with OpenMP's threads, each reading its share as `streams` side-by-side forward
  * streams (1, 2, 4 or 8): the reads that `fromage bench` measures the memory bandwidth roofline with.

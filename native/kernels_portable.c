@@ -4,5 +4,6 @@
 #include "kernels.h"
 #include "decoder.c"
 #include "kernels.c"
+#include "greedy_head.c"
 #include "bandwidth.c"
 

@@ -232,25 +232,37 @@ class Scheduler:
         """The slot's state: empty, or holding the longest cached prefix of its prompt."""
         if self.prefixes is None:
             slot.state = self.model.new_state()
-            return
-        slot.state, slot.fed = self.prefixes.start(slot.req.embeds[0])
-        slot.req.result.cached_positions = slot.fed
+        else:
+            slot.state, slot.fed = self.prefixes.start(slot.req.embeds[0])
+            slot.req.result.cached_positions = slot.fed
+        slot.state.greedy = slot.req.params.temperature <= 0
 
     def _prompt_pieces(self, decoding: int) -> list[tuple[_Slot, int]]:
         """Prompt positions to feed in this call, the prompts with the fewest left first (a long prompt
         does not hold back the short ones that arrive behind it: they join the decoding streams, and it
         takes what the call has left). Beside running requests, rows worth prefill_rows
         (PROMPT_ROWS_BUSY: a call's cost grows with its rows, so the streams' steps grow by a bounded
-        share while prompts are fed; a row deep in a long prompt counts for more, row_cost); with none
-        decoding, max_prompt_chunk rows."""
+        share while prompts are fed; a row deep in a long prompt counts for more, row_cost); and a prompt
+        that this call can finish may also take the rows of the batch's empty slots (max_batch - decoding):
+        the call is then no longer than a full batch's with its prompt rows, and the new request decodes
+        from the next step instead of queueing behind the others one call each. With none decoding,
+        max_prompt_chunk rows."""
         prompts = sorted((s for s in self.running if s.seq is None), key=lambda s: s.prompt_len - s.fed)
         cost = row_cost if decoding else (lambda position: 1.0)
-        budget, pieces = float(self.prefill_rows if decoding else self.max_prompt_chunk), []
+        budget = float(self.prefill_rows if decoding else self.max_prompt_chunk)  # below 0: spent from `empty`
+        empty, pieces = (max(0, self.max_batch - decoding) if decoding else 0), []
         for slot in prompts:
-            n = 0
-            while slot.fed + n < slot.prompt_len and budget >= cost(slot.fed + n):
-                budget -= cost(slot.fed + n)
-                n += 1
+            left = slot.prompt_len - slot.fed
+            n, spent = 0, 0.0
+            if left <= budget + empty:
+                spent = sum(cost(slot.fed + i) for i in range(left))
+                n = left if spent <= budget + empty else 0  # the prompt ends in this call
+            if not n:
+                spent = 0.0
+                while n < left and spent + cost(slot.fed + n) <= budget:
+                    spent += cost(slot.fed + n)
+                    n += 1
+            budget -= spent
             if n:
                 pieces.append((slot, n))
         if prompts and not pieces:  # the next row costs more than the whole budget: one row a call still

@@ -151,7 +151,7 @@ def test_rows_deep_in_a_long_prompt_count_for_more():
 
     def pieces(fed, prefill_rows=8, length=3000):
         sched = Scheduler.__new__(Scheduler)  # no thread, no model: the choice of rows alone
-        sched.prefill_rows, sched.max_prompt_chunk = prefill_rows, 64
+        sched.prefill_rows, sched.max_prompt_chunk, sched.max_batch = prefill_rows, 64, 4
         slot = _Slot(Request(SamplingParams(), np.zeros((1, length, 4), np.float32), None))
         slot.fed, sched.running = fed, [slot]
         return [n for _, n in sched._prompt_pieces(decoding=4)]
@@ -159,3 +159,21 @@ def test_rows_deep_in_a_long_prompt_count_for_more():
     assert row_cost(100) == 1.0 and 1.8 < row_cost(2000) < 1.9
     assert pieces(1800) == [int(8 // row_cost(1803))]
     assert pieces(2500, prefill_rows=1) == [1]
+
+
+def test_prompts_that_end_in_the_call_take_the_empty_slots_rows():
+    """A call is filled up to a full batch's rows with the prompt rows: a prompt that ends in it may take
+    the empty slots' rows too (it decodes from the next step); one that does not gets prefill_rows."""
+    from fromage.runtime.scheduler import _Slot, Request
+
+    def pieces(lengths, decoding, max_batch=16):
+        sched = Scheduler.__new__(Scheduler)
+        sched.prefill_rows, sched.max_prompt_chunk, sched.max_batch = 8, 64, max_batch
+        sched.running = [_Slot(Request(SamplingParams(), np.zeros((1, n, 4), np.float32), None)) for n in lengths]
+        return [n for _, n in sched._prompt_pieces(decoding=decoding)]
+    assert pieces([7, 7, 7, 7], decoding=4) == [7, 7]      # 8 + 12 empty slots' rows: two prompts end
+    assert pieces([7, 7, 7, 7], decoding=15) == [7, 1]     # a nearly full batch: about prefill_rows
+    assert pieces([7, 7], decoding=16) == [7, 1]
+    assert pieces([30], decoding=4) == [8]                 # it cannot end here: its share only
+    assert pieces([19, 7], decoding=4) == [7, 1]           # the shortest first; the other its share's rest
+    assert pieces([7] * 12, decoding=0) == [7] * 9 + [1]   # none decoding: max_prompt_chunk rows

@@ -1,0 +1,97 @@
+/* Laying weights out for the kernels (load time, plain C for the baseline CPU): fp32 matrices and
+ * MatMulNBits' 4/8-bit blocks in panels of 16 columns, and the 8-bit copy of an fp32 head with which
+ * greedy rows find their candidates (fm_quantize8). */
+#include <math.h>
+#include <string.h>
+
+#include "fromage_native.h"
+
+void fm_pack(const float *src, int64_t K, int64_t N, float *dst) {
+    const int64_t panels = (N + FM_PANEL - 1) / FM_PANEL;
+    for (int64_t p = 0; p < panels; p++) {
+        const int64_t n0 = p * FM_PANEL, width = N - n0 < FM_PANEL ? N - n0 : FM_PANEL;
+        for (int64_t k = 0; k < K; k++) {
+            float *d = dst + (p * K + k) * FM_PANEL;
+            memcpy(d, src + k * N + n0, sizeof(float) * width);
+            memset(d + width, 0, sizeof(float) * (FM_PANEL - width));
+        }
+    }
+}
+
+int fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, int32_t bits, uint8_t *dst) {
+    if ((bits != 4 && bits != 8) || K <= 0 || K % FM_BLOCK || N <= 0) return -1;
+    const int64_t nb = K / FM_BLOCK, panels = (N + FM_PANEL - 1) / FM_PANEL, block = FM_BLOCK * bits / 8,
+                  record = 4 * FM_PANEL + FM_PANEL * block;
+    memset(dst, 0, (size_t)(panels * nb * record));
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t i = n % FM_PANEL;
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *rec = dst + (n / FM_PANEL * nb + b) * record, *vectors = rec + 4 * FM_PANEL + 4 * i;
+            uint16_t *h = (uint16_t *)rec;
+            const uint8_t *blk = q + (n * nb + b) * block;
+            h[i] = dm[n * 2 * nb + b], h[FM_PANEL + i] = dm[n * 2 * nb + nb + b];
+            for (int k = 0; k < 16 * (bits / 4); k++) /* 4-bit: element k low, k + 16 high, in vector k / 4 */
+                vectors[64 * (k / 4) + k % 4] = bits == 8 ? blk[k]
+                    : (uint8_t)((blk[k / 2] >> (4 * (k & 1)) & 15) | (blk[(k + 16) / 2] >> (4 * (k & 1)) & 15) << 4);
+        }
+    }
+    return 0;
+}
+
+/* fp16 <-> float, round to nearest even; the values met here are far below fp16's overflow. */
+static float half_value(uint16_t h) {
+    const int e = (h >> 10) & 31, f = h & 1023;
+    const float v = e == 0 ? ldexpf((float)f, -24) : e == 31 ? INFINITY : ldexpf((float)(1024 + f), e - 25);
+    return h & 0x8000 ? -v : v;
+}
+
+static uint16_t half_nearest(float x) {
+    const float a = fabsf(x);
+    const uint16_t sign = signbit(x) ? 0x8000 : 0;
+    if (!(a < 65520.f)) return sign | 0x7C00;
+    if (a < 0x1p-14f) return sign | (uint16_t)lrintf(a * 0x1p24f);  /* subnormal (1024: the smallest normal) */
+    int e;
+    const float f = frexpf(a, &e);                                  /* a = f 2^e, f in [0.5, 1) */
+    const long m = lrintf(ldexpf(f, 11));                           /* 1024..2048 */
+    return sign | (uint16_t)(((e + 14) << 10) + m - 1024);          /* 2048 carries into the exponent */
+}
+
+/* The fp16 value nearest x on the side `up` (1: >= x, 0: <= x). */
+static uint16_t half_toward(float x, int up) {
+    uint16_t h = half_nearest(x);
+    const float v = half_value(h);
+    if (up ? v >= x : v <= x) return h;
+    const int away = (v < x) == !(h & 0x8000);  /* a step away from zero grows |v| */
+    if ((h & 0x7FFF) == 0) return up ? 1 : 0x8001;
+    return (uint16_t)(away ? h + 1 : h - 1);
+}
+
+int fm_quantize8(const float *w, int64_t K, int64_t N, uint8_t *q, uint16_t *dm, float *bound) {
+    if (K <= 0 || K % FM_BLOCK || N <= 0) return -1;
+    const int64_t nb = K / FM_BLOCK;
+    for (int64_t n = 0; n < N; n++) {
+        double err = 0., top = 0.;
+        for (int64_t b = 0; b < nb; b++) {
+            float lo = INFINITY, hi = -INFINITY;
+            for (int k = 0; k < FM_BLOCK; k++) {
+                const float v = w[(b * FM_BLOCK + k) * N + n];
+                lo = v < lo ? v : lo, hi = v > hi ? v : hi;
+            }
+            const uint16_t mh = half_toward(lo, 0), dh = half_toward((float)(((double)hi - half_value(mh)) / 255.), 1);
+            const double m = half_value(mh), d = half_value(dh);
+            uint8_t *blk = q + (n * nb + b) * FM_BLOCK;
+            for (int k = 0; k < FM_BLOCK; k++) {
+                const double v = w[(b * FM_BLOCK + k) * N + n];
+                const double r = d > 0. ? nearbyint((v - m) / d) : 0.;
+                blk[k] = (uint8_t)(r < 0. ? 0. : r > 255. ? 255. : r);
+                const double e = fabs(v - (d * blk[k] + m));
+                err = e > err ? e : err;
+            }
+            dm[n * 2 * nb + b] = dh, dm[n * 2 * nb + nb + b] = mh;
+            top = 255. * d + fabs(m) > top ? 255. * d + fabs(m) : top;
+        }
+        /* rounded up to floats: bounds */
+        bound[n] = nextafterf((float)err, INFINITY), bound[N + n] = nextafterf((float)top, INFINITY);
+    }
+    return 0;
+}
