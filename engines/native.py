@@ -44,7 +44,9 @@ class _Model(ctypes.Structure):
                                                "rope_positions", "retrieval_dim", "threads")] + [
         ("eps", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
         ("layers", ctypes.POINTER(_Layer)), ("final_norm", ctypes.c_void_p),
-        ("head", _Linear), ("head_extra", _Linear), ("wt", ctypes.c_void_p), ("wt_bias", ctypes.c_void_p)]
+        ("head", _Linear), ("head_extra", _Linear), ("wt", ctypes.c_void_p), ("wt_bias", ctypes.c_void_p),
+        ("head_q8", _Linear), ("head_q8_bound", ctypes.c_void_p), ("head_q8_exact", ctypes.c_void_p),
+        ("head_q8_n_exact", ctypes.c_int32)]
 
 
 HUGE_PAGE = 2 << 20
@@ -132,8 +134,10 @@ def load_library():
         lib.fm_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
                                    ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p]
-        lib.fm_forward_batch.argtypes = ([ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32] + [ctypes.c_void_p] * 4
-                                         + [ctypes.c_int32] + [ctypes.c_void_p] * 3)
+        lib.fm_quantize8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
+        lib.fm_quantize8.restype = ctypes.c_int
+        lib.fm_forward_rows.argtypes = ([ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32] + [ctypes.c_void_p] * 4
+                                        + [ctypes.c_int32] + [ctypes.c_void_p] * 4)
         _lib = lib
     return _lib
 
@@ -171,7 +175,9 @@ class NativeDecoder:
     in_place = True  # writes the KV cache buffers in place (the runtime grows them)
     capacity_step = KV_BLOCK  # a cache's capacity is a multiple of this
 
-    def __init__(self, path, model: dict, threads: int | None = None):
+    def __init__(self, path, model: dict, threads: int | None = None, exact_columns: tuple = ()):
+        """exact_columns: logits that a greedy row gets exactly whatever their value (forward_batch's
+        `greedy`): a logit the caller rescales before choosing, as the runtime does [RET]'s."""
         self.lib = load_library()
         self.kernels = kernels_in_use(self.lib)  # "avx512", "avx2" or "portable"
         if "rms_norm_eps" not in model:
@@ -183,6 +189,7 @@ class NativeDecoder:
         # are read aside and laid out in panels in the arena (_pack), 4/8-bit weights read aside and
         # repacked into it (_repack), one matrix at a time.
         self.w, self._linears = {}, {}  # name -> _Linear: fp32 panels (_pack) or 4/8-bit blocks (_repack)
+        self.greedy_head_bytes = None
         with open(path, "rb") as fh:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 table = [t for t in initializers(buf) if t["dtype"] in _DTYPES]
@@ -192,6 +199,8 @@ class NativeDecoder:
             blocks = [_nbits_bytes(t["dims"]) for t in table
                       if t["name"].endswith(".qweight") and len(t["dims"]) == 3]
             sizes = [_panels_bytes(t["dims"]) if _is_f32_matrix(t) else t["raw"][1] - t["raw"][0] for t in kept]
+            sizes += [_nbits_bytes((t["dims"][1], t["dims"][0] // BLOCK, BLOCK)) for t in kept
+                      if t["name"] == "lm_head" and _is_f32_matrix(t) and t["dims"][0] % BLOCK == 0]  # its 8-bit copy
             self.arena = _Arena(sum(_Arena.padded(n) for n in blocks + sizes))
             for t in sorted(table, key=lambda t: t["name"].endswith(".qweight")):  # blocks after their scales
                 a, b = t["raw"]
@@ -206,6 +215,8 @@ class NativeDecoder:
                     self._repack(t["name"][:-len(".qweight")])
         self.model = self._model(model)
         self.model.threads = resolve_threads(threads)
+        self._exact = (ctypes.c_int32 * len(exact_columns))(*exact_columns)
+        self.model.head_q8_exact, self.model.head_q8_n_exact = ctypes.addressof(self._exact), len(exact_columns)
         self._known = {}  # the last call's caches: id -> (their buffers, addresses); replaced as one dict
 
     def _get(self, name):
@@ -225,6 +236,21 @@ class NativeDecoder:
         out = self.arena.take(_panels_bytes(w.shape)).view(np.float32)
         self.lib.fm_pack(w.ctypes.data, w.shape[0], w.shape[1], out.ctypes.data)
         self._linears[name] = _Linear(F32, w.shape[0], w.shape[1], 0, out.ctypes.data, None)
+        if name == "lm_head" and w.shape[0] % BLOCK == 0:
+            self._quantize_head(w)
+
+    def _quantize_head(self, w: np.ndarray) -> None:
+        """The fp32 head's 8-bit copy and bound (native/greedy_head.c): greedy rows read it, and compute
+        exactly only the few logits that can be the largest."""
+        k, n = w.shape
+        q, dm = np.empty((n, k // BLOCK, BLOCK), np.uint8), np.empty((n, 2 * (k // BLOCK)), np.uint16)
+        self.head_bound = np.empty((2, n), np.float32)
+        out = self.arena.take(_nbits_bytes(q.shape))
+        if (self.lib.fm_quantize8(w.ctypes.data, k, n, q.ctypes.data, dm.ctypes.data, self.head_bound.ctypes.data)
+                or self.lib.fm_pack_nbits(q.ctypes.data, dm.ctypes.data, k, n, 8, out.ctypes.data)):
+            raise FromageError("the native decoder could not lay out the head's 8-bit copy")
+        self._linears["lm_head.q8"] = _Linear(NBITS, k, n, 8, None, out.ctypes.data)
+        self.greedy_head_bytes = (4 * k * n, out.nbytes)  # (the fp32 head's, its 8-bit copy's)
 
     def _repack(self, name: str) -> None:
         """A 4/8-bit matrix's blocks and scales (read aside) -> the kernels' layout in the arena."""
@@ -272,16 +298,23 @@ class NativeDecoder:
         self.retrieval_dim = wt.N
         m = _Model(n_layers, qkv.K, qkv.N // d - 2 * kv, kv, d, gate_up.N // 2, cos.shape[0], self.retrieval_dim, 0,
                    float(model["rms_norm_eps"]), cos.ctypes.data, self._ptr("sin_cache"), layers,
-                   self._ptr("model.norm.weight"), head, extra, wt.w, self._ptr("W_t.bias"))
+                   self._ptr("model.norm.weight"), head, extra, wt.w, self._ptr("W_t.bias"),
+                   self._linears.get("lm_head.q8", _Linear()),
+                   self.head_bound.ctypes.data if "lm_head.q8" in self._linears else None)
         same = all((lay.qkv.K, lay.qkv.N, lay.o.K, lay.o.N, lay.gate_up.N, lay.down.K, lay.down.N)
                    == (qkv.K, qkv.N, m.n_heads * d, qkv.K, gate_up.N, m.inter, qkv.K) for lay in layers)
         if m.n_heads < 1 or m.n_heads % kv or qkv.N % d or cos.shape[1] * 2 != d or not same:
             raise FromageError(f"decoder.onnx's shapes do not fit head_dim {d} / kv_heads {kv}")
         return m
 
-    def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray) -> None:
+    def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray,
+                greedy: bool = False) -> None:
         """Feed embeds (1, T, E) on `cache` ([key0, value0, key1, ...], each (1, kv, capacity, d),
-        holding `past` positions); writes the last position's logits (V,) and ret (R,) in place."""
+        holding `past` positions); writes the last position's logits (V,) and ret (R,) in place.
+        greedy: only the largest logit is wanted (forward_batch's `greedy`; one position)."""
+        if greedy and embeds.ndim == 3 and embeds.shape[:2] == (1, 1) and logits.ndim == ret.ndim == 1:
+            self.forward_batch(embeds[0], [cache], [past], logits[None], ret[None], greedy=[True])
+            return
         # checked on every call: the C code trusts these sizes
         if not (embeds.dtype == np.float32 and embeds.flags.c_contiguous and embeds.ndim == 3
                 and embeds.shape[0] == 1 and embeds.shape[2] == self.model.hidden):
@@ -336,12 +369,14 @@ class NativeDecoder:
                                f"of shape (1, {kv}, capacity, {d}), capacity a multiple of {KV_BLOCK}") from None
 
     def forward_batch(self, embeds: np.ndarray, caches: list, pasts: list, logits: np.ndarray, ret: np.ndarray,
-                      out_rows: list | None = None) -> None:
+                      out_rows: list | None = None, greedy: list | None = None) -> None:
         """B rows in one call: row b feeds embeds[b] (embeds (B, E)) at position pasts[b] of cache caches[b]
         (as forward's). Writes the outputs of the rows out_rows (ascending; None: all B), in that order:
         logits (n, V) and ret (n, R), in place. Each weight matrix is read once for all B, and row b is
         bit-identical to forward() of that one position. Rows may share a cache at consecutive positions
-        (one prompt's pieces), never a position."""
+        (one prompt's pieces), never a position. greedy (n flags, or None): output rows that want only
+        their largest logit; with an fp32 head, such a row's logits are exact where they can be the largest
+        and -inf elsewhere (native/greedy_head.c), the same largest and first token that has it."""
         B, E = len(caches), self.model.hidden
         if not (B >= 1 and len(pasts) == B and embeds.dtype == np.float32 and embeds.flags.c_contiguous
                 and embeds.shape == (B, E)):
@@ -360,9 +395,12 @@ class NativeDecoder:
         k, v = self._pointer_tables(caches)
         capacity = [c[0].shape[2] for c in caches]
         rows = None if out_rows is None else (ctypes.c_int32 * n)(*out_rows)
-        rc = self.lib.fm_forward_batch(ctypes.byref(self.model), embeds.ctypes.data, B, (ctypes.c_int32 * B)(*pasts),
-                                       (ctypes.c_int32 * B)(*capacity), k, v, n, rows, logits.ctypes.data,
-                                       ret.ctypes.data)
+        if greedy is not None and len(greedy) != n:
+            raise FromageError(f"greedy must have a flag per output row ({n}), got {len(greedy)}")
+        flags = (ctypes.c_uint8 * n)(*map(bool, greedy)) if greedy is not None and any(greedy) else None
+        rc = self.lib.fm_forward_rows(ctypes.byref(self.model), embeds.ctypes.data, B, (ctypes.c_int32 * B)(*pasts),
+                                      (ctypes.c_int32 * B)(*capacity), k, v, n, rows, flags, logits.ctypes.data,
+                                      ret.ctypes.data)
         if rc == -1:
             b = next((b for b in range(B) if not 0 <= pasts[b] < min(capacity[b], self.model.rope_positions)), 0)
             raise FromageError(f"sequence {b}: {pasts[b]} + 1 positions exceed its cache ({capacity[b]}) "

@@ -547,7 +547,7 @@ static int head_rows(const fm_model *m, const float *h, int n, const uint8_t *gr
         for (j = i + 1; j < n && (usable && greedy[j]) == g; j++) {}
         const float *x = h + (size_t)i * m->hidden;
         float *y = logits + (size_t)i * V;
-        rc |= g ? fm_head_greedy(&m->head, &m->head_q8, m->head_q8_bound, x, j - i, y, V)
+        rc |= g ? fm_head_greedy(m, x, j - i, y, V)
                 : fm_linear_rows(&m->head, x, j - i, y, V, 0);
     }
     if (m->head_extra.N > 0) rc |= fm_linear_rows(&m->head_extra, h, n, logits + m->head.N, V, 0);

@@ -48,9 +48,12 @@ typedef struct {
     const float *wt, *wt_bias;        /* retrieval head (hidden, retrieval_dim) as fm_linear.w, (retrieval_dim) */
     /* Optional (head_q8.N = 0: none), for an fp32 head: its 8-bit copy (bits 8, fm_pack_nbits of fm_quantize8's
      * blocks) and fm_quantize8's bound (2, head.N), with which fm_forward_rows' greedy rows read 8-bit
-     * weights and compute exactly only the few logits that can be the largest. */
+     * weights and compute exactly only the few logits that can be the largest; and the n_exact columns
+     * they get exactly whatever their value (a logit the caller rescales before choosing: [RET]'s). */
     fm_linear head_q8;
     const float *head_q8_bound;
+    const int32_t *head_q8_exact;
+    int32_t head_q8_n_exact;
 } fm_model;
 
 /* The kernels are compiled once per instruction set and one copy is chosen when the library loads,
@@ -91,9 +94,9 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
 
 /* fm_forward_batch, where out_greedy (n_out flags, or NULL: none) marks the output rows that want only their
  * greedy choice. With the model's head_q8, such a row's logits are exact (the same bits as unflagged) for
- * every token that can be the largest and -INFINITY for the others: its largest logit and the first token
- * that has it are the ones the full head gives, for ~1/4 of the head's memory reads. Without head_q8 the
- * flags change nothing. head_extra's logits are always exact. */
+ * every token that can be the largest and for head_q8_exact, and -INFINITY for the others: its largest logit
+ * and the first token that has it are the ones the full head gives, for ~1/4 of the head's memory reads.
+ * Without head_q8 the flags change nothing. head_extra's logits are always exact. */
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                     float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
                     const uint8_t *out_greedy, float *logits, float *ret);

@@ -16,12 +16,11 @@
  * where 2e-4 |x|_1 t_c covers the float rounding of both heads (a K-term fp32 sum is within K 2^-24 of
  * its sum of |terms|: 3.4e-5 for K = 576), with room to spare. bound = (e_c, t_c) per column. */
 
-/* Rows x (B, K) against the fp32 head (K, N): y's first N columns of each row (ldy apart) get the exact
- * logits that can be the largest and -INFINITY elsewhere. */
-int fm_head_greedy(const fm_linear *head, const fm_linear *q8, const float *bound, const float *x, int B, float *y,
-                   size_t ldy) {
+int fm_head_greedy(const fm_model *m, const float *x, int B, float *y, size_t ldy) {
+    const fm_linear *head = &m->head;
+    const float *bound = m->head_q8_bound;
     const int K = head->K, N = head->N, panels = (N + PANEL - 1) / PANEL;
-    if (fm_linear_rows(q8, x, B, y, ldy, 0)) return -2;  /* approximate logits, in place */
+    if (fm_linear_rows(&m->head_q8, x, B, y, ldy, 0)) return -2;  /* approximate logits, in place */
 #pragma omp parallel for schedule(dynamic, 1) if (B > 1)
     for (int r = 0; r < B; r++) {
         const float *xr = x + (size_t)r * K;
@@ -35,6 +34,8 @@ int fm_head_greedy(const fm_linear *head, const fm_linear *q8, const float *boun
             sx += top / 32767.f;
         }
         const float c1 = x1 * 1.001f, c2 = (16.f * sx + 2e-4f * x1) * 1.001f;  /* 1.001: this float arithmetic */
+        for (int e = 0; e < m->head_q8_n_exact; e++)  /* exact anyway, and out of the floor: the caller may */
+            if (m->head_q8_exact[e] >= 0 && m->head_q8_exact[e] < N) yr[m->head_q8_exact[e]] = -INFINITY;  /* rescale them, so the others' largest must be exact alone */
         float lows[PANEL];
         for (int i = 0; i < PANEL; i++) lows[i] = -INFINITY;
         int c = 0;
@@ -51,6 +52,7 @@ int fm_head_greedy(const fm_linear *head, const fm_linear *q8, const float *boun
             const int n0 = p * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
             int reach = all;
             for (int i = n0; i < n1; i++) reach |= yr[i] + (bound[i] * c1 + bound[N + i] * c2) >= floor;
+            for (int e = 0; e < m->head_q8_n_exact; e++) reach |= m->head_q8_exact[e] / PANEL == p;
             if (reach)
                 f32_tile(head->w, K, N, p, 0, 1, xr, 1, 1, yr, ldy, 0);
             else

@@ -149,12 +149,15 @@ static int greedy_matches(const fm_model *mf) {
             float *row = w + (size_t)k * VG, a = row[n];
             row[n + VG / 4] = a, row[n + VG / 2] = a + 2e-3f * frand(), row[n + 3 * VG / 4] = a + 1e-6f * frand();
         }
+    for (int k = 0; k < E; k++) w[(size_t)k * VG + VG - 5] *= 30.f;  /* the exact column: mostly the largest */
     uint8_t *q = malloc((size_t)VG * E), *panels = aligned_alloc(64, (size_t)(VG + FM_PANEL - 1) / FM_PANEL * (E / 32) * 576);
     uint16_t *dm = malloc(sizeof(uint16_t) * VG * 2 * (E / 32));
     if (fm_quantize8(w, E, VG, q, dm, bound) || fm_pack_nbits(q, dm, E, VG, 8, panels) || !fm_quantize8(w, E + 1, VG, q, dm, bound))
         exit(3);
     m.head = (fm_linear){FM_F32, E, VG, 0, packed(w, E, VG), NULL};
+    const int32_t exact[] = {VG - 5};  /* always exact: a logit the caller would rescale */
     m.head_q8 = (fm_linear){FM_NBITS, E, VG, 8, NULL, panels}, m.head_q8_bound = bound;
+    m.head_q8_exact = exact, m.head_q8_n_exact = 1;
     float *k[NB * LAYERS], *v[NB * LAYERS], *full = malloc(sizeof(float) * NB * VG), *greedy = malloc(sizeof(float) * NB * VG);
     int32_t past[NB], capacity[NB];
     for (int j = 0; j < NB * LAYERS; j++) k[j] = calloc((size_t)KV * 64 * D, 4), v[j] = calloc((size_t)KV * 64 * D, 4);
@@ -167,12 +170,13 @@ static int greedy_matches(const fm_model *mf) {
             fm_forward_rows(&m, emb, NB, past, capacity, k, v, NB, NULL, flags[step % 2], greedy, rt)) exit(2);
         for (int b = 0; b < NB; b++) {
             const float *f = full + (size_t)b * VG, *g = greedy + (size_t)b * VG;
-            int best_f = 0, best_g = 0;
+            int best_f = 0, best_g = 0;  /* the largest besides the exact column (which a caller rescales) */
             for (int n = 0; n < VG; n++) {
-                best_f = f[n] > f[best_f] ? n : best_f, best_g = g[n] > g[best_g] ? n : best_g;
+                if (n != exact[0])
+                    best_f = f[n] > f[best_f] ? n : best_f, best_g = g[n] > g[best_g] ? n : best_g;
                 if (g[n] != -INFINITY) same &= !memcmp(f + n, g + n, sizeof(float)), computed++;
             }
-            same &= best_f == best_g;
+            same &= best_f == best_g && !memcmp(f + exact[0], g + exact[0], sizeof(float));
         }
         free(emb);
     }

@@ -44,6 +44,9 @@ class DecodeState:
     length: int
     logits: np.ndarray | None = None        # (V,) next-token logits
     ret_embedding: np.ndarray | None = None  # (R,) normalised W_t of the last position
+    # only the greedy choice is read from its logits: the native engine computes exactly those that can be
+    # the largest, and [RET]'s, and leaves the others at -inf (native/greedy_head.c)
+    greedy: bool = False
 
     def fork(self) -> "DecodeState":
         """An independent copy (e.g. to score several continuations of one context)."""
@@ -174,7 +177,8 @@ class Fromage:
                 why_not = f"it runs on the CPU, not {device}"
             else:
                 try:
-                    return "native", native.NativeDecoder(path, self.bundle.model, threads=threads), None
+                    return "native", native.NativeDecoder(path, self.bundle.model, threads=threads,
+                                                          exact_columns=(self.ret_id,)), None
                 except FromageError as e:  # no library, no AVX2, a bundle from before the engine
                     why_not = str(e)
             if engine == "native":
@@ -231,7 +235,8 @@ class Fromage:
         """Feed more positions (token embeddings or visual tokens, (1, n, E)) on the cache."""
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         total = self._reserve(state, embeds.shape[1])
-        self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding)
+        greedy = {"greedy": True} if state.greedy and self.engine == "native" else {}
+        self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding, **greedy)
         state.length = total
 
     def advance_rows(self, rows: list[tuple["DecodeState", np.ndarray]]) -> None:
@@ -252,7 +257,8 @@ class Fromage:
         embeds = np.ascontiguousarray(np.concatenate([e for _, e in rows]), dtype=np.float32)
         logits = np.empty((len(last), self.vocab_size), np.float32)  # a state's last position only
         ret = np.empty((len(last), self.retrieval_dim), np.float32)
-        self.decoder.forward_batch(embeds, caches, pasts, logits, ret, out_rows=last)
+        self.decoder.forward_batch(embeds, caches, pasts, logits, ret, out_rows=last,
+                                   greedy=[state.greedy for state, _ in rows])
         for (state, e), lg, rt in zip(rows, logits, ret):
             state.logits, state.ret_embedding = lg, rt  # each state's own row of this call's outputs, not a copy
             state.length += len(e)
@@ -294,6 +300,7 @@ class Fromage:
         t0 = time.perf_counter()
         embeds = self.prepare(parts, p, result)
         state = self.start(embeds)
+        state.greedy = p.temperature <= 0
         result.timings["prefill_s"] = time.perf_counter() - t0
 
         seq = Sequence(self, p, result)
