@@ -229,3 +229,28 @@ def test_bench_serve_url_that_never_answers(tmp_path, monkeypatch, capsys):
     assert "--api-key goes with --url" in capsys.readouterr().err
     assert main(["bench", "serve", "--url", url, "--load-test", "--cache", str(tmp_path)]) == 2
     assert "--load-test reads the server's memory" in capsys.readouterr().err
+
+
+def test_bench_serve_sends_again_on_a_connection_the_server_closed():
+    """A kept-alive connection that the server closed (llama-server does) fails the next request before any
+    response: that request is sent once more, timed from its first send, and counted as retried."""
+    import socket
+    import threading
+    from fromage.tools.bench_serve import http_client, send, summarize
+    listener = socket.create_server(("127.0.0.1", 0))
+    answer = (b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 55\r\n\r\n'
+              b'{"usage": {"completion_tokens": 3, "prompt_tokens": 5}}')
+
+    def serve():
+        for reply in (False, True):  # the first connection closes without a response
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            if reply:
+                conn.sendall(answer)
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    with http_client() as http:
+        rec = send(http, f"http://127.0.0.1:{listener.getsockname()[1]}", {"stream": False})
+    listener.close()
+    assert rec["ok"] and rec["tokens"] == 3 and rec["retried"]
+    assert summarize([{**rec, "client": 0}], 1.0)["retried"] == 1

@@ -74,10 +74,18 @@ def http_client(headers: dict | None = None) -> httpx.Client:
 
 
 def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) -> dict:
-    """One chat request; -> {ok, status, t0, ttft_s, token_times, e2e_s, tokens, cancelled}: t0 the send's
-    perf_counter, times after it. A streamed answer is timed chunk by chunk; `cancel_after` closes the
-    stream after that many chunks."""
+    """One chat request; -> {ok, status, t0, ttft_s, token_times, e2e_s, tokens, cancelled, retried}: t0 the
+    send's perf_counter, times after it. A streamed answer is timed chunk by chunk; `cancel_after` closes the
+    stream after that many chunks. A request that met a kept-alive connection the server had closed (no
+    response at all: llama-server closes some) is sent once more on a new one, timed from the first send."""
     t0 = time.perf_counter()
+    rec = send_once(client, url, body, cancel_after, t0)
+    if rec["status"] is None and "RemoteProtocolError" in rec.get("error", ""):
+        rec = {**send_once(client, url, body, cancel_after, t0), "retried": True}
+    return rec
+
+
+def send_once(client: httpx.Client, url: str, body, cancel_after: int | None, t0: float) -> dict:
     rec = {"ok": False, "status": None, "t0": t0, "token_times": [], "tokens": 0, "cancelled": False, "text": ""}
     try:
         if not (isinstance(body, dict) and body.get("stream")):
@@ -163,7 +171,8 @@ def summarize(records: list, wall: float) -> dict:
             for r in ok if len(r["token_times"]) > 1]
     itl = [b - a for r in ok for a, b in zip(r["token_times"], r["token_times"][1:])]
     failures = sorted({r.get("error") or f"HTTP {r['status']}" for r in records if not r["ok"]})
-    return {"requests": len(records), "errors": len(records) - len(ok), "error_examples": failures[:3], "wall_s": wall,
+    return {"requests": len(records), "errors": len(records) - len(ok), "error_examples": failures[:3],
+            "retried": sum(1 for r in records if r.get("retried")), "wall_s": wall,
             "request_throughput": len(ok) / wall, "output_tok_s": tokens / wall, "output_tokens": tokens,
             "all_running_tok_s": all_running_rate(records) if records else None,
             "ttft_ms": ms([r["ttft_s"] for r in ok if "ttft_s" in r]), "tpot_ms": ms(tpot), "itl_ms": ms(itl),
@@ -216,7 +225,8 @@ def sweep(url: str, levels: list, per_client: int, max_tokens: int, image: str |
             row = {"concurrency": c, **summarize(recs, wall)}
             log(f"  C={c:>2}{f' (round {k + 1})' if rounds > 1 else ''}: {row['output_tok_s']:7.1f} tok/s "
                 f"({row['all_running_tok_s'] or 0:.1f} while all run), {row['request_throughput']:.2f} req/s, TTFT p50 "
-                f"{row['ttft_ms'].get('p50', 0):.0f} ms, ITL p99 {row['itl_ms'].get('p99', 0):.0f} ms, errors {row['errors']}")
+                f"{row['ttft_ms'].get('p50', 0):.0f} ms, ITL p99 {row['itl_ms'].get('p99', 0):.0f} ms, errors {row['errors']}"
+                + (f" ({row['retried']} sent again on a new connection)" if row["retried"] else ""))
             runs[c].append(row)
     rows = []
     for c in levels:
