@@ -492,7 +492,24 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
     }
 }
 
-static int head_rows(const fm_model *m, const float *h, int n, const uint8_t *greedy, float *logits);
+/* The logits of the final-normed rows h (n, hidden), (n, head.N + head_extra.N): the rows flagged greedy
+ * (consecutive ones together) through the 8-bit copy of the head when the model has one. */
+static int head_rows(const fm_model *m, const float *h, int n, const uint8_t *greedy, float *logits) {
+    const size_t V = (size_t)m->head.N + m->head_extra.N;
+    const int usable = greedy && m->head.kind == FM_F32 && m->head_q8.kind == FM_NBITS && m->head_q8.bits == 8 &&
+                       m->head_q8.K == m->head.K && m->head_q8.N == m->head.N && m->head_q8_bound;
+    int rc = 0;
+    for (int i = 0, j; i < n; i = j) {
+        const int g = usable && greedy[i];
+        for (j = i + 1; j < n && (usable && greedy[j]) == g; j++) {}
+        const float *x = h + (size_t)i * m->hidden;
+        float *y = logits + (size_t)i * V;
+        rc |= g ? fm_head_greedy(m, x, j - i, y, V)
+                : fm_linear_rows(&m->head, x, j - i, y, V, 0);
+    }
+    if (m->head_extra.N > 0) rc |= fm_linear_rows(&m->head_extra, h, n, logits + m->head.N, V, 0);
+    return rc;
+}
 
 /* The layers and the head of a batched step (fm_forward_rows, its arguments checked). */
 static int forward_rows(const fm_model *m, const float *embeds, int B, const int32_t *past, const int32_t *capacity,
@@ -533,25 +550,6 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
         rms_norm(x + (size_t)(out_rows ? out_rows[i] : i) * E, m->final_norm, h + (size_t)i * E, 1, E, m->eps);
     if (n_out == 0) return 0;
     return head_rows(m, h, n_out, greedy, logits) ? -2 : retrieval(m, h, n_out, ret);
-}
-
-/* The logits of the final-normed rows h (n, hidden), (n, head.N + head_extra.N): the rows flagged greedy
- * (consecutive ones together) through the 8-bit copy of the head when the model has one. */
-static int head_rows(const fm_model *m, const float *h, int n, const uint8_t *greedy, float *logits) {
-    const size_t V = (size_t)m->head.N + m->head_extra.N;
-    const int usable = greedy && m->head.kind == FM_F32 && m->head_q8.kind == FM_NBITS && m->head_q8.bits == 8 &&
-                       m->head_q8.K == m->head.K && m->head_q8.N == m->head.N && m->head_q8_bound;
-    int rc = 0;
-    for (int i = 0, j; i < n; i = j) {
-        const int g = usable && greedy[i];
-        for (j = i + 1; j < n && (usable && greedy[j]) == g; j++) {}
-        const float *x = h + (size_t)i * m->hidden;
-        float *y = logits + (size_t)i * V;
-        rc |= g ? fm_head_greedy(m, x, j - i, y, V)
-                : fm_linear_rows(&m->head, x, j - i, y, V, 0);
-    }
-    if (m->head_extra.N > 0) rc |= fm_linear_rows(&m->head_extra, h, n, logits + m->head.N, V, 0);
-    return rc;
 }
 
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
