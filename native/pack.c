@@ -69,29 +69,40 @@ static uint16_t half_toward(float x, int up) {
 int fm_quantize8(const float *w, int64_t K, int64_t N, uint8_t *q, uint16_t *dm, float *bound) {
     if (K <= 0 || K % FM_BLOCK || N <= 0) return -1;
     const int64_t nb = K / FM_BLOCK;
-    for (int64_t n = 0; n < N; n++) {
-        double err = 0., top = 0.;
+    /* 16 columns at a time, so that each row of w is read as a run of 16 floats, not one float a line */
+#pragma omp parallel for schedule(dynamic, 16)
+    for (int64_t n0 = 0; n0 < N; n0 += FM_PANEL) {
+        const int width = N - n0 < FM_PANEL ? (int)(N - n0) : FM_PANEL;
+        double err[FM_PANEL] = {0}, top[FM_PANEL] = {0};
         for (int64_t b = 0; b < nb; b++) {
-            float lo = INFINITY, hi = -INFINITY;
-            for (int k = 0; k < FM_BLOCK; k++) {
-                const float v = w[(b * FM_BLOCK + k) * N + n];
-                lo = v < lo ? v : lo, hi = v > hi ? v : hi;
+            float lo[FM_PANEL], hi[FM_PANEL];
+            for (int i = 0; i < width; i++) lo[i] = INFINITY, hi[i] = -INFINITY;
+            for (int k = 0; k < FM_BLOCK; k++)
+                for (int i = 0; i < width; i++) {
+                    const float v = w[(b * FM_BLOCK + k) * N + n0 + i];
+                    lo[i] = v < lo[i] ? v : lo[i], hi[i] = v > hi[i] ? v : hi[i];
+                }
+            double m[FM_PANEL], d[FM_PANEL];
+            for (int i = 0; i < width; i++) {
+                const int64_t n = n0 + i;
+                const uint16_t mh = half_toward(lo[i], 0);
+                const uint16_t dh = half_toward((float)(((double)hi[i] - half_value(mh)) / 255.), 1);
+                m[i] = half_value(mh), d[i] = half_value(dh);
+                dm[n * 2 * nb + b] = dh, dm[n * 2 * nb + nb + b] = mh;
+                top[i] = 255. * d[i] + fabs(m[i]) > top[i] ? 255. * d[i] + fabs(m[i]) : top[i];
             }
-            const uint16_t mh = half_toward(lo, 0), dh = half_toward((float)(((double)hi - half_value(mh)) / 255.), 1);
-            const double m = half_value(mh), d = half_value(dh);
-            uint8_t *blk = q + (n * nb + b) * FM_BLOCK;
-            for (int k = 0; k < FM_BLOCK; k++) {
-                const double v = w[(b * FM_BLOCK + k) * N + n];
-                const double r = d > 0. ? nearbyint((v - m) / d) : 0.;
-                blk[k] = (uint8_t)(r < 0. ? 0. : r > 255. ? 255. : r);
-                const double e = fabs(v - (d * blk[k] + m));
-                err = e > err ? e : err;
-            }
-            dm[n * 2 * nb + b] = dh, dm[n * 2 * nb + nb + b] = mh;
-            top = 255. * d + fabs(m) > top ? 255. * d + fabs(m) : top;
+            for (int k = 0; k < FM_BLOCK; k++)
+                for (int i = 0; i < width; i++) {
+                    const double v = w[(b * FM_BLOCK + k) * N + n0 + i];
+                    const double r = d[i] > 0. ? nearbyint((v - m[i]) / d[i]) : 0.;
+                    const uint8_t u = (uint8_t)(r < 0. ? 0. : r > 255. ? 255. : r);
+                    q[((n0 + i) * nb + b) * FM_BLOCK + k] = u;
+                    const double e = fabs(v - (d[i] * u + m[i]));
+                    err[i] = e > err[i] ? e : err[i];
+                }
         }
-        /* rounded up to floats: bounds */
-        bound[n] = nextafterf((float)err, INFINITY), bound[N + n] = nextafterf((float)top, INFINITY);
+        for (int i = 0; i < width; i++)  /* rounded up to floats: bounds */
+            bound[n0 + i] = nextafterf((float)err[i], INFINITY), bound[N + n0 + i] = nextafterf((float)top[i], INFINITY);
     }
     return 0;
 }
