@@ -176,8 +176,8 @@ class NativeDecoder:
     capacity_step = KV_BLOCK  # a cache's capacity is a multiple of this
 
     def __init__(self, path, model: dict, threads: int | None = None, exact_columns: tuple = ()):
-        """exact_columns: logits that a greedy row gets exactly whatever their value (forward_batch's
-        `greedy`): a logit the caller rescales before choosing, as the runtime does [RET]'s."""
+        """exact_columns: logits that a row asking for its `top` largest (forward_batch) gets exactly whatever
+        their value: a logit the caller rescales before choosing, as the runtime does [RET]'s."""
         self.lib = load_library()
         self.kernels = kernels_in_use(self.lib)  # "avx512", "avx2" or "portable"
         if "rms_norm_eps" not in model:
@@ -189,7 +189,7 @@ class NativeDecoder:
         # are read aside and laid out in panels in the arena (_pack), 4/8-bit weights read aside and
         # repacked into it (_repack), one matrix at a time.
         self.w, self._linears = {}, {}  # name -> _Linear: fp32 panels (_pack) or 4/8-bit blocks (_repack)
-        self.greedy_head_bytes = None
+        self.head_top_bytes = None
         with open(path, "rb") as fh:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 table = [t for t in initializers(buf) if t["dtype"] in _DTYPES]
@@ -240,8 +240,8 @@ class NativeDecoder:
             self._quantize_head(w)
 
     def _quantize_head(self, w: np.ndarray) -> None:
-        """The fp32 head's 8-bit copy and bound (native/greedy_head.c): greedy rows read it, and compute
-        exactly only the few logits that can be the largest."""
+        """The fp32 head's 8-bit copy and bound (native/head_top.c): rows that want only their largest
+        logits (greedy, top-k) read it, and compute exactly only the few that can be among them."""
         k, n = w.shape
         q, dm = np.empty((n, k // BLOCK, BLOCK), np.uint8), np.empty((n, 2 * (k // BLOCK)), np.uint16)
         self.head_bound = np.empty((2, n), np.float32)
@@ -250,7 +250,7 @@ class NativeDecoder:
                 or self.lib.fm_pack_nbits(q.ctypes.data, dm.ctypes.data, k, n, 8, out.ctypes.data)):
             raise FromageError("the native decoder could not lay out the head's 8-bit copy")
         self._linears["lm_head.q8"] = _Linear(NBITS, k, n, 8, None, out.ctypes.data)
-        self.greedy_head_bytes = (4 * k * n, out.nbytes)  # (the fp32 head's, its 8-bit copy's)
+        self.head_top_bytes = (4 * k * n, out.nbytes)  # (the fp32 head's, its 8-bit copy's)
 
     def _repack(self, name: str) -> None:
         """A 4/8-bit matrix's blocks and scales (read aside) -> the kernels' layout in the arena."""
@@ -308,12 +308,12 @@ class NativeDecoder:
         return m
 
     def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray,
-                greedy: bool = False) -> None:
+                top: int = 0) -> None:
         """Feed embeds (1, T, E) on `cache` ([key0, value0, key1, ...], each (1, kv, capacity, d),
         holding `past` positions); writes the last position's logits (V,) and ret (R,) in place.
-        greedy: only the largest logit is wanted (forward_batch's `greedy`; one position)."""
-        if greedy and embeds.ndim == 3 and embeds.shape[:2] == (1, 1) and logits.ndim == ret.ndim == 1:
-            self.forward_batch(embeds[0], [cache], [past], logits[None], ret[None], greedy=[True])
+        top: only the `top` largest logits are wanted (forward_batch's `top`; one position)."""
+        if top and embeds.ndim == 3 and embeds.shape[:2] == (1, 1) and logits.ndim == ret.ndim == 1:
+            self.forward_batch(embeds[0], [cache], [past], logits[None], ret[None], top=[top])
             return
         # checked on every call: the C code trusts these sizes
         if not (embeds.dtype == np.float32 and embeds.flags.c_contiguous and embeds.ndim == 3
@@ -369,14 +369,15 @@ class NativeDecoder:
                                f"of shape (1, {kv}, capacity, {d}), capacity a multiple of {KV_BLOCK}") from None
 
     def forward_batch(self, embeds: np.ndarray, caches: list, pasts: list, logits: np.ndarray, ret: np.ndarray,
-                      out_rows: list | None = None, greedy: list | None = None) -> None:
+                      out_rows: list | None = None, top: list | None = None) -> None:
         """B rows in one call: row b feeds embeds[b] (embeds (B, E)) at position pasts[b] of cache caches[b]
         (as forward's). Writes the outputs of the rows out_rows (ascending; None: all B), in that order:
         logits (n, V) and ret (n, R), in place. Each weight matrix is read once for all B, and row b is
         bit-identical to forward() of that one position. Rows may share a cache at consecutive positions
-        (one prompt's pieces), never a position. greedy (n flags, or None): output rows that want only
-        their largest logit; with an fp32 head, such a row's logits are exact where they can be the largest
-        and -inf elsewhere (native/greedy_head.c), the same largest and first token that has it."""
+        (one prompt's pieces), never a position. top (n counts, or None): how many of its largest logits
+        each output row wants (0: all; 1: its greedy choice; k <= FM_MAX_TOP: top-k sampling's); with an fp32
+        head, such a row's logits are exact where they can be among its k largest (ties included) and -inf
+        elsewhere (native/head_top.c)."""
         B, E = len(caches), self.model.hidden
         if not (B >= 1 and len(pasts) == B and embeds.dtype == np.float32 and embeds.flags.c_contiguous
                 and embeds.shape == (B, E)):
@@ -395,11 +396,11 @@ class NativeDecoder:
         k, v = self._pointer_tables(caches)
         capacity = [c[0].shape[2] for c in caches]
         rows = None if out_rows is None else (ctypes.c_int32 * n)(*out_rows)
-        if greedy is not None and len(greedy) != n:
-            raise FromageError(f"greedy must have a flag per output row ({n}), got {len(greedy)}")
-        flags = (ctypes.c_uint8 * n)(*map(bool, greedy)) if greedy is not None and any(greedy) else None
+        if top is not None and (len(top) != n or min(top, default=0) < 0):
+            raise FromageError(f"top must have a count >= 0 per output row ({n}), got {top!r}")
+        counts = (ctypes.c_int32 * n)(*top) if top is not None and any(top) else None
         rc = self.lib.fm_forward_rows(ctypes.byref(self.model), embeds.ctypes.data, B, (ctypes.c_int32 * B)(*pasts),
-                                      (ctypes.c_int32 * B)(*capacity), k, v, n, rows, flags, logits.ctypes.data,
+                                      (ctypes.c_int32 * B)(*capacity), k, v, n, rows, counts, logits.ctypes.data,
                                       ret.ctypes.data)
         if rc == -1:
             b = next((b for b in range(B) if not 0 <= pasts[b] < min(capacity[b], self.model.rope_positions)), 0)

@@ -492,21 +492,22 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
     }
 }
 
-/* The logits of the final-normed rows h (n, hidden), (n, head.N + head_extra.N): the rows flagged greedy
- * (consecutive ones together) through the 8-bit copy of the head when the model has one. */
-static int head_rows(const fm_model *m, const float *h, int n, const uint8_t *greedy, float *logits) {
+/* The logits of the final-normed rows h (n, hidden), (n, head.N + head_extra.N): the rows that want only their
+ * top[i] largest (consecutive ones together) through the 8-bit copy of the head when the model has one. */
+static int head_rows(const fm_model *m, const float *h, int n, const int32_t *top, float *logits) {
     const size_t V = (size_t)m->head.N + m->head_extra.N;
-    const int usable = greedy && m->head.kind == FM_F32 && m->head_q8.kind == FM_NBITS && m->head_q8.bits == 8 &&
+    const int usable = top && m->head.kind == FM_F32 && m->head_q8.kind == FM_NBITS && m->head_q8.bits == 8 &&
                        m->head_q8.K == m->head.K && m->head_q8.N == m->head.N && m->head_q8_bound;
+#define FEW(i) (usable && top[i] >= 1 && top[i] <= FM_MAX_TOP)
     int rc = 0;
     for (int i = 0, j; i < n; i = j) {
-        const int g = usable && greedy[i];
-        for (j = i + 1; j < n && (usable && greedy[j]) == g; j++) {}
+        const int few = FEW(i);
+        for (j = i + 1; j < n && FEW(j) == few; j++) {}
         const float *x = h + (size_t)i * m->hidden;
         float *y = logits + (size_t)i * V;
-        rc |= g ? fm_head_greedy(m, x, j - i, y, V)
-                : fm_linear_rows(&m->head, x, j - i, y, V, 0);
+        rc |= few ? fm_head_top(m, x, j - i, top + i, y, V) : fm_linear_rows(&m->head, x, j - i, y, V, 0);
     }
+#undef FEW
     if (m->head_extra.N > 0) rc |= fm_linear_rows(&m->head_extra, h, n, logits + m->head.N, V, 0);
     return rc;
 }
@@ -514,7 +515,7 @@ static int head_rows(const fm_model *m, const float *h, int n, const uint8_t *gr
 /* The layers and the head of a batched step (fm_forward_rows, its arguments checked). */
 static int forward_rows(const fm_model *m, const float *embeds, int B, const int32_t *past, const int32_t *capacity,
                         float *const *k_cache, float *const *v_cache, int n_out, const int32_t *out_rows,
-                        const uint8_t *greedy, float *logits, float *ret, const batch_layout *lay) {
+                        const int32_t *top, float *logits, float *ret, const batch_layout *lay) {
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
     const size_t width = (size_t)(H + 2 * KV) * d;
     const size_t sizes[] = {(size_t)B * E, (size_t)B * E, B * width, (size_t)B * H * d, (size_t)B * 2 * I,
@@ -549,12 +550,12 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
     for (int i = 0; i < n_out; i++)
         rms_norm(x + (size_t)(out_rows ? out_rows[i] : i) * E, m->final_norm, h + (size_t)i * E, 1, E, m->eps);
     if (n_out == 0) return 0;
-    return head_rows(m, h, n_out, greedy, logits) ? -2 : retrieval(m, h, n_out, ret);
+    return head_rows(m, h, n_out, top, logits) ? -2 : retrieval(m, h, n_out, ret);
 }
 
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                     float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
-                    const uint8_t *out_greedy, float *logits, float *ret) {
+                    const int32_t *out_top, float *logits, float *ret) {
     if (B < 1) return -1;
     if (!out_rows) n_out = B;
     for (int i = 0; out_rows && i < n_out; i++)
@@ -573,7 +574,7 @@ int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int
     }
     if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
     const batch_layout lay = {item, part};
-    const int rc = forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_greedy, logits, ret,
+    const int rc = forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_top, logits, ret,
                                 &lay);
     free(layout);
     return rc;

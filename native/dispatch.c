@@ -10,7 +10,7 @@
     int fm_forward_##isa(const fm_model *, const float *, int32_t, int32_t, int32_t, float *const *,         \
                          float *const *, float *, float *);                                                   \
     int fm_forward_rows_##isa(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,     \
-                              float *const *, float *const *, int32_t, const int32_t *, const uint8_t *,      \
+                              float *const *, float *const *, int32_t, const int32_t *, const int32_t *,      \
                               float *, float *);                                                              \
     float fm_stream_read_##isa(const float *, size_t, int, size_t);
 
@@ -19,7 +19,7 @@ typedef struct {
     int (*forward)(const fm_model *, const float *, int32_t, int32_t, int32_t, float *const *, float *const *,
                    float *, float *);
     int (*forward_rows)(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,
-                        float *const *, float *const *, int32_t, const int32_t *, const uint8_t *, float *, float *);
+                        float *const *, float *const *, int32_t, const int32_t *, const int32_t *, float *, float *);
     float (*stream_read)(const float *, size_t, int, size_t);
 } kernels;
 
@@ -86,9 +86,8 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
 
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                     float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
-                    const uint8_t *out_greedy, float *logits, float *ret) {
-    return chosen()->forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_greedy, logits,
-                                  ret);
+                    const int32_t *out_top, float *logits, float *ret) {
+    return chosen()->forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_top, logits, ret);
 }
 
 float fm_stream_read(const float *a, size_t n, int streams, size_t piece) {

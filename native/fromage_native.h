@@ -22,6 +22,7 @@ enum { FM_F32 = 0, FM_NBITS = 1 };
 enum { FM_BLOCK = 32 };
 enum { FM_PANEL = 16 };
 enum { FM_KV_BLOCK = 64 };
+enum { FM_MAX_TOP = 64 };  /* the most largest logits fm_forward_rows' out_top may ask for */
 
 /* y = x @ W for x (T, K), y (T, N). */
 typedef struct {
@@ -47,9 +48,9 @@ typedef struct {
     fm_linear head, head_extra;       /* logits = [h @ head | h @ head_extra]; head_extra.N may be 0 */
     const float *wt, *wt_bias;        /* retrieval head (hidden, retrieval_dim) as fm_linear.w, (retrieval_dim) */
     /* Optional (head_q8.N = 0: none), for an fp32 head: its 8-bit copy (bits 8, fm_pack_nbits of fm_quantize8's
-     * blocks) and fm_quantize8's bound (2, head.N), with which fm_forward_rows' greedy rows read 8-bit
-     * weights and compute exactly only the few logits that can be the largest; and the n_exact columns
-     * they get exactly whatever their value (a logit the caller rescales before choosing: [RET]'s). */
+     * blocks) and fm_quantize8's bound (2, head.N), with which fm_forward_rows' out_top rows read 8-bit
+     * weights and compute exactly only the few logits that can be among their k largest; and the n_exact
+     * columns they get exactly whatever their value (a logit the caller rescales before choosing: [RET]'s). */
     fm_linear head_q8;
     const float *head_q8_bound;
     const int32_t *head_q8_exact;
@@ -92,14 +93,15 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
                      float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
                      float *logits, float *ret);
 
-/* fm_forward_batch, where out_greedy (n_out flags, or NULL: none) marks the output rows that want only their
- * greedy choice. With the model's head_q8, such a row's logits are exact (the same bits as unflagged) for
- * every token that can be the largest and for head_q8_exact, and -INFINITY for the others: its largest logit
- * and the first token that has it are the ones the full head gives, for ~1/4 of the head's memory reads.
- * Without head_q8 the flags change nothing. head_extra's logits are always exact. */
+/* fm_forward_batch, where out_top (n_out counts, or NULL: all 0) says how many of its largest logits an
+ * output row wants: 0 all of them; 1 its greedy choice; k (<= FM_MAX_TOP) top-k sampling's. With the model's
+ * head_q8, a row with k >= 1 gets exact logits (the same bits as with 0) for its k largest, every logit tied
+ * with them and the head_q8_exact columns, and -INFINITY for the others whose value cannot be among the
+ * k largest (a few panels of 16 columns computed exactly: ~1/4 of the head's memory reads). Without
+ * head_q8, or for k > FM_MAX_TOP, all are exact. head_extra's logits are always exact. */
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                     float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
-                    const uint8_t *out_greedy, float *logits, float *ret);
+                    const int32_t *out_top, float *logits, float *ret);
 
 /* dst (ceil(N / FM_PANEL) * FM_PANEL * K floats) = src (K, N) row-major, an ONNX MatMul initializer,
  * laid out as fm_linear.w. */

@@ -19,7 +19,7 @@
 #define fm_forward_rows FM_PASTE(fm_forward_rows, FM_ISA)
 #define fm_stream_read FM_PASTE(fm_stream_read, FM_ISA)
 #define fm_linear_rows FM_PASTE(fm_linear_rows, FM_ISA)
-#define fm_head_greedy FM_PASTE(fm_head_greedy, FM_ISA)
+#define fm_head_top FM_PASTE(fm_head_top, FM_ISA)
 #endif
 
 #if defined(__x86_64__) && defined(FM_ISA_AVX512)
@@ -39,10 +39,11 @@
  * accumulate (the residual adds); each weight is read once for all rows, and each row is bit-identical
  * to that row alone. Returns 0, or -2 when its scratch memory cannot be had. Parallel (OpenMP) inside. */
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate);
-/* Rows x (B, K) that want only their greedy choice, against the model's fp32 head with its 8-bit copy
- * (fm_model.head_q8): in y's rows (ldy apart), the exact logits of the panels that can hold the largest or
- * hold a head_q8_exact column, -INFINITY elsewhere (greedy_head.c). Returns 0, or -2 when out of memory. */
-int fm_head_greedy(const fm_model *m, const float *x, int B, float *y, size_t ldy);
+/* Rows x (B, K) that want only their top[r] (1..FM_MAX_TOP) largest logits, against the model's fp32 head with
+ * its 8-bit copy (fm_model.head_q8): in y's rows (ldy apart), the exact logits of the panels that can hold one
+ * of them or hold a head_q8_exact column, -INFINITY elsewhere (head_top.c). Returns 0, or -2 when out of
+ * memory. */
+int fm_head_top(const fm_model *m, const float *x, int B, const int32_t *top, float *y, size_t ldy);
 /* Thread-local grow-only scratch: slot 0 belongs to the kernels, slot 1 to the decoder. */
 float *fm_scratch(int slot, size_t floats);
 

@@ -5,6 +5,6 @@
 #include "kernels.h"
 #include "decoder.c"
 #include "kernels.c"
-#include "greedy_head.c"
+#include "head_top.c"
 #include "bandwidth.c"
 #endif

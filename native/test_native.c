@@ -1,7 +1,7 @@
 /* Self-check of the native decoder on a tiny random model (ctest): a prefill gives the same bits as the
  * same positions fed one at a time, 4-bit blocks of weights on a Q4_1 grid (and an 8-bit lm_head on a
  * Q8_0 one) give the logits of their fp32 copy, and a batched step gives each sequence exactly what its
- * own step gives, and rows that want only their greedy choice get it exactly from an 8-bit copy of the head. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
+ * own step gives, and rows that want only their largest logits get them exactly from an 8-bit copy of the head. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -132,12 +132,19 @@ static int batch_matches(const fm_model *m) {
     return same && refused;
 }
 
-/* Greedy rows (fm_forward_rows) against full ones, over a head of VG columns with an 8-bit copy: on every
- * row the largest logit and its first token are the same, every logit not -INFINITY is the same bits, and
- * most are -INFINITY (the head's panels skipped); with ties and near-ties among the columns. Rows flagged in runs and alone, NB rows a step. */
+/* Rows that want only their k largest logits (fm_forward_rows' out_top: 1 greedy, 2..FM_MAX_TOP top-k)
+ * against full ones, over a head of VG columns with an 8-bit copy: every logit not -INFINITY is the same bits,
+ * every logit at least the k-th largest is there, and most are -INFINITY (the head's panels skipped); with
+ * ties and near-ties among the columns, and an exact column besides (which a caller rescales). Rows asking in
+ * runs and alone, NB rows a step. */
 enum { VG = 4000 };
 
-static int greedy_matches(const fm_model *mf) {
+static int descending(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x < y) - (x > y);
+}
+
+static int top_matches(const fm_model *mf) {
     fm_model m = *mf;
     float *w = malloc(sizeof(float) * E * VG), *bound = malloc(sizeof(float) * 2 * VG);
     for (int n = 0; n < VG; n++) {
@@ -158,32 +165,37 @@ static int greedy_matches(const fm_model *mf) {
     const int32_t exact[] = {VG - 5};  /* always exact: a logit the caller would rescale */
     m.head_q8 = (fm_linear){FM_NBITS, E, VG, 8, NULL, panels}, m.head_q8_bound = bound;
     m.head_q8_exact = exact, m.head_q8_n_exact = 1;
-    float *k[NB * LAYERS], *v[NB * LAYERS], *full = malloc(sizeof(float) * NB * VG), *greedy = malloc(sizeof(float) * NB * VG);
+    float *k[NB * LAYERS], *v[NB * LAYERS], *full = malloc(sizeof(float) * NB * VG), *part = malloc(sizeof(float) * NB * VG);
     int32_t past[NB], capacity[NB];
     for (int j = 0; j < NB * LAYERS; j++) k[j] = calloc((size_t)KV * 64 * D, 4), v[j] = calloc((size_t)KV * 64 * D, 4);
     int same = 1, computed = 0;
-    const uint8_t flags[2][NB] = {{1, 1, 1, 1, 1, 1, 1, 1}, {1, 0, 0, 1, 1, 0, 1, 0}};
+    const int32_t tops[2][NB] = {{1, 1, 1, 1, 5, 5, FM_MAX_TOP, FM_MAX_TOP}, {1, 0, 0, 3, 1, FM_MAX_TOP + 1, 40, 0}};
     for (int step = 0; step < 6; step++) {
         float *emb = randv(NB * E, step < 3 ? 1.f : 8.f, 0.f), rt[NB * R];  /* larger rows: larger bounds */
         for (int b = 0; b < NB; b++) past[b] = 0, capacity[b] = 64;
         if (fm_forward_rows(&m, emb, NB, past, capacity, k, v, NB, NULL, NULL, full, rt) ||
-            fm_forward_rows(&m, emb, NB, past, capacity, k, v, NB, NULL, flags[step % 2], greedy, rt)) exit(2);
+            fm_forward_rows(&m, emb, NB, past, capacity, k, v, NB, NULL, tops[step % 2], part, rt)) exit(2);
         for (int b = 0; b < NB; b++) {
-            const float *f = full + (size_t)b * VG, *g = greedy + (size_t)b * VG;
-            int best_f = 0, best_g = 0;  /* the largest besides the exact column (which a caller rescales) */
-            for (int n = 0; n < VG; n++) {
-                if (n != exact[0])
-                    best_f = f[n] > f[best_f] ? n : best_f, best_g = g[n] > g[best_g] ? n : best_g;
-                if (g[n] != -INFINITY) same &= !memcmp(f + n, g + n, sizeof(float)), computed++;
+            const float *f = full + (size_t)b * VG, *g = part + (size_t)b * VG;
+            const int top = tops[step % 2][b];
+            float kth = -INFINITY, *sorted = malloc(sizeof(float) * VG);  /* the k-th largest besides the exact column */
+            if (top >= 1 && top <= FM_MAX_TOP) {
+                for (int n = 0; n < VG; n++) sorted[n] = n == exact[0] ? -INFINITY : f[n];
+                qsort(sorted, VG, sizeof(float), descending);
+                kth = sorted[top - 1];
             }
-            same &= best_f == best_g && !memcmp(f + exact[0], g + exact[0], sizeof(float));
+            free(sorted);
+            for (int n = 0; n < VG; n++) {
+                if (g[n] != -INFINITY) same &= !memcmp(f + n, g + n, sizeof(float)), computed++;
+                else same &= n != exact[0] && f[n] < kth;
+            }
         }
         free(emb);
     }
     for (int j = 0; j < NB * LAYERS; j++) free(k[j]), free(v[j]);
-    free(w), free(q), free(dm), free(full), free(greedy), free(bound), free(panels), free((void *)m.head.w);
-    const int total = 6 * NB * VG, flagged = 3 * 8 * VG + 3 * 4 * VG;
-    printf("[%s] greedy rows: the same choice and exact logits %s, %.1f %% of the flagged rows' logits computed\n",
+    free(w), free(q), free(dm), free(full), free(part), free(bound), free(panels), free((void *)m.head.w);
+    const int total = 6 * NB * VG, flagged = 3 * 8 * VG + 3 * 5 * VG;  /* rows with 1 <= k <= FM_MAX_TOP */
+    printf("[%s] greedy and top-k rows: their largest logits exact %s, %.1f %% of those rows' logits computed\n",
            fm_kernels(), same ? "yes" : "NO", 100. * (computed - (total - flagged)) / flagged);
     return same && computed - (total - flagged) < flagged / 4;
 }
@@ -204,7 +216,7 @@ static int check(const fm_model *mf, const fm_model *mq, const float *emb, float
     float *kk[LAYERS] = {0}, *vv[LAYERS] = {0};
     const int refused = fm_forward(mf, emb, 1, POS, POS, kk, vv, a, ra) == -1 && /* past the capacity */
                         fm_forward(mf, emb, 1, 0, POS + 1, kk, vv, a, ra) == -1;  /* not whole key blocks */
-    const int batch_f32 = batch_matches(mf), batch_q4 = batch_matches(mq), greedy = greedy_matches(mf);
+    const int batch_f32 = batch_matches(mf), batch_q4 = batch_matches(mq), greedy = top_matches(mf);
     printf("[%s] batched steps bit-identical to single ones: fp32 %s, 4/8-bit %s\n", fm_kernels(), batch_f32 ? "yes" : "NO",
            batch_q4 ? "yes" : "NO");
     memcpy(out_f, b, sizeof b);

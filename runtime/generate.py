@@ -19,7 +19,7 @@ from .bundle_reader import Bundle, load_bundle
 from .errors import FromageError
 from .preprocess import preprocess
 from .prompt import ImagePart, Part, Segment, to_segments
-from .sampling import SamplingParams, adjust_ret_logit, sample
+from .sampling import SamplingParams, adjust_ret_logit, sample, top_logits
 
 
 @dataclass
@@ -44,9 +44,9 @@ class DecodeState:
     length: int
     logits: np.ndarray | None = None        # (V,) next-token logits
     ret_embedding: np.ndarray | None = None  # (R,) normalised W_t of the last position
-    # only the greedy choice is read from its logits: the native engine computes exactly those that can be
-    # the largest, and [RET]'s, and leaves the others at -inf (native/greedy_head.c)
-    greedy: bool = False
+    # how many of its largest logits the next choice reads (sampling.top_logits; 0: all): the native engine
+    # computes exactly those that can be among them, and [RET]'s, and leaves the others at -inf
+    top: int = 0
 
     def fork(self) -> "DecodeState":
         """An independent copy (e.g. to score several continuations of one context)."""
@@ -235,8 +235,8 @@ class Fromage:
         """Feed more positions (token embeddings or visual tokens, (1, n, E)) on the cache."""
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         total = self._reserve(state, embeds.shape[1])
-        greedy = {"greedy": True} if state.greedy and self.engine == "native" else {}
-        self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding, **greedy)
+        top = {"top": state.top} if state.top and self.engine == "native" else {}
+        self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding, **top)
         state.length = total
 
     def advance_rows(self, rows: list[tuple["DecodeState", np.ndarray]]) -> None:
@@ -258,7 +258,7 @@ class Fromage:
         logits = np.empty((len(last), self.vocab_size), np.float32)  # a state's last position only
         ret = np.empty((len(last), self.retrieval_dim), np.float32)
         self.decoder.forward_batch(embeds, caches, pasts, logits, ret, out_rows=last,
-                                   greedy=[state.greedy for state, _ in rows])
+                                   top=[state.top for state, _ in rows])
         for (state, e), lg, rt in zip(rows, logits, ret):
             state.logits, state.ret_embedding = lg, rt  # each state's own row of this call's outputs, not a copy
             state.length += len(e)
@@ -300,7 +300,7 @@ class Fromage:
         t0 = time.perf_counter()
         embeds = self.prepare(parts, p, result)
         state = self.start(embeds)
-        state.greedy = p.temperature <= 0
+        state.top = top_logits(p)
         result.timings["prefill_s"] = time.perf_counter() - t0
 
         seq = Sequence(self, p, result)

@@ -92,6 +92,12 @@ def adjust_ret_logit(logits: np.ndarray, ret_id: int, step: int, p: SamplingPara
         logits[ret_id] = abs(logits[ret_id]) * p.ret_scale_factor
 
 
+def top_logits(p: SamplingParams) -> int:
+    """How many of the largest logits `sample` reads: 1 greedy; top_k with top-k sampling (top_p then
+    applies among those); 0 all of them. An engine may leave the others at -inf (native/head_top.c)."""
+    return 1 if p.temperature <= 0 else p.top_k
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()
@@ -99,13 +105,17 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
     """Greedy, or temperature sampling restricted to the top-k / top-p nucleus. Never sorts the whole
-    vocabulary: top-k partitions, and top-p sorts only the smallest top slice that holds p of the mass."""
+    vocabulary: top-k partitions, and top-p sorts only the smallest top slice that holds p of the mass.
+    The top k are the k largest, ties broken toward the lower token id, in token order: the same draw
+    whether the logits outside them are given or left at -inf (top_logits)."""
     if p.temperature <= 0:
         return int(np.argmax(logits))
     x = logits.astype(np.float64) / p.temperature
     cand = np.flatnonzero(np.isfinite(x))
     if p.top_k and p.top_k < cand.size:
-        cand = cand[np.argpartition(x[cand], -p.top_k)[-p.top_k:]]
+        kth = np.partition(x[cand], -p.top_k)[-p.top_k]
+        above, tied = cand[x[cand] > kth], cand[x[cand] == kth]
+        cand = np.sort(np.concatenate([above, tied[:p.top_k - above.size]]))
     probs = _softmax(x[cand])
     if p.top_p < 1.0:
         n = min(64, cand.size)

@@ -32,7 +32,7 @@ from .errors import FromageError, ParameterError
 from .generate import DecodeState, Fromage, ImageEvent, Result, Sequence, TextEvent
 from .prefix_cache import PrefixCache
 from .prompt import Part
-from .sampling import SamplingParams
+from .sampling import SamplingParams, top_logits
 
 
 log = logging.getLogger("fromage.scheduler")
@@ -235,7 +235,7 @@ class Scheduler:
         else:
             slot.state, slot.fed = self.prefixes.start(slot.req.embeds[0])
             slot.req.result.cached_positions = slot.fed
-        slot.state.greedy = slot.req.params.temperature <= 0
+        slot.state.top = top_logits(slot.req.params)
 
     def _prompt_pieces(self, decoding: int) -> list[tuple[_Slot, int]]:
         """Prompt positions to feed in this call, the prompts with the fewest left first (a long prompt

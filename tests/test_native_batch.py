@@ -125,28 +125,31 @@ def test_batch_refuses_a_full_cache_and_bad_shapes(exported):
     rt.decoder.forward_batch(emb, caches, pasts, logits, ret)  # all fit now
 
 
-def test_greedy_rows_choose_what_the_full_head_chooses(exported):
-    """Output rows flagged greedy read the fp32 head's 8-bit copy and compute exactly only the logits that
-    can be the largest: those, and [RET]'s always, are the full head's bits, and the largest of the others
-    is the full head's (the runtime rescales or bans [RET] before choosing); unflagged rows are untouched."""
+def test_rows_asking_for_their_top_logits_get_the_full_heads(exported):
+    """Output rows asking for their k largest logits (1: greedy; k: top-k sampling) read the fp32 head's 8-bit
+    copy and compute exactly only the logits that can be among them: those, and [RET]'s always, are the full
+    head's bits, and every logit at least the k-th largest besides [RET]'s is there (the runtime rescales or bans
+    [RET] before choosing); rows asking for all (0) are untouched."""
     rt = Fromage(exported["llama"]["bundle"], engine="native", threads=2)
-    assert rt.decoder.greedy_head_bytes  # an fp32 head: its 8-bit copy was built
+    assert rt.decoder.head_top_bytes  # an fp32 head: its 8-bit copy was built
     rng = np.random.default_rng(1)
     batch = _states(rt, rng)
     B, V, ret_id = len(batch), rt.vocab_size, rt.ret_id
-    full, greedy = np.zeros((B, V), np.float32), np.zeros((B, V), np.float32)
+    full, part = np.zeros((B, V), np.float32), np.zeros((B, V), np.float32)
     ret = np.zeros((B, rt.retrieval_dim), np.float32)
-    flags = [True, False, True, True]
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        top = [[1, 0, 1, 1], [5, 1, 0, 40]][step % 2]
         emb = (rng.standard_normal((B, rt.embed_dim)) * 0.5).astype(np.float32)
         caches, positions = [s.cache for s in batch], [s.length for s in batch]
         rt.decoder.forward_batch(emb, caches, positions, full, ret)
-        rt.decoder.forward_batch(emb, caches, positions, greedy, ret, greedy=flags)  # the same cache writes again
+        rt.decoder.forward_batch(emb, caches, positions, part, ret, top=top)  # the same cache writes again
         for b, s in enumerate(batch):
-            computed = np.isfinite(greedy[b])
-            assert computed[ret_id] and np.array_equal(greedy[b][computed], full[b][computed])
-            assert computed.all() or flags[b]
-            f, g = full[b].copy(), greedy[b].copy()
-            f[ret_id] = g[ret_id] = -np.inf
-            assert np.argmax(g) == np.argmax(f)
+            computed = np.isfinite(part[b])
+            assert computed[ret_id] and np.array_equal(part[b][computed], full[b][computed])
+            assert computed.all() or top[b]
+            if top[b]:
+                kth = np.sort(np.delete(full[b], ret_id))[-top[b]]
+                assert computed[full[b] >= kth].all()
             s.length += 1
+    with pytest.raises(FromageError, match="top must have"):
+        rt.decoder.forward_batch(emb, caches, positions, part, ret, top=[1, 1])

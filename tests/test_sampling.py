@@ -1,7 +1,7 @@
 """Sampling: top-k / top-p restrict to exactly the reference sets, without a full sort."""
 import numpy as np
 
-from fromage.runtime.sampling import SamplingParams, sample
+from fromage.runtime.sampling import SamplingParams, sample, top_logits
 
 
 def _nucleus(x, top_p):
@@ -23,6 +23,22 @@ def test_top_p_and_top_k_sample_exactly_their_sets():
     assert got == set(np.argsort(-x)[:4].tolist())
     assert sample(x, SamplingParams(temperature=0.0), rng) == int(np.argmax(x))
     assert all(sample(x, SamplingParams(temperature=2.0), rng) != 17 for _ in range(200))
+
+
+def test_top_k_draws_the_same_whether_the_rest_of_the_logits_are_given_or_not():
+    """An engine may give only a row's top_logits largest logits exactly and -inf for the rest (the native
+    engine's 8-bit head copy): seeded top-k (and top-k + top-p) draws are the same either way, ties included."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(3000) * 3).astype(np.float32)
+    x[[5, 900, 2500]] = x.max() - 0.5  # ties among the top ones
+    for p in (SamplingParams(temperature=0.8, top_k=4), SamplingParams(temperature=1.3, top_k=40, top_p=0.9),
+              SamplingParams(temperature=1.0, top_k=2)):
+        k = top_logits(p)
+        kept = x >= np.sort(x)[-k]  # the k largest and every logit tied with them, as the engine keeps them
+        partial = np.where(kept, x, -np.inf).astype(np.float32)
+        for seed in range(200):
+            assert sample(x, p, np.random.default_rng(seed)) == sample(partial, p, np.random.default_rng(seed))
+    assert top_logits(SamplingParams()) == 1 and top_logits(SamplingParams(temperature=1.0)) == 0
 
 
 def test_text_stream_emits_what_a_full_decode_gives():

@@ -213,8 +213,8 @@ class FromageSystem:
         self.query = state.ret_embedding.copy()
         self.info = {"weights_bytes": initializer_bytes(m.bundle.graph_path("decoder")),
                      "ret_index_size": index.count, "engine": m.engine}
-        head = getattr(m.decoder, "greedy_head_bytes", None)
-        if head:  # greedy tokens read the fp32 head's 8-bit copy, and a few of its panels (native/greedy_head.c)
+        head = getattr(m.decoder, "head_top_bytes", None)
+        if head:  # greedy tokens read the fp32 head's 8-bit copy, and a few of its panels (native/head_top.c)
             self.info["weights_bytes"] += head[1] - head[0]
             self.info["weights_note"] = "the head's 8-bit copy read instead of the fp32 head (greedy decoding)"
         if hasattr(m.decoder, "kernels"):  # the native engine: which copy of its kernels ran (avx512, avx2, portable)
