@@ -498,7 +498,9 @@ static int head_rows(const fm_model *m, const float *h, int n, const int32_t *to
     const size_t V = (size_t)m->head.N + m->head_extra.N;
     const int usable = top && m->head.kind == FM_F32 && m->head_q8.kind == FM_NBITS && m->head_q8.bits == 8 &&
                        m->head_q8.K == m->head.K && m->head_q8.N == m->head.N && m->head_q8_bound;
-#define FEW(i) (usable && top[i] >= 1 && top[i] <= FM_MAX_TOP)
+    /* k > 1 only for a row alone: rows of a batched step are compute-bound, where the many panels a top-k row
+     * computes exactly, each row for itself, cost more than its share of the whole head */
+#define FEW(i) (usable && (top[i] == 1 || (top[i] > 1 && top[i] <= FM_MAX_TOP && n == 1)))
     int rc = 0;
     for (int i = 0, j; i < n; i = j) {
         const int few = FEW(i);

@@ -16,18 +16,35 @@
  * where 2e-4 |x|_1 t_c covers the float rounding of both heads (a K-term fp32 sum is within K 2^-24 of
  * its sum of |terms|: 3.4e-5 for K = 576), with room to spare. bound = (e_c, t_c) per column. */
 
-/* The k-th largest of the n values v (k <= FM_MAX_TOP; -INFINITY where fewer than k are finite), one pass. */
-static float kth_largest(const float *v, int n, int k) {
-    float best[FM_MAX_TOP];  /* the k largest so far, largest first */
-    int have = 0;
-    for (int c = 0; c < n; c++) {
-        const float x = v[c];
-        if (!(x > -INFINITY) || (have == k && x <= best[k - 1])) continue;  /* NaN and -inf never count */
-        int i = have < k ? have++ : k - 1;
-        for (; i > 0 && best[i - 1] < x; i--) best[i] = best[i - 1];
-        best[i] = x;
+/* floor: at most the k-th largest of row y's lower bounds y[c] - (bound[c] c1 + bound[N + c] c2) (k <= FM_MAX_TOP):
+ * the k-th largest of the union of each of 16 lanes' ceil(k/16) largest (lane i: the columns c = i mod 16),
+ * a subset of them, found by a min/max network in vector registers; -INFINITY where fewer than k are finite. */
+static float floor_of(const float *y, const float *bound, int N, float c1, float c2, int k) {
+    enum { DEPTH = FM_MAX_TOP / PANEL };
+    const int depth = (k + PANEL - 1) / PANEL;
+    float t[DEPTH][PANEL], all[FM_MAX_TOP];
+    for (int d = 0; d < DEPTH; d++)
+        for (int i = 0; i < PANEL; i++) t[d][i] = -INFINITY;
+    for (int c = 0; c < N; c += PANEL) {
+        float x[PANEL];
+        if (c + PANEL <= N)
+            for (int i = 0; i < PANEL; i++) x[i] = y[c + i] - (bound[c + i] * c1 + bound[N + c + i] * c2);
+        else  /* the tail's missing lanes: -inf, which never counts (nor does NaN) */
+            for (int i = 0; i < PANEL; i++) x[i] = c + i < N ? y[c + i] - (bound[c + i] * c1 + bound[N + c + i] * c2) : -INFINITY;
+        for (int d = 0; d < depth; d++)
+            for (int i = 0; i < PANEL; i++) {  /* x NaN: the comparison is false, t keeps its value */
+                const float hi = x[i] > t[d][i] ? x[i] : t[d][i];
+                x[i] = x[i] > t[d][i] ? t[d][i] : x[i], t[d][i] = hi;
+            }
     }
-    return have == k ? best[k - 1] : -INFINITY;
+    int n = 0;
+    for (int d = 0; d < depth; d++)
+        for (int i = 0; i < PANEL; i++) {  /* insertion, largest first */
+            int j = n++;
+            for (; j > 0 && all[j - 1] < t[d][i]; j--) all[j] = all[j - 1];
+            all[j] = t[d][i];
+        }
+    return all[k - 1];
 }
 
 int fm_head_top(const fm_model *m, const float *x, int B, const int32_t *top, float *y, size_t ldy) {
@@ -35,9 +52,6 @@ int fm_head_top(const fm_model *m, const float *x, int B, const int32_t *top, fl
     const float *bound = m->head_q8_bound;
     const int K = head->K, N = head->N, panels = (N + PANEL - 1) / PANEL;
     if (fm_linear_rows(&m->head_q8, x, B, y, ldy, 0)) return -2;  /* approximate logits, in place */
-    float *lows_all = NULL;
-    for (int r = 0; r < B && !lows_all; r++)
-        if (top[r] > 1 && !(lows_all = fm_scratch(0, (size_t)B * N))) return -2;  /* the rows' lower bounds */
 #pragma omp parallel for schedule(dynamic, 1) if (B > 1)
     for (int r = 0; r < B; r++) {
         const float *xr = x + (size_t)r * K;
@@ -53,24 +67,8 @@ int fm_head_top(const fm_model *m, const float *x, int B, const int32_t *top, fl
         const float c1 = x1 * 1.001f, c2 = (16.f * sx + 2e-4f * x1) * 1.001f;  /* 1.001: this float arithmetic */
         for (int e = 0; e < m->head_q8_n_exact; e++)  /* exact anyway, and out of the floor: the caller may */
             if (m->head_q8_exact[e] >= 0 && m->head_q8_exact[e] < N) yr[m->head_q8_exact[e]] = -INFINITY;  /* rescale them, so the others' largest must be exact alone */
-        /* floor: the k-th largest lower bound; a column whose upper bound is below it has k columns above it */
-        float floor = -INFINITY;
-        if (top[r] == 1) {
-            float lows[PANEL];
-            for (int i = 0; i < PANEL; i++) lows[i] = -INFINITY;
-            int c = 0;
-            for (; c + PANEL <= N; c += PANEL)
-                for (int i = 0; i < PANEL; i++) {
-                    const float low = yr[c + i] - (bound[c + i] * c1 + bound[N + c + i] * c2);
-                    lows[i] = low > lows[i] ? low : lows[i];
-                }
-            for (; c < N; c++) floor = fmaxf(floor, yr[c] - (bound[c] * c1 + bound[N + c] * c2));
-            for (int i = 0; i < PANEL; i++) floor = fmaxf(floor, lows[i]);
-        } else {
-            float *lows = lows_all + (size_t)r * N;
-            for (int c = 0; c < N; c++) lows[c] = yr[c] - (bound[c] * c1 + bound[N + c] * c2);
-            floor = kth_largest(lows, N, top[r]);
-        }
+        /* a column whose upper bound is below the floor has k columns above it */
+        const float floor = floor_of(yr, bound, N, c1, c2, top[r]);
         const int all = !isfinite(x1) || !isfinite(floor);  /* NaN or infinity about, or too few: every panel exactly */
         for (int p = 0; p < panels; p++) {
             const int n0 = p * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
