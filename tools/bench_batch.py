@@ -1,6 +1,6 @@
-"""`fromage bench --batch 1,8,16`: the native engine's batched decode step (fm_forward_batch, what the server
-runs), B sequences each at BATCH_POSITIONS cached positions of its own cache (fewer in a model with a shorter
-context), one decoder call per step.
+"""`fromage bench --batch 1,8,16`: the native engine's batched decode step (fm_forward_rows, what the server
+runs for greedy requests), B sequences each at BATCH_POSITIONS cached positions of its own cache (fewer in a
+model with a shorter context), one decoder call per step.
 Aggregate tokens/s = B / step; the arithmetic rate counts the matrices' 2 x weights x B flops per step (the
 step's attention, norms and head included in its time)."""
 from __future__ import annotations
@@ -38,8 +38,9 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
     embeds = (rng.standard_normal((batches[-1], m.hidden)) * 0.02).astype(np.float32)
     outputs = {b: (np.empty((b, dec.vocab_size), np.float32), np.empty((b, dec.retrieval_dim), np.float32))
                for b in batches}
-    steps = time_steps(batches, lambda b: dec.forward_batch(embeds[:b], caches[:b], [positions] * b, *outputs[b]),
-                       runs, log, label=lambda b: f"B={b}")
+    # greedy rows, as the server runs temperature-0 requests (an fp32 head: its 8-bit copy, native/head_top.c)
+    steps = time_steps(batches, lambda b: dec.forward_batch(embeds[:b], caches[:b], [positions] * b, *outputs[b],
+                                                            top=[1] * b), runs, log, label=lambda b: f"B={b}")
     weights = matrix_weights(m, dec.vocab_size)
     rows = []
     for b in batches:
@@ -50,6 +51,7 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
         row["x_batch_1"] = row["tok_s"] / one if one else None
     return {"kernels": dec.kernels, "threads": threads, "runs": runs, "steps_per_run": STEPS_PER_RUN,
             "positions": positions, "matrix_weights": weights, "batches": rows,
+            "decoding": "greedy rows (an fp32 head: its 8-bit copy and the few panels that can hold the largest)",
             "note": "tok_s = batch / median step; gflop_s = 2 x matrix_weights x batch / median step"}
 
 
