@@ -12,9 +12,10 @@
  * weights, |w - w'| <= e_c) and from x' (x rounded to int16 per block of 32, |x - x'| <= sx_b / 2,
  * sx_b = max |x_b| / 32767), so it differs from x . w by at most
  *     e_c |x|_1  +  sum_b 32 * 255 d * sx_b / 2  +  float rounding
- *  <= e_c |x|_1  +  t_c (16 SX + 2e-4 |x|_1)              (t_c = max_b 255 d + |m| >= |w'|, SX = sum_b sx_b)
- * where 2e-4 |x|_1 t_c covers the float rounding of both heads (a K-term fp32 sum is within K 2^-24 of
- * its sum of |terms|: 3.4e-5 for K = 576), with room to spare. bound = (e_c, t_c) per column. */
+ *  <= e_c |x|_1  +  t_c (16 SX + (2e-4 + 2 K 2^-24) |x|_1)   (t_c = max_b 255 d + |m| >= |w'|, SX = sum_b sx_b)
+ * where the last term covers the float rounding of both heads (a K-term fp32 sum is within K 2^-24 of its
+ * sum of |terms|, at most t_c |x|_1 here; the 8-bit head's few block operations far less), with room to
+ * spare. bound = (e_c, t_c) per column. */
 
 /* floor: at most the k-th largest of row y's lower bounds y[c] - (bound[c] c1 + bound[N + c] c2) (k <= FM_MAX_TOP):
  * the k-th largest of the union of each of 16 lanes' ceil(k/16) largest (lane i: the columns c = i mod 16),
@@ -64,7 +65,7 @@ int fm_head_top(const fm_model *m, const float *x, int B, const int32_t *top, fl
             }
             sx += most / 32767.f;
         }
-        const float c1 = x1 * 1.001f, c2 = (16.f * sx + 2e-4f * x1) * 1.001f;  /* 1.001: this float arithmetic */
+        const float c1 = x1 * 1.001f, c2 = (16.f * sx + (2e-4f + 2.f * K * 0x1p-24f) * x1) * 1.001f;  /* 1.001: this arithmetic */
         for (int e = 0; e < m->head_q8_n_exact; e++)  /* exact anyway, and out of the floor: the caller may */
             if (m->head_q8_exact[e] >= 0 && m->head_q8_exact[e] < N) yr[m->head_q8_exact[e]] = -INFINITY;  /* rescale them, so the others' largest must be exact alone */
         /* a column whose upper bound is below the floor has k columns above it */
