@@ -171,6 +171,12 @@ def all_running_rate(records: list) -> float | None:
     return tokens / (end - begin) if end - begin >= MIN_WINDOW_S and tokens else None
 
 
+def running_rate(row: dict) -> str:
+    """The "while all C run" rate as printed: "-" where its window was too short to count."""
+    rate = row.get("all_running_tok_s")
+    return f"{rate:.1f}" if rate else "-"
+
+
 def summarize(records: list, wall: float) -> dict:
     ok = [r for r in records if r["ok"]]
     tokens = sum(r["tokens"] for r in ok)
@@ -231,7 +237,7 @@ def sweep(url: str, levels: list, per_client: int, max_tokens: int, image: str |
                                      headers)
             row = {"concurrency": c, **summarize(recs, wall)}
             log(f"  C={c:>2}{f' (round {k + 1})' if rounds > 1 else ''}: {row['output_tok_s']:7.1f} tok/s "
-                f"({row['all_running_tok_s'] or 0:.1f} while all run), {row['request_throughput']:.2f} req/s, TTFT p50 "
+                f"({running_rate(row)} while all run), {row['request_throughput']:.2f} req/s, TTFT p50 "
                 f"{row['ttft_ms'].get('p50', 0):.0f} ms, ITL p99 {row['itl_ms'].get('p99', 0):.0f} ms, errors {row['errors']}"
                 + (f" ({row['retried']} sent again on a new connection)" if row["retried"] else ""))
             runs[c].append(row)
@@ -493,7 +499,7 @@ def format_table(result: dict) -> str:
         for kind in ("text", "image"):
             for r in entry.get(kind, []):
                 lines.append(f"| {name} | {kind} | {r['concurrency']} | {r['request_throughput']:.2f} | "
-                             f"{r['output_tok_s']:.1f} | {r.get('all_running_tok_s') or float('nan'):.1f} | "
+                             f"{r['output_tok_s']:.1f} | {running_rate(r)} | "
                              f"{f(r['ttft_ms'], ('p50', 'p90', 'p99'))} | "
                              f"{f(r['tpot_ms'], ('p50',))} | {f(r['itl_ms'], ('p50', 'p90', 'p99'))} | "
                              f"{f(r['e2e_ms'], ('p50', 'p99'))} | {r['errors']} |")
