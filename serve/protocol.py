@@ -5,7 +5,8 @@ Retrieved images are an extension a plain OpenAI client ignores: `message.conten
 chunk's `delta.content`) carries the text only; `message.parts` (and `delta.parts`) carries the answer
 in order, text parts `{"type": "text", "text"}` and image parts
 `{"type": "image_url", "image_url": {"url": "/v1/images/KEY"}, "key", "score", "caption"}`.
-Besides OpenAI's fields, `ignore_eos: true` (as in vLLM) generates exactly max_tokens tokens, and
+Besides OpenAI's fields, `ignore_eos: true` (as in vLLM) generates exactly max_tokens tokens, `top_k`
+(as in vLLM and llama-server) samples among the k most likely tokens, and
 `retrieval` (default true; false: [RET] is never chosen), `min_word_tokens` (default 2), `max_rets`
 (default 1: one retrieval per answer; 0 = no limit), `ret_scale_factor` and `top_images` steer retrieval
 as in `fromage generate`.
@@ -30,6 +31,7 @@ IGNORED_FIELDS = {"model", "user", "n", "presence_penalty", "frequency_penalty",
                   "service_tier", "parallel_tool_calls", "response_format"}
 PARAMS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
           "top_p": "top_p", "seed": "seed", "stop": "stop",
+          "top_k": "top_k",  # not OpenAI's; vLLM's and llama-server's extension
           # fromage's own: retrieval in an answer (defaults as the demo's: DEFAULTS)
           "retrieval": "retrieval", "min_word_tokens": "min_word_tokens", "max_rets": "max_rets",
           "ret_scale_factor": "ret_scale_factor", "top_images": "top_images"}

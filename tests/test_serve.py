@@ -74,6 +74,20 @@ def test_parallel_requests_equal_their_sequential_outputs(server):
     assert parallel == sequential
 
 
+def test_seeded_top_k_sampling_repeats_alone_and_in_parallel(server):
+    """top_k (vLLM's and llama-server's extension) with a seed: the same answer every time, alone or among
+    parallel requests (a row alone reads the head's 8-bit copy, in a batch the whole head: the same draw)."""
+    post = lambda: httpx.post(server.url + "/v1/chat/completions", json={  # noqa: E731
+        "messages": [{"role": "user", "content": "the red cat"}], "max_tokens": 12, "temperature": 1.2,
+        "top_k": 5, "seed": 7, "ignore_eos": True}, timeout=60).json()["choices"][0]["message"]["content"]
+    alone = post()
+    together = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, post())) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert alone and set(together.values()) == {alone}
+
+
 def test_retrieved_images_are_served_by_key_only(server, assets):
     state = server.app.state.fromage
     r = httpx.get(server.url + "/v1/images/0")
@@ -100,6 +114,7 @@ def test_errors_have_openai_shape(server, assets, tmp_path):
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3}, 400, "max_completion_tokens"),
         ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_k": -2}, 400, "top_k"),
         ({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}, 400, "bogus"),
         ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 7}, 400, "stop"),  # 6 + the chat's own 2
         ({"messages": [{"role": "user", "content": "hi"}], "retrieval": "no"}, 400, "retrieval"),
