@@ -62,7 +62,9 @@ class InPlaceDecoder:
         self.kv_names, self.present_names = session.input_names[3:], session.output_names[2:]
         self._local = threading.local()  # an I/O binding per calling thread: one shared binding mixes calls
 
-    def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray) -> None:
+    def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray,
+                top: int = 0) -> None:
+        """top: as NativeDecoder's; every logit is computed here, which meets any."""
         total, ort, local = past + embeds.shape[1], self.session.session, self._local
         if not hasattr(local, "binding"):
             local.binding, local.bound = ort.io_binding(), (None, None, None)
@@ -90,7 +92,9 @@ class ConcatDecoder:
         self.session = session
         self.kv_names = session.input_names[3:]
 
-    def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray) -> None:
+    def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray,
+                top: int = 0) -> None:
+        """top: as NativeDecoder's; every logit is computed here, which meets any."""
         total = past + embeds.shape[1]
         feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), dtype=np.int64),
                  "position_ids": np.arange(past, total, dtype=np.int64)[None], **dict(zip(self.kv_names, cache))}

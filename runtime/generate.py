@@ -235,8 +235,7 @@ class Fromage:
         """Feed more positions (token embeddings or visual tokens, (1, n, E)) on the cache."""
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         total = self._reserve(state, embeds.shape[1])
-        top = {"top": state.top} if state.top and self.engine == "native" else {}
-        self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding, **top)
+        self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding, top=state.top)
         state.length = total
 
     def advance_rows(self, rows: list[tuple["DecodeState", np.ndarray]]) -> None:
