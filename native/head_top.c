@@ -66,16 +66,20 @@ int fm_head_top(const fm_model *m, const float *x, int B, const int32_t *top, fl
             sx += most / 32767.f;
         }
         const float c1 = x1 * 1.001f, c2 = (16.f * sx + (2e-4f + 2.f * K * 0x1p-24f) * x1) * 1.001f;  /* 1.001: this arithmetic */
-        for (int e = 0; e < m->head_q8_n_exact; e++)  /* exact anyway, and out of the floor: the caller may */
-            if (m->head_q8_exact[e] >= 0 && m->head_q8_exact[e] < N) yr[m->head_q8_exact[e]] = -INFINITY;  /* rescale them, so the others' largest must be exact alone */
+        /* the caller may rescale the exact columns, so the others' largest must be exact alone: out of the floor
+         * (-inf), then in reach of it (+inf), so that their panels are computed as well */
+        const int32_t *exact = m->head_q8_exact;
+        for (int e = 0; e < m->head_q8_n_exact; e++)
+            if (exact[e] >= 0 && exact[e] < N) yr[exact[e]] = -INFINITY;
         /* a column whose upper bound is below the floor has k columns above it */
         const float floor = floor_of(yr, bound, N, c1, c2, top[r]);
         const int all = !isfinite(x1) || !isfinite(floor);  /* NaN or infinity about, or too few: every panel exactly */
+        for (int e = 0; e < m->head_q8_n_exact; e++)
+            if (exact[e] >= 0 && exact[e] < N) yr[exact[e]] = INFINITY;
         for (int p = 0; p < panels; p++) {
             const int n0 = p * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
             int reach = all;
             for (int i = n0; i < n1; i++) reach |= yr[i] + (bound[i] * c1 + bound[N + i] * c2) >= floor;
-            for (int e = 0; e < m->head_q8_n_exact; e++) reach |= m->head_q8_exact[e] / PANEL == p;
             if (reach)
                 f32_tile(head->w, K, N, p, 0, 1, xr, 1, 1, yr, ldy, 0);
             else
