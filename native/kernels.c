@@ -5,6 +5,7 @@
  * threads claim chunks of output columns and read each chunk front to back. Several rows (a batched
  * step, a prompt) reuse each loaded weight for every row from registers and cache. */
 #include "kernels.h"
+#include "half.h"
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
@@ -248,11 +249,7 @@ static inline float half_to_float(uint16_t h) {
 #ifdef FM_AVX2
     return _cvtsh_ss(h);
 #else
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, f = h & 1023;
-    union { uint32_t u; float x; } v;
-    if (e == 0) { v.x = (float)f * 5.9604645e-8f; v.u |= sign; return v.x; } /* zero, subnormal */
-    v.u = sign | (e == 31 ? 0x7F800000u | (f << 13) : ((e + 112) << 23) | (f << 13));
-    return v.x;
+    return fm_half_to_float(h);
 #endif
 }
 

@@ -1,10 +1,11 @@
 /* Laying weights out for the kernels (load time, plain C for the baseline CPU): fp32 matrices and
  * MatMulNBits' 4/8-bit blocks in panels of 16 columns, and the 8-bit copy of an fp32 head with which
- * greedy rows find their candidates (fm_quantize8). */
+ * greedy and top-k rows find their candidates (fm_quantize8). */
 #include <math.h>
 #include <string.h>
 
 #include "fromage_native.h"
+#include "half.h"
 
 void fm_pack(const float *src, int64_t K, int64_t N, float *dst) {
     const int64_t panels = (N + FM_PANEL - 1) / FM_PANEL;
@@ -38,13 +39,7 @@ int fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, in
     return 0;
 }
 
-/* fp16 <-> float, round to nearest even; the values met here are far below fp16's overflow. */
-static float half_value(uint16_t h) {
-    const int e = (h >> 10) & 31, f = h & 1023;
-    const float v = e == 0 ? ldexpf((float)f, -24) : e == 31 ? INFINITY : ldexpf((float)(1024 + f), e - 25);
-    return h & 0x8000 ? -v : v;
-}
-
+/* float -> fp16, round to nearest even; the values met here are far below fp16's overflow. */
 static uint16_t half_nearest(float x) {
     const float a = fabsf(x);
     const uint16_t sign = signbit(x) ? 0x8000 : 0;
@@ -59,7 +54,7 @@ static uint16_t half_nearest(float x) {
 /* The fp16 value nearest x on the side `up` (1: >= x, 0: <= x). */
 static uint16_t half_toward(float x, int up) {
     uint16_t h = half_nearest(x);
-    const float v = half_value(h);
+    const float v = fm_half_to_float(h);
     if (up ? v >= x : v <= x) return h;
     const int away = (v < x) == !(h & 0x8000);  /* a step away from zero grows |v| */
     if ((h & 0x7FFF) == 0) return up ? 1 : 0x8001;
@@ -86,8 +81,8 @@ int fm_quantize8(const float *w, int64_t K, int64_t N, uint8_t *q, uint16_t *dm,
             for (int i = 0; i < width; i++) {
                 const int64_t n = n0 + i;
                 const uint16_t mh = half_toward(lo[i], 0);
-                const uint16_t dh = half_toward((float)(((double)hi[i] - half_value(mh)) / 255.), 1);
-                m[i] = half_value(mh), d[i] = half_value(dh);
+                const uint16_t dh = half_toward((float)(((double)hi[i] - fm_half_to_float(mh)) / 255.), 1);
+                m[i] = fm_half_to_float(mh), d[i] = fm_half_to_float(dh);
                 dm[n * 2 * nb + b] = dh, dm[n * 2 * nb + nb + b] = mh;
                 top[i] = 255. * d[i] + fabs(m[i]) > top[i] ? 255. * d[i] + fabs(m[i]) : top[i];
             }
