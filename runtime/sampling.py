@@ -113,8 +113,9 @@ def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> i
     x = logits.astype(np.float64) / p.temperature
     cand = np.flatnonzero(np.isfinite(x))
     if p.top_k and p.top_k < cand.size:
-        kth = np.partition(x[cand], -p.top_k)[-p.top_k]
-        above, tied = cand[x[cand] > kth], cand[x[cand] == kth]
+        xc = x[cand]
+        kth = np.partition(xc, -p.top_k)[-p.top_k]
+        above, tied = cand[xc > kth], cand[xc == kth]
         cand = np.sort(np.concatenate([above, tied[:p.top_k - above.size]]))
     probs = _softmax(x[cand])
     if p.top_p < 1.0:
