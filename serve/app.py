@@ -1,5 +1,6 @@
-"""The HTTP server: OpenAI-compatible chat completions (streamed or not) over one loaded model and its
-continuous-batching scheduler, retrieved images by index key, health, metrics and the chat page."""
+"""The HTTP server: OpenAI-compatible chat completions and legacy completions (streamed or not) over one
+loaded model and its continuous-batching scheduler, retrieved images by index key, health, metrics and the
+chat page."""
 from __future__ import annotations
 
 import asyncio
@@ -19,7 +20,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from fromage.runtime.chat import AnswerStart
 from fromage.runtime.errors import FromageError, ParameterError
 from fromage.runtime.generate import Fromage, ImageEvent, TextEvent
 from fromage.runtime.preprocess import ImageTooLarge, load_rgb
@@ -28,7 +28,8 @@ from fromage.runtime.scheduler import PREFIX_CACHE_BYTES, Finished, QueueFull, S
 from .errors import BadRequest, error_body
 from .media import MediaPolicy
 from .metrics import Metrics
-from .protocol import chunk, completion, finish_reason, image_part, param_error, parse_chat_request, usage
+from .completions import TextAnswer, parse_completion_request
+from .protocol import ChatAnswer, finish_reason, image_part, param_error, parse_chat_request, usage
 
 STATIC = Path(__file__).with_name("static")
 IMAGE_PX = 512  # retrieved images are served as PNG thumbnails of at most this size
@@ -142,12 +143,12 @@ def create_app(config: ServerConfig, model: Fromage | None = None) -> FastAPI:
             raise BadRequest("no such image", 404)
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
+    async def answer(request: Request, parse, Answer):
+        """One generation request: parsed by `parse`, queued, its answer written by `Answer` (whole or streamed)."""
         state.ready()
         body = await _read_json(request, config.max_body_bytes)
-        req = parse_chat_request(body, state.media, config.max_tokens)
-        rid, t0 = f"chatcmpl-{uuid.uuid4().hex}", time.perf_counter()
+        req = parse(body, state.media, config.max_tokens)
+        t0 = time.perf_counter()
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def on_event(event):  # in the scheduler's thread; a request's end is counted even if its client left
@@ -165,16 +166,24 @@ def create_app(config: ServerConfig, model: Fromage | None = None) -> FastAPI:
         positions = handle.embeds.shape[1]
         state.metrics.prompt_tokens.inc(positions)
         outputs = _Outputs(events, state.metrics, t0)
+        writer = Answer(f"{Answer.id_prefix}-{uuid.uuid4().hex}", state.model_name, req)
         if req.stream:
-            return StreamingResponse(_sse(handle, outputs, rid, state.model_name, positions, req.include_usage),
+            return StreamingResponse(_sse(handle, outputs, writer, positions, req.include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         finished = await _until_finished(handle, outputs, request)
         if finished is None:  # the client went away
             return Response(status_code=499)
-        result = finished.result
         if finished.error:
             raise BadRequest(finished.error, 500)
-        return completion(rid, state.model_name, result, positions)
+        return writer.whole(finished.result, positions)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await answer(request, parse_chat_request, ChatAnswer)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await answer(request, parse_completion_request, TextAnswer)
 
     return app
 
@@ -183,7 +192,7 @@ class _Outputs:
     """A request's events as the client sees them, timed for the metrics."""
 
     def __init__(self, events: asyncio.Queue, metrics: Metrics, t0: float):
-        self.events, self.metrics, self.t0, self.last, self.text = events, metrics, t0, None, AnswerStart()
+        self.events, self.metrics, self.t0, self.last = events, metrics, t0, None
 
     async def next(self):
         event = await self.events.get()
@@ -222,27 +231,27 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _sse(handle, outputs: _Outputs, rid: str, model: str, positions: int, include_usage: bool):
-    """Server-sent events: a role chunk, content/parts deltas, the finish chunk, usage if asked, [DONE].
-    A client that disconnects cancels this generator at its next await: the request is cancelled."""
+async def _sse(handle, outputs: _Outputs, writer, positions: int, include_usage: bool):
+    """Server-sent events: the writer's opening chunks, text and image chunks, the finish chunk, usage if
+    asked, [DONE]. A client that disconnects cancels this generator at its next await: the request is
+    cancelled."""
     try:
-        yield _data(chunk(rid, model, {"role": "assistant", "content": ""}))
+        for opening in writer.opening():
+            yield _data(opening)
         while True:
             event = await outputs.next()
             if isinstance(event, TextEvent):
-                text = outputs.text(event.text)
-                if text:
-                    yield _data(chunk(rid, model, {"content": text}))
+                if (piece := writer.text(event.text)) is not None:
+                    yield _data(piece)
             elif isinstance(event, ImageEvent):
                 hit = event.hits[0]
-                yield _data(chunk(rid, model, {"parts": [image_part(hit.key, hit.score, hit.caption)]}))
+                yield _data(writer.image(image_part(hit.key, hit.score, hit.caption)))
             elif isinstance(event, Finished):
                 if event.error:
                     yield _data({"error": {"message": event.error, "type": "server_error", "code": 500}})
-                reason = finish_reason(event.result)
-                yield _data(chunk(rid, model, {}, reason))
+                yield _data(writer.closing(finish_reason(event.result)))
                 if include_usage:
-                    yield _data(chunk(rid, model, None, None, usage(event.result, positions)))
+                    yield _data(writer.usage(usage(event.result, positions)))
                 yield "data: [DONE]\n\n"
                 return
     finally:

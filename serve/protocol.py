@@ -1,5 +1,6 @@
 """OpenAI's chat-completions schema, in and out: a request body -> the prompt and SamplingParams; the
-runtime's events -> response objects and stream chunks.
+runtime's events -> response objects and stream chunks. The sampling fields and their checks are shared
+with the legacy completions endpoint (completions.py).
 
 Retrieved images are an extension a plain OpenAI client ignores: `message.content` (and a stream
 chunk's `delta.content`) carries the text only; `message.parts` (and `delta.parts`) carries the answer
@@ -16,14 +17,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from fromage.runtime.chat import ANSWER_STOPS, answer_parts, chat_prompt
+from fromage.runtime.chat import ANSWER_STOPS, AnswerStart, answer_parts, chat_prompt
 from fromage.runtime.errors import ParameterError
 from fromage.runtime.sampling import MAX_STOP_STRINGS, SamplingParams
 
 from .errors import BadRequest
 from .media import image_part_from_url
-
-MAX_USER_STOPS = MAX_STOP_STRINGS - len(ANSWER_STOPS)  # the chat format's own stops come on top
 
 DEFAULT_MAX_TOKENS = 256
 # request fields that are OpenAI's but change nothing here; anything else unknown is refused
@@ -35,36 +34,37 @@ PARAMS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_toke
           # fromage's own: retrieval in an answer (defaults as the demo's: DEFAULTS)
           "retrieval": "retrieval", "min_word_tokens": "min_word_tokens", "max_rets": "max_rets",
           "ret_scale_factor": "ret_scale_factor", "top_images": "top_images"}
+STREAM_FIELDS = {"stream", "stream_options", "ignore_eos"}
 # an answer does not open with an image and shows at most one retrieval, as in the demo
 DEFAULTS = {"max_new_tokens": DEFAULT_MAX_TOKENS, "min_word_tokens": 2, "max_rets": 1}
 
 
 @dataclass
-class ChatRequest:
+class GenerationRequest:
     parts: list
     params: SamplingParams
     stream: bool
     include_usage: bool
+    echo: str = ""  # legacy completions' `echo`: the prompt the answer's text starts with
 
 
-def parse_chat_request(body, media, max_tokens: int | None = None) -> ChatRequest:
-    """A decoded JSON body -> ChatRequest. `media` is the server's media.MediaPolicy; `max_tokens`, the
-    server's cap, also caps the default when the request names none."""
+def check_fields(body, own: set) -> None:
+    """A JSON object whose fields are the sampling ones, the ignored ones and the endpoint's `own`; n = 1."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
-    unknown = set(body) - set(PARAMS) - IGNORED_FIELDS - {"messages", "stream", "stream_options", "ignore_eos"}
+    unknown = set(body) - set(PARAMS) - IGNORED_FIELDS - STREAM_FIELDS - own
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
     if body.get("n", 1) != 1:
         raise BadRequest("only n = 1 is supported", param="n")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("`messages` must be a non-empty list", param="messages")
-    turns = [_message(m, i, media) for i, m in enumerate(messages)]
-    if turns[-1][0] != "user":
-        raise BadRequest("the last message must be the user's", param="messages")
-    kwargs = dict(DEFAULTS)
-    if max_tokens is not None:  # the server's cap (--max-tokens) bounds the default too
+
+
+def sampling(body: dict, max_tokens: int | None, format_stops: tuple = (), default_max_tokens: int = DEFAULT_MAX_TOKENS):
+    """The request's SamplingParams (every value checked), stream and include_usage. `max_tokens`, the server's
+    cap, also caps the default when the request names none; `format_stops` end an answer besides the user's
+    stops (the chat format's next turn)."""
+    kwargs = {**DEFAULTS, "max_new_tokens": default_max_tokens}
+    if max_tokens is not None:
         kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], max_tokens)
     for name, field in PARAMS.items():
         if body.get(name) is not None:
@@ -73,22 +73,35 @@ def parse_chat_request(body, media, max_tokens: int | None = None) -> ChatReques
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and not isinstance(stop, list):
         raise BadRequest("`stop` must be a string or a list of strings", param="stop")
-    if stop is not None and len(stop) > MAX_USER_STOPS:
-        raise BadRequest(f"stop: at most {MAX_USER_STOPS} strings, got {len(stop)}", param="stop")
+    if stop is not None and len(stop) > MAX_STOP_STRINGS - len(format_stops):
+        raise BadRequest(f"stop: at most {MAX_STOP_STRINGS - len(format_stops)} strings, got {len(stop)}", param="stop")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise BadRequest("`ignore_eos` must be true or false", param="ignore_eos")
     if ignore_eos:  # vLLM's extension, for benchmarks: exactly max_tokens tokens (no EOS, no end of answer)
         kwargs["stop_ids"] = []
     try:
-        params = SamplingParams(**kwargs, stop=tuple(stop or ()) + (() if ignore_eos else ANSWER_STOPS))
+        params = SamplingParams(**kwargs, stop=tuple(stop or ()) + (() if ignore_eos else format_stops))
     except ParameterError as e:
         raise param_error(e, body) from None
     stream = body.get("stream", False)
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise BadRequest("`stream` must be true or false and `stream_options` an object", param="stream")
-    return ChatRequest(chat_prompt(turns), params, stream, bool(options.get("include_usage", False)))
+    return params, stream, bool(options.get("include_usage", False))
+
+
+def parse_chat_request(body, media, max_tokens: int | None = None) -> GenerationRequest:
+    """A decoded JSON body -> GenerationRequest. `media` is the server's media.MediaPolicy; `max_tokens`, the
+    server's cap."""
+    check_fields(body, {"messages"})
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("`messages` must be a non-empty list", param="messages")
+    turns = [_message(m, i, media) for i, m in enumerate(messages)]
+    if turns[-1][0] != "user":
+        raise BadRequest("the last message must be the user's", param="messages")
+    return GenerationRequest(chat_prompt(turns), *sampling(body, max_tokens, ANSWER_STOPS))
 
 
 def param_error(e: ParameterError, body: dict) -> BadRequest:
@@ -158,3 +171,30 @@ def chunk(rid: str, model: str, delta: dict, finish_reason: str | None = None, u
     if usage_ is not None:
         out["usage"] = usage_
     return out
+
+
+class ChatAnswer:
+    """How /v1/chat/completions writes one request's answer: whole, or as stream chunks (the app's _sse)."""
+    id_prefix = "chatcmpl"
+
+    def __init__(self, rid: str, model: str, request: GenerationRequest):
+        self.rid, self.model, self.start = rid, model, AnswerStart()
+
+    def whole(self, result, positions: int) -> dict:
+        return completion(self.rid, self.model, result, positions)
+
+    def opening(self) -> list[dict]:
+        return [chunk(self.rid, self.model, {"role": "assistant", "content": ""})]
+
+    def text(self, text: str) -> dict | None:
+        text = self.start(text)
+        return chunk(self.rid, self.model, {"content": text}) if text else None
+
+    def image(self, part: dict) -> dict:
+        return chunk(self.rid, self.model, {"parts": [part]})
+
+    def closing(self, reason: str) -> dict:
+        return chunk(self.rid, self.model, {}, reason)
+
+    def usage(self, usage_: dict) -> dict:
+        return chunk(self.rid, self.model, None, None, usage_)

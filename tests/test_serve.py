@@ -1,4 +1,5 @@
-"""`fromage serve` over a tiny model: the OpenAI schema (official client, streamed and not), usage,
+"""`fromage serve` over a tiny model: the OpenAI schema (official client, streamed and not; chat and legacy
+completions), usage,
 parallel requests equal to their sequential outputs, cancellation, limits (429, 413), auth (401),
 errors in OpenAI's shape, images by key only, health and metrics."""
 import base64
@@ -59,6 +60,35 @@ def test_streaming_matches_the_whole_answer_and_reports_usage(server):
     # the same prompt again: all but its last position come from the prefix cache (OpenAI's cached_tokens)
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == whole.usage.prompt_tokens - 1
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_legacy_completions_continue_the_raw_prompt(server):
+    """/v1/completions (vLLM's and llama-server's benchmark clients speak it): the prompt continued as it is,
+    the same text as the runtime's own generation of it, streamed or not, echo, usage; refusals name the field."""
+    client, prompt = _client(server), "the red cat on the boat"
+    whole = client.completions.create(model="x", prompt=prompt, max_tokens=10, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    choice = whole.choices[0]
+    model = server.app.state.fromage.model
+    from fromage.runtime.sampling import SamplingParams
+    expected = model.generate([prompt], SamplingParams(max_new_tokens=10, stop_ids=[], min_word_tokens=2, max_rets=1))
+    assert choice.text == "".join(p["text"] for p in expected.parts if p["type"] == "text")
+    assert choice.finish_reason == "length"
+    assert whole.usage.completion_tokens == 10 and whole.usage.total_tokens == whole.usage.prompt_tokens + 10
+    chunks = list(client.completions.create(model="x", prompt=[prompt], max_tokens=10, temperature=0, stream=True,
+                                            echo=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt + choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
+    assert client.completions.create(model="x", prompt=prompt, temperature=0).usage.completion_tokens <= 16
+    post = lambda body: httpx.post(server.url + "/v1/completions", json=body)  # noqa: E731
+    for body, param in (({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"), ({}, "prompt"),
+                        ({"prompt": "hi", "logprobs": 2}, "logprobs"), ({"prompt": "hi", "best_of": 3}, "best_of"),
+                        ({"prompt": "hi", "echo": "yes"}, "echo"), ({"prompt": "hi", "messages": []}, "messages"),
+                        ({"prompt": "hi", "temperature": -1}, "temperature"), ({"prompt": "hi", "n": 2}, "n")):
+        r = post(body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
 
 
 def test_parallel_requests_equal_their_sequential_outputs(server):
