@@ -138,6 +138,9 @@ def load_library():
         lib.fm_quantize8.restype = ctypes.c_int
         lib.fm_forward_rows.argtypes = ([ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32] + [ctypes.c_void_p] * 4
                                         + [ctypes.c_int32] + [ctypes.c_void_p] * 4)
+        lib.fm_profile.argtypes = [ctypes.c_int]
+        lib.fm_profile_read.argtypes = [ctypes.c_void_p]
+        lib.fm_profile_read.restype = ctypes.c_int64
         _lib = lib
     return _lib
 
@@ -158,6 +161,7 @@ def available() -> str | None:
 
 
 KV_BLOCK = 64  # FM_KV_BLOCK: cache capacities are multiples of it; keys are stored in blocks of it
+OPS = ("norm", "qkv", "rope", "attention", "o", "gate_up", "silu", "down", "head")  # fm_op's order
 
 
 def cache_by_position(cache: list) -> list:
@@ -331,6 +335,19 @@ class NativeDecoder:
                                f"or the rotary table ({self.model.rope_positions})")
         if rc:
             raise FromageError(f"the native decoder failed (code {rc}: out of memory)")
+
+    def op_times(self, run) -> tuple[int, dict]:
+        """Calls run() with the library's per-operation clock on for this thread (fm_profile): -> (forward passes,
+        {operation: seconds} over them). The layers' norms, matrices, rope and cache append, attention and SiLU,
+        then the head (final norm, logits and retrieval)."""
+        seconds = (ctypes.c_double * len(OPS))()
+        self.lib.fm_profile_read(seconds)  # from zero
+        self.lib.fm_profile(1)
+        try:
+            run()
+        finally:
+            self.lib.fm_profile(0)
+        return self.lib.fm_profile_read(seconds), dict(zip(OPS, seconds))
 
     def _pointer_tables(self, caches: list) -> tuple:
         """The k and v pointer tables of cache lists ([key0, value0, key1, ...] each), sequence-major

@@ -418,24 +418,36 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
     int rc = 0;
 
     memcpy(x, embeds, sizeof(float) * T * E);
+    double t = fm_op_start();
     for (int i = 0; i < m->n_layers && !rc; i++) {
         const fm_layer *L = m->layers + i;
         rms_norm(x, L->attn_norm, h, T, E, m->eps);
+        t = fm_op_done(FM_OP_NORM, t);
         rc |= fm_linear_rows(&L->qkv, h, T, qkv, (size_t)L->qkv.N, 0);
+        t = fm_op_done(FM_OP_QKV, t);
         rope_and_append(m, qkv, T, past, capacity, k_cache[i], v_cache[i]);
+        t = fm_op_done(FM_OP_ROPE, t);
         attention(m, qkv, T, past, capacity, k_cache[i], v_cache[i], attn, att_scratch);
+        t = fm_op_done(FM_OP_ATTENTION, t);
         rc |= fm_linear_rows(&L->o, attn, T, x, (size_t)L->o.N, 1);
+        t = fm_op_done(FM_OP_O, t);
         rms_norm(x, L->mlp_norm, h, T, E, m->eps);
+        t = fm_op_done(FM_OP_NORM, t);
         rc |= fm_linear_rows(&L->gate_up, h, T, gu, (size_t)L->gate_up.N, 0);
+        t = fm_op_done(FM_OP_GATE_UP, t);
         silu_mul(gu, T, I, act);
+        t = fm_op_done(FM_OP_SILU, t);
         rc |= fm_linear_rows(&L->down, act, T, x, (size_t)L->down.N, 1);
+        t = fm_op_done(FM_OP_DOWN, t);
     }
     if (rc) return -2;
 
     rms_norm(x + (size_t)(T - 1) * E, m->final_norm, h, 1, E, m->eps);
     rc |= fm_linear_rows(&m->head, h, 1, logits, (size_t)m->head.N, 0);
     if (m->head_extra.N > 0) rc |= fm_linear_rows(&m->head_extra, h, 1, logits + m->head.N, (size_t)m->head_extra.N, 0);
-    return rc ? -2 : retrieval(m, h, 1, ret);
+    rc = rc ? -2 : retrieval(m, h, 1, ret);
+    fm_op_done(FM_OP_HEAD, t);
+    return rc;
 }
 
 /* Where each sequence of a batched step has its attention work, the same for every layer: sequence b's
@@ -529,30 +541,41 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
     int rc = 0;
 
     memcpy(x, embeds, sizeof(float) * B * E);
+    double t = fm_op_start();
     for (int i = 0; i < m->n_layers && !rc; i++) {
         const fm_layer *L = m->layers + i;
         rms_norm(x, L->attn_norm, h, B, E, m->eps);
+        t = fm_op_done(FM_OP_NORM, t);
         rc |= fm_linear_rows(&L->qkv, h, B, qkv, width, 0);
+        t = fm_op_done(FM_OP_QKV, t);
         /* each row writes its own position (a prompt's rows share a cache, at different positions); the keys'
          * 64 lines per group are misses, which two threads wait on side by side */
 #pragma omp parallel for schedule(static) if (B > 1)
         for (int b = 0; b < B; b++)
             rope_and_append(m, qkv + b * width, 1, past[b], capacity[b], k_cache[(size_t)b * m->n_layers + i],
                             v_cache[(size_t)b * m->n_layers + i]);
+        t = fm_op_done(FM_OP_ROPE, t);
         attention_batch(m, qkv, B, past, capacity, k_cache, v_cache, i, lay, attn, part, sc);
+        t = fm_op_done(FM_OP_ATTENTION, t);
         rc |= fm_linear_rows(&L->o, attn, B, x, E, 1);
+        t = fm_op_done(FM_OP_O, t);
         rms_norm(x, L->mlp_norm, h, B, E, m->eps);
+        t = fm_op_done(FM_OP_NORM, t);
         rc |= fm_linear_rows(&L->gate_up, h, B, gu, (size_t)2 * I, 0);
+        t = fm_op_done(FM_OP_GATE_UP, t);
         silu_mul(gu, B, I, act);
+        t = fm_op_done(FM_OP_SILU, t);
         rc |= fm_linear_rows(&L->down, act, B, x, E, 1);
+        t = fm_op_done(FM_OP_DOWN, t);
     }
     if (rc) return -2;
 
     /* the head only for the rows that want outputs: a prompt's inner positions need none */
     for (int i = 0; i < n_out; i++)
         rms_norm(x + (size_t)(out_rows ? out_rows[i] : i) * E, m->final_norm, h + (size_t)i * E, 1, E, m->eps);
-    if (n_out == 0) return 0;
-    return head_rows(m, h, n_out, top, logits) ? -2 : retrieval(m, h, n_out, ret);
+    rc = n_out == 0 ? 0 : head_rows(m, h, n_out, top, logits) ? -2 : retrieval(m, h, n_out, ret);
+    fm_op_done(FM_OP_HEAD, t);
+    return rc;
 }
 
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,

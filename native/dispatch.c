@@ -94,6 +94,20 @@ float fm_stream_read(const float *a, size_t n, int streams, size_t piece) {
     return chosen()->stream_read(a, n, streams, piece);
 }
 
+/* fm_profile's counters, the calling thread's (kernels.h: fm_op_done). */
+_Thread_local int fm_profiling;
+_Thread_local double fm_op_seconds[FM_OPS];
+_Thread_local int64_t fm_op_calls;
+
+void fm_profile(int on) { fm_profiling = on != 0; }
+
+int64_t fm_profile_read(double *seconds) {
+    const int64_t calls = fm_op_calls;
+    for (int i = 0; i < FM_OPS; i++) seconds[i] = fm_op_seconds[i], fm_op_seconds[i] = 0.;
+    fm_op_calls = 0;
+    return calls;
+}
+
 /* Thread-local grow-only scratch shared by the copies: slot 0 belongs to the kernels, slot 1 to the
  * decoder; kept for the thread's lifetime. */
 static _Thread_local float *scratch_buf[2];

@@ -119,6 +119,15 @@ int fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, in
  * Returns 0, or -1 (nothing written) unless K is a positive multiple of 32 and N positive. */
 int fm_quantize8(const float *w, int64_t K, int64_t N, uint8_t *q, uint16_t *dm, float *bound);
 
+/* Where a step's time goes. With fm_profile(1), fm_forward and fm_forward_rows called on this thread add the
+ * wall time of each kind of operation they run to this thread's counters; fm_profile_read writes them
+ * (FM_OPS seconds, indexed by fm_op) and returns the calls counted, then sets them to zero. Off by default;
+ * on, it costs a clock read per operation (~240 per step of a 30-layer model). */
+enum fm_op { FM_OP_NORM, FM_OP_QKV, FM_OP_ROPE, FM_OP_ATTENTION, FM_OP_O, FM_OP_GATE_UP, FM_OP_SILU, FM_OP_DOWN,
+             FM_OP_HEAD, FM_OPS };
+void fm_profile(int on);
+int64_t fm_profile_read(double *seconds);
+
 /* Sums a (n floats) with OpenMP's threads, each reading its share as `streams` side-by-side forward
  * streams (1, 2, 4 or 8): the reads that `fromage bench` measures the memory bandwidth roofline with.
  * piece 0: one contiguous share per thread; else pieces of `piece` floats dealt to the threads in

@@ -11,6 +11,7 @@
 #define FROMAGE_KERNELS_H
 #include <math.h>
 #include <stddef.h>
+#include <omp.h>
 
 #ifdef FM_ISA
 #define FM_PASTE_(a, b) a##_##b
@@ -46,6 +47,24 @@ int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t l
 int fm_head_top(const fm_model *m, const float *x, int B, const int32_t *top, float *y, size_t ldy);
 /* Thread-local grow-only scratch: slot 0 belongs to the kernels, slot 1 to the decoder. */
 float *fm_scratch(int slot, size_t floats);
+
+/* fm_profile: the calling thread's switch and counters (dispatch.c). A forward pass starts with
+ * t = fm_op_start() (negative when profiling is off: the switch is read once per pass), then
+ * t = fm_op_done(op, t) after each operation. */
+extern _Thread_local int fm_profiling;
+extern _Thread_local double fm_op_seconds[FM_OPS];
+extern _Thread_local int64_t fm_op_calls;
+static inline double fm_op_start(void) {
+    if (!fm_profiling) return -1.;
+    fm_op_calls++;
+    return omp_get_wtime();
+}
+static inline double fm_op_done(int op, double since) {
+    if (since < 0.) return since;
+    const double now = omp_get_wtime();
+    fm_op_seconds[op] += now - since;
+    return now;
+}
 
 #ifdef FM_AVX2
 static inline float hsum(__m256 v) {

@@ -216,6 +216,22 @@ static int top_matches(const fm_model *mf) {
     return same && share < 0.25;
 }
 
+/* fm_profile: on, each pass on this thread is counted and its operations timed, with the same outputs
+ * (`logits`: the same positions one at a time, profiling off); off, nothing is counted. */
+static int profile_counts(const fm_model *m, const float *emb, const float *logits) {
+    double s[FM_OPS], total = 0.;
+    float l[V], r[R];
+    fm_profile_read(s);
+    fm_profile(1);
+    run(m, emb, T, l, r);
+    const int64_t on = fm_profile_read(s);
+    int ok = on == T && !memcmp(l, logits, sizeof l);
+    for (int i = 0; i < FM_OPS; i++) ok &= s[i] >= 0., total += s[i];
+    fm_profile(0);
+    run(m, emb, T, l, r);
+    return ok && total > 0. && fm_profile_read(s) == 0;
+}
+
 /* All checks on the kernels in use; fills the prefill's fp32 and 4-bit logits (V each) for comparing copies. */
 static int check(const fm_model *mf, const fm_model *mq, const float *emb, float *out_f, float *out_q) {
     float a[V], b[V], c[V], d[V], ra[R], rb[R], rc[R], rd[R];
@@ -232,12 +248,14 @@ static int check(const fm_model *mf, const fm_model *mq, const float *emb, float
     float *kk[LAYERS] = {0}, *vv[LAYERS] = {0};
     const int refused = fm_forward(mf, emb, 1, POS, POS, kk, vv, a, ra) == -1 && /* past the capacity */
                         fm_forward(mf, emb, 1, 0, POS + 1, kk, vv, a, ra) == -1;  /* not whole key blocks */
-    const int batch_f32 = batch_matches(mf), batch_q4 = batch_matches(mq), greedy = top_matches(mf);
+    const int batch_f32 = batch_matches(mf), batch_q4 = batch_matches(mq), greedy = top_matches(mf),
+              profiled = profile_counts(mf, emb, b);
     printf("[%s] batched steps bit-identical to single ones: fp32 %s, 4/8-bit %s\n", fm_kernels(), batch_f32 ? "yes" : "NO",
            batch_q4 ? "yes" : "NO");
     memcpy(out_f, b, sizeof b);
     memcpy(out_q, c, sizeof c);
-    return prefill == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy;
+    if (!profiled) printf("[%s] fm_profile: wrong counts or changed outputs\n", fm_kernels());
+    return prefill == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy && profiled;
 }
 
 int main(void) {

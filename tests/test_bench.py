@@ -104,12 +104,18 @@ def test_bench_context(exported, tmp_path, monkeypatch, capsys):
 def test_bench_batch(exported, tmp_path, capsys):
     """The batched decode step (what the server runs) at several batch sizes on the tiny model."""
     out = tmp_path / "batch.json"
-    assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--batch", "1,3,8", "--runs", "1",
+    assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--batch", "1,3,8", "--runs", "1", "--ops",
                  "--json", str(out)]) == 0
     r = json.loads(out.read_text())["batch"]
     assert [row["batch"] for row in r["batches"]] == [1, 3, 8] and r["batches"][0]["x_batch_1"] == 1
     assert all(row["step_ms"] > 0 and row["tok_s"] > 0 and row["gflop_s"] > 0 for row in r["batches"])
-    assert "matrix GFLOP/s" in capsys.readouterr().out
+    # --ops: every operation timed, together about a step (a tiny model's step is mostly fixed costs)
+    from fromage.engines.native import OPS
+    for row in r["batches"]:
+        assert list(row["ops_ms"]) == list(OPS) and all(ms >= 0 for ms in row["ops_ms"].values())
+        assert 0 < sum(row["ops_ms"].values()) < 3 * row["step_ms"]
+    printed = capsys.readouterr().out
+    assert "matrix GFLOP/s" in printed and "where a step goes" in printed
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -117,6 +123,7 @@ def test_bench_batch(exported, tmp_path, capsys):
     (["--batch", "two"], "numbers like 1,8,16"),
     (["--batch", "4", "--context", "64"], "two separate benches"),
     (["--batch", "4", "--plot", "x.png"], "without --plot"),
+    (["--ops"], "give --batch"),
     (["--compare", "vllm"], "unknown peer"),
     (["--also-engine", "native"], "main run's engine"),  # --engine auto runs native already
 ])

@@ -356,6 +356,8 @@ def add_arguments(p) -> None:
                    help="1: an image after the prefix in the main runs (TTFT is measured with and without anyway)")
     p.add_argument("--batch", metavar="N,N", help="instead of the decode bench: the native engine's batched decode "
                    "step with these numbers of sequences (e.g. 1,8,16): aggregate tok/s and the matrices' GFLOP/s")
+    p.add_argument("--ops", action="store_true", help="with --batch: also where a step goes, each operation timed "
+                   "(norms, matrices, rope, attention, SiLU, head)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per system")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--threads", type=int, help="threads per system (default: all cores)")
@@ -390,6 +392,8 @@ def cmd_bench(args) -> None:
             raise FromageError(f"--{flag} times the native decoder alone: without --plot, --compare, --also, --also-engine")
     if args.context is not None and args.batch is not None:
         raise FromageError("--context and --batch are two separate benches: give one")
+    if args.ops and args.batch is None:
+        raise FromageError("--ops times the operations of --batch's steps: give --batch")
     if args.plot:
         if args.bundle is None:
             raise FromageError("--plot draws the decode benchmark: give --bundle")
@@ -412,7 +416,8 @@ def cmd_bench(args) -> None:
             key, text = "batch", args.batch
         if args.bundle is None:
             raise FromageError(f"--{key} needs --bundle")
-        result[key] = run(args.bundle, parse(text), args.threads or default_threads(), args.runs, log=log)
+        extra = {"ops": True} if args.ops else {}
+        result[key] = run(args.bundle, parse(text), args.threads or default_threads(), args.runs, log=log, **extra)
     elif args.bundle is not None:
         result = run_bench(args, log=log)
     if args.retrieval is not None:

@@ -26,7 +26,7 @@ def matrix_weights(m, vocab: int) -> int:
     return m.n_layers * layer + e * vocab
 
 
-def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=print) -> dict:
+def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=print, ops: bool = False) -> dict:
     from fromage.runtime.generate import Fromage, cache_capacity
     model = Fromage(bundle, engine="native", threads=threads)
     dec, m = model.decoder, model.decoder.model
@@ -39,13 +39,17 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
     outputs = {b: (np.empty((b, dec.vocab_size), np.float32), np.empty((b, dec.retrieval_dim), np.float32))
                for b in batches}
     # greedy rows, as the server runs temperature-0 requests (an fp32 head: its 8-bit copy, native/head_top.c)
-    steps = time_steps(batches, lambda b: dec.forward_batch(embeds[:b], caches[:b], [positions] * b, *outputs[b],
-                                                            top=[1] * b), runs, log, label=lambda b: f"B={b}")
+    run_step = lambda b: dec.forward_batch(embeds[:b], caches[:b], [positions] * b, *outputs[b], top=[1] * b)  # noqa: E731
+    steps = time_steps(batches, run_step, runs, log, label=lambda b: f"B={b}")
     weights = matrix_weights(m, dec.vocab_size)
     rows = []
     for b in batches:
         step = statistics.median(steps[b])
         rows.append({"batch": b, "step_ms": step * 1e3, "tok_s": b / step, "gflop_s": 2 * weights * b / step / 1e9})
+    if ops:  # where a step goes: the same steps again, each operation timed (the step times above are without)
+        for row in rows:
+            passes, seconds = dec.op_times(lambda: [run_step(row["batch"]) for _ in range(runs * STEPS_PER_RUN)])
+            row["ops_ms"] = {op: s / passes * 1e3 for op, s in seconds.items()}
     one = next((row["tok_s"] for row in rows if row["batch"] == 1), None)
     for row in rows:
         row["x_batch_1"] = row["tok_s"] / one if one else None
@@ -56,8 +60,14 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
 
 
 def format_batch(result: dict) -> str:
-    return format_rows(f"batched decode steps ({result['kernels']} kernels, {result['threads']} threads, each sequence at "
+    table = format_rows(f"batched decode steps ({result['kernels']} kernels, {result['threads']} threads, each sequence at "
                        f"{result['positions']} positions, median of {result['runs']} x {result['steps_per_run']} steps; "
                        f"{result['matrix_weights'] / 1e6:.1f} M matrix weights)",
                        [("batch", "batch", "d"), ("step ms", "step_ms", ".2f"), ("tok/s", "tok_s", ".1f"),
                         ("x batch 1", "x_batch_1", ".2f"), ("matrix GFLOP/s", "gflop_s", ".1f")], result["batches"])
+    if "ops_ms" not in result["batches"][0]:
+        return table
+    ops = list(result["batches"][0]["ops_ms"])
+    rows = [{"batch": r["batch"], **r["ops_ms"], "sum": sum(r["ops_ms"].values())} for r in result["batches"]]
+    return table + "\n\n" + format_rows("where a step goes (--ops: ms per step, the same steps timed per operation)",
+                                        [("batch", "batch", "d")] + [(op, op, ".2f") for op in ops + ["sum"]], rows)
