@@ -19,19 +19,36 @@
 
 /* floor: at most the k-th largest of row y's lower bounds y[c] - (bound[c] c1 + bound[N + c] c2) (k <= FM_MAX_TOP):
  * the k-th largest of the union of each of 16 lanes' ceil(k/16) largest (lane i: the columns c = i mod 16),
- * a subset of them, found by a min/max network in vector registers; -INFINITY where fewer than k are finite. */
+ * a subset of them, found by a min/max network in vector registers; -INFINITY where fewer than k are finite.
+ * NaN never counts (max_ps and min_ps return their second operand when one is NaN). */
 static float floor_of(const float *y, const float *bound, int N, float c1, float c2, int k) {
     enum { DEPTH = FM_MAX_TOP / PANEL };
     const int depth = (k + PANEL - 1) / PANEL;
     float t[DEPTH][PANEL], all[FM_MAX_TOP];
+    int c = 0;
+#ifdef FM_AVX2
+    __m256 v[DEPTH][2];
+    for (int d = 0; d < DEPTH; d++) v[d][0] = v[d][1] = _mm256_set1_ps(-INFINITY);
+    const __m256 a = _mm256_set1_ps(c1), b = _mm256_set1_ps(c2);
+    for (; c + PANEL <= N; c += PANEL)
+        for (int h = 0; h < 2; h++) {
+            const int at = c + 8 * h;
+            __m256 x = _mm256_sub_ps(_mm256_loadu_ps(y + at), _mm256_fmadd_ps(_mm256_loadu_ps(bound + at), a,
+                                                                             _mm256_mul_ps(_mm256_loadu_ps(bound + N + at), b)));
+            for (int d = 0; d < depth; d++) {  /* keeps each lane's largest in v[0], next in v[1], ... */
+                const __m256 hi = _mm256_max_ps(x, v[d][h]);
+                x = _mm256_min_ps(v[d][h], x), v[d][h] = hi;
+            }
+        }
+    for (int d = 0; d < DEPTH; d++) _mm256_storeu_ps(t[d], v[d][0]), _mm256_storeu_ps(t[d] + 8, v[d][1]);
+#else
     for (int d = 0; d < DEPTH; d++)
         for (int i = 0; i < PANEL; i++) t[d][i] = -INFINITY;
-    for (int c = 0; c < N; c += PANEL) {
+#endif
+    for (; c < N; c += PANEL) {  /* the portable copy's panels, and the tail's */
         float x[PANEL];
-        if (c + PANEL <= N)
-            for (int i = 0; i < PANEL; i++) x[i] = y[c + i] - (bound[c + i] * c1 + bound[N + c + i] * c2);
-        else  /* the tail's missing lanes: -inf, which never counts (nor does NaN) */
-            for (int i = 0; i < PANEL; i++) x[i] = c + i < N ? y[c + i] - (bound[c + i] * c1 + bound[N + c + i] * c2) : -INFINITY;
+        for (int i = 0; i < PANEL; i++)  /* the tail's missing lanes: -inf, which never counts (nor does NaN) */
+            x[i] = c + i < N ? y[c + i] - (bound[c + i] * c1 + bound[N + c + i] * c2) : -INFINITY;
         for (int d = 0; d < depth; d++)
             for (int i = 0; i < PANEL; i++) {  /* x NaN: the comparison is false, t keeps its value */
                 const float hi = x[i] > t[d][i] ? x[i] : t[d][i];
@@ -46,6 +63,26 @@ static float floor_of(const float *y, const float *bound, int N, float c1, float
             all[j] = t[d][i];
         }
     return all[k - 1];
+}
+
+/* Whether a column of the panel at n0..n1 has an upper bound y[c] + (bound[c] c1 + bound[N + c] c2) >= floor. */
+static int in_reach(const float *y, const float *bound, int N, int n0, int n1, float c1, float c2, float floor) {
+#ifdef FM_AVX2
+    if (n1 - n0 == PANEL) {
+        const __m256 a = _mm256_set1_ps(c1), b = _mm256_set1_ps(c2), f = _mm256_set1_ps(floor);
+        int reach = 0;
+        for (int h = 0; h < 2; h++) {
+            const int at = n0 + 8 * h;
+            const __m256 up = _mm256_add_ps(_mm256_loadu_ps(y + at), _mm256_fmadd_ps(_mm256_loadu_ps(bound + at), a,
+                                                                     _mm256_mul_ps(_mm256_loadu_ps(bound + N + at), b)));
+            reach |= _mm256_movemask_ps(_mm256_cmp_ps(up, f, _CMP_GE_OQ));  /* NaN: false */
+        }
+        return reach != 0;
+    }
+#endif
+    int reach = 0;
+    for (int i = n0; i < n1; i++) reach |= y[i] + (bound[i] * c1 + bound[N + i] * c2) >= floor;
+    return reach;
 }
 
 int fm_head_top(const fm_model *m, const float *x, int B, const int32_t *top, float *y, size_t ldy) {
@@ -78,9 +115,7 @@ int fm_head_top(const fm_model *m, const float *x, int B, const int32_t *top, fl
             if (exact[e] >= 0 && exact[e] < N) yr[exact[e]] = INFINITY;
         for (int p = 0; p < panels; p++) {
             const int n0 = p * PANEL, n1 = n0 + PANEL < N ? n0 + PANEL : N;
-            int reach = all;
-            for (int i = n0; i < n1; i++) reach |= yr[i] + (bound[i] * c1 + bound[N + i] * c2) >= floor;
-            if (reach)
+            if (all || in_reach(yr, bound, N, n0, n1, c1, c2, floor))
                 f32_tile(head->w, K, N, p, 0, 1, xr, 1, 1, yr, ldy, 0);
             else
                 for (int i = n0; i < n1; i++) yr[i] = -INFINITY;
