@@ -34,9 +34,9 @@ PARAMS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_toke
           # fromage's own: retrieval in an answer (defaults as the demo's: DEFAULTS)
           "retrieval": "retrieval", "min_word_tokens": "min_word_tokens", "max_rets": "max_rets",
           "ret_scale_factor": "ret_scale_factor", "top_images": "top_images"}
-STREAM_FIELDS = {"stream", "stream_options", "ignore_eos"}
+COMMON_FIELDS = {"stream", "stream_options", "ignore_eos"}  # every generation request's, besides PARAMS
 # an answer does not open with an image and shows at most one retrieval, as in the demo
-DEFAULTS = {"max_new_tokens": DEFAULT_MAX_TOKENS, "min_word_tokens": 2, "max_rets": 1}
+DEFAULTS = {"min_word_tokens": 2, "max_rets": 1}
 
 
 @dataclass
@@ -52,14 +52,15 @@ def check_fields(body, own: set) -> None:
     """A JSON object whose fields are the sampling ones, the ignored ones and the endpoint's `own`; n = 1."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
-    unknown = set(body) - set(PARAMS) - IGNORED_FIELDS - STREAM_FIELDS - own
+    unknown = set(body) - set(PARAMS) - IGNORED_FIELDS - COMMON_FIELDS - own
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
     if body.get("n", 1) != 1:
         raise BadRequest("only n = 1 is supported", param="n")
 
 
-def sampling(body: dict, max_tokens: int | None, format_stops: tuple = (), default_max_tokens: int = DEFAULT_MAX_TOKENS):
+def sampling(body: dict, max_tokens: int | None, format_stops: tuple = (),
+             default_max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[SamplingParams, bool, bool]:
     """The request's SamplingParams (every value checked), stream and include_usage. `max_tokens`, the server's
     cap, also caps the default when the request names none; `format_stops` end an answer besides the user's
     stops (the chat format's next turn)."""

@@ -39,7 +39,8 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
     outputs = {b: (np.empty((b, dec.vocab_size), np.float32), np.empty((b, dec.retrieval_dim), np.float32))
                for b in batches}
     # greedy rows, as the server runs temperature-0 requests (an fp32 head: its 8-bit copy, native/head_top.c)
-    run_step = lambda b: dec.forward_batch(embeds[:b], caches[:b], [positions] * b, *outputs[b], top=[1] * b)  # noqa: E731
+    def run_step(b):
+        dec.forward_batch(embeds[:b], caches[:b], [positions] * b, *outputs[b], top=[1] * b)
     steps = time_steps(batches, run_step, runs, log, label=lambda b: f"B={b}")
     weights = matrix_weights(m, dec.vocab_size)
     rows = []
