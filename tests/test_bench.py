@@ -88,13 +88,15 @@ def test_bench_context(exported, tmp_path, monkeypatch, capsys):
     probe = bench_worker.BandwidthProbe
     monkeypatch.setattr(bench_worker, "BandwidthProbe", lambda threads: probe(threads, gib=1 / 64))
     out = tmp_path / "context.json"
-    assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "40,64", "--runs", "1",
+    assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "40,64", "--runs", "1", "--ops",
                  "--json", str(out)]) == 0
     r = json.loads(out.read_text())["context"]
     assert [row["positions"] for row in r["lengths"]] == [40, 64] and r["bandwidth_gb_s"] > 0
     assert all(row["bound_ms"] > 0 and row["step_ms"] > 0 for row in r["lengths"])
     assert all(len(row["x_bound_runs"]) == 1 == len(r["bandwidth_runs_gb_s"]) for row in r["lengths"])
-    assert "x that bound" in capsys.readouterr().out
+    assert all(row["attention_op_ms"] > 0 and row["x_bound_op"] > 0 for row in r["lengths"])  # --ops
+    printed = capsys.readouterr().out
+    assert "x that bound" in printed and "attention op ms" in printed
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "8"]) == 2
     assert "must be at least 17" in capsys.readouterr().err
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "40", "--plot", "x.png"]) == 2
@@ -123,7 +125,7 @@ def test_bench_batch(exported, tmp_path, capsys):
     (["--batch", "two"], "numbers like 1,8,16"),
     (["--batch", "4", "--context", "64"], "two separate benches"),
     (["--batch", "4", "--plot", "x.png"], "without --plot"),
-    (["--ops"], "give --batch"),
+    (["--ops"], "give one of them"),
     (["--compare", "vllm"], "unknown peer"),
     (["--also-engine", "native"], "main run's engine"),  # --engine auto runs native already
 ])

@@ -357,7 +357,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", metavar="N,N", help="instead of the decode bench: the native engine's batched decode "
                    "step with these numbers of sequences (e.g. 1,8,16): aggregate tok/s and the matrices' GFLOP/s")
     p.add_argument("--ops", action="store_true", help="with --batch: also where a step goes, each operation timed "
-                   "(norms, matrices, rope, attention, SiLU, head)")
+                   "(norms, matrices, rope, attention, SiLU, head); with --context: the attention operation itself")
     p.add_argument("--runs", type=int, default=5, help="timed runs per system")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--threads", type=int, help="threads per system (default: all cores)")
@@ -392,8 +392,8 @@ def cmd_bench(args) -> None:
             raise FromageError(f"--{flag} times the native decoder alone: without --plot, --compare, --also, --also-engine")
     if args.context is not None and args.batch is not None:
         raise FromageError("--context and --batch are two separate benches: give one")
-    if args.ops and args.batch is None:
-        raise FromageError("--ops times the operations of --batch's steps: give --batch")
+    if args.ops and args.batch is None and args.context is None:
+        raise FromageError("--ops times the operations of --batch's or --context's steps: give one of them")
     if args.plot:
         if args.bundle is None:
             raise FromageError("--plot draws the decode benchmark: give --bundle")

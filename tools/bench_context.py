@@ -22,7 +22,7 @@ def parse_lengths(text: str) -> list[int]:
     return int_list(text, "--context", "1024,4096", BASE_POSITIONS + 1)
 
 
-def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=print) -> dict:
+def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=print, ops: bool = False) -> dict:
     from fromage.runtime.generate import Fromage, cache_capacity
     from .bench_worker import BandwidthProbe
     model = Fromage(bundle, engine="native", threads=threads)
@@ -42,8 +42,9 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
     def measure() -> str:  # the bandwidth once per run, between the steps
         bandwidth.append(probe.measure()["gb_s"])
         return f"; bandwidth {bandwidth[-1]:.1f} GB/s"
-    steps = time_steps(points, lambda p: dec.forward(embeds, cache, p, logits, ret), runs, log, after_run=measure,
-                       steps=STEPS)
+    def run_step(p):
+        dec.forward(embeds, cache, p, logits, ret)
+    steps = time_steps(points, run_step, runs, log, after_run=measure, steps=STEPS)
 
     def run_medians(p) -> list[float]:  # each run's median step: a run's steps and its bandwidth go together
         return [statistics.median(steps[p][r * STEPS:(r + 1) * STEPS]) for r in range(runs)]
@@ -58,20 +59,27 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
                      "attention_ms": statistics.median(attention) * 1e3, "kv_mb": kv_bytes / 1e6,
                      "bound_ms": statistics.median(bounds) * 1e3, "x_bound": statistics.median(ratios),
                      "x_bound_runs": ratios})
+        if ops:  # the attention itself, timed inside the same steps run again (not a difference of two steps)
+            passes, seconds = dec.op_times(lambda: [run_step(p) for _ in range(runs * STEPS)])
+            rows[-1]["attention_op_ms"] = seconds["attention"] / passes * 1e3
+            rows[-1]["x_bound_op"] = rows[-1]["attention_op_ms"] / rows[-1]["bound_ms"]
     return {"kernels": dec.kernels, "threads": threads, "runs": runs, "steps_per_run": STEPS,
             "bandwidth_gb_s": statistics.median(bandwidth), "bandwidth_runs_gb_s": bandwidth,
             "base_positions": BASE_POSITIONS, "base_step_ms": statistics.median(steps[BASE_POSITIONS]) * 1e3,
             "lengths": rows,
             "note": f"per run: attention = its median step at N positions - its median step at {BASE_POSITIONS}, "
                     "bound = KV bytes / the bandwidth measured after its steps, x = attention / bound; the table "
-                    "gives the medians over runs (x_bound_runs: every run's x)"}
+                    "gives the medians over runs (x_bound_runs: every run's x); with --ops, attention_op_ms is the attention "
+                    "operation itself (fm_profile), x_bound_op = it / the median bound"}
 
 
 def format_context(result: dict) -> str:
+    ops = [("attention op ms", "attention_op_ms", ".2f"), ("x bound (op)", "x_bound_op", ".2f")] \
+        if "attention_op_ms" in result["lengths"][0] else []
     return format_rows(f"long context ({result['kernels']} kernels, {result['threads']} threads, {result['runs']} runs "
                        f"of {result['steps_per_run']} steps, medians over runs; bandwidth {result['bandwidth_gb_s']:.1f} "
                        f"GB/s; step at {result['base_positions']} positions {result['base_step_ms']:.2f} ms)",
                        [("positions", "positions", "d"), ("step ms", "step_ms", ".2f"),
                         ("attention ms", "attention_ms", ".2f"), ("KV MB", "kv_mb", ".1f"),
-                        ("KV bytes / bandwidth ms", "bound_ms", ".2f"), ("x that bound", "x_bound", ".2f")],
+                        ("KV bytes / bandwidth ms", "bound_ms", ".2f"), ("x that bound", "x_bound", ".2f")] + ops,
                        result["lengths"])
