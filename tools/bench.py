@@ -416,8 +416,7 @@ def cmd_bench(args) -> None:
             key, text = "batch", args.batch
         if args.bundle is None:
             raise FromageError(f"--{key} needs --bundle")
-        extra = {"ops": True} if args.ops else {}
-        result[key] = run(args.bundle, parse(text), args.threads or default_threads(), args.runs, log=log, **extra)
+        result[key] = run(args.bundle, parse(text), args.threads or default_threads(), args.runs, log=log, ops=args.ops)
     elif args.bundle is not None:
         result = run_bench(args, log=log)
     if args.retrieval is not None:

@@ -9,7 +9,7 @@ import statistics
 
 import numpy as np
 
-from .bench_steps import STEPS_PER_RUN, format_rows, time_steps
+from .bench_steps import STEPS_PER_RUN, format_rows, ms_per_op, time_steps
 from .options import int_list
 
 BATCH_POSITIONS = 128
@@ -49,8 +49,7 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
         rows.append({"batch": b, "step_ms": step * 1e3, "tok_s": b / step, "gflop_s": 2 * weights * b / step / 1e9})
     if ops:  # where a step goes: the same steps again, each operation timed (the step times above are without)
         for row in rows:
-            passes, seconds = dec.op_times(lambda: [run_step(row["batch"]) for _ in range(runs * STEPS_PER_RUN)])
-            row["ops_ms"] = {op: s / passes * 1e3 for op, s in seconds.items()}
+            row["ops_ms"] = ms_per_op(dec, run_step, row["batch"], runs * STEPS_PER_RUN)
     one = next((row["tok_s"] for row in rows if row["batch"] == 1), None)
     for row in rows:
         row["x_batch_1"] = row["tok_s"] / one if one else None

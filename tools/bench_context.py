@@ -11,7 +11,7 @@ import numpy as np
 
 from fromage.runtime.errors import FromageError
 
-from .bench_steps import format_rows, time_steps
+from .bench_steps import format_rows, ms_per_op, time_steps
 from .options import int_list
 
 BASE_POSITIONS = 16
@@ -60,8 +60,7 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
                      "bound_ms": statistics.median(bounds) * 1e3, "x_bound": statistics.median(ratios),
                      "x_bound_runs": ratios})
         if ops:  # the attention itself, timed inside the same steps run again (not a difference of two steps)
-            passes, seconds = dec.op_times(lambda: [run_step(p) for _ in range(runs * STEPS)])
-            rows[-1]["attention_op_ms"] = seconds["attention"] / passes * 1e3
+            rows[-1]["attention_op_ms"] = ms_per_op(dec, run_step, p, runs * STEPS)["attention"]
             rows[-1]["x_bound_op"] = rows[-1]["attention_op_ms"] / rows[-1]["bound_ms"]
     return {"kernels": dec.kernels, "threads": threads, "runs": runs, "steps_per_run": STEPS,
             "bandwidth_gb_s": statistics.median(bandwidth), "bandwidth_runs_gb_s": bandwidth,

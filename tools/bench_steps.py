@@ -27,6 +27,13 @@ def time_steps(settings: list, step, runs: int, log, label=str, after_run=None, 
     return times
 
 
+def ms_per_op(decoder, step, setting, steps: int) -> dict:
+    """step(setting) run `steps` times with the native decoder's per-operation clock on (--ops): -> {operation:
+    ms per step}."""
+    passes, seconds = decoder.op_times(lambda: [step(setting) for _ in range(steps)])
+    return {op: s / passes * 1e3 for op, s in seconds.items()}
+
+
 def format_rows(title: str, columns: list[tuple[str, str, str]], rows: list[dict]) -> str:
     """A table: columns (header, row key, format spec), each cell right-aligned under its header
     ('-' for None)."""
