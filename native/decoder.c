@@ -421,24 +421,15 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
     double t = fm_op_start();
     for (int i = 0; i < m->n_layers && !rc; i++) {
         const fm_layer *L = m->layers + i;
-        rms_norm(x, L->attn_norm, h, T, E, m->eps);
-        t = fm_op_done(FM_OP_NORM, t);
-        rc |= fm_linear_rows(&L->qkv, h, T, qkv, (size_t)L->qkv.N, 0);
-        t = fm_op_done(FM_OP_QKV, t);
-        rope_and_append(m, qkv, T, past, capacity, k_cache[i], v_cache[i]);
-        t = fm_op_done(FM_OP_ROPE, t);
-        attention(m, qkv, T, past, capacity, k_cache[i], v_cache[i], attn, att_scratch);
-        t = fm_op_done(FM_OP_ATTENTION, t);
-        rc |= fm_linear_rows(&L->o, attn, T, x, (size_t)L->o.N, 1);
-        t = fm_op_done(FM_OP_O, t);
-        rms_norm(x, L->mlp_norm, h, T, E, m->eps);
-        t = fm_op_done(FM_OP_NORM, t);
-        rc |= fm_linear_rows(&L->gate_up, h, T, gu, (size_t)L->gate_up.N, 0);
-        t = fm_op_done(FM_OP_GATE_UP, t);
-        silu_mul(gu, T, I, act);
-        t = fm_op_done(FM_OP_SILU, t);
-        rc |= fm_linear_rows(&L->down, act, T, x, (size_t)L->down.N, 1);
-        t = fm_op_done(FM_OP_DOWN, t);
+        TIMED(FM_OP_NORM, rms_norm(x, L->attn_norm, h, T, E, m->eps));
+        TIMED(FM_OP_QKV, rc |= fm_linear_rows(&L->qkv, h, T, qkv, (size_t)L->qkv.N, 0));
+        TIMED(FM_OP_ROPE, rope_and_append(m, qkv, T, past, capacity, k_cache[i], v_cache[i]));
+        TIMED(FM_OP_ATTENTION, attention(m, qkv, T, past, capacity, k_cache[i], v_cache[i], attn, att_scratch));
+        TIMED(FM_OP_O, rc |= fm_linear_rows(&L->o, attn, T, x, (size_t)L->o.N, 1));
+        TIMED(FM_OP_NORM, rms_norm(x, L->mlp_norm, h, T, E, m->eps));
+        TIMED(FM_OP_GATE_UP, rc |= fm_linear_rows(&L->gate_up, h, T, gu, (size_t)L->gate_up.N, 0));
+        TIMED(FM_OP_SILU, silu_mul(gu, T, I, act));
+        TIMED(FM_OP_DOWN, rc |= fm_linear_rows(&L->down, act, T, x, (size_t)L->down.N, 1));
     }
     if (rc) return -2;
 
@@ -544,10 +535,8 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
     double t = fm_op_start();
     for (int i = 0; i < m->n_layers && !rc; i++) {
         const fm_layer *L = m->layers + i;
-        rms_norm(x, L->attn_norm, h, B, E, m->eps);
-        t = fm_op_done(FM_OP_NORM, t);
-        rc |= fm_linear_rows(&L->qkv, h, B, qkv, width, 0);
-        t = fm_op_done(FM_OP_QKV, t);
+        TIMED(FM_OP_NORM, rms_norm(x, L->attn_norm, h, B, E, m->eps));
+        TIMED(FM_OP_QKV, rc |= fm_linear_rows(&L->qkv, h, B, qkv, width, 0));
         /* each row writes its own position (a prompt's rows share a cache, at different positions); the keys'
          * 64 lines per group are misses, which two threads wait on side by side */
 #pragma omp parallel for schedule(static) if (B > 1)
@@ -555,18 +544,12 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
             rope_and_append(m, qkv + b * width, 1, past[b], capacity[b], k_cache[(size_t)b * m->n_layers + i],
                             v_cache[(size_t)b * m->n_layers + i]);
         t = fm_op_done(FM_OP_ROPE, t);
-        attention_batch(m, qkv, B, past, capacity, k_cache, v_cache, i, lay, attn, part, sc);
-        t = fm_op_done(FM_OP_ATTENTION, t);
-        rc |= fm_linear_rows(&L->o, attn, B, x, E, 1);
-        t = fm_op_done(FM_OP_O, t);
-        rms_norm(x, L->mlp_norm, h, B, E, m->eps);
-        t = fm_op_done(FM_OP_NORM, t);
-        rc |= fm_linear_rows(&L->gate_up, h, B, gu, (size_t)2 * I, 0);
-        t = fm_op_done(FM_OP_GATE_UP, t);
-        silu_mul(gu, B, I, act);
-        t = fm_op_done(FM_OP_SILU, t);
-        rc |= fm_linear_rows(&L->down, act, B, x, E, 1);
-        t = fm_op_done(FM_OP_DOWN, t);
+        TIMED(FM_OP_ATTENTION, attention_batch(m, qkv, B, past, capacity, k_cache, v_cache, i, lay, attn, part, sc));
+        TIMED(FM_OP_O, rc |= fm_linear_rows(&L->o, attn, B, x, E, 1));
+        TIMED(FM_OP_NORM, rms_norm(x, L->mlp_norm, h, B, E, m->eps));
+        TIMED(FM_OP_GATE_UP, rc |= fm_linear_rows(&L->gate_up, h, B, gu, (size_t)2 * I, 0));
+        TIMED(FM_OP_SILU, silu_mul(gu, B, I, act));
+        TIMED(FM_OP_DOWN, rc |= fm_linear_rows(&L->down, act, B, x, E, 1));
     }
     if (rc) return -2;
 

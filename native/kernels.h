@@ -49,8 +49,8 @@ int fm_head_top(const fm_model *m, const float *x, int B, const int32_t *top, fl
 float *fm_scratch(int slot, size_t floats);
 
 /* fm_profile: the calling thread's switch and counters (dispatch.c). A forward pass starts with
- * t = fm_op_start() (negative when profiling is off: the switch is read once per pass), then
- * t = fm_op_done(op, t) after each operation. */
+ * double t = fm_op_start() (negative when profiling is off: the switch is read once per pass), then
+ * t = fm_op_done(op, t) after each operation: TIMED(op, statement). */
 extern _Thread_local int fm_profiling;
 extern _Thread_local double fm_op_seconds[FM_OPS];
 extern _Thread_local int64_t fm_op_calls;
@@ -65,6 +65,7 @@ static inline double fm_op_done(int op, double since) {
     fm_op_seconds[op] += now - since;
     return now;
 }
+#define TIMED(op, ...) do { __VA_ARGS__; t = fm_op_done((op), t); } while (0)
 
 #ifdef FM_AVX2
 static inline float hsum(__m256 v) {
