@@ -193,7 +193,7 @@ class NativeDecoder:
         # are read aside and laid out in panels in the arena (_pack), 4/8-bit weights read aside and
         # repacked into it (_repack), one matrix at a time.
         self.w, self._linears = {}, {}  # name -> _Linear: fp32 panels (_pack) or 4/8-bit blocks (_repack)
-        self.head_top_bytes = None
+        self.head_top_bytes, self.head_bound = None, None  # set with the fp32 head's 8-bit copy (_quantize_head)
         with open(path, "rb") as fh:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 table = [t for t in initializers(buf) if t["dtype"] in _DTYPES]
@@ -304,7 +304,7 @@ class NativeDecoder:
                    float(model["rms_norm_eps"]), cos.ctypes.data, self._ptr("sin_cache"), layers,
                    self._ptr("model.norm.weight"), head, extra, wt.w, self._ptr("W_t.bias"),
                    self._linears.get("lm_head.q8", _Linear()),
-                   self.head_bound.ctypes.data if "lm_head.q8" in self._linears else None)
+                   None if self.head_bound is None else self.head_bound.ctypes.data)
         same = all((lay.qkv.K, lay.qkv.N, lay.o.K, lay.o.N, lay.gate_up.N, lay.down.K, lay.down.N)
                    == (qkv.K, qkv.N, m.n_heads * d, qkv.K, gate_up.N, m.inter, qkv.K) for lay in layers)
         if m.n_heads < 1 or m.n_heads % kv or qkv.N % d or cos.shape[1] * 2 != d or not same:
