@@ -401,6 +401,7 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
                                                          const uint8_t *x8, const float *sx, const float *sums,
                                                          const int32_t *ls, const int R, float *y, size_t ldy,
                                                          int accumulate, const int bits) {
+    (void)ls;  /* the AVX-512 8-bit kernel's alone */
     const int K = L->K, nb = K / FM_BLOCK, record = q_record(bits);
     const uint8_t *w[4];
     for (int j = 0; j < NP; j++) w[j] = q_panel(L, p + j * step);
