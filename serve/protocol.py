@@ -157,23 +157,6 @@ def usage(result, prompt_positions: int) -> dict:
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
 
 
-def completion(rid: str, model: str, result, prompt_positions: int) -> dict:
-    parts = response_parts(result.parts)
-    text = "".join(p["text"] for p in parts if p["type"] == "text")
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "parts": parts},
-                         "finish_reason": finish_reason(result)}],
-            "usage": usage(result, prompt_positions)}
-
-
-def chunk(rid: str, model: str, delta: dict, finish_reason: str | None = None, usage_: dict | None = None) -> dict:
-    out = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-           "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}] if delta is not None else []}
-    if usage_ is not None:
-        out["usage"] = usage_
-    return out
-
-
 class ChatAnswer:
     """How /v1/chat/completions writes one request's answer: whole, or as stream chunks (the app's _sse)."""
     id_prefix = "chatcmpl"
@@ -181,21 +164,32 @@ class ChatAnswer:
     def __init__(self, rid: str, model: str, request: GenerationRequest):
         self.rid, self.model, self.start = rid, model, AnswerStart()
 
+    def _object(self, kind: str, choices: list) -> dict:
+        return {"id": self.rid, "object": kind, "created": int(time.time()), "model": self.model, "choices": choices}
+
+    def _chunk(self, delta: dict, reason: str | None = None) -> dict:
+        return self._object("chat.completion.chunk", [{"index": 0, "delta": delta, "finish_reason": reason}])
+
     def whole(self, result, positions: int) -> dict:
-        return completion(self.rid, self.model, result, positions)
+        parts = response_parts(result.parts)
+        text = "".join(p["text"] for p in parts if p["type"] == "text")
+        message = {"role": "assistant", "content": text, "parts": parts}
+        return {**self._object("chat.completion", [{"index": 0, "message": message,
+                                                     "finish_reason": finish_reason(result)}]),
+                "usage": usage(result, positions)}
 
     def opening(self) -> list[dict]:
-        return [chunk(self.rid, self.model, {"role": "assistant", "content": ""})]
+        return [self._chunk({"role": "assistant", "content": ""})]
 
     def text(self, text: str) -> dict | None:
         text = self.start(text)
-        return chunk(self.rid, self.model, {"content": text}) if text else None
+        return self._chunk({"content": text}) if text else None
 
     def image(self, part: dict) -> dict:
-        return chunk(self.rid, self.model, {"parts": [part]})
+        return self._chunk({"parts": [part]})
 
     def closing(self, reason: str) -> dict:
-        return chunk(self.rid, self.model, {}, reason)
+        return self._chunk({}, reason)
 
     def usage(self, usage_: dict) -> dict:
-        return chunk(self.rid, self.model, None, None, usage_)
+        return {**self._object("chat.completion.chunk", []), "usage": usage_}
