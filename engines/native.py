@@ -46,7 +46,7 @@ class _Model(ctypes.Structure):
         ("layers", ctypes.POINTER(_Layer)), ("final_norm", ctypes.c_void_p),
         ("head", _Linear), ("head_extra", _Linear), ("wt", ctypes.c_void_p), ("wt_bias", ctypes.c_void_p),
         ("head_q8", _Linear), ("head_q8_bound", ctypes.c_void_p), ("head_q8_exact", ctypes.c_void_p),
-        ("head_q8_n_exact", ctypes.c_int32)]
+        ("head_q8_n_exact", ctypes.c_int32), ("kv_half", ctypes.c_int32)]
 
 
 HUGE_PAGE = 2 << 20
@@ -161,6 +161,7 @@ def available() -> str | None:
 
 
 KV_BLOCK = 64  # FM_KV_BLOCK: cache capacities are multiples of it; keys are stored in blocks of it
+KV_DTYPES = {"f32": np.float32, "f16": np.float16}  # fm_model.kv_half: the cache's element
 OPS = ("norm", "qkv", "rope", "attention", "o", "gate_up", "silu", "down", "head")  # fm_op's order
 
 
@@ -179,9 +180,13 @@ class NativeDecoder:
     in_place = True  # writes the KV cache buffers in place (the runtime grows them)
     capacity_step = KV_BLOCK  # a cache's capacity is a multiple of this
 
-    def __init__(self, path, model: dict, threads: int | None = None, exact_columns: tuple = ()):
+    def __init__(self, path, model: dict, threads: int | None = None, exact_columns: tuple = (), kv_cache: str = "f32"):
         """exact_columns: logits that a row asking for its `top` largest (forward_batch) gets exactly whatever
-        their value: a logit the caller rescales before choosing, as the runtime does [RET]'s."""
+        their value: a logit the caller rescales before choosing, as the runtime does [RET]'s.
+        kv_cache: "f32", or "f16" (the caches this decoder takes hold fp16 halves: half the memory and reads)."""
+        if kv_cache not in KV_DTYPES:
+            raise FromageError(f"unknown KV cache type {kv_cache!r} (choose from {', '.join(KV_DTYPES)})")
+        self.kv_dtype = np.dtype(KV_DTYPES[kv_cache])
         self.lib = load_library()
         self.kernels = kernels_in_use(self.lib)  # "avx512", "avx2" or "portable"
         if "rms_norm_eps" not in model:
@@ -219,6 +224,7 @@ class NativeDecoder:
                     self._repack(t["name"][:-len(".qweight")])
         self.model = self._model(model)
         self.model.threads = resolve_threads(threads)
+        self.model.kv_half = int(kv_cache == "f16")
         self._exact = (ctypes.c_int32 * len(exact_columns))(*exact_columns)
         self.model.head_q8_exact, self.model.head_q8_n_exact = ctypes.addressof(self._exact), len(exact_columns)
         self._known = {}  # the last call's caches: id -> (their buffers, addresses); replaced as one dict
@@ -372,17 +378,17 @@ class NativeDecoder:
         return (ctypes.c_void_p * len(k))(*k), (ctypes.c_void_p * len(v))(*v)
 
     def _addresses(self, cache: list) -> list[int]:
-        n, kv, d, f32 = self.model.n_layers, self.model.n_kv, self.model.head_dim, np.dtype(np.float32)
+        n, kv, d, dtype = self.model.n_layers, self.model.n_kv, self.model.head_dim, self.kv_dtype
         shape = cache[0].shape if len(cache) == 2 * n else ()
         try:
             if not (len(shape) == 4 and shape[:2] == (1, kv) and shape[3] == d and shape[2] % KV_BLOCK == 0
-                    and all(c.dtype is f32 and c.shape == shape for c in cache)):
+                    and all(c.dtype == dtype and c.shape == shape for c in cache)):
                 raise TypeError
             # from_buffer refuses buffers that are not C-contiguous and writable; ~4x cheaper than .ctypes.data
             return [ctypes.addressof(ctypes.c_char.from_buffer(c)) for c in cache] if shape[2] else \
                 [c.ctypes.data for c in cache]
         except TypeError:
-            raise FromageError(f"the KV cache must be {2 * n} C-contiguous writable float32 arrays "
+            raise FromageError(f"the KV cache must be {2 * n} C-contiguous writable {dtype} arrays "
                                f"of shape (1, {kv}, capacity, {d}), capacity a multiple of {KV_BLOCK}") from None
 
     def forward_batch(self, embeds: np.ndarray, caches: list, pasts: list, logits: np.ndarray, ret: np.ndarray,

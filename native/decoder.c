@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include "half.h"
 
 static void rms_norm(const float *x, const float *w, float *out, int T, int E, float eps) {
     for (int t = 0; t < T; t++) {
@@ -36,8 +37,31 @@ enum { STAGED_BLOCKS = 32 };
 /* Where block b of group g starts in a layer's key or value cache of `capacity` positions (floats). */
 static inline size_t block_at(int g, int b, int capacity, int d) { return ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d; }
 
+/* A KV cache's element: an fp32 float, or an fp16 half (fm_model.kv_half). */
+static inline size_t kv_bytes(const fm_model *m) { return m->kv_half ? 2 : 4; }
+static inline void *kv_at(void *cache, size_t elements, int half) { return (char *)cache + (elements << (half ? 1 : 2)); }
+
+/* dst = src (n floats) as halves, rounded to nearest even (F16C and fm_float_to_half give the same bits). */
+static void to_halves(const float *src, uint16_t *dst, int n) {
+    int i = 0;
+#ifdef FM_AVX2
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) dst[i] = fm_float_to_half(src[i]);
+}
+
+/* dst = src (n halves) as floats. */
+static void from_halves(const uint16_t *src, float *dst, size_t n) {
+    size_t i = 0;
+#ifdef FM_AVX2
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    for (; i < n; i++) dst[i] = fm_half_to_float(src[i]);
+}
+
 /* Rotates q and k in place and appends the k and v of each new position to the cache. */
-static void rope_and_append(const fm_model *m, float *qkv, int T, int past, int capacity, float *kc, float *vc) {
+static void rope_and_append(const fm_model *m, float *qkv, int T, int past, int capacity, void *kc, void *vc) {
     const int H = m->n_heads, KV = m->n_kv, d = m->head_dim, half = d / 2, width = (H + 2 * KV) * d;
     for (int t = 0; t < T; t++) {
         const int p = past + t;
@@ -45,10 +69,18 @@ static void rope_and_append(const fm_model *m, float *qkv, int T, int past, int 
         float *row = qkv + (size_t)t * width;
         for (int h = 0; h < H + KV; h++) rotate(row + h * d, c, s, half);
         for (int g = 0; g < KV; g++) {
-            const float *k = row + (H + g) * d;
-            float *tile = kc + block_at(g, p / ATT_BLOCK, capacity, d) + p % ATT_BLOCK;
-            for (int i = 0; i < d; i++) tile[(size_t)i * ATT_BLOCK] = k[i];
-            memcpy(vc + ((size_t)g * capacity + p) * d, row + (H + KV + g) * d, sizeof(float) * d);
+            const float *k = row + (H + g) * d, *v = row + (H + KV + g) * d;
+            const size_t tile = block_at(g, p / ATT_BLOCK, capacity, d) + p % ATT_BLOCK, at = ((size_t)g * capacity + p) * d;
+            if (m->kv_half) {
+                uint16_t *kt = kv_at(kc, tile, 1), kh[d];
+                to_halves(k, kh, d);
+                for (int i = 0; i < d; i++) kt[(size_t)i * ATT_BLOCK] = kh[i];
+                to_halves(v, kv_at(vc, at, 1), d);
+            } else {
+                float *kt = kv_at(kc, tile, 0);
+                for (int i = 0; i < d; i++) kt[(size_t)i * ATT_BLOCK] = k[i];
+                memcpy(kv_at(vc, at, 0), v, sizeof(float) * d);
+            }
         }
     }
 }
@@ -129,16 +161,22 @@ static void weighted_values(const float *p, const float *v, int n, int d, float 
 }
 
 #ifdef FM_AVX512
+/* The 16 cache elements from element i of p, as floats (half: p holds fp16 halves). */
+static inline __attribute__((always_inline)) __m512 load16(const void *p, size_t i, const int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)))
+                : _mm512_loadu_ps((const float *)p + i);
+}
+
 /* block_scores for the G heads q (G * d) at once, the tile's first 16 * V lanes: sc[h * ATT_BLOCK + s]. Each
  * key row is loaded once for the G heads, and each head's lanes are summed in block_scores's order. */
-static inline __attribute__((always_inline)) void scores_heads(const float *q, const int G, const int V, const float *kt,
-                                                               int d, float scale, float *sc) {
+static inline __attribute__((always_inline)) void scores_heads(const float *q, const int G, const int V, const int half,
+                                                               const void *kt, int d, float scale, float *sc) {
     __m512 acc[FUSED_HEADS][ATT_BLOCK / 16];
     for (int h = 0; h < G; h++)
         for (int j = 0; j < V; j++) acc[h][j] = _mm512_setzero_ps();
     for (int i = 0; i < d; i++) {
         __m512 k[ATT_BLOCK / 16];
-        for (int j = 0; j < V; j++) k[j] = _mm512_loadu_ps(kt + (size_t)i * ATT_BLOCK + 16 * j);
+        for (int j = 0; j < V; j++) k[j] = load16(kt, (size_t)i * ATT_BLOCK + 16 * j, half);
         for (int h = 0; h < G; h++) {
             const __m512 qi = _mm512_set1_ps(q[(size_t)h * d + i]);
             for (int j = 0; j < V; j++) acc[h][j] = _mm512_fmadd_ps(qi, k[j], acc[h][j]);
@@ -176,8 +214,9 @@ static inline void softmax_heads(const int G, int n, float *sc, float *part, siz
 
 /* weighted_values for G heads at once (d a multiple of 64): o_h = part + h * stride + 2. Each value vector
  * is loaded once for the G heads; each head sums in weighted_values's order. */
-static inline __attribute__((always_inline)) void weighted_values_heads(const float *p, const int G, const float *v,
-                                                                        int n, int d, float *part, size_t stride) {
+static inline __attribute__((always_inline)) void weighted_values_heads(const float *p, const int G, const int half,
+                                                                        const void *v, int n, int d, float *part,
+                                                                        size_t stride) {
     for (int i = 0; i < d; i += 64) {
         __m512 a[FUSED_HEADS][4], b[FUSED_HEADS][4];
         for (int h = 0; h < G; h++)
@@ -185,12 +224,12 @@ static inline __attribute__((always_inline)) void weighted_values_heads(const fl
         int s = 0;
         for (; s + 2 <= n; s += 2) {
             __m512 vs[4];
-            for (int j = 0; j < 4; j++) vs[j] = _mm512_loadu_ps(v + (size_t)s * d + i + 16 * j);
+            for (int j = 0; j < 4; j++) vs[j] = load16(v, (size_t)s * d + i + 16 * j, half);
             for (int h = 0; h < G; h++) {
                 const __m512 ps = _mm512_set1_ps(p[(size_t)h * ATT_BLOCK + s]);
                 for (int j = 0; j < 4; j++) a[h][j] = _mm512_fmadd_ps(ps, vs[j], a[h][j]);
             }
-            for (int j = 0; j < 4; j++) vs[j] = _mm512_loadu_ps(v + (size_t)(s + 1) * d + i + 16 * j);
+            for (int j = 0; j < 4; j++) vs[j] = load16(v, (size_t)(s + 1) * d + i + 16 * j, half);
             for (int h = 0; h < G; h++) {
                 const __m512 qs = _mm512_set1_ps(p[(size_t)h * ATT_BLOCK + s + 1]);
                 for (int j = 0; j < 4; j++) b[h][j] = _mm512_fmadd_ps(qs, vs[j], b[h][j]);
@@ -199,7 +238,7 @@ static inline __attribute__((always_inline)) void weighted_values_heads(const fl
         if (s < n)
             for (int h = 0; h < G; h++) {
                 const __m512 ps = _mm512_set1_ps(p[(size_t)h * ATT_BLOCK + s]);
-                for (int j = 0; j < 4; j++) a[h][j] = _mm512_fmadd_ps(ps, _mm512_loadu_ps(v + (size_t)s * d + i + 16 * j), a[h][j]);
+                for (int j = 0; j < 4; j++) a[h][j] = _mm512_fmadd_ps(ps, load16(v, (size_t)s * d + i + 16 * j, half), a[h][j]);
             }
         for (int h = 0; h < G; h++)
             for (int j = 0; j < 4; j++) _mm512_storeu_ps(part + h * stride + 2 + i + 16 * j, _mm512_add_ps(a[h][j], b[h][j]));
@@ -212,42 +251,52 @@ static inline __attribute__((always_inline)) void weighted_values_heads(const fl
  * key tile kt (sc: G * ATT_BLOCK floats), then their softmax pieces and values. A decoding step runs
  * the first stage over many blocks before the second, so each thread reads its keys, then its values, as
  * long forward streams; prefill and batched steps run both per block. The results are the same. */
-static void group_scores(const float *q, int G, const float *kt, int n, int d, float scale, float *sc) {
+static void group_scores(const float *q, int G, const void *kt, int half, int n, int d, float scale, float *sc) {
 #ifdef FM_AVX512
     if (d % 64 == 0 && G <= FUSED_HEADS) {
         /* constant head and vector counts each, so the accumulators stay in registers; only the vectors of
          * 16 positions that hold some of the n (a short sequence's one block, a cache's last) */
-#define SCORES_HEADS(g) switch ((n + 15) / 16) { \
-            case 1: scores_heads(q, g, 1, kt, d, scale, sc); return; \
-            case 2: scores_heads(q, g, 2, kt, d, scale, sc); return; \
-            case 3: scores_heads(q, g, 3, kt, d, scale, sc); return; \
-            default: scores_heads(q, g, 4, kt, d, scale, sc); return; }
-        switch (G) {
-            case 3: SCORES_HEADS(3)
-            case 2: SCORES_HEADS(2)
-            case 1: SCORES_HEADS(1)
+#define SCORES_HEADS(g, h) switch ((n + 15) / 16) { \
+            case 1: scores_heads(q, g, 1, h, kt, d, scale, sc); return; \
+            case 2: scores_heads(q, g, 2, h, kt, d, scale, sc); return; \
+            case 3: scores_heads(q, g, 3, h, kt, d, scale, sc); return; \
+            default: scores_heads(q, g, 4, h, kt, d, scale, sc); return; }
+        switch (G * 2 + (half != 0)) {
+            case 6: SCORES_HEADS(3, 0)
+            case 7: SCORES_HEADS(3, 1)
+            case 4: SCORES_HEADS(2, 0)
+            case 5: SCORES_HEADS(2, 1)
+            case 2: SCORES_HEADS(1, 0)
+            case 3: SCORES_HEADS(1, 1)
         }
 #undef SCORES_HEADS
     }
 #endif
     (void)n;  /* the other copies score the whole tile */
-    for (int j = 0; j < G; j++) block_scores(q + (size_t)j * d, kt, d, scale, sc + (size_t)j * ATT_BLOCK);
+    float tile[half ? (size_t)d * ATT_BLOCK : 1];
+    if (half) from_halves(kt, tile, (size_t)d * ATT_BLOCK);
+    for (int j = 0; j < G; j++) block_scores(q + (size_t)j * d, half ? tile : kt, d, scale, sc + (size_t)j * ATT_BLOCK);
 }
 
 /* From the scores sc of the n positions of one block, whose values are v (n, d): for head j,
  * part[j * stride] = {the top score m, the sum of exp(score - m), the sum of exp(score - m) * v (d floats)}.
  * The values (16 KiB for d = 64) are read once for all G heads. */
-static void group_values(int G, const float *v, int n, int d, float *sc, float *part, size_t stride) {
+static void group_values(int G, const void *v, int half, int n, int d, float *sc, float *part, size_t stride) {
 #ifdef FM_AVX512
     if (d % 64 == 0 && G <= FUSED_HEADS) {
         softmax_heads(G, n, sc, part, stride);
-        switch (G) {
-            case 3: weighted_values_heads(sc, 3, v, n, d, part, stride); return;
-            case 2: weighted_values_heads(sc, 2, v, n, d, part, stride); return;
-            case 1: weighted_values_heads(sc, 1, v, n, d, part, stride); return;
+        switch (G * 2 + (half != 0)) {
+            case 6: weighted_values_heads(sc, 3, 0, v, n, d, part, stride); return;
+            case 7: weighted_values_heads(sc, 3, 1, v, n, d, part, stride); return;
+            case 4: weighted_values_heads(sc, 2, 0, v, n, d, part, stride); return;
+            case 5: weighted_values_heads(sc, 2, 1, v, n, d, part, stride); return;
+            case 2: weighted_values_heads(sc, 1, 0, v, n, d, part, stride); return;
+            case 3: weighted_values_heads(sc, 1, 1, v, n, d, part, stride); return;
         }
     }
 #endif
+    float values[half ? (size_t)n * d : 1];
+    if (half) from_halves(v, values, (size_t)n * d);
     for (int j = 0; j < G; j++, part += stride) {
         float *row = sc + (size_t)j * ATT_BLOCK, top = -INFINITY;
         int s = 0;
@@ -260,7 +309,7 @@ static void group_values(int G, const float *v, int n, int d, float *sc, float *
 #endif
         for (; s < n; s++) top = row[s] > top ? row[s] : top;
         part[0] = top, part[1] = fm_exp_shifted(row, n, top);
-        weighted_values(row, v, n, d, part + 2);
+        weighted_values(row, half ? values : v, n, d, part + 2);
     }
 }
 
@@ -274,22 +323,23 @@ enum { ATT_CHUNK = 8 };
 
 /* Asks for the lines of a block's key tile (the vectors of 16 positions that hold some of its n) and of its n
  * values, ahead of their use. */
-static inline void prefetch_block(const float *kt, const float *v, int n, int d) {
+static inline void prefetch_block(const void *kt, const void *v, int n, int d, size_t bytes) {
 #ifdef FM_AVX2
+    const char *k = kt, *vv = v;
     for (int i = 0; i < d; i++)
-        for (int j = 0; j < (n + 15) / 16; j++) _mm_prefetch((const char *)(kt + (size_t)i * ATT_BLOCK + 16 * j), _MM_HINT_T0);
-    for (size_t o = 0; o < (size_t)n * d; o += 16) _mm_prefetch((const char *)(v + o), _MM_HINT_T0);
+        for (size_t j = 0; j < ((size_t)n * bytes + 63) / 64; j++) _mm_prefetch(k + ((size_t)i * ATT_BLOCK * bytes + 64 * j), _MM_HINT_T0);
+    for (size_t o = 0; o < (size_t)n * d * bytes; o += 64) _mm_prefetch(vv + o, _MM_HINT_T0);
 #else
-    (void)kt, (void)v, (void)n, (void)d;
+    (void)kt, (void)v, (void)n, (void)d, (void)bytes;
 #endif
 }
 
 /* Both stages for block b of the n cached positions; k, v: the group's caches (a block's key tile starts
  * where its positions would). */
-static void attend_block(const float *q, int G, const float *k, const float *v, int b, int n, int d, float scale,
+static void attend_block(const float *q, int G, void *k, void *v, int half, int b, int n, int d, float scale,
                          float *sc, float *part, size_t stride) {
-    group_scores(q, G, k + block_at(0, b, 0, d), block_len(b, n), d, scale, sc);
-    group_values(G, v + block_at(0, b, 0, d), block_len(b, n), d, sc, part, stride);
+    group_scores(q, G, kv_at(k, block_at(0, b, 0, d), half), half, block_len(b, n), d, scale, sc);
+    group_values(G, kv_at(v, block_at(0, b, 0, d), half), half, block_len(b, n), d, sc, part, stride);
 }
 
 /* One head's output (d) from its blocks' partials (part[b * (d + 2)], b < blocks), in block order. */
@@ -320,8 +370,8 @@ static size_t attention_scratch(const fm_model *m, int total, int threads) {
  * the (group, block) pairs, and attends them in stages of up to STAGED_BLOCKS, scores first; several (prefill):
  * the threads share the (position, group) pairs. */
 static void attention(const fm_model *m, const float *qkv, int T, int past, int capacity,
-                      const float *kc, const float *vc, float *out, float *scratch) {
-    const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d;
+                      void *kc, void *vc, float *out, float *scratch) {
+    const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d, half = m->kv_half;
     const int blocks = blocks_of(past + T);
     const float scale = 1.f / sqrtf((float)d);
     const size_t per_head = (size_t)blocks * (d + 2), scores = thread_scores(m), group = (size_t)G * ATT_BLOCK;
@@ -338,12 +388,12 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
                 const int z = a + each < end ? a + each : end;
                 for (int it = a; it < z; it++) {
                     const int g = it / blocks, b = it % blocks;
-                    group_scores(qkv + (size_t)g * G * d, G, kc + block_at(g, b, capacity, d), block_len(b, past + 1), d,
-                                 scale, sc + (it - a) * group);
+                    group_scores(qkv + (size_t)g * G * d, G, kv_at(kc, block_at(g, b, capacity, d), half), half,
+                                 block_len(b, past + 1), d, scale, sc + (it - a) * group);
                 }
                 for (int it = a; it < z; it++) {
                     const int g = it / blocks, b = it % blocks;
-                    group_values(G, vc + block_at(g, b, capacity, d), block_len(b, past + 1), d,
+                    group_values(G, kv_at(vc, block_at(g, b, capacity, d), half), half, block_len(b, past + 1), d,
                                  sc + (it - a) * group, part + (size_t)g * G * per_head + (size_t)b * (d + 2), per_head);
                 }
             }
@@ -359,8 +409,8 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
             const int n = past + t + 1, id = omp_get_thread_num();
             float *mine = part + (size_t)id * G * per_head;
             for (int b = 0; b * ATT_BLOCK < n; b++)
-                attend_block(qkv + (size_t)t * width + (size_t)g * G * d, G, kc + block_at(g, 0, capacity, d),
-                             vc + block_at(g, 0, capacity, d), b, n, d, scale, scratch + (size_t)id * scores,
+                attend_block(qkv + (size_t)t * width + (size_t)g * G * d, G, kv_at(kc, block_at(g, 0, capacity, d), half),
+                             kv_at(vc, block_at(g, 0, capacity, d), half), half, b, n, d, scale, scratch + (size_t)id * scores,
                              mine + (size_t)b * (d + 2), per_head);
             for (int j = 0; j < G; j++)
                 merge_blocks(mine + (size_t)j * per_head, blocks_of(n), d,
@@ -404,7 +454,7 @@ static int carve_scratch(const size_t *sizes, int n, float **buf) {
 }
 
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
-               float *const *k_cache, float *const *v_cache, float *logits, float *ret) {
+               void *const *k_cache, void *const *v_cache, float *logits, float *ret) {
     if (T < 1 || past < 0 || past + T > capacity || capacity % ATT_BLOCK || past + T > m->rope_positions) return -1;
     if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
@@ -458,9 +508,9 @@ static void batch_item(const batch_layout *lay, const int32_t *past, size_t it, 
  * order, as attention() does for T = 1), so a sequence's result does not depend on the others. part: the
  * partials (lay); sc: thread_scores(m) floats per thread. */
 static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
-                            float *const *kc, float *const *vc, int layer, const batch_layout *lay, float *out,
+                            void *const *kc, void *const *vc, int layer, const batch_layout *lay, float *out,
                             float *part, float *sc) {
-    const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d;
+    const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d, half = m->kv_half;
     const float scale = 1.f / sqrtf((float)d);
     const size_t scores = thread_scores(m), items = lay->item[B];
     const size_t per_thread = items / (4 * (size_t)omp_get_max_threads());  /* a few claims each, at least */
@@ -477,12 +527,13 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
                 int nb, ng, nblk;
                 batch_item(lay, past, it + 1, b, &nb, &ng, &nblk);
                 const size_t at = block_at(ng, nblk, capacity[nb], d);
-                prefetch_block(kc[(size_t)nb * m->n_layers + layer] + at, vc[(size_t)nb * m->n_layers + layer] + at,
-                               block_len(nblk, past[nb] + 1), d);
+                prefetch_block(kv_at(kc[(size_t)nb * m->n_layers + layer], at, half),
+                               kv_at(vc[(size_t)nb * m->n_layers + layer], at, half), block_len(nblk, past[nb] + 1), d,
+                               kv_bytes(m));
             }
             const size_t per_head = (size_t)blocks_of(past[b] + 1) * (d + 2), cache = block_at(g, 0, capacity[b], d);
-            attend_block(qkv + (size_t)b * width + (size_t)g * G * d, G, kc[(size_t)b * m->n_layers + layer] + cache,
-                         vc[(size_t)b * m->n_layers + layer] + cache, blk, past[b] + 1, d, scale,
+            attend_block(qkv + (size_t)b * width + (size_t)g * G * d, G, kv_at(kc[(size_t)b * m->n_layers + layer], cache, half),
+                         kv_at(vc[(size_t)b * m->n_layers + layer], cache, half), half, blk, past[b] + 1, d, scale,
                          sc + (size_t)omp_get_thread_num() * scores,
                          part + lay->part[b] + g * G * per_head + (size_t)blk * (d + 2), per_head);
         }
@@ -519,7 +570,7 @@ static int head_rows(const fm_model *m, const float *h, int n, const int32_t *to
 
 /* The layers and the head of a batched step (fm_forward_rows, its arguments checked). */
 static int forward_rows(const fm_model *m, const float *embeds, int B, const int32_t *past, const int32_t *capacity,
-                        float *const *k_cache, float *const *v_cache, int n_out, const int32_t *out_rows,
+                        void *const *k_cache, void *const *v_cache, int n_out, const int32_t *out_rows,
                         const int32_t *top, float *logits, float *ret, const batch_layout *lay) {
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
     const size_t width = (size_t)(H + 2 * KV) * d;
@@ -562,7 +613,7 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
 }
 
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
-                    float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
+                    void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
                     const int32_t *out_top, float *logits, float *ret) {
     if (B < 1) return -1;
     if (!out_rows) n_out = B;

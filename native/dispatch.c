@@ -7,19 +7,19 @@
 #include "fromage_native.h"
 
 #define DECLARE(isa)                                                                                          \
-    int fm_forward_##isa(const fm_model *, const float *, int32_t, int32_t, int32_t, float *const *,         \
-                         float *const *, float *, float *);                                                   \
+    int fm_forward_##isa(const fm_model *, const float *, int32_t, int32_t, int32_t, void *const *,         \
+                         void *const *, float *, float *);                                                   \
     int fm_forward_rows_##isa(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,     \
-                              float *const *, float *const *, int32_t, const int32_t *, const int32_t *,      \
+                              void *const *, void *const *, int32_t, const int32_t *, const int32_t *,      \
                               float *, float *);                                                              \
     float fm_stream_read_##isa(const float *, size_t, int, size_t);
 
 typedef struct {
     const char *name;
-    int (*forward)(const fm_model *, const float *, int32_t, int32_t, int32_t, float *const *, float *const *,
+    int (*forward)(const fm_model *, const float *, int32_t, int32_t, int32_t, void *const *, void *const *,
                    float *, float *);
     int (*forward_rows)(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,
-                        float *const *, float *const *, int32_t, const int32_t *, const int32_t *, float *, float *);
+                        void *const *, void *const *, int32_t, const int32_t *, const int32_t *, float *, float *);
     float (*stream_read)(const float *, size_t, int, size_t);
 } kernels;
 
@@ -74,18 +74,18 @@ int fm_cpu_ok(void) { return chosen() && forced_ok; }
 const char *fm_kernels(void) { return chosen()->name; }
 
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
-               float *const *k_cache, float *const *v_cache, float *logits, float *ret) {
+               void *const *k_cache, void *const *v_cache, float *logits, float *ret) {
     return chosen()->forward(m, embeds, T, past, capacity, k_cache, v_cache, logits, ret);
 }
 
 int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
-                     float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
+                     void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
                      float *logits, float *ret) {
     return chosen()->forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, NULL, logits, ret);
 }
 
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
-                    float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
+                    void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
                     const int32_t *out_top, float *logits, float *ret) {
     return chosen()->forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_top, logits, ret);
 }

@@ -5,8 +5,8 @@
  * fp32 MatMul matrices (K, N) laid out in panels of 16 columns (fm_pack), or MatMulNBits' 4/8-bit
  * blocks with a scale and a minimum per block in fp16 (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit
  * bundle computes with exactly the weights of the fp32 one; laid out in panels of 16 columns too
- * (fm_pack_nbits). The KV cache is the runtime's buffers of (kv, capacity, d) floats per layer, written
- * in place; capacity is a multiple of FM_KV_BLOCK. Values are position-major, as in the ONNX graph; keys
+ * (fm_pack_nbits). The KV cache is the runtime's buffers of (kv, capacity, d) elements per layer, written
+ * in place: floats, or IEEE fp16 halves with fm_model.kv_half; capacity is a multiple of FM_KV_BLOCK. Values are position-major, as in the ONNX graph; keys
  * are in blocks of FM_KV_BLOCK positions, each block dimension-major: the key of position p, group g, is
  * at k[((g * capacity + p - p % FM_KV_BLOCK) * d) + i * FM_KV_BLOCK + p % FM_KV_BLOCK], i < d. */
 #ifndef FROMAGE_NATIVE_H
@@ -55,6 +55,9 @@ typedef struct {
     const float *head_q8_bound;
     const int32_t *head_q8_exact;
     int32_t head_q8_n_exact;
+    /* 1: the KV caches passed with this model hold fp16 halves (rounded to nearest even as they are appended;
+     * attention computes in fp32 from them): half the cache's memory and reads, at fp16's precision. 0: floats. */
+    int32_t kv_half;
 } fm_model;
 
 /* The kernels are compiled once per instruction set and one copy is chosen when the library loads,
@@ -77,7 +80,7 @@ int fm_set_kernels(const char *name);
  * Returns 0, or -1 when past + T exceeds capacity or the rotary table or capacity is not a multiple of
  * FM_KV_BLOCK, -2 when out of memory. */
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
-               float *const *k_cache, float *const *v_cache, float *logits, float *ret);
+               void *const *k_cache, void *const *v_cache, float *logits, float *ret);
 /* One decoding step of B independent sequences: sequence b feeds embeds[b] (embeds (B, hidden)) on its
  * own cache holding past[b] positions of capacity[b]; k_cache[b * n_layers + i], v_cache[...]: its
  * layer i's (n_kv, capacity[b], head_dim) buffers, appended in place. Rows may share a cache at
@@ -90,7 +93,7 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
  * not a multiple of FM_KV_BLOCK, or out_rows is not
  * ascending within [0, B) (nothing written), -2 when out of memory. */
 int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
-                     float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
+                     void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
                      float *logits, float *ret);
 
 /* fm_forward_batch, where out_top (n_out counts, or NULL: all 0) says how many of its largest logits an
@@ -100,7 +103,7 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
  * k largest (a few panels of 16 columns computed exactly: ~1/4 of the head's memory reads). Without
  * head_q8, or for k > FM_MAX_TOP, all are exact. head_extra's logits are always exact. */
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
-                    float *const *k_cache, float *const *v_cache, int32_t n_out, const int32_t *out_rows,
+                    void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
                     const int32_t *out_top, float *logits, float *ret);
 
 /* dst (ceil(N / FM_PANEL) * FM_PANEL * K floats) = src (K, N) row-major, an ONNX MatMul initializer,

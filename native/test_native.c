@@ -70,7 +70,7 @@ static float max_diff(const float *a, const float *b, int n) {
 }
 
 static void run(const fm_model *m, const float *emb, int steps, float *logits, float *ret) {
-    float *k[LAYERS], *v[LAYERS];
+    void *k[LAYERS], *v[LAYERS];
     for (int i = 0; i < LAYERS; i++) k[i] = calloc(KV * POS * D, 4), v[i] = calloc(KV * POS * D, 4);
     if (steps == 1) {
         if (fm_forward(m, emb, T, 0, POS, k, v, logits, ret)) exit(2);
@@ -89,7 +89,7 @@ enum { NB = 8, STEPS = 3 };  /* 8: a full group of the widest row kernel (6) and
 
 static int batch_matches(const fm_model *m) {
     const int past0[NB] = {0, 5, 63, 64, 130, 1, 100, 20}, cap[NB] = {64, 64, 128, 128, POS, 64, 128, 64};
-    float *k[NB * LAYERS], *v[NB * LAYERS], *ks[NB * LAYERS], *vs[NB * LAYERS];
+    void *k[NB * LAYERS], *v[NB * LAYERS], *ks[NB * LAYERS], *vs[NB * LAYERS];
     int32_t past[NB], capacity[NB];
     for (int b = 0; b < NB; b++) {
         past[b] = past0[b], capacity[b] = cap[b];
@@ -184,7 +184,8 @@ static int top_matches(const fm_model *mf) {
     const int32_t exact[] = {VG - 5};  /* always exact: a logit the caller would rescale */
     m.head_q8 = (fm_linear){FM_NBITS, E, VG, 8, NULL, panels}, m.head_q8_bound = bound;
     m.head_q8_exact = exact, m.head_q8_n_exact = 1;
-    float *k[NB * LAYERS], *v[NB * LAYERS], *full = malloc(sizeof(float) * NB * VG), *part = malloc(sizeof(float) * NB * VG);
+    void *k[NB * LAYERS], *v[NB * LAYERS];
+    float *full = malloc(sizeof(float) * NB * VG), *part = malloc(sizeof(float) * NB * VG);
     int32_t past[NB], capacity[NB];
     for (int j = 0; j < NB * LAYERS; j++) k[j] = calloc((size_t)KV * 64 * D, 4), v[j] = calloc((size_t)KV * 64 * D, 4);
     int same = 1, computed = 0, asked = 0;
@@ -232,8 +233,25 @@ static int profile_counts(const fm_model *m, const float *emb, const float *logi
     return ok && total > 0. && fm_profile_read(s) == 0;
 }
 
-/* All checks on the kernels in use; fills the prefill's fp32 and 4-bit logits (V each) for comparing copies. */
-static int check(const fm_model *mf, const fm_model *mq, const float *emb, float *out_f, float *out_q) {
+/* An fp16 KV cache (kv_half): its prefill gives the same bits as its positions one at a time, its batched steps
+ * those of single ones, and its logits (out, V) those of the fp32 cache (ref) within fp16's rounding. */
+static int half_cache_matches(const fm_model *mf, const float *emb, const float *ref, float *out) {
+    fm_model mh = *mf;
+    mh.kv_half = 1;
+    float a[V], ra[R], rb[R], scale = 0.f;
+    run(&mh, emb, 1, out, ra);
+    run(&mh, emb, T, a, rb);
+    for (int i = 0; i < V; i++) scale = fabsf(ref[i]) > scale ? fabsf(ref[i]) : scale;
+    const float vs_f32 = max_diff(ref, out, V) / scale;
+    const int same = !memcmp(a, out, sizeof a) && !memcmp(ra, rb, sizeof ra), batch = batch_matches(&mh);
+    printf("[%s] fp16 KV cache: prefill vs one at a time %s, batched steps bit-identical %s, logits vs fp32 cache %.2e\n",
+           fm_kernels(), same ? "same" : "DIFFER", batch ? "yes" : "NO", vs_f32);
+    return same && batch && vs_f32 > 0.f && vs_f32 < 1e-2f;  /* > 0: the halves were used */
+}
+
+/* All checks on the kernels in use; fills the prefill's fp32, 4-bit and fp16-cache logits (V each) for comparing
+ * copies. */
+static int check(const fm_model *mf, const fm_model *mq, const float *emb, float *out_f, float *out_q, float *out_h) {
     float a[V], b[V], c[V], d[V], ra[R], rb[R], rc[R], rd[R];
     run(mf, emb, 1, a, ra);
     run(mf, emb, T, b, rb);
@@ -245,17 +263,17 @@ static int check(const fm_model *mf, const fm_model *mq, const float *emb, float
                 blocks = max_diff(b, c, V) / scale;
     printf("[%s] prefill vs one at a time (fp32 and 4/8-bit, logits and retrieval): %.2e; 4/8-bit blocks vs fp32: %.2e\n",
            fm_kernels(), prefill, blocks);
-    float *kk[LAYERS] = {0}, *vv[LAYERS] = {0};
+    void *kk[LAYERS] = {0}, *vv[LAYERS] = {0};
     const int refused = fm_forward(mf, emb, 1, POS, POS, kk, vv, a, ra) == -1 && /* past the capacity */
                         fm_forward(mf, emb, 1, 0, POS + 1, kk, vv, a, ra) == -1;  /* not whole key blocks */
     const int batch_f32 = batch_matches(mf), batch_q4 = batch_matches(mq), greedy = top_matches(mf),
-              profiled = profile_counts(mf, emb, b);
+              profiled = profile_counts(mf, emb, b), half = half_cache_matches(mf, emb, a, out_h);
     printf("[%s] batched steps bit-identical to single ones: fp32 %s, 4/8-bit %s\n", fm_kernels(), batch_f32 ? "yes" : "NO",
            batch_q4 ? "yes" : "NO");
     memcpy(out_f, b, sizeof b);
     memcpy(out_q, c, sizeof c);
     if (!profiled) printf("[%s] fm_profile: wrong counts or changed outputs\n", fm_kernels());
-    return prefill == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy && profiled;
+    return prefill == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy && profiled && half;
 }
 
 int main(void) {
@@ -291,19 +309,20 @@ int main(void) {
                    packed(randv(E * R, 0.5f, 0.f), E, R), randv(R, 0.1f, 0.f)};
     fm_model mq = mf;
     mq.layers = lq, mq.head = head_q;
-    float *emb = randv(T * E, 1.f, 0.f), ref_f[V], ref_q[V], got_f[V], got_q[V];
+    float *emb = randv(T * E, 1.f, 0.f), ref_f[V], ref_q[V], ref_h[V], got_f[V], got_q[V], got_h[V];
     int ok = 1;
     if (fm_set_kernels("portable") != 0) return 2;
-    ok &= check(&mf, &mq, emb, ref_f, ref_q);
+    ok &= check(&mf, &mq, emb, ref_f, ref_q, ref_h);
     for (int i = 0; i < n_paths; i++) {
         if (!strcmp(paths[i], "portable")) continue;
         if (fm_set_kernels(paths[i]) != 0) return 2;
-        ok &= check(&mf, &mq, emb, got_f, got_q);
+        ok &= check(&mf, &mq, emb, got_f, got_q, got_h);
         float scale = 0.f;
         for (int j = 0; j < V; j++) scale = fabsf(ref_f[j]) > scale ? fabsf(ref_f[j]) : scale;
-        const float df = max_diff(ref_f, got_f, V) / scale, dq = max_diff(ref_q, got_q, V) / scale;
-        printf("[%s] logits vs the portable copy: fp32 %.2e, 4/8-bit %.2e\n", paths[i], df, dq);
-        ok &= df < 1e-5f && dq < 1e-4f;
+        const float df = max_diff(ref_f, got_f, V) / scale, dq = max_diff(ref_q, got_q, V) / scale,
+                    dh = max_diff(ref_h, got_h, V) / scale;
+        printf("[%s] logits vs the portable copy: fp32 %.2e, 4/8-bit %.2e, fp16 KV cache %.2e\n", paths[i], df, dq, dh);
+        ok &= df < 1e-5f && dq < 1e-4f && dh < 1e-5f;
     }
     if (!ok) {
         printf("FAILED\n");

@@ -121,6 +121,7 @@ class _TextStream:
 
 
 ENGINES = ("auto", "native", "onnxruntime")
+KV_CACHES = ("f32", "f16")  # the KV cache's element; f16 needs the native engine
 
 
 class Fromage:
@@ -136,7 +137,7 @@ class Fromage:
     `advance` of that state overwrites; copy them to keep them."""
 
     def __init__(self, bundle, index=None, device: str = "cpu", threads: int | None = None, verify: bool = True,
-                 engine: str = "auto"):
+                 engine: str = "auto", kv_cache: str = "f32"):
         from tokenizers import Tokenizer
         self.bundle: Bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         m = self.bundle.model
@@ -155,7 +156,8 @@ class Fromage:
         self.kv_names = io["inputs"][3:]
         # the fused graph (export/llama_graph.py) keeps the KV cache in buffers written in place
         self.fused = io.get("cache") == "in-place"
-        self.engine, self.decoder, self.engine_note = self._make_decoder(engine, device, threads)
+        self.engine, self.decoder, self.engine_note = self._make_decoder(engine, device, threads, kv_cache)
+        self.kv_dtype = getattr(self.decoder, "kv_dtype", np.dtype(np.float32))
         self.vocab_size, self.retrieval_dim = m["vocab_size"], m["retrieval_dim"]
         self.query_template = m.get("query_template", "{}")  # how text queries are written before [RET]
         self.index = None
@@ -164,11 +166,16 @@ class Fromage:
             self.index = index if isinstance(index, ImageIndex) else ImageIndex.open(
                 index, expected_dim=m["retrieval_dim"], expected_embedder=self.bundle.vision_fingerprint)
 
-    def _make_decoder(self, engine: str, device: str, threads: int | None):
+    def _make_decoder(self, engine: str, device: str, threads: int | None, kv_cache: str):
         """-> (engine name, decoder, why the native engine is not used or None). `auto` tries the
-        native engine where it can run and falls back to ONNX Runtime, saying why."""
+        native engine where it can run and falls back to ONNX Runtime, saying why (not with an f16 KV cache,
+        which only the native engine keeps)."""
         if engine not in ENGINES:
             raise FromageError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+        if kv_cache not in KV_CACHES:
+            raise FromageError(f"unknown KV cache type {kv_cache!r} (choose from {', '.join(KV_CACHES)})")
+        if kv_cache != "f32" and engine == "onnxruntime":
+            raise FromageError(f"a {kv_cache} KV cache needs the native engine, not onnxruntime")
         path, why_not = self.bundle.graph_path("decoder"), None
         if engine != "onnxruntime":
             if not self.fused:
@@ -178,11 +185,13 @@ class Fromage:
             else:
                 try:
                     return "native", native.NativeDecoder(path, self.bundle.model, threads=threads,
-                                                          exact_columns=(self.ret_id,)), None
+                                                          exact_columns=(self.ret_id,), kv_cache=kv_cache), None
                 except FromageError as e:  # no library, no AVX2, a bundle from before the engine
                     why_not = str(e)
             if engine == "native":
                 raise FromageError(f"the native engine cannot run this: {why_not}")
+            if kv_cache != "f32":
+                raise FromageError(f"a {kv_cache} KV cache needs the native engine, which cannot run this: {why_not}")
         graph = OrtSession(path, device=device, threads=threads)
         decoder = InPlaceDecoder(graph) if self.fused else ConcatDecoder(graph)
         return "onnxruntime", decoder, why_not and f"native engine not used: {why_not}"
@@ -215,7 +224,7 @@ class Fromage:
         """A state on `cache` holding `length` positions; by default an empty cache (it grows as positions are
         fed)."""
         if cache is None:
-            cache = [np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.kv_names]
+            cache = [np.zeros((1, self.kv_heads, 0, self.head_dim), self.kv_dtype) for _ in self.kv_names]
         outputs = np.zeros(self.vocab_size, np.float32), np.zeros(self.retrieval_dim, np.float32)
         return DecodeState(cache, length, *outputs)
 
@@ -273,7 +282,7 @@ class Fromage:
             capacity = cache_capacity(self.decoder, min(self.max_positions, max(MIN_CAPACITY, _pow2(total))))
             for i, old in enumerate(state.cache):
                 # all of the old buffer: the native engine keeps keys in blocks, not as `length` leading rows
-                state.cache[i] = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], np.float32)
+                state.cache[i] = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], old.dtype)
                 state.cache[i][:, :, :old.shape[2]] = old
         return total
 

@@ -40,6 +40,7 @@ class ServerConfig:
     bundle: str
     index: str | None = None
     engine: str = "auto"
+    kv_cache: str = "f32"                   # the KV cache's element: f32, or f16 (native engine)
     device: str = "cpu"
     threads: int | None = None
     verify: bool = True
@@ -66,7 +67,7 @@ class _State:
         c = self.config
         try:
             model = model or Fromage(c.bundle, index=c.index, device=c.device, threads=c.threads, verify=c.verify,
-                                     engine=c.engine)
+                                     engine=c.engine, kv_cache=c.kv_cache)
             self.media.index = model.index
             self.scheduler = Scheduler(model, max_batch=c.max_batch, max_queue=c.max_queue,
                                        max_prompt=c.max_prompt_tokens, max_new_tokens=c.max_tokens,

@@ -31,7 +31,8 @@ def cmd_serve(args) -> None:
                            "--max-queue and --prefix-cache-mb >= 0 and --max-body-mb > 0")
     if args.allowed_media_dir and not os.path.isdir(args.allowed_media_dir):
         raise FromageError(f"--allowed-media-dir {args.allowed_media_dir} is not a directory")
-    config = ServerConfig(bundle=args.bundle, index=args.index, engine=args.engine, device=args.device,
+    config = ServerConfig(bundle=args.bundle, index=args.index, engine=args.engine, kv_cache=args.kv_cache,
+                          device=args.device,
                           threads=args.threads, verify=not args.no_verify, max_batch=args.max_batch,
                           max_queue=args.max_queue, prefill_rows=args.prefill_rows, api_key=args.api_key,
                           prefix_cache_bytes=int(args.prefix_cache_mb * 1024 * 1024),

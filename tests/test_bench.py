@@ -89,9 +89,11 @@ def test_bench_context(exported, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench_worker, "BandwidthProbe", lambda threads: probe(threads, gib=1 / 64))
     out = tmp_path / "context.json"
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "40,64", "--runs", "1", "--ops",
-                 "--json", str(out)]) == 0
+                 "--kv-cache", "f32,f16", "--json", str(out)]) == 0
     r = json.loads(out.read_text())["context"]
-    assert [row["positions"] for row in r["lengths"]] == [40, 64] and r["bandwidth_gb_s"] > 0
+    assert [(row["kv_cache"], row["positions"]) for row in r["lengths"]] == [("f32", 40), ("f32", 64), ("f16", 40),
+                                                                             ("f16", 64)] and r["bandwidth_gb_s"] > 0
+    assert r["lengths"][2]["kv_mb"] * 2 == pytest.approx(r["lengths"][0]["kv_mb"])  # an f16 cache: half the bytes
     assert all(row["bound_ms"] > 0 and row["step_ms"] > 0 for row in r["lengths"])
     assert all(len(row["x_bound_runs"]) == 1 == len(r["bandwidth_runs_gb_s"]) for row in r["lengths"])
     assert all(row["attention_op_ms"] > 0 and row["x_bound_op"] > 0 for row in r["lengths"])  # --ops
@@ -107,9 +109,10 @@ def test_bench_batch(exported, tmp_path, capsys):
     """The batched decode step (what the server runs) at several batch sizes on the tiny model."""
     out = tmp_path / "batch.json"
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--batch", "1,3,8", "--runs", "1", "--ops",
-                 "--json", str(out)]) == 0
+                 "--kv-cache", "f16,f32", "--json", str(out)]) == 0
     r = json.loads(out.read_text())["batch"]
-    assert [row["batch"] for row in r["batches"]] == [1, 3, 8] and r["batches"][0]["x_batch_1"] == 1
+    assert [(row["kv_cache"], row["batch"]) for row in r["batches"]] == [(kv, b) for kv in ("f16", "f32") for b in (1, 3, 8)]
+    assert r["batches"][0]["x_batch_1"] == 1 == r["batches"][3]["x_batch_1"]  # each against its own batch of 1
     assert all(row["step_ms"] > 0 and row["tok_s"] > 0 and row["gflop_s"] > 0 for row in r["batches"])
     # --ops: every operation timed (a tiny model's steps take microseconds: no comparison with the step times)
     from fromage.engines.native import OPS
@@ -126,6 +129,9 @@ def test_bench_batch(exported, tmp_path, capsys):
     (["--batch", "4", "--context", "64"], "two separate benches"),
     (["--batch", "4", "--plot", "x.png"], "without --plot"),
     (["--ops"], "give one of them"),
+    (["--kv-cache", "f8"], "give f32 or f16"),
+    (["--kv-cache", "f32,f16"], "takes one type"),  # the decode bench runs one
+    (["--kv-cache", "f16", "--also-engine", "onnxruntime"], "needs the native engine"),
     (["--compare", "vllm"], "unknown peer"),
     (["--also-engine", "native"], "main run's engine"),  # --engine auto runs native already
 ])

@@ -55,6 +55,27 @@ def test_a_growing_cache_keeps_its_keys(exported, monkeypatch):
     assert state.cache[0].shape[2] == 2 * native.KV_BLOCK  # min(96 positions, 128) rounded up to the block
 
 
+def test_f16_cache_holds_the_f32_values_rounded(exported):
+    """kv_cache="f16": the first layer's keys and values (which depend on the inputs alone) are the fp32 cache's
+    rounded to fp16, exactly; the outputs, computed from fp16 keys and values in every layer, stay within fp16's
+    rounding of the fp32 cache's; and only the native engine keeps such a cache."""
+    bundle = exported["llama"]["bundle"]
+    a, b = Fromage(bundle, engine="native"), Fromage(bundle, engine="native", kv_cache="f16")
+    lengths = [5, 1, 70, 1]  # past 64: a second key block
+    for (la, ra, ca), (lb, rb, cb) in zip(_steps(a, lengths), _steps(b, lengths)):
+        assert all(c.dtype == np.float16 for c in cb)
+        assert np.array_equal(ca[0].astype(np.float16), cb[0]) and np.array_equal(ca[1].astype(np.float16), cb[1])
+        assert 0 < np.abs(la - lb).max() <= 1e-2 * max(1.0, np.abs(la).max())
+        assert np.abs(ra - rb).max() <= 1e-2
+    with pytest.raises(FromageError, match="needs the native engine"):
+        Fromage(bundle, engine="onnxruntime", kv_cache="f16")
+    with pytest.raises(FromageError, match="unknown KV cache type"):
+        Fromage(bundle, kv_cache="int8")
+    state = a.start(np.zeros((1, 3, a.embed_dim), np.float32))  # an fp32 cache on the f16 decoder
+    with pytest.raises(FromageError, match="float16 arrays"):
+        b.advance(state, np.zeros((1, 1, a.embed_dim), np.float32))
+
+
 def test_native_refuses_a_cache_too_small(exported):
     rt = Fromage(exported["llama"]["bundle"], engine="native")
     cache = [np.zeros((1, rt.kv_heads, native.KV_BLOCK, rt.head_dim), np.float32) for _ in rt.kv_names]

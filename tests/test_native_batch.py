@@ -58,6 +58,12 @@ def test_batch_is_bit_identical_to_single_steps(exported):
     _batch_matches_solo(Fromage(exported["llama"]["bundle"], engine="native", threads=2))
 
 
+def test_batch_is_bit_identical_to_single_steps_f16_cache(exported):
+    """An fp16 KV cache (kv_cache="f16"): the same, its halves compared bit for bit."""
+    batch = _batch_matches_solo(Fromage(exported["llama"]["bundle"], engine="native", threads=2, kv_cache="f16"))
+    assert all(c.dtype == np.float16 for s in batch for c in s.cache)
+
+
 def test_batch_is_bit_identical_to_single_steps_4bit(int4_bundle):
     rt = Fromage(int4_bundle, engine="native", threads=2)
     assert any(lin.kind == NBITS for lin in rt.decoder._linears.values()), "the bundle's layers are 4-bit blocks"

@@ -18,9 +18,10 @@ def _prompts(n, rng):
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 12)))) for _ in range(n)]
 
 
-@pytest.fixture(scope="module", params=["native", "onnxruntime"])
+@pytest.fixture(scope="module", params=["native", "native-f16", "onnxruntime"])
 def model(exported, request):
-    return Fromage(exported["llama"]["bundle"], index=exported["llama"]["index"], engine=request.param)
+    engine, _, kv = request.param.partition("-")
+    return Fromage(exported["llama"]["bundle"], index=exported["llama"]["index"], engine=engine, kv_cache=kv or "f32")
 
 
 def _requests(assets):

@@ -36,6 +36,7 @@ from fromage.engines.onnx_weights import initializer_bytes
 from .bench_report import bandwidth_summary, format_table, plot, summarize
 from .bench_peers import PREPARE, SYSTEMS
 from .bench_worker import prompt_ids, write_bench_image
+from .options import kv_cache_list
 
 
 PEERS = tuple(SYSTEMS)  # PREPARE: the peers with a one-time preparation (an export, a build), cached
@@ -174,7 +175,7 @@ def run_bench(args, log=print) -> dict:
             "image_at": len(bundle.tokens["prefix"]), "image": str(write_bench_image(work / "bench.png")),
             "new_tokens": args.new_tokens, "threads": threads,
             "retrieval_dim": m["retrieval_dim"], "ret_index": str(ret_index), "cache": str(cache), "also": also,
-            "engine": args.engine}
+            "engine": args.engine, "kv_cache": kv_caches[0]}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     env = worker_env(threads)
@@ -368,6 +369,9 @@ def add_arguments(p) -> None:
                         "fromage_<precision>[_fp32act] (repeatable)")
     from .options import add_engine_argument
     add_engine_argument(p)
+    p.add_argument("--kv-cache", default="f32", metavar="TYPE",
+                   help="fromage's KV cache elements: f32 (default) or f16 (native engine: half the cache's bytes); "
+                        "with --batch or --context, f32,f16 runs both side by side")
     p.add_argument("--also-engine", action="append", choices=("native", "onnxruntime"),
                    help="also run the bundle on this decoder engine, as fromage_<engine> (repeatable)")
     p.add_argument("--compare", nargs="*", metavar="PEER",
@@ -394,6 +398,11 @@ def cmd_bench(args) -> None:
         raise FromageError("--context and --batch are two separate benches: give one")
     if args.ops and args.batch is None and args.context is None:
         raise FromageError("--ops times the operations of --batch's or --context's steps: give one of them")
+    kv_caches = kv_cache_list(args.kv_cache)
+    if len(kv_caches) > 1 and args.batch is None and args.context is None:
+        raise FromageError("--kv-cache takes one type, except with --batch or --context (which compare them)")
+    if "f16" in kv_caches and "onnxruntime" in [args.engine] + (args.also_engine or []):
+        raise FromageError("--kv-cache f16 needs the native engine; ONNX Runtime keeps an f32 cache")
     if args.plot:
         if args.bundle is None:
             raise FromageError("--plot draws the decode benchmark: give --bundle")
@@ -416,7 +425,8 @@ def cmd_bench(args) -> None:
             key, text = "batch", args.batch
         if args.bundle is None:
             raise FromageError(f"--{key} needs --bundle")
-        result[key] = run(args.bundle, parse(text), args.threads or default_threads(), args.runs, log=log, ops=args.ops)
+        result[key] = run(args.bundle, parse(text), args.threads or default_threads(), args.runs, log=log, ops=args.ops,
+                          kv_caches=kv_caches)
     elif args.bundle is not None:
         result = run_bench(args, log=log)
     if args.retrieval is not None:

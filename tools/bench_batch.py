@@ -1,6 +1,7 @@
 """`fromage bench --batch 1,8,16`: the native engine's batched decode step (fm_forward_rows, what the server
 runs for greedy requests), B sequences each at BATCH_POSITIONS cached positions of its own cache (fewer in a
-model with a shorter context), one decoder call per step.
+model with a shorter context), one decoder call per step; with several KV cache types (--kv-cache f32,f16),
+each on its own decoder, their steps interleaved.
 Aggregate tokens/s = B / step; the arithmetic rate counts the matrices' 2 x weights x B flops per step (the
 step's attention, norms and head included in its time)."""
 from __future__ import annotations
@@ -26,32 +27,40 @@ def matrix_weights(m, vocab: int) -> int:
     return m.n_layers * layer + e * vocab
 
 
-def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=print, ops: bool = False) -> dict:
+def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=print, ops: bool = False,
+                    kv_caches: tuple = ("f32",)) -> dict:
     from fromage.runtime.generate import Fromage, cache_capacity
-    model = Fromage(bundle, engine="native", threads=threads)
-    dec, m = model.decoder, model.decoder.model
+    models = {kv: Fromage(bundle, engine="native", threads=threads, kv_cache=kv) for kv in kv_caches}
+    decoders = {kv: model.decoder for kv, model in models.items()}
+    model, dec = models[kv_caches[0]], decoders[kv_caches[0]]
+    m = dec.model
     positions = min(BATCH_POSITIONS, min(m.rope_positions, model.max_positions) // 2)
     rng = np.random.default_rng(0)
     shape = (1, m.n_kv, cache_capacity(dec, positions + 1), m.head_dim)
-    caches = [[rng.standard_normal(shape, dtype=np.float32) for _ in range(2 * m.n_layers)]
-              for _ in range(batches[-1])]
+    caches = {kv: [[rng.standard_normal(shape, dtype=np.float32).astype(d.kv_dtype) for _ in range(2 * m.n_layers)]
+                   for _ in range(batches[-1])] for kv, d in decoders.items()}
     embeds = (rng.standard_normal((batches[-1], m.hidden)) * 0.02).astype(np.float32)
     outputs = {b: (np.empty((b, dec.vocab_size), np.float32), np.empty((b, dec.retrieval_dim), np.float32))
                for b in batches}
+    settings = [(kv, b) for kv in kv_caches for b in batches]
     # greedy rows, as the server runs temperature-0 requests (an fp32 head: its 8-bit copy, native/head_top.c)
-    def run_step(b):
-        dec.forward_batch(embeds[:b], caches[:b], [positions] * b, *outputs[b], top=[1] * b)
-    steps = time_steps(batches, run_step, runs, log, label=lambda b: f"B={b}")
+    def run_step(setting):
+        kv, b = setting
+        decoders[kv].forward_batch(embeds[:b], caches[kv][:b], [positions] * b, *outputs[b], top=[1] * b)
+    several = len(kv_caches) > 1
+    steps = time_steps(settings, run_step, runs, log, label=lambda s: f"{s[0] + ' ' if several else ''}B={s[1]}")
     weights = matrix_weights(m, dec.vocab_size)
     rows = []
-    for b in batches:
-        step = statistics.median(steps[b])
-        rows.append({"batch": b, "step_ms": step * 1e3, "tok_s": b / step, "gflop_s": 2 * weights * b / step / 1e9})
+    for kv, b in settings:
+        step = statistics.median(steps[kv, b])
+        rows.append({"kv_cache": kv, "batch": b, "step_ms": step * 1e3, "tok_s": b / step,
+                     "gflop_s": 2 * weights * b / step / 1e9})
     if ops:  # where a step goes: the same steps again, each operation timed (the step times above are without)
         for row in rows:
-            row["ops_ms"] = ms_per_op(dec, run_step, row["batch"], runs * STEPS_PER_RUN)
-    one = next((row["tok_s"] for row in rows if row["batch"] == 1), None)
+            row["ops_ms"] = ms_per_op(decoders[row["kv_cache"]], run_step, (row["kv_cache"], row["batch"]),
+                                      runs * STEPS_PER_RUN)
     for row in rows:
+        one = next((r["tok_s"] for r in rows if r["batch"] == 1 and r["kv_cache"] == row["kv_cache"]), None)
         row["x_batch_1"] = row["tok_s"] / one if one else None
     return {"kernels": dec.kernels, "threads": threads, "runs": runs, "steps_per_run": STEPS_PER_RUN,
             "positions": positions, "matrix_weights": weights, "batches": rows,
@@ -60,14 +69,15 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
 
 
 def format_batch(result: dict) -> str:
+    first = [("KV cache", "kv_cache", "s"), ("batch", "batch", "d")]
     table = format_rows(f"batched decode steps ({result['kernels']} kernels, {result['threads']} threads, each sequence at "
                        f"{result['positions']} positions, median of {result['runs']} x {result['steps_per_run']} steps; "
                        f"{result['matrix_weights'] / 1e6:.1f} M matrix weights)",
-                       [("batch", "batch", "d"), ("step ms", "step_ms", ".2f"), ("tok/s", "tok_s", ".1f"),
-                        ("x batch 1", "x_batch_1", ".2f"), ("matrix GFLOP/s", "gflop_s", ".1f")], result["batches"])
+                       first + [("step ms", "step_ms", ".2f"), ("tok/s", "tok_s", ".1f"),
+                                ("x batch 1", "x_batch_1", ".2f"), ("matrix GFLOP/s", "gflop_s", ".1f")], result["batches"])
     if "ops_ms" not in result["batches"][0]:
         return table
     ops = list(result["batches"][0]["ops_ms"])
-    rows = [{"batch": r["batch"], **r["ops_ms"], "sum": sum(r["ops_ms"].values())} for r in result["batches"]]
+    rows = [{**r, **r["ops_ms"], "sum": sum(r["ops_ms"].values())} for r in result["batches"]]
     return table + "\n\n" + format_rows("where a step goes (--ops: ms per step, the same steps timed per operation)",
-                                        [("batch", "batch", "d")] + [(op, op, ".2f") for op in ops + ["sum"]], rows)
+                                        first + [(op, op, ".2f") for op in ops + ["sum"]], rows)

@@ -2,7 +2,8 @@
 attention share is the step at N cached positions minus the step at BASE_POSITIONS; its bound is the KV
 cache's bytes (every layer's keys and values, each read once) ÷ the memory bandwidth, measured between
 the steps as the main bench measures it. Both are taken per run (the machine's bandwidth moves from
-minute to minute), and the table gives their medians over runs."""
+minute to minute), and the table gives their medians over runs. With several KV cache types (--kv-cache
+f32,f16), each runs on its own decoder, their steps interleaved, each against its own bytes."""
 from __future__ import annotations
 
 import statistics
@@ -22,49 +23,55 @@ def parse_lengths(text: str) -> list[int]:
     return int_list(text, "--context", "1024,4096", BASE_POSITIONS + 1)
 
 
-def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=print, ops: bool = False) -> dict:
+def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=print, ops: bool = False,
+                      kv_caches: tuple = ("f32",)) -> dict:
     from fromage.runtime.generate import Fromage, cache_capacity
     from .bench_worker import BandwidthProbe
-    model = Fromage(bundle, engine="native", threads=threads)
-    dec = model.decoder
+    models = {kv: Fromage(bundle, engine="native", threads=threads, kv_cache=kv) for kv in kv_caches}
+    model, dec = models[kv_caches[0]], models[kv_caches[0]].decoder
     m = dec.model
     if lengths[-1] + 1 > min(m.rope_positions, model.max_positions):
         raise FromageError(f"--context {lengths[-1]}: the model's context is {model.max_positions} positions")
     rng = np.random.default_rng(0)
     shape = (1, m.n_kv, cache_capacity(dec, lengths[-1] + 1), m.head_dim)
-    cache = [rng.standard_normal(shape, dtype=np.float32) for _ in range(2 * m.n_layers)]
+    caches = {kv: [rng.standard_normal(shape, dtype=np.float32).astype(model.kv_dtype) for _ in range(2 * m.n_layers)]
+              for kv, model in models.items()}
     embeds = (rng.standard_normal((1, 1, m.hidden)) * 0.02).astype(np.float32)
     logits, ret = np.zeros(dec.vocab_size, np.float32), np.zeros(dec.retrieval_dim, np.float32)
     probe = BandwidthProbe(threads)
-    points = [BASE_POSITIONS] + lengths
+    points = [(kv, p) for kv in kv_caches for p in [BASE_POSITIONS] + lengths]
     bandwidth = []
 
     def measure() -> str:  # the bandwidth once per run, between the steps
         bandwidth.append(probe.measure()["gb_s"])
         return f"; bandwidth {bandwidth[-1]:.1f} GB/s"
-    def run_step(p):
-        dec.forward(embeds, cache, p, logits, ret)
-    steps = time_steps(points, run_step, runs, log, after_run=measure, steps=STEPS)
+    def run_step(point):
+        kv, p = point
+        models[kv].decoder.forward(embeds, caches[kv], p, logits, ret)
+    several = len(kv_caches) > 1
+    steps = time_steps(points, run_step, runs, log, label=lambda s: f"{s[0] + ' ' if several else ''}{s[1]}",
+                       after_run=measure, steps=STEPS)
 
-    def run_medians(p) -> list[float]:  # each run's median step: a run's steps and its bandwidth go together
-        return [statistics.median(steps[p][r * STEPS:(r + 1) * STEPS]) for r in range(runs)]
-    base = run_medians(BASE_POSITIONS)
+    def run_medians(point) -> list[float]:  # each run's median step: a run's steps and its bandwidth go together
+        return [statistics.median(steps[point][r * STEPS:(r + 1) * STEPS]) for r in range(runs)]
     rows = []
-    for p in lengths:
-        kv_bytes = 2 * m.n_layers * m.n_kv * (p + 1) * m.head_dim * 4
-        attention = [s - b for s, b in zip(run_medians(p), base)]
-        bounds = [kv_bytes / (gb * 1e9) for gb in bandwidth]
-        ratios = [a / b for a, b in zip(attention, bounds)]
-        rows.append({"positions": p, "step_ms": statistics.median(steps[p]) * 1e3,
-                     "attention_ms": statistics.median(attention) * 1e3, "kv_mb": kv_bytes / 1e6,
-                     "bound_ms": statistics.median(bounds) * 1e3, "x_bound": statistics.median(ratios),
-                     "x_bound_runs": ratios})
-        if ops:  # the attention itself, timed inside the same steps run again (not a difference of two steps)
-            rows[-1]["attention_op_ms"] = ms_per_op(dec, run_step, p, runs * STEPS)["attention"]
-            rows[-1]["x_bound_op"] = rows[-1]["attention_op_ms"] / rows[-1]["bound_ms"]
+    for kv in kv_caches:
+        base = run_medians((kv, BASE_POSITIONS))
+        for p in lengths:
+            kv_bytes = 2 * m.n_layers * m.n_kv * (p + 1) * m.head_dim * models[kv].kv_dtype.itemsize
+            attention = [s - b for s, b in zip(run_medians((kv, p)), base)]
+            bounds = [kv_bytes / (gb * 1e9) for gb in bandwidth]
+            ratios = [a / b for a, b in zip(attention, bounds)]
+            rows.append({"kv_cache": kv, "positions": p, "step_ms": statistics.median(steps[kv, p]) * 1e3,
+                         "attention_ms": statistics.median(attention) * 1e3, "kv_mb": kv_bytes / 1e6,
+                         "bound_ms": statistics.median(bounds) * 1e3, "x_bound": statistics.median(ratios),
+                         "x_bound_runs": ratios, "base_step_ms": statistics.median(steps[kv, BASE_POSITIONS]) * 1e3})
+            if ops:  # the attention itself, timed inside the same steps run again (not a difference of two steps)
+                rows[-1]["attention_op_ms"] = ms_per_op(models[kv].decoder, run_step, (kv, p), runs * STEPS)["attention"]
+                rows[-1]["x_bound_op"] = rows[-1]["attention_op_ms"] / rows[-1]["bound_ms"]
     return {"kernels": dec.kernels, "threads": threads, "runs": runs, "steps_per_run": STEPS,
             "bandwidth_gb_s": statistics.median(bandwidth), "bandwidth_runs_gb_s": bandwidth,
-            "base_positions": BASE_POSITIONS, "base_step_ms": statistics.median(steps[BASE_POSITIONS]) * 1e3,
+            "base_positions": BASE_POSITIONS,
             "lengths": rows,
             "note": f"per run: attention = its median step at N positions - its median step at {BASE_POSITIONS}, "
                     "bound = KV bytes / the bandwidth measured after its steps, x = attention / bound; the table "
@@ -77,8 +84,9 @@ def format_context(result: dict) -> str:
         if "attention_op_ms" in result["lengths"][0] else []
     return format_rows(f"long context ({result['kernels']} kernels, {result['threads']} threads, {result['runs']} runs "
                        f"of {result['steps_per_run']} steps, medians over runs; bandwidth {result['bandwidth_gb_s']:.1f} "
-                       f"GB/s; step at {result['base_positions']} positions {result['base_step_ms']:.2f} ms)",
-                       [("positions", "positions", "d"), ("step ms", "step_ms", ".2f"),
+                       f"GB/s; attention = the step minus the step at {result['base_positions']} positions)",
+                       [("KV cache", "kv_cache", "s"), ("positions", "positions", "d"), ("step ms", "step_ms", ".2f"),
+                        ("base step ms", "base_step_ms", ".2f"),
                         ("attention ms", "attention_ms", ".2f"), ("KV MB", "kv_mb", ".1f"),
                         ("KV bytes / bandwidth ms", "bound_ms", ".2f"), ("x that bound", "x_bound", ".2f")] + ops,
                        result["lengths"])

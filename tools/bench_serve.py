@@ -199,6 +199,8 @@ def start_fromage(args, log_dir: Path) -> Server:
             "--max-batch", args.max_batch, "--max-queue", 1024, "--threads", args.threads]
     if args.prefill_rows is not None:
         argv += ["--prefill-rows", args.prefill_rows]
+    if args.kv_cache != "f32":
+        argv += ["--kv-cache", args.kv_cache]
     if args.prefix_cache_mb is not None:
         argv += ["--prefix-cache-mb", args.prefix_cache_mb]
     if args.index:
@@ -392,6 +394,7 @@ def add_arguments(p) -> None:
                         "16 streams against 1 is the median of the rounds' own ratios (default 1)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together; llama-server slots (default 16)")
     p.add_argument("--prefill-rows", type=int, help="the started server's --prefill-rows (default: its own)")
+    p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32", help="the started server's --kv-cache")
     p.add_argument("--prefix-cache-mb", type=float, help="the started server's --prefix-cache-mb (default: its own)")
     p.add_argument("--bench-image", default=DEFAULT_IMAGE, help="image for the with-image rows ('' to skip them)")
     p.add_argument("--peer", choices=["auto", "none", "llama_cpp", "llama_cpp_f32"], default="auto",
@@ -412,7 +415,7 @@ def cmd_bench_serve(args, log=print) -> dict:
     log_dir.mkdir(parents=True, exist_ok=True)
     result = {"settings": {"concurrency": levels, "rounds": args.rounds, "requests_per_client": args.requests,
                            "max_tokens": args.max_tokens,
-                           "max_batch": args.max_batch, "prefill_rows": args.prefill_rows,
+                           "max_batch": args.max_batch, "prefill_rows": args.prefill_rows, "kv_cache": args.kv_cache,
                            "prefix_cache_mb": args.prefix_cache_mb, "threads": args.threads,
                            "ignore_eos": True},
               "machine": machine_info(), "systems": {}}

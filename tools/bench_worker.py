@@ -202,7 +202,7 @@ class FromageSystem:
 
         index = ImageIndex.open(spec["ret_index"], expected_dim=spec["retrieval_dim"])
         self.model = Timed(spec["bundle"], index=index, threads=spec["threads"], verify=False,
-                           engine=spec.get("engine", "auto"))
+                           engine=spec.get("engine", "auto"), kv_cache=spec.get("kv_cache", "f32"))
         self.model.marks = []
         ids, at, self.image = spec["prompt_ids"], spec["image_at"], spec["image"]
         self.parts = {False: [ids], True: [p for p in (ids[:at], ImagePart(self.image), ids[at:]) if p != []]}

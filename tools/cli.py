@@ -11,7 +11,7 @@ import sys
 from fromage.runtime.errors import FromageError, ParameterError
 from fromage.runtime.sources import TUXPAINT_ROOT
 
-from .options import add_engine_argument
+from .options import add_engine_argument, add_kv_cache_argument
 
 
 class _PartAction(argparse.Action):
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ONNX Runtime execution provider)")
     add_engine_argument(p)
+    add_kv_cache_argument(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
 
@@ -167,6 +168,7 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--model-name", help="the model id the API reports (default: the bundle folder's name)")
     p.add_argument("--device", default="cpu")
     add_engine_argument(p)
+    add_kv_cache_argument(p)
     p.add_argument("--threads", type=int)
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
 
@@ -271,7 +273,7 @@ def _cmd_generate(args) -> None:
                             min_word_tokens=args.min_word_tokens, ret_scale_factor=args.ret_scale_factor,
                             retrieval=not args.no_retrieval, top_images=args.top_images, max_rets=args.max_rets)
     model = Fromage(args.bundle, index=args.index, device=args.device, threads=args.threads,
-                    verify=not args.no_verify, engine=args.engine)
+                    verify=not args.no_verify, engine=args.engine, kv_cache=args.kv_cache)
     if args.json:
         print(json.dumps(model.generate(parts, params).to_json(), ensure_ascii=False))
         return

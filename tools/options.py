@@ -8,6 +8,23 @@ def add_engine_argument(p, **kw) -> None:
                    "the CPU), onnxruntime, or auto (default: native where it runs)", **(kw or {"default": "auto"}))
 
 
+def kv_cache_list(text: str) -> list[str]:
+    """"f32,f16" -> ["f32", "f16"] (in that order, unique); FromageError naming --kv-cache otherwise."""
+    from fromage.runtime.errors import FromageError
+    from fromage.runtime.generate import KV_CACHES
+    kinds = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not kinds or any(k not in KV_CACHES for k in kinds):
+        raise FromageError(f"--kv-cache {text!r}: give {' or '.join(KV_CACHES)} (or both, comma-separated, where a "
+                           "bench compares them)")
+    return kinds
+
+
+def add_kv_cache_argument(p) -> None:
+    p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
+                   help="KV cache elements: f32 (default), or f16 with the native engine: half the cache's memory and "
+                        "attention reads, at fp16's precision (llama.cpp's default cache type)")
+
+
 def int_list(text: str, flag: str, example: str, low: int, high: int | None = None) -> list[int]:
     """"1,8,16" -> [1, 8, 16] (sorted, unique), each within [low, high]; FromageError naming the flag otherwise."""
     from fromage.runtime.errors import FromageError
