@@ -38,7 +38,6 @@ enum { STAGED_BLOCKS = 32 };
 static inline size_t block_at(int g, int b, int capacity, int d) { return ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d; }
 
 /* A KV cache's element: an fp32 float, or an fp16 half (fm_model.kv_half). */
-static inline size_t kv_bytes(const fm_model *m) { return m->kv_half ? 2 : 4; }
 static inline void *kv_at(void *cache, size_t elements, int half) { return (char *)cache + (elements << (half ? 1 : 2)); }
 
 /* dst = src (n floats) as halves, rounded to nearest even (F16C and fm_float_to_half give the same bits). */
@@ -317,22 +316,9 @@ static void group_values(int G, const void *v, int half, int n, int d, float *sc
 static inline int blocks_of(int n) { return (n + ATT_BLOCK - 1) / ATT_BLOCK; }
 static inline int block_len(int b, int n) { return n - b * ATT_BLOCK < ATT_BLOCK ? n - b * ATT_BLOCK : ATT_BLOCK; }
 
-/* Batched attention's items per claim, at most. The items are short streams in the sequences' own buffers,
- * which the prefetchers meet cold: a thread asks for the next item of its claim while it works on one. */
+/* Batched attention's items per claim, at most: a claim's consecutive items of one sequence and group are
+ * consecutive blocks, whose scores are computed before their values (as a decoding step's stages). */
 enum { ATT_CHUNK = 8 };
-
-/* Asks for the lines of a block's key tile (the vectors of 16 positions that hold some of its n) and of its n
- * values, ahead of their use. */
-static inline void prefetch_block(const void *kt, const void *v, int n, int d, size_t bytes) {
-#ifdef FM_AVX2
-    const char *k = kt, *vv = v;
-    for (int i = 0; i < d; i++)
-        for (size_t j = 0; j < ((size_t)n * bytes + 63) / 64; j++) _mm_prefetch(k + ((size_t)i * ATT_BLOCK * bytes + 64 * j), _MM_HINT_T0);
-    for (size_t o = 0; o < (size_t)n * d * bytes; o += 64) _mm_prefetch(vv + o, _MM_HINT_T0);
-#else
-    (void)kt, (void)v, (void)n, (void)d, (void)bytes;
-#endif
-}
 
 /* Both stages for block b of the n cached positions; k, v: the group's caches (a block's key tile starts
  * where its positions would). */
@@ -504,7 +490,7 @@ static void batch_item(const batch_layout *lay, const int32_t *past, size_t it, 
 }
 
 /* Attention of one new position per sequence (qkv (B, width)) over each sequence's cache: the threads
- * share the (sequence, group, block) items, then the sequences' merges (each head merges its blocks in
+ * share the (sequence, group, block) items, ATT_CHUNK at a claim, then the sequences' merges (each head merges its blocks in
  * order, as attention() does for T = 1), so a sequence's result does not depend on the others. part: the
  * partials (lay); sc: thread_scores(m) floats per thread. */
 static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
@@ -515,27 +501,30 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
     const size_t scores = thread_scores(m), items = lay->item[B];
     const size_t per_thread = items / (4 * (size_t)omp_get_max_threads());  /* a few claims each, at least */
     const int chunk = per_thread < 1 ? 1 : per_thread > ATT_CHUNK ? ATT_CHUNK : (int)per_thread;
+    const size_t group = (size_t)G * ATT_BLOCK, claims = (items + chunk - 1) / chunk;
 #pragma omp parallel
     {
-        int seq = 0;  /* the sequence of this thread's last item: its items come in increasing order (monotonic) */
-#pragma omp for schedule(monotonic: dynamic, chunk) /* a preempted thread does not hold the step up */
-        for (size_t it = 0; it < items; it++) {
-            int b, g, blk;
-            batch_item(lay, past, it, seq, &b, &g, &blk);
-            seq = b;
-            if ((it + 1) % chunk && it + 1 < items) {  /* the next item of this claim: its keys and values on their way */
-                int nb, ng, nblk;
-                batch_item(lay, past, it + 1, b, &nb, &ng, &nblk);
-                const size_t at = block_at(ng, nblk, capacity[nb], d);
-                prefetch_block(kv_at(kc[(size_t)nb * m->n_layers + layer], at, half),
-                               kv_at(vc[(size_t)nb * m->n_layers + layer], at, half), block_len(nblk, past[nb] + 1), d,
-                               kv_bytes(m));
+        float *mine = sc + (size_t)omp_get_thread_num() * scores;
+        int seq = 0;  /* the sequence of this thread's last item: its claims come in increasing order (monotonic) */
+#pragma omp for schedule(monotonic: dynamic, 1) /* a preempted thread does not hold the step up */
+        for (size_t c = 0; c < claims; c++) {
+            const size_t first = c * chunk, end = first + chunk < items ? first + chunk : items;
+            int bs[ATT_CHUNK], gs[ATT_CHUNK], blks[ATT_CHUNK];
+            for (size_t it = first; it < end; it++) {
+                const int i = (int)(it - first);
+                batch_item(lay, past, it, seq, &bs[i], &gs[i], &blks[i]);
+                seq = bs[i];
+                group_scores(qkv + (size_t)seq * width + (size_t)gs[i] * G * d, G,
+                             kv_at(kc[(size_t)seq * m->n_layers + layer], block_at(gs[i], blks[i], capacity[seq], d), half),
+                             half, block_len(blks[i], past[seq] + 1), d, scale, mine + i * group);
             }
-            const size_t per_head = (size_t)blocks_of(past[b] + 1) * (d + 2), cache = block_at(g, 0, capacity[b], d);
-            attend_block(qkv + (size_t)b * width + (size_t)g * G * d, G, kv_at(kc[(size_t)b * m->n_layers + layer], cache, half),
-                         kv_at(vc[(size_t)b * m->n_layers + layer], cache, half), half, blk, past[b] + 1, d, scale,
-                         sc + (size_t)omp_get_thread_num() * scores,
-                         part + lay->part[b] + g * G * per_head + (size_t)blk * (d + 2), per_head);
+            for (size_t it = first; it < end; it++) {
+                const int i = (int)(it - first), b = bs[i];
+                const size_t per_head = (size_t)blocks_of(past[b] + 1) * (d + 2);
+                group_values(G, kv_at(vc[(size_t)b * m->n_layers + layer], block_at(gs[i], blks[i], capacity[b], d), half),
+                             half, block_len(blks[i], past[b] + 1), d, mine + i * group,
+                             part + lay->part[b] + gs[i] * G * per_head + (size_t)blks[i] * (d + 2), per_head);
+            }
         }
 #pragma omp for schedule(static)
         for (int b = 0; b < B; b++) {
