@@ -7,9 +7,10 @@ ONE decoder call: the native engine reads every weight once for all the rows; ON
 requests one after the other. The [RET]s of the step are searched together. A request that finishes
 or is cancelled leaves at the next iteration and frees its slot.
 
-While others decode, prompts are fed rows worth PROMPT_ROWS_BUSY per call (or `prefill_rows`), the
-shortest first, so a long prompt arriving slows the running streams' steps by a bounded factor instead
-of stalling them, and does not hold back the short prompts behind it. A prompt that starts as a recent
+While others decode, prompts are fed rows worth PROMPT_ROWS_BUSY per call (or `prefill_rows`), or the batch's
+empty slots' worth where that is more, the shortest first, so a long prompt arriving slows the running
+streams' steps by a bounded factor instead of stalling them, and does not hold back the short prompts
+behind it. A prompt that starts as a recent
 one did (a recent prompt, or a prompt with its answer: a chat's next turn) is fed from where they part
 (prefix_cache.PrefixCache).
 Every position (prompt or generated) is computed by the decoding kernels, whose rows do not depend on
@@ -37,7 +38,7 @@ from .sampling import SamplingParams, top_logits
 
 log = logging.getLogger("fromage.scheduler")
 
-PROMPT_ROWS_BUSY = 8  # prompt positions per call while other requests decode
+PROMPT_ROWS_BUSY = 4  # prompt positions per call while a full batch decodes
 PREFIX_CACHE_BYTES = 256 << 20
 ATTENTION_POSITIONS = 2048  # a row's attention over this many positions takes as long as its matrices
 CHEAP_POSITIONS = 256        # attention over fewer positions than this is not counted
@@ -240,29 +241,33 @@ class Scheduler:
     def _prompt_pieces(self, decoding: int) -> list[tuple[_Slot, int]]:
         """Prompt positions to feed in this call, the prompts with the fewest left first (a long prompt
         does not hold back the short ones that arrive behind it: they join the decoding streams, and it
-        takes what the call has left). Beside running requests, rows worth prefill_rows
-        (PROMPT_ROWS_BUSY: a call's cost grows with its rows, so the streams' steps grow by a bounded
-        share while prompts are fed; a row deep in a long prompt counts for more, row_cost); and a prompt
-        that this call can finish may also take the rows of the batch's empty slots (max_batch - decoding):
+        takes what the call has left). Beside running requests, rows worth prefill_rows (PROMPT_ROWS_BUSY)
+        or the batch's empty slots (max_batch - decoding), whichever is more: a call's cost grows with its
+        rows, so the streams' steps grow by a bounded share while prompts are fed, a full batch's by the
+        least (its inter-token latency's tail); a row deep in a long prompt counts for more (row_cost). A
+        prompt that this call can finish may take rows worth prefill_rows and the empty slots' together:
         the call is then no longer than a full batch's with its prompt rows, and the new request decodes
         from the next step instead of queueing behind the others one call each. With none decoding,
         max_prompt_chunk rows."""
         prompts = sorted((s for s in self.running if s.seq is None), key=lambda s: s.prompt_len - s.fed)
         cost = row_cost if decoding else (lambda position: 1.0)
-        budget = float(self.prefill_rows if decoding else self.max_prompt_chunk)  # below 0: spent from `empty`
-        empty, pieces = (max(0, self.max_batch - decoding) if decoding else 0), []
+        empty = max(0, self.max_batch - decoding)
+        # what the call's prompt rows may cost in all (ending prompts), and what a prompt that does not end may
+        limit = float(self.prefill_rows + empty if decoding else self.max_prompt_chunk)
+        share = float(max(self.prefill_rows, empty) if decoding else self.max_prompt_chunk)
+        spent_all, pieces = 0.0, []
         for slot in prompts:
             left = slot.prompt_len - slot.fed
             n, spent = 0, 0.0
-            if left <= budget + empty:
+            if left <= limit - spent_all:
                 spent = sum(cost(slot.fed + i) for i in range(left))
-                n = left if spent <= budget + empty else 0  # the prompt ends in this call
+                n = left if spent_all + spent <= limit else 0  # the prompt ends in this call
             if not n:
                 spent = 0.0
-                while n < left and spent + cost(slot.fed + n) <= budget:
+                while n < left and spent_all + spent + cost(slot.fed + n) <= share:
                     spent += cost(slot.fed + n)
                     n += 1
-            budget -= spent
+            spent_all += spent
             if n:
                 pieces.append((slot, n))
         if prompts and not pieces:  # the next row costs more than the whole budget: one row a call still

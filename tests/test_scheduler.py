@@ -164,7 +164,8 @@ def test_rows_deep_in_a_long_prompt_count_for_more():
 
 def test_prompts_that_end_in_the_call_take_the_empty_slots_rows():
     """A call is filled up to a full batch's rows with the prompt rows: a prompt that ends in it may take
-    the empty slots' rows too (it decodes from the next step); one that does not gets prefill_rows."""
+    prefill_rows and the empty slots' rows (it decodes from the next step); one that does not gets
+    prefill_rows or the empty slots' rows, whichever is more."""
     from fromage.runtime.scheduler import _Slot, Request
 
     def pieces(lengths, decoding, max_batch=16):
@@ -175,6 +176,7 @@ def test_prompts_that_end_in_the_call_take_the_empty_slots_rows():
     assert pieces([7, 7, 7, 7], decoding=4) == [7, 7]      # 8 + 12 empty slots' rows: two prompts end
     assert pieces([7, 7, 7, 7], decoding=15) == [7, 1]     # a nearly full batch: about prefill_rows
     assert pieces([7, 7], decoding=16) == [7, 1]
-    assert pieces([30], decoding=4) == [8]                 # it cannot end here: its share only
-    assert pieces([19, 7], decoding=4) == [7, 1]           # the shortest first; the other its share's rest
+    assert pieces([30], decoding=4) == [12]                # it cannot end here: the 12 empty slots' rows
+    assert pieces([30], decoding=12) == [8]                # or prefill_rows, where that is more
+    assert pieces([19, 7], decoding=4) == [7, 5]           # the shortest first; the other the share's rest
     assert pieces([7] * 12, decoding=0) == [7] * 9 + [1]   # none decoding: max_prompt_chunk rows

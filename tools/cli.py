@@ -156,7 +156,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; beyond, 429 (default 64)")
     p.add_argument("--prefill-rows", type=int,
-                   help="prompt positions fed per step while others decode (default 8); fewer: lower "
+                   help="prompt positions fed per step while a full batch decodes (default 4; with free slots, "
+                        "as many as they are, if more); fewer: lower "
                         "inter-token latency, later first tokens")
     p.add_argument("--prefix-cache-mb", type=float, default=256,
                    help="memory for recent prompts' KV caches, so a prompt that starts as one of them (a chat's "
