@@ -338,3 +338,24 @@ def test_visdial_reader_and_benchmark(exported, runtimes, tmp_path, assets, caps
     code, _, err = _run(capsys, "eval", "visdial", "--bundle", bundle, "--dialogs", data, "--images", images,
                         "--rounds", "dense", "--no-t2i")
     assert code == 2 and "dense annotations" in err
+
+
+def test_eval_quantized_measures_an_f16_kv_cache(exported, tmp_path, capsys):
+    """`fromage eval quantized --kv-cache f16`: the bundle with an f16 KV cache against itself with an f32 one
+    (greedy agreement, held-out perplexity), on a small TuxPaint-like tree."""
+    from PIL import Image
+    root = tmp_path / "stamps" / "things"
+    root.mkdir(parents=True)
+    for i in range(40):
+        Image.new("RGB", (8, 8), (i * 6, 255 - i * 6, 90)).save(root / f"s{i}.png")
+        (root / f"s{i}.txt").write_text(CAPTIONS[i % len(CAPTIONS)] + f" number {i}.\n")
+    bundle = exported["llama"]["bundle"]
+    code, out, _ = _run(capsys, "eval", "quantized", "--bundle", bundle, "--reference", bundle, "--kv-cache", "f16",
+                        "--tuxpaint", tmp_path / "stamps", "--prompts", "3", "--tokens", "8", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["kv_cache"] == "f16" and r["engine"] == "native" and r["greedy"]["prompts"] == 3
+    assert r["perplexity"] == pytest.approx(r["reference_perplexity"], rel=1e-2)
+    code, _, err = _run(capsys, "eval", "quantized", "--bundle", bundle, "--reference", bundle, "--kv-cache", "f16",
+                        "--engine", "onnxruntime", "--tuxpaint", tmp_path / "stamps")
+    assert code == 2 and "needs the native engine" in err

@@ -214,10 +214,11 @@ def _add_eval_parsers(sub) -> None:
     d.add_argument("--no-t2i", action="store_true", help="skip text->image retrieval")
     d.add_argument("--no-it2t", action="store_true", help="skip answer ranking")
     common(d, leaf=True)
-    q = bench.add_parser("quantized", help="a quantized bundle against its fp32 bundle: greedy agreement on "
-                         "held-out prompts and held-out perplexity")
-    q.add_argument("--bundle", required=True, help="the quantized bundle")
-    q.add_argument("--reference", required=True, help="the fp32 bundle of the same model")
+    q = bench.add_parser("quantized", help="a quantized bundle (or an f16 KV cache) against the fp32 bundle: "
+                         "greedy agreement on held-out prompts and held-out perplexity")
+    q.add_argument("--bundle", required=True, help="the quantized bundle (or the fp32 one, with --kv-cache f16)")
+    q.add_argument("--reference", required=True, help="the fp32 bundle of the same model (run with an f32 KV cache)")
+    add_kv_cache_argument(q)
     q.add_argument("--tuxpaint", default=TUXPAINT_ROOT, metavar="ROOT", help="TuxPaint stamps folder")
     q.add_argument("--prompts", type=int, default=10, help="held-out prompts (default 10)")
     q.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")

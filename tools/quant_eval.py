@@ -1,4 +1,5 @@
-"""`fromage eval quantized`: what quantization costs, against the fp32 bundle of the same model.
+"""`fromage eval quantized`: what quantization costs, against the fp32 bundle of the same model (or what an
+f16 KV cache costs: `--kv-cache f16`, the bundle's own KV cache, the reference's f32).
 
 - Greedy agreement: for each of N held-out prompts (held-out TuxPaint captions, phrased as a
   request), both bundles decode T tokens greedily with no stop token and retrieval off; a prompt
@@ -35,16 +36,17 @@ def greedy_agreement(model, reference, prompts: list[str], tokens: int) -> dict:
 
 
 def run(bundle, reference, *, tuxpaint, n_prompts=10, tokens=32, threads=None, device="cpu", verify=True,
-        progress=False, engine="auto") -> dict:
+        progress=False, engine="auto", kv_cache="f32") -> dict:
     from fromage.runtime.scoring import caption_perplexity
     from fromage.runtime.sources import load_split
     from fromage.runtime.generate import Fromage
     _, heldout, info = load_split(tuxpaint)
-    model = Fromage(bundle, device=device, threads=threads, verify=verify, engine=engine)
+    model = Fromage(bundle, device=device, threads=threads, verify=verify, engine=engine, kv_cache=kv_cache)
     ref = Fromage(reference, device=device, threads=threads, verify=verify, engine=engine)
     if model.bundle.model["lm"] != ref.bundle.model["lm"] or model.vocab_size != ref.vocab_size:
         raise FromageError(f"{bundle} and {reference} are not the same model")
     out = {"bundle": str(bundle), "precision": model.bundle.manifest.get("precision"), "engine": model.engine,
+           "kv_cache": kv_cache,
            "reference": str(reference), "reference_precision": ref.bundle.manifest.get("precision"),
            "data": info}
     out["greedy"] = greedy_agreement(model, ref, prompts_from(heldout, n_prompts), tokens)
@@ -57,12 +59,12 @@ def cmd_eval_quantized(args) -> None:
     t0 = time.perf_counter()
     result = run(args.bundle, args.reference, tuxpaint=args.tuxpaint, n_prompts=args.prompts, tokens=args.tokens,
                  threads=args.threads, device=args.device, verify=not args.no_verify, progress=sys.stderr.isatty(),
-                 engine=args.engine)
+                 engine=args.engine, kv_cache=args.kv_cache)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
         return
     g = result["greedy"]
-    print(f"{result['precision']} bundle vs {result['reference_precision']} reference, "
+    print(f"{result['precision']} bundle ({result['kv_cache']} KV cache) vs {result['reference_precision']} reference, "
           f"{g['prompts']} held-out prompts x {g['tokens']} greedy tokens:")
     print(f"  identical: {g['identical']} / {g['prompts']}")
     for r in g["rows"]:
