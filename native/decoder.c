@@ -316,10 +316,6 @@ static void group_values(int G, const void *v, int half, int n, int d, float *sc
 static inline int blocks_of(int n) { return (n + ATT_BLOCK - 1) / ATT_BLOCK; }
 static inline int block_len(int b, int n) { return n - b * ATT_BLOCK < ATT_BLOCK ? n - b * ATT_BLOCK : ATT_BLOCK; }
 
-/* Batched attention's items per claim, at most: a claim's consecutive items of one sequence and group are
- * consecutive blocks, whose scores are computed before their values (as a decoding step's stages). */
-enum { ATT_CHUNK = 8 };
-
 /* Both stages for block b of the n cached positions; k, v: the group's caches (a block's key tile starts
  * where its positions would). */
 static void attend_block(const float *q, int G, void *k, void *v, int half, int b, int n, int d, float scale,
@@ -490,7 +486,9 @@ static void batch_item(const batch_layout *lay, const int32_t *past, size_t it, 
 }
 
 /* Attention of one new position per sequence (qkv (B, width)) over each sequence's cache: the threads
- * share the (sequence, group, block) items, ATT_CHUNK at a claim, then the sequences' merges (each head merges its blocks in
+ * share the (sequence, group, block) items, a few runs of them each (a claim's items of one sequence and group
+ * are consecutive blocks: their scores are computed before their values, in stages of up to STAGED_BLOCKS, as
+ * a decoding step's), then the sequences' heads' merges (each head merges its blocks in
  * order, as attention() does for T = 1), so a sequence's result does not depend on the others. part: the
  * partials (lay); sc: thread_scores(m) floats per thread. */
 static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
@@ -500,7 +498,7 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
     const float scale = 1.f / sqrtf((float)d);
     const size_t scores = thread_scores(m), items = lay->item[B];
     const size_t per_thread = items / (4 * (size_t)omp_get_max_threads());  /* a few claims each, at least */
-    const int chunk = per_thread < 1 ? 1 : per_thread > ATT_CHUNK ? ATT_CHUNK : (int)per_thread;
+    const size_t chunk = per_thread < 1 ? 1 : per_thread;
     const size_t group = (size_t)G * ATT_BLOCK, claims = (items + chunk - 1) / chunk;
 #pragma omp parallel
     {
@@ -508,30 +506,33 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
         int seq = 0;  /* the sequence of this thread's last item: its claims come in increasing order (monotonic) */
 #pragma omp for schedule(monotonic: dynamic, 1) /* a preempted thread does not hold the step up */
         for (size_t c = 0; c < claims; c++) {
-            const size_t first = c * chunk, end = first + chunk < items ? first + chunk : items;
-            int bs[ATT_CHUNK], gs[ATT_CHUNK], blks[ATT_CHUNK];
-            for (size_t it = first; it < end; it++) {
-                const int i = (int)(it - first);
-                batch_item(lay, past, it, seq, &bs[i], &gs[i], &blks[i]);
-                seq = bs[i];
-                group_scores(qkv + (size_t)seq * width + (size_t)gs[i] * G * d, G,
-                             kv_at(kc[(size_t)seq * m->n_layers + layer], block_at(gs[i], blks[i], capacity[seq], d), half),
-                             half, block_len(blks[i], past[seq] + 1), d, scale, mine + i * group);
-            }
-            for (size_t it = first; it < end; it++) {
-                const int i = (int)(it - first), b = bs[i];
-                const size_t per_head = (size_t)blocks_of(past[b] + 1) * (d + 2);
-                group_values(G, kv_at(vc[(size_t)b * m->n_layers + layer], block_at(gs[i], blks[i], capacity[b], d), half),
-                             half, block_len(blks[i], past[b] + 1), d, mine + i * group,
-                             part + lay->part[b] + gs[i] * G * per_head + (size_t)blks[i] * (d + 2), per_head);
+            const size_t end = (c + 1) * chunk < items ? (c + 1) * chunk : items;
+            for (size_t first = c * chunk; first < end; first += STAGED_BLOCKS) {
+                const size_t last = first + STAGED_BLOCKS < end ? first + STAGED_BLOCKS : end;
+                int bs[STAGED_BLOCKS], gs[STAGED_BLOCKS], blks[STAGED_BLOCKS];
+                for (size_t it = first; it < last; it++) {
+                    const int i = (int)(it - first);
+                    batch_item(lay, past, it, seq, &bs[i], &gs[i], &blks[i]);
+                    seq = bs[i];
+                    group_scores(qkv + (size_t)seq * width + (size_t)gs[i] * G * d, G,
+                                 kv_at(kc[(size_t)seq * m->n_layers + layer], block_at(gs[i], blks[i], capacity[seq], d), half),
+                                 half, block_len(blks[i], past[seq] + 1), d, scale, mine + i * group);
+                }
+                for (size_t it = first; it < last; it++) {
+                    const int i = (int)(it - first), b = bs[i];
+                    const size_t per_head = (size_t)blocks_of(past[b] + 1) * (d + 2);
+                    group_values(G, kv_at(vc[(size_t)b * m->n_layers + layer], block_at(gs[i], blks[i], capacity[b], d), half),
+                                 half, block_len(blks[i], past[b] + 1), d, mine + i * group,
+                                 part + lay->part[b] + gs[i] * G * per_head + (size_t)blks[i] * (d + 2), per_head);
+                }
             }
         }
-#pragma omp for schedule(static)
-        for (int b = 0; b < B; b++) {
-            const int blocks = blocks_of(past[b] + 1);
-            for (int h = 0; h < H; h++)
+#pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < H; h++) {
+                const int blocks = blocks_of(past[b] + 1);
                 merge_blocks(part + lay->part[b] + (size_t)h * blocks * (d + 2), blocks, d, out + ((size_t)b * H + h) * d);
-        }
+            }
     }
 }
 
