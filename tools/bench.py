@@ -175,7 +175,7 @@ def run_bench(args, log=print) -> dict:
             "image_at": len(bundle.tokens["prefix"]), "image": str(write_bench_image(work / "bench.png")),
             "new_tokens": args.new_tokens, "threads": threads,
             "retrieval_dim": m["retrieval_dim"], "ret_index": str(ret_index), "cache": str(cache), "also": also,
-            "engine": args.engine, "kv_cache": kv_caches[0]}
+            "engine": args.engine, "kv_cache": kv_cache_list(args.kv_cache)[0]}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     env = worker_env(threads)
@@ -277,6 +277,7 @@ def run_bench(args, log=print) -> dict:
             "bundle": str(bundle.directory), "architecture": m["architecture"], "lm": m["lm"],
             "num_layers": m["num_layers"], "prompt_tokens": len(ids), "new_tokens": args.new_tokens,
             "images": int(args.images), "image_positions": m["k"], "batch": 1, "runs": args.runs,
+            "kv_cache": spec["kv_cache"],
             "warmup": args.warmup, "threads": threads, "peers": list(peers), "prompt_token_ids": ids,
             "decoding": "greedy, [RET] banned, no stop tokens: exactly new_tokens tokens per run",
             "order": f"systems interleaved run by run, each in its own subprocess, each round and the probe after a {SETTLE_S} s pause",
