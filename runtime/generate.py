@@ -157,7 +157,7 @@ class Fromage:
         # the fused graph (export/llama_graph.py) keeps the KV cache in buffers written in place
         self.fused = io.get("cache") == "in-place"
         self.engine, self.decoder, self.engine_note = self._make_decoder(engine, device, threads, kv_cache)
-        self.kv_dtype = getattr(self.decoder, "kv_dtype", np.dtype(np.float32))
+        self.kv_cache, self.kv_dtype = kv_cache, getattr(self.decoder, "kv_dtype", np.dtype(np.float32))
         self.vocab_size, self.retrieval_dim = m["vocab_size"], m["retrieval_dim"]
         self.query_template = m.get("query_template", "{}")  # how text queries are written before [RET]
         self.index = None

@@ -131,8 +131,14 @@ def create_app(config: ServerConfig, model: Fromage | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         state.ready()
+        m, c = state.model, state.config
+        # max_model_len as vLLM reports it; how this server runs the model, under "fromage" (an extension)
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                            "owned_by": "fromage"}]}
+                                            "owned_by": "fromage", "max_model_len": m.max_positions,
+                                            "fromage": {"engine": m.engine, "kernels": getattr(m.decoder, "kernels", None),
+                                                        "kv_cache": m.kv_cache,
+                                                        "precision": m.bundle.manifest.get("precision", "fp32"),
+                                                        "max_batch": c.max_batch}}]}
 
     @app.get("/v1/images/{key}")
     async def image(key: str):

@@ -254,6 +254,9 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(served_model, mo
 
 def test_health_and_metrics(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    model = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert model["max_model_len"] > 0 and model["fromage"]["engine"] in ("native", "onnxruntime")
+    assert model["fromage"]["kv_cache"] == "f32" and model["fromage"]["precision"] == "fp32"
     _client(server).chat.completions.create(model="x", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
     text = httpx.get(server.url + "/metrics").text
     for name in ("fromage_time_to_first_token_seconds_bucket", "fromage_inter_token_latency_seconds_bucket",
