@@ -7,7 +7,7 @@ activations to int8 (which changes greedy output). The C kernels stream fp32 wei
 bandwidth limit and run the GGUF's 4-bit grids with 16-bit activations (logits within ~1e-5 of fp32
 ones), so a 4-bit bundle decodes with exactly the fp32 bundle's weights. The KV cache is the runtime's
 (1, kv, capacity, d) buffers, as with the ONNX graph, so the runtime's cache handling is the same for
-both engines.
+both engines (float32, or float16 here with kv_cache="f16").
 """
 from __future__ import annotations
 

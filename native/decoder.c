@@ -247,9 +247,10 @@ static inline __attribute__((always_inline)) void weighted_values_heads(const fl
 #endif
 
 /* A block is attended in two stages: the scores of a group's G query heads (q, G * d) over the block's
- * key tile kt (sc: G * ATT_BLOCK floats), then their softmax pieces and values. A decoding step runs
- * the first stage over many blocks before the second, so each thread reads its keys, then its values, as
- * long forward streams; prefill and batched steps run both per block. The results are the same. */
+ * key tile kt (sc: G * ATT_BLOCK floats), then their softmax pieces and values. Decoding steps, single or
+ * batched, run the first stage over many blocks before the second, so each thread reads its keys, then its
+ * values, as long forward streams; prefill runs both per block. The results are the same. An fp16 cache (half)
+ * is converted as it is read: in registers by the AVX-512 copy, a tile at a time by the others. */
 static void group_scores(const float *q, int G, const void *kt, int half, int n, int d, float scale, float *sc) {
 #ifdef FM_AVX512
     if (d % 64 == 0 && G <= FUSED_HEADS) {

@@ -1,7 +1,8 @@
 /* Self-check of the native decoder on a tiny random model (ctest): a prefill gives the same bits as the
  * same positions fed one at a time, 4-bit blocks of weights on a Q4_1 grid (and an 8-bit lm_head on a
  * Q8_0 one) give the logits of their fp32 copy, and a batched step gives each sequence exactly what its
- * own step gives, and rows that want only their largest logits get them exactly from an 8-bit copy of the head. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
+ * own step gives, and rows that want only their largest logits get them exactly from an 8-bit copy of the head;
+ * with an fp16 KV cache the same, its logits within fp16's rounding of the fp32 cache's. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
