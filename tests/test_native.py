@@ -101,6 +101,8 @@ def test_engine_choice(exported, tmp_path):
     assert Fromage(exported["llama"]["bundle"], engine="onnxruntime").engine_note is None
     opt = Fromage(exported["opt"]["bundle"])
     assert opt.engine == "onnxruntime" and "fused" in opt.engine_note
+    with pytest.raises(FromageError, match="f16 KV cache needs the native engine, which cannot run this: .*fused"):
+        Fromage(exported["opt"]["bundle"], kv_cache="f16")  # auto does not fall back to ONNX Runtime's f32 cache
     with pytest.raises(FromageError, match="native engine cannot run this"):
         Fromage(exported["opt"]["bundle"], engine="native")
     with pytest.raises(FromageError, match="unknown engine"):
