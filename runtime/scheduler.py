@@ -162,6 +162,12 @@ class Scheduler:
         """(running, waiting) requests."""
         return len(self.running), len(self.waiting)
 
+    @property
+    def cache_bytes(self) -> tuple[int, int]:
+        """(the running requests' KV caches, the prefix cache) in bytes; read from any thread."""
+        running = sum(c.nbytes for slot in list(self.running) if slot.state is not None for c in slot.state.cache)
+        return running, self.prefixes.bytes if self.prefixes else 0
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

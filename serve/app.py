@@ -61,7 +61,8 @@ class _State:
         self.config, self.model, self.scheduler, self.load_error = config, None, None, None
         self.model_name = config.model_name or Path(config.bundle).name
         self.media = MediaPolicy(Path(config.allowed_media_dir) if config.allowed_media_dir else None)
-        self.metrics = Metrics(lambda: self.scheduler.counts if self.scheduler else (0, 0))
+        self.metrics = Metrics(lambda: self.scheduler.counts if self.scheduler else (0, 0),
+                               lambda: self.scheduler.cache_bytes if self.scheduler else (0, 0))
 
     def load(self, model: Fromage | None = None) -> None:
         c = self.config

@@ -10,8 +10,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5
 
 
 class Metrics:
-    def __init__(self, counts):
-        """`counts()` -> (running, waiting) requests, read at each scrape."""
+    def __init__(self, counts, cache_bytes):
+        """`counts()` -> (running, waiting) requests, `cache_bytes()` -> (the running requests' KV caches, the
+        prefix cache) in bytes, read at each scrape."""
         r = self.registry = CollectorRegistry()
         self.ttft = Histogram("fromage_time_to_first_token_seconds", "Time from request to its first text or image",
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -23,6 +24,10 @@ class Metrics:
             lambda: counts()[0])
         Gauge("fromage_num_requests_waiting", "Requests queued for a slot", registry=r).set_function(
             lambda: counts()[1])
+        memory = Gauge("fromage_kv_cache_bytes", "KV cache memory: the running requests' caches, the prefix cache",
+                       ["kind"], registry=r)
+        memory.labels("running").set_function(lambda: cache_bytes()[0])
+        memory.labels("prefix").set_function(lambda: cache_bytes()[1])
         self.prompt_tokens = Counter("fromage_prompt_tokens", "Prompt positions prefilled (images count k each)",
                                      registry=r)
         self.cached_prompt_tokens = Counter("fromage_prompt_tokens_cached",

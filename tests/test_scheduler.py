@@ -106,6 +106,8 @@ def test_cancel_frees_the_slot_and_full_queue_refuses(model):
         long = sched.submit(["a cat"], SamplingParams(max_new_tokens=60, retrieval=False, stop_ids=[]))
         events = iter(long)
         next(events)  # it is decoding
+        running, _ = sched.cache_bytes
+        assert running == sum(c.nbytes for c in sched.running[0].state.cache) > 0
         queued = sched.submit(["a dog"], SamplingParams(max_new_tokens=2, retrieval=False))
         with pytest.raises(QueueFull):
             sched.submit(["a boat"], SamplingParams(max_new_tokens=2))
@@ -113,7 +115,7 @@ def test_cancel_frees_the_slot_and_full_queue_refuses(model):
         last = [e for e in events][-1]
         assert isinstance(last, Finished) and last.result.stop_reason == "cancelled"
         assert [e for e in queued][-1].result.stop_reason in ("stop", "length")
-        assert sched.counts == (0, 0)
+        assert sched.counts == (0, 0) and sched.cache_bytes[0] == 0
     finally:
         sched.close()
 

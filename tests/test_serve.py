@@ -261,7 +261,8 @@ def test_health_and_metrics(server):
     text = httpx.get(server.url + "/metrics").text
     for name in ("fromage_time_to_first_token_seconds_bucket", "fromage_inter_token_latency_seconds_bucket",
                  "fromage_e2e_request_latency_seconds_count", "fromage_num_requests_running",
-                 "fromage_num_requests_waiting", "fromage_prompt_tokens_total", "fromage_generation_tokens_total"):
+                 "fromage_num_requests_waiting", "fromage_prompt_tokens_total", "fromage_generation_tokens_total",
+                 'fromage_kv_cache_bytes{kind="running"}', 'fromage_kv_cache_bytes{kind="prefix"}'):
         assert name in text, name
 
 
