@@ -266,6 +266,28 @@ def test_health_and_metrics(server):
         assert name in text, name
 
 
+def test_an_f16_kv_cache_server(exported):
+    """`fromage serve --kv-cache f16`: the server loads the model with an fp16 cache, says so in /v1/models, and
+    answers as that model alone does."""
+    from fromage.runtime.generate import Fromage
+    from fromage.runtime.sampling import SamplingParams
+    from fromage.serve.app import ServerConfig, create_app
+    from starlette.testclient import TestClient
+    model = Fromage(exported["llama"]["bundle"], kv_cache="f16")
+    app = create_app(ServerConfig(bundle=str(exported["llama"]["bundle"]), kv_cache="f16"), model)
+    with TestClient(app) as client:
+        deadline = time.time() + 30
+        while client.get("/health").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert client.get("/v1/models").json()["data"][0]["fromage"]["kv_cache"] == "f16"
+        answer = client.post("/v1/completions", json={"prompt": "a red", "max_tokens": 6, "temperature": 0,
+                                                      "retrieval": False, "ignore_eos": True}).json()
+    alone = model.generate(["a red"], SamplingParams(max_new_tokens=6, temperature=0, retrieval=False, stop_ids=[]))
+    assert answer["choices"][0]["text"] == "".join(p["text"] for p in alone.parts if p["type"] == "text")
+    assert answer["usage"]["completion_tokens"] == 6
+
+
 def test_health_is_503_while_loading(exported):
     from fromage.serve.app import ServerConfig, create_app
     from starlette.testclient import TestClient
