@@ -175,7 +175,7 @@ class Fromage:
         if kv_cache not in KV_CACHES:
             raise FromageError(f"unknown KV cache type {kv_cache!r} (choose from {', '.join(KV_CACHES)})")
         if kv_cache != "f32" and engine == "onnxruntime":
-            raise FromageError(f"a {kv_cache} KV cache needs the native engine, not onnxruntime")
+            raise FromageError(f"an {kv_cache} KV cache needs the native engine, not onnxruntime")
         path, why_not = self.bundle.graph_path("decoder"), None
         if engine != "onnxruntime":
             if not self.fused:
@@ -191,7 +191,7 @@ class Fromage:
             if engine == "native":
                 raise FromageError(f"the native engine cannot run this: {why_not}")
             if kv_cache != "f32":
-                raise FromageError(f"a {kv_cache} KV cache needs the native engine, which cannot run this: {why_not}")
+                raise FromageError(f"an {kv_cache} KV cache needs the native engine, which cannot run this: {why_not}")
         graph = OrtSession(path, device=device, threads=threads)
         decoder = InPlaceDecoder(graph) if self.fused else ConcatDecoder(graph)
         return "onnxruntime", decoder, why_not and f"native engine not used: {why_not}"

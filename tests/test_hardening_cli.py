@@ -51,6 +51,12 @@ def test_serve_refuses_zero_rows(exported, capsys, option):
     assert f"{option}" in capsys.readouterr().err.split("must be >= 1")[0]
 
 
+def test_serve_refuses_an_f16_cache_on_onnxruntime_at_once(exported, capsys):
+    assert main(["serve", "--bundle", str(exported["llama"]["bundle"]), "--kv-cache", "f16",
+                 "--engine", "onnxruntime"]) == 2
+    assert "needs the native engine" in capsys.readouterr().err
+
+
 def test_the_context_budget_is_said_at_start(exported, capsys):
     assert main(["generate", "--bundle", str(exported["llama"]["bundle"]), "--max-new-tokens", "1000000000",
                  "--no-retrieval", "--stop-id", "0", "a cat"]) == 0
