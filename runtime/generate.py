@@ -121,7 +121,7 @@ class _TextStream:
 
 
 ENGINES = ("auto", "native", "onnxruntime")
-KV_CACHES = ("f32", "f16")  # the KV cache's element; f16 needs the native engine
+KV_CACHES = tuple(native.KV_DTYPES)  # the KV cache's element ("f32", "f16"); f16 needs the native engine
 
 
 class Fromage:

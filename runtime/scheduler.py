@@ -10,9 +10,8 @@ or is cancelled leaves at the next iteration and frees its slot.
 While others decode, prompts are fed rows worth PROMPT_ROWS_BUSY per call (or `prefill_rows`), or the batch's
 empty slots' worth where that is more, the shortest first, so a long prompt arriving slows the running
 streams' steps by a bounded factor instead of stalling them, and does not hold back the short prompts
-behind it. A prompt that starts as a recent
-one did (a recent prompt, or a prompt with its answer: a chat's next turn) is fed from where they part
-(prefix_cache.PrefixCache).
+behind it. A prompt that starts as a recent one did (a recent prompt, or a prompt with its answer: a chat's
+next turn) is fed from where they part (prefix_cache.PrefixCache).
 Every position (prompt or generated) is computed by the decoding kernels, whose rows do not depend on
 what else is in the call: a request's outputs are the same alone or in any batch, however its prompt
 was cut. On the native engine `Fromage.generate` prefills with the same kernels, so it gives the same

@@ -394,7 +394,8 @@ def add_arguments(p) -> None:
                         "16 streams against 1 is the median of the rounds' own ratios (default 1)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together; llama-server slots (default 16)")
     p.add_argument("--prefill-rows", type=int, help="the started server's --prefill-rows (default: its own)")
-    p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32", help="the started server's --kv-cache")
+    from .options import add_kv_cache_argument
+    add_kv_cache_argument(p, help="the started server's --kv-cache (default f32)")
     p.add_argument("--prefix-cache-mb", type=float, help="the started server's --prefix-cache-mb (default: its own)")
     p.add_argument("--bench-image", default=DEFAULT_IMAGE, help="image for the with-image rows ('' to skip them)")
     p.add_argument("--peer", choices=["auto", "none", "llama_cpp", "llama_cpp_f32"], default="auto",

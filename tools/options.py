@@ -19,10 +19,11 @@ def kv_cache_list(text: str) -> list[str]:
     return kinds
 
 
-def add_kv_cache_argument(p) -> None:
-    p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
-                   help="KV cache elements: f32 (default), or f16 with the native engine: half the cache's memory and "
-                        "attention reads, at fp16's precision (llama.cpp's default cache type)")
+def add_kv_cache_argument(p, help: str | None = None) -> None:
+    from fromage.runtime.generate import KV_CACHES  # imported when a parser is built, not at CLI start
+    p.add_argument("--kv-cache", choices=KV_CACHES, default="f32",
+                   help=help or "KV cache elements: f32 (default), or f16 with the native engine: half the cache's "
+                                "memory and attention reads, at fp16's precision (llama.cpp's default cache type)")
 
 
 def int_list(text: str, flag: str, example: str, low: int, high: int | None = None) -> list[int]:
