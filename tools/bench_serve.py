@@ -34,7 +34,7 @@ from fromage.runtime.errors import FromageError
 
 from .bench import machine_info
 from .bench_report import percentiles
-from .options import int_list
+from .options import add_kv_cache_argument, int_list
 from .server_process import Server, free_port, wait_healthy
 
 TOPICS = ("a red kangaroo", "an old lighthouse", "a blue whale", "a small boat", "a yellow sun over hills",
@@ -394,7 +394,6 @@ def add_arguments(p) -> None:
                         "16 streams against 1 is the median of the rounds' own ratios (default 1)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together; llama-server slots (default 16)")
     p.add_argument("--prefill-rows", type=int, help="the started server's --prefill-rows (default: its own)")
-    from .options import add_kv_cache_argument
     add_kv_cache_argument(p, help="the started server's --kv-cache (default f32)")
     p.add_argument("--prefix-cache-mb", type=float, help="the started server's --prefix-cache-mb (default: its own)")
     p.add_argument("--bench-image", default=DEFAULT_IMAGE, help="image for the with-image rows ('' to skip them)")
