@@ -1,6 +1,6 @@
 /* fp16 <-> float in plain C, exactly (subnormals, infinities and NaNs too, rounding to nearest even): the
- * portable kernels', the head quantizer's (pack.c) and the fp16 KV cache's; the AVX2 and AVX-512 kernels
- * convert with F16C, which gives the same bits. */
+ * portable kernels', the head quantizer's (pack.c, both ways) and the fp16 KV cache's; the AVX2 and AVX-512
+ * kernels convert with F16C, which gives the same bits. */
 #ifndef FROMAGE_HALF_H
 #define FROMAGE_HALF_H
 #include <stdint.h>

@@ -39,21 +39,9 @@ int fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, in
     return 0;
 }
 
-/* float -> fp16, round to nearest even; the values met here are far below fp16's overflow. */
-static uint16_t half_nearest(float x) {
-    const float a = fabsf(x);
-    const uint16_t sign = signbit(x) ? 0x8000 : 0;
-    if (!(a < 65520.f)) return sign | 0x7C00;
-    if (a < 0x1p-14f) return sign | (uint16_t)lrintf(a * 0x1p24f);  /* subnormal (1024: the smallest normal) */
-    int e;
-    const float f = frexpf(a, &e);                                  /* a = f 2^e, f in [0.5, 1) */
-    const long m = lrintf(ldexpf(f, 11));                           /* 1024..2048 */
-    return sign | (uint16_t)(((e + 14) << 10) + m - 1024);          /* 2048 carries into the exponent */
-}
-
 /* The fp16 value nearest x on the side `up` (1: >= x, 0: <= x). */
 static uint16_t half_toward(float x, int up) {
-    uint16_t h = half_nearest(x);
+    uint16_t h = fm_float_to_half(x);
     const float v = fm_half_to_float(h);
     if (up ? v >= x : v <= x) return h;
     const int away = (v < x) == !(h & 0x8000);  /* a step away from zero grows |v| */
