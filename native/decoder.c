@@ -347,43 +347,85 @@ static size_t attention_scratch(const fm_model *m, int total, int threads) {
     return (size_t)threads * thread_scores(m) + (size_t)(H > threads * G ? H : threads * G) * blocks * (m->head_dim + 2);
 }
 
+/* Where each sequence of a batched step has its attention work, the same for every layer: sequence b's
+ * (group, block) items are item[b] .. item[b + 1] - 1 (group-major), its partials start part[b] floats in. */
+typedef struct { const size_t *item, *part; } batch_layout;
+
+/* Item `it` of a batched step: its sequence b (searched from `from`), group g and block blk. */
+static void batch_item(const batch_layout *lay, const int32_t *past, size_t it, int from, int *b, int *g, int *blk) {
+    int s = from;
+    while (it >= lay->item[s + 1]) s++;
+    const int blocks = blocks_of(past[s] + 1);
+    *b = s, *g = (int)((it - lay->item[s]) / blocks), *blk = (int)((it - lay->item[s]) % blocks);
+}
+
+/* Attention of one new position per sequence (qkv (B, width)) over each sequence's cache: the threads
+ * share the (sequence, group, block) items, a few runs of them each (a claim's items of one sequence and group
+ * are consecutive blocks: their scores are computed before their values, in stages of up to STAGED_BLOCKS, so
+ * a thread reads one stream of keys, then one of values), then the sequences' heads' merges (each head merges
+ * its blocks in order), so a sequence's result does not depend on the others. part: the
+ * partials (lay); sc: thread_scores(m) floats per thread. */
+static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
+                            void *const *kc, void *const *vc, int layer, const batch_layout *lay, float *out,
+                            float *part, float *sc) {
+    const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d, half = m->kv_half;
+    const float scale = 1.f / sqrtf((float)d);
+    const size_t scores = thread_scores(m), items = lay->item[B];
+    const size_t per_thread = items / (4 * (size_t)omp_get_max_threads());  /* a few claims each, at least */
+    const size_t chunk = per_thread < 1 ? 1 : per_thread;
+    const size_t group = (size_t)G * ATT_BLOCK, claims = (items + chunk - 1) / chunk;
+#pragma omp parallel
+    {
+        float *mine = sc + (size_t)omp_get_thread_num() * scores;
+        int seq = 0;  /* the sequence of this thread's last item: its claims come in increasing order (monotonic) */
+#pragma omp for schedule(monotonic: dynamic, 1) /* a preempted thread does not hold the step up */
+        for (size_t c = 0; c < claims; c++) {
+            const size_t end = (c + 1) * chunk < items ? (c + 1) * chunk : items;
+            for (size_t first = c * chunk; first < end; first += STAGED_BLOCKS) {
+                const size_t last = first + STAGED_BLOCKS < end ? first + STAGED_BLOCKS : end;
+                int bs[STAGED_BLOCKS], gs[STAGED_BLOCKS], blks[STAGED_BLOCKS];
+                for (size_t it = first; it < last; it++) {
+                    const int i = (int)(it - first);
+                    batch_item(lay, past, it, seq, &bs[i], &gs[i], &blks[i]);
+                    seq = bs[i];
+                    group_scores(qkv + (size_t)seq * width + (size_t)gs[i] * G * d, G,
+                                 kv_at(kc[(size_t)seq * m->n_layers + layer], block_at(gs[i], blks[i], capacity[seq], d), half),
+                                 half, block_len(blks[i], past[seq] + 1), d, scale, mine + i * group);
+                }
+                for (size_t it = first; it < last; it++) {
+                    const int i = (int)(it - first), b = bs[i];
+                    const size_t per_head = (size_t)blocks_of(past[b] + 1) * (d + 2);
+                    group_values(G, kv_at(vc[(size_t)b * m->n_layers + layer], block_at(gs[i], blks[i], capacity[b], d), half),
+                                 half, block_len(blks[i], past[b] + 1), d, mine + i * group,
+                                 part + lay->part[b] + gs[i] * G * per_head + (size_t)blks[i] * (d + 2), per_head);
+                }
+            }
+        }
+#pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < H; h++) {
+                const int blocks = blocks_of(past[b] + 1);
+                merge_blocks(part + lay->part[b] + (size_t)h * blocks * (d + 2), blocks, d, out + ((size_t)b * H + h) * d);
+            }
+    }
+}
+
 /* Causal grouped-query attention of the T new positions over the cache; out (T, H*d). The cache is cut
  * into blocks of ATT_BLOCK positions whose partial softmaxes are merged in a fixed order, so the result
- * does not depend on the thread count. One new position (decoding): each thread takes an equal run of
- * the (group, block) pairs, and attends them in stages of up to STAGED_BLOCKS, scores first; several (prefill):
- * the threads share the (position, group) pairs. */
+ * does not depend on the thread count. One new position (decoding): a batched step's attention of one
+ * sequence; several (prefill): the threads share the (position, group) pairs. */
 static void attention(const fm_model *m, const float *qkv, int T, int past, int capacity,
                       void *kc, void *vc, float *out, float *scratch) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d, half = m->kv_half;
     const int blocks = blocks_of(past + T);
     const float scale = 1.f / sqrtf((float)d);
-    const size_t per_head = (size_t)blocks * (d + 2), scores = thread_scores(m), group = (size_t)G * ATT_BLOCK;
+    const size_t per_head = (size_t)blocks * (d + 2), scores = thread_scores(m);
     float *part = scratch + (size_t)omp_get_max_threads() * scores;  /* after the threads' scores */
     if (T == 1) {
-#pragma omp parallel
-        {
-            const int threads = omp_get_num_threads(), id = omp_get_thread_num(), items = KV * blocks;
-            const int first = (int)((long)items * id / threads), end = (int)((long)items * (id + 1) / threads);
-            float *sc = scratch + (size_t)id * scores;
-            const int stages = (end - first + STAGED_BLOCKS - 1) / STAGED_BLOCKS;  /* fewest stream starts */
-            const int each = stages ? (end - first + stages - 1) / stages : 1;
-            for (int a = first; a < end; a += each) {
-                const int z = a + each < end ? a + each : end;
-                for (int it = a; it < z; it++) {
-                    const int g = it / blocks, b = it % blocks;
-                    group_scores(qkv + (size_t)g * G * d, G, kv_at(kc, block_at(g, b, capacity, d), half), half,
-                                 block_len(b, past + 1), d, scale, sc + (it - a) * group);
-                }
-                for (int it = a; it < z; it++) {
-                    const int g = it / blocks, b = it % blocks;
-                    group_values(G, kv_at(vc, block_at(g, b, capacity, d), half), half, block_len(b, past + 1), d,
-                                 sc + (it - a) * group, part + (size_t)g * G * per_head + (size_t)b * (d + 2), per_head);
-                }
-            }
-#pragma omp barrier
-#pragma omp for schedule(static)
-            for (int h = 0; h < H; h++) merge_blocks(part + (size_t)h * per_head, blocks, d, out + (size_t)h * d);
-        }
+        const size_t item[] = {0, (size_t)KV * blocks}, parts[] = {0, (size_t)H * per_head};
+        const batch_layout lay = {item, parts};
+        void *const k[] = {kc}, *const v[] = {vc};
+        attention_batch(m, qkv, 1, &past, &capacity, k, v, 0, &lay, out, part, scratch);
         return;
     }
 #pragma omp parallel for collapse(2) schedule(static)
@@ -472,69 +514,6 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
     rc = rc ? -2 : retrieval(m, h, 1, ret);
     fm_op_done(FM_OP_HEAD, t);
     return rc;
-}
-
-/* Where each sequence of a batched step has its attention work, the same for every layer: sequence b's
- * (group, block) items are item[b] .. item[b + 1] - 1 (group-major), its partials start part[b] floats in. */
-typedef struct { const size_t *item, *part; } batch_layout;
-
-/* Item `it` of a batched step: its sequence b (searched from `from`), group g and block blk. */
-static void batch_item(const batch_layout *lay, const int32_t *past, size_t it, int from, int *b, int *g, int *blk) {
-    int s = from;
-    while (it >= lay->item[s + 1]) s++;
-    const int blocks = blocks_of(past[s] + 1);
-    *b = s, *g = (int)((it - lay->item[s]) / blocks), *blk = (int)((it - lay->item[s]) % blocks);
-}
-
-/* Attention of one new position per sequence (qkv (B, width)) over each sequence's cache: the threads
- * share the (sequence, group, block) items, a few runs of them each (a claim's items of one sequence and group
- * are consecutive blocks: their scores are computed before their values, in stages of up to STAGED_BLOCKS, as
- * a decoding step's), then the sequences' heads' merges (each head merges its blocks in
- * order, as attention() does for T = 1), so a sequence's result does not depend on the others. part: the
- * partials (lay); sc: thread_scores(m) floats per thread. */
-static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
-                            void *const *kc, void *const *vc, int layer, const batch_layout *lay, float *out,
-                            float *part, float *sc) {
-    const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d, half = m->kv_half;
-    const float scale = 1.f / sqrtf((float)d);
-    const size_t scores = thread_scores(m), items = lay->item[B];
-    const size_t per_thread = items / (4 * (size_t)omp_get_max_threads());  /* a few claims each, at least */
-    const size_t chunk = per_thread < 1 ? 1 : per_thread;
-    const size_t group = (size_t)G * ATT_BLOCK, claims = (items + chunk - 1) / chunk;
-#pragma omp parallel
-    {
-        float *mine = sc + (size_t)omp_get_thread_num() * scores;
-        int seq = 0;  /* the sequence of this thread's last item: its claims come in increasing order (monotonic) */
-#pragma omp for schedule(monotonic: dynamic, 1) /* a preempted thread does not hold the step up */
-        for (size_t c = 0; c < claims; c++) {
-            const size_t end = (c + 1) * chunk < items ? (c + 1) * chunk : items;
-            for (size_t first = c * chunk; first < end; first += STAGED_BLOCKS) {
-                const size_t last = first + STAGED_BLOCKS < end ? first + STAGED_BLOCKS : end;
-                int bs[STAGED_BLOCKS], gs[STAGED_BLOCKS], blks[STAGED_BLOCKS];
-                for (size_t it = first; it < last; it++) {
-                    const int i = (int)(it - first);
-                    batch_item(lay, past, it, seq, &bs[i], &gs[i], &blks[i]);
-                    seq = bs[i];
-                    group_scores(qkv + (size_t)seq * width + (size_t)gs[i] * G * d, G,
-                                 kv_at(kc[(size_t)seq * m->n_layers + layer], block_at(gs[i], blks[i], capacity[seq], d), half),
-                                 half, block_len(blks[i], past[seq] + 1), d, scale, mine + i * group);
-                }
-                for (size_t it = first; it < last; it++) {
-                    const int i = (int)(it - first), b = bs[i];
-                    const size_t per_head = (size_t)blocks_of(past[b] + 1) * (d + 2);
-                    group_values(G, kv_at(vc[(size_t)b * m->n_layers + layer], block_at(gs[i], blks[i], capacity[b], d), half),
-                                 half, block_len(blks[i], past[b] + 1), d, mine + i * group,
-                                 part + lay->part[b] + gs[i] * G * per_head + (size_t)blks[i] * (d + 2), per_head);
-                }
-            }
-        }
-#pragma omp for collapse(2) schedule(static)
-        for (int b = 0; b < B; b++)
-            for (int h = 0; h < H; h++) {
-                const int blocks = blocks_of(past[b] + 1);
-                merge_blocks(part + lay->part[b] + (size_t)h * blocks * (d + 2), blocks, d, out + ((size_t)b * H + h) * d);
-            }
-    }
 }
 
 /* The logits of the final-normed rows h (n, hidden), (n, head.N + head_extra.N): the rows that want only their
