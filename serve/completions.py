@@ -6,10 +6,8 @@ Token-id, batched (several prompts) and logprob requests are refused with a 400 
 """
 from __future__ import annotations
 
-import time
-
 from .errors import BadRequest
-from .protocol import GenerationRequest, check_fields, finish_reason, image_part, sampling, usage
+from .protocol import Answer, GenerationRequest, check_fields, finish_reason, hit_part, sampling, usage
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for this endpoint
 OWN_FIELDS = {"prompt", "echo", "logprobs", "suffix", "best_of"}
@@ -35,41 +33,36 @@ def parse_completion_request(body, media, max_tokens: int | None = None) -> Gene
 
 
 def _parts(result_parts: list) -> list:
-    return [{"type": "text", "text": p["text"]} if p["type"] == "text" else
-            image_part(p["key"], p["score"], p.get("caption")) for p in result_parts]
+    """A Result's parts as they are (a continuation: its leading space kept)."""
+    return [{"type": "text", "text": p["text"]} if p["type"] == "text" else hit_part(p) for p in result_parts]
 
 
-class TextAnswer:
-    """How /v1/completions writes one request's answer: whole, or as stream chunks (the app's _sse)."""
-    id_prefix = "cmpl"
+class TextAnswer(Answer):
+    """How /v1/completions writes an answer (the same object, whole or streamed)."""
+    id_prefix, chunk_kind = "cmpl", "text_completion"
 
     def __init__(self, rid: str, model: str, request: GenerationRequest):
-        self.rid, self.model, self.echo = rid, model, request.echo
+        super().__init__(rid, model)
+        self.echo = request.echo
 
-    def _object(self, choices: list) -> dict:
-        return {"id": self.rid, "object": "text_completion", "created": int(time.time()), "model": self.model,
-                "choices": choices}
-
-    def _choice(self, text: str, reason: str | None = None, **extra) -> dict:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason, **extra}
+    def _one(self, text: str, reason: str | None = None, **extra) -> dict:
+        """A text_completion object (a whole answer or a chunk) with its one choice."""
+        return self._object(self.chunk_kind, [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason,
+                                               **extra}])
 
     def whole(self, result, positions: int) -> dict:
         parts = _parts(result.parts)
         text = self.echo + "".join(p["text"] for p in parts if p["type"] == "text")
-        return {**self._object([self._choice(text, finish_reason(result), parts=parts)]),
-                "usage": usage(result, positions)}
+        return {**self._one(text, finish_reason(result), parts=parts), "usage": usage(result, positions)}
 
     def opening(self) -> list[dict]:
-        return [self._object([self._choice(self.echo)])] if self.echo else []
+        return [self._one(self.echo)] if self.echo else []
 
     def text(self, text: str) -> dict | None:
-        return self._object([self._choice(text)]) if text else None
+        return self._one(text) if text else None
 
     def image(self, part: dict) -> dict:
-        return self._object([self._choice("", parts=[part])])
+        return self._one("", parts=[part])
 
     def closing(self, reason: str) -> dict:
-        return self._object([self._choice("", reason)])
-
-    def usage(self, usage_: dict) -> dict:
-        return {**self._object([]), "usage": usage_}
+        return self._one("", reason)

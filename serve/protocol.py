@@ -143,9 +143,14 @@ def image_part(key: int, score: float, caption: str | None) -> dict:
             "score": round(float(score), 6), "caption": caption}
 
 
+def hit_part(p: dict) -> dict:
+    """A Result's image part -> the response's (by index key)."""
+    return image_part(p["key"], p["score"], p.get("caption"))
+
+
 def response_parts(result_parts: list) -> list:
-    """A Result's parts -> the response's parts (images by index key)."""
-    return answer_parts(result_parts, lambda p: image_part(p["key"], p["score"], p.get("caption")))
+    """A Result's parts -> the chat response's parts, from the answer's first non-blank character."""
+    return answer_parts(result_parts, hit_part)
 
 
 def usage(result, prompt_positions: int) -> dict:
@@ -157,18 +162,31 @@ def usage(result, prompt_positions: int) -> dict:
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
 
 
-class ChatAnswer:
-    """How /v1/chat/completions writes one request's answer: whole, or as stream chunks (the app's _sse)."""
-    id_prefix = "chatcmpl"
+class Answer:
+    """What the endpoints' answer writers share (ChatAnswer, completions.TextAnswer): each writes one request's
+    answer whole, or as stream chunks (the app's _sse): opening(), text(), image(), closing(), usage()."""
+    id_prefix = chunk_kind = ""
 
-    def __init__(self, rid: str, model: str, request: GenerationRequest):
-        self.rid, self.model, self.start = rid, model, AnswerStart()
+    def __init__(self, rid: str, model: str):
+        self.rid, self.model = rid, model
 
     def _object(self, kind: str, choices: list) -> dict:
         return {"id": self.rid, "object": kind, "created": int(time.time()), "model": self.model, "choices": choices}
 
+    def usage(self, usage_: dict) -> dict:
+        return {**self._object(self.chunk_kind, []), "usage": usage_}
+
+
+class ChatAnswer(Answer):
+    """How /v1/chat/completions writes an answer."""
+    id_prefix, chunk_kind = "chatcmpl", "chat.completion.chunk"
+
+    def __init__(self, rid: str, model: str, request: GenerationRequest):
+        super().__init__(rid, model)
+        self.start = AnswerStart()
+
     def _chunk(self, delta: dict, reason: str | None = None) -> dict:
-        return self._object("chat.completion.chunk", [{"index": 0, "delta": delta, "finish_reason": reason}])
+        return self._object(self.chunk_kind, [{"index": 0, "delta": delta, "finish_reason": reason}])
 
     def whole(self, result, positions: int) -> dict:
         parts = response_parts(result.parts)
@@ -190,6 +208,3 @@ class ChatAnswer:
 
     def closing(self, reason: str) -> dict:
         return self._chunk({}, reason)
-
-    def usage(self, usage_: dict) -> dict:
-        return {**self._object("chat.completion.chunk", []), "usage": usage_}
