@@ -124,6 +124,17 @@ ENGINES = ("auto", "native", "onnxruntime")
 KV_CACHES = tuple(native.KV_DTYPES)  # the KV cache's element ("f32", "f16"); f16 needs the native engine
 
 
+def check_decoder_options(engine: str, kv_cache: str) -> None:
+    """FromageError for an unknown engine or KV cache type, or a pair that cannot run (an f16 cache on ONNX
+    Runtime); the commands check theirs with it before loading anything."""
+    if engine not in ENGINES:
+        raise FromageError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+    if kv_cache not in KV_CACHES:
+        raise FromageError(f"unknown KV cache type {kv_cache!r} (choose from {', '.join(KV_CACHES)})")
+    if kv_cache != "f32" and engine == "onnxruntime":
+        raise FromageError(f"an {kv_cache} KV cache needs the native engine, not onnxruntime")
+
+
 class Fromage:
     """A loaded bundle (+ optional image index), ready to generate.
 
@@ -157,7 +168,7 @@ class Fromage:
         # the fused graph (export/llama_graph.py) keeps the KV cache in buffers written in place
         self.fused = io.get("cache") == "in-place"
         self.engine, self.decoder, self.engine_note = self._make_decoder(engine, device, threads, kv_cache)
-        self.kv_cache, self.kv_dtype = kv_cache, getattr(self.decoder, "kv_dtype", np.dtype(np.float32))
+        self.kv_cache, self.kv_dtype = kv_cache, np.dtype(native.KV_DTYPES[kv_cache])
         self.vocab_size, self.retrieval_dim = m["vocab_size"], m["retrieval_dim"]
         self.query_template = m.get("query_template", "{}")  # how text queries are written before [RET]
         self.index = None
@@ -170,12 +181,7 @@ class Fromage:
         """-> (engine name, decoder, why the native engine is not used or None). `auto` tries the
         native engine where it can run and falls back to ONNX Runtime, saying why (not with an f16 KV cache,
         which only the native engine keeps)."""
-        if engine not in ENGINES:
-            raise FromageError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
-        if kv_cache not in KV_CACHES:
-            raise FromageError(f"unknown KV cache type {kv_cache!r} (choose from {', '.join(KV_CACHES)})")
-        if kv_cache != "f32" and engine == "onnxruntime":
-            raise FromageError(f"an {kv_cache} KV cache needs the native engine, not onnxruntime")
+        check_decoder_options(engine, kv_cache)
         path, why_not = self.bundle.graph_path("decoder"), None
         if engine != "onnxruntime":
             if not self.fused:

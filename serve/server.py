@@ -5,6 +5,7 @@ import os
 import sys
 
 from fromage.runtime.errors import FromageError
+from fromage.runtime.generate import check_decoder_options
 
 from .app import ServerConfig, create_app
 
@@ -29,8 +30,7 @@ def cmd_serve(args) -> None:
     if args.max_batch < 1 or args.max_queue < 0 or args.max_body_mb <= 0 or args.prefix_cache_mb < 0 or below_one:
         raise FromageError("--max-batch, --prefill-rows, --max-tokens and --max-prompt-tokens must be >= 1, "
                            "--max-queue and --prefix-cache-mb >= 0 and --max-body-mb > 0")
-    if args.kv_cache != "f32" and args.engine == "onnxruntime":  # said now, not by /health once loaded
-        raise FromageError(f"--kv-cache {args.kv_cache} needs the native engine, not --engine onnxruntime")
+    check_decoder_options(args.engine, args.kv_cache)  # said now, not by /health once the model fails to load
     if args.allowed_media_dir and not os.path.isdir(args.allowed_media_dir):
         raise FromageError(f"--allowed-media-dir {args.allowed_media_dir} is not a directory")
     config = ServerConfig(bundle=args.bundle, index=args.index, engine=args.engine, kv_cache=args.kv_cache,

@@ -402,8 +402,10 @@ def cmd_bench(args) -> None:
     kv_caches = kv_cache_list(args.kv_cache)
     if len(kv_caches) > 1 and args.batch is None and args.context is None:
         raise FromageError("--kv-cache takes one type, except with --batch or --context (which compare them)")
-    if "f16" in kv_caches and "onnxruntime" in [args.engine] + (args.also_engine or []):
-        raise FromageError("--kv-cache f16 needs the native engine; ONNX Runtime keeps an f32 cache")
+    from fromage.runtime.generate import check_decoder_options
+    for engine in [args.engine] + (args.also_engine or []):
+        for kv in kv_caches:
+            check_decoder_options(engine, kv)
     if args.plot:
         if args.bundle is None:
             raise FromageError("--plot draws the decode benchmark: give --bundle")
