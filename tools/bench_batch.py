@@ -10,7 +10,7 @@ import statistics
 
 import numpy as np
 
-from .bench_steps import STEPS_PER_RUN, format_rows, ms_per_op, time_steps
+from .bench_steps import STEPS_PER_RUN, format_rows, kv_label, ms_per_op, native_models, random_cache, time_steps
 from .options import int_list
 
 BATCH_POSITIONS = 128
@@ -29,16 +29,15 @@ def matrix_weights(m, vocab: int) -> int:
 
 def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=print, ops: bool = False,
                     kv_caches: tuple = ("f32",)) -> dict:
-    from fromage.runtime.generate import Fromage, cache_capacity
-    models = {kv: Fromage(bundle, engine="native", threads=threads, kv_cache=kv) for kv in kv_caches}
+    from fromage.runtime.generate import cache_capacity
+    models = native_models(bundle, threads, kv_caches)
     decoders = {kv: model.decoder for kv, model in models.items()}
     model, dec = models[kv_caches[0]], decoders[kv_caches[0]]
     m = dec.model
     positions = min(BATCH_POSITIONS, min(m.rope_positions, model.max_positions) // 2)
     rng = np.random.default_rng(0)
     shape = (1, m.n_kv, cache_capacity(dec, positions + 1), m.head_dim)
-    caches = {kv: [[rng.standard_normal(shape, dtype=np.float32).astype(d.kv_dtype) for _ in range(2 * m.n_layers)]
-                   for _ in range(batches[-1])] for kv, d in decoders.items()}
+    caches = {kv: [random_cache(rng, mk, shape) for _ in range(batches[-1])] for kv, mk in models.items()}
     embeds = (rng.standard_normal((batches[-1], m.hidden)) * 0.02).astype(np.float32)
     outputs = {b: (np.empty((b, dec.vocab_size), np.float32), np.empty((b, dec.retrieval_dim), np.float32))
                for b in batches}
@@ -47,8 +46,7 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
     def run_step(setting):
         kv, b = setting
         decoders[kv].forward_batch(embeds[:b], caches[kv][:b], [positions] * b, *outputs[b], top=[1] * b)
-    several = len(kv_caches) > 1
-    steps = time_steps(settings, run_step, runs, log, label=lambda s: f"{s[0] + ' ' if several else ''}B={s[1]}")
+    steps = time_steps(settings, run_step, runs, log, label=lambda s: kv_label(kv_caches, s[0], f"B={s[1]}"))
     weights = matrix_weights(m, dec.vocab_size)
     rows = []
     for kv, b in settings:

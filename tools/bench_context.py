@@ -12,7 +12,7 @@ import numpy as np
 
 from fromage.runtime.errors import FromageError
 
-from .bench_steps import format_rows, ms_per_op, time_steps
+from .bench_steps import format_rows, kv_label, ms_per_op, native_models, random_cache, time_steps
 from .options import int_list
 
 BASE_POSITIONS = 16
@@ -25,17 +25,16 @@ def parse_lengths(text: str) -> list[int]:
 
 def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=print, ops: bool = False,
                       kv_caches: tuple = ("f32",)) -> dict:
-    from fromage.runtime.generate import Fromage, cache_capacity
+    from fromage.runtime.generate import cache_capacity
     from .bench_worker import BandwidthProbe
-    models = {kv: Fromage(bundle, engine="native", threads=threads, kv_cache=kv) for kv in kv_caches}
+    models = native_models(bundle, threads, kv_caches)
     model, dec = models[kv_caches[0]], models[kv_caches[0]].decoder
     m = dec.model
     if lengths[-1] + 1 > min(m.rope_positions, model.max_positions):
         raise FromageError(f"--context {lengths[-1]}: the model's context is {model.max_positions} positions")
     rng = np.random.default_rng(0)
     shape = (1, m.n_kv, cache_capacity(dec, lengths[-1] + 1), m.head_dim)
-    caches = {kv: [rng.standard_normal(shape, dtype=np.float32).astype(model.kv_dtype) for _ in range(2 * m.n_layers)]
-              for kv, model in models.items()}
+    caches = {kv: random_cache(rng, mk, shape) for kv, mk in models.items()}
     embeds = (rng.standard_normal((1, 1, m.hidden)) * 0.02).astype(np.float32)
     logits, ret = np.zeros(dec.vocab_size, np.float32), np.zeros(dec.retrieval_dim, np.float32)
     probe = BandwidthProbe(threads)
@@ -48,9 +47,8 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
     def run_step(point):
         kv, p = point
         models[kv].decoder.forward(embeds, caches[kv], p, logits, ret)
-    several = len(kv_caches) > 1
-    steps = time_steps(points, run_step, runs, log, label=lambda s: f"{s[0] + ' ' if several else ''}{s[1]}",
-                       after_run=measure, steps=STEPS)
+    steps = time_steps(points, run_step, runs, log, label=lambda s: kv_label(kv_caches, s[0], str(s[1])), after_run=measure,
+                       steps=STEPS)
 
     def run_medians(point) -> list[float]:  # each run's median step: a run's steps and its bandwidth go together
         return [statistics.median(steps[point][r * STEPS:(r + 1) * STEPS]) for r in range(runs)]

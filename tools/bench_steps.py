@@ -4,6 +4,8 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
+
 STEPS_PER_RUN = 10  # steps timed per setting and run, after one untimed (--batch)
 
 
@@ -25,6 +27,22 @@ def time_steps(settings: list, step, runs: int, log, label=str, after_run=None, 
         log(f"  run {r + 1}/{runs}: " + ", ".join(f"{label(s)}: {statistics.median(times[s][-steps:]) * 1e3:.2f} ms"
                                                  for s in settings) + extra)
     return times
+
+
+def native_models(bundle, threads: int, kv_caches) -> dict:
+    """{KV cache type: the bundle on the native engine with that cache}: --kv-cache f32,f16 side by side."""
+    from fromage.runtime.generate import Fromage
+    return {kv: Fromage(bundle, engine="native", threads=threads, kv_cache=kv) for kv in kv_caches}
+
+
+def random_cache(rng, model, shape: tuple) -> list:
+    """Random keys and values of `shape` for each of the model's layers, in its KV cache type."""
+    return [rng.standard_normal(shape, dtype=np.float32).astype(model.kv_dtype) for _ in range(2 * model.layers)]
+
+
+def kv_label(kv_caches, kv: str, text: str) -> str:
+    """A step's name in the runs' log: its KV cache type too when several are compared."""
+    return f"{kv} {text}" if len(kv_caches) > 1 else text
 
 
 def ms_per_op(decoder, step, setting, steps: int) -> dict:
