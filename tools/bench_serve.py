@@ -196,11 +196,9 @@ def summarize(records: list, wall: float) -> dict:
 def start_fromage(args, log_dir: Path) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "fromage.tools.cli", "serve", "--bundle", args.bundle, "--port", port,
-            "--max-batch", args.max_batch, "--max-queue", 1024, "--threads", args.threads]
+            "--max-batch", args.max_batch, "--max-queue", 1024, "--threads", args.threads, "--kv-cache", args.kv_cache]
     if args.prefill_rows is not None:
         argv += ["--prefill-rows", args.prefill_rows]
-    if args.kv_cache != "f32":
-        argv += ["--kv-cache", args.kv_cache]
     if args.prefix_cache_mb is not None:
         argv += ["--prefix-cache-mb", args.prefix_cache_mb]
     if args.index:
