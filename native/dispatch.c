@@ -12,7 +12,8 @@
     int fm_forward_rows_##isa(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,     \
                               void *const *, void *const *, int32_t, const int32_t *, const int32_t *,      \
                               float *, float *);                                                              \
-    float fm_stream_read_##isa(const float *, size_t, int, size_t);
+    float fm_stream_read_##isa(const float *, size_t, int, size_t);                                          \
+    double fm_fma_loop_##isa(int64_t);
 
 typedef struct {
     const char *name;
@@ -21,9 +22,10 @@ typedef struct {
     int (*forward_rows)(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,
                         void *const *, void *const *, int32_t, const int32_t *, const int32_t *, float *, float *);
     float (*stream_read)(const float *, size_t, int, size_t);
+    double (*fma_loop)(int64_t);
 } kernels;
 
-#define ENTRY(isa) {#isa, fm_forward_##isa, fm_forward_rows_##isa, fm_stream_read_##isa}
+#define ENTRY(isa) {#isa, fm_forward_##isa, fm_forward_rows_##isa, fm_stream_read_##isa, fm_fma_loop_##isa}
 
 DECLARE(portable)
 #if defined(__x86_64__)
@@ -93,6 +95,8 @@ int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int
 float fm_stream_read(const float *a, size_t n, int streams, size_t piece) {
     return chosen()->stream_read(a, n, streams, piece);
 }
+
+double fm_fma_loop(int64_t iterations) { return chosen()->fma_loop(iterations); }
 
 /* fm_profile's counters, the calling thread's (kernels.h: fm_op_done). */
 _Thread_local int fm_profiling;

@@ -137,6 +137,11 @@ int64_t fm_profile_read(double *seconds);
  * turn. Tails (a partial piece, fewer than 8 * streams floats of a share) are left out. */
 float fm_stream_read(const float *a, size_t n, int streams, size_t piece);
 
+/* `iterations` rounds of independent fused multiply-adds on registers in each of OpenMP's threads, with the
+ * kernels' vectors (the cores' arithmetic rate at the time, which `fromage bench` reports beside the
+ * bandwidth); returns the floating-point operations done (time the call for the rate). */
+double fm_fma_loop(int64_t iterations);
+
 #ifdef __cplusplus
 }
 #endif

@@ -19,6 +19,7 @@
 #define fm_forward FM_PASTE(fm_forward, FM_ISA)
 #define fm_forward_rows FM_PASTE(fm_forward_rows, FM_ISA)
 #define fm_stream_read FM_PASTE(fm_stream_read, FM_ISA)
+#define fm_fma_loop FM_PASTE(fm_fma_loop, FM_ISA)
 #define fm_linear_rows FM_PASTE(fm_linear_rows, FM_ISA)
 #define fm_head_top FM_PASTE(fm_head_top, FM_ISA)
 #endif

@@ -4,6 +4,7 @@
  * own step gives, and rows that want only their largest logits get them exactly from an 8-bit copy of the head;
  * with an fp16 KV cache the same, its logits within fp16's rounding of the fp32 cache's. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -274,7 +275,11 @@ static int check(const fm_model *mf, const fm_model *mq, const float *emb, float
     memcpy(out_f, b, sizeof b);
     memcpy(out_q, c, sizeof c);
     if (!profiled) printf("[%s] fm_profile: wrong counts or changed outputs\n", fm_kernels());
-    return prefill == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy && profiled && half;
+    /* the FMA probe: 12 chains x the copy's vector lanes x 2 flops per iteration and thread */
+    const int lanes = !strcmp(fm_kernels(), "avx512") ? 16 : !strcmp(fm_kernels(), "avx2") ? 8 : 1;
+    const int fma = fm_fma_loop(1000) == 2. * 12 * lanes * 1000 * omp_get_max_threads();
+    if (!fma) printf("[%s] fm_fma_loop: wrong flop count\n", fm_kernels());
+    return prefill == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy && profiled && half && fma;
 }
 
 int main(void) {

@@ -35,6 +35,7 @@ def test_bench_fromage_json_and_plot(exported, tmp_path, cache, capsys):
     assert r["bandwidth"]["method"] in r["bandwidth"]["methods_gb_s"] and r["bandwidth"]["how"]
     assert len(r["bandwidth"]["per_round_gb_s"]) == 1  # measured in each timed round
     assert "native read, 8 streams per thread" in r["bandwidth"]["methods_gb_s"]
+    assert len(r["bandwidth"]["per_round_fma_gflop_s"]) == 1 and r["bandwidth"]["fma_gflop_s"] > 0  # the cores' rate too
     s = r["settings"]
     assert (s["prompt_tokens"], s["new_tokens"], s["images"], s["batch"], s["runs"]) == (8, 4, 1, 1, 1)
     assert len(s["prompt_token_ids"]) == 8
@@ -45,6 +46,7 @@ def test_bench_fromage_json_and_plot(exported, tmp_path, cache, capsys):
         if key != "peak_rss_mb":
             assert set(f["percentiles"][key]) >= {"median", "p50", "p90", "p99"}
     assert len(f["tokens"]) == 4 and 0 < f["roofline_fraction"]
+    assert len(f["roofline_fraction_by_round"]) == 1 and f["roofline_fraction_by_round"][0] > 0
     assert plot is None or plot.read_bytes()[:4] == b"\x89PNG"
     assert "fromage" in capsys.readouterr().out
 
@@ -85,8 +87,8 @@ def test_bench_retrieval(tmp_path, cache, capsys, monkeypatch):
 
 def test_bench_context(exported, tmp_path, monkeypatch, capsys):
     import fromage.tools.bench_worker as bench_worker
-    probe = bench_worker.BandwidthProbe
-    monkeypatch.setattr(bench_worker, "BandwidthProbe", lambda threads: probe(threads, gib=1 / 64))
+    probe = bench_worker.MachineProbe
+    monkeypatch.setattr(bench_worker, "MachineProbe", lambda threads: probe(threads, gib=1 / 64))
     out = tmp_path / "context.json"
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "40,64", "--runs", "1", "--ops",
                  "--kv-cache", "f32,f16", "--json", str(out)]) == 0
@@ -114,6 +116,7 @@ def test_bench_batch(exported, tmp_path, capsys):
     assert [(row["kv_cache"], row["batch"]) for row in r["batches"]] == [(kv, b) for kv in ("f16", "f32") for b in (1, 3, 8)]
     assert r["batches"][0]["x_batch_1"] == 1 == r["batches"][3]["x_batch_1"]  # each against its own batch of 1
     assert all(row["step_ms"] > 0 and row["tok_s"] > 0 and row["gflop_s"] > 0 for row in r["batches"])
+    assert len(r["fma_runs_gflop_s"]) == 1 and all(0 < row["of_fma_loop"] for row in r["batches"])
     # --ops: every operation timed (a tiny model's steps take microseconds: no comparison with the step times)
     from fromage.engines.native import OPS
     for row in r["batches"]:

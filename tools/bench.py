@@ -238,7 +238,8 @@ def run_bench(args, log=print) -> dict:
             except WorkerError as e:
                 raise FromageError(f"the bandwidth probe failed: {e}") from None
             samples += [sample] if r >= args.warmup else []
-            log(f"  {label} memory bandwidth: {sample['gb_s']:.1f} GB/s ({sample['method']})")
+            log(f"  {label} memory bandwidth: {sample['gb_s']:.1f} GB/s ({sample['method']})"
+                + (f"; FMA loop {sample['fma_gflop_s']:.0f} GFLOP/s" if sample.get("fma_gflop_s") else ""))
     finally:
         for w in [*workers.values(), probe]:
             w.close()
@@ -259,6 +260,11 @@ def run_bench(args, log=print) -> dict:
             if own and abs(own - weights) > 0.05 * weights:  # e.g. int4 weights
                 s["own_weights_roofline_tok_s"] = bandwidth["gb_s"] * 1e9 / own
                 s["own_weights_roofline_fraction"] = s["decode_tok_s"] / s["own_weights_roofline_tok_s"]
+            if len(rounds.get(name, [])) == len(samples):  # each run against the bandwidth measured right after it
+                for key, nbytes in (("roofline_fraction_by_round", weights),
+                                    ("own_weights_roofline_fraction_by_round", s.get("own_weights_roofline_tok_s") and own)):
+                    if nbytes:
+                        s[key] = [r["decode_tok_s"] * nbytes / (b["gb_s"] * 1e9) for r, b in zip(rounds[name], samples)]
         if name != "fromage" and "error" not in base:
             s["vs_fromage"] = {k: (s[k] / base[k] if s.get(k) and base.get(k) else None)
                                for k in ("decode_tok_s", "tpot_ms", "ttft_ms", "ttft_image_ms", "e2e_ms",

@@ -11,7 +11,10 @@ import statistics
 import numpy as np
 
 from .bench_steps import STEPS_PER_RUN, format_rows, kv_label, ms_per_op, native_models, random_cache, time_steps
+from .bench_worker import FMA_PASS_S, fma_loop
 from .options import int_list
+
+FMA_PASSES = 5  # FMA loop passes per run (their mean)
 
 BATCH_POSITIONS = 128
 
@@ -46,13 +49,20 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
     def run_step(setting):
         kv, b = setting
         decoders[kv].forward_batch(embeds[:b], caches[kv][:b], [positions] * b, *outputs[b], top=[1] * b)
-    steps = time_steps(settings, run_step, runs, log, label=lambda s: kv_label(kv_caches, s[0], f"B={s[1]}"))
+    fma, fma_rates = fma_loop(dec.lib, FMA_PASS_S), []
+
+    def measure_fma() -> str:  # the cores' arithmetic rate once per run, between the steps (shared machines: it moves)
+        fma_rates.append(statistics.mean(fma() for _ in range(FMA_PASSES)))
+        return f"; FMA loop {fma_rates[-1]:.0f} GFLOP/s"
+    steps = time_steps(settings, run_step, runs, log, label=lambda s: kv_label(kv_caches, s[0], f"B={s[1]}"),
+                       after_run=measure_fma)
     weights = matrix_weights(m, dec.vocab_size)
     rows = []
     for kv, b in settings:
         step = statistics.median(steps[kv, b])
         rows.append({"kv_cache": kv, "batch": b, "step_ms": step * 1e3, "tok_s": b / step,
-                     "gflop_s": 2 * weights * b / step / 1e9})
+                     "gflop_s": 2 * weights * b / step / 1e9,
+                     "of_fma_loop": 2 * weights * b / step / 1e9 / statistics.median(fma_rates)})
     if ops:  # where a step goes: the same steps again, each operation timed (the step times above are without)
         for row in rows:
             row["ops_ms"] = ms_per_op(decoders[row["kv_cache"]], run_step, (row["kv_cache"], row["batch"]),
@@ -62,17 +72,22 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
         row["x_batch_1"] = row["tok_s"] / one if one else None
     return {"kernels": dec.kernels, "threads": threads, "runs": runs, "steps_per_run": STEPS_PER_RUN,
             "positions": positions, "matrix_weights": weights, "batches": rows,
+            "fma_gflop_s": statistics.median(fma_rates), "fma_runs_gflop_s": fma_rates,
             "decoding": "greedy rows (an fp32 head: its 8-bit copy and the few panels that can hold the largest)",
-            "note": "tok_s = batch / median step; gflop_s = 2 x matrix_weights x batch / median step"}
+            "note": "tok_s = batch / median step; gflop_s = 2 x matrix_weights x batch / median step; of_fma_loop = "
+                    "gflop_s / fma_gflop_s, the native FMA loop on registers (fm_fma_loop) with as many threads, "
+                    "measured after each run: the most arithmetic the cores gave at the time"}
 
 
 def format_batch(result: dict) -> str:
     first = [("KV cache", "kv_cache", "s"), ("batch", "batch", "d")]
     table = format_rows(f"batched decode steps ({result['kernels']} kernels, {result['threads']} threads, each sequence at "
                        f"{result['positions']} positions, median of {result['runs']} x {result['steps_per_run']} steps; "
-                       f"{result['matrix_weights'] / 1e6:.1f} M matrix weights)",
+                       f"{result['matrix_weights'] / 1e6:.1f} M matrix weights; the FMA loop on registers "
+                       f"{result['fma_gflop_s']:.0f} GFLOP/s)",
                        first + [("step ms", "step_ms", ".2f"), ("tok/s", "tok_s", ".1f"),
-                                ("x batch 1", "x_batch_1", ".2f"), ("matrix GFLOP/s", "gflop_s", ".1f")], result["batches"])
+                                ("x batch 1", "x_batch_1", ".2f"), ("matrix GFLOP/s", "gflop_s", ".1f"),
+                                ("of FMA loop", "of_fma_loop", ".0%")], result["batches"])
     if "ops_ms" not in result["batches"][0]:
         return table
     ops = list(result["batches"][0]["ops_ms"])

@@ -26,7 +26,7 @@ def parse_lengths(text: str) -> list[int]:
 def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=print, ops: bool = False,
                       kv_caches: tuple = ("f32",)) -> dict:
     from fromage.runtime.generate import cache_capacity
-    from .bench_worker import BandwidthProbe
+    from .bench_worker import MachineProbe
     models = native_models(bundle, threads, kv_caches)
     model, dec = models[kv_caches[0]], models[kv_caches[0]].decoder
     m = dec.model
@@ -37,7 +37,7 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
     caches = {kv: random_cache(rng, mk, shape) for kv, mk in models.items()}
     embeds = (rng.standard_normal((1, 1, m.hidden)) * 0.02).astype(np.float32)
     logits, ret = np.zeros(dec.vocab_size, np.float32), np.zeros(dec.retrieval_dim, np.float32)
-    probe = BandwidthProbe(threads)
+    probe = MachineProbe(threads)
     points = [(kv, p) for kv in kv_caches for p in [BASE_POSITIONS] + lengths]
     bandwidth = []
 

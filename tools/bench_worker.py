@@ -60,13 +60,17 @@ def write_bench_image(path: Path, size: int = 320) -> Path:
     return path
 
 
-# ---- memory bandwidth ----------------------------------------------------------------------------
+# ---- the machine: memory bandwidth and arithmetic rate -----------------------------------------------
 BANDWIDTH_GIB = 1.0  # far beyond any cache, about twice the default model's fp32 weights
 BANDWIDTH_PASSES = 5  # per read method and round
-class BandwidthProbe:
-    """Streaming reads over one array, run in a worker process whose BLAS has `threads` threads;
-    `measure()` gives each method's mean rate over a few passes. The bench asks for one measurement
-    per round, between the systems' runs, so the roofline sees the machine as the runs saw it.
+FMA_PASS_S = 0.02  # one pass of the FMA loop
+class MachineProbe:
+    """Streaming reads over one array, run in a worker process whose BLAS has `threads` threads, and the
+    native library's FMA loop on its `threads` OpenMP threads; `measure()` gives each read's mean rate over a
+    few passes, and the FMA loop's. The bench asks for one measurement per round, between the systems'
+    runs, so the roofline sees the machine as the runs saw it. On shared machines both move, and not
+    together: the arithmetic rate says how much of the cores other tenants left (a decode step's
+    norms, attention and 4-bit unpacking are work, not reads).
 
     Mean, not best pass: a decode rate is a mean over a run, and on these shared machines the same
     read's fastest and median passes differ by up to 30 % within a minute, so the best pass would
@@ -99,8 +103,9 @@ class BandwidthProbe:
                     f" in {kib} KiB pieces dealt in turn" if kib else "")
                 self.methods[name] = lambda k=streams, p=kib * 256: lib.fm_stream_read(
                     self.a.ctypes.data, self.a.size, k, p)
+            self.fma = fma_loop(lib, FMA_PASS_S)
         except FromageError:
-            pass  # no native library here: the numpy reads only
+            self.fma = None  # no native library here: the numpy reads only, no arithmetic rate
         self.info = {"array_bytes": int(self.a.nbytes), "methods": list(self.methods)}  # sent with 'ready'
 
     def measure(self) -> dict:
@@ -114,7 +119,28 @@ class BandwidthProbe:
             mean[name] = self.a.nbytes * len(times) / sum(times) / 1e9
             peak[name] = self.a.nbytes / min(times) / 1e9
         method = max(mean, key=mean.get)
-        return {"gb_s": mean[method], "method": method, "methods_gb_s": mean, "methods_peak_gb_s": peak}
+        out = {"gb_s": mean[method], "method": method, "methods_gb_s": mean, "methods_peak_gb_s": peak}
+        if self.fma:
+            out["fma_gflop_s"] = sum(self.fma() for _ in range(self.passes)) / self.passes
+        return out
+
+
+def fma_loop(lib, seconds: float):
+    """-> a function that runs the native FMA loop (fm_fma_loop) for about `seconds` and returns its GFLOP/s."""
+    import ctypes
+    lib.fm_fma_loop.restype, lib.fm_fma_loop.argtypes = ctypes.c_double, [ctypes.c_int64]
+
+    def run(iterations: int) -> tuple[float, float]:  # (flops, seconds)
+        t = time.perf_counter()
+        flops = lib.fm_fma_loop(iterations)
+        return flops, time.perf_counter() - t
+    run(100_000)  # the threads started
+    iterations = max(10_000, int(100_000 * seconds / run(100_000)[1]))
+
+    def rate() -> float:
+        flops, t = run(iterations)
+        return flops / t / 1e9
+    return rate
 
 
 # ---- worker side: one system in its own process ----------------------------------------------------
@@ -243,9 +269,9 @@ class FromageSystem:
 
 
 def _module_main(argv: list[str]) -> int:
-    """Subprocess entry points: `bandwidth THREADS` (the bandwidth probe) and `serve SPEC` (the fromage worker)."""
+    """Subprocess entry points: `bandwidth THREADS` (the machine probe) and `serve SPEC` (the fromage worker)."""
     if argv[:1] == ["bandwidth"]:
-        return serve(lambda spec: BandwidthProbe(spec["threads"]), {"threads": int(argv[1])},
+        return serve(lambda spec: MachineProbe(spec["threads"]), {"threads": int(argv[1])},
                      lambda probe, msg: probe.measure())
     if argv[:1] == ["serve"]:
         spec = json.loads(Path(argv[1]).read_text())
