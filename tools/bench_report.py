@@ -72,6 +72,10 @@ def _fmt(v, spec: str = ".1f", scale: float = 1.0) -> str:
     return "-" if v is None else format(v * scale, spec)
 
 
+def _fractions(values) -> str:
+    return " / ".join(f"{f:.0%}" for f in values)
+
+
 def format_table(result: dict) -> str:
     out = io.StringIO()
     if "context" in result:
@@ -86,16 +90,15 @@ def format_table(result: dict) -> str:
         print(f"roofline {result['roofline_tok_s']:.1f} tok/s = read bandwidth {bw['gb_s']:.1f} GB/s "
               f"({bw['method']}, {bw['array_bytes'] / 2**30:.0f} GiB) / "
               f"{result['weights_bytes_per_token'] / 1e6:.1f} MB of decoder weights per token", file=out)
-        if bw.get("per_round_fma_gflop_s"):  # shared machines: how fast memory and the cores were, round by round
-            print("by round: memory " + " / ".join(f"{g:.0f}" for g in bw["per_round_gb_s"]) + " GB/s, FMA loop "
-                  + " / ".join(f"{g:.0f}" for g in bw["per_round_fma_gflop_s"]) + " GFLOP/s", file=out)
-            def fractions(values):
-                return " / ".join(f"{f:.0%}" for f in values)
-            for name, m in result["systems"].items():
-                if m.get("roofline_fraction_by_round"):
-                    own = m.get("own_weights_roofline_fraction_by_round")
-                    print(f"  {name}: {fractions(m['roofline_fraction_by_round'])} of that round's roofline"
-                          + (f" (own {fractions(own)})" if own else ""), file=out)
+        # shared machines: how fast memory and the cores were round by round, and each run against its round's roofline
+        print("by round: memory " + " / ".join(f"{g:.0f}" for g in bw["per_round_gb_s"]) + " GB/s"
+              + (", FMA loop " + " / ".join(f"{g:.0f}" for g in bw["per_round_fma_gflop_s"]) + " GFLOP/s"
+                 if bw.get("per_round_fma_gflop_s") else ""), file=out)
+        for name, m in result["systems"].items():
+            if m.get("roofline_fraction_by_round"):
+                own = m.get("own_weights_roofline_fraction_by_round")
+                print(f"  {name}: {_fractions(m['roofline_fraction_by_round'])} of that round's roofline"
+                      + (f" (own {_fractions(own)})" if own else ""), file=out)
         mach = s.get("machine") or {}
         if mach.get("kernels"):  # which copy of the native kernels ran (chosen by the CPU, or FROMAGE_KERNELS)
             print(f"native kernels: {mach['kernels']} on {mach.get('cpu')} ({' '.join(mach.get('cpu_flags') or [])})",
