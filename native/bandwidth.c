@@ -51,47 +51,43 @@ float fm_stream_read(const float *a, size_t n, int streams, size_t piece) {
 
 /* The FMA loop: each thread updates FMA_CHAINS independent vectors by fused multiply-adds, iterations times:
  * more chains than an FMA's latency times the FMAs a core issues per cycle, so the loop runs at the rate the
- * core gives this thread now (on shared machines that moves: another tenant's work on the same core takes
- * issue slots). */
-enum { FMA_CHAINS = 12 };
-static volatile float fma_sink;  /* the loop's result, so that the compiler keeps it */
-
-double fm_fma_loop(int64_t iterations) {
-    double flops = 0.;
-#pragma omp parallel reduction(+ : flops)
-    {
+ * core gives this thread now (on shared machines that moves: another tenant's work takes the core's slots).
+ * In the portable copy, a multiply and an add. */
 #if defined(FM_AVX512)
-        typedef __m512 vec;
+typedef __m512 fma_vec;
 #define VSET(x) _mm512_set1_ps(x)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm512_add_ps(a, b)
 #define VFIRST(a) _mm512_cvtss_f32(a)
 #elif defined(FM_AVX2)
-        typedef __m256 vec;
+typedef __m256 fma_vec;
 #define VSET(x) _mm256_set1_ps(x)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm256_add_ps(a, b)
 #define VFIRST(a) _mm256_cvtss_f32(a)
 #else
-        typedef float vec;
+typedef float fma_vec;
 #define VSET(x) (x)
 #define VFMA(a, b, c) ((a) * (b) + (c))
 #define VADD(a, b) ((a) + (b))
 #define VFIRST(a) (a)
 #endif
-        vec acc[FMA_CHAINS];
+enum { FMA_CHAINS = 12 };
+static volatile float fma_sink;  /* the loop's result, so that the compiler keeps the loop */
+
+double fm_fma_loop(int64_t iterations) {
+    double flops = 0.;
+#pragma omp parallel reduction(+ : flops)
+    {
+        fma_vec acc[FMA_CHAINS];
         for (int i = 0; i < FMA_CHAINS; i++) acc[i] = VSET(0.001f * (float)i);
-        const vec m = VSET(0.9999f), c = VSET(0.0001f);
+        const fma_vec m = VSET(0.9999f), c = VSET(0.0001f);
         for (int64_t k = 0; k < iterations; k++)
 #pragma GCC unroll 12
             for (int i = 0; i < FMA_CHAINS; i++) acc[i] = VFMA(acc[i], m, c);
         for (int i = 1; i < FMA_CHAINS; i++) acc[0] = VADD(acc[0], acc[i]);
         fma_sink = VFIRST(acc[0]);
-        flops += 2. * FMA_CHAINS * (double)(sizeof(vec) / sizeof(float)) * (double)iterations;
-#undef VSET
-#undef VFMA
-#undef VADD
-#undef VFIRST
+        flops += 2. * FMA_CHAINS * (double)(sizeof(fma_vec) / sizeof(float)) * (double)iterations;
     }
     return flops;
 }
