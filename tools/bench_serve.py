@@ -73,14 +73,18 @@ def http_client(headers: dict | None = None) -> httpx.Client:
     return httpx.Client(timeout=600, headers=headers)
 
 
+BROKEN_CONNECTION = ("RemoteProtocolError", "ReadError", "WriteError")  # httpx's names for a connection closed under a request
+
+
 def send(client: httpx.Client, url: str, body, cancel_after: int | None = None) -> dict:
     """One chat request; -> {ok, status, t0, ttft_s, token_times, e2e_s, tokens, cancelled, retried}: t0 the
     send's perf_counter, times after it. A streamed answer is timed chunk by chunk; `cancel_after` closes the
     stream after that many chunks. A request that met a kept-alive connection the server had closed (no
-    response at all: llama-server closes some) is sent once more on a new one, timed from the first send."""
+    response at all: llama-server closes some) is sent once more on a new one, timed from the first send.
+    Such a close shows as a disconnect, or as a reset when the request was not yet read whole."""
     t0 = time.perf_counter()
     rec = send_once(client, url, body, cancel_after, t0)
-    if rec["status"] is None and "RemoteProtocolError" in rec.get("error", ""):
+    if rec["status"] is None and rec.get("error", "").startswith(BROKEN_CONNECTION):
         rec = {**send_once(client, url, body, cancel_after, t0), "retried": True}
     return rec
 
