@@ -16,8 +16,9 @@
  * moment to moment on shared machines, so with a fixed split one waited ~1-2 ms per token for the
  * other; claimed chunks keep both reading until the matrix is done (default model: ~6 % faster than
  * the fixed split of rows, over 600 paired passes). Each output column is summed by one thread in a
- * fixed order, so the result does not depend on which thread took it. */
-enum { CHUNK_BYTES = 512 << 10 };  /* each chunk's streams start cold: the prefetchers ramp up again */
+ * fixed order, so the result does not depend on which thread took it. A thread reads its chunk's panels
+ * one after the other: the panels of a matrix are contiguous, so that is one forward stream. */
+enum { CHUNK_BYTES = 1 << 20 };  /* each chunk's stream starts cold: the prefetchers ramp up again */
 /* Several rows spend ~B times longer on each byte: larger chunks, still claimed (a core that the server's
  * other threads share finishes fewer). */
 enum { ROWS_CHUNK_BYTES = 2 << 20 };
@@ -39,21 +40,6 @@ static int chunk_columns(size_t column_bytes, int N, int threads, size_t chunk_b
             const int n1 = n0 + (chunk) < (N) ? n0 + (chunk) : (N);                \
             body;                                                                  \
         }                                                                          \
-    } while (0)
-
-/* One row against the panels [p0, p1): TILE(p, step, NP) on NP panels p, p + step, ... side by side, four
- * at a time, one from each quarter of the range (four forward streams: a core's read bandwidth is bounded
- * by how far ahead its prefetchers run per stream), then the rest side by side too. */
-#define QUARTER_STREAMS(p0, p1, TILE)                                 \
-    do {                                                              \
-        const int q_ = ((p1) - (p0)) / 4;                             \
-        int p_ = (p0);                                                \
-        for (; p_ < (p0) + q_; p_++) TILE(p_, q_, 4);                 \
-        switch ((p1) - (p_ = (p0) + 4 * q_)) {                        \
-            case 3: TILE(p_, 1, 3); break;                            \
-            case 2: TILE(p_, 1, 2); break;                            \
-            case 1: TILE(p_, 0, 1); break;                            \
-        }                                                             \
     } while (0)
 
 /* ---- fp32 matrices, in panels of 16 columns ------------------------------------------------------- */
@@ -185,15 +171,13 @@ static void transpose_tile(const float *src, size_t ld_src, int rows, int cols, 
  * apart (that put them all in two L1 sets: a 512-token prefill ran ~10 % slower). */
 enum { ROW_BLOCK = 48 };
 
-/* The panels p0..p1 of W for the B rows of xt. One row (a decode step of one sequence): QUARTER_STREAMS.
+/* The panels p0..p1 of W for the B rows of xt. One row (a decode step of one sequence): the panels in turn.
  * Several rows: F32_PANELS panels from as many parts of the range, every row group of a block of rows
  * meeting them from cache. */
 static void f32_panels(const float *W, int K, int N, int p0, int p1, const float *xt, int B, float *y, size_t ldy,
                        int accumulate) {
-    if (B == 1) {
-#define ONE_ROW(p, step, NP) f32_tile(W, K, N, p, step, NP, xt, 1, 1, y, ldy, accumulate)
-        QUARTER_STREAMS(p0, p1, ONE_ROW);
-#undef ONE_ROW
+    if (B == 1) {  /* one forward stream */
+        for (int p = p0; p < p1; p++) f32_tile(W, K, N, p, 0, 1, xt, 1, 1, y, ldy, accumulate);
         return;
     }
     const int part = (p1 - p0) / F32_PANELS;
@@ -395,30 +379,28 @@ static inline int q_at(const uint8_t *rec, int bits, int i, int k) {
     return k < 16 ? byte & 15 : byte >> 4;
 }
 
-/* y[r][16 p_j + i] (+)= x[r] . w_{16 p_j + i} for r < R and the NP panels p_j = p + j * step (columns past N
- * are not written); x8 row r: [h (K bytes) | l (K bytes)], sx, sums and ls (R, nb). */
-static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int p, int step, const int NP,
-                                                         const uint8_t *x8, const float *sx, const float *sums,
-                                                         const int32_t *ls, const int R, float *y, size_t ldy,
-                                                         int accumulate, const int bits) {
+/* y[r][16 p + i] (+)= x[r] . w_{16 p + i} for r < R and panel p (columns past N are not written); x8 row r:
+ * [h (K bytes) | l (K bytes)], sx, sums and ls (R, nb). A vector of QB_LANES columns at a time (QB_HALVES). */
+static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int p, const uint8_t *x8, const float *sx,
+                                                         const float *sums, const int32_t *ls, const int R, float *y,
+                                                         size_t ldy, int accumulate, const int bits) {
     (void)ls;  /* the AVX-512 8-bit kernel's alone */
     const int K = L->K, nb = K / FM_BLOCK, record = q_record(bits);
-    const uint8_t *w[4];
-    for (int j = 0; j < NP; j++) w[j] = q_panel(L, p + j * step);
+    const uint8_t *w = q_panel(L, p);
 #ifdef QB_HALVES
-    enum { MAX_ROWS = QB_ROWS > 1 ? QB_ROWS : 1, MAX_VECS = 4 * QB_HALVES };
-    qb_floats acc[MAX_ROWS][MAX_VECS];
+    enum { MAX_ROWS = QB_ROWS > 1 ? QB_ROWS : 1 };
+    qb_floats acc[MAX_ROWS][QB_HALVES];
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < NP * QB_HALVES; j++) acc[r][j] = qb_fzero();
+        for (int j = 0; j < QB_HALVES; j++) acc[r][j] = qb_fzero();
     for (int b = 0; b < nb; b++) {
-        qb_ints h[MAX_ROWS][MAX_VECS], l[MAX_ROWS][MAX_VECS], l16[MAX_ROWS][MAX_VECS];
+        qb_ints h[MAX_ROWS][QB_HALVES], l[MAX_ROWS][QB_HALVES], l16[MAX_ROWS][QB_HALVES];
         for (int r = 0; r < R; r++)
-            for (int j = 0; j < NP * QB_HALVES; j++) h[r][j] = l[r][j] = l16[r][j] = qb_zero();
+            for (int j = 0; j < QB_HALVES; j++) h[r][j] = l[r][j] = l16[r][j] = qb_zero();
         for (int v = 0; v < bits; v++)  /* 4 or 8 vectors */
-            for (int j = 0; j < NP * QB_HALVES; j++) {
-                const uint8_t *wv = w[j / QB_HALVES] + (size_t)b * record + 64 * v;
-                if (QB_PREFETCH && R > 1 && j % QB_HALVES == 0) _mm_prefetch((const char *)(wv + QB_PREFETCH), _MM_HINT_T0);
-                const qb_ints raw = qb_load(wv + 4 * PANEL + 32 * (j % QB_HALVES)), lo = qb_low(raw), hi = qb_high(raw);
+            for (int j = 0; j < QB_HALVES; j++) {
+                const uint8_t *wv = w + (size_t)b * record + 64 * v;
+                if (QB_PREFETCH && R > 1 && j == 0) _mm_prefetch((const char *)(wv + QB_PREFETCH), _MM_HINT_T0);
+                const qb_ints raw = qb_load(wv + 4 * PANEL + 32 * j), lo = qb_low(raw), hi = qb_high(raw);
 #ifdef FM_AVX512
                 const qb_ints q_signed = _mm512_xor_si512(raw, _mm512_set1_epi8((char)0x80));  /* 8-bit q - 128 */
 #endif
@@ -438,8 +420,8 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
                     }
                 }
             }
-        for (int j = 0; j < NP * QB_HALVES; j++) {
-            const uint16_t *dm = (const uint16_t *)(w[j / QB_HALVES] + (size_t)b * record) + QB_LANES * (j % QB_HALVES);
+        for (int j = 0; j < QB_HALVES; j++) {
+            const uint16_t *dm = (const uint16_t *)(w + (size_t)b * record) + QB_LANES * j;
             const qb_floats d = qb_halfs(dm), m = qb_halfs(dm + PANEL);
             for (int r = 0; r < R; r++) {
 #ifdef FM_AVX512
@@ -453,53 +435,44 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NP; j++) {
-            const int n0 = (p + j * step) * PANEL;
-            float *yr = y + r * ldy + n0, out[PANEL];
-            for (int c = 0; c < QB_HALVES; c++) qb_store(out + c * QB_LANES, acc[r][j * QB_HALVES + c]);
-            for (int i = 0; i < PANEL && n0 + i < L->N; i++) yr[i] = accumulate ? yr[i] + out[i] : out[i];
-        }
+    const int n0 = p * PANEL;
+    for (int r = 0; r < R; r++) {
+        float *yr = y + r * ldy + n0, out[PANEL];
+        for (int c = 0; c < QB_HALVES; c++) qb_store(out + c * QB_LANES, acc[r][c]);
+        for (int i = 0; i < PANEL && n0 + i < L->N; i++) yr[i] = accumulate ? yr[i] + out[i] : out[i];
+    }
 #else
+    const int n0 = p * PANEL;
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < NP; j++) {
-            const int n0 = (p + j * step) * PANEL;
-            for (int i = 0; i < PANEL && n0 + i < L->N; i++) {
-                float acc = 0.f;
-                for (int b = 0; b < nb; b++) {
-                    const uint8_t *rec = w[j] + (size_t)b * record, *xh = x8 + (size_t)r * 2 * K + (size_t)b * FM_BLOCK;
-                    const uint16_t *dm = (const uint16_t *)rec;
-                    int32_t dot = 0;
-                    for (int k = 0; k < FM_BLOCK; k++) dot += q_at(rec, bits, i, k) * (256 * (int8_t)xh[k] + xh[K + k]);
-                    acc = fmaf((float)dot, half_to_float(dm[i]) * sx[(size_t)r * nb + b], acc);
-                    acc = fmaf(half_to_float(dm[PANEL + i]), sums[(size_t)r * nb + b], acc);
-                }
-                y[r * ldy + n0 + i] = accumulate ? y[r * ldy + n0 + i] + acc : acc;
+        for (int i = 0; i < PANEL && n0 + i < L->N; i++) {
+            float acc = 0.f;
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *rec = w + (size_t)b * record, *xh = x8 + (size_t)r * 2 * K + (size_t)b * FM_BLOCK;
+                const uint16_t *dm = (const uint16_t *)rec;
+                int32_t dot = 0;
+                for (int k = 0; k < FM_BLOCK; k++) dot += q_at(rec, bits, i, k) * (256 * (int8_t)xh[k] + xh[K + k]);
+                acc = fmaf((float)dot, half_to_float(dm[i]) * sx[(size_t)r * nb + b], acc);
+                acc = fmaf(half_to_float(dm[PANEL + i]), sums[(size_t)r * nb + b], acc);
             }
+            y[r * ldy + n0 + i] = accumulate ? y[r * ldy + n0 + i] + acc : acc;
         }
 #endif
 }
 
-/* The panels p0..p1 for B rows. One row: QUARTER_STREAMS (AVX2 one at a time: four panels' accumulators
- * would spill its 16 registers); several: QB_ROWS rows at a time meet each unpacked weight vector. */
+/* The panels p0..p1 for B rows. One row: the panels in turn; several: QB_ROWS rows at a time meet each unpacked
+ * weight vector. */
 static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, int p0, int p1, const uint8_t *x8,
                                                            const float *sx, const float *sums, const int32_t *ls,
                                                            int B, float *y, size_t ldy, int accumulate,
                                                            const int bits) {
     const int K = L->K, nb = K / FM_BLOCK;
-    if (B == 1) {
-#define ONE_ROW(p, step, NP) q_tile(L, p, step, NP, x8, sx, sums, ls, 1, y, ldy, accumulate, bits)
-#if !defined(FM_AVX2) || defined(FM_AVX512)
-        QUARTER_STREAMS(p0, p1, ONE_ROW);
-#else
-        for (int p = p0; p < p1; p++) ONE_ROW(p, 0, 1);
-#endif
-#undef ONE_ROW
+    if (B == 1) {  /* one forward stream */
+        for (int p = p0; p < p1; p++) q_tile(L, p, x8, sx, sums, ls, 1, y, ldy, accumulate, bits);
         return;
     }
     for (int p = p0; p < p1; p++) {
         int r = 0;
-#define TILE(R) q_tile(L, p, 0, 1, x8 + (size_t)r * 2 * K, sx + (size_t)r * nb, sums + (size_t)r * nb, \
+#define TILE(R) q_tile(L, p, x8 + (size_t)r * 2 * K, sx + (size_t)r * nb, sums + (size_t)r * nb, \
                        ls + (size_t)r * nb, R, y + r * ldy, ldy, accumulate, bits)
         for (; r + QB_ROWS <= B; r += QB_ROWS) TILE(QB_ROWS);
         switch (B - r) {  /* a constant row count each, so the accumulators stay in registers */
