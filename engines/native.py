@@ -75,8 +75,8 @@ def _nbits_bytes(qweight_dims) -> int:
 class _Arena:
     """One anonymous private mapping for all the weights the kernels stream, on transparent huge
     pages where the kernel allows it (madvise). A decode step streams every weight once, and with
-    4 KiB pages the same kernels read ~15 % slower here (a TLB miss every 4 KiB, on 4 streams per
-    thread); numpy only asks for huge pages for arrays of 4 MB and more, which most matrices are not."""
+    4 KiB pages the same kernels read ~15 % slower here (a TLB miss every 4 KiB of each stream); numpy
+    only asks for huge pages for arrays of 4 MB and more, which most matrices are not."""
 
     def __init__(self, nbytes: int):
         size = max(HUGE_PAGE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)

@@ -1,26 +1,29 @@
 /* The machine probes `fromage bench` times between its runs: the streaming reads it measures the read
  * bandwidth with (its roofline), and a loop of FMAs on registers, the cores' arithmetic rate at the time.
  *
- * The streaming reads.
- * Each thread reads its share of the array as `streams` forward streams side by side: one core's
- * bandwidth is bounded by how far its prefetchers run ahead per stream, so several streams read
- * faster than one (on the 2-core CI machines: ~20 GB/s with one stream per thread, ~23-26 with
- * eight), and the decoder's kernels read that way too. The share is either one contiguous part per
- * thread, or pieces taken in turn, so that the threads read near each other. */
+ * The streaming reads. Each thread reads its share of the array as `streams` forward streams side by side
+ * (the decoder's one-row kernels read one per thread: a claimed chunk's panels in turn), several vectors of a
+ * stream at a time into separate sums, so that no chain of adds bounds a stream. The share is either one
+ * contiguous part per thread, or pieces taken in turn, so that the threads read near each other. */
 #include "kernels.h"
 #include <stddef.h>
 #include <stdint.h>
 #include <omp.h>
 
-/* The sum of `streams` runs of `each` floats (each a multiple of 8) from a, read side by side. */
+/* The sum of `streams` runs of `each` floats (each a multiple of 32) from a, read side by side. */
 static inline __attribute__((always_inline)) float read_streams(const float *a, size_t each, const int streams) {
 #ifdef FM_AVX2
-    __m256 acc[8];
-    for (int s = 0; s < streams; s++) acc[s] = _mm256_setzero_ps();
-    for (size_t i = 0; i < each; i += 8)
-        for (int s = 0; s < streams; s++) acc[s] = _mm256_add_ps(acc[s], _mm256_loadu_ps(a + s * each + i));
-    for (int s = 1; s < streams; s++) acc[0] = _mm256_add_ps(acc[0], acc[s]);
-    return hsum(acc[0]);
+    const int U = streams >= 4 ? 1 : 4 / streams;  /* vectors of a run per step, each into its own sum: 4 sums in all */
+    __m256 acc[8][4];
+    for (int s = 0; s < streams; s++)
+        for (int u = 0; u < U; u++) acc[s][u] = _mm256_setzero_ps();
+    for (size_t i = 0; i < each; i += 8 * U)
+        for (int s = 0; s < streams; s++)
+            for (int u = 0; u < U; u++) acc[s][u] = _mm256_add_ps(acc[s][u], _mm256_loadu_ps(a + s * each + i + 8 * u));
+    __m256 total = _mm256_setzero_ps();
+    for (int s = 0; s < streams; s++)
+        for (int u = 0; u < U; u++) total = _mm256_add_ps(total, acc[s][u]);
+    return hsum(total);
 #else
     float total = 0.f;
     for (size_t i = 0; i < each; i++)
@@ -35,7 +38,7 @@ float fm_stream_read(const float *a, size_t n, int streams, size_t piece) {
 #pragma omp parallel reduction(+ : total)
     {
         const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        const size_t share = piece ? piece : n / nt, each = share / ((size_t)streams * 8) * 8;
+        const size_t share = piece ? piece : n / nt, each = share / ((size_t)streams * 32) * 32;
         for (size_t start = (size_t)id * share; start + share <= n; start += piece ? (size_t)nt * share : n) {
             const float *mine = a + start;
             switch (streams) {  /* a constant count each, so the accumulators stay in registers */

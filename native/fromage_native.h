@@ -134,7 +134,7 @@ int64_t fm_profile_read(double *seconds);
 /* Sums a (n floats) with OpenMP's threads, each reading its share as `streams` side-by-side forward
  * streams (1, 2, 4 or 8): the reads that `fromage bench` measures the memory bandwidth roofline with.
  * piece 0: one contiguous share per thread; else pieces of `piece` floats dealt to the threads in
- * turn. Tails (a partial piece, fewer than 8 * streams floats of a share) are left out. */
+ * turn. Tails (a partial piece, fewer than 32 * streams floats of a share) are left out. */
 float fm_stream_read(const float *a, size_t n, int streams, size_t piece);
 
 /* `iterations` rounds of independent fused multiply-adds on registers in each of OpenMP's threads, with the

@@ -92,7 +92,7 @@ class MachineProbe:
             "numpy bitwise-or reduce per thread": each(np.bitwise_or.reduce, [p.view(np.uint32) for p in parts]),
             "BLAS gemv (matrix @ ones)": lambda: matrix @ ones,
         }
-        try:  # the read the decoder's kernels do: several forward streams per thread
+        try:  # native reads: one forward stream per thread (as the decoder's one-row kernels read), or several
             import ctypes
             from fromage.engines.native import load_library
             lib = load_library()
