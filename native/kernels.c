@@ -459,17 +459,13 @@ static inline __attribute__((always_inline)) void q_tile(const fm_linear *L, int
 #endif
 }
 
-/* The panels p0..p1 for B rows. One row: the panels in turn; several: QB_ROWS rows at a time meet each unpacked
- * weight vector. */
+/* The panels p0..p1 for B rows, in turn (one row: one forward stream), QB_ROWS rows at a time meeting each
+ * unpacked weight vector. */
 static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, int p0, int p1, const uint8_t *x8,
                                                            const float *sx, const float *sums, const int32_t *ls,
                                                            int B, float *y, size_t ldy, int accumulate,
                                                            const int bits) {
     const int K = L->K, nb = K / FM_BLOCK;
-    if (B == 1) {  /* one forward stream */
-        for (int p = p0; p < p1; p++) q_tile(L, p, x8, sx, sums, ls, 1, y, ldy, accumulate, bits);
-        return;
-    }
     for (int p = p0; p < p1; p++) {
         int r = 0;
 #define TILE(R) q_tile(L, p, x8 + (size_t)r * 2 * K, sx + (size_t)r * nb, sums + (size_t)r * nb, \
