@@ -88,7 +88,7 @@ def test_bench_retrieval(tmp_path, cache, capsys, monkeypatch):
 def test_bench_context(exported, tmp_path, monkeypatch, capsys):
     import fromage.tools.bench_worker as bench_worker
     probe = bench_worker.MachineProbe
-    monkeypatch.setattr(bench_worker, "MachineProbe", lambda threads: probe(threads, gib=1 / 64))
+    monkeypatch.setattr(bench_worker, "MachineProbe", lambda threads, **kw: probe(threads, gib=1 / 64, **kw))
     out = tmp_path / "context.json"
     assert main(["bench", "--bundle", str(exported["llama"]["bundle"]), "--context", "40,64", "--runs", "1", "--ops",
                  "--kv-cache", "f32,f16", "--json", str(out)]) == 0

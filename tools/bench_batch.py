@@ -11,10 +11,8 @@ import statistics
 import numpy as np
 
 from .bench_steps import STEPS_PER_RUN, format_rows, kv_label, ms_per_op, native_models, random_cache, time_steps
-from .bench_worker import FMA_PASS_S, fma_loop
+from .bench_worker import fma_probe
 from .options import int_list
-
-FMA_PASSES = 5  # FMA loop passes per run (their mean)
 
 BATCH_POSITIONS = 128
 
@@ -49,10 +47,10 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
     def run_step(setting):
         kv, b = setting
         decoders[kv].forward_batch(embeds[:b], caches[kv][:b], [positions] * b, *outputs[b], top=[1] * b)
-    fma, fma_rates = fma_loop(dec.lib, FMA_PASS_S), []
+    fma, fma_rates = fma_probe(dec.lib), []
 
     def measure_fma() -> str:  # the cores' arithmetic rate once per run, between the steps (shared machines: it moves)
-        fma_rates.append(statistics.mean(fma() for _ in range(FMA_PASSES)))
+        fma_rates.append(fma())
         return f"; FMA loop {fma_rates[-1]:.0f} GFLOP/s"
     steps = time_steps(settings, run_step, runs, log, label=lambda s: kv_label(kv_caches, s[0], f"B={s[1]}"),
                        after_run=measure_fma)

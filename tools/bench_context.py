@@ -37,7 +37,7 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
     caches = {kv: random_cache(rng, mk, shape) for kv, mk in models.items()}
     embeds = (rng.standard_normal((1, 1, m.hidden)) * 0.02).astype(np.float32)
     logits, ret = np.zeros(dec.vocab_size, np.float32), np.zeros(dec.retrieval_dim, np.float32)
-    probe = MachineProbe(threads)
+    probe = MachineProbe(threads, arithmetic=False)  # the bandwidth alone: attention's bound
     points = [(kv, p) for kv in kv_caches for p in [BASE_POSITIONS] + lengths]
     bandwidth = []
 

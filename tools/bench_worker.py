@@ -64,6 +64,7 @@ def write_bench_image(path: Path, size: int = 320) -> Path:
 BANDWIDTH_GIB = 1.0  # far beyond any cache, about twice the default model's fp32 weights
 BANDWIDTH_PASSES = 5  # per read method and round
 FMA_PASS_S = 0.02  # one pass of the FMA loop
+FMA_PASSES = 5  # its passes per measurement (their mean)
 class MachineProbe:
     """Streaming reads over one array, run in a worker process whose BLAS has `threads` threads, and the
     native library's FMA loop on its `threads` OpenMP threads; `measure()` gives each read's mean rate over a
@@ -76,7 +77,8 @@ class MachineProbe:
     read's fastest and median passes differ by up to 30 % within a minute, so the best pass would
     compare a quiet instant with a whole run."""
 
-    def __init__(self, threads: int, gib: float = BANDWIDTH_GIB, passes: int = BANDWIDTH_PASSES):
+    def __init__(self, threads: int, gib: float = BANDWIDTH_GIB, passes: int = BANDWIDTH_PASSES,
+                 arithmetic: bool = True):
         from concurrent.futures import ThreadPoolExecutor
         n = int(gib * (1 << 30)) // 4 // 4096 * 4096
         self.a = np.empty(n, dtype=np.float32)
@@ -103,7 +105,7 @@ class MachineProbe:
                     f" in {kib} KiB pieces dealt in turn" if kib else "")
                 self.methods[name] = lambda k=streams, p=kib * 256: lib.fm_stream_read(
                     self.a.ctypes.data, self.a.size, k, p)
-            self.fma = fma_loop(lib, FMA_PASS_S)
+            self.fma = fma_probe(lib) if arithmetic else None
         except FromageError:
             self.fma = None  # no native library here: the numpy reads only, no arithmetic rate
         self.info = {"array_bytes": int(self.a.nbytes), "methods": list(self.methods)}  # sent with 'ready'
@@ -121,12 +123,13 @@ class MachineProbe:
         method = max(mean, key=mean.get)
         out = {"gb_s": mean[method], "method": method, "methods_gb_s": mean, "methods_peak_gb_s": peak}
         if self.fma:
-            out["fma_gflop_s"] = sum(self.fma() for _ in range(self.passes)) / self.passes
+            out["fma_gflop_s"] = self.fma()
         return out
 
 
-def fma_loop(lib, seconds: float):
-    """-> a function that runs the native FMA loop (fm_fma_loop) for about `seconds` and returns its GFLOP/s."""
+def fma_probe(lib, passes: int = FMA_PASSES, seconds: float = FMA_PASS_S):
+    """-> a function that runs the native FMA loop (fm_fma_loop) `passes` times for about `seconds` each and
+    returns its mean GFLOP/s."""
     import ctypes
     lib.fm_fma_loop.restype, lib.fm_fma_loop.argtypes = ctypes.c_double, [ctypes.c_int64]
 
@@ -138,8 +141,7 @@ def fma_loop(lib, seconds: float):
     iterations = max(10_000, int(100_000 * seconds / run(100_000)[1]))
 
     def rate() -> float:
-        flops, t = run(iterations)
-        return flops / t / 1e9
+        return sum(flops / t for flops, t in (run(iterations) for _ in range(passes))) / passes / 1e9
     return rate
 
 
