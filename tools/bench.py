@@ -374,11 +374,9 @@ def add_arguments(p) -> None:
     p.add_argument("--also", action="append", metavar="BUNDLE",
                    help="another bundle of the same model (e.g. `fromage export --quantize int4`), run as "
                         "fromage_<precision>[_fp32act] (repeatable)")
-    from .options import add_engine_argument
+    from .options import add_engine_argument, add_kv_cache_argument
     add_engine_argument(p)
-    p.add_argument("--kv-cache", default="f32", metavar="TYPE",
-                   help="fromage's KV cache elements: f32 (default) or f16 (native engine: half the cache's bytes); "
-                        "with --batch or --context, f32,f16 runs both side by side")
+    add_kv_cache_argument(p, several="with --batch or --context, f32,f16 runs both side by side")
     p.add_argument("--also-engine", action="append", choices=("native", "onnxruntime"),
                    help="also run the bundle on this decoder engine, as fromage_<engine> (repeatable)")
     p.add_argument("--compare", nargs="*", metavar="PEER",

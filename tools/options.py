@@ -19,11 +19,14 @@ def kv_cache_list(text: str) -> list[str]:
     return kinds
 
 
-def add_kv_cache_argument(p, help: str | None = None) -> None:
+def add_kv_cache_argument(p, help: str | None = None, several: str = "") -> None:
+    """--kv-cache: one type, or with `several` (where a bench compares them, said in the help) a comma-separated
+    list that the command reads with kv_cache_list."""
     from fromage.runtime.generate import KV_CACHES  # imported when a parser is built, not at CLI start
-    p.add_argument("--kv-cache", choices=KV_CACHES, default="f32",
-                   help=help or "KV cache elements: f32 (default), or f16 with the native engine: half the cache's "
-                                "memory and attention reads, at fp16's precision (llama.cpp's default cache type)")
+    p.add_argument("--kv-cache", default="f32", **({"metavar": "TYPE"} if several else {"choices": KV_CACHES}),
+                   help=(help or "KV cache elements: f32 (default), or f16 with the native engine: half the cache's "
+                                 "memory and attention reads, at fp16's precision (llama.cpp's default cache type)")
+                   + (f"; {several}" if several else ""))
 
 
 def int_list(text: str, flag: str, example: str, low: int, high: int | None = None) -> list[int]:
