@@ -20,6 +20,14 @@ class GatherTable:
     def __init__(self, table: np.ndarray, output_name: str):
         self.table, self.output_names = table, [output_name]
 
+    def lookup(self, ids: list[int]) -> np.ndarray:
+        """The embeddings of `ids`, (n, E); one id's is a view of the table (read-only), not a copy: the
+        decode loop's lookup, right after a decoder step that left numpy's code and data cache-cold."""
+        n = len(self.table)
+        if not all(0 <= i < n for i in ids):
+            raise FromageError(f"token id out of range 0..{n - 1}")
+        return self.table[ids[0]:ids[0] + 1] if len(ids) == 1 else self.table[ids]
+
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
         ids = np.asarray(feeds["input_ids"])
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.table)):
@@ -39,4 +47,5 @@ def gather_table(path, output_name: str = "inputs_embeds") -> GatherTable | None
             return None
         table = np.empty(t["dims"], np.float32)
         read_inline(fh, t, table)
+    table.flags.writeable = False  # lookups hand out views of it
     return GatherTable(table, output_name)

@@ -175,6 +175,15 @@ def cache_by_position(cache: list) -> list:
     return [keys(c) if i % 2 == 0 else c for i, c in enumerate(cache)]
 
 
+_deref = weakref.ref.__call__
+
+
+def _same_buffers(refs: list, cache: list) -> bool:
+    """Whether the weak references `refs` are to the arrays of `cache`, in order (C-level loops: this runs
+    every decoding step, right after a step left the interpreter cache-cold)."""
+    return len(refs) == len(cache) and all(map(operator.is_, map(_deref, refs), cache))
+
+
 class NativeDecoder:
     """One bundle's fused decoder graph (export/llama_graph.py, fp32 or --quantize) run natively."""
     in_place = True  # writes the KV cache buffers in place (the runtime grows them)
@@ -323,7 +332,7 @@ class NativeDecoder:
         holding `past` positions); writes the last position's logits (V,) and ret (R,) in place.
         top: only the `top` largest logits are wanted (forward_batch's `top`; one position)."""
         if top and embeds.ndim == 3 and embeds.shape[:2] == (1, 1) and logits.ndim == ret.ndim == 1:
-            self.forward_batch(embeds[0], [cache], [past], logits[None], ret[None], top=[top])
+            self._step(embeds, cache, past, logits, ret, top)
             return
         # checked on every call: the C code trusts these sizes
         if not (embeds.dtype == np.float32 and embeds.flags.c_contiguous and embeds.ndim == 3
@@ -339,6 +348,26 @@ class NativeDecoder:
         if rc == -1:
             raise FromageError(f"{past} + {embeds.shape[1]} positions exceed the cache ({cache[0].shape[2]}) "
                                f"or the rotary table ({self.model.rope_positions})")
+        if rc:
+            raise FromageError(f"the native decoder failed (code {rc}: out of memory)")
+
+    def _step(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray, top: int) -> None:
+        """forward_batch of the one position embeds (1, 1, E) wanting its `top` largest logits: its checks and
+        call with nothing else (the decode loop's step, in an interpreter the last step left cache-cold)."""
+        if not (embeds.dtype == np.float32 and embeds.flags.c_contiguous and embeds.shape[2] == self.model.hidden
+                and logits.dtype == ret.dtype == np.float32 and logits.flags.c_contiguous and ret.flags.c_contiguous
+                and logits.shape[0] == self.vocab_size and ret.shape[0] == self.retrieval_dim and top > 0):
+            raise FromageError(f"embeds must be C-contiguous float32 (1, 1, {self.model.hidden}), logits and ret "
+                               f"({self.vocab_size},) and ({self.retrieval_dim},), top > 0")
+        k, v = self._pointer_tables([cache])
+        capacity, i32 = cache[0].shape[2], ctypes.c_int32
+        rc = self.lib.fm_forward_rows(ctypes.byref(self.model), embeds.__array_interface__["data"][0], 1,
+                                      ctypes.byref(i32(past)), ctypes.byref(i32(capacity)), k, v, 1, None,
+                                      ctypes.byref(i32(top)), logits.__array_interface__["data"][0],
+                                      ret.__array_interface__["data"][0])
+        if rc == -1:
+            raise FromageError(f"{past} + 1 positions exceed the cache ({capacity}) or the rotary table "
+                               f"({self.model.rope_positions})")
         if rc:
             raise FromageError(f"the native decoder failed (code {rc}: out of memory)")
 
@@ -361,16 +390,21 @@ class NativeDecoder:
         buffers are the same arrays (one that grew has new ones): building them is ~30 us a cache, and a
         step's caches are mostly the last step's. The buffers are checked when first seen: the C code
         trusts their sizes. Remembered by weak reference, so a finished request's cache is not kept alive."""
-        known, seen, k, v = self._known, {}, [], []
+        known = self._known
+        if len(caches) == 1:  # a sequence decoding alone: the same tables as its last step, while its buffers are
+            entry = known.get(id(caches[0]))
+            if entry is not None and _same_buffers(entry[0], caches[0]):
+                if entry[3] is None:
+                    entry[3] = (ctypes.c_void_p * len(entry[1]))(*entry[1]), (ctypes.c_void_p * len(entry[2]))(*entry[2])
+                return entry[3]
+        seen, k, v = {}, [], []
         for cache in caches:
             entry = seen.get(id(cache))  # rows of one prompt share its cache: looked at once per call
             if entry is None:
                 entry = known.get(id(cache))
-                same = entry is not None and len(entry[0]) == len(cache) and all(
-                    map(operator.is_, (ref() for ref in entry[0]), cache))
-                if not same:
+                if entry is None or not _same_buffers(entry[0], cache):
                     addresses = self._addresses(cache)
-                    entry = ([weakref.ref(b) for b in cache], addresses[0::2], addresses[1::2])
+                    entry = [[weakref.ref(b) for b in cache], addresses[0::2], addresses[1::2], None]
                 seen[id(cache)] = entry
             k += entry[1]
             v += entry[2]

@@ -10,9 +10,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from fromage.engines import native
-from fromage.engines.gather import gather_table
+from fromage.engines.gather import GatherTable, gather_table
 from fromage.engines.onnxruntime import ConcatDecoder, InPlaceDecoder, OrtSession
 
 from .bundle_reader import Bundle, load_bundle
@@ -99,8 +101,9 @@ def cache_capacity(decoder, positions: int) -> int:
 class _TextStream:
     """Incremental detokenization: emits only complete characters (no half UTF-8 sequences).
 
-    Each step decodes only the tokens since the last emitted piece, with that piece as context
-    (a tokenizer may render a token differently at the start of a text), so a step costs the same
+    A `tokenizers.Tokenizer`'s own DecodeStream does it in one call a token. Another tokenizer (anything with
+    decode(ids, skip_special_tokens)) decodes, each step, only the tokens since the last emitted piece, with that
+    piece as context (a tokenizer may render a token differently at the start of a text), so a step costs the same
     however long the answer grows."""
 
     def __init__(self, tokenizer):
@@ -108,6 +111,8 @@ class _TextStream:
         self.reset()
 
     def push(self, token_id: int) -> str:
+        if self.stream is not None:
+            return self.stream.step(self.tok, token_id) or ""
         self.ids.append(token_id)
         shown = self.tok.decode(self.ids[self.context:self.read], skip_special_tokens=True)
         text = self.tok.decode(self.ids[self.context:], skip_special_tokens=True)
@@ -117,6 +122,7 @@ class _TextStream:
         return text[len(shown):]
 
     def reset(self):
+        self.stream = DecodeStream(skip_special_tokens=True) if isinstance(self.tok, Tokenizer) else None
         self.ids, self.context, self.read = [], 0, 0  # ids[context:read]: the last emitted piece
 
 
@@ -149,7 +155,6 @@ class Fromage:
 
     def __init__(self, bundle, index=None, device: str = "cpu", threads: int | None = None, verify: bool = True,
                  engine: str = "auto", kv_cache: str = "f32"):
-        from tokenizers import Tokenizer
         self.bundle: Bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         m = self.bundle.model
         self.k, self.embed_dim, self.max_positions = m["k"], m["embed_dim"], m["max_positions"]
@@ -210,6 +215,9 @@ class Fromage:
         return tokens, emb
 
     def embed_ids(self, ids: list[int]) -> np.ndarray:
+        """(n, E) input embeddings of token ids (read-only: one id's may be a view of the table)."""
+        if isinstance(self.embed, GatherTable):
+            return self.embed.lookup(ids)
         return self.embed.run({"input_ids": np.asarray([ids], dtype=np.int64)})[0][0]
 
     def segments(self, parts: list[Part]) -> list[Segment]:

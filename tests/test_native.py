@@ -93,6 +93,32 @@ def test_native_refuses_a_cache_too_small(exported):
         rt.decoder.forward(np.zeros((1, 1, rt.embed_dim + 1), np.float32), cache, 0, logits, ret)
     with pytest.raises(FromageError, match="logits"):
         rt.decoder.forward(np.zeros((1, 1, rt.embed_dim), np.float32), cache, 0, logits[:-1], ret)
+    # the decode loop's one-position greedy step checks the same
+    one = np.zeros((1, 1, rt.embed_dim), np.float32)
+    with pytest.raises(FromageError, match="logits"):
+        rt.decoder.forward(one, cache, 0, logits[:-1], ret, top=1)
+    with pytest.raises(FromageError, match="embeds"):
+        rt.decoder.forward(one.astype(np.float64), cache, 0, logits, ret, top=1)
+    with pytest.raises(FromageError, match="exceed the cache"):
+        rt.decoder.forward(one, cache, native.KV_BLOCK, logits, ret, top=1)
+
+
+def test_a_step_uses_the_buffers_its_cache_holds_now(exported):
+    """The pointer tables a sequence's steps reuse are rebuilt when one of its buffers was replaced (a cache that
+    grew): the step writes into the new buffer, not the old one."""
+    rt = Fromage(exported["llama"]["bundle"], engine="native")
+    state = rt.start(np.ones((1, 3, rt.embed_dim), np.float32))
+    one = np.ones((1, 1, rt.embed_dim), np.float32)
+    state.top = 1
+    rt.advance(state, one)
+    tables = rt.decoder._pointer_tables([state.cache])
+    assert rt.decoder._pointer_tables([state.cache]) is tables  # the last step's, not rebuilt
+    old = state.cache[0]
+    state.cache[0] = old.copy()
+    rt.advance(state, one)
+    assert rt.decoder._pointer_tables([state.cache]) is not tables
+    assert not np.array_equal(native.cache_by_position([state.cache[0], state.cache[1]])[0][:, :, 4],
+                              native.cache_by_position([old, state.cache[1]])[0][:, :, 4])
 
 
 def test_engine_choice(exported, tmp_path):
@@ -142,4 +168,10 @@ def test_embedding_lookup_runs_in_numpy_and_matches_onnxruntime(exported):
     assert np.array_equal(bundle.embed.run({"input_ids": ids})[0], ort.run({"input_ids": ids})[0])
     with pytest.raises(FromageError, match="out of range"):
         bundle.embed.run({"input_ids": np.array([[-1]])})
+    # the decode loop's lookup: the same rows; one id's is a view of the read-only table
+    assert np.array_equal(bundle.embed_ids([0, 5, bundle.ret_id, 3]), ort.run({"input_ids": ids})[0][0])
+    row = bundle.embed_ids([5])
+    assert np.array_equal(row, ort.run({"input_ids": ids[:, 1:2]})[0][0]) and not row.flags.writeable
+    with pytest.raises(FromageError, match="out of range"):
+        bundle.embed_ids([bundle.vocab_size + 100])
     assert gather_table(bundle.bundle.graph_path("vision")) is None  # any other graph: ONNX Runtime
