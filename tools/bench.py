@@ -4,9 +4,9 @@ Batch-1 greedy decoding with [RET] banned and no stop tokens, so every run decod
 --new-tokens tokens after a prompt of exactly --prompt-tokens tokens. Each system (fromage and,
 with --compare, the peers of `fromage.tools.bench_peers`) runs in its own worker subprocess,
 loaded once; the timed runs are interleaved round by round (A B C A B C ...) so that the noise
-of a shared machine hits every system alike. The memory-bandwidth roofline is measured the same way:
-a probe subprocess reads a 1 GiB array once per round (numpy's reads and the native multi-stream
-read). `--retrieval N` benchmarks the image index on N random clustered vectors; `--context N,N` times
+of a shared machine hits every system alike. The memory-bandwidth roofline is measured between them:
+a probe subprocess reads a 1 GiB array (numpy's reads and the native ones) before and after every run,
+and each run is held against the mean of the two. `--retrieval N` benchmarks the image index on N random clustered vectors; `--context N,N` times
 the native decode step at long cache lengths instead of the decode bench (tools/bench_context.py), `--batch
 N,N` its batched step with N sequences (tools/bench_batch.py).
 
@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 
 from fromage.engines.base import default_threads
 
@@ -182,7 +183,7 @@ def run_bench(args, log=print) -> dict:
     if args.cache:
         env["FROMAGE_CACHE"] = str(cache)
 
-    log(f"starting the memory-bandwidth probe ({threads} threads; measured once per round) ...")
+    log(f"starting the memory-bandwidth probe ({threads} threads; measured before and after every run) ...")
     probe = Worker("bandwidth", [sys.executable, "-m", "fromage.tools.bench_worker", "bandwidth", str(threads)], env,
                    work / "bandwidth.log")
     try:
@@ -213,8 +214,21 @@ def run_bench(args, log=print) -> dict:
             if name in workers:
                 workers.pop(name).close()
     rounds: dict[str, list] = {n: [] for n in workers}
+
+    def measure(label: str) -> dict:
+        time.sleep(SETTLE_S)
+        try:
+            sample = probe.request({"cmd": "measure"})
+        except WorkerError as e:
+            raise FromageError(f"the bandwidth probe failed: {e}") from None
+        log(f"  {label} memory bandwidth: {sample['gb_s']:.1f} GB/s ({sample['method']})"
+            + (f"; FMA loop {sample['fma_gflop_s']:.0f} GFLOP/s" if sample.get("fma_gflop_s") else ""))
+        return sample
     try:
         total = args.warmup + args.runs
+        # the memory's speed moves within a minute on shared machines: measured before and after every run, so that
+        # each run is held against the bandwidth of its own moment (a run's: the mean of the two)
+        before = measure("before the runs:")
         for r in range(total):
             label = f"warm-up {r + 1}/{args.warmup}" if r < args.warmup else f"run {r - args.warmup + 1}/{args.runs}"
             for name in list(workers):
@@ -227,19 +241,15 @@ def run_bench(args, log=print) -> dict:
                     log(f"  {label} {name}: {e}")
                     workers.pop(name).close()
                     continue
-                if r >= args.warmup:
-                    rounds[name].append(reply)
                 rate = reply.get("decode_tok_s")
                 log(f"  {label} {name}: {time.perf_counter() - t:.1f} s"
                     + (f", {rate:.1f} tok/s decode" if rate else ""))
-            time.sleep(SETTLE_S)
-            try:  # the bandwidth, after the systems' runs of the round
-                sample = probe.request({"cmd": "measure"})
-            except WorkerError as e:
-                raise FromageError(f"the bandwidth probe failed: {e}") from None
-            samples += [sample] if r >= args.warmup else []
-            log(f"  {label} memory bandwidth: {sample['gb_s']:.1f} GB/s ({sample['method']})"
-                + (f"; FMA loop {sample['fma_gflop_s']:.0f} GFLOP/s" if sample.get("fma_gflop_s") else ""))
+                after = measure(f"{label} after {name}:")
+                if r >= args.warmup:
+                    reply["bandwidth_gb_s"] = (before["gb_s"] + after["gb_s"]) / 2
+                    rounds[name].append(reply)
+                    samples.append(after)
+                before = after
     finally:
         for w in [*workers.values(), probe]:
             w.close()
@@ -255,16 +265,17 @@ def run_bench(args, log=print) -> dict:
         if "error" in s:
             continue
         if s.get("decode_tok_s"):
-            s["roofline_fraction"] = s["decode_tok_s"] / roofline
             own = s.get("weights_bytes")
-            if own and abs(own - weights) > 0.05 * weights:  # e.g. int4 weights
+            own = own if own and abs(own - weights) > 0.05 * weights else None  # e.g. int4 weights
+            if own:
                 s["own_weights_roofline_tok_s"] = bandwidth["gb_s"] * 1e9 / own
-                s["own_weights_roofline_fraction"] = s["decode_tok_s"] / s["own_weights_roofline_tok_s"]
-            if len(rounds.get(name, [])) == len(samples):  # each run against the bandwidth measured right after it
-                for key, nbytes in (("roofline_fraction_by_round", weights),
-                                    ("own_weights_roofline_fraction_by_round", s.get("own_weights_roofline_tok_s") and own)):
-                    if nbytes:
-                        s[key] = [r["decode_tok_s"] * nbytes / (b["gb_s"] * 1e9) for r, b in zip(rounds[name], samples)]
+            # each run against the bandwidth of its own moment (measured before and after it); the headline: the median
+            runs = [r for r in rounds[name] if r.get("decode_tok_s")]
+            s["bandwidth_runs_gb_s"] = [r["bandwidth_gb_s"] for r in runs]
+            for key, nbytes in (("roofline_fraction", weights), ("own_weights_roofline_fraction", own)):
+                if nbytes:
+                    s[key + "_runs"] = [r["decode_tok_s"] * nbytes / (r["bandwidth_gb_s"] * 1e9) for r in runs]
+                    s[key] = float(np.median(s[key + "_runs"]))
         if name != "fromage" and "error" not in base:
             s["vs_fromage"] = {k: (s[k] / base[k] if s.get(k) and base.get(k) else None)
                                for k in ("decode_tok_s", "tpot_ms", "ttft_ms", "ttft_image_ms", "e2e_ms",
@@ -286,7 +297,8 @@ def run_bench(args, log=print) -> dict:
             "kv_cache": spec["kv_cache"],
             "warmup": args.warmup, "threads": threads, "peers": list(peers), "prompt_token_ids": ids,
             "decoding": "greedy, [RET] banned, no stop tokens: exactly new_tokens tokens per run",
-            "order": f"systems interleaved run by run, each in its own subprocess, each round and the probe after a {SETTLE_S} s pause",
+            "order": f"systems interleaved run by run, each in its own subprocess, the probe after each run, each after a "
+                     f"{SETTLE_S} s pause",
             "text_only_peers": "hf, optimum, the ORT GenAI and the llama.cpp peers take no image: their runs are text-only",
             "load_average": {"before": load_before, "after": list(os.getloadavg())},
             "retrieval_index": {"size": RET_INDEX_SIZE, "dim": m["retrieval_dim"], "top_k": 1},

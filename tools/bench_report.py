@@ -20,23 +20,25 @@ def percentiles(values) -> dict | None:
 
 
 def bandwidth_summary(samples: list[dict], threads: int, array_bytes: int) -> dict:
-    """The roofline's bandwidth: the median over the rounds of each round's fastest read."""
+    """The roofline's bandwidth: the median of the probe's measurements after the timed runs (each its fastest
+    read's)."""
     best = [s["gb_s"] for s in samples]
     winners = [s["method"] for s in samples]
     fma = [s["fma_gflop_s"] for s in samples if s.get("fma_gflop_s")]
 
     def median_of(key):
         return {name: float(np.median([s[key][name] for s in samples])) for name in samples[0][key]}
-    return {"gb_s": float(np.median(best)), "per_round_gb_s": best, "max_gb_s": max(best),
-            "fma_gflop_s": float(np.median(fma)) if fma else None, "per_round_fma_gflop_s": fma,
+    return {"gb_s": float(np.median(best)), "per_probe_gb_s": best, "max_gb_s": max(best),
+            "fma_gflop_s": float(np.median(fma)) if fma else None, "per_probe_fma_gflop_s": fma,
             "method": max(set(winners), key=winners.count), "methods_gb_s": median_of("methods_gb_s"),
             "methods_peak_gb_s": median_of("methods_peak_gb_s"), "threads": threads, "array_bytes": array_bytes,
-            "how": (f"each round, between the systems' runs, {BANDWIDTH_PASSES} passes of each read over one "
-                    f"{array_bytes / 2**30:.2f} GiB float32 array with {threads} thread(s); a round's bandwidth "
-                    "is the fastest read's mean rate over its passes (methods_peak_gb_s: their single fastest "
-                    "passes), the roofline's is the median over the timed rounds (per_round_gb_s), like the "
-                    "systems' decode rates, which are means over a run; fma_gflop_s: the native FMA loop on "
-                    "registers with as many threads, each round after the reads (the cores' arithmetic rate)")}
+            "how": (f"before and after every run, {BANDWIDTH_PASSES} passes of each read over one "
+                    f"{array_bytes / 2**30:.2f} GiB float32 array with {threads} thread(s); a measurement is the "
+                    "fastest read's mean rate over its passes (methods_peak_gb_s: their single fastest passes); "
+                    "a run's bandwidth (systems.*.bandwidth_runs_gb_s) is the mean of the measurements before and "
+                    "after it, the roofline's the median of those after the timed runs (per_probe_gb_s); "
+                    "fma_gflop_s: the native FMA loop on registers with as many threads, after each read (the "
+                    "cores' arithmetic rate)")}
 
 
 def summarize(rounds: list[dict], ready: dict, fromage_tokens: list[int] | None = None) -> dict:
@@ -90,14 +92,14 @@ def format_table(result: dict) -> str:
         print(f"roofline {result['roofline_tok_s']:.1f} tok/s = read bandwidth {bw['gb_s']:.1f} GB/s "
               f"({bw['method']}, {bw['array_bytes'] / 2**30:.0f} GiB) / "
               f"{result['weights_bytes_per_token'] / 1e6:.1f} MB of decoder weights per token", file=out)
-        # shared machines: how fast memory and the cores were round by round, and each run against its round's roofline
-        print("by round: memory " + " / ".join(f"{g:.0f}" for g in bw["per_round_gb_s"]) + " GB/s"
-              + (", FMA loop " + " / ".join(f"{g:.0f}" for g in bw["per_round_fma_gflop_s"]) + " GFLOP/s"
-                 if bw.get("per_round_fma_gflop_s") else ""), file=out)
+        # shared machines: how fast memory and the cores were, and each run against the bandwidth of its moment
+        print("after each run: memory " + " / ".join(f"{g:.0f}" for g in bw["per_probe_gb_s"]) + " GB/s"
+              + (", FMA loop " + " / ".join(f"{g:.0f}" for g in bw["per_probe_fma_gflop_s"]) + " GFLOP/s"
+                 if bw.get("per_probe_fma_gflop_s") else ""), file=out)
         for name, m in result["systems"].items():
-            if m.get("roofline_fraction_by_round"):
-                own = m.get("own_weights_roofline_fraction_by_round")
-                print(f"  {name}: {_fractions(m['roofline_fraction_by_round'])} of that round's roofline"
+            if m.get("roofline_fraction_runs"):
+                own = m.get("own_weights_roofline_fraction_runs")
+                print(f"  {name}: {_fractions(m['roofline_fraction_runs'])} of its runs' rooflines"
                       + (f" (own {_fractions(own)})" if own else ""), file=out)
         mach = s.get("machine") or {}
         if mach.get("kernels"):  # which copy of the native kernels ran (chosen by the CPU, or FROMAGE_KERNELS)
@@ -128,8 +130,9 @@ def format_table(result: dict) -> str:
             else:
                 print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))),
                       file=out)
-        print("(decode tok/s = 1000/TPOT after the first token; TTFT includes the prefill; same tok = greedy tokens "
-              "identical to fromage's, from the start)", file=out)
+        print("(decode tok/s = 1000/TPOT after the first token; roofline: the median over the runs of each run's "
+              "decode rate against the bandwidth measured before and after it; TTFT includes the prefill; same tok = "
+              "greedy tokens identical to fromage's, from the start)", file=out)
     if "retrieval" in result:
         r = result["retrieval"]
         print(f"\nretrieval: {r['vectors']} vectors of {r['dim']} dims, top-{r['k']}, {r['threads']} threads"
