@@ -364,17 +364,17 @@ static void batch_item(const batch_layout *lay, const int32_t *past, size_t it, 
  * are consecutive blocks: their scores are computed before their values, in stages of up to STAGED_BLOCKS, so
  * a thread reads one stream of keys, then one of values), then the sequences' heads' merges (each head merges
  * its blocks in order), so a sequence's result does not depend on the others. part: the
- * partials (lay); sc: thread_scores(m) floats per thread. */
-static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
+ * partials (lay); sc: thread_scores(m) floats per thread. Called by every thread of a team: its loops share the
+ * work, each ending with the team's barrier. */
+static void attention_items(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
                             void *const *kc, void *const *vc, int layer, const batch_layout *lay, float *out,
                             float *part, float *sc) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d, half = m->kv_half;
     const float scale = 1.f / sqrtf((float)d);
     const size_t scores = thread_scores(m), items = lay->item[B];
-    const size_t per_thread = items / (4 * (size_t)omp_get_max_threads());  /* a few claims each, at least */
+    const size_t per_thread = items / (4 * (size_t)omp_get_num_threads());  /* a few claims each, at least */
     const size_t chunk = per_thread < 1 ? 1 : per_thread;
     const size_t group = (size_t)G * ATT_BLOCK, claims = (items + chunk - 1) / chunk;
-#pragma omp parallel
     {
         float *mine = sc + (size_t)omp_get_thread_num() * scores;
         int seq = 0;  /* the sequence of this thread's last item: its claims come in increasing order (monotonic) */
@@ -408,6 +408,14 @@ static void attention_batch(const fm_model *m, const float *qkv, int B, const in
                 merge_blocks(part + lay->part[b] + (size_t)h * blocks * (d + 2), blocks, d, out + ((size_t)b * H + h) * d);
             }
     }
+}
+
+/* attention_items in a team of its own. */
+static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
+                            void *const *kc, void *const *vc, int layer, const batch_layout *lay, float *out,
+                            float *part, float *sc) {
+#pragma omp parallel
+    attention_items(m, qkv, B, past, capacity, kc, vc, layer, lay, out, part, sc);
 }
 
 /* Causal grouped-query attention of the T new positions over the cache; out (T, H*d). The cache is cut
@@ -538,6 +546,43 @@ static int head_rows(const fm_model *m, const float *h, int n, const int32_t *to
     return rc;
 }
 
+/* The layers of a decoding step of one sequence (forward_rows' B = 1) in one OpenMP team, not a team per matrix
+ * and attention: each thread normalises the residual and takes SiLU into its own copy (own: hidden + inter
+ * floats per thread), so that the ends of the matrices, of the cache append and of attention's loops are the
+ * only places the threads wait for each other. The same operations on the same values as the batched loop:
+ * the same bits. x: the residual, in place. */
+static int layers_one_row(const fm_model *m, float *x, int32_t past, int32_t capacity, void *const *k_cache,
+                          void *const *v_cache, const batch_layout *lay, float *qkv, float *attn, float *gu,
+                          float *own, float *part, float *sc, double *clock) {
+    const int E = m->hidden, I = m->inter, n = m->n_layers;
+    int rc = 0, *claims = calloc((size_t)4 * n, sizeof(int));  /* each matrix's next chunk */
+    if (!claims) return -2;
+#pragma omp parallel
+    {
+        float *h = own + (size_t)omp_get_thread_num() * (E + I), *act = h + E;
+        int mine = 0;
+        double t = omp_get_thread_num() == 0 ? *clock : -1.;  /* the calling thread's (fm_profile), waits included */
+        for (int i = 0; i < n; i++) {
+            const fm_layer *L = m->layers + i;
+            TIMED(FM_OP_NORM, rms_norm(x, L->attn_norm, h, 1, E, m->eps));
+            TIMED(FM_OP_QKV, mine |= fm_linear_team(&L->qkv, h, qkv, 0, claims + 4 * i));
+#pragma omp single
+            rope_and_append(m, qkv, 1, past, capacity, k_cache[i], v_cache[i]);
+            t = fm_op_done(FM_OP_ROPE, t);
+            TIMED(FM_OP_ATTENTION, attention_items(m, qkv, 1, &past, &capacity, k_cache, v_cache, i, lay, attn, part, sc));
+            TIMED(FM_OP_O, mine |= fm_linear_team(&L->o, attn, x, 1, claims + 4 * i + 1));
+            TIMED(FM_OP_NORM, rms_norm(x, L->mlp_norm, h, 1, E, m->eps));
+            TIMED(FM_OP_GATE_UP, mine |= fm_linear_team(&L->gate_up, h, gu, 0, claims + 4 * i + 2));
+            TIMED(FM_OP_SILU, silu_mul(gu, 1, I, act));
+            TIMED(FM_OP_DOWN, mine |= fm_linear_team(&L->down, act, x, 1, claims + 4 * i + 3));
+        }
+        if (mine) __atomic_fetch_or(&rc, mine, __ATOMIC_RELAXED);
+        if (omp_get_thread_num() == 0) *clock = t;
+    }
+    free(claims);
+    return rc ? -2 : 0;
+}
+
 /* The layers and the head of a batched step (fm_forward_rows, its arguments checked). */
 static int forward_rows(const fm_model *m, const float *embeds, int B, const int32_t *past, const int32_t *capacity,
                         void *const *k_cache, void *const *v_cache, int n_out, const int32_t *out_rows,
@@ -545,7 +590,8 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
     const size_t width = (size_t)(H + 2 * KV) * d;
     const size_t sizes[] = {(size_t)B * E, (size_t)B * E, B * width, (size_t)B * H * d, (size_t)B * 2 * I,
-                            (size_t)B * I, lay->part[B], (size_t)omp_get_max_threads() * thread_scores(m)};
+                            (size_t)B * I, lay->part[B], (size_t)omp_get_max_threads() * thread_scores(m),
+                            B == 1 ? (size_t)omp_get_max_threads() * (E + I) : 0};
     enum { N_BUFFERS = sizeof sizes / sizeof sizes[0] };
     float *buf[N_BUFFERS];
     if (carve_scratch(sizes, N_BUFFERS, buf)) return -2;
@@ -554,24 +600,27 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
 
     memcpy(x, embeds, sizeof(float) * B * E);
     double t = fm_op_start();
-    for (int i = 0; i < m->n_layers && !rc; i++) {
-        const fm_layer *L = m->layers + i;
-        TIMED(FM_OP_NORM, rms_norm(x, L->attn_norm, h, B, E, m->eps));
-        TIMED(FM_OP_QKV, rc |= fm_linear_rows(&L->qkv, h, B, qkv, width, 0));
-        /* each row writes its own position (a prompt's rows share a cache, at different positions); the keys'
-         * 64 lines per group are misses, which two threads wait on side by side */
-#pragma omp parallel for schedule(static) if (B > 1)
-        for (int b = 0; b < B; b++)
-            rope_and_append(m, qkv + b * width, 1, past[b], capacity[b], k_cache[(size_t)b * m->n_layers + i],
-                            v_cache[(size_t)b * m->n_layers + i]);
-        t = fm_op_done(FM_OP_ROPE, t);
-        TIMED(FM_OP_ATTENTION, attention_batch(m, qkv, B, past, capacity, k_cache, v_cache, i, lay, attn, part, sc));
-        TIMED(FM_OP_O, rc |= fm_linear_rows(&L->o, attn, B, x, E, 1));
-        TIMED(FM_OP_NORM, rms_norm(x, L->mlp_norm, h, B, E, m->eps));
-        TIMED(FM_OP_GATE_UP, rc |= fm_linear_rows(&L->gate_up, h, B, gu, (size_t)2 * I, 0));
-        TIMED(FM_OP_SILU, silu_mul(gu, B, I, act));
-        TIMED(FM_OP_DOWN, rc |= fm_linear_rows(&L->down, act, B, x, E, 1));
-    }
+    if (B == 1)
+        rc = layers_one_row(m, x, past[0], capacity[0], k_cache, v_cache, lay, qkv, attn, gu, buf[8], part, sc, &t);
+    else
+        for (int i = 0; i < m->n_layers && !rc; i++) {
+            const fm_layer *L = m->layers + i;
+            TIMED(FM_OP_NORM, rms_norm(x, L->attn_norm, h, B, E, m->eps));
+            TIMED(FM_OP_QKV, rc |= fm_linear_rows(&L->qkv, h, B, qkv, width, 0));
+            /* each row writes its own position (a prompt's rows share a cache, at different positions); the keys'
+             * 64 lines per group are misses, which two threads wait on side by side */
+#pragma omp parallel for schedule(static)
+            for (int b = 0; b < B; b++)
+                rope_and_append(m, qkv + b * width, 1, past[b], capacity[b], k_cache[(size_t)b * m->n_layers + i],
+                                v_cache[(size_t)b * m->n_layers + i]);
+            t = fm_op_done(FM_OP_ROPE, t);
+            TIMED(FM_OP_ATTENTION, attention_batch(m, qkv, B, past, capacity, k_cache, v_cache, i, lay, attn, part, sc));
+            TIMED(FM_OP_O, rc |= fm_linear_rows(&L->o, attn, B, x, E, 1));
+            TIMED(FM_OP_NORM, rms_norm(x, L->mlp_norm, h, B, E, m->eps));
+            TIMED(FM_OP_GATE_UP, rc |= fm_linear_rows(&L->gate_up, h, B, gu, (size_t)2 * I, 0));
+            TIMED(FM_OP_SILU, silu_mul(gu, B, I, act));
+            TIMED(FM_OP_DOWN, rc |= fm_linear_rows(&L->down, act, B, x, E, 1));
+        }
     if (rc) return -2;
 
     /* the head only for the rows that want outputs: a prompt's inner positions need none */

@@ -201,8 +201,8 @@ static void transpose_rows(const float *x, int B, int K, float *xt) {
 }
 
 /* Panels per claimed chunk for a matrix of N columns of column_bytes each. */
-static int panel_chunk(size_t column_bytes, int N, int B) {
-    const int chunk = (chunk_columns(column_bytes, N, omp_get_max_threads(), B > 1 ? ROWS_CHUNK_BYTES : CHUNK_BYTES)
+static int panel_chunk(size_t column_bytes, int N, int B, int threads) {
+    const int chunk = (chunk_columns(column_bytes, N, threads, B > 1 ? ROWS_CHUNK_BYTES : CHUNK_BYTES)
                        + PANEL / 2) / PANEL;
     return chunk < 1 ? 1 : chunk;
 }
@@ -216,7 +216,7 @@ static int f32_linear(const fm_linear *L, const float *x, int B, float *y, size_
         transpose_rows(x, B, K, t);
         xt = t;
     }
-    const int chunk = panel_chunk(sizeof(float) * K, N, B);
+    const int chunk = panel_chunk(sizeof(float) * K, N, B, omp_get_max_threads());
     FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, f32_panels(L->w, K, N, p0, p1, xt, B, y, ldy, accumulate));
     return 0;
 }
@@ -500,12 +500,41 @@ static int nbits_gemv(const fm_linear *L, const float *x, int B, float *y, size_
     for (int r = 0; r < B; r++)
         nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb,
                       NEEDS_LS && L->bits == 8 ? ls + (size_t)r * nb : NULL, x8 + (size_t)r * 2 * K);
-    const int chunk = panel_chunk((size_t)nb * q_record(L->bits) / PANEL, L->N, B);
+    const int chunk = panel_chunk((size_t)nb * q_record(L->bits) / PANEL, L->N, B, omp_get_max_threads());
     if (L->bits == 4)
         FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q_panels(L, p0, p1, x8, sx, sums, ls, B, y, ldy, accumulate, 4));
     else
         FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q_panels(L, p0, p1, x8, sx, sums, ls, B, y, ldy, accumulate, 8));
     return 0;
+}
+
+int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate, int *next) {
+    const int K = L->K, panels = (L->N + PANEL - 1) / PANEL, threads = omp_get_num_threads();
+    int rc = 0;
+    if (L->kind == FM_F32) {
+        const int chunk = panel_chunk(sizeof(float) * K, L->N, 1, threads);
+        for (int p0; (p0 = __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED)) < panels;)
+            f32_panels(L->w, K, L->N, p0, p0 + chunk < panels ? p0 + chunk : panels, x, 1, y, (size_t)L->N, accumulate);
+    } else {
+        const int nb = K / FM_BLOCK;
+        float *sx;
+        int32_t *ls;
+        uint8_t *x8;
+        float *sums = nbits_scratch(1, K, &sx, &ls, &x8);  /* this thread's: each rounds x itself */
+        if (sums) {
+            nbits_prepare(x, K, sums, sx, NEEDS_LS && L->bits == 8 ? ls : NULL, x8);
+            const int chunk = panel_chunk((size_t)nb * q_record(L->bits) / PANEL, L->N, 1, threads);
+            for (int p0; (p0 = __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED)) < panels;) {
+                const int p1 = p0 + chunk < panels ? p0 + chunk : panels;
+                if (L->bits == 4) q_panels(L, p0, p1, x8, sx, sums, ls, 1, y, (size_t)L->N, accumulate, 4);
+                else q_panels(L, p0, p1, x8, sx, sums, ls, 1, y, (size_t)L->N, accumulate, 8);
+            }
+        } else {
+            rc = -2;
+        }
+    }
+#pragma omp barrier
+    return rc;
 }
 
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {

@@ -21,6 +21,7 @@
 #define fm_stream_read FM_PASTE(fm_stream_read, FM_ISA)
 #define fm_fma_loop FM_PASTE(fm_fma_loop, FM_ISA)
 #define fm_linear_rows FM_PASTE(fm_linear_rows, FM_ISA)
+#define fm_linear_team FM_PASTE(fm_linear_team, FM_ISA)
 #define fm_head_top FM_PASTE(fm_head_top, FM_ISA)
 #endif
 
@@ -41,6 +42,10 @@
  * accumulate (the residual adds); each weight is read once for all rows, and each row is bit-identical
  * to that row alone. Returns 0, or -2 when its scratch memory cannot be had. Parallel (OpenMP) inside. */
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate);
+/* One row, y (+)= x @ W, called by every thread of an OpenMP team with the same arguments: the threads claim
+ * the matrix's chunks from *next (0 before the first call; one counter per matrix), each reading x itself.
+ * Ends with the team's barrier. Returns 0, or -2 (this thread's scratch memory could not be had). */
+int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate, int *next);
 /* Rows x (B, K) that want only their top[r] (1..FM_MAX_TOP) largest logits, against the model's fp32 head with
  * its 8-bit copy (fm_model.head_q8): in y's rows (ldy apart), the exact logits of the panels that can hold one
  * of them or hold a head_q8_exact column, -INFINITY elsewhere (head_top.c). Returns 0, or -2 when out of
