@@ -6,9 +6,10 @@ with --compare, the peers of `fromage.tools.bench_peers`) runs in its own worker
 loaded once; the timed runs are interleaved round by round (A B C A B C ...) so that the noise
 of a shared machine hits every system alike. The memory-bandwidth roofline is measured between them:
 a probe subprocess reads a 1 GiB array (numpy's reads and the native ones) before and after every run,
-and each run is held against the mean of the two. `--retrieval N` benchmarks the image index on N random clustered vectors; `--context N,N` times
-the native decode step at long cache lengths instead of the decode bench (tools/bench_context.py), `--batch
-N,N` its batched step with N sequences (tools/bench_batch.py).
+and each run is held against the mean of the two. `--retrieval N` benchmarks the image index on N
+random clustered vectors; `--context N,N` times the native decode step at long cache lengths instead of
+the decode bench (tools/bench_context.py), `--batch N,N` its batched step with N sequences
+(tools/bench_batch.py).
 
 This module never imports torch or transformers: the peers that need them import them in their own processes.
 """
