@@ -17,7 +17,7 @@
  * other; claimed chunks keep both reading until the matrix is done (default model: ~6 % faster than
  * the fixed split of rows, over 600 paired passes). Each output column is summed by one thread in a
  * fixed order, so the result does not depend on which thread took it. A thread reads its chunk's panels
- * one after the other: the panels of a matrix are contiguous, so that is one forward stream. */
+ * one after the other: the panels of a matrix are contiguous, so that is one forward stream (claim_chunks). */
 enum { CHUNK_BYTES = 1 << 20 };  /* each chunk's stream starts cold: the prefetchers ramp up again */
 /* Several rows spend ~B times longer on each byte: larger chunks, still claimed (a core that the server's
  * other threads share finishes fewer). */
@@ -29,18 +29,6 @@ static int chunk_columns(size_t column_bytes, int N, int threads, size_t chunk_b
     chunks = (chunks + threads - 1) / threads * threads;  /* whole rounds: a small matrix is one chunk per thread */
     return ((N + chunks - 1) / chunks + 3) / 4 * 4;
 }
-
-/* Runs body(n0, n1) over [0, N) in chunks of `chunk` columns claimed by OpenMP's threads. */
-#define FOR_CLAIMED_CHUNKS(N, chunk, n0, n1, body)                                 \
-    do {                                                                           \
-        int next_ = 0;                                                             \
-        _Pragma("omp parallel") for (;;) {                                         \
-            const int n0 = __atomic_fetch_add(&next_, (chunk), __ATOMIC_RELAXED);  \
-            if (n0 >= (N)) break;                                                  \
-            const int n1 = n0 + (chunk) < (N) ? n0 + (chunk) : (N);                \
-            body;                                                                  \
-        }                                                                          \
-    } while (0)
 
 /* ---- fp32 matrices, in panels of 16 columns ------------------------------------------------------- */
 /* An fp32 matrix (K, N) is laid out by fm_pack as panels: panel p holds the columns 16p..16p+15 as K
@@ -198,27 +186,6 @@ static void transpose_rows(const float *x, int B, int K, float *xt) {
         const int rows = B - r0 < ROW_BLOCK ? B - r0 : ROW_BLOCK;
         transpose_tile(x + (size_t)r0 * K, (size_t)K, rows, K, xt + (size_t)r0 * K, (size_t)rows);
     }
-}
-
-/* Panels per claimed chunk for a matrix of N columns of column_bytes each. */
-static int panel_chunk(size_t column_bytes, int N, int B, int threads) {
-    const int chunk = (chunk_columns(column_bytes, N, threads, B > 1 ? ROWS_CHUNK_BYTES : CHUNK_BYTES)
-                       + PANEL / 2) / PANEL;
-    return chunk < 1 ? 1 : chunk;
-}
-
-static int f32_linear(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
-    const int K = L->K, N = L->N, panels = (N + PANEL - 1) / PANEL;
-    const float *xt = x;  /* one row is its own transpose */
-    if (B > 1) {
-        float *t = fm_scratch(0, (size_t)B * K);
-        if (!t) return -2;
-        transpose_rows(x, B, K, t);
-        xt = t;
-    }
-    const int chunk = panel_chunk(sizeof(float) * K, N, B, omp_get_max_threads());
-    FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, f32_panels(L->w, K, N, p0, p1, xt, B, y, ldy, accumulate));
-    return 0;
 }
 
 /* ---- 4/8-bit blocks ------------------------------------------------------------------------------ */
@@ -490,8 +457,28 @@ static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, i
     }
 }
 
-static int nbits_gemv(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
-    const int K = L->K, nb = K / FM_BLOCK, panels = (L->N + PANEL - 1) / PANEL;
+/* ---- the entry points ---------------------------------------------------------------------------- */
+/* The rows as the panel kernels take them: x itself, or transposed in blocks (fp32 matrices); each row rounded to
+ * 16 bits per block (4/8-bit ones: nbits_prepare). */
+typedef struct {
+    const float *xt, *sums, *sx;
+    const int32_t *ls;
+    const uint8_t *x8;
+} rows_input;
+
+/* The B rows of x for L's kernels, in the calling thread's scratch (fm_scratch slot 0): 0, or -2 when out of memory. */
+static int prepare_rows(const fm_linear *L, const float *x, int B, rows_input *in) {
+    const int K = L->K, nb = K / FM_BLOCK;
+    if (L->kind == FM_F32) {
+        *in = (rows_input){.xt = x};  /* one row is its own transpose */
+        if (B > 1) {
+            float *t = fm_scratch(0, (size_t)B * K);
+            if (!t) return -2;
+            transpose_rows(x, B, K, t);
+            in->xt = t;
+        }
+        return 0;
+    }
     float *sx;
     int32_t *ls;
     uint8_t *x8;
@@ -500,43 +487,46 @@ static int nbits_gemv(const fm_linear *L, const float *x, int B, float *y, size_
     for (int r = 0; r < B; r++)
         nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb,
                       NEEDS_LS && L->bits == 8 ? ls + (size_t)r * nb : NULL, x8 + (size_t)r * 2 * K);
-    const int chunk = panel_chunk((size_t)nb * q_record(L->bits) / PANEL, L->N, B, omp_get_max_threads());
-    if (L->bits == 4)
-        FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q_panels(L, p0, p1, x8, sx, sums, ls, B, y, ldy, accumulate, 4));
-    else
-        FOR_CLAIMED_CHUNKS(panels, chunk, p0, p1, q_panels(L, p0, p1, x8, sx, sums, ls, B, y, ldy, accumulate, 8));
+    *in = (rows_input){NULL, sums, sx, ls, x8};
     return 0;
 }
 
-int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate, int *next) {
-    const int K = L->K, panels = (L->N + PANEL - 1) / PANEL, threads = omp_get_num_threads();
-    int rc = 0;
-    if (L->kind == FM_F32) {
-        const int chunk = panel_chunk(sizeof(float) * K, L->N, 1, threads);
-        for (int p0; (p0 = __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED)) < panels;)
-            f32_panels(L->w, K, L->N, p0, p0 + chunk < panels ? p0 + chunk : panels, x, 1, y, (size_t)L->N, accumulate);
-    } else {
-        const int nb = K / FM_BLOCK;
-        float *sx;
-        int32_t *ls;
-        uint8_t *x8;
-        float *sums = nbits_scratch(1, K, &sx, &ls, &x8);  /* this thread's: each rounds x itself */
-        if (sums) {
-            nbits_prepare(x, K, sums, sx, NEEDS_LS && L->bits == 8 ? ls : NULL, x8);
-            const int chunk = panel_chunk((size_t)nb * q_record(L->bits) / PANEL, L->N, 1, threads);
-            for (int p0; (p0 = __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED)) < panels;) {
-                const int p1 = p0 + chunk < panels ? p0 + chunk : panels;
-                if (L->bits == 4) q_panels(L, p0, p1, x8, sx, sums, ls, 1, y, (size_t)L->N, accumulate, 4);
-                else q_panels(L, p0, p1, x8, sx, sums, ls, 1, y, (size_t)L->N, accumulate, 8);
-            }
-        } else {
-            rc = -2;
-        }
+/* Panels per claimed chunk of L for B rows and `threads` threads. */
+static int panel_chunk(const fm_linear *L, int B, int threads) {
+    const size_t column_bytes = L->kind == FM_F32 ? sizeof(float) * L->K
+                                                  : (size_t)(L->K / FM_BLOCK) * q_record(L->bits) / PANEL;
+    const int chunk = (chunk_columns(column_bytes, L->N, threads, B > 1 ? ROWS_CHUNK_BYTES : CHUNK_BYTES)
+                       + PANEL / 2) / PANEL;
+    return chunk < 1 ? 1 : chunk;
+}
+
+/* The calling thread's share of y (+)= x @ W: chunks of `chunk` panels claimed from *next (the threads' shared
+ * counter, 0 at the start) until none is left. */
+static void claim_chunks(const fm_linear *L, int *next, int chunk, const rows_input *in, int B, float *y, size_t ldy,
+                         int accumulate) {
+    const int panels = (L->N + PANEL - 1) / PANEL;
+    for (int p0; (p0 = __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED)) < panels;) {
+        const int p1 = p0 + chunk < panels ? p0 + chunk : panels;
+        if (L->kind == FM_F32) f32_panels(L->w, L->K, L->N, p0, p1, in->xt, B, y, ldy, accumulate);
+        else if (L->bits == 4) q_panels(L, p0, p1, in->x8, in->sx, in->sums, in->ls, B, y, ldy, accumulate, 4);
+        else q_panels(L, p0, p1, in->x8, in->sx, in->sums, in->ls, B, y, ldy, accumulate, 8);
     }
+}
+
+int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate, int *next) {
+    rows_input in;
+    const int rc = prepare_rows(L, x, 1, &in);  /* each thread its own */
+    if (!rc) claim_chunks(L, next, panel_chunk(L, 1, omp_get_num_threads()), &in, 1, y, (size_t)L->N, accumulate);
 #pragma omp barrier
     return rc;
 }
 
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
-    return L->kind == FM_F32 ? f32_linear(L, x, B, y, ldy, accumulate) : nbits_gemv(L, x, B, y, ldy, accumulate);
+    rows_input in;
+    if (prepare_rows(L, x, B, &in)) return -2;
+    const int chunk = panel_chunk(L, B, omp_get_max_threads());
+    int next = 0;
+#pragma omp parallel
+    claim_chunks(L, &next, chunk, &in, B, y, ldy, accumulate);
+    return 0;
 }
