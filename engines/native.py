@@ -175,6 +175,12 @@ def cache_by_position(cache: list) -> list:
     return [keys(c) if i % 2 == 0 else c for i, c in enumerate(cache)]
 
 
+def _raise_for(rc: int, exceeded: str) -> None:
+    """A failed native call as a FromageError: -1, positions past the cache or the rotary table (`exceeded` says
+    which); any other code, out of memory."""
+    raise FromageError(exceeded if rc == -1 else f"the native decoder failed (code {rc}: out of memory)")
+
+
 _deref = weakref.ref.__call__
 
 
@@ -345,11 +351,9 @@ class NativeDecoder:
         k, v = self._pointer_tables([cache])
         rc = self.lib.fm_forward(ctypes.byref(self.model), embeds.ctypes.data, embeds.shape[1], past,
                                  cache[0].shape[2], k, v, logits.ctypes.data, ret.ctypes.data)
-        if rc == -1:
-            raise FromageError(f"{past} + {embeds.shape[1]} positions exceed the cache ({cache[0].shape[2]}) "
-                               f"or the rotary table ({self.model.rope_positions})")
         if rc:
-            raise FromageError(f"the native decoder failed (code {rc}: out of memory)")
+            _raise_for(rc, f"{past} + {embeds.shape[1]} positions exceed the cache ({cache[0].shape[2]}) "
+                           f"or the rotary table ({self.model.rope_positions})")
 
     def _step(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray, top: int) -> None:
         """forward_batch of the one position embeds (1, 1, E) wanting its `top` largest logits: its checks and
@@ -365,11 +369,9 @@ class NativeDecoder:
                                       ctypes.byref(i32(past)), ctypes.byref(i32(capacity)), k, v, 1, None,
                                       ctypes.byref(i32(top)), logits.__array_interface__["data"][0],
                                       ret.__array_interface__["data"][0])
-        if rc == -1:
-            raise FromageError(f"{past} + 1 positions exceed the cache ({capacity}) or the rotary table "
-                               f"({self.model.rope_positions})")
         if rc:
-            raise FromageError(f"the native decoder failed (code {rc}: out of memory)")
+            _raise_for(rc, f"{past} + 1 positions exceed the cache ({capacity}) or the rotary table "
+                           f"({self.model.rope_positions})")
 
     def op_times(self, run) -> tuple[int, dict]:
         """Calls run() with the library's per-operation clock on for this thread (fm_profile): -> (forward passes,
@@ -459,9 +461,7 @@ class NativeDecoder:
         rc = self.lib.fm_forward_rows(ctypes.byref(self.model), embeds.ctypes.data, B, (ctypes.c_int32 * B)(*pasts),
                                       (ctypes.c_int32 * B)(*capacity), k, v, n, rows, counts, logits.ctypes.data,
                                       ret.ctypes.data)
-        if rc == -1:
-            b = next((b for b in range(B) if not 0 <= pasts[b] < min(capacity[b], self.model.rope_positions)), 0)
-            raise FromageError(f"sequence {b}: {pasts[b]} + 1 positions exceed its cache ({capacity[b]}) "
-                               f"or the rotary table ({self.model.rope_positions})")
         if rc:
-            raise FromageError(f"the native decoder failed (code {rc}: out of memory)")
+            b = next((b for b in range(B) if not 0 <= pasts[b] < min(capacity[b], self.model.rope_positions)), 0)
+            _raise_for(rc, f"sequence {b}: {pasts[b]} + 1 positions exceed its cache ({capacity[b]}) "
+                           f"or the rotary table ({self.model.rope_positions})")

@@ -62,14 +62,14 @@ def write_bench_image(path: Path, size: int = 320) -> Path:
 
 # ---- the machine: memory bandwidth and arithmetic rate -----------------------------------------------
 BANDWIDTH_GIB = 1.0  # far beyond any cache, about twice the default model's fp32 weights
-BANDWIDTH_PASSES = 5  # per read method and round
+BANDWIDTH_PASSES = 5  # per read method and measurement
 FMA_PASS_S = 0.02  # one pass of the FMA loop
 FMA_PASSES = 5  # its passes per measurement (their mean)
 class MachineProbe:
     """Streaming reads over one array, run in a worker process whose BLAS has `threads` threads, and the
     native library's FMA loop on its `threads` OpenMP threads; `measure()` gives each read's mean rate over a
-    few passes, and the FMA loop's. The bench asks for one measurement per round, between the systems'
-    runs, so the roofline sees the machine as the runs saw it. On shared machines both move, and not
+    few passes, and the FMA loop's. The bench asks for one before and after every run, so that each run is
+    held against the machine as it was during the run. On shared machines both move, and not
     together: the arithmetic rate says how much of the cores other tenants left (a decode step's
     norms, attention and 4-bit unpacking are work, not reads).
 
