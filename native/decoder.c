@@ -59,6 +59,22 @@ static void from_halves(const uint16_t *src, float *dst, size_t n) {
     for (; i < n; i++) dst[i] = fm_half_to_float(src[i]);
 }
 
+/* Appends group g's key k and value v at position p of the cache. */
+static void append_group(const fm_model *m, const float *k, const float *v, int g, int p, int capacity, void *kc, void *vc) {
+    const int d = m->head_dim;
+    const size_t tile = block_at(g, p / ATT_BLOCK, capacity, d) + p % ATT_BLOCK, at = ((size_t)g * capacity + p) * d;
+    if (m->kv_half) {
+        uint16_t *kt = kv_at(kc, tile, 1), kh[d];
+        to_halves(k, kh, d);
+        for (int i = 0; i < d; i++) kt[(size_t)i * ATT_BLOCK] = kh[i];
+        to_halves(v, kv_at(vc, at, 1), d);
+    } else {
+        float *kt = kv_at(kc, tile, 0);
+        for (int i = 0; i < d; i++) kt[(size_t)i * ATT_BLOCK] = k[i];
+        memcpy(kv_at(vc, at, 0), v, sizeof(float) * d);
+    }
+}
+
 /* Rotates q and k in place and appends the k and v of each new position to the cache. */
 static void rope_and_append(const fm_model *m, float *qkv, int T, int past, int capacity, void *kc, void *vc) {
     const int H = m->n_heads, KV = m->n_kv, d = m->head_dim, half = d / 2, width = (H + 2 * KV) * d;
@@ -67,20 +83,7 @@ static void rope_and_append(const fm_model *m, float *qkv, int T, int past, int 
         const float *c = m->cos + (size_t)p * half, *s = m->sin + (size_t)p * half;
         float *row = qkv + (size_t)t * width;
         for (int h = 0; h < H + KV; h++) rotate(row + h * d, c, s, half);
-        for (int g = 0; g < KV; g++) {
-            const float *k = row + (H + g) * d, *v = row + (H + KV + g) * d;
-            const size_t tile = block_at(g, p / ATT_BLOCK, capacity, d) + p % ATT_BLOCK, at = ((size_t)g * capacity + p) * d;
-            if (m->kv_half) {
-                uint16_t *kt = kv_at(kc, tile, 1), kh[d];
-                to_halves(k, kh, d);
-                for (int i = 0; i < d; i++) kt[(size_t)i * ATT_BLOCK] = kh[i];
-                to_halves(v, kv_at(vc, at, 1), d);
-            } else {
-                float *kt = kv_at(kc, tile, 0);
-                for (int i = 0; i < d; i++) kt[(size_t)i * ATT_BLOCK] = k[i];
-                memcpy(kv_at(vc, at, 0), v, sizeof(float) * d);
-            }
-        }
+        for (int g = 0; g < KV; g++) append_group(m, row + (H + g) * d, row + (H + KV + g) * d, g, p, capacity, kc, vc);
     }
 }
 
@@ -410,6 +413,46 @@ static void attention_items(const fm_model *m, const float *qkv, int B, const in
     }
 }
 
+/* Attention of a decoding step of one sequence, called by every thread of the step's team (layers_one_row) after
+ * qkv: the (group, block) items in equal runs, one per thread, so that no thread claims work from a shared
+ * counter; the thread whose run holds a group's last block rotates that group's key and appends it and its value
+ * itself, and every thread rotates its groups' query heads into its own copy. So no thread waits for the cache
+ * append, and the new key's lines are written and read by one core. The same operations on the same values as
+ * rope_and_append and attention_items: the same bits. */
+static void attention_one_row(const fm_model *m, float *qkv, int past, int capacity, void *kc, void *vc, float *out,
+                              float *part, float *sc) {
+    const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, half = m->kv_half, n = past + 1;
+    const int blocks = blocks_of(n), items = KV * blocks, threads = omp_get_num_threads(), id = omp_get_thread_num();
+    const int from = (int)((int64_t)items * id / threads), to = (int)((int64_t)items * (id + 1) / threads);
+    const size_t per_head = (size_t)blocks * (d + 2), group = (size_t)G * ATT_BLOCK;
+    const float scale = 1.f / sqrtf((float)d), *c = m->cos + (size_t)past * (d / 2), *s = m->sin + (size_t)past * (d / 2);
+    float *mine = sc + (size_t)id * thread_scores(m);
+    for (int it = from; it < to;) {
+        const int g = it / blocks, b0 = it % blocks, b1 = b0 + ((g + 1) * blocks < to ? (g + 1) * blocks : to) - it;
+        float q[G * d];
+        memcpy(q, qkv + (size_t)g * G * d, sizeof q);
+        for (int j = 0; j < G; j++) rotate(q + j * d, c, s, d / 2);
+        if (b1 == blocks) {
+            float *k = qkv + (size_t)(H + g) * d;
+            rotate(k, c, s, d / 2);
+            append_group(m, k, qkv + (size_t)(H + KV + g) * d, g, past, capacity, kc, vc);
+        }
+        for (int first = b0; first < b1; first += STAGED_BLOCKS) {  /* as attention_items' stages */
+            const int last = first + STAGED_BLOCKS < b1 ? first + STAGED_BLOCKS : b1;
+            for (int b = first; b < last; b++)
+                group_scores(q, G, kv_at(kc, block_at(g, b, capacity, d), half), half, block_len(b, n), d, scale,
+                             mine + (b - first) * group);
+            for (int b = first; b < last; b++)
+                group_values(G, kv_at(vc, block_at(g, b, capacity, d), half), half, block_len(b, n), d,
+                             mine + (b - first) * group, part + (size_t)g * G * per_head + (size_t)b * (d + 2), per_head);
+        }
+        it += b1 - b0;
+    }
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int h = 0; h < H; h++) merge_blocks(part + (size_t)h * per_head, blocks, d, out + (size_t)h * d);
+}
+
 /* attention_items in a team of its own. */
 static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
                             void *const *kc, void *const *vc, int layer, const batch_layout *lay, float *out,
@@ -552,8 +595,8 @@ static int head_rows(const fm_model *m, const float *h, int n, const int32_t *to
  * only places the threads wait for each other. The same operations on the same values as the batched loop:
  * the same bits. x: the residual, in place. */
 static int layers_one_row(const fm_model *m, float *x, int32_t past, int32_t capacity, void *const *k_cache,
-                          void *const *v_cache, const batch_layout *lay, float *qkv, float *attn, float *gu,
-                          float *own, float *part, float *sc, double *clock) {
+                          void *const *v_cache, float *qkv, float *attn, float *gu, float *own, float *part, float *sc,
+                          double *clock) {
     const int E = m->hidden, I = m->inter, n = m->n_layers;
     int rc = 0, *claims = calloc((size_t)4 * n, sizeof(int));  /* each matrix's next chunk */
     if (!claims) return -2;
@@ -566,10 +609,7 @@ static int layers_one_row(const fm_model *m, float *x, int32_t past, int32_t cap
             const fm_layer *L = m->layers + i;
             TIMED(FM_OP_NORM, rms_norm(x, L->attn_norm, h, 1, E, m->eps));
             TIMED(FM_OP_QKV, mine |= fm_linear_team(&L->qkv, h, qkv, 0, claims + 4 * i));
-#pragma omp single
-            rope_and_append(m, qkv, 1, past, capacity, k_cache[i], v_cache[i]);
-            t = fm_op_done(FM_OP_ROPE, t);
-            TIMED(FM_OP_ATTENTION, attention_items(m, qkv, 1, &past, &capacity, k_cache, v_cache, i, lay, attn, part, sc));
+            TIMED(FM_OP_ATTENTION, attention_one_row(m, qkv, past, capacity, k_cache[i], v_cache[i], attn, part, sc));
             TIMED(FM_OP_O, mine |= fm_linear_team(&L->o, attn, x, 1, claims + 4 * i + 1));
             TIMED(FM_OP_NORM, rms_norm(x, L->mlp_norm, h, 1, E, m->eps));
             TIMED(FM_OP_GATE_UP, mine |= fm_linear_team(&L->gate_up, h, gu, 0, claims + 4 * i + 2));
@@ -601,7 +641,7 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
     memcpy(x, embeds, sizeof(float) * B * E);
     double t = fm_op_start();
     if (B == 1)
-        rc = layers_one_row(m, x, past[0], capacity[0], k_cache, v_cache, lay, qkv, attn, gu, buf[8], part, sc, &t);
+        rc = layers_one_row(m, x, past[0], capacity[0], k_cache, v_cache, qkv, attn, gu, buf[8], part, sc, &t);
     else
         for (int i = 0; i < m->n_layers && !rc; i++) {
             const fm_layer *L = m->layers + i;

@@ -83,15 +83,16 @@ static void run(const fm_model *m, const float *emb, int steps, float *logits, f
     for (int i = 0; i < LAYERS; i++) free(k[i]), free(v[i]);
 }
 
-/* Sequences of different lengths and capacities, prefilled, then STEPS steps two ways: fm_forward_batch
+/* Sequences of different lengths and capacities, prefilled, then STEPS steps three ways: fm_forward_batch
  * for all (outputs for every row, or on odd steps for some rows only), fm_forward (T = 1) for each alone
- * on a copy of its cache. 1 when logits, ret and caches are bit-identical, and a batch with one sequence
- * at its capacity, or with output rows out of order, is refused. */
+ * on a copy of its cache, and fm_forward_batch of each alone (the one-sequence step) with 1 to 3 threads on
+ * another copy. 1 when logits, ret and caches are bit-identical, and a batch with one sequence at its capacity,
+ * or with output rows out of order, is refused. */
 enum { NB = 8, STEPS = 3 };  /* 8: a full group of the widest row kernel (6) and a remainder */
 
 static int batch_matches(const fm_model *m) {
     const int past0[NB] = {0, 5, 63, 64, 130, 1, 100, 20}, cap[NB] = {64, 64, 128, 128, POS, 64, 128, 64};
-    void *k[NB * LAYERS], *v[NB * LAYERS], *ks[NB * LAYERS], *vs[NB * LAYERS];
+    void *k[NB * LAYERS], *v[NB * LAYERS], *ks[NB * LAYERS], *vs[NB * LAYERS], *k1[NB * LAYERS], *v1[NB * LAYERS];
     int32_t past[NB], capacity[NB];
     for (int b = 0; b < NB; b++) {
         past[b] = past0[b], capacity[b] = cap[b];
@@ -99,11 +100,15 @@ static int batch_matches(const fm_model *m) {
         for (int i = 0; i < LAYERS; i++) {
             const int j = b * LAYERS + i;
             k[j] = calloc(n, 4), v[j] = calloc(n, 4), ks[j] = malloc(4 * n), vs[j] = malloc(4 * n);
+            k1[j] = malloc(4 * n), v1[j] = malloc(4 * n);
         }
         float lg[V], rt[R], *emb = randv(past0[b] > 0 ? past0[b] * E : E, 1.f, 0.f);
         if (past0[b] > 0 && fm_forward(m, emb, past0[b], 0, cap[b], k + b * LAYERS, v + b * LAYERS, lg, rt)) exit(2);
         free(emb);
-        for (int i = 0; i < LAYERS; i++) memcpy(ks[b * LAYERS + i], k[b * LAYERS + i], 4 * n), memcpy(vs[b * LAYERS + i], v[b * LAYERS + i], 4 * n);
+        for (int i = 0; i < LAYERS; i++) {
+            const int j = b * LAYERS + i;
+            memcpy(ks[j], k[j], 4 * n), memcpy(vs[j], v[j], 4 * n), memcpy(k1[j], k[j], 4 * n), memcpy(v1[j], v[j], 4 * n);
+        }
     }
     int same = 1;
     for (int step = 0; step < STEPS; step++) {
@@ -112,13 +117,20 @@ static int batch_matches(const fm_model *m) {
         if (fm_forward_batch(m, emb, NB, past, capacity, k, v, n_some, n_some ? some : NULL, lb[0], rb[0])) exit(2);
         for (int b = 0, out = 0; b < NB; b++) {
             if (fm_forward(m, emb + b * E, 1, past[b], capacity[b], ks + b * LAYERS, vs + b * LAYERS, ls, rs)) exit(2);
+            fm_model alone = *m;
+            alone.threads = 1 + (b + step) % 3;
+            float l1[V], r1[R];
+            if (fm_forward_batch(&alone, emb + b * E, 1, past + b, capacity + b, k1 + b * LAYERS, v1 + b * LAYERS, 1, NULL,
+                                 l1, r1)) exit(2);
+            same &= !memcmp(ls, l1, sizeof ls) && !memcmp(rs, r1, sizeof rs);
             if (!n_some || (out < n_some && some[out] == b)) {
                 same &= !memcmp(ls, lb[out], sizeof ls) && !memcmp(rs, rb[out], sizeof rs);
                 out++;
             }
             for (int i = 0; i < LAYERS; i++) {
                 const size_t n = 4 * (size_t)KV * cap[b] * D;
-                same &= !memcmp(k[b * LAYERS + i], ks[b * LAYERS + i], n) && !memcmp(v[b * LAYERS + i], vs[b * LAYERS + i], n);
+                const int j = b * LAYERS + i;
+                same &= !memcmp(k[j], ks[j], n) && !memcmp(v[j], vs[j], n) && !memcmp(k1[j], ks[j], n) && !memcmp(v1[j], vs[j], n);
             }
             past[b]++;
         }
@@ -130,7 +142,7 @@ static int batch_matches(const fm_model *m) {
     int refused = fm_forward_batch(m, emb, NB, past, capacity, k, v, 2, unordered, lb[0], rb[0]) == -1;
     past[1] = capacity[1];  /* full */
     refused &= fm_forward_batch(m, emb, NB, past, capacity, k, v, 0, NULL, lb[0], rb[0]) == -1;
-    for (int j = 0; j < NB * LAYERS; j++) free(k[j]), free(v[j]), free(ks[j]), free(vs[j]);
+    for (int j = 0; j < NB * LAYERS; j++) free(k[j]), free(v[j]), free(ks[j]), free(vs[j]), free(k1[j]), free(v1[j]);
     return same && refused;
 }
 
