@@ -137,7 +137,7 @@ def load_library():
         lib.fm_quantize8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
         lib.fm_quantize8.restype = ctypes.c_int
         lib.fm_forward_rows.argtypes = ([ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32] + [ctypes.c_void_p] * 4
-                                        + [ctypes.c_int32] + [ctypes.c_void_p] * 4)
+                                        + [ctypes.c_int32] + [ctypes.c_void_p] * 5)
         lib.fm_profile.argtypes = [ctypes.c_int]
         lib.fm_profile_read.argtypes = [ctypes.c_void_p]
         lib.fm_profile_read.restype = ctypes.c_int64
@@ -333,13 +333,14 @@ class NativeDecoder:
         return m
 
     def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray,
-                top: int = 0) -> None:
+                top: int = 0) -> int:
         """Feed embeds (1, T, E) on `cache` ([key0, value0, key1, ...], each (1, kv, capacity, d),
         holding `past` positions); writes the last position's logits (V,) and ret (R,) in place.
-        top: only the `top` largest logits are wanted (forward_batch's `top`; one position)."""
+        top: only the `top` largest logits are wanted (forward_batch's `top`; one position).
+        -> for one position with top 1, the column of the largest logit but the exact columns' (forward_batch's
+        `best`); else -1."""
         if top and embeds.ndim == 3 and embeds.shape[:2] == (1, 1) and logits.ndim == ret.ndim == 1:
-            self._step(embeds, cache, past, logits, ret, top)
-            return
+            return self._step(embeds, cache, past, logits, ret, top)
         # checked on every call: the C code trusts these sizes
         if not (embeds.dtype == np.float32 and embeds.flags.c_contiguous and embeds.ndim == 3
                 and embeds.shape[0] == 1 and embeds.shape[2] == self.model.hidden):
@@ -354,8 +355,9 @@ class NativeDecoder:
         if rc:
             _raise_for(rc, f"{past} + {embeds.shape[1]} positions exceed the cache ({cache[0].shape[2]}) "
                            f"or the rotary table ({self.model.rope_positions})")
+        return -1
 
-    def _step(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray, top: int) -> None:
+    def _step(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray, top: int) -> int:
         """forward_batch of the one position embeds (1, 1, E) wanting its `top` largest logits: its checks and
         call with nothing else (the decode loop's step, in an interpreter the last step left cache-cold)."""
         if not (embeds.dtype == np.float32 and embeds.flags.c_contiguous and embeds.shape[2] == self.model.hidden
@@ -365,13 +367,15 @@ class NativeDecoder:
                                f"({self.vocab_size},) and ({self.retrieval_dim},), top > 0")
         k, v = self._pointer_tables([cache])
         capacity, i32 = cache[0].shape[2], ctypes.c_int32
+        best = i32(-1)
         rc = self.lib.fm_forward_rows(ctypes.byref(self.model), embeds.__array_interface__["data"][0], 1,
                                       ctypes.byref(i32(past)), ctypes.byref(i32(capacity)), k, v, 1, None,
                                       ctypes.byref(i32(top)), logits.__array_interface__["data"][0],
-                                      ret.__array_interface__["data"][0])
+                                      ret.__array_interface__["data"][0], ctypes.byref(best))
         if rc:
             _raise_for(rc, f"{past} + 1 positions exceed the cache ({capacity}) or the rotary table "
                            f"({self.model.rope_positions})")
+        return best.value
 
     def op_times(self, run) -> tuple[int, dict]:
         """Calls run() with the library's per-operation clock on for this thread (fm_profile): -> (forward passes,
@@ -428,7 +432,7 @@ class NativeDecoder:
                                f"of shape (1, {kv}, capacity, {d}), capacity a multiple of {KV_BLOCK}") from None
 
     def forward_batch(self, embeds: np.ndarray, caches: list, pasts: list, logits: np.ndarray, ret: np.ndarray,
-                      out_rows: list | None = None, top: list | None = None) -> None:
+                      out_rows: list | None = None, top: list | None = None, best: np.ndarray | None = None) -> None:
         """B rows in one call: row b feeds embeds[b] (embeds (B, E)) at position pasts[b] of cache caches[b]
         (as forward's). Writes the outputs of the rows out_rows (ascending; None: all B), in that order:
         logits (n, V) and ret (n, R), in place. Each weight matrix is read once for all B, and row b is
@@ -436,7 +440,9 @@ class NativeDecoder:
         (one prompt's pieces), never a position. top (n counts, or None): how many of its largest logits
         each output row wants (0: all; 1: its greedy choice; k <= FM_MAX_TOP: top-k sampling's); with an fp32
         head, such a row's logits are exact where they can be among its k largest (ties included) and -inf
-        elsewhere (native/head_top.c)."""
+        elsewhere (native/head_top.c). best (n,) int32, if given: for each row with top 1, the column of its
+        largest logit (the first of equal ones) among all but the exact columns (which the caller may rescale
+        before it chooses; NaN never counts), -1 where none is above -inf; -1 for the other rows."""
         B, E = len(caches), self.model.hidden
         if not (B >= 1 and len(pasts) == B and embeds.dtype == np.float32 and embeds.flags.c_contiguous
                 and embeds.shape == (B, E)):
@@ -458,9 +464,12 @@ class NativeDecoder:
         if top is not None and (len(top) != n or min(top, default=0) < 0):
             raise FromageError(f"top must have a count >= 0 per output row ({n}), got {top!r}")
         counts = (ctypes.c_int32 * n)(*top) if top is not None and any(top) else None
+        if best is not None and not (best.dtype == np.int32 and best.flags.c_contiguous and best.shape == (n,)
+                                     and best.flags.writeable):
+            raise FromageError(f"best must be a writable C-contiguous int32 ({n},)")
         rc = self.lib.fm_forward_rows(ctypes.byref(self.model), embeds.ctypes.data, B, (ctypes.c_int32 * B)(*pasts),
                                       (ctypes.c_int32 * B)(*capacity), k, v, n, rows, counts, logits.ctypes.data,
-                                      ret.ctypes.data)
+                                      ret.ctypes.data, None if best is None else best.ctypes.data)
         if rc:
             b = next((b for b in range(B) if not 0 <= pasts[b] < min(capacity[b], self.model.rope_positions)), 0)
             _raise_for(rc, f"sequence {b}: {pasts[b]} + 1 positions exceed its cache ({capacity[b]}) "

@@ -589,6 +589,67 @@ static int head_rows(const fm_model *m, const float *h, int n, const int32_t *to
     return rc;
 }
 
+/* The largest of y[0..n) that is a number (NaN never counts), or -INFINITY. */
+static float range_top(const float *y, size_t n) {
+    size_t i = 0;
+    float top = -INFINITY;
+#ifdef FM_AVX2
+    __m256 a = _mm256_set1_ps(-INFINITY), b = a;
+    for (; i + 16 <= n; i += 16)  /* max_ps(x, a): a where x is NaN */
+        a = _mm256_max_ps(_mm256_loadu_ps(y + i), a), b = _mm256_max_ps(_mm256_loadu_ps(y + i + 8), b);
+    a = _mm256_max_ps(a, b);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    top = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#endif
+    for (; i < n; i++) top = y[i] > top ? y[i] : top;
+    return top;
+}
+
+/* The first i < n with y[i] == v (there is one). */
+static size_t first_equal(const float *y, size_t n, float v) {
+    size_t i = 0;
+#ifdef FM_AVX2
+    for (const __m256 t = _mm256_set1_ps(v); i + 8 <= n; i += 8) {
+        const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(y + i), t, _CMP_EQ_OQ));
+        if (hit) return i + (size_t)__builtin_ctz((unsigned)hit);
+    }
+#endif
+    while (i < n && y[i] != v) i++;
+    return i;
+}
+
+/* For each output row i with top[i] == 1 (a greedy row): best[i] = the column of its largest logit, the first of
+ * equal ones, among all but the model's exact columns (head_q8_exact: the caller rescales them before it chooses);
+ * -1 where no such logit is a number above -INFINITY, and for the other rows. The threads scan parts of each row
+ * (logits (n, V), restored as they were). */
+static void best_columns(const fm_model *m, float *logits, size_t V, int n, const int32_t *top, int32_t *best) {
+    enum { MOST_EXACT = 8 };
+    const int threads = omp_get_max_threads(), n_exact = m->head_q8_n_exact < MOST_EXACT ? m->head_q8_n_exact : MOST_EXACT;
+    float kept[MOST_EXACT];
+    for (int i = 0; i < n; i++) {
+        best[i] = -1;
+        if (!top || top[i] != 1) continue;
+        float *y = logits + (size_t)i * V, part_top[threads];
+        size_t part_at[threads];
+        for (int e = 0; e < n_exact; e++)
+            if (m->head_q8_exact[e] >= 0 && (size_t)m->head_q8_exact[e] < V)
+                kept[e] = y[m->head_q8_exact[e]], y[m->head_q8_exact[e]] = -INFINITY;
+#pragma omp parallel num_threads(threads)
+        {
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            const size_t from = V * t / nt, to = V * (t + 1) / nt;
+            part_top[t] = range_top(y + from, to - from);
+            part_at[t] = part_top[t] > -INFINITY ? from + first_equal(y + from, to - from, part_top[t]) : 0;
+            for (int u = nt; t == 0 && u < threads; u++) part_top[u] = -INFINITY;
+        }
+        for (int t = 0; t < threads; t++)  /* in column order: the first of equal ones */
+            if (part_top[t] > -INFINITY && (best[i] < 0 || part_top[t] > y[best[i]])) best[i] = (int32_t)part_at[t];
+        for (int e = n_exact - 1; e >= 0; e--)
+            if (m->head_q8_exact[e] >= 0 && (size_t)m->head_q8_exact[e] < V) y[m->head_q8_exact[e]] = kept[e];
+    }
+}
+
 /* The layers of a decoding step of one sequence (forward_rows' B = 1) in one OpenMP team, not a team per matrix
  * and attention: each thread normalises the residual and takes SiLU into its own copy (own: hidden + inter
  * floats per thread), so that the ends of the matrices, of the cache append and of attention's loops are the
@@ -626,7 +687,7 @@ static int layers_one_row(const fm_model *m, float *x, int32_t past, int32_t cap
 /* The layers and the head of a batched step (fm_forward_rows, its arguments checked). */
 static int forward_rows(const fm_model *m, const float *embeds, int B, const int32_t *past, const int32_t *capacity,
                         void *const *k_cache, void *const *v_cache, int n_out, const int32_t *out_rows,
-                        const int32_t *top, float *logits, float *ret, const batch_layout *lay) {
+                        const int32_t *top, float *logits, float *ret, int32_t *best, const batch_layout *lay) {
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
     const size_t width = (size_t)(H + 2 * KV) * d;
     const size_t sizes[] = {(size_t)B * E, (size_t)B * E, B * width, (size_t)B * H * d, (size_t)B * 2 * I,
@@ -667,13 +728,14 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
     for (int i = 0; i < n_out; i++)
         rms_norm(x + (size_t)(out_rows ? out_rows[i] : i) * E, m->final_norm, h + (size_t)i * E, 1, E, m->eps);
     rc = n_out == 0 ? 0 : head_rows(m, h, n_out, top, logits) ? -2 : retrieval(m, h, n_out, ret);
+    if (!rc && best) best_columns(m, logits, (size_t)m->head.N + m->head_extra.N, n_out, top, best);
     fm_op_done(FM_OP_HEAD, t);
     return rc;
 }
 
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                     void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
-                    const int32_t *out_top, float *logits, float *ret) {
+                    const int32_t *out_top, float *logits, float *ret, int32_t *out_best) {
     if (B < 1) return -1;
     if (!out_rows) n_out = B;
     for (int i = 0; out_rows && i < n_out; i++)
@@ -693,7 +755,7 @@ int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int
     if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
     const batch_layout lay = {item, part};
     const int rc = forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_top, logits, ret,
-                                &lay);
+                                out_best, &lay);
     free(layout);
     return rc;
 }

@@ -11,7 +11,7 @@
                          void *const *, float *, float *);                                                   \
     int fm_forward_rows_##isa(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,     \
                               void *const *, void *const *, int32_t, const int32_t *, const int32_t *,      \
-                              float *, float *);                                                              \
+                              float *, float *, int32_t *);                                                   \
     float fm_stream_read_##isa(const float *, size_t, int, size_t);                                          \
     double fm_fma_loop_##isa(int64_t);
 
@@ -20,7 +20,8 @@ typedef struct {
     int (*forward)(const fm_model *, const float *, int32_t, int32_t, int32_t, void *const *, void *const *,
                    float *, float *);
     int (*forward_rows)(const fm_model *, const float *, int32_t, const int32_t *, const int32_t *,
-                        void *const *, void *const *, int32_t, const int32_t *, const int32_t *, float *, float *);
+                        void *const *, void *const *, int32_t, const int32_t *, const int32_t *, float *, float *,
+                        int32_t *);
     float (*stream_read)(const float *, size_t, int, size_t);
     double (*fma_loop)(int64_t);
 } kernels;
@@ -83,13 +84,15 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
 int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                      void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
                      float *logits, float *ret) {
-    return chosen()->forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, NULL, logits, ret);
+    return chosen()->forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, NULL, logits, ret,
+                                  NULL);
 }
 
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                     void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
-                    const int32_t *out_top, float *logits, float *ret) {
-    return chosen()->forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_top, logits, ret);
+                    const int32_t *out_top, float *logits, float *ret, int32_t *out_best) {
+    return chosen()->forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_top, logits, ret,
+                                  out_best);
 }
 
 float fm_stream_read(const float *a, size_t n, int streams, size_t piece) {

@@ -101,10 +101,13 @@ int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const in
  * head_q8, a row with k >= 1 gets exact logits (the same bits as with 0) for its k largest, every logit tied
  * with them and the head_q8_exact columns, and -INFINITY for the others whose value cannot be among the
  * k largest (a few panels of 16 columns computed exactly: ~1/4 of the head's memory reads). Without
- * head_q8, or for k > FM_MAX_TOP, all are exact. head_extra's logits are always exact. */
+ * head_q8, or for k > FM_MAX_TOP, all are exact. head_extra's logits are always exact.
+ * out_best (n_out, or NULL): for each greedy row (k = 1), the column of its largest logit, the first of equal
+ * ones, among all but the head_q8_exact columns (which the caller may rescale before it chooses), -1 where none
+ * is a number above -INFINITY; -1 for the other rows. A decoding loop then reads two logits, not the row. */
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                     void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
-                    const int32_t *out_top, float *logits, float *ret);
+                    const int32_t *out_top, float *logits, float *ret, int32_t *out_best);
 
 /* dst (ceil(N / FM_PANEL) * FM_PANEL * K floats) = src (K, N) row-major, an ONNX MatMul initializer,
  * laid out as fm_linear.w. */

@@ -158,6 +158,14 @@ static int descending(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
+/* The column of row f's largest logit besides the exact column, the first of equal ones (fm_forward_rows' out_best). */
+static int32_t best_of(const float *f, int exact) {
+    int32_t best = -1;
+    for (int n = 0; n < VG; n++)
+        if (n != exact && f[n] > -INFINITY && (best < 0 || f[n] > f[best])) best = n;
+    return best;
+}
+
 /* Row g of a call asking for its top (1..FM_MAX_TOP; 0: all) largest against row f of a full one: every logit
  * of g not -INFINITY is f's bits, and every logit at least f's top-th largest besides the exact column is
  * there; *computed counts g's logits not -INFINITY in rows that asked for fewer than all. */
@@ -208,25 +216,36 @@ static int top_matches(const fm_model *mf) {
     for (int step = 0; step < 6; step++) {
         float *emb = randv(NB * E, step < 3 ? 1.f : 8.f, 0.f), rt[NB * R];  /* larger rows: larger bounds */
         for (int b = 0; b < NB; b++) past[b] = 0, capacity[b] = 64;
-        if (fm_forward_rows(&m, emb, NB, past, capacity, k, v, NB, NULL, NULL, full, rt) ||
-            fm_forward_rows(&m, emb, NB, past, capacity, k, v, NB, NULL, tops[step % 2], part, rt)) exit(2);
+        int32_t best[NB], one;
+        fm_model whole = m;  /* no 8-bit copy: every greedy row's logits computed, as a 4-bit head's */
+        whole.head_q8.N = 0;
+        if (fm_forward_rows(&m, emb, NB, past, capacity, k, v, NB, NULL, NULL, full, rt, NULL) ||
+            fm_forward_rows(&m, emb, NB, past, capacity, k, v, NB, NULL, tops[step % 2], part, rt, best)) exit(2);
         for (int b = 0; b < NB; b++) {
             const int32_t top = tops[step % 2][b];
             same &= top_row_matches(full + (size_t)b * VG, part + (size_t)b * VG, top > 1 ? 0 : top, exact[0], &computed);
+            same &= best[b] == (top == 1 ? best_of(full + (size_t)b * VG, exact[0]) : -1);
             asked += top == 1;
         }
+        if (fm_forward_rows(&whole, emb, NB, past, capacity, k, v, NB, NULL, tops[0], part, rt, best)) exit(2);
+        for (int b = 0; b < NB; b++) same &= best[b] == best_of(full + (size_t)b * VG, exact[0]);
         for (int b = 0; b < NB; b++) {
             if (fm_forward_rows(&m, emb + (size_t)b * E, 1, past + b, capacity + b, k + b * LAYERS, v + b * LAYERS, 1,
-                                NULL, alone + b, part, rt)) exit(2);
+                                NULL, alone + b, part, rt, &one)) exit(2);
             same &= top_row_matches(full + (size_t)b * VG, part, alone[b] <= FM_MAX_TOP ? alone[b] : 0, exact[0], &computed);
+            same &= one == -1;
             asked += alone[b] <= FM_MAX_TOP;
+            if (fm_forward_rows(&whole, emb + (size_t)b * E, 1, past + b, capacity + b, k + b * LAYERS, v + b * LAYERS,
+                                1, NULL, tops[0], part, rt, &one)) exit(2);
+            same &= one == best_of(full + (size_t)b * VG, exact[0]);
         }
         free(emb);
     }
     for (int j = 0; j < NB * LAYERS; j++) free(k[j]), free(v[j]);
     free(w), free(q), free(dm), free(full), free(part), free(bound), free(panels), free((void *)m.head.w);
     const double share = (double)computed / ((double)asked * VG);
-    printf("[%s] greedy and top-k rows: their largest logits exact %s, %.1f %% of those rows' logits computed\n",
+    printf("[%s] greedy and top-k rows: their largest logits exact and greedy rows' best columns right %s, %.1f %% of "
+           "those rows' logits computed\n",
            fm_kernels(), same ? "yes" : "NO", 100. * share);
     return same && share < 0.25;
 }

@@ -49,6 +49,9 @@ class DecodeState:
     # how many of its largest logits the next choice reads (sampling.top_logits; 0: all): the native engine
     # computes exactly those that can be among them, and [RET]'s, and leaves the others at -inf
     top: int = 0
+    # with top 1, the native engine's column of the largest logit but [RET]'s (the choice then reads two logits,
+    # not the row: sampling.sample); -1: not given
+    best: int = -1
 
     def fork(self) -> "DecodeState":
         """An independent copy (e.g. to score several continuations of one context)."""
@@ -258,8 +261,8 @@ class Fromage:
         """Feed more positions (token embeddings or visual tokens, (1, n, E)) on the cache."""
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         total = self._reserve(state, embeds.shape[1])
-        self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding, top=state.top)
-        state.length = total
+        best = self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding, top=state.top)
+        state.length, state.best = total, -1 if best is None else best
 
     def advance_rows(self, rows: list[tuple["DecodeState", np.ndarray]]) -> None:
         """Feed each state its positions (n, E), all in one decoder call: with the native engine every
@@ -279,11 +282,12 @@ class Fromage:
         embeds = np.ascontiguousarray(np.concatenate([e for _, e in rows]), dtype=np.float32)
         logits = np.empty((len(last), self.vocab_size), np.float32)  # a state's last position only
         ret = np.empty((len(last), self.retrieval_dim), np.float32)
+        best = np.empty(len(last), np.int32)
         self.decoder.forward_batch(embeds, caches, pasts, logits, ret, out_rows=last,
-                                   top=[state.top for state, _ in rows])
-        for (state, e), lg, rt in zip(rows, logits, ret):
+                                   top=[state.top for state, _ in rows], best=best)
+        for (state, e), lg, rt, b in zip(rows, logits, ret, best.tolist()):
             state.logits, state.ret_embedding = lg, rt  # each state's own row of this call's outputs, not a copy
-            state.length += len(e)
+            state.length, state.best = state.length + len(e), b
 
     def _reserve(self, state: "DecodeState", n: int) -> int:
         """Room for n more positions in the state's cache (grown by doubling: amortised, not per step);
@@ -327,7 +331,7 @@ class Fromage:
 
         seq = Sequence(self, p, result)
         t1 = time.perf_counter()
-        while (token := seq.next_token(state.logits)) is not None:
+        while (token := seq.next_token(state.logits, state.best)) is not None:
             if seq.feeds(token):
                 self.advance(state, self.embed_ids([token])[None])
             hits = self.index.search(state.ret_embedding, top_k=p.top_images) if token == self.ret_id else None
@@ -392,14 +396,14 @@ class Sequence:
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # text kept back: a stop string may start in it
         result.stop_reason = "length"
 
-    def next_token(self, logits: np.ndarray) -> int | None:
-        """The next token from the last position's logits (adjusted in place), or None when the
-        generation ends: a stop token, a stop string already met, or the budget spent."""
+    def next_token(self, logits: np.ndarray, best: int = -1) -> int | None:
+        """The next token from the last position's logits (adjusted in place; best: DecodeState.best), or None
+        when the generation ends: a stop token, a stop string already met, or the budget spent."""
         step = len(self.result.token_ids)
         if self.done or step >= self.result.token_budget:
             return None
         adjust_ret_logit(logits, self.ret_id, step, self.p, self.allow_ret, self.rets)
-        token = sample(logits, self.p, self.rng)
+        token = sample(logits, self.p, self.rng, best, self.ret_id)
         if token in self.stop_ids:
             self.result.stop_reason = "stop"
             return None

@@ -103,12 +103,18 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
+def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, best: int = -1, exact: int = -1) -> int:
     """Greedy, or temperature sampling restricted to the top-k / top-p nucleus. Never sorts the whole
     vocabulary: top-k partitions, and top-p sorts only the smallest top slice that holds p of the mass.
     The top k are the k largest, ties broken toward the lower token id, in token order: the same draw
-    whether the logits outside them are given or left at -inf (top_logits)."""
+    whether the logits outside them are given or left at -inf (top_logits).
+    best (>= 0): the column of the largest logit but `exact`'s, which the engine found as it wrote them
+    (DecodeState.best; `exact` is [RET]'s, which adjust_ret_logit may have changed since): greedy then compares
+    the two, with np.argmax's ties (the lower id), instead of reading the whole row."""
     if p.temperature <= 0:
+        if best >= 0:
+            b, e = logits[best], logits[exact] if exact >= 0 else -np.inf
+            return int(exact) if e > b or (e == b and exact < best) else int(best)
         return int(np.argmax(logits))
     x = logits.astype(np.float64) / p.temperature
     cand = np.flatnonzero(np.isfinite(x))

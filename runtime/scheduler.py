@@ -203,7 +203,7 @@ class Scheduler:
         decoding = [s for s in self.running if s.seq is not None]
         rows, fed = [], []
         for slot in decoding:
-            token = slot.seq.next_token(slot.state.logits)
+            token = slot.seq.next_token(slot.state.logits, slot.state.best)
             if token is None:
                 self._finish(slot)
             elif slot.seq.feeds(token):

@@ -121,6 +121,30 @@ def test_a_step_uses_the_buffers_its_cache_holds_now(exported):
                               native.cache_by_position([old, state.cache[1]])[0][:, :, 4])
 
 
+def test_greedy_steps_give_their_best_column(exported):
+    """A greedy step (top 1) returns the column of its largest logit but [RET]'s (the exact column), which the
+    runtime rescales before choosing: alone (forward) and batched (forward_batch's best), -1 for other rows."""
+    rt = Fromage(exported["llama"]["bundle"], engine="native")
+    dec, ret_id = rt.decoder, rt.ret_id
+    rng = np.random.default_rng(3)
+    states = [rt.start((rng.standard_normal((1, n, rt.embed_dim)) * 0.5).astype(np.float32)) for n in (3, 70)]
+
+    def without_ret(row):
+        return int(np.argmax(np.where(np.arange(row.size) == ret_id, -np.inf, row)))
+    for state in states:
+        state.top = 1
+        rt.advance(state, (rng.standard_normal((1, 1, rt.embed_dim)) * 0.5).astype(np.float32))
+        assert state.best == without_ret(state.logits) >= 0
+    emb = (rng.standard_normal((2, rt.embed_dim)) * 0.5).astype(np.float32)
+    logits, ret = np.empty((2, dec.vocab_size), np.float32), np.empty((2, dec.retrieval_dim), np.float32)
+    best = np.full(2, 7, np.int32)
+    dec.forward_batch(emb, [s.cache for s in states], [s.length for s in states], logits, ret, top=[1, 0], best=best)
+    assert best[0] == without_ret(logits[0]) and best[1] == -1
+    with pytest.raises(FromageError, match="best"):
+        dec.forward_batch(emb, [s.cache for s in states], [s.length + 1 for s in states], logits, ret, top=[1, 1],
+                          best=np.empty(2, np.int64))
+
+
 def test_engine_choice(exported, tmp_path):
     assert native.available() is None, "the native library is built by `pip install -e .`"
     assert Fromage(exported["llama"]["bundle"]).engine == "native"

@@ -25,6 +25,20 @@ def test_top_p_and_top_k_sample_exactly_their_sets():
     assert all(sample(x, SamplingParams(temperature=2.0), rng) != 17 for _ in range(200))
 
 
+def test_greedy_with_the_engines_best_column_is_argmax():
+    """sample(best=, exact=): best is the largest logit's column but [RET]'s, whose logit the runtime rescaled
+    after the engine wrote them; the choice is np.argmax's, ties (the lower id) included."""
+    rng = np.random.default_rng(2)
+    greedy = SamplingParams(temperature=0.0)
+    for trial in range(300):
+        x = np.round(rng.standard_normal(50) * 2).astype(np.float32)  # whole numbers: many ties
+        exact = int(rng.integers(50))
+        rest = np.where(np.arange(50) == exact, -np.inf, x)
+        best = int(np.argmax(rest))
+        x[exact] = [x[best], -np.inf, x[best] + 1, x[best] - 1][trial % 4]  # tied, banned, above, below
+        assert sample(x, greedy, rng, best, exact) == int(np.argmax(x)), trial
+
+
 def test_top_k_draws_the_same_whether_the_rest_of_the_logits_are_given_or_not():
     """An engine may give only a row's top_logits largest logits exactly and -inf for the rest (the native
     engine's 8-bit head copy): seeded top-k (and top-k + top-p) draws are the same either way, ties included."""
