@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import glob
 import mmap
-import operator
 import os
 import weakref
 from pathlib import Path
@@ -181,13 +180,39 @@ def _raise_for(rc: int, exceeded: str) -> None:
     raise FromageError(exceeded if rc == -1 else f"the native decoder failed (code {rc}: out of memory)")
 
 
-_deref = weakref.ref.__call__
+class _Buffers:
+    """A KV cache's buffers as a call saw them: their addresses, and whether a cache list still holds them, told
+    from the arrays' ids while none of them has died (an id is reused only after its object dies; a weak
+    reference's callback says so). So a step does not read the 60 array objects, which the last step left
+    cache-cold; and a finished request's cache is not kept alive."""
+    __slots__ = ("ids", "alive", "refs", "k", "v", "__weakref__")
+
+    def __init__(self, cache: list, addresses: list[int]):
+        self.ids, self.alive = tuple(map(id, cache)), True
+        self.refs = [weakref.ref(b, self._gone) for b in cache]
+        self.k, self.v = addresses[0::2], addresses[1::2]
+
+    def _gone(self, _ref) -> None:
+        self.alive = False
+
+    def held_by(self, cache: list) -> bool:
+        return self.alive and tuple(map(id, cache)) == self.ids
 
 
-def _same_buffers(refs: list, cache: list) -> bool:
-    """Whether the weak references `refs` are to the arrays of `cache`, in order (C-level loops: this runs
-    every decoding step, right after a step left the interpreter cache-cold)."""
-    return len(refs) == len(cache) and all(map(operator.is_, map(_deref, refs), cache))
+class _OneStep:
+    """The arguments of one sequence's one-position calls (NativeDecoder._step), built when its cache's buffers,
+    its logits or its ret change: a decoding loop's step then sets the position, the count and the embedding's
+    address, and calls."""
+    __slots__ = ("buffers", "logits", "ret", "past", "top", "best", "args")
+
+    def __init__(self, decoder: "NativeDecoder", buffers: _Buffers, capacity: int, logits: np.ndarray,
+                 ret: np.ndarray):
+        i32, table = ctypes.c_int32, ctypes.c_void_p * len(buffers.k)
+        self.buffers, self.logits, self.ret = buffers, logits, ret
+        self.past, self.top, self.best = i32(), i32(), i32()
+        self.args = [ctypes.byref(decoder.model), 0, 1, ctypes.byref(self.past), ctypes.byref(i32(capacity)),
+                     table(*buffers.k), table(*buffers.v), 1, None, ctypes.byref(self.top), logits.ctypes.data,
+                     ret.ctypes.data, ctypes.byref(self.best)]
 
 
 class NativeDecoder:
@@ -242,7 +267,8 @@ class NativeDecoder:
         self.model.kv_half = int(kv_cache == "f16")
         self._exact = (ctypes.c_int32 * len(exact_columns))(*exact_columns)
         self.model.head_q8_exact, self.model.head_q8_n_exact = ctypes.addressof(self._exact), len(exact_columns)
-        self._known = {}  # the last call's caches: id -> (their buffers, addresses); replaced as one dict
+        self._known = {}  # the last call's caches: id -> _Buffers; replaced as one dict
+        self._one = None  # the last one-position step's arguments (_OneStep)
 
     def _get(self, name):
         if name in self._external:
@@ -361,21 +387,23 @@ class NativeDecoder:
         """forward_batch of the one position embeds (1, 1, E) wanting its `top` largest logits: its checks and
         call with nothing else (the decode loop's step, in an interpreter the last step left cache-cold)."""
         if not (embeds.dtype == np.float32 and embeds.flags.c_contiguous and embeds.shape[2] == self.model.hidden
-                and logits.dtype == ret.dtype == np.float32 and logits.flags.c_contiguous and ret.flags.c_contiguous
-                and logits.shape[0] == self.vocab_size and ret.shape[0] == self.retrieval_dim and top > 0):
-            raise FromageError(f"embeds must be C-contiguous float32 (1, 1, {self.model.hidden}), logits and ret "
-                               f"({self.vocab_size},) and ({self.retrieval_dim},), top > 0")
-        k, v = self._pointer_tables([cache])
-        capacity, i32 = cache[0].shape[2], ctypes.c_int32
-        best = i32(-1)
-        rc = self.lib.fm_forward_rows(ctypes.byref(self.model), embeds.__array_interface__["data"][0], 1,
-                                      ctypes.byref(i32(past)), ctypes.byref(i32(capacity)), k, v, 1, None,
-                                      ctypes.byref(i32(top)), logits.__array_interface__["data"][0],
-                                      ret.__array_interface__["data"][0], ctypes.byref(best))
+                and top > 0):
+            raise FromageError(f"embeds must be C-contiguous float32 (1, 1, {self.model.hidden}), top > 0")
+        step = self._one
+        if step is None or step.logits is not logits or step.ret is not ret or not step.buffers.held_by(cache):
+            if not (logits.dtype == ret.dtype == np.float32 and logits.flags.c_contiguous and ret.flags.c_contiguous
+                    and logits.flags.writeable and ret.flags.writeable
+                    and logits.shape == (self.vocab_size,) and ret.shape == (self.retrieval_dim,)):
+                raise FromageError(f"logits and ret must be writable C-contiguous float32 ({self.vocab_size},) and "
+                                   f"({self.retrieval_dim},)")
+            step = self._one = _OneStep(self, self._buffers(cache, self._known), cache[0].shape[2], logits, ret)
+        step.past.value, step.top.value = past, top
+        step.args[1] = embeds.__array_interface__["data"][0]
+        rc = self.lib.fm_forward_rows(*step.args)
         if rc:
-            _raise_for(rc, f"{past} + 1 positions exceed the cache ({capacity}) or the rotary table "
+            _raise_for(rc, f"{past} + 1 positions exceed the cache ({cache[0].shape[2]}) or the rotary table "
                            f"({self.model.rope_positions})")
-        return best.value
+        return step.best.value
 
     def op_times(self, run) -> tuple[int, dict]:
         """Calls run() with the library's per-operation clock on for this thread (fm_profile): -> (forward passes,
@@ -392,30 +420,24 @@ class NativeDecoder:
 
     def _pointer_tables(self, caches: list) -> tuple:
         """The k and v pointer tables of cache lists ([key0, value0, key1, ...] each), sequence-major
-        (native/fromage_native.h). A cache's addresses are remembered from the previous call while its
-        buffers are the same arrays (one that grew has new ones): building them is ~30 us a cache, and a
-        step's caches are mostly the last step's. The buffers are checked when first seen: the C code
-        trusts their sizes. Remembered by weak reference, so a finished request's cache is not kept alive."""
-        known = self._known
-        if len(caches) == 1:  # a sequence decoding alone: the same tables as its last step, while its buffers are
-            entry = known.get(id(caches[0]))
-            if entry is not None and _same_buffers(entry[0], caches[0]):
-                if entry[3] is None:
-                    entry[3] = (ctypes.c_void_p * len(entry[1]))(*entry[1]), (ctypes.c_void_p * len(entry[2]))(*entry[2])
-                return entry[3]
-        seen, k, v = {}, [], []
+        (native/fromage_native.h). A cache's addresses are remembered from the previous call while it holds the
+        same buffers (one that grew has new ones): building them is ~30 us a cache, and a step's caches are
+        mostly the last step's."""
+        known, seen, k, v = self._known, {}, [], []
         for cache in caches:
-            entry = seen.get(id(cache))  # rows of one prompt share its cache: looked at once per call
-            if entry is None:
-                entry = known.get(id(cache))
-                if entry is None or not _same_buffers(entry[0], cache):
-                    addresses = self._addresses(cache)
-                    entry = [[weakref.ref(b) for b in cache], addresses[0::2], addresses[1::2], None]
-                seen[id(cache)] = entry
-            k += entry[1]
-            v += entry[2]
+            buffers = seen.get(id(cache))  # rows of one prompt share its cache: looked at once per call
+            if buffers is None:
+                buffers = seen[id(cache)] = self._buffers(cache, known)
+            k += buffers.k
+            v += buffers.v
         self._known = seen  # one assignment: other threads may call meanwhile (they rebuild what they miss)
         return (ctypes.c_void_p * len(k))(*k), (ctypes.c_void_p * len(v))(*v)
+
+    def _buffers(self, cache: list, known: dict) -> _Buffers:
+        """The cache's _Buffers from `known` (id -> _Buffers) while it holds them, else checked anew (the C code
+        trusts their sizes)."""
+        buffers = known.get(id(cache))
+        return buffers if buffers is not None and buffers.held_by(cache) else _Buffers(cache, self._addresses(cache))
 
     def _addresses(self, cache: list) -> list[int]:
         n, kv, d, dtype = self.model.n_layers, self.model.n_kv, self.model.head_dim, self.kv_dtype

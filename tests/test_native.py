@@ -111,14 +111,21 @@ def test_a_step_uses_the_buffers_its_cache_holds_now(exported):
     one = np.ones((1, 1, rt.embed_dim), np.float32)
     state.top = 1
     rt.advance(state, one)
-    tables = rt.decoder._pointer_tables([state.cache])
-    assert rt.decoder._pointer_tables([state.cache]) is tables  # the last step's, not rebuilt
+    step = rt.decoder._one
+    rt.advance(state, one)
+    assert rt.decoder._one is step  # the last step's arguments, not rebuilt
     old = state.cache[0]
     state.cache[0] = old.copy()
     rt.advance(state, one)
-    assert rt.decoder._pointer_tables([state.cache]) is not tables
-    assert not np.array_equal(native.cache_by_position([state.cache[0], state.cache[1]])[0][:, :, 4],
-                              native.cache_by_position([old, state.cache[1]])[0][:, :, 4])
+    assert rt.decoder._one is not step
+    assert not np.array_equal(native.cache_by_position([state.cache[0], state.cache[1]])[0][:, :, 5],
+                              native.cache_by_position([old, state.cache[1]])[0][:, :, 5])
+    # a buffer that died is never taken for the one now at its address: its arguments are rebuilt
+    step = rt.decoder._one
+    state.cache[1] = state.cache[1].copy()
+    assert step.buffers.alive is False
+    rt.advance(state, one)
+    assert rt.decoder._one is not step
 
 
 def test_greedy_steps_give_their_best_column(exported):
