@@ -94,3 +94,27 @@ double fm_fma_loop(int64_t iterations) {
     }
     return flops;
 }
+
+#ifdef FM_ISA_PORTABLE  /* plain C, the same in every copy: one, under its own name */
+double fm_core_round_trip(int rounds) {
+    static volatile int64_t ball __attribute__((aligned(64)));
+    double seconds = 0.;
+    if (omp_get_max_threads() < 2) return 0.;
+    ball = 0;
+#pragma omp parallel num_threads(2)
+    if (omp_get_num_threads() == 2) {
+        const int me = omp_get_thread_num();
+#pragma omp barrier
+        const double start = omp_get_wtime();
+        for (int64_t i = 0; i < rounds; i++) {  /* thread 0 serves 2i + 1, thread 1 returns 2i + 2 */
+            while (ball != 2 * i + me) {}
+            ball = 2 * i + me + 1;
+        }
+        if (me == 0) {
+            while (ball != 2 * (int64_t)rounds) {}
+            seconds = omp_get_wtime() - start;
+        }
+    }
+    return rounds > 0 ? seconds / rounds * 1e9 : 0.;
+}
+#endif

@@ -145,6 +145,13 @@ float fm_stream_read(const float *a, size_t n, int streams, size_t piece);
  * bandwidth); returns the floating-point operations done (time the call for the rate). */
 double fm_fma_loop(int64_t iterations);
 
+/* The mean time, in nanoseconds, for OpenMP's threads 0 and 1 to pass a cache line there and back, over
+ * `rounds` round trips (0 where OpenMP gives the calling thread one): ~60 ns between cores that share an L3,
+ * several times that between cores of different L3s or sockets, where every wait of a step's threads for each
+ * other costs as much. A virtual machine's cores may move from one to the other within seconds; `fromage bench`
+ * reports it beside the bandwidth. */
+double fm_core_round_trip(int rounds);
+
 #ifdef __cplusplus
 }
 #endif

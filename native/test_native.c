@@ -310,7 +310,11 @@ static int check(const fm_model *mf, const fm_model *mq, const float *emb, float
     const int lanes = !strcmp(fm_kernels(), "avx512") ? 16 : !strcmp(fm_kernels(), "avx2") ? 8 : 1;
     const int fma = fm_fma_loop(1000) == 2. * 12 * lanes * 1000 * omp_get_max_threads();
     if (!fma) printf("[%s] fm_fma_loop: wrong flop count\n", fm_kernels());
-    return prefill == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy && profiled && half && fma;
+    const double trip = fm_core_round_trip(1000);  /* the cores' round trip: 0 with one thread */
+    const int tripped = omp_get_max_threads() < 2 ? trip == 0. : trip > 0.;
+    if (!tripped) printf("[%s] fm_core_round_trip: %.0f ns\n", fm_kernels(), trip);
+    return prefill == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy && profiled && half && fma &&
+           tripped;
 }
 
 int main(void) {

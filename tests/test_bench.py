@@ -37,6 +37,8 @@ def test_bench_fromage_json_and_plot(exported, tmp_path, cache, capsys):
     assert "native read, 8 streams per thread" in r["bandwidth"]["methods_gb_s"]
     assert len(r["bandwidth"]["per_probe_fma_gflop_s"]) == 1 and r["bandwidth"]["fma_gflop_s"] > 0  # the cores' rate too
     s = r["settings"]
+    trips = r["bandwidth"]["per_probe_round_trip_ns"]  # and the first two threads' cache-line round trip
+    assert len(trips) == (s["threads"] > 1) and all(t > 0 for t in trips)
     assert (s["prompt_tokens"], s["new_tokens"], s["images"], s["batch"], s["runs"]) == (8, 4, 1, 1, 1)
     assert len(s["prompt_token_ids"]) == 8
     assert list(r["systems"]) == ["fromage"]
@@ -49,6 +51,8 @@ def test_bench_fromage_json_and_plot(exported, tmp_path, cache, capsys):
     # the run against the mean of the bandwidth measured before and after it; the headline: the runs' median
     (bw,), (frac,) = f["bandwidth_runs_gb_s"], f["roofline_fraction_runs"]
     assert bw > 0 and frac == f["roofline_fraction"]
+    (trip,) = f["round_trip_runs_ns"]
+    assert trip > 0 if trips else trip is None
     assert frac == pytest.approx(f["decode_tok_s"] * r["weights_bytes_per_token"] / (bw * 1e9))
     assert plot is None or plot.read_bytes()[:4] == b"\x89PNG"
     assert "fromage" in capsys.readouterr().out

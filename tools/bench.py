@@ -223,7 +223,8 @@ def run_bench(args, log=print) -> dict:
         except WorkerError as e:
             raise FromageError(f"the bandwidth probe failed: {e}") from None
         log(f"  {label} memory bandwidth: {sample['gb_s']:.1f} GB/s ({sample['method']})"
-            + (f"; FMA loop {sample['fma_gflop_s']:.0f} GFLOP/s" if sample.get("fma_gflop_s") else ""))
+            + (f"; FMA loop {sample['fma_gflop_s']:.0f} GFLOP/s" if sample.get("fma_gflop_s") else "")
+            + (f"; cores' round trip {sample['round_trip_ns']:.0f} ns" if sample.get("round_trip_ns") else ""))
         return sample
     try:
         total = args.warmup + args.runs
@@ -248,6 +249,8 @@ def run_bench(args, log=print) -> dict:
                 after = measure(f"{label} after {name}:")
                 if r >= args.warmup:
                     reply["bandwidth_gb_s"] = (before["gb_s"] + after["gb_s"]) / 2
+                    if before.get("round_trip_ns") and after.get("round_trip_ns"):
+                        reply["round_trip_ns"] = (before["round_trip_ns"] + after["round_trip_ns"]) / 2
                     rounds[name].append(reply)
                     samples.append(after)
                 before = after
@@ -273,6 +276,7 @@ def run_bench(args, log=print) -> dict:
             # each run against the bandwidth of its own moment (measured before and after it); the headline: the median
             runs = [r for r in rounds[name] if r.get("decode_tok_s")]
             s["bandwidth_runs_gb_s"] = [r["bandwidth_gb_s"] for r in runs]
+            s["round_trip_runs_ns"] = [r.get("round_trip_ns") for r in runs]
             for key, nbytes in (("roofline_fraction", weights), ("own_weights_roofline_fraction", own)):
                 if nbytes:
                     s[key + "_runs"] = [r["decode_tok_s"] * nbytes / (r["bandwidth_gb_s"] * 1e9) for r in runs]

@@ -25,11 +25,13 @@ def bandwidth_summary(samples: list[dict], threads: int, array_bytes: int) -> di
     best = [s["gb_s"] for s in samples]
     winners = [s["method"] for s in samples]
     fma = [s["fma_gflop_s"] for s in samples if s.get("fma_gflop_s")]
+    trips = [s["round_trip_ns"] for s in samples if s.get("round_trip_ns")]
 
     def median_of(key):
         return {name: float(np.median([s[key][name] for s in samples])) for name in samples[0][key]}
     return {"gb_s": float(np.median(best)), "per_probe_gb_s": best, "max_gb_s": max(best),
             "fma_gflop_s": float(np.median(fma)) if fma else None, "per_probe_fma_gflop_s": fma,
+            "per_probe_round_trip_ns": trips,
             "method": max(set(winners), key=winners.count), "methods_gb_s": median_of("methods_gb_s"),
             "methods_peak_gb_s": median_of("methods_peak_gb_s"), "threads": threads, "array_bytes": array_bytes,
             "how": (f"before and after every run, {BANDWIDTH_PASSES} passes of each read over one "
@@ -38,7 +40,9 @@ def bandwidth_summary(samples: list[dict], threads: int, array_bytes: int) -> di
                     "a run's bandwidth (systems.*.bandwidth_runs_gb_s) is the mean of the measurements before and "
                     "after it, the roofline's the median of those after the timed runs (per_probe_gb_s); "
                     "fma_gflop_s: the native FMA loop on registers with as many threads, after each read (the "
-                    "cores' arithmetic rate)")}
+                    "cores' arithmetic rate); per_probe_round_trip_ns: the first two threads' cache-line round trip "
+                    "(one L3: ~60 ns; two: several times that), a run's (systems.*.round_trip_runs_ns) the mean of "
+                    "the measurements before and after it")}
 
 
 def summarize(rounds: list[dict], ready: dict, fromage_tokens: list[int] | None = None) -> dict:
@@ -95,12 +99,17 @@ def format_table(result: dict) -> str:
         # shared machines: how fast memory and the cores were, and each run against the bandwidth of its moment
         print("after each run: memory " + " / ".join(f"{g:.0f}" for g in bw["per_probe_gb_s"]) + " GB/s"
               + (", FMA loop " + " / ".join(f"{g:.0f}" for g in bw["per_probe_fma_gflop_s"]) + " GFLOP/s"
-                 if bw.get("per_probe_fma_gflop_s") else ""), file=out)
+                 if bw.get("per_probe_fma_gflop_s") else "")
+              + (", cores' round trip " + " / ".join(f"{g:.0f}" for g in bw["per_probe_round_trip_ns"]) + " ns"
+                 if bw.get("per_probe_round_trip_ns") else ""), file=out)
         for name, m in result["systems"].items():
             if m.get("roofline_fraction_runs"):
                 own = m.get("own_weights_roofline_fraction_runs")
+                trips = m.get("round_trip_runs_ns") or []
                 print(f"  {name}: {_fractions(m['roofline_fraction_runs'])} of its runs' rooflines"
-                      + (f" (own {_fractions(own)})" if own else ""), file=out)
+                      + (f" (own {_fractions(own)})" if own else "")
+                      + (" at round trips " + " / ".join(f"{t:.0f}" for t in trips) + " ns" if all(trips) and trips
+                         else ""), file=out)
         mach = s.get("machine") or {}
         if mach.get("kernels"):  # which copy of the native kernels ran (chosen by the CPU, or FROMAGE_KERNELS)
             print(f"native kernels: {mach['kernels']} on {mach.get('cpu')} ({' '.join(mach.get('cpu_flags') or [])})",

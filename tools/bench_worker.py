@@ -65,13 +65,16 @@ BANDWIDTH_GIB = 1.0  # far beyond any cache, about twice the default model's fp3
 BANDWIDTH_PASSES = 5  # per read method and measurement
 FMA_PASS_S = 0.02  # one pass of the FMA loop
 FMA_PASSES = 5  # its passes per measurement (their mean)
+ROUND_TRIPS = 20_000  # cache-line round trips per measurement: ~1 ms on one L3, several ms across two
 class MachineProbe:
     """Streaming reads over one array, run in a worker process whose BLAS has `threads` threads, and the
     native library's FMA loop on its `threads` OpenMP threads; `measure()` gives each read's mean rate over a
-    few passes, and the FMA loop's. The bench asks for one before and after every run, so that each run is
-    held against the machine as it was during the run. On shared machines both move, and not
-    together: the arithmetic rate says how much of the cores other tenants left (a decode step's
-    norms, attention and 4-bit unpacking are work, not reads).
+    few passes, the FMA loop's, and the two first threads' cache-line round trip (fm_core_round_trip). The
+    bench asks for one before and after every run, so that each run is held against the machine as it was
+    during the run. On shared machines all three move, and not together: the arithmetic rate says how much
+    of the cores other tenants left (a decode step's norms, attention and 4-bit unpacking are work, not
+    reads); the round trip whether the two cores share an L3 (~60 ns) or not (several times that: each of a
+    step's waits of one thread for the other costs as much, while the two L3s' links may read faster).
 
     Mean, not best pass: a decode rate is a mean over a run, and on these shared machines the same
     read's fastest and median passes differ by up to 30 % within a minute, so the best pass would
@@ -106,8 +109,10 @@ class MachineProbe:
                 self.methods[name] = lambda k=streams, p=kib * 256: lib.fm_stream_read(
                     self.a.ctypes.data, self.a.size, k, p)
             self.fma = fma_probe(lib) if arithmetic else None
+            lib.fm_core_round_trip.restype, lib.fm_core_round_trip.argtypes = ctypes.c_double, [ctypes.c_int]
+            self.round_trip = lambda: lib.fm_core_round_trip(ROUND_TRIPS) or None  # 0: one thread
         except FromageError:
-            self.fma = None  # no native library here: the numpy reads only, no arithmetic rate
+            self.fma = self.round_trip = None  # no native library here: the numpy reads only
         self.info = {"array_bytes": int(self.a.nbytes), "methods": list(self.methods)}  # sent with 'ready'
 
     def measure(self) -> dict:
@@ -124,6 +129,8 @@ class MachineProbe:
         out = {"gb_s": mean[method], "method": method, "methods_gb_s": mean, "methods_peak_gb_s": peak}
         if self.fma:
             out["fma_gflop_s"] = self.fma()
+        if self.round_trip:
+            out["round_trip_ns"] = self.round_trip()
         return out
 
 
