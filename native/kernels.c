@@ -12,7 +12,8 @@
 #include <omp.h>
 
 /* One token: a matrix's columns are shared out in chunks of about CHUNK_BYTES of weights, each thread
- * claiming the next chunk from a counter when it is done with one. The two cores' speeds differ from
+ * claiming the next chunk from a counter when it is done with one (a matrix of a chunk a thread, as a layer's
+ * are: each its own, without the counter, whose line crossing between cores of different L3s cost more). The two cores' speeds differ from
  * moment to moment on shared machines, so with a fixed split one waited ~1-2 ms per token for the
  * other; claimed chunks keep both reading until the matrix is done (default model: ~6 % faster than
  * the fixed split of rows, over 600 paired passes). Each output column is summed by one thread in a
@@ -504,8 +505,12 @@ static int panel_chunk(const fm_linear *L, int B, int threads) {
  * counter, 0 at the start) until none is left. */
 static void claim_chunks(const fm_linear *L, int *next, int chunk, const rows_input *in, int B, float *y, size_t ldy,
                          int accumulate) {
-    const int panels = (L->N + PANEL - 1) / PANEL;
-    for (int p0; (p0 = __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED)) < panels;) {
+    const int panels = (L->N + PANEL - 1) / PANEL, threads = omp_get_num_threads();
+    /* a chunk a thread at most: each its own, not claimed (the counter's line would cross between the cores twice a
+     * thread) */
+    const int alone = (panels + chunk - 1) / chunk <= threads;
+    for (int p0 = alone ? omp_get_thread_num() * chunk : __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED); p0 < panels;
+         p0 = alone ? panels : __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED)) {
         const int p1 = p0 + chunk < panels ? p0 + chunk : panels;
         if (L->kind == FM_F32) f32_panels(L->w, L->K, L->N, p0, p1, in->xt, B, y, ldy, accumulate);
         else if (L->bits == 4) q_panels(L, p0, p1, in->x8, in->sx, in->sums, in->ls, B, y, ldy, accumulate, 4);
