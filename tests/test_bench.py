@@ -105,6 +105,7 @@ def test_bench_context(exported, tmp_path, monkeypatch, capsys):
     assert r["lengths"][2]["kv_mb"] * 2 == pytest.approx(r["lengths"][0]["kv_mb"])  # an f16 cache: half the bytes
     assert all(row["bound_ms"] > 0 and row["step_ms"] > 0 for row in r["lengths"])
     assert all(len(row["x_bound_runs"]) == 1 == len(r["bandwidth_runs_gb_s"]) for row in r["lengths"])
+    assert len(r["round_trip_runs_ns"]) == 1  # the cores' round trip beside each run's bandwidth (None: one thread)
     assert all(row["attention_op_ms"] > 0 and row["x_bound_op"] > 0 for row in r["lengths"])  # --ops
     printed = capsys.readouterr().out
     assert "x that bound" in printed and "attention op ms" in printed
@@ -123,7 +124,7 @@ def test_bench_batch(exported, tmp_path, capsys):
     assert [(row["kv_cache"], row["batch"]) for row in r["batches"]] == [(kv, b) for kv in ("f16", "f32") for b in (1, 3, 8)]
     assert r["batches"][0]["x_batch_1"] == 1 == r["batches"][3]["x_batch_1"]  # each against its own batch of 1
     assert all(row["step_ms"] > 0 and row["tok_s"] > 0 and row["gflop_s"] > 0 for row in r["batches"])
-    assert len(r["fma_runs_gflop_s"]) == 1 and all(0 < row["of_fma_loop"] for row in r["batches"])
+    assert len(r["fma_runs_gflop_s"]) == 1 == len(r["round_trip_runs_ns"]) and all(0 < row["of_fma_loop"] for row in r["batches"])
     # --ops: every operation timed (a tiny model's steps take microseconds: no comparison with the step times)
     from fromage.engines.native import OPS
     for row in r["batches"]:

@@ -11,7 +11,7 @@ import statistics
 import numpy as np
 
 from .bench_steps import STEPS_PER_RUN, format_rows, kv_label, ms_per_op, native_models, random_cache, time_steps
-from .bench_worker import fma_probe
+from .bench_worker import ROUND_TRIPS, fma_probe
 from .options import int_list
 
 BATCH_POSITIONS = 128
@@ -47,11 +47,12 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
     def run_step(setting):
         kv, b = setting
         decoders[kv].forward_batch(embeds[:b], caches[kv][:b], [positions] * b, *outputs[b], top=[1] * b)
-    fma, fma_rates = fma_probe(dec.lib), []
+    fma, fma_rates, trips = fma_probe(dec.lib), [], []
 
-    def measure_fma() -> str:  # the cores' arithmetic rate once per run, between the steps (shared machines: it moves)
+    def measure_fma() -> str:  # the cores' arithmetic rate and round trip once per run, between the steps (they move)
         fma_rates.append(fma())
-        return f"; FMA loop {fma_rates[-1]:.0f} GFLOP/s"
+        trips.append(dec.lib.fm_core_round_trip(ROUND_TRIPS) or None)
+        return f"; FMA loop {fma_rates[-1]:.0f} GFLOP/s" + (f"; cores' round trip {trips[-1]:.0f} ns" if trips[-1] else "")
     steps = time_steps(settings, run_step, runs, log, label=lambda s: kv_label(kv_caches, s[0], f"B={s[1]}"),
                        after_run=measure_fma)
     weights = matrix_weights(m, dec.vocab_size)
@@ -70,7 +71,7 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
         row["x_batch_1"] = row["tok_s"] / one if one else None
     return {"kernels": dec.kernels, "threads": threads, "runs": runs, "steps_per_run": STEPS_PER_RUN,
             "positions": positions, "matrix_weights": weights, "batches": rows,
-            "fma_gflop_s": statistics.median(fma_rates), "fma_runs_gflop_s": fma_rates,
+            "fma_gflop_s": statistics.median(fma_rates), "fma_runs_gflop_s": fma_rates, "round_trip_runs_ns": trips,
             "decoding": "greedy rows (an fp32 head: its 8-bit copy and the few panels that can hold the largest)",
             "note": "tok_s = batch / median step; gflop_s = 2 x matrix_weights x batch / median step; of_fma_loop = "
                     "gflop_s / fma_gflop_s, the native FMA loop on registers (fm_fma_loop) with as many threads, "

@@ -39,11 +39,13 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
     logits, ret = np.zeros(dec.vocab_size, np.float32), np.zeros(dec.retrieval_dim, np.float32)
     probe = MachineProbe(threads, arithmetic=False)  # the bandwidth alone: attention's bound
     points = [(kv, p) for kv in kv_caches for p in [BASE_POSITIONS] + lengths]
-    bandwidth = []
+    bandwidth, trips = [], []
 
-    def measure() -> str:  # the bandwidth once per run, between the steps
-        bandwidth.append(probe.measure()["gb_s"])
-        return f"; bandwidth {bandwidth[-1]:.1f} GB/s"
+    def measure() -> str:  # the bandwidth (and the cores' round trip) once per run, between the steps
+        sample = probe.measure()
+        bandwidth.append(sample["gb_s"])
+        trips.append(sample.get("round_trip_ns"))
+        return f"; bandwidth {bandwidth[-1]:.1f} GB/s" + (f"; cores' round trip {trips[-1]:.0f} ns" if trips[-1] else "")
     def run_step(point):
         kv, p = point
         models[kv].decoder.forward(embeds, caches[kv], p, logits, ret)
@@ -68,7 +70,7 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
                 rows[-1]["attention_op_ms"] = ms_per_op(models[kv].decoder, run_step, (kv, p), runs * STEPS)["attention"]
                 rows[-1]["x_bound_op"] = rows[-1]["attention_op_ms"] / rows[-1]["bound_ms"]
     return {"kernels": dec.kernels, "threads": threads, "runs": runs, "steps_per_run": STEPS,
-            "bandwidth_gb_s": statistics.median(bandwidth), "bandwidth_runs_gb_s": bandwidth,
+            "bandwidth_gb_s": statistics.median(bandwidth), "bandwidth_runs_gb_s": bandwidth, "round_trip_runs_ns": trips,
             "base_positions": BASE_POSITIONS,
             "lengths": rows,
             "note": f"per run: attention = its median step at N positions - its median step at {BASE_POSITIONS}, "

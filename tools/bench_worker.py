@@ -109,7 +109,6 @@ class MachineProbe:
                 self.methods[name] = lambda k=streams, p=kib * 256: lib.fm_stream_read(
                     self.a.ctypes.data, self.a.size, k, p)
             self.fma = fma_probe(lib) if arithmetic else None
-            lib.fm_core_round_trip.restype, lib.fm_core_round_trip.argtypes = ctypes.c_double, [ctypes.c_int]
             self.round_trip = lambda: lib.fm_core_round_trip(ROUND_TRIPS) or None  # 0: one thread
         except FromageError:
             self.fma = self.round_trip = None  # no native library here: the numpy reads only
