@@ -8,12 +8,16 @@
 #include <omp.h>
 #include "half.h"
 
+static void rms_norm_row(const float *x, const float *w, float *out, int E, float eps) {
+    const float r = 1.f / sqrtf(fm_dot(x, x, E) / E + eps);
+    for (int i = 0; i < E; i++) out[i] = x[i] * r * w[i];
+}
+
+/* T rows of x (T, E) normalised into out, shared out among a team of their own when there are a few (a batch's, a
+ * prompt's). */
 static void rms_norm(const float *x, const float *w, float *out, int T, int E, float eps) {
-    for (int t = 0; t < T; t++) {
-        const float *xt = x + (size_t)t * E;
-        float r = 1.f / sqrtf(fm_dot(xt, xt, E) / E + eps);
-        for (int i = 0; i < E; i++) out[(size_t)t * E + i] = xt[i] * r * w[i];
-    }
+#pragma omp parallel for schedule(static) if (T >= 4)
+    for (int t = 0; t < T; t++) rms_norm_row(x + (size_t)t * E, w, out + (size_t)t * E, E, eps);
 }
 
 /* rotate_half rotary on one head vector at one position (cos/sin rows of head_dim/2). */
@@ -494,15 +498,18 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
         }
 }
 
-/* out = silu(gate) * up = gate / (1 + exp(-gate)) * up. Serial: ~1 us per token with vector exp. */
+/* out (I) = silu(gate) * up = gate / (1 + exp(-gate)) * up for one row's gate | up (2 I): ~1 us with vector exp. */
+static void silu_row(const float *gate_up, int I, float *out) {
+    const float *g = gate_up, *u = g + I;
+    for (int i = 0; i < I; i++) out[i] = -g[i];
+    fm_exp_shifted(out, I, 0.f);
+    for (int i = 0; i < I; i++) out[i] = g[i] / (1.f + out[i]) * u[i];
+}
+
+/* silu_row of T rows, shared out as rms_norm's. */
 static void silu_mul(const float *gate_up, int T, int I, float *out) {
-    for (int t = 0; t < T; t++) {
-        const float *g = gate_up + (size_t)t * 2 * I, *u = g + I;
-        float *o = out + (size_t)t * I;
-        for (int i = 0; i < I; i++) o[i] = -g[i];
-        fm_exp_shifted(o, I, 0.f);
-        for (int i = 0; i < I; i++) o[i] = g[i] / (1.f + o[i]) * u[i];
-    }
+#pragma omp parallel for schedule(static) if (T >= 4)
+    for (int t = 0; t < T; t++) silu_row(gate_up + (size_t)t * 2 * I, I, out + (size_t)t * I);
 }
 
 /* The retrieval head for the final-normed rows h (B, hidden): ret (B, retrieval_dim), L2-normalised. */
@@ -559,7 +566,7 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
     }
     if (rc) return -2;
 
-    rms_norm(x + (size_t)(T - 1) * E, m->final_norm, h, 1, E, m->eps);
+    rms_norm_row(x + (size_t)(T - 1) * E, m->final_norm, h, E, m->eps);
     rc |= fm_linear_rows(&m->head, h, 1, logits, (size_t)m->head.N, 0);
     if (m->head_extra.N > 0) rc |= fm_linear_rows(&m->head_extra, h, 1, logits + m->head.N, (size_t)m->head_extra.N, 0);
     rc = rc ? -2 : retrieval(m, h, 1, ret);
@@ -668,13 +675,13 @@ static int layers_one_row(const fm_model *m, float *x, int32_t past, int32_t cap
         double t = omp_get_thread_num() == 0 ? *clock : -1.;  /* the calling thread's (fm_profile), waits included */
         for (int i = 0; i < n; i++) {
             const fm_layer *L = m->layers + i;
-            TIMED(FM_OP_NORM, rms_norm(x, L->attn_norm, h, 1, E, m->eps));
+            TIMED(FM_OP_NORM, rms_norm_row(x, L->attn_norm, h, E, m->eps));
             TIMED(FM_OP_QKV, mine |= fm_linear_team(&L->qkv, h, qkv, 0, claims + 4 * i));
             TIMED(FM_OP_ATTENTION, attention_one_row(m, qkv, past, capacity, k_cache[i], v_cache[i], attn, part, sc));
             TIMED(FM_OP_O, mine |= fm_linear_team(&L->o, attn, x, 1, claims + 4 * i + 1));
-            TIMED(FM_OP_NORM, rms_norm(x, L->mlp_norm, h, 1, E, m->eps));
+            TIMED(FM_OP_NORM, rms_norm_row(x, L->mlp_norm, h, E, m->eps));
             TIMED(FM_OP_GATE_UP, mine |= fm_linear_team(&L->gate_up, h, gu, 0, claims + 4 * i + 2));
-            TIMED(FM_OP_SILU, silu_mul(gu, 1, I, act));
+            TIMED(FM_OP_SILU, silu_row(gu, I, act));
             TIMED(FM_OP_DOWN, mine |= fm_linear_team(&L->down, act, x, 1, claims + 4 * i + 3));
         }
         if (mine) __atomic_fetch_or(&rc, mine, __ATOMIC_RELAXED);
@@ -726,7 +733,7 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
 
     /* the head only for the rows that want outputs: a prompt's inner positions need none */
     for (int i = 0; i < n_out; i++)
-        rms_norm(x + (size_t)(out_rows ? out_rows[i] : i) * E, m->final_norm, h + (size_t)i * E, 1, E, m->eps);
+        rms_norm_row(x + (size_t)(out_rows ? out_rows[i] : i) * E, m->final_norm, h + (size_t)i * E, E, m->eps);
     rc = n_out == 0 ? 0 : head_rows(m, h, n_out, top, logits) ? -2 : retrieval(m, h, n_out, ret);
     if (!rc && best) best_columns(m, logits, (size_t)m->head.N + m->head_extra.N, n_out, top, best);
     fm_op_done(FM_OP_HEAD, t);

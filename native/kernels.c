@@ -462,20 +462,28 @@ static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, i
 /* The rows as the panel kernels take them: x itself, or transposed in blocks (fp32 matrices); each row rounded to
  * 16 bits per block (4/8-bit ones: nbits_prepare). */
 typedef struct {
-    const float *xt, *sums, *sx;
-    const int32_t *ls;
-    const uint8_t *x8;
+    const float *xt;
+    float *sums, *sx;
+    int32_t *ls;
+    uint8_t *x8;
 } rows_input;
 
-/* The B rows of x for L's kernels, in the calling thread's scratch (fm_scratch slot 0): 0, or -2 when out of memory. */
-static int prepare_rows(const fm_linear *L, const float *x, int B, rows_input *in) {
+/* Row r of x rounded for L's 4/8-bit kernels into in (nbits_prepare). */
+static void prepare_row(const fm_linear *L, const float *x, int r, const rows_input *in) {
     const int K = L->K, nb = K / FM_BLOCK;
+    nbits_prepare(x + (size_t)r * K, K, in->sums + (size_t)r * nb, in->sx + (size_t)r * nb,
+                  NEEDS_LS && L->bits == 8 ? in->ls + (size_t)r * nb : NULL, in->x8 + (size_t)r * 2 * K);
+}
+
+/* The B rows of x for L's kernels, in the calling thread's scratch (fm_scratch slot 0): 0, or -2 when out of memory.
+ * 4/8-bit matrices' rows are rounded here unless `later` (then by prepare_row, the threads sharing them out). */
+static int prepare_rows(const fm_linear *L, const float *x, int B, rows_input *in, int later) {
     if (L->kind == FM_F32) {
         *in = (rows_input){.xt = x};  /* one row is its own transpose */
         if (B > 1) {
-            float *t = fm_scratch(0, (size_t)B * K);
+            float *t = fm_scratch(0, (size_t)B * L->K);
             if (!t) return -2;
-            transpose_rows(x, B, K, t);
+            transpose_rows(x, B, L->K, t);
             in->xt = t;
         }
         return 0;
@@ -483,12 +491,10 @@ static int prepare_rows(const fm_linear *L, const float *x, int B, rows_input *i
     float *sx;
     int32_t *ls;
     uint8_t *x8;
-    float *sums = nbits_scratch(B, K, &sx, &ls, &x8);
+    float *sums = nbits_scratch(B, L->K, &sx, &ls, &x8);
     if (!sums) return -2;
-    for (int r = 0; r < B; r++)
-        nbits_prepare(x + (size_t)r * K, K, sums + (size_t)r * nb, sx + (size_t)r * nb,
-                      NEEDS_LS && L->bits == 8 ? ls + (size_t)r * nb : NULL, x8 + (size_t)r * 2 * K);
     *in = (rows_input){NULL, sums, sx, ls, x8};
+    for (int r = 0; r < B && !later; r++) prepare_row(L, x, r, in);
     return 0;
 }
 
@@ -520,7 +526,7 @@ static void claim_chunks(const fm_linear *L, int *next, int chunk, const rows_in
 
 int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate, int *next) {
     rows_input in;
-    const int rc = prepare_rows(L, x, 1, &in);  /* each thread its own */
+    const int rc = prepare_rows(L, x, 1, &in, 0);  /* each thread its own */
     if (!rc) claim_chunks(L, next, panel_chunk(L, 1, omp_get_num_threads()), &in, 1, y, (size_t)L->N, accumulate);
 #pragma omp barrier
     return rc;
@@ -528,10 +534,16 @@ int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate,
 
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
     rows_input in;
-    if (prepare_rows(L, x, B, &in)) return -2;
+    if (prepare_rows(L, x, B, &in, 1)) return -2;
     const int chunk = panel_chunk(L, B, omp_get_max_threads());
     int next = 0;
 #pragma omp parallel
-    claim_chunks(L, &next, chunk, &in, B, y, ldy, accumulate);
+    {
+        if (L->kind != FM_F32) {  /* the rows rounded by the threads, a share each, before any reads them */
+#pragma omp for schedule(static)
+            for (int r = 0; r < B; r++) prepare_row(L, x, r, &in);
+        }
+        claim_chunks(L, &next, chunk, &in, B, y, ldy, accumulate);
+    }
     return 0;
 }
