@@ -408,8 +408,8 @@ class NativeDecoder:
 
     def op_times(self, run) -> tuple[int, dict]:
         """Calls run() with the library's per-operation clock on for this thread (fm_profile): -> (forward passes,
-        {operation: seconds} over them). The layers' norms, matrices, rope and cache append, attention and SiLU,
-        then the head (final norm, logits and retrieval)."""
+        {operation: seconds} over them). The layers' norms, matrices, rope and cache append (a step of one sequence
+        does them in attention), attention and SiLU, then the head (final norm, logits and retrieval)."""
         seconds = (ctypes.c_double * len(OPS))()
         self.lib.fm_profile_read(seconds)  # from zero
         self.lib.fm_profile(1)

@@ -659,9 +659,9 @@ static void best_columns(const fm_model *m, float *logits, size_t V, int n, cons
 
 /* The layers of a decoding step of one sequence (forward_rows' B = 1) in one OpenMP team, not a team per matrix
  * and attention: each thread normalises the residual and takes SiLU into its own copy (own: hidden + inter
- * floats per thread), so that the ends of the matrices, of the cache append and of attention's loops are the
- * only places the threads wait for each other. The same operations on the same values as the batched loop:
- * the same bits. x: the residual, in place. */
+ * floats per thread), so that the ends of the matrices and of attention's two stages are the only places the
+ * threads wait for each other (the cache append is attention_one_row's; the profile counts it in attention). The
+ * same operations on the same values as the batched loop: the same bits. x: the residual, in place. */
 static int layers_one_row(const fm_model *m, float *x, int32_t past, int32_t capacity, void *const *k_cache,
                           void *const *v_cache, float *qkv, float *attn, float *gu, float *own, float *part, float *sc,
                           double *clock) {
