@@ -12,15 +12,16 @@
 #include <omp.h>
 
 /* One token: a matrix's columns are shared out in chunks of about CHUNK_BYTES of weights, each thread
- * claiming the next chunk from a counter when it is done with one (a matrix of a chunk a thread, as a layer's
- * are: each its own, without the counter, whose line crossing between cores of different L3s cost more). The two cores' speeds differ from
- * moment to moment on shared machines, so with a fixed split one waited ~1-2 ms per token for the
- * other; claimed chunks keep both reading until the matrix is done (default model: ~6 % faster than
- * the fixed split of rows, over 600 paired passes). Each output column is summed by one thread in a
- * fixed order, so the result does not depend on which thread took it. A thread reads its chunk's panels
- * one after the other: the panels of a matrix are contiguous, so that is one forward stream (claim_chunks). */
+ * claiming the next chunk from a counter when it is done with one. The two cores' speeds differ from
+ * moment to moment on shared machines, so with a fixed split of a large matrix one waited for the other;
+ * claimed chunks keep both reading until it is done. A matrix of a chunk a thread (a layer's, 0.2-1.1 MB for
+ * the default model) is not claimed: each thread takes its own, as the counter's line would cross between
+ * the cores twice a thread (several hundred ns where they sit on different L3s). Each output column is summed
+ * by one thread in a fixed order, so the result does not depend on which thread took it. A thread reads its
+ * chunk's panels one after the other: the panels of a matrix are contiguous, so that is one forward stream
+ * (claim_chunks). */
 enum { CHUNK_BYTES = 1 << 20 };  /* each chunk's stream starts cold: the prefetchers ramp up again */
-/* Several rows spend ~B times longer on each byte: larger chunks, still claimed (a core that the server's
+/* Several rows spend ~B times longer on each byte: larger chunks, claimed as one row's (a core that the server's
  * other threads share finishes fewer). */
 enum { ROWS_CHUNK_BYTES = 2 << 20 };
 
