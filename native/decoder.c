@@ -324,12 +324,22 @@ static void group_values(int G, const void *v, int half, int n, int d, float *sc
 static inline int blocks_of(int n) { return (n + ATT_BLOCK - 1) / ATT_BLOCK; }
 static inline int block_len(int b, int n) { return n - b * ATT_BLOCK < ATT_BLOCK ? n - b * ATT_BLOCK : ATT_BLOCK; }
 
-/* Both stages for block b of the n cached positions; k, v: the group's caches (a block's key tile starts
- * where its positions would). */
-static void attend_block(const float *q, int G, void *k, void *v, int half, int b, int n, int d, float scale,
-                         float *sc, float *part, size_t stride) {
-    group_scores(q, G, kv_at(k, block_at(0, b, 0, d), half), half, block_len(b, n), d, scale, sc);
-    group_values(G, kv_at(v, block_at(0, b, 0, d), half), half, block_len(b, n), d, sc, part, stride);
+/* Blocks b0..b1 of a group's n cached positions for its G query heads q: the scores of up to STAGED_BLOCKS blocks,
+ * then their values, so that a thread reads one stream of keys, then one of values. k, v: the group's caches (a
+ * block's key tile starts where its positions would); part: the group's first head's partials (block b's at b * (d +
+ * 2)), the heads `stride` apart; sc: the thread's scores (thread_scores). */
+static void attend_run(const float *q, int G, void *k, void *v, int half, int b0, int b1, int n, int d, float scale,
+                       float *sc, float *part, size_t stride) {
+    const size_t group = (size_t)G * ATT_BLOCK;
+    for (int first = b0; first < b1; first += STAGED_BLOCKS) {
+        const int last = first + STAGED_BLOCKS < b1 ? first + STAGED_BLOCKS : b1;
+        for (int b = first; b < last; b++)
+            group_scores(q, G, kv_at(k, block_at(0, b, 0, d), half), half, block_len(b, n), d, scale,
+                         sc + (b - first) * group);
+        for (int b = first; b < last; b++)
+            group_values(G, kv_at(v, block_at(0, b, 0, d), half), half, block_len(b, n), d, sc + (b - first) * group,
+                         part + (size_t)b * (d + 2), stride);
+    }
 }
 
 /* One head's output (d) from its blocks' partials (part[b * (d + 2)], b < blocks), in block order. */
@@ -378,43 +388,34 @@ static void attention_items(const fm_model *m, const float *qkv, int B, const in
                             float *part, float *sc) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d, half = m->kv_half;
     const float scale = 1.f / sqrtf((float)d);
-    const size_t scores = thread_scores(m), items = lay->item[B];
+    const size_t items = lay->item[B];
     const size_t per_thread = items / (4 * (size_t)omp_get_num_threads());  /* a few claims each, at least */
     const size_t chunk = per_thread < 1 ? 1 : per_thread;
-    const size_t group = (size_t)G * ATT_BLOCK, claims = (items + chunk - 1) / chunk;
-    {
-        float *mine = sc + (size_t)omp_get_thread_num() * scores;
-        int seq = 0;  /* the sequence of this thread's last item: its claims come in increasing order (monotonic) */
+    const size_t claims = (items + chunk - 1) / chunk;
+    float *mine = sc + (size_t)omp_get_thread_num() * thread_scores(m);
+    int seq = 0;  /* the sequence of this thread's last item: its claims come in increasing order (monotonic) */
 #pragma omp for schedule(monotonic: dynamic, 1) /* a preempted thread does not hold the step up */
-        for (size_t c = 0; c < claims; c++) {
-            const size_t end = (c + 1) * chunk < items ? (c + 1) * chunk : items;
-            for (size_t first = c * chunk; first < end; first += STAGED_BLOCKS) {
-                const size_t last = first + STAGED_BLOCKS < end ? first + STAGED_BLOCKS : end;
-                int bs[STAGED_BLOCKS], gs[STAGED_BLOCKS], blks[STAGED_BLOCKS];
-                for (size_t it = first; it < last; it++) {
-                    const int i = (int)(it - first);
-                    batch_item(lay, past, it, seq, &bs[i], &gs[i], &blks[i]);
-                    seq = bs[i];
-                    group_scores(qkv + (size_t)seq * width + (size_t)gs[i] * G * d, G,
-                                 kv_at(kc[(size_t)seq * m->n_layers + layer], block_at(gs[i], blks[i], capacity[seq], d), half),
-                                 half, block_len(blks[i], past[seq] + 1), d, scale, mine + i * group);
-                }
-                for (size_t it = first; it < last; it++) {
-                    const int i = (int)(it - first), b = bs[i];
-                    const size_t per_head = (size_t)blocks_of(past[b] + 1) * (d + 2);
-                    group_values(G, kv_at(vc[(size_t)b * m->n_layers + layer], block_at(gs[i], blks[i], capacity[b], d), half),
-                                 half, block_len(blks[i], past[b] + 1), d, mine + i * group,
-                                 part + lay->part[b] + gs[i] * G * per_head + (size_t)blks[i] * (d + 2), per_head);
-                }
-            }
+    for (size_t c = 0; c < claims; c++) {
+        const size_t end = (c + 1) * chunk < items ? (c + 1) * chunk : items;
+        for (size_t it = c * chunk; it < end;) {  /* the claim's runs of one sequence's group */
+            int b, g, blk;
+            batch_item(lay, past, it, seq, &b, &g, &blk);
+            seq = b;
+            const int n = past[b] + 1, blocks = blocks_of(n);
+            const int run = end - it < (size_t)(blocks - blk) ? (int)(end - it) : blocks - blk;
+            const size_t per_head = (size_t)blocks * (d + 2), at = block_at(g, 0, capacity[b], d);
+            attend_run(qkv + (size_t)b * width + (size_t)g * G * d, G, kv_at(kc[(size_t)b * m->n_layers + layer], at, half),
+                       kv_at(vc[(size_t)b * m->n_layers + layer], at, half), half, blk, blk + run, n, d, scale, mine,
+                       part + lay->part[b] + (size_t)g * G * per_head, per_head);
+            it += (size_t)run;
         }
-#pragma omp for collapse(2) schedule(static)
-        for (int b = 0; b < B; b++)
-            for (int h = 0; h < H; h++) {
-                const int blocks = blocks_of(past[b] + 1);
-                merge_blocks(part + lay->part[b] + (size_t)h * blocks * (d + 2), blocks, d, out + ((size_t)b * H + h) * d);
-            }
     }
+#pragma omp for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            const int blocks = blocks_of(past[b] + 1);
+            merge_blocks(part + lay->part[b] + (size_t)h * blocks * (d + 2), blocks, d, out + ((size_t)b * H + h) * d);
+        }
 }
 
 /* Attention of a decoding step of one sequence, called by every thread of the step's team (layers_one_row) after
@@ -428,7 +429,7 @@ static void attention_one_row(const fm_model *m, float *qkv, int past, int capac
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, half = m->kv_half, n = past + 1;
     const int blocks = blocks_of(n), items = KV * blocks, threads = omp_get_num_threads(), id = omp_get_thread_num();
     const int from = (int)((int64_t)items * id / threads), to = (int)((int64_t)items * (id + 1) / threads);
-    const size_t per_head = (size_t)blocks * (d + 2), group = (size_t)G * ATT_BLOCK;
+    const size_t per_head = (size_t)blocks * (d + 2);
     const float scale = 1.f / sqrtf((float)d), *c = m->cos + (size_t)past * (d / 2), *s = m->sin + (size_t)past * (d / 2);
     float *mine = sc + (size_t)id * thread_scores(m);
     for (int it = from; it < to;) {
@@ -441,15 +442,9 @@ static void attention_one_row(const fm_model *m, float *qkv, int past, int capac
             rotate(k, c, s, d / 2);
             append_group(m, k, qkv + (size_t)(H + KV + g) * d, g, past, capacity, kc, vc);
         }
-        for (int first = b0; first < b1; first += STAGED_BLOCKS) {  /* as attention_items' stages */
-            const int last = first + STAGED_BLOCKS < b1 ? first + STAGED_BLOCKS : b1;
-            for (int b = first; b < last; b++)
-                group_scores(q, G, kv_at(kc, block_at(g, b, capacity, d), half), half, block_len(b, n), d, scale,
-                             mine + (b - first) * group);
-            for (int b = first; b < last; b++)
-                group_values(G, kv_at(vc, block_at(g, b, capacity, d), half), half, block_len(b, n), d,
-                             mine + (b - first) * group, part + (size_t)g * G * per_head + (size_t)b * (d + 2), per_head);
-        }
+        const size_t at = block_at(g, 0, capacity, d);
+        attend_run(q, G, kv_at(kc, at, half), kv_at(vc, at, half), half, b0, b1, n, d, scale, mine,
+                   part + (size_t)g * G * per_head, per_head);
         it += b1 - b0;
     }
 #pragma omp barrier
@@ -488,10 +483,10 @@ static void attention(const fm_model *m, const float *qkv, int T, int past, int 
         for (int g = 0; g < KV; g++) {
             const int n = past + t + 1, id = omp_get_thread_num();
             float *mine = part + (size_t)id * G * per_head;
-            for (int b = 0; b * ATT_BLOCK < n; b++)
-                attend_block(qkv + (size_t)t * width + (size_t)g * G * d, G, kv_at(kc, block_at(g, 0, capacity, d), half),
-                             kv_at(vc, block_at(g, 0, capacity, d), half), half, b, n, d, scale, scratch + (size_t)id * scores,
-                             mine + (size_t)b * (d + 2), per_head);
+            for (int b = 0; b * ATT_BLOCK < n; b++)  /* both stages a block at a time */
+                attend_run(qkv + (size_t)t * width + (size_t)g * G * d, G, kv_at(kc, block_at(g, 0, capacity, d), half),
+                           kv_at(vc, block_at(g, 0, capacity, d), half), half, b, b + 1, n, d, scale,
+                           scratch + (size_t)id * scores, mine, per_head);
             for (int j = 0; j < G; j++)
                 merge_blocks(mine + (size_t)j * per_head, blocks_of(n), d,
                              out + (size_t)t * H * d + (size_t)(g * G + j) * d);
