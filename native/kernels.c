@@ -476,9 +476,10 @@ static void prepare_row(const fm_linear *L, const float *x, int r, const rows_in
                   NEEDS_LS && L->bits == 8 ? in->ls + (size_t)r * nb : NULL, in->x8 + (size_t)r * 2 * K);
 }
 
-/* The B rows of x for L's kernels, in the calling thread's scratch (fm_scratch slot 0): 0, or -2 when out of memory.
- * 4/8-bit matrices' rows are rounded here unless `later` (then by prepare_row, the threads sharing them out). */
-static int prepare_rows(const fm_linear *L, const float *x, int B, rows_input *in, int later) {
+/* The B rows of x for L's kernels, in the calling thread's scratch (fm_scratch slot 0): x itself or transposed (fp32
+ * matrices); for 4/8-bit ones the space their rounded rows take, which prepare_row fills. 0, or -2 when out of
+ * memory. */
+static int prepare_rows(const fm_linear *L, const float *x, int B, rows_input *in) {
     if (L->kind == FM_F32) {
         *in = (rows_input){.xt = x};  /* one row is its own transpose */
         if (B > 1) {
@@ -495,7 +496,6 @@ static int prepare_rows(const fm_linear *L, const float *x, int B, rows_input *i
     float *sums = nbits_scratch(B, L->K, &sx, &ls, &x8);
     if (!sums) return -2;
     *in = (rows_input){NULL, sums, sx, ls, x8};
-    for (int r = 0; r < B && !later; r++) prepare_row(L, x, r, in);
     return 0;
 }
 
@@ -512,12 +512,10 @@ static int panel_chunk(const fm_linear *L, int B, int threads) {
  * counter, 0 at the start) until none is left. */
 static void claim_chunks(const fm_linear *L, int *next, int chunk, const rows_input *in, int B, float *y, size_t ldy,
                          int accumulate) {
-    const int panels = (L->N + PANEL - 1) / PANEL, threads = omp_get_num_threads();
-    /* a chunk a thread at most: each its own, not claimed (the counter's line would cross between the cores twice a
-     * thread) */
-    const int alone = (panels + chunk - 1) / chunk <= threads;
-    for (int p0 = alone ? omp_get_thread_num() * chunk : __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED); p0 < panels;
-         p0 = alone ? panels : __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED)) {
+    const int panels = (L->N + PANEL - 1) / PANEL;
+    const int alone = (panels + chunk - 1) / chunk <= omp_get_num_threads();  /* a chunk a thread: not claimed */
+    for (int p0 = alone ? omp_get_thread_num() * chunk : __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED);
+         p0 < panels; p0 = alone ? panels : __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED)) {
         const int p1 = p0 + chunk < panels ? p0 + chunk : panels;
         if (L->kind == FM_F32) f32_panels(L->w, L->K, L->N, p0, p1, in->xt, B, y, ldy, accumulate);
         else if (L->bits == 4) q_panels(L, p0, p1, in->x8, in->sx, in->sums, in->ls, B, y, ldy, accumulate, 4);
@@ -527,7 +525,8 @@ static void claim_chunks(const fm_linear *L, int *next, int chunk, const rows_in
 
 int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate, int *next) {
     rows_input in;
-    const int rc = prepare_rows(L, x, 1, &in, 0);  /* each thread its own */
+    const int rc = prepare_rows(L, x, 1, &in);  /* each thread its own */
+    if (!rc && L->kind != FM_F32) prepare_row(L, x, 0, &in);
     if (!rc) claim_chunks(L, next, panel_chunk(L, 1, omp_get_num_threads()), &in, 1, y, (size_t)L->N, accumulate);
 #pragma omp barrier
     return rc;
@@ -535,7 +534,7 @@ int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate,
 
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
     rows_input in;
-    if (prepare_rows(L, x, B, &in, 1)) return -2;
+    if (prepare_rows(L, x, B, &in)) return -2;
     const int chunk = panel_chunk(L, B, omp_get_max_threads());
     int next = 0;
 #pragma omp parallel
