@@ -623,31 +623,30 @@ static size_t first_equal(const float *y, size_t n, float v) {
 
 /* For each output row i with top[i] == 1 (a greedy row): best[i] = the column of its largest logit, the first of
  * equal ones, among all but the model's exact columns (head_q8_exact: the caller rescales them before it chooses);
- * -1 where no such logit is a number above -INFINITY, and for the other rows. The threads scan parts of each row
- * (logits (n, V), restored as they were). */
+ * -1 where no such logit is a number above -INFINITY, and for the other rows. The threads scan a part of each row
+ * each (logits (n, V): the exact columns are set to -INFINITY meanwhile). */
 static void best_columns(const fm_model *m, float *logits, size_t V, int n, const int32_t *top, int32_t *best) {
-    enum { MOST_EXACT = 8 };
-    const int threads = omp_get_max_threads(), n_exact = m->head_q8_n_exact < MOST_EXACT ? m->head_q8_n_exact : MOST_EXACT;
-    float kept[MOST_EXACT];
+    const int threads = omp_get_max_threads(), n_exact = m->head_q8_n_exact;
+    float kept[n_exact > 0 ? n_exact : 1], part_top[threads];
+    size_t part_at[threads];
     for (int i = 0; i < n; i++) {
         best[i] = -1;
         if (!top || top[i] != 1) continue;
-        float *y = logits + (size_t)i * V, part_top[threads];
-        size_t part_at[threads];
+        float *y = logits + (size_t)i * V;
         for (int e = 0; e < n_exact; e++)
             if (m->head_q8_exact[e] >= 0 && (size_t)m->head_q8_exact[e] < V)
                 kept[e] = y[m->head_q8_exact[e]], y[m->head_q8_exact[e]] = -INFINITY;
+        for (int t = 0; t < threads; t++) part_top[t] = -INFINITY;
 #pragma omp parallel num_threads(threads)
         {
             const int t = omp_get_thread_num(), nt = omp_get_num_threads();
             const size_t from = V * t / nt, to = V * (t + 1) / nt;
             part_top[t] = range_top(y + from, to - from);
             part_at[t] = part_top[t] > -INFINITY ? from + first_equal(y + from, to - from, part_top[t]) : 0;
-            for (int u = nt; t == 0 && u < threads; u++) part_top[u] = -INFINITY;
         }
         for (int t = 0; t < threads; t++)  /* in column order: the first of equal ones */
             if (part_top[t] > -INFINITY && (best[i] < 0 || part_top[t] > y[best[i]])) best[i] = (int32_t)part_at[t];
-        for (int e = n_exact - 1; e >= 0; e--)
+        for (int e = n_exact - 1; e >= 0; e--)  /* in reverse: a column listed twice gets its own value back */
             if (m->head_q8_exact[e] >= 0 && (size_t)m->head_q8_exact[e] < V) y[m->head_q8_exact[e]] = kept[e];
     }
 }
