@@ -37,7 +37,7 @@ from fromage.engines.onnx_weights import initializer_bytes
 
 from .bench_report import bandwidth_summary, format_table, plot, summarize
 from .bench_peers import PREPARE, SYSTEMS
-from .bench_worker import prompt_ids, write_bench_image
+from .bench_worker import prompt_ids, round_trip_text, write_bench_image
 from .options import kv_cache_list
 
 
@@ -224,7 +224,7 @@ def run_bench(args, log=print) -> dict:
             raise FromageError(f"the bandwidth probe failed: {e}") from None
         log(f"  {label} memory bandwidth: {sample['gb_s']:.1f} GB/s ({sample['method']})"
             + (f"; FMA loop {sample['fma_gflop_s']:.0f} GFLOP/s" if sample.get("fma_gflop_s") else "")
-            + (f"; cores' round trip {sample['round_trip_ns']:.0f} ns" if sample.get("round_trip_ns") else ""))
+            + round_trip_text(sample.get("round_trip_ns")))
         return sample
     try:
         total = args.warmup + args.runs

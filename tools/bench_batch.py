@@ -11,7 +11,7 @@ import statistics
 import numpy as np
 
 from .bench_steps import STEPS_PER_RUN, format_rows, kv_label, ms_per_op, native_models, random_cache, time_steps
-from .bench_worker import ROUND_TRIPS, fma_probe
+from .bench_worker import core_round_trip, fma_probe, round_trip_text
 from .options import int_list
 
 BATCH_POSITIONS = 128
@@ -51,8 +51,8 @@ def run_batch_bench(bundle, batches: list[int], threads: int, runs: int, log=pri
 
     def measure_fma() -> str:  # the cores' arithmetic rate and round trip once per run, between the steps (they move)
         fma_rates.append(fma())
-        trips.append(dec.lib.fm_core_round_trip(ROUND_TRIPS) or None)
-        return f"; FMA loop {fma_rates[-1]:.0f} GFLOP/s" + (f"; cores' round trip {trips[-1]:.0f} ns" if trips[-1] else "")
+        trips.append(core_round_trip(dec.lib))
+        return f"; FMA loop {fma_rates[-1]:.0f} GFLOP/s" + round_trip_text(trips[-1])
     steps = time_steps(settings, run_step, runs, log, label=lambda s: kv_label(kv_caches, s[0], f"B={s[1]}"),
                        after_run=measure_fma)
     weights = matrix_weights(m, dec.vocab_size)

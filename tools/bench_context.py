@@ -26,7 +26,7 @@ def parse_lengths(text: str) -> list[int]:
 def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=print, ops: bool = False,
                       kv_caches: tuple = ("f32",)) -> dict:
     from fromage.runtime.generate import cache_capacity
-    from .bench_worker import MachineProbe
+    from .bench_worker import MachineProbe, round_trip_text
     models = native_models(bundle, threads, kv_caches)
     model, dec = models[kv_caches[0]], models[kv_caches[0]].decoder
     m = dec.model
@@ -45,7 +45,7 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
         sample = probe.measure()
         bandwidth.append(sample["gb_s"])
         trips.append(sample.get("round_trip_ns"))
-        return f"; bandwidth {bandwidth[-1]:.1f} GB/s" + (f"; cores' round trip {trips[-1]:.0f} ns" if trips[-1] else "")
+        return f"; bandwidth {bandwidth[-1]:.1f} GB/s" + round_trip_text(trips[-1])
     def run_step(point):
         kv, p = point
         models[kv].decoder.forward(embeds, caches[kv], p, logits, ret)

@@ -109,7 +109,7 @@ class MachineProbe:
                 self.methods[name] = lambda k=streams, p=kib * 256: lib.fm_stream_read(
                     self.a.ctypes.data, self.a.size, k, p)
             self.fma = fma_probe(lib) if arithmetic else None
-            self.round_trip = lambda: lib.fm_core_round_trip(ROUND_TRIPS) or None  # 0: one thread
+            self.round_trip = lambda: core_round_trip(lib)
         except FromageError:
             self.fma = self.round_trip = None  # no native library here: the numpy reads only
         self.info = {"array_bytes": int(self.a.nbytes), "methods": list(self.methods)}  # sent with 'ready'
@@ -131,6 +131,16 @@ class MachineProbe:
         if self.round_trip:
             out["round_trip_ns"] = self.round_trip()
         return out
+
+
+def core_round_trip(lib) -> float | None:
+    """The first two OpenMP threads' cache-line round trip in ns (fm_core_round_trip); None with one thread."""
+    return lib.fm_core_round_trip(ROUND_TRIPS) or None
+
+
+def round_trip_text(ns: float | None) -> str:
+    """A run's log line's note of the cores' round trip ('' without one)."""
+    return f"; cores' round trip {ns:.0f} ns" if ns else ""
 
 
 def fma_probe(lib, passes: int = FMA_PASSES, seconds: float = FMA_PASS_S):
