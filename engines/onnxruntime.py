@@ -63,8 +63,9 @@ class InPlaceDecoder:
         self._local = threading.local()  # an I/O binding per calling thread: one shared binding mixes calls
 
     def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray,
-                top: int = 0) -> None:
-        """top: as NativeDecoder's; every logit is computed here, which meets any."""
+                top: int = 0) -> int:
+        """top: as NativeDecoder's; every logit is computed here, which meets any. -> -1: no best column (the
+        caller reads the logits)."""
         total, ort, local = past + embeds.shape[1], self.session.session, self._local
         if not hasattr(local, "binding"):
             local.binding, local.bound = ort.io_binding(), (None, None, None)
@@ -81,6 +82,7 @@ class InPlaceDecoder:
             bind_array(binding, "ret_embedding", ret[None], output=True)
             local.bound = bound
         ort.run_with_iobinding(binding)
+        return -1
 
 
 class ConcatDecoder:
@@ -93,11 +95,12 @@ class ConcatDecoder:
         self.kv_names = session.input_names[3:]
 
     def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray,
-                top: int = 0) -> None:
-        """top: as NativeDecoder's; every logit is computed here, which meets any."""
+                top: int = 0) -> int:
+        """As InPlaceDecoder's."""
         total = past + embeds.shape[1]
         feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), dtype=np.int64),
                  "position_ids": np.arange(past, total, dtype=np.int64)[None], **dict(zip(self.kv_names, cache))}
         new_logits, new_ret, *cache[:] = self.session.run(feeds)
         logits[:], ret[:] = new_logits[0], new_ret[0]
+        return -1
 

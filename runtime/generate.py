@@ -261,8 +261,9 @@ class Fromage:
         """Feed more positions (token embeddings or visual tokens, (1, n, E)) on the cache."""
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         total = self._reserve(state, embeds.shape[1])
-        best = self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding, top=state.top)
-        state.length, state.best = total, -1 if best is None else best
+        state.best = self.decoder.forward(embeds, state.cache, state.length, state.logits, state.ret_embedding,
+                                          top=state.top)
+        state.length = total
 
     def advance_rows(self, rows: list[tuple["DecodeState", np.ndarray]]) -> None:
         """Feed each state its positions (n, E), all in one decoder call: with the native engine every
