@@ -25,7 +25,7 @@ from fromage.engines.errors import FromageError
 from fromage.engines.onnx_weights import initializers, read_inline
 
 _DTYPES = {1: np.float32, 2: np.uint8}  # the weights; the graphs' int64 shape constants are not needed
-F32, NBITS, BLOCK, PANEL = 0, 1, 32, 16  # as in native/fromage_native.h
+F32, NBITS, BLOCK, PANEL, MLP_PARTS = 0, 1, 32, 16, 2  # as in native/fromage_native.h
 
 
 class _Linear(ctypes.Structure):
@@ -35,7 +35,7 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
-                ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear)]
+                ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear * MLP_PARTS), ("down", _Linear * MLP_PARTS)]
 
 
 class _Model(ctypes.Structure):
@@ -45,7 +45,7 @@ class _Model(ctypes.Structure):
         ("layers", ctypes.POINTER(_Layer)), ("final_norm", ctypes.c_void_p),
         ("head", _Linear), ("head_extra", _Linear), ("wt", ctypes.c_void_p), ("wt_bias", ctypes.c_void_p),
         ("head_q8", _Linear), ("head_q8_bound", ctypes.c_void_p), ("head_q8_exact", ctypes.c_void_p),
-        ("head_q8_n_exact", ctypes.c_int32), ("kv_half", ctypes.c_int32)]
+        ("head_q8_n_exact", ctypes.c_int32), ("kv_half", ctypes.c_int32), ("mlp_parts", ctypes.c_int32)]
 
 
 HUGE_PAGE = 2 << 20
@@ -56,6 +56,34 @@ _HEADS = ("lm_head", "lm_head.extra_rows", "W_t.weight")  # fp32 matrices beside
 def _is_f32_matrix(t: dict) -> bool:
     """An fp32 MatMul weight (K, N), which the kernels take in panels of 16 columns (native/fromage_native.h)."""
     return t["dtype"] == 1 and len(t["dims"]) == 2 and (t["name"].endswith("_proj") or t["name"] in _HEADS)
+
+
+def mlp_parts(inter: int) -> int:
+    """The parts the native decoder computes the MLP's inner dimension in (fm_layer): each a whole number of
+    4/8-bit blocks, so that a model's fp32 and 4/8-bit bundles sum alike."""
+    return MLP_PARTS if inter % (MLP_PARTS * BLOCK) == 0 else 1
+
+
+_MLP = ("mlp.gate_up_proj", "mlp.down_proj")  # the matrices the native decoder takes in parts (fm_layer)
+
+
+def _parts(name: str, k: int, n: int) -> list:
+    """A matrix (K, N) as the kernels take it: a layer's gate_up as each MLP part's gate | up columns, its down as
+    each part's rows (fm_layer) -- [(axis, indices), ...]; [None] for any other matrix (whole)."""
+    if name.endswith(_MLP[0]):
+        inter = n // 2
+        size = inter // mlp_parts(inter)
+        return [(1, np.r_[p:p + size, inter + p:inter + p + size]) for p in range(0, inter, size)]
+    if name.endswith(_MLP[1]):
+        size = k // mlp_parts(k)
+        return [(0, np.arange(p, p + size)) for p in range(0, k, size)]
+    return [None]
+
+
+def _pieces(name: str, k: int, n: int) -> list:
+    """(K, N) of each of a matrix's parts (_parts)."""
+    return [(k, n) if part is None else (len(part[1]), n) if part[0] == 0 else (k, len(part[1]))
+            for part in _parts(name, k, n)]
 
 
 def _panels_bytes(dims) -> int:
@@ -246,12 +274,14 @@ class NativeDecoder:
             self._external = {t["name"] for t in table if t["raw"] is None}
             table = [t for t in table if t["raw"] is not None]
             kept = [t for t in table if not t["name"].endswith(_TEMPORARY)]
-            blocks = [_nbits_bytes(t["dims"]) for t in table
-                      if t["name"].endswith(".qweight") and len(t["dims"]) == 3]
-            sizes = [_panels_bytes(t["dims"]) if _is_f32_matrix(t) else t["raw"][1] - t["raw"][0] for t in kept]
+            sizes = [_panels_bytes(kn) for t in table if _is_f32_matrix(t) for kn in _pieces(t["name"], *t["dims"])]
+            sizes += [_nbits_bytes((kn[1], kn[0] // BLOCK, t["dims"][2])) for t in table
+                      if t["name"].endswith(".qweight") and len(t["dims"]) == 3
+                      for kn in _pieces(t["name"][:-len(".qweight")], t["dims"][1] * BLOCK, t["dims"][0])]
+            sizes += [t["raw"][1] - t["raw"][0] for t in kept if not _is_f32_matrix(t)]
             sizes += [_nbits_bytes((t["dims"][1], t["dims"][0] // BLOCK, BLOCK)) for t in kept
                       if t["name"] == "lm_head" and _is_f32_matrix(t) and t["dims"][0] % BLOCK == 0]  # its 8-bit copy
-            self.arena = _Arena(sum(_Arena.padded(n) for n in blocks + sizes))
+            self.arena = _Arena(sum(_Arena.padded(n) for n in sizes))
             for t in sorted(table, key=lambda t: t["name"].endswith(".qweight")):  # blocks after their scales
                 a, b = t["raw"]
                 matrix = _is_f32_matrix(t)
@@ -283,11 +313,14 @@ class NativeDecoder:
         return self._get(name).ctypes.data
 
     def _pack(self, name: str) -> None:
-        """An fp32 matrix (K, N), read aside -> panels of 16 columns in the arena (fm_linear.w)."""
+        """An fp32 matrix (K, N), read aside -> panels of 16 columns in the arena (fm_linear.w), a part at a time."""
         w = self.w.pop(name)
-        out = self.arena.take(_panels_bytes(w.shape)).view(np.float32)
-        self.lib.fm_pack(w.ctypes.data, w.shape[0], w.shape[1], out.ctypes.data)
-        self._linears[name] = _Linear(F32, w.shape[0], w.shape[1], 0, out.ctypes.data, None)
+        for i, part in enumerate(_parts(name, *w.shape)):
+            piece = w if part is None else np.ascontiguousarray(np.take(w, part[1], axis=part[0]))
+            key = name if part is None else f"{name}.{i}"
+            out = self.arena.take(_panels_bytes(piece.shape)).view(np.float32)
+            self.lib.fm_pack(piece.ctypes.data, piece.shape[0], piece.shape[1], out.ctypes.data)
+            self._linears[key] = _Linear(F32, *piece.shape, 0, out.ctypes.data, None)
         if name == "lm_head" and w.shape[0] % BLOCK == 0:
             self._quantize_head(w)
 
@@ -319,12 +352,23 @@ class NativeDecoder:
         dm = np.concatenate([d, m], axis=1)
         if not np.array_equal(dm.astype(np.float16).astype(np.float32), dm):
             raise FromageError(f"{name}: block scales are not fp16 values (re-export the bundle)")
-        q, dm, bits = np.ascontiguousarray(q), np.ascontiguousarray(dm.astype(np.float16)), nbytes * 8 // BLOCK
-        out = self.arena.take(_nbits_bytes(q.shape))
-        if self.lib.fm_pack_nbits(q.ctypes.data, dm.ctypes.data, nb * BLOCK, n, bits, out.ctypes.data):
-            raise FromageError(f"decoder.onnx: {name} has {nbytes * 8 / BLOCK:g}-bit blocks; the native decoder "
-                               f"reads 4- and 8-bit ones")
-        self._linears[name] = _Linear(NBITS, nb * BLOCK, n, bits, None, out.ctypes.data)
+        dm, bits = dm.astype(np.float16), nbytes * 8 // BLOCK
+        for i, part in enumerate(_parts(name, nb * BLOCK, n)):
+            if part is None:
+                q_part, dm_part = q, dm
+            elif part[0] == 1:  # columns
+                q_part, dm_part = q[part[1]], dm[part[1]]
+            else:  # rows: whole blocks
+                at = part[1][::BLOCK] // BLOCK
+                q_part, dm_part = q[:, at], np.concatenate([dm[:, at], dm[:, nb + at]], axis=1)
+            q_part, dm_part = np.ascontiguousarray(q_part), np.ascontiguousarray(dm_part)
+            key = name if part is None else f"{name}.{i}"
+            out = self.arena.take(_nbits_bytes(q_part.shape))
+            if self.lib.fm_pack_nbits(q_part.ctypes.data, dm_part.ctypes.data, q_part.shape[1] * BLOCK, q_part.shape[0],
+                                      bits, out.ctypes.data):
+                raise FromageError(f"decoder.onnx: {name} has {nbytes * 8 / BLOCK:g}-bit blocks; the native decoder "
+                                   f"reads 4- and 8-bit ones")
+            self._linears[key] = _Linear(NBITS, q_part.shape[1] * BLOCK, q_part.shape[0], bits, None, out.ctypes.data)
 
     def _linear(self, name: str) -> _Linear:
         if name in self._linears:
@@ -338,26 +382,38 @@ class NativeDecoder:
         for i in range(n_layers):
             p = f"model.layers.{i}."
             layers[i] = _Layer(self._ptr(p + "input_layernorm.weight"), self._ptr(p + "post_attention_layernorm.weight"),
-                               *(self._linear(p + n) for n in ("self_attn.qkv_proj", "self_attn.o_proj",
-                                                                "mlp.gate_up_proj", "mlp.down_proj")))
+                               self._linear(p + "self_attn.qkv_proj"), self._linear(p + "self_attn.o_proj"),
+                               self._mlp_linears(p + "mlp.gate_up_proj"), self._mlp_linears(p + "mlp.down_proj"))
         self._layers = layers  # kept alive: the model struct points into it
         qkv, gate_up = layers[0].qkv, layers[0].gate_up
+        parts = sum(1 for part in gate_up if part.N)
+        inter = sum(part.N for part in gate_up) // 2
         cos = self._get("cos_cache")
         extra = self._linears.get("lm_head.extra_rows", _Linear())
         head = self._linear("lm_head")
         self.vocab_size = head.N + extra.N
         wt = self._linear("W_t.weight")
         self.retrieval_dim = wt.N
-        m = _Model(n_layers, qkv.K, qkv.N // d - 2 * kv, kv, d, gate_up.N // 2, cos.shape[0], self.retrieval_dim, 0,
+        m = _Model(n_layers, qkv.K, qkv.N // d - 2 * kv, kv, d, inter, cos.shape[0], self.retrieval_dim, 0,
                    float(model["rms_norm_eps"]), cos.ctypes.data, self._ptr("sin_cache"), layers,
                    self._ptr("model.norm.weight"), head, extra, wt.w, self._ptr("W_t.bias"),
                    self._linears.get("lm_head.q8", _Linear()),
                    None if self.head_bound is None else self.head_bound.ctypes.data)
-        same = all((lay.qkv.K, lay.qkv.N, lay.o.K, lay.o.N, lay.gate_up.N, lay.down.K, lay.down.N)
-                   == (qkv.K, qkv.N, m.n_heads * d, qkv.K, gate_up.N, m.inter, qkv.K) for lay in layers)
+        m.mlp_parts = parts
+        same = all((lay.qkv.K, lay.qkv.N, lay.o.K, lay.o.N) == (qkv.K, qkv.N, m.n_heads * d, qkv.K)
+                   and all((lay.gate_up[s].K, lay.gate_up[s].N, lay.down[s].K, lay.down[s].N)
+                           == (qkv.K, 2 * inter // parts, inter // parts, qkv.K) for s in range(parts))
+                   for lay in layers)
         if m.n_heads < 1 or m.n_heads % kv or qkv.N % d or cos.shape[1] * 2 != d or not same:
             raise FromageError(f"decoder.onnx's shapes do not fit head_dim {d} / kv_heads {kv}")
         return m
+
+    def _mlp_linears(self, name: str):
+        """A layer's gate_up or down matrix as its MLP parts (fm_layer), the unused ones empty."""
+        parts = [self._linears[f"{name}.{i}"] for i in range(MLP_PARTS) if f"{name}.{i}" in self._linears]
+        if not parts:
+            parts = [self._linear(name)]  # says what is missing
+        return (_Linear * MLP_PARTS)(*parts)
 
     def forward(self, embeds: np.ndarray, cache: list, past: int, logits: np.ndarray, ret: np.ndarray,
                 top: int = 0) -> int:

@@ -501,10 +501,51 @@ static void silu_row(const float *gate_up, int I, float *out) {
     for (int i = 0; i < I; i++) out[i] = g[i] / (1.f + out[i]) * u[i];
 }
 
-/* silu_row of T rows, shared out as rms_norm's. */
-static void silu_mul(const float *gate_up, int T, int I, float *out) {
-#pragma omp parallel for schedule(static) if (T >= 4)
-    for (int t = 0; t < T; t++) silu_row(gate_up + (size_t)t * 2 * I, I, out + (size_t)t * I);
+/* silu_row of T rows of each of S parts (gate_up (S, T, 2 Is) -> out (S, T, Is)), shared out as rms_norm's. */
+static void silu_parts(const float *gate_up, int T, int Is, int S, float *out) {
+#pragma omp parallel for collapse(2) schedule(static) if (T >= 4)
+    for (int s = 0; s < S; s++)
+        for (int t = 0; t < T; t++)
+            silu_row(gate_up + ((size_t)s * T + t) * 2 * Is, Is, out + ((size_t)s * T + t) * Is);
+}
+
+/* x[i] += the sum of the parts' part[p * stride + i] in part order (the MLP's parts, fm_layer): one expression on every
+ * path, so a row's bits do not depend on how its parts were computed. */
+static void add_parts(float *x, const float *part, int n, int parts, size_t stride) {
+    for (int i = 0; i < n; i++) {
+        float sum = part[i];
+        for (int p = 1; p < parts; p++) sum += part[p * stride + i];
+        x[i] += sum;
+    }
+}
+
+/* add_parts for T rows of E, shared out among a team of their own for a prompt's many rows (a batch's few take
+ * less time than waking the team). */
+static void add_rows(float *x, const float *part, int T, int E, int parts) {
+#pragma omp parallel for schedule(static) if (T >= 64)
+    for (int t = 0; t < T; t++) add_parts(x + (size_t)t * E, part + (size_t)t * E, E, parts, (size_t)T * E);
+}
+
+/* x (T, E) += the MLP of the normed rows h (T, E), part by part (fm_layer), for a batch or a prompt: gu (T, 2 I) and
+ * act (T, I) hold each part's rows together, part (parts, T, E) its down product. */
+static int mlp_rows(const fm_model *m, const fm_layer *L, const float *h, int T, float *x, float *gu, float *act,
+                    float *part, double *clock) {
+    const int E = m->hidden, S = m->mlp_parts, Is = m->inter / S;
+    const size_t rows_gu = (size_t)T * 2 * Is, rows_act = (size_t)T * Is, rows_x = (size_t)T * E;
+    int rc = 0;
+    double t = *clock;
+    const float *in_gu[FM_MLP_PARTS], *in_down[FM_MLP_PARTS];
+    float *out_gu[FM_MLP_PARTS], *out_down[FM_MLP_PARTS];
+    size_t ld_gu[FM_MLP_PARTS], ld_down[FM_MLP_PARTS];
+    for (int s = 0; s < S; s++) {
+        in_gu[s] = h, out_gu[s] = gu + s * rows_gu, ld_gu[s] = (size_t)2 * Is;
+        in_down[s] = act + s * rows_act, out_down[s] = part + s * rows_x, ld_down[s] = (size_t)E;
+    }
+    TIMED(FM_OP_GATE_UP, rc |= fm_linear_rows_n(L->gate_up, S, in_gu, T, out_gu, ld_gu, 0));
+    TIMED(FM_OP_SILU, silu_parts(gu, T, Is, S, act));
+    TIMED(FM_OP_DOWN, rc |= fm_linear_rows_n(L->down, S, in_down, T, out_down, ld_down, 0); add_rows(x, part, T, E, S));
+    *clock = t;
+    return rc;
 }
 
 /* The retrieval head for the final-normed rows h (B, hidden): ret (B, retrieval_dim), L2-normalised. */
@@ -521,6 +562,10 @@ static int retrieval(const fm_model *m, const float *h, int B, float *ret) {
     return 0;
 }
 
+static int mlp_parts_ok(const fm_model *m) {
+    return m->mlp_parts >= 1 && m->mlp_parts <= FM_MLP_PARTS && m->inter % m->mlp_parts == 0;
+}
+
 /* buf[i] = the next sizes[i] floats of the decoder's scratch, each 64-byte aligned; -2 when out of memory. */
 static int carve_scratch(const size_t *sizes, int n, float **buf) {
     size_t total = 0;
@@ -534,15 +579,18 @@ static int carve_scratch(const size_t *sizes, int n, float **buf) {
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
                void *const *k_cache, void *const *v_cache, float *logits, float *ret) {
     if (T < 1 || past < 0 || past + T > capacity || capacity % ATT_BLOCK || past + T > m->rope_positions) return -1;
+    if (!mlp_parts_ok(m)) return -1;
     if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
     const size_t width = (size_t)(H + 2 * KV) * d;
     const size_t sizes[] = {(size_t)T * E, (size_t)T * E, T * width, (size_t)T * H * d, (size_t)T * 2 * I,
-                            (size_t)T * I, attention_scratch(m, past + T, omp_get_max_threads())};
+                            (size_t)T * I, attention_scratch(m, past + T, omp_get_max_threads()),
+                            (size_t)m->mlp_parts * T * E};
     enum { N_BUFFERS = sizeof sizes / sizeof sizes[0] };
     float *buf[N_BUFFERS];
     if (carve_scratch(sizes, N_BUFFERS, buf)) return -2;
     float *x = buf[0], *h = buf[1], *qkv = buf[2], *attn = buf[3], *gu = buf[4], *act = buf[5], *att_scratch = buf[6];
+    float *parts = buf[7];
     int rc = 0;
 
     memcpy(x, embeds, sizeof(float) * T * E);
@@ -555,9 +603,7 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
         TIMED(FM_OP_ATTENTION, attention(m, qkv, T, past, capacity, k_cache[i], v_cache[i], attn, att_scratch));
         TIMED(FM_OP_O, rc |= fm_linear_rows(&L->o, attn, T, x, (size_t)L->o.N, 1));
         TIMED(FM_OP_NORM, rms_norm(x, L->mlp_norm, h, T, E, m->eps));
-        TIMED(FM_OP_GATE_UP, rc |= fm_linear_rows(&L->gate_up, h, T, gu, (size_t)L->gate_up.N, 0));
-        TIMED(FM_OP_SILU, silu_mul(gu, T, I, act));
-        TIMED(FM_OP_DOWN, rc |= fm_linear_rows(&L->down, act, T, x, (size_t)L->down.N, 1));
+        rc |= mlp_rows(m, L, h, T, x, gu, act, parts, &t);
     }
     if (rc) return -2;
 
@@ -651,35 +697,60 @@ static void best_columns(const fm_model *m, float *logits, size_t V, int n, cons
     }
 }
 
+/* Floats of a decoding step's thread's own copies (layers_one_row): the residual, its norm, SiLU's output and a
+ * part's gate | up. */
+static size_t own_floats(const fm_model *m) { return (size_t)2 * m->hidden + 3 * (size_t)m->inter; }
+
+enum { LAYER_CLAIMS = 2 + 2 * FM_MLP_PARTS };  /* a counter per matrix of a layer */
+
 /* The layers of a decoding step of one sequence (forward_rows' B = 1) in one OpenMP team, not a team per matrix
- * and attention: each thread normalises the residual and takes SiLU into its own copy (own: hidden + inter
- * floats per thread), so that the ends of the matrices and of attention's two stages are the only places the
- * threads wait for each other (the cache append is attention_one_row's; the profile counts it in attention). The
- * same operations on the same values as the batched loop: the same bits. x: the residual, in place. */
+ * and attention. Each thread keeps its own copy of the residual and normalises it itself, so that the ends of qkv,
+ * o, attention's two stages and the MLP are the only places the threads wait for each other (the cache append is
+ * attention_one_row's; the profile counts it in attention). Where the threads can share the MLP's parts out whole
+ * (mlp_parts a multiple of the threads), each computes its parts alone, gate to down, into part[s] (E floats each):
+ * no wait and no line from the other core between a part's gate and its down; else each of a part's matrices is
+ * the team's. The same operations on the same values as the batched loop: the same bits. x: the residual, in
+ * place; o_out: E floats; gu: 2 * inter floats; own: own_floats per thread. */
 static int layers_one_row(const fm_model *m, float *x, int32_t past, int32_t capacity, void *const *k_cache,
-                          void *const *v_cache, float *qkv, float *attn, float *gu, float *own, float *part, float *sc,
-                          double *clock) {
-    const int E = m->hidden, I = m->inter, n = m->n_layers;
-    int rc = 0, *claims = calloc((size_t)4 * n, sizeof(int));  /* each matrix's next chunk */
+                          void *const *v_cache, float *qkv, float *attn, float *o_out, float *gu, float *part_out,
+                          float *own, float *part, float *sc, double *clock) {
+    const int E = m->hidden, I = m->inter, n = m->n_layers, S = m->mlp_parts, Is = I / S;
+    int rc = 0, *claims = calloc((size_t)LAYER_CLAIMS * n, sizeof(int));  /* each matrix's next chunk */
     if (!claims) return -2;
 #pragma omp parallel
     {
-        float *h = own + (size_t)omp_get_thread_num() * (E + I), *act = h + E;
+        const int id = omp_get_thread_num(), nt = omp_get_num_threads(), alone = S % nt == 0;
+        float *xo = own + (size_t)id * own_floats(m), *h = xo + E, *act = h + E, *gu_own = act + I;
         int mine = 0;
-        double t = omp_get_thread_num() == 0 ? *clock : -1.;  /* the calling thread's (fm_profile), waits included */
+        double t = id == 0 ? *clock : -1.;  /* the calling thread's (fm_profile), waits included */
+        memcpy(xo, x, sizeof(float) * E);
         for (int i = 0; i < n; i++) {
             const fm_layer *L = m->layers + i;
-            TIMED(FM_OP_NORM, rms_norm_row(x, L->attn_norm, h, E, m->eps));
-            TIMED(FM_OP_QKV, mine |= fm_linear_team(&L->qkv, h, qkv, 0, claims + 4 * i));
+            int *next = claims + LAYER_CLAIMS * i;
+            TIMED(FM_OP_NORM, rms_norm_row(xo, L->attn_norm, h, E, m->eps));
+            TIMED(FM_OP_QKV, mine |= fm_linear_team(&L->qkv, h, qkv, 0, next));
             TIMED(FM_OP_ATTENTION, attention_one_row(m, qkv, past, capacity, k_cache[i], v_cache[i], attn, part, sc));
-            TIMED(FM_OP_O, mine |= fm_linear_team(&L->o, attn, x, 1, claims + 4 * i + 1));
-            TIMED(FM_OP_NORM, rms_norm_row(x, L->mlp_norm, h, E, m->eps));
-            TIMED(FM_OP_GATE_UP, mine |= fm_linear_team(&L->gate_up, h, gu, 0, claims + 4 * i + 2));
-            TIMED(FM_OP_SILU, silu_row(gu, I, act));
-            TIMED(FM_OP_DOWN, mine |= fm_linear_team(&L->down, act, x, 1, claims + 4 * i + 3));
+            TIMED(FM_OP_O, mine |= fm_linear_team(&L->o, attn, o_out, 0, next + 1); add_parts(xo, o_out, E, 1, 0));
+            TIMED(FM_OP_NORM, rms_norm_row(xo, L->mlp_norm, h, E, m->eps));
+            if (alone) {
+                for (int s = id * S / nt; s < (id + 1) * S / nt; s++) {
+                    TIMED(FM_OP_GATE_UP, mine |= fm_linear_alone(&L->gate_up[s], h, gu_own, 0));
+                    TIMED(FM_OP_SILU, silu_row(gu_own, Is, act));
+                    TIMED(FM_OP_DOWN, mine |= fm_linear_alone(&L->down[s], act, part_out + (size_t)s * E, 0));
+                }
+#pragma omp barrier
+            } else {
+                for (int s = 0; s < S; s++)
+                    TIMED(FM_OP_GATE_UP, mine |= fm_linear_team(&L->gate_up[s], h, gu + (size_t)s * 2 * Is, 0, next + 2 + s));
+                TIMED(FM_OP_SILU, for (int s = 0; s < S; s++) silu_row(gu + (size_t)s * 2 * Is, Is, act + (size_t)s * Is));
+                for (int s = 0; s < S; s++)
+                    TIMED(FM_OP_DOWN, mine |= fm_linear_team(&L->down[s], act + (size_t)s * Is, part_out + (size_t)s * E, 0,
+                                                             next + 2 + FM_MLP_PARTS + s));
+            }
+            TIMED(FM_OP_DOWN, add_parts(xo, part_out, E, S, (size_t)E));
         }
         if (mine) __atomic_fetch_or(&rc, mine, __ATOMIC_RELAXED);
-        if (omp_get_thread_num() == 0) *clock = t;
+        if (id == 0) memcpy(x, xo, sizeof(float) * E), *clock = t;
     }
     free(claims);
     return rc ? -2 : 0;
@@ -693,17 +764,18 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
     const size_t width = (size_t)(H + 2 * KV) * d;
     const size_t sizes[] = {(size_t)B * E, (size_t)B * E, B * width, (size_t)B * H * d, (size_t)B * 2 * I,
                             (size_t)B * I, lay->part[B], (size_t)omp_get_max_threads() * thread_scores(m),
-                            B == 1 ? (size_t)omp_get_max_threads() * (E + I) : 0};
+                            B == 1 ? (size_t)omp_get_max_threads() * own_floats(m) : 0, (size_t)m->mlp_parts * B * E};
     enum { N_BUFFERS = sizeof sizes / sizeof sizes[0] };
     float *buf[N_BUFFERS];
     if (carve_scratch(sizes, N_BUFFERS, buf)) return -2;
     float *x = buf[0], *h = buf[1], *qkv = buf[2], *attn = buf[3], *gu = buf[4], *act = buf[5], *part = buf[6], *sc = buf[7];
+    float *parts = buf[9];
     int rc = 0;
 
     memcpy(x, embeds, sizeof(float) * B * E);
     double t = fm_op_start();
     if (B == 1)
-        rc = layers_one_row(m, x, past[0], capacity[0], k_cache, v_cache, qkv, attn, gu, buf[8], part, sc, &t);
+        rc = layers_one_row(m, x, past[0], capacity[0], k_cache, v_cache, qkv, attn, h, gu, parts, buf[8], part, sc, &t);
     else
         for (int i = 0; i < m->n_layers && !rc; i++) {
             const fm_layer *L = m->layers + i;
@@ -719,9 +791,7 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
             TIMED(FM_OP_ATTENTION, attention_batch(m, qkv, B, past, capacity, k_cache, v_cache, i, lay, attn, part, sc));
             TIMED(FM_OP_O, rc |= fm_linear_rows(&L->o, attn, B, x, E, 1));
             TIMED(FM_OP_NORM, rms_norm(x, L->mlp_norm, h, B, E, m->eps));
-            TIMED(FM_OP_GATE_UP, rc |= fm_linear_rows(&L->gate_up, h, B, gu, (size_t)2 * I, 0));
-            TIMED(FM_OP_SILU, silu_mul(gu, B, I, act));
-            TIMED(FM_OP_DOWN, rc |= fm_linear_rows(&L->down, act, B, x, E, 1));
+            rc |= mlp_rows(m, L, h, B, x, gu, act, parts, &t);
         }
     if (rc) return -2;
 
@@ -737,7 +807,7 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                     void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
                     const int32_t *out_top, float *logits, float *ret, int32_t *out_best) {
-    if (B < 1) return -1;
+    if (B < 1 || !mlp_parts_ok(m)) return -1;
     if (!out_rows) n_out = B;
     for (int i = 0; out_rows && i < n_out; i++)
         if (out_rows[i] < 0 || out_rows[i] >= B || (i > 0 && out_rows[i] <= out_rows[i - 1])) return -1;

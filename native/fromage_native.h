@@ -33,9 +33,16 @@ typedef struct {
                            * per block of 32 (q unsigned) */
 } fm_linear;
 
+/* The MLP's inner dimension in at most FM_MLP_PARTS parts (fm_model.mlp_parts): part s holds the inner indices
+ * s * I / parts .. (s + 1) * I / parts - 1, gate_up[s] their gate | up columns (hidden, 2 I / parts) and down[s]
+ * their rows of down (I / parts, hidden); the MLP adds the parts' down products to the residual, summed in part
+ * order. So a decoding step's threads each compute a part alone, from its gate to its down. */
+enum { FM_MLP_PARTS = 2 };
+
 typedef struct {
     const float *attn_norm, *mlp_norm;
-    fm_linear qkv, o, gate_up, down; /* qkv: q | k | v columns; gate_up: gate | up columns */
+    fm_linear qkv, o;                 /* qkv: q | k | v columns */
+    fm_linear gate_up[FM_MLP_PARTS], down[FM_MLP_PARTS];
 } fm_layer;
 
 typedef struct {
@@ -58,6 +65,7 @@ typedef struct {
     /* 1: the KV caches passed with this model hold fp16 halves (rounded to nearest even as they are appended;
      * attention computes in fp32 from them): half the cache's memory and reads, at fp16's precision. 0: floats. */
     int32_t kv_half;
+    int32_t mlp_parts;                /* 1..FM_MLP_PARTS: the layers' gate_up[0..mlp_parts - 1] and down[...] */
 } fm_model;
 
 /* The kernels are compiled once per instruction set and one copy is chosen when the library loads,
@@ -78,7 +86,7 @@ int fm_set_kernels(const char *name);
  * k_cache[i], v_cache[i]: layer i's (n_kv, capacity, head_dim) buffers, appended in place.
  * Writes the last position's logits (head.N + head_extra.N) and L2-normalised retrieval embedding.
  * Returns 0, or -1 when past + T exceeds capacity or the rotary table or capacity is not a multiple of
- * FM_KV_BLOCK, -2 when out of memory. */
+ * FM_KV_BLOCK (or m->mlp_parts is not 1..FM_MLP_PARTS dividing inter), -2 when out of memory. */
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
                void *const *k_cache, void *const *v_cache, float *logits, float *ret);
 /* One decoding step of B independent sequences: sequence b feeds embeds[b] (embeds (B, hidden)) on its
@@ -90,8 +98,8 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
  * Each weight matrix is read once for all B rows, and row b is bit-identical to fm_forward(T = 1) of
  * sequence b alone (its logits, ret and cache writes).
  * Returns 0, or -1 when some past[b] + 1 exceeds capacity[b] or the rotary table, some capacity[b] is
- * not a multiple of FM_KV_BLOCK, or out_rows is not
- * ascending within [0, B) (nothing written), -2 when out of memory. */
+ * not a multiple of FM_KV_BLOCK, out_rows is not ascending within [0, B) or m->mlp_parts is out of range (nothing
+ * written), -2 when out of memory. */
 int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                      void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
                      float *logits, float *ret);

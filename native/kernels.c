@@ -252,12 +252,13 @@ static void nbits_prepare(const float *x, int K, float *sums, float *sx, int32_t
     }
 }
 
-/* Scratch for B rows of nbits_prepare: sums, sx and ls (B, nb) each, then 2 K bytes per row, 64-byte aligned. */
-static float *nbits_scratch(int B, int K, float **sx, int32_t **ls, uint8_t **rows) {
+/* Floats of scratch for B rows of nbits_prepare: sums, sx and ls (B, nb) each, then 2 K bytes per row, 64-byte
+ * aligned (nbits_scratch). */
+static size_t nbits_floats(int B, int K) { return (3 * (size_t)B * (K / FM_BLOCK) + 15) / 16 * 16 + (size_t)B * K / 2; }
+
+static void nbits_scratch(float *sums, int B, int K, float **sx, int32_t **ls, uint8_t **rows) {
     const size_t nb = (size_t)K / FM_BLOCK, scales = (3 * B * nb + 15) / 16 * 16;
-    float *sums = fm_scratch(0, scales + (size_t)B * K / 2);
-    if (sums) *sx = sums + B * nb, *ls = (int32_t *)(sums + 2 * B * nb), *rows = (uint8_t *)(sums + scales);
-    return sums;
+    *sx = sums + B * nb, *ls = (int32_t *)(sums + 2 * B * nb), *rows = (uint8_t *)(sums + scales);
 }
 
 /* ---- 4/8-bit panels ------------------------------------------------------------------------------- */
@@ -476,26 +477,34 @@ static void prepare_row(const fm_linear *L, const float *x, int r, const rows_in
                   NEEDS_LS && L->bits == 8 ? in->ls + (size_t)r * nb : NULL, in->x8 + (size_t)r * 2 * K);
 }
 
-/* The B rows of x for L's kernels, in the calling thread's scratch (fm_scratch slot 0): x itself or transposed (fp32
- * matrices); for 4/8-bit ones the space their rounded rows take, which prepare_row fills. 0, or -2 when out of
- * memory. */
-static int prepare_rows(const fm_linear *L, const float *x, int B, rows_input *in) {
+/* Floats of scratch prepare_rows needs for B rows of L, a multiple of 16. */
+static size_t rows_floats(const fm_linear *L, int B) {
+    return L->kind == FM_F32 ? (B > 1 ? ((size_t)B * L->K + 15) / 16 * 16 : 0) : nbits_floats(B, L->K);
+}
+
+/* The B rows of x for L's kernels in mem (rows_floats(L, B) floats, 64-byte aligned): x itself or transposed (fp32
+ * matrices); for 4/8-bit ones the space their rounded rows take, which prepare_row fills. */
+static void prepare_rows(const fm_linear *L, const float *x, int B, float *mem, rows_input *in) {
     if (L->kind == FM_F32) {
         *in = (rows_input){.xt = x};  /* one row is its own transpose */
-        if (B > 1) {
-            float *t = fm_scratch(0, (size_t)B * L->K);
-            if (!t) return -2;
-            transpose_rows(x, B, L->K, t);
-            in->xt = t;
-        }
-        return 0;
+        if (B > 1) transpose_rows(x, B, L->K, mem), in->xt = mem;
+        return;
     }
     float *sx;
     int32_t *ls;
     uint8_t *x8;
-    float *sums = nbits_scratch(B, L->K, &sx, &ls, &x8);
-    if (!sums) return -2;
-    *in = (rows_input){NULL, sums, sx, ls, x8};
+    nbits_scratch(mem, B, L->K, &sx, &ls, &x8);
+    *in = (rows_input){NULL, mem, sx, ls, x8};
+}
+
+/* One row of x for L's kernels in the calling thread's scratch (fm_scratch slot 0), rounded. 0, or -2 when out of
+ * memory. */
+static int prepare_one(const fm_linear *L, const float *x, rows_input *in) {
+    const size_t need = rows_floats(L, 1);
+    float *mem = need ? fm_scratch(0, need) : NULL;
+    if (need && !mem) return -2;
+    prepare_rows(L, x, 1, mem, in);
+    if (L->kind != FM_F32) prepare_row(L, x, 0, in);
     return 0;
 }
 
@@ -508,6 +517,14 @@ static int panel_chunk(const fm_linear *L, int B, int threads) {
     return chunk < 1 ? 1 : chunk;
 }
 
+/* y (+)= x @ W for the panels p0..p1 - 1. */
+static void run_panels(const fm_linear *L, int p0, int p1, const rows_input *in, int B, float *y, size_t ldy,
+                       int accumulate) {
+    if (L->kind == FM_F32) f32_panels(L->w, L->K, L->N, p0, p1, in->xt, B, y, ldy, accumulate);
+    else if (L->bits == 4) q_panels(L, p0, p1, in->x8, in->sx, in->sums, in->ls, B, y, ldy, accumulate, 4);
+    else q_panels(L, p0, p1, in->x8, in->sx, in->sums, in->ls, B, y, ldy, accumulate, 8);
+}
+
 /* The calling thread's share of y (+)= x @ W: chunks of `chunk` panels claimed from *next (the threads' shared
  * counter, 0 at the start) until none is left. */
 static void claim_chunks(const fm_linear *L, int *next, int chunk, const rows_input *in, int B, float *y, size_t ldy,
@@ -515,35 +532,65 @@ static void claim_chunks(const fm_linear *L, int *next, int chunk, const rows_in
     const int panels = (L->N + PANEL - 1) / PANEL;
     const int alone = (panels + chunk - 1) / chunk <= omp_get_num_threads();  /* a chunk a thread: not claimed */
     for (int p0 = alone ? omp_get_thread_num() * chunk : __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED);
-         p0 < panels; p0 = alone ? panels : __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED)) {
-        const int p1 = p0 + chunk < panels ? p0 + chunk : panels;
-        if (L->kind == FM_F32) f32_panels(L->w, L->K, L->N, p0, p1, in->xt, B, y, ldy, accumulate);
-        else if (L->bits == 4) q_panels(L, p0, p1, in->x8, in->sx, in->sums, in->ls, B, y, ldy, accumulate, 4);
-        else q_panels(L, p0, p1, in->x8, in->sx, in->sums, in->ls, B, y, ldy, accumulate, 8);
-    }
+         p0 < panels; p0 = alone ? panels : __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED))
+        run_panels(L, p0, p0 + chunk < panels ? p0 + chunk : panels, in, B, y, ldy, accumulate);
+}
+
+int fm_linear_alone(const fm_linear *L, const float *x, float *y, int accumulate) {
+    rows_input in;
+    if (prepare_one(L, x, &in)) return -2;
+    run_panels(L, 0, (L->N + PANEL - 1) / PANEL, &in, 1, y, (size_t)L->N, accumulate);
+    return 0;
 }
 
 int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate, int *next) {
     rows_input in;
-    const int rc = prepare_rows(L, x, 1, &in);  /* each thread its own */
-    if (!rc && L->kind != FM_F32) prepare_row(L, x, 0, &in);
+    const int rc = prepare_one(L, x, &in);  /* each thread its own */
     if (!rc) claim_chunks(L, next, panel_chunk(L, 1, omp_get_num_threads()), &in, 1, y, (size_t)L->N, accumulate);
 #pragma omp barrier
     return rc;
 }
 
-int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
-    rows_input in;
-    if (prepare_rows(L, x, B, &in)) return -2;
-    const int chunk = panel_chunk(L, B, omp_get_max_threads());
+int fm_linear_rows_n(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
+                     int accumulate) {
+    if (n < 1 || n > FM_MAX_MATRICES) return -1;
+    rows_input in[FM_MAX_MATRICES];
+    int first[FM_MAX_MATRICES + 1] = {0}, chunk[FM_MAX_MATRICES], own[FM_MAX_MATRICES];  /* own: rows of its own */
+    size_t at[FM_MAX_MATRICES], need = 0;
+    for (int j = 0; j < n; j++) {
+        own[j] = j == 0 || x[j] != x[j - 1] || L[j].K != L[j - 1].K || L[j].kind != L[j - 1].kind
+                 || L[j].bits != L[j - 1].bits;  /* else the same rows as the matrix before: prepared once */
+        at[j] = need, need += own[j] ? rows_floats(L + j, B) : 0;
+    }
+    float *mem = need ? fm_scratch(0, need) : NULL;
+    if (need && !mem) return -2;
+    for (int j = 0; j < n; j++) {
+        if (own[j]) prepare_rows(L + j, x[j], B, mem + at[j], in + j);
+        else in[j] = in[j - 1];
+        chunk[j] = panel_chunk(L + j, B, (omp_get_max_threads() + n - 1) / n);  /* whole rounds over all n */
+        first[j + 1] = first[j] + ((L[j].N + PANEL - 1) / PANEL + chunk[j] - 1) / chunk[j];
+    }
     int next = 0;
 #pragma omp parallel
     {
-        if (L->kind != FM_F32) {  /* the rows rounded by the threads, a share each, before any reads them */
-#pragma omp for schedule(static)
-            for (int r = 0; r < B; r++) prepare_row(L, x, r, &in);
+        /* the rows rounded by the threads, a share each, before any reads them */
+#pragma omp for collapse(2) schedule(static)
+        for (int j = 0; j < n; j++)
+            for (int r = 0; r < B; r++)
+                if (own[j] && L[j].kind != FM_F32) prepare_row(L + j, x[j], r, in + j);
+        /* the matrices' chunks claimed as one list; a chunk a thread: not claimed (claim_chunks) */
+        const int total = first[n], alone = total <= omp_get_num_threads();
+        for (int c = alone ? omp_get_thread_num() : __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED); c < total;
+             c = alone ? total : __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED)) {
+            int j = 0;
+            while (c >= first[j + 1]) j++;
+            const int panels = (L[j].N + PANEL - 1) / PANEL, p0 = (c - first[j]) * chunk[j];
+            run_panels(L + j, p0, p0 + chunk[j] < panels ? p0 + chunk[j] : panels, in + j, B, y[j], ldy[j], accumulate);
         }
-        claim_chunks(L, &next, chunk, &in, B, y, ldy, accumulate);
     }
     return 0;
+}
+
+int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
+    return fm_linear_rows_n(L, 1, &x, B, &y, &ldy, accumulate);
 }

@@ -21,7 +21,9 @@
 #define fm_stream_read FM_PASTE(fm_stream_read, FM_ISA)
 #define fm_fma_loop FM_PASTE(fm_fma_loop, FM_ISA)
 #define fm_linear_rows FM_PASTE(fm_linear_rows, FM_ISA)
+#define fm_linear_rows_n FM_PASTE(fm_linear_rows_n, FM_ISA)
 #define fm_linear_team FM_PASTE(fm_linear_team, FM_ISA)
+#define fm_linear_alone FM_PASTE(fm_linear_alone, FM_ISA)
 #define fm_head_top FM_PASTE(fm_head_top, FM_ISA)
 #endif
 
@@ -42,10 +44,17 @@
  * accumulate (the residual adds); each weight is read once for all rows, and each row is bit-identical
  * to that row alone. Returns 0, or -2 when its scratch memory cannot be had. Parallel (OpenMP) inside. */
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate);
+/* fm_linear_rows for the n (<= FM_MAX_MATRICES) matrices L[j], y[j] (B, ldy[j]) (+)= x[j] (B, K_j) @ W_j (a layer's
+ * MLP parts), in one team: their chunks claimed as one list. Returns 0, -2 (out of memory) or -1 (n out of range). */
+enum { FM_MAX_MATRICES = 4 };
+int fm_linear_rows_n(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
+                     int accumulate);
 /* One row, y (+)= x @ W, called by every thread of an OpenMP team with the same arguments: the threads claim
  * the matrix's chunks from *next (0 before the first call; one counter per matrix), each reading x itself.
  * Ends with the team's barrier. Returns 0, or -2 (this thread's scratch memory could not be had). */
 int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate, int *next);
+/* One row, y (+)= x @ W, by the calling thread alone (no team, no barrier). Returns 0, or -2 as fm_linear_team. */
+int fm_linear_alone(const fm_linear *L, const float *x, float *y, int accumulate);
 /* Rows x (B, K) that want only their top[r] (1..FM_MAX_TOP) largest logits, against the model's fp32 head with
  * its 8-bit copy (fm_model.head_q8): in y's rows (ldy apart), the exact logits of the panels that can hold one
  * of them or hold a head_q8_exact column, -INFINITY elsewhere (head_top.c). Returns 0, or -2 when out of

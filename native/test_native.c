@@ -11,8 +11,9 @@
 
 #include "fromage_native.h"
 
-/* I: 9 blocks; T: 3 attention blocks; D = 64 with 3 heads per KV group: the AVX-512 copy's fused heads */
-enum { LAYERS = 2, E = 64, H = 6, KV = 2, D = 64, I = 288, V = 50, POS = 192, R = 8, T = 150 };
+/* I: 2 MLP parts of 5 blocks (I1: one part of 9); T: 3 attention blocks; D = 64 with 3 heads per KV group: the AVX-512 copy's fused
+ * heads */
+enum { LAYERS = 2, E = 64, H = 6, KV = 2, D = 64, I = 320, PARTS = 2, I1 = 288, V = 50, POS = 192, R = 8, T = 150 };
 
 static unsigned rng = 12345;
 static float frand(void) { rng = rng * 1664525u + 1013904223u; return (float)(rng >> 8) / (1 << 24) - 0.5f; }
@@ -335,8 +336,10 @@ int main(void) {
         lf[i].mlp_norm = lq[i].mlp_norm = randv(E, 0.2f, 1.f);
         make_linear(E, (H + 2 * KV) * D, &lf[i].qkv, &lq[i].qkv, 4);
         make_linear(H * D, E, &lf[i].o, &lq[i].o, 4);
-        make_linear(E, 2 * I, &lf[i].gate_up, &lq[i].gate_up, 4);
-        make_linear(I, E, &lf[i].down, &lq[i].down, 4);
+        for (int s = 0; s < PARTS; s++) {
+            make_linear(E, 2 * I / PARTS, &lf[i].gate_up[s], &lq[i].gate_up[s], 4);
+            make_linear(I / PARTS, E, &lf[i].down[s], &lq[i].down[s], 4);
+        }
     }
     float *cosv = malloc(sizeof(float) * POS * D / 2), *sinv = malloc(sizeof(float) * POS * D / 2);
     for (int p = 0; p < POS; p++)
@@ -348,8 +351,19 @@ int main(void) {
     make_linear(E, V, &head_f, &head_q, 8);
     fm_model mf = {LAYERS, E, H, KV, D, I, POS, R, 0, 1e-5f, cosv, sinv, lf, randv(E, 0.2f, 1.f), head_f, none,
                    packed(randv(E * R, 0.5f, 0.f), E, R), randv(R, 0.1f, 0.f)};
+    mf.mlp_parts = PARTS;
     fm_model mq = mf;
     mq.layers = lq, mq.head = head_q;
+    /* the same but for an MLP of one part (fm_model.mlp_parts 1: an inner dimension of an odd number of blocks) */
+    fm_layer lf1[LAYERS], lq1[LAYERS];
+    for (int i = 0; i < LAYERS; i++) {
+        lf1[i] = lf[i], lq1[i] = lq[i];
+        make_linear(E, 2 * I1, &lf1[i].gate_up[0], &lq1[i].gate_up[0], 4);
+        make_linear(I1, E, &lf1[i].down[0], &lq1[i].down[0], 4);
+        lf1[i].gate_up[1] = lf1[i].down[1] = lq1[i].gate_up[1] = lq1[i].down[1] = none;
+    }
+    fm_model mf1 = mf, mq1 = mq;
+    mf1.inter = mq1.inter = I1, mf1.mlp_parts = mq1.mlp_parts = 1, mf1.layers = lf1, mq1.layers = lq1;
     float *emb = randv(T * E, 1.f, 0.f), ref_f[V], ref_q[V], ref_h[V], got_f[V], got_q[V], got_h[V];
     int ok = 1;
     if (fm_set_kernels("portable") != 0) return 2;
@@ -364,6 +378,11 @@ int main(void) {
                     dh = max_diff(ref_h, got_h, V) / scale;
         printf("[%s] logits vs the portable copy: fp32 %.2e, 4/8-bit %.2e, fp16 KV cache %.2e\n", paths[i], df, dq, dh);
         ok &= df < 1e-5f && dq < 1e-4f && dh < 1e-5f;
+    }
+    for (int i = 0; i < n_paths; i++) {
+        if (fm_set_kernels(paths[i]) != 0) return 2;
+        printf("[%s] an MLP of one part:\n", paths[i]);
+        ok &= check(&mf1, &mq1, emb, got_f, got_q, got_h);
     }
     if (!ok) {
         printf("FAILED\n");

@@ -41,9 +41,11 @@ def make_lm(arch: str, folder):
                         pad_token_id=1)
         lm = OPTForCausalLM(cfg)
     else:
-        cfg = LlamaConfig(vocab_size=v, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        # llama_mlp2: an inner dimension of 4 whole 32-blocks, which the native decoder computes in two parts
+        cfg = LlamaConfig(vocab_size=v, hidden_size=64, intermediate_size=128 if arch == "llama_mlp2" else 96,
+                          num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
-                          tie_word_embeddings=(arch == "llama"), bos_token_id=1, eos_token_id=2)
+                          tie_word_embeddings=(arch != "llama_untied"), bos_token_id=1, eos_token_id=2)
         lm = LlamaForCausalLM(cfg)
     lm.generation_config.eos_token_id = 2
     lm.save_pretrained(folder)
@@ -81,6 +83,7 @@ def make_images(folder, n: int = 8):
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     return {"llama": make_lm("llama", root / "llama"), "llama_untied": make_lm("llama_untied", root / "llama_untied"),
+            "llama_mlp2": make_lm("llama_mlp2", root / "llama_mlp2"),
             "opt": make_lm("opt", root / "opt"), "clip": make_clip(root / "clip"),
             "images": make_images(root / "images"), "root": root}
 

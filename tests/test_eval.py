@@ -260,9 +260,10 @@ def test_vist_reader_and_benchmark(exported, runtimes, assets, tmp_path, capsys)
     assert code == 0, err
     doc = json.loads(out)
     assert doc["stories"] == 3 and doc["candidates"] == 3 and doc["skipped_missing_images"] == 1
-    # the last caption alone, by hand: [RET] embedding against the 3 last images, none of them excluded
+    # the last caption alone, by hand: [RET] embedding against the 3 last images, none of them excluded (the
+    # caption as the story's text, not in the query template that ret_embeddings writes a text query in)
     rt = runtimes["llama"]
-    q = ret_embeddings(rt, [s["captions"][-1] for s in stories])
+    q = ret_embeddings_of_parts(rt, [[s["captions"][-1]] for s in stories])
     _, img = rt.encode_images([s["images"][-1] for s in stories])
     scores = q.astype(np.float64) @ img.T.astype(np.float64)
     for i, s in enumerate(stories):  # a story's own earlier photos are never candidates for it

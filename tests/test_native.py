@@ -38,6 +38,24 @@ def test_native_matches_onnxruntime_step_by_step(exported):
         _steps(a, lengths)
 
 
+@pytest.mark.parametrize("quantize", [None, "int4", "int8"])
+def test_the_mlp_in_two_parts_matches_onnxruntime(assets, tmp_path, quantize):
+    """An inner dimension of whole 32-blocks in two parts (the default model's 1,536; here 128): the native
+    decoder computes a part per thread, from its gate to its down, from matrices split at load (fp32 columns and
+    rows, 4/8-bit blocks); its outputs are ONNX Runtime's on the same bundle. The other tests' Llama (96: three
+    blocks) runs the MLP as one part."""
+    from conftest import build_model
+    from fromage.export.bundle_writer import write_bundle
+    model = build_model(assets, "llama_mlp2", k=2)
+    options = {"quantize": quantize, "activations": "fp32"} if quantize else {}
+    write_bundle(model, tmp_path / "b", log=lambda *_: None, **options)
+    a, b = Fromage(tmp_path / "b", engine="native", threads=2), Fromage(tmp_path / "b", engine="onnxruntime")
+    assert a.decoder.model.mlp_parts == 2 and a.decoder.model.inter == 128
+    for (la, ra, _), (lb, rb, _) in zip(_steps(a, [7, 1, 1]), _steps(b, [7, 1, 1])):
+        assert np.abs(la - lb).max() <= 1e-4 * max(1.0, np.abs(lb).max())
+        assert np.abs(ra - rb).max() <= 1e-5
+
+
 def test_a_growing_cache_keeps_its_keys(exported, monkeypatch):
     """A cache that outgrows its capacity is copied whole into the bigger one (the native keys live in blocks
     of 64 positions): the steps after the growth still match ONNX Runtime's, whose cache grows too."""
