@@ -526,24 +526,36 @@ static void add_rows(float *x, const float *part, int T, int E, int parts) {
     for (int t = 0; t < T; t++) add_parts(x + (size_t)t * E, part + (size_t)t * E, E, parts, (size_t)T * E);
 }
 
-/* x (T, E) += the MLP of the normed rows h (T, E), part by part (fm_layer), for a batch or a prompt: gu (T, 2 I) and
- * act (T, I) hold each part's rows together, part (parts, T, E) its down product. */
-static int mlp_rows(const fm_model *m, const fm_layer *L, const float *h, int T, float *x, float *gu, float *act,
-                    float *part, double *clock) {
-    const int E = m->hidden, S = m->mlp_parts, Is = m->inter / S;
-    const size_t rows_gu = (size_t)T * 2 * Is, rows_act = (size_t)T * Is, rows_x = (size_t)T * E;
-    int rc = 0;
-    double t = *clock;
+/* The MLP parts' matrices' arguments for T rows (fm_linear_rows_n): gate_up[s] reads the normed rows h (T, E) into
+ * gu (parts, T, 2 Is), down[s] reads SiLU's act (parts, T, Is) into part (parts, T, E). */
+typedef struct {
     const float *in_gu[FM_MLP_PARTS], *in_down[FM_MLP_PARTS];
     float *out_gu[FM_MLP_PARTS], *out_down[FM_MLP_PARTS];
     size_t ld_gu[FM_MLP_PARTS], ld_down[FM_MLP_PARTS];
+} mlp_args;
+
+static mlp_args mlp_arguments(const fm_model *m, int T, const float *h, float *gu, float *act, float *part) {
+    const int S = m->mlp_parts, Is = m->inter / S;
+    mlp_args a;
     for (int s = 0; s < S; s++) {
-        in_gu[s] = h, out_gu[s] = gu + s * rows_gu, ld_gu[s] = (size_t)2 * Is;
-        in_down[s] = act + s * rows_act, out_down[s] = part + s * rows_x, ld_down[s] = (size_t)E;
+        a.in_gu[s] = h, a.out_gu[s] = gu + (size_t)s * T * 2 * Is, a.ld_gu[s] = (size_t)2 * Is;
+        a.in_down[s] = act + (size_t)s * T * Is, a.out_down[s] = part + (size_t)s * T * m->hidden;
+        a.ld_down[s] = (size_t)m->hidden;
     }
-    TIMED(FM_OP_GATE_UP, rc |= fm_linear_rows_n(L->gate_up, S, in_gu, T, out_gu, ld_gu, 0));
-    TIMED(FM_OP_SILU, silu_parts(gu, T, Is, S, act));
-    TIMED(FM_OP_DOWN, rc |= fm_linear_rows_n(L->down, S, in_down, T, out_down, ld_down, 0); add_rows(x, part, T, E, S));
+    return a;
+}
+
+/* x (T, E) += the MLP of the normed rows h (T, E), part by part (fm_layer), for a prompt (mlp_arguments' buffers). */
+static int mlp_rows(const fm_model *m, const fm_layer *L, const float *h, int T, float *x, float *gu, float *act,
+                    float *part, double *clock) {
+    const int S = m->mlp_parts;
+    const mlp_args a = mlp_arguments(m, T, h, gu, act, part);
+    int rc = 0;
+    double t = *clock;
+    TIMED(FM_OP_GATE_UP, rc |= fm_linear_rows_n(L->gate_up, S, a.in_gu, T, a.out_gu, a.ld_gu, 0));
+    TIMED(FM_OP_SILU, silu_parts(gu, T, m->inter / S, S, act));
+    TIMED(FM_OP_DOWN, rc |= fm_linear_rows_n(L->down, S, a.in_down, T, a.out_down, a.ld_down, 0);
+          add_rows(x, part, T, m->hidden, S));
     *clock = t;
     return rc;
 }
@@ -756,6 +768,56 @@ static int layers_one_row(const fm_model *m, float *x, int32_t past, int32_t cap
     return rc ? -2 : 0;
 }
 
+/* The layers of a batched step (forward_rows' B > 1) in one OpenMP team, not a team per matrix and stage: the
+ * threads share each stage's rows or items and meet at its end (on two L3s a team's start costs several times a
+ * barrier). The same operations, in the same order, as mlp_rows and a team each: the same bits. */
+static int layers_rows(const fm_model *m, float *x, int B, const int32_t *past, const int32_t *capacity,
+                       void *const *k_cache, void *const *v_cache, const batch_layout *lay, float *h, float *qkv,
+                       float *attn, float *gu, float *act, float *parts, float *part, float *sc, double *clock) {
+    const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, S = m->mlp_parts, Is = m->inter / S;
+    const size_t width = (size_t)(H + 2 * KV) * d, ld_x = (size_t)E;
+    const float *in_h = h, *in_attn = attn;
+    const mlp_args a = mlp_arguments(m, B, h, gu, act, parts);
+    fm_rows_team st;
+    int rc = 0;
+#pragma omp parallel
+    {
+        double t = omp_get_thread_num() == 0 ? *clock : -1.;  /* the calling thread's (fm_profile), waits included */
+        int failed = 0;  /* the same in every thread: the matrices' st.rc */
+        for (int i = 0; i < m->n_layers && !failed; i++) {
+            const fm_layer *L = m->layers + i;
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) rms_norm_row(x + (size_t)b * E, L->attn_norm, h + (size_t)b * E, E, m->eps);
+            t = fm_op_done(FM_OP_NORM, t);
+            TIMED(FM_OP_QKV, failed |= fm_linear_rows_team(&L->qkv, 1, &in_h, B, &qkv, &width, 0, &st));
+            /* each row writes its own position (a prompt's rows share a cache, at different positions); the keys'
+             * 64 lines per group are misses, which two threads wait on side by side */
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++)
+                rope_and_append(m, qkv + b * width, 1, past[b], capacity[b], k_cache[(size_t)b * m->n_layers + i],
+                                v_cache[(size_t)b * m->n_layers + i]);
+            t = fm_op_done(FM_OP_ROPE, t);
+            TIMED(FM_OP_ATTENTION, attention_items(m, qkv, B, past, capacity, k_cache, v_cache, i, lay, attn, part, sc));
+            TIMED(FM_OP_O, failed |= fm_linear_rows_team(&L->o, 1, &in_attn, B, &x, &ld_x, 1, &st));
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) rms_norm_row(x + (size_t)b * E, L->mlp_norm, h + (size_t)b * E, E, m->eps);
+            t = fm_op_done(FM_OP_NORM, t);
+            TIMED(FM_OP_GATE_UP, failed |= fm_linear_rows_team(L->gate_up, S, a.in_gu, B, a.out_gu, a.ld_gu, 0, &st));
+#pragma omp for collapse(2) schedule(static)
+            for (int s = 0; s < S; s++)
+                for (int b = 0; b < B; b++)
+                    silu_row(gu + ((size_t)s * B + b) * 2 * Is, Is, act + ((size_t)s * B + b) * Is);
+            t = fm_op_done(FM_OP_SILU, t);
+            failed |= fm_linear_rows_team(L->down, S, a.in_down, B, a.out_down, a.ld_down, 0, &st);
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) add_parts(x + (size_t)b * E, parts + (size_t)b * E, E, S, (size_t)B * E);
+            t = fm_op_done(FM_OP_DOWN, t);
+        }
+        if (omp_get_thread_num() == 0) rc = failed, *clock = t;
+    }
+    return rc ? -2 : 0;
+}
+
 /* The layers and the head of a batched step (fm_forward_rows, its arguments checked). */
 static int forward_rows(const fm_model *m, const float *embeds, int B, const int32_t *past, const int32_t *capacity,
                         void *const *k_cache, void *const *v_cache, int n_out, const int32_t *out_rows,
@@ -777,22 +839,7 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
     if (B == 1)
         rc = layers_one_row(m, x, past[0], capacity[0], k_cache, v_cache, qkv, attn, h, gu, parts, buf[8], part, sc, &t);
     else
-        for (int i = 0; i < m->n_layers && !rc; i++) {
-            const fm_layer *L = m->layers + i;
-            TIMED(FM_OP_NORM, rms_norm(x, L->attn_norm, h, B, E, m->eps));
-            TIMED(FM_OP_QKV, rc |= fm_linear_rows(&L->qkv, h, B, qkv, width, 0));
-            /* each row writes its own position (a prompt's rows share a cache, at different positions); the keys'
-             * 64 lines per group are misses, which two threads wait on side by side */
-#pragma omp parallel for schedule(static)
-            for (int b = 0; b < B; b++)
-                rope_and_append(m, qkv + b * width, 1, past[b], capacity[b], k_cache[(size_t)b * m->n_layers + i],
-                                v_cache[(size_t)b * m->n_layers + i]);
-            t = fm_op_done(FM_OP_ROPE, t);
-            TIMED(FM_OP_ATTENTION, attention_batch(m, qkv, B, past, capacity, k_cache, v_cache, i, lay, attn, part, sc));
-            TIMED(FM_OP_O, rc |= fm_linear_rows(&L->o, attn, B, x, E, 1));
-            TIMED(FM_OP_NORM, rms_norm(x, L->mlp_norm, h, B, E, m->eps));
-            rc |= mlp_rows(m, L, h, B, x, gu, act, parts, &t);
-        }
+        rc = layers_rows(m, x, B, past, capacity, k_cache, v_cache, lay, h, qkv, attn, gu, act, parts, part, sc, &t);
     if (rc) return -2;
 
     /* the head only for the rows that want outputs: a prompt's inner positions need none */

@@ -461,15 +461,6 @@ static inline __attribute__((always_inline)) void q_panels(const fm_linear *L, i
 }
 
 /* ---- the entry points ---------------------------------------------------------------------------- */
-/* The rows as the panel kernels take them: x itself, or transposed in blocks (fp32 matrices); each row rounded to
- * 16 bits per block (4/8-bit ones: nbits_prepare). */
-typedef struct {
-    const float *xt;
-    float *sums, *sx;
-    int32_t *ls;
-    uint8_t *x8;
-} rows_input;
-
 /* Row r of x rounded for L's 4/8-bit kernels into in (nbits_prepare). */
 static void prepare_row(const fm_linear *L, const float *x, int r, const rows_input *in) {
     const int K = L->K, nb = K / FM_BLOCK;
@@ -551,44 +542,81 @@ int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate,
     return rc;
 }
 
+/* fm_linear_rows_n's layout of its n matrices in st for `threads` threads: which have rows of their own (a matrix with
+ * the same rows as the one before shares its), and their chunks in whole rounds; returns the floats of scratch their
+ * rows take (rows_prepare). */
+static size_t rows_layout(const fm_linear *L, int n, const float *const *x, int B, int threads, fm_rows_team *st) {
+    size_t need = 0;
+    st->first[0] = 0;
+    for (int j = 0; j < n; j++) {
+        st->own[j] = j == 0 || x[j] != x[j - 1] || L[j].K != L[j - 1].K || L[j].kind != L[j - 1].kind
+                     || L[j].bits != L[j - 1].bits;
+        need += st->own[j] ? rows_floats(L + j, B) : 0;
+        st->chunk[j] = panel_chunk(L + j, B, (threads + n - 1) / n);  /* whole rounds over all n */
+        st->first[j + 1] = st->first[j] + ((L[j].N + PANEL - 1) / PANEL + st->chunk[j] - 1) / st->chunk[j];
+    }
+    return need;
+}
+
+/* The matrices' rows laid out in mem (rows_layout's floats; prepare_rows). */
+static void rows_prepare(const fm_linear *L, int n, const float *const *x, int B, float *mem, fm_rows_team *st) {
+    for (int j = 0; j < n; j++) {
+        if (!st->own[j]) {
+            st->in[j] = st->in[j - 1];
+            continue;
+        }
+        prepare_rows(L + j, x[j], B, mem, st->in + j);
+        mem += rows_floats(L + j, B);
+    }
+}
+
+/* The calling thread's share of fm_linear_rows_n laid out in st: a share of the rows rounded, then the matrices'
+ * chunks claimed as one list (a chunk a thread: not claimed, as claim_chunks). */
+static void rows_share(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
+                       int accumulate, fm_rows_team *st) {
+    const rows_input *in = st->in;
+#pragma omp for collapse(2) schedule(static)
+    for (int j = 0; j < n; j++)
+        for (int r = 0; r < B; r++)
+            if (st->own[j] && L[j].kind != FM_F32) prepare_row(L + j, x[j], r, in + j);
+    const int total = st->first[n], alone = total <= omp_get_num_threads();
+    for (int c = alone ? omp_get_thread_num() : __atomic_fetch_add(&st->next, 1, __ATOMIC_RELAXED); c < total;
+         c = alone ? total : __atomic_fetch_add(&st->next, 1, __ATOMIC_RELAXED)) {
+        int j = 0;
+        while (c >= st->first[j + 1]) j++;
+        const int panels = (L[j].N + PANEL - 1) / PANEL, p0 = (c - st->first[j]) * st->chunk[j];
+        run_panels(L + j, p0, p0 + st->chunk[j] < panels ? p0 + st->chunk[j] : panels, in + j, B, y[j], ldy[j], accumulate);
+    }
+}
+
 int fm_linear_rows_n(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
                      int accumulate) {
     if (n < 1 || n > FM_MAX_MATRICES) return -1;
-    rows_input in[FM_MAX_MATRICES];
-    int first[FM_MAX_MATRICES + 1] = {0}, chunk[FM_MAX_MATRICES], own[FM_MAX_MATRICES];  /* own: rows of its own */
-    size_t at[FM_MAX_MATRICES], need = 0;
-    for (int j = 0; j < n; j++) {
-        own[j] = j == 0 || x[j] != x[j - 1] || L[j].K != L[j - 1].K || L[j].kind != L[j - 1].kind
-                 || L[j].bits != L[j - 1].bits;  /* else the same rows as the matrix before: prepared once */
-        at[j] = need, need += own[j] ? rows_floats(L + j, B) : 0;
-    }
+    fm_rows_team st;
+    const size_t need = rows_layout(L, n, x, B, omp_get_max_threads(), &st);
     float *mem = need ? fm_scratch(0, need) : NULL;
     if (need && !mem) return -2;
-    for (int j = 0; j < n; j++) {
-        if (own[j]) prepare_rows(L + j, x[j], B, mem + at[j], in + j);
-        else in[j] = in[j - 1];
-        chunk[j] = panel_chunk(L + j, B, (omp_get_max_threads() + n - 1) / n);  /* whole rounds over all n */
-        first[j + 1] = first[j] + ((L[j].N + PANEL - 1) / PANEL + chunk[j] - 1) / chunk[j];
-    }
-    int next = 0;
+    rows_prepare(L, n, x, B, mem, &st);
+    st.next = 0;
 #pragma omp parallel
-    {
-        /* the rows rounded by the threads, a share each, before any reads them */
-#pragma omp for collapse(2) schedule(static)
-        for (int j = 0; j < n; j++)
-            for (int r = 0; r < B; r++)
-                if (own[j] && L[j].kind != FM_F32) prepare_row(L + j, x[j], r, in + j);
-        /* the matrices' chunks claimed as one list; a chunk a thread: not claimed (claim_chunks) */
-        const int total = first[n], alone = total <= omp_get_num_threads();
-        for (int c = alone ? omp_get_thread_num() : __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED); c < total;
-             c = alone ? total : __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED)) {
-            int j = 0;
-            while (c >= first[j + 1]) j++;
-            const int panels = (L[j].N + PANEL - 1) / PANEL, p0 = (c - first[j]) * chunk[j];
-            run_panels(L + j, p0, p0 + chunk[j] < panels ? p0 + chunk[j] : panels, in + j, B, y[j], ldy[j], accumulate);
-        }
-    }
+    rows_share(L, n, x, B, y, ldy, accumulate, &st);
     return 0;
+}
+
+int fm_linear_rows_team(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
+                        int accumulate, fm_rows_team *st) {
+#pragma omp single
+    {
+        const size_t need = n < 1 || n > FM_MAX_MATRICES ? 0 : rows_layout(L, n, x, B, omp_get_num_threads(), st);
+        float *mem = need ? fm_scratch(0, need) : NULL;
+        st->rc = n < 1 || n > FM_MAX_MATRICES ? -1 : need && !mem ? -2 : 0;
+        if (!st->rc) rows_prepare(L, n, x, B, mem, st);
+        st->next = 0;
+    }  /* its barrier: the layout before any thread reads it */
+    const int rc = st->rc;  /* read before the barrier, after which a thread may start the next call's single */
+    if (!rc) rows_share(L, n, x, B, y, ldy, accumulate, st);
+#pragma omp barrier
+    return rc;
 }
 
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {

@@ -22,6 +22,7 @@
 #define fm_fma_loop FM_PASTE(fm_fma_loop, FM_ISA)
 #define fm_linear_rows FM_PASTE(fm_linear_rows, FM_ISA)
 #define fm_linear_rows_n FM_PASTE(fm_linear_rows_n, FM_ISA)
+#define fm_linear_rows_team FM_PASTE(fm_linear_rows_team, FM_ISA)
 #define fm_linear_team FM_PASTE(fm_linear_team, FM_ISA)
 #define fm_linear_alone FM_PASTE(fm_linear_alone, FM_ISA)
 #define fm_head_top FM_PASTE(fm_head_top, FM_ISA)
@@ -49,6 +50,22 @@ int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t l
 enum { FM_MAX_MATRICES = 4 };
 int fm_linear_rows_n(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
                      int accumulate);
+/* fm_linear_rows_n called by every thread of an OpenMP team with the same arguments and st (shared): one thread lays
+ * the rows out, all round a share and claim the chunks; ends with the team's barrier. Returns fm_linear_rows_n's. */
+/* Rows as the panel kernels take them: x itself or transposed in blocks (fp32 matrices); each row rounded to 16 bits per
+ * block (4/8-bit ones: kernels.c's nbits_prepare). */
+typedef struct {
+    const float *xt;
+    float *sums, *sx;
+    int32_t *ls;
+    uint8_t *x8;
+} rows_input;
+typedef struct {
+    rows_input in[FM_MAX_MATRICES];  /* each matrix's rows */
+    int first[FM_MAX_MATRICES + 1], chunk[FM_MAX_MATRICES], own[FM_MAX_MATRICES], next, rc;
+} fm_rows_team;
+int fm_linear_rows_team(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
+                        int accumulate, fm_rows_team *st);
 /* One row, y (+)= x @ W, called by every thread of an OpenMP team with the same arguments: the threads claim
  * the matrix's chunks from *next (0 before the first call; one counter per matrix), each reading x itself.
  * Ends with the team's barrier. Returns 0, or -2 (this thread's scratch memory could not be had). */
