@@ -519,8 +519,8 @@ static void add_parts(float *x, const float *part, int n, int parts, size_t stri
     }
 }
 
-/* add_parts for T rows of E, shared out among a team of their own for a prompt's many rows (a batch's few take
- * less time than waking the team). */
+/* add_parts for a prompt's T rows of E, shared out among a team of their own when there are many (a short prompt's
+ * take less time than waking the team). */
 static void add_rows(float *x, const float *part, int T, int E, int parts) {
 #pragma omp parallel for schedule(static) if (T >= 64)
     for (int t = 0; t < T; t++) add_parts(x + (size_t)t * E, part + (size_t)t * E, E, parts, (size_t)T * E);
@@ -574,6 +574,7 @@ static int retrieval(const fm_model *m, const float *h, int B, float *ret) {
     return 0;
 }
 
+/* The model's MLP parts (fm_layer) are ones the decoder computes. */
 static int mlp_parts_ok(const fm_model *m) {
     return m->mlp_parts >= 1 && m->mlp_parts <= FM_MLP_PARTS && m->inter % m->mlp_parts == 0;
 }
