@@ -70,14 +70,14 @@ _MLP = ("mlp.gate_up_proj", "mlp.down_proj")  # the matrices the native decoder 
 def _parts(name: str, k: int, n: int) -> list:
     """A matrix (K, N) as the kernels take it: a layer's gate_up as each MLP part's gate | up columns, its down as
     each part's rows (fm_layer) -- [(axis, indices), ...]; [None] for any other matrix (whole)."""
-    if name.endswith(_MLP[0]):
+    if name.endswith(_MLP[0]) and n >= 2:
         inter = n // 2
         size = inter // mlp_parts(inter)
         return [(1, np.r_[p:p + size, inter + p:inter + p + size]) for p in range(0, inter, size)]
-    if name.endswith(_MLP[1]):
+    if name.endswith(_MLP[1]) and k >= 1:
         size = k // mlp_parts(k)
         return [(0, np.arange(p, p + size)) for p in range(0, k, size)]
-    return [None]
+    return [None]  # (a degenerate MLP matrix too: the shape check refuses it)
 
 
 def _pieces(name: str, k: int, n: int) -> list:
