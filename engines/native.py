@@ -45,7 +45,8 @@ class _Model(ctypes.Structure):
         ("layers", ctypes.POINTER(_Layer)), ("final_norm", ctypes.c_void_p),
         ("head", _Linear), ("head_extra", _Linear), ("wt", ctypes.c_void_p), ("wt_bias", ctypes.c_void_p),
         ("head_q8", _Linear), ("head_q8_bound", ctypes.c_void_p), ("head_q8_exact", ctypes.c_void_p),
-        ("head_q8_n_exact", ctypes.c_int32), ("kv_half", ctypes.c_int32), ("mlp_parts", ctypes.c_int32)]
+        ("head_q8_n_exact", ctypes.c_int32), ("kv_half", ctypes.c_int32), ("mlp_parts", ctypes.c_int32),
+        ("prompt_rows", ctypes.c_int32)]
 
 
 HUGE_PAGE = 2 << 20

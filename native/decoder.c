@@ -1,6 +1,8 @@
 /* The decoder's forward pass: for each layer RMSNorm, QKV, rotary + KV cache append, causal
  * grouped-query attention, O projection, RMSNorm, gate/up, SiLU * up, down projection; then the
- * last position's logits and retrieval embedding. The same computation as export/llama_graph.py. */
+ * last position's logits and retrieval embedding. The same computation as export/llama_graph.py.
+ * One path for every call: rows, each a sequence's next position (a batch) or a prompt's positions on one cache
+ * (fm_forward), through forward_rows; one row alone through layers_one_row, several through layers_rows. */
 #include "kernels.h" /* first: it names this copy's functions and sets the instruction set (FM_ISA) */
 #include <math.h>
 #include <stdlib.h>
@@ -11,13 +13,6 @@
 static void rms_norm_row(const float *x, const float *w, float *out, int E, float eps) {
     const float r = 1.f / sqrtf(fm_dot(x, x, E) / E + eps);
     for (int i = 0; i < E; i++) out[i] = x[i] * r * w[i];
-}
-
-/* T rows of x (T, E) normalised into out, shared out among a team of their own when there are a few (a batch's, a
- * prompt's). */
-static void rms_norm(const float *x, const float *w, float *out, int T, int E, float eps) {
-#pragma omp parallel for schedule(static) if (T >= 4)
-    for (int t = 0; t < T; t++) rms_norm_row(x + (size_t)t * E, w, out + (size_t)t * E, E, eps);
 }
 
 /* rotate_half rotary on one head vector at one position (cos/sin rows of head_dim/2). */
@@ -79,16 +74,12 @@ static void append_group(const fm_model *m, const float *k, const float *v, int 
     }
 }
 
-/* Rotates q and k in place and appends the k and v of each new position to the cache. */
-static void rope_and_append(const fm_model *m, float *qkv, int T, int past, int capacity, void *kc, void *vc) {
-    const int H = m->n_heads, KV = m->n_kv, d = m->head_dim, half = d / 2, width = (H + 2 * KV) * d;
-    for (int t = 0; t < T; t++) {
-        const int p = past + t;
-        const float *c = m->cos + (size_t)p * half, *s = m->sin + (size_t)p * half;
-        float *row = qkv + (size_t)t * width;
-        for (int h = 0; h < H + KV; h++) rotate(row + h * d, c, s, half);
-        for (int g = 0; g < KV; g++) append_group(m, row + (H + g) * d, row + (H + KV + g) * d, g, p, capacity, kc, vc);
-    }
+/* Rotates a row's q and k (qkv (width)) in place for position p and appends its k and v to the cache. */
+static void rope_and_append(const fm_model *m, float *row, int p, int capacity, void *kc, void *vc) {
+    const int H = m->n_heads, KV = m->n_kv, d = m->head_dim, half = d / 2;
+    const float *c = m->cos + (size_t)p * half, *s = m->sin + (size_t)p * half;
+    for (int h = 0; h < H + KV; h++) rotate(row + h * d, c, s, half);
+    for (int g = 0; g < KV; g++) append_group(m, row + (H + g) * d, row + (H + KV + g) * d, g, p, capacity, kc, vc);
 }
 
 /* sc[s] = q . k[s] * scale for the ATT_BLOCK keys of one tile (kt: d rows of ATT_BLOCK floats), every
@@ -254,9 +245,8 @@ static inline __attribute__((always_inline)) void weighted_values_heads(const fl
 #endif
 
 /* A block is attended in two stages: the scores of a group's G query heads (q, G * d) over the block's
- * key tile kt (sc: G * ATT_BLOCK floats), then their softmax pieces and values. Decoding steps, single or
- * batched, run the first stage over many blocks before the second, so each thread reads its keys, then its
- * values, as long forward streams; prefill runs both per block. The results are the same. An fp16 cache (half)
+ * key tile kt (sc: G * ATT_BLOCK floats), then their softmax pieces and values. A thread runs the first stage over
+ * many blocks before the second, so it reads its keys, then its values, as long forward streams. An fp16 cache (half)
  * is converted as it is read: in registers by the AVX-512 copy, a tile at a time by the others. */
 static void group_scores(const float *q, int G, const void *kt, int half, int n, int d, float scale, float *sc) {
 #ifdef FM_AVX512
@@ -358,12 +348,6 @@ static void merge_blocks(const float *part, int blocks, int d, float *out) {
 /* Floats of scores a thread's attention needs: STAGED_BLOCKS blocks of a group's G heads. */
 static size_t thread_scores(const fm_model *m) { return (size_t)STAGED_BLOCKS * (m->n_heads / m->n_kv) * ATT_BLOCK; }
 
-/* Floats of attention scratch for `total` cache positions: the threads' scores, then the partials. */
-static size_t attention_scratch(const fm_model *m, int total, int threads) {
-    const int H = m->n_heads, G = H / m->n_kv, blocks = blocks_of(total);
-    return (size_t)threads * thread_scores(m) + (size_t)(H > threads * G ? H : threads * G) * blocks * (m->head_dim + 2);
-}
-
 /* Where each sequence of a batched step has its attention work, the same for every layer: sequence b's
  * (group, block) items are item[b] .. item[b + 1] - 1 (group-major), its partials start part[b] floats in. */
 typedef struct { const size_t *item, *part; } batch_layout;
@@ -452,61 +436,12 @@ static void attention_one_row(const fm_model *m, float *qkv, int past, int capac
     for (int h = 0; h < H; h++) merge_blocks(part + (size_t)h * per_head, blocks, d, out + (size_t)h * d);
 }
 
-/* attention_items in a team of its own. */
-static void attention_batch(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
-                            void *const *kc, void *const *vc, int layer, const batch_layout *lay, float *out,
-                            float *part, float *sc) {
-#pragma omp parallel
-    attention_items(m, qkv, B, past, capacity, kc, vc, layer, lay, out, part, sc);
-}
-
-/* Causal grouped-query attention of the T new positions over the cache; out (T, H*d). The cache is cut
- * into blocks of ATT_BLOCK positions whose partial softmaxes are merged in a fixed order, so the result
- * does not depend on the thread count. One new position (decoding): a batched step's attention of one
- * sequence; several (prefill): the threads share the (position, group) pairs. */
-static void attention(const fm_model *m, const float *qkv, int T, int past, int capacity,
-                      void *kc, void *vc, float *out, float *scratch) {
-    const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d, half = m->kv_half;
-    const int blocks = blocks_of(past + T);
-    const float scale = 1.f / sqrtf((float)d);
-    const size_t per_head = (size_t)blocks * (d + 2), scores = thread_scores(m);
-    float *part = scratch + (size_t)omp_get_max_threads() * scores;  /* after the threads' scores */
-    if (T == 1) {
-        const size_t item[] = {0, (size_t)KV * blocks}, parts[] = {0, (size_t)H * per_head};
-        const batch_layout lay = {item, parts};
-        void *const k[] = {kc}, *const v[] = {vc};
-        attention_batch(m, qkv, 1, &past, &capacity, k, v, 0, &lay, out, part, scratch);
-        return;
-    }
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int t = 0; t < T; t++)
-        for (int g = 0; g < KV; g++) {
-            const int n = past + t + 1, id = omp_get_thread_num();
-            float *mine = part + (size_t)id * G * per_head;
-            for (int b = 0; b * ATT_BLOCK < n; b++)  /* both stages a block at a time */
-                attend_run(qkv + (size_t)t * width + (size_t)g * G * d, G, kv_at(kc, block_at(g, 0, capacity, d), half),
-                           kv_at(vc, block_at(g, 0, capacity, d), half), half, b, b + 1, n, d, scale,
-                           scratch + (size_t)id * scores, mine, per_head);
-            for (int j = 0; j < G; j++)
-                merge_blocks(mine + (size_t)j * per_head, blocks_of(n), d,
-                             out + (size_t)t * H * d + (size_t)(g * G + j) * d);
-        }
-}
-
 /* out (I) = silu(gate) * up = gate / (1 + exp(-gate)) * up for one row's gate | up (2 I): ~1 us with vector exp. */
 static void silu_row(const float *gate_up, int I, float *out) {
     const float *g = gate_up, *u = g + I;
     for (int i = 0; i < I; i++) out[i] = -g[i];
     fm_exp_shifted(out, I, 0.f);
     for (int i = 0; i < I; i++) out[i] = g[i] / (1.f + out[i]) * u[i];
-}
-
-/* silu_row of T rows of each of S parts (gate_up (S, T, 2 Is) -> out (S, T, Is)), shared out as rms_norm's. */
-static void silu_parts(const float *gate_up, int T, int Is, int S, float *out) {
-#pragma omp parallel for collapse(2) schedule(static) if (T >= 4)
-    for (int s = 0; s < S; s++)
-        for (int t = 0; t < T; t++)
-            silu_row(gate_up + ((size_t)s * T + t) * 2 * Is, Is, out + ((size_t)s * T + t) * Is);
 }
 
 /* x[i] += the sum of the parts' part[p * stride + i] in part order (the MLP's parts, fm_layer): one expression on every
@@ -517,13 +452,6 @@ static void add_parts(float *x, const float *part, int n, int parts, size_t stri
         for (int p = 1; p < parts; p++) sum += part[p * stride + i];
         x[i] += sum;
     }
-}
-
-/* add_parts for a prompt's T rows of E, shared out among a team of their own when there are many (a short prompt's
- * take less time than waking the team). */
-static void add_rows(float *x, const float *part, int T, int E, int parts) {
-#pragma omp parallel for schedule(static) if (T >= 64)
-    for (int t = 0; t < T; t++) add_parts(x + (size_t)t * E, part + (size_t)t * E, E, parts, (size_t)T * E);
 }
 
 /* The MLP parts' matrices' arguments for T rows (fm_linear_rows_n): gate_up[s] reads the normed rows h (T, E) into
@@ -543,21 +471,6 @@ static mlp_args mlp_arguments(const fm_model *m, int T, const float *h, float *g
         a.ld_down[s] = (size_t)m->hidden;
     }
     return a;
-}
-
-/* x (T, E) += the MLP of the normed rows h (T, E), part by part (fm_layer), for a prompt (mlp_arguments' buffers). */
-static int mlp_rows(const fm_model *m, const fm_layer *L, const float *h, int T, float *x, float *gu, float *act,
-                    float *part, double *clock) {
-    const int S = m->mlp_parts;
-    const mlp_args a = mlp_arguments(m, T, h, gu, act, part);
-    int rc = 0;
-    double t = *clock;
-    TIMED(FM_OP_GATE_UP, rc |= fm_linear_rows_n(L->gate_up, S, a.in_gu, T, a.out_gu, a.ld_gu, 0));
-    TIMED(FM_OP_SILU, silu_parts(gu, T, m->inter / S, S, act));
-    TIMED(FM_OP_DOWN, rc |= fm_linear_rows_n(L->down, S, a.in_down, T, a.out_down, a.ld_down, 0);
-          add_rows(x, part, T, m->hidden, S));
-    *clock = t;
-    return rc;
 }
 
 /* The retrieval head for the final-normed rows h (B, hidden): ret (B, retrieval_dim), L2-normalised. */
@@ -587,45 +500,6 @@ static int carve_scratch(const size_t *sizes, int n, float **buf) {
     if (!ws) return -2;
     for (int i = 0; i < n; i++) buf[i] = ws, ws += (sizes[i] + 15) / 16 * 16;
     return 0;
-}
-
-int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
-               void *const *k_cache, void *const *v_cache, float *logits, float *ret) {
-    if (T < 1 || past < 0 || past + T > capacity || capacity % ATT_BLOCK || past + T > m->rope_positions) return -1;
-    if (!mlp_parts_ok(m)) return -1;
-    if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
-    const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
-    const size_t width = (size_t)(H + 2 * KV) * d;
-    const size_t sizes[] = {(size_t)T * E, (size_t)T * E, T * width, (size_t)T * H * d, (size_t)T * 2 * I,
-                            (size_t)T * I, attention_scratch(m, past + T, omp_get_max_threads()),
-                            (size_t)m->mlp_parts * T * E};
-    enum { N_BUFFERS = sizeof sizes / sizeof sizes[0] };
-    float *buf[N_BUFFERS];
-    if (carve_scratch(sizes, N_BUFFERS, buf)) return -2;
-    float *x = buf[0], *h = buf[1], *qkv = buf[2], *attn = buf[3], *gu = buf[4], *act = buf[5], *att_scratch = buf[6];
-    float *parts = buf[7];
-    int rc = 0;
-
-    memcpy(x, embeds, sizeof(float) * T * E);
-    double t = fm_op_start();
-    for (int i = 0; i < m->n_layers && !rc; i++) {
-        const fm_layer *L = m->layers + i;
-        TIMED(FM_OP_NORM, rms_norm(x, L->attn_norm, h, T, E, m->eps));
-        TIMED(FM_OP_QKV, rc |= fm_linear_rows(&L->qkv, h, T, qkv, (size_t)L->qkv.N, 0));
-        TIMED(FM_OP_ROPE, rope_and_append(m, qkv, T, past, capacity, k_cache[i], v_cache[i]));
-        TIMED(FM_OP_ATTENTION, attention(m, qkv, T, past, capacity, k_cache[i], v_cache[i], attn, att_scratch));
-        TIMED(FM_OP_O, rc |= fm_linear_rows(&L->o, attn, T, x, (size_t)L->o.N, 1));
-        TIMED(FM_OP_NORM, rms_norm(x, L->mlp_norm, h, T, E, m->eps));
-        rc |= mlp_rows(m, L, h, T, x, gu, act, parts, &t);
-    }
-    if (rc) return -2;
-
-    rms_norm_row(x + (size_t)(T - 1) * E, m->final_norm, h, E, m->eps);
-    rc |= fm_linear_rows(&m->head, h, 1, logits, (size_t)m->head.N, 0);
-    if (m->head_extra.N > 0) rc |= fm_linear_rows(&m->head_extra, h, 1, logits + m->head.N, (size_t)m->head_extra.N, 0);
-    rc = rc ? -2 : retrieval(m, h, 1, ret);
-    fm_op_done(FM_OP_HEAD, t);
-    return rc;
 }
 
 /* The logits of the final-normed rows h (n, hidden), (n, head.N + head_extra.N): the rows that want only their
@@ -795,7 +669,7 @@ static int layers_rows(const fm_model *m, float *x, int B, const int32_t *past, 
              * 64 lines per group are misses, which two threads wait on side by side */
 #pragma omp for schedule(static)
             for (int b = 0; b < B; b++)
-                rope_and_append(m, qkv + b * width, 1, past[b], capacity[b], k_cache[(size_t)b * m->n_layers + i],
+                rope_and_append(m, qkv + b * width, past[b], capacity[b], k_cache[(size_t)b * m->n_layers + i],
                                 v_cache[(size_t)b * m->n_layers + i]);
             t = fm_op_done(FM_OP_ROPE, t);
             TIMED(FM_OP_ATTENTION, attention_items(m, qkv, B, past, capacity, k_cache, v_cache, i, lay, attn, part, sc));
@@ -822,7 +696,8 @@ static int layers_rows(const fm_model *m, float *x, int B, const int32_t *past, 
 /* The layers and the head of a batched step (fm_forward_rows, its arguments checked). */
 static int forward_rows(const fm_model *m, const float *embeds, int B, const int32_t *past, const int32_t *capacity,
                         void *const *k_cache, void *const *v_cache, int n_out, const int32_t *out_rows,
-                        const int32_t *top, float *logits, float *ret, int32_t *best, const batch_layout *lay) {
+                        const int32_t *top, float *logits, float *ret, int32_t *best, const batch_layout *lay,
+                        double *clock) {
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
     const size_t width = (size_t)(H + 2 * KV) * d;
     const size_t sizes[] = {(size_t)B * E, (size_t)B * E, B * width, (size_t)B * H * d, (size_t)B * 2 * I,
@@ -836,7 +711,7 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
     int rc = 0;
 
     memcpy(x, embeds, sizeof(float) * B * E);
-    double t = fm_op_start();
+    double t = *clock;
     if (B == 1)
         rc = layers_one_row(m, x, past[0], capacity[0], k_cache, v_cache, qkv, attn, h, gu, parts, buf[8], part, sc, &t);
     else
@@ -848,8 +723,20 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
         rms_norm_row(x + (size_t)(out_rows ? out_rows[i] : i) * E, m->final_norm, h + (size_t)i * E, E, m->eps);
     rc = n_out == 0 ? 0 : head_rows(m, h, n_out, top, logits) ? -2 : retrieval(m, h, n_out, ret);
     if (!rc && best) best_columns(m, logits, (size_t)m->head.N + m->head_extra.N, n_out, top, best);
-    fm_op_done(FM_OP_HEAD, t);
+    *clock = fm_op_done(FM_OP_HEAD, t);
     return rc;
+}
+
+/* Where each row's attention work and partials go (batch_layout), in layout (2 (B + 1) entries). */
+static batch_layout layout_rows(const fm_model *m, int B, const int32_t *past, size_t *layout) {
+    size_t *item = layout, *part = layout + B + 1;
+    item[0] = part[0] = 0;
+    for (int b = 0; b < B; b++) {
+        const int blocks = blocks_of(past[b] + 1);
+        item[b + 1] = item[b] + (size_t)m->n_kv * blocks;
+        part[b + 1] = part[b] + (size_t)m->n_heads * blocks * (m->head_dim + 2);
+    }
+    return (batch_layout){item, part};
 }
 
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
@@ -864,17 +751,46 @@ int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int
             return -1;
     size_t *layout = malloc(sizeof(size_t) * 2 * ((size_t)B + 1));
     if (!layout) return -2;
-    size_t *item = layout, *part = layout + B + 1;
-    item[0] = part[0] = 0;
-    for (int b = 0; b < B; b++) {
-        const int blocks = blocks_of(past[b] + 1);
-        item[b + 1] = item[b] + (size_t)m->n_kv * blocks;
-        part[b + 1] = part[b] + (size_t)m->n_heads * blocks * (m->head_dim + 2);
-    }
     if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
-    const batch_layout lay = {item, part};
+    const batch_layout lay = layout_rows(m, B, past, layout);
+    double t = fm_op_start();
     const int rc = forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_top, logits, ret,
-                                out_best, &lay);
+                                out_best, &lay, &t);
     free(layout);
+    return rc;
+}
+
+/* The most bytes of attention partials a prompt's rows take at once (a row's: n_heads blocks (d + 2) floats): a long
+ * prompt runs in pieces of rows, each reading the weights once. */
+enum { PROMPT_PARTIAL_BYTES = 8 << 20 };
+
+/* A prompt is a batched step whose rows share one cache at consecutive positions (forward_rows): its T positions in
+ * pieces of rows, the head for the last only. */
+int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
+               void *const *k_cache, void *const *v_cache, float *logits, float *ret) {
+    if (T < 1 || past < 0 || past + T > capacity || capacity % ATT_BLOCK || past + T > m->rope_positions) return -1;
+    if (!mlp_parts_ok(m)) return -1;
+    const int n_layers = m->n_layers;
+    const size_t row_bytes = sizeof(float) * m->n_heads * blocks_of(past + T) * (m->head_dim + 2);
+    const size_t most = m->prompt_rows > 0 ? (size_t)m->prompt_rows : PROMPT_PARTIAL_BYTES / row_bytes;
+    const int rows = most < 1 ? 1 : most < (size_t)T ? (int)most : T;
+    int32_t *pasts = malloc(sizeof(int32_t) * 2 * rows);
+    size_t *layout = malloc(sizeof(size_t) * 2 * ((size_t)rows + 1));
+    void **caches = malloc(sizeof(void *) * 2 * (size_t)rows * n_layers);
+    int rc = pasts && layout && caches ? 0 : -2;
+    for (int b = 0; !rc && b < rows; b++)
+        for (int i = 0; i < n_layers; i++)
+            caches[(size_t)b * n_layers + i] = k_cache[i], caches[((size_t)rows + b) * n_layers + i] = v_cache[i];
+    if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
+    double t = fm_op_start();
+    for (int first = 0; !rc && first < T; first += rows) {
+        const int B = T - first < rows ? T - first : rows, last = B - 1, ends = first + B == T;
+        for (int b = 0; b < B; b++) pasts[b] = past + first + b, pasts[rows + b] = capacity;
+        const batch_layout lay = layout_rows(m, B, pasts, layout);
+        rc = forward_rows(m, embeds + (size_t)first * m->hidden, B, pasts, pasts + rows, caches,
+                          caches + (size_t)rows * n_layers, ends, ends ? &last : NULL, NULL, logits, ret, NULL, &lay,
+                          &t);
+    }
+    free(pasts), free(layout), free(caches);
     return rc;
 }

@@ -66,6 +66,7 @@ typedef struct {
      * attention computes in fp32 from them): half the cache's memory and reads, at fp16's precision. 0: floats. */
     int32_t kv_half;
     int32_t mlp_parts;                /* 1..FM_MLP_PARTS: the layers' gate_up[0..mlp_parts - 1] and down[...] */
+    int32_t prompt_rows;              /* fm_forward's positions per pass at most (0: as 8 MB of attention partials allow) */
 } fm_model;
 
 /* The kernels are compiled once per instruction set and one copy is chosen when the library loads,
@@ -84,7 +85,9 @@ const char *fm_kernels(void);
 int fm_set_kernels(const char *name);
 /* Feed T positions (embeds (T, hidden)) on a cache holding `past` positions of `capacity`;
  * k_cache[i], v_cache[i]: layer i's (n_kv, capacity, head_dim) buffers, appended in place.
- * Writes the last position's logits (head.N + head_extra.N) and L2-normalised retrieval embedding.
+ * Writes the last position's logits (head.N + head_extra.N) and L2-normalised retrieval embedding. The positions
+ * run as fm_forward_rows' rows on the one cache, up to m->prompt_rows of them a pass: each position's results are
+ * the same bits as when fed alone.
  * Returns 0, or -1 when past + T exceeds capacity or the rotary table or capacity is not a multiple of
  * FM_KV_BLOCK (or m->mlp_parts is not 1..FM_MLP_PARTS dividing inter), -2 when out of memory. */
 int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
