@@ -454,7 +454,7 @@ static void add_parts(float *x, const float *part, int n, int parts, size_t stri
     }
 }
 
-/* The MLP parts' matrices' arguments for T rows (fm_linear_rows_n): gate_up[s] reads the normed rows h (T, E) into
+/* The MLP parts' matrices' arguments for T rows (fm_linear_rows_team): gate_up[s] reads the normed rows h (T, E) into
  * gu (parts, T, 2 Is), down[s] reads SiLU's act (parts, T, Is) into part (parts, T, E). */
 typedef struct {
     const float *in_gu[FM_MLP_PARTS], *in_down[FM_MLP_PARTS];

@@ -181,13 +181,10 @@ static void f32_panels(const float *W, int K, int N, int p0, int p1, const float
     }
 }
 
-/* xt = x (B, K) transposed in blocks of rows (ROW_BLOCK). */
-static void transpose_rows(const float *x, int B, int K, float *xt) {
-#pragma omp parallel for schedule(static) if (B > ROW_BLOCK) /* one block: not worth waking a thread */
-    for (int r0 = 0; r0 < B; r0 += ROW_BLOCK) {
-        const int rows = B - r0 < ROW_BLOCK ? B - r0 : ROW_BLOCK;
-        transpose_tile(x + (size_t)r0 * K, (size_t)K, rows, K, xt + (size_t)r0 * K, (size_t)rows);
-    }
+/* The block of rows from r0 of x (B, K) transposed into xt (blocks of ROW_BLOCK rows). */
+static void transpose_block(const float *x, int B, int K, float *xt, int r0) {
+    const int rows = B - r0 < ROW_BLOCK ? B - r0 : ROW_BLOCK;
+    transpose_tile(x + (size_t)r0 * K, (size_t)K, rows, K, xt + (size_t)r0 * K, (size_t)rows);
 }
 
 /* ---- 4/8-bit blocks ------------------------------------------------------------------------------ */
@@ -473,12 +470,11 @@ static size_t rows_floats(const fm_linear *L, int B) {
     return L->kind == FM_F32 ? (B > 1 ? ((size_t)B * L->K + 15) / 16 * 16 : 0) : nbits_floats(B, L->K);
 }
 
-/* The B rows of x for L's kernels in mem (rows_floats(L, B) floats, 64-byte aligned): x itself or transposed (fp32
- * matrices); for 4/8-bit ones the space their rounded rows take, which prepare_row fills. */
+/* The B rows of x for L's kernels laid out in mem (rows_floats(L, B) floats, 64-byte aligned): x itself (one row is
+ * its own transpose) or its transpose (fp32 matrices), the rounded rows (4/8-bit ones); prepare_share fills them. */
 static void prepare_rows(const fm_linear *L, const float *x, int B, float *mem, rows_input *in) {
     if (L->kind == FM_F32) {
-        *in = (rows_input){.xt = x};  /* one row is its own transpose */
-        if (B > 1) transpose_rows(x, B, L->K, mem), in->xt = mem;
+        *in = (rows_input){.xt = B > 1 ? mem : x};
         return;
     }
     float *sx;
@@ -488,6 +484,13 @@ static void prepare_rows(const fm_linear *L, const float *x, int B, float *mem, 
     *in = (rows_input){NULL, mem, sx, ls, x8};
 }
 
+/* Row r's share of filling prepare_rows' layout: a 4/8-bit matrix's row r rounded, or, for an fp32 one, the block of
+ * rows starting at r transposed. */
+static void prepare_share(const fm_linear *L, const float *x, int B, int r, const rows_input *in) {
+    if (L->kind != FM_F32) prepare_row(L, x, r, in);
+    else if (B > 1 && r % ROW_BLOCK == 0) transpose_block(x, B, L->K, (float *)in->xt, r);
+}
+
 /* One row of x for L's kernels in the calling thread's scratch (fm_scratch slot 0), rounded. 0, or -2 when out of
  * memory. */
 static int prepare_one(const fm_linear *L, const float *x, rows_input *in) {
@@ -495,7 +498,7 @@ static int prepare_one(const fm_linear *L, const float *x, rows_input *in) {
     float *mem = need ? fm_scratch(0, need) : NULL;
     if (need && !mem) return -2;
     prepare_rows(L, x, 1, mem, in);
-    if (L->kind != FM_F32) prepare_row(L, x, 0, in);
+    prepare_share(L, x, 1, 0, in);
     return 0;
 }
 
@@ -542,7 +545,7 @@ int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate,
     return rc;
 }
 
-/* fm_linear_rows_n's layout of its n matrices in st for `threads` threads: which have rows of their own (a matrix with
+/* fm_linear_rows_team's layout of its n matrices in st for `threads` threads: which have rows of their own (a matrix with
  * the same rows as the one before shares its), and their chunks in whole rounds; returns the floats of scratch their
  * rows take (rows_prepare). */
 static size_t rows_layout(const fm_linear *L, int n, const float *const *x, int B, int threads, fm_rows_team *st) {
@@ -570,15 +573,15 @@ static void rows_prepare(const fm_linear *L, int n, const float *const *x, int B
     }
 }
 
-/* The calling thread's share of fm_linear_rows_n laid out in st: a share of the rows rounded, then the matrices'
- * chunks claimed as one list (a chunk a thread: not claimed, as claim_chunks). */
+/* The calling thread's share of fm_linear_rows_team laid out in st: a share of the rows filled in (prepare_share),
+ * then the matrices' chunks claimed as one list (a chunk a thread: not claimed, as claim_chunks). */
 static void rows_share(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
                        int accumulate, fm_rows_team *st) {
     const rows_input *in = st->in;
 #pragma omp for collapse(2) schedule(static)
     for (int j = 0; j < n; j++)
         for (int r = 0; r < B; r++)
-            if (st->own[j] && L[j].kind != FM_F32) prepare_row(L + j, x[j], r, in + j);
+            if (st->own[j]) prepare_share(L + j, x[j], B, r, in + j);
     const int total = st->first[n], alone = total <= omp_get_num_threads();
     for (int c = alone ? omp_get_thread_num() : __atomic_fetch_add(&st->next, 1, __ATOMIC_RELAXED); c < total;
          c = alone ? total : __atomic_fetch_add(&st->next, 1, __ATOMIC_RELAXED)) {
@@ -587,20 +590,6 @@ static void rows_share(const fm_linear *L, int n, const float *const *x, int B, 
         const int panels = (L[j].N + PANEL - 1) / PANEL, p0 = (c - st->first[j]) * st->chunk[j];
         run_panels(L + j, p0, p0 + st->chunk[j] < panels ? p0 + st->chunk[j] : panels, in + j, B, y[j], ldy[j], accumulate);
     }
-}
-
-int fm_linear_rows_n(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
-                     int accumulate) {
-    if (n < 1 || n > FM_MAX_MATRICES) return -1;
-    fm_rows_team st;
-    const size_t need = rows_layout(L, n, x, B, omp_get_max_threads(), &st);
-    float *mem = need ? fm_scratch(0, need) : NULL;
-    if (need && !mem) return -2;
-    rows_prepare(L, n, x, B, mem, &st);
-    st.next = 0;
-#pragma omp parallel
-    rows_share(L, n, x, B, y, ldy, accumulate, &st);
-    return 0;
 }
 
 int fm_linear_rows_team(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
@@ -620,5 +609,12 @@ int fm_linear_rows_team(const fm_linear *L, int n, const float *const *x, int B,
 }
 
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
-    return fm_linear_rows_n(L, 1, &x, B, &y, &ldy, accumulate);
+    fm_rows_team st;
+    int rc = 0;
+#pragma omp parallel
+    {
+        const int mine = fm_linear_rows_team(L, 1, &x, B, &y, &ldy, accumulate, &st);
+        if (omp_get_thread_num() == 0) rc = mine;
+    }
+    return rc;
 }

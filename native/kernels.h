@@ -21,7 +21,6 @@
 #define fm_stream_read FM_PASTE(fm_stream_read, FM_ISA)
 #define fm_fma_loop FM_PASTE(fm_fma_loop, FM_ISA)
 #define fm_linear_rows FM_PASTE(fm_linear_rows, FM_ISA)
-#define fm_linear_rows_n FM_PASTE(fm_linear_rows_n, FM_ISA)
 #define fm_linear_rows_team FM_PASTE(fm_linear_rows_team, FM_ISA)
 #define fm_linear_team FM_PASTE(fm_linear_team, FM_ISA)
 #define fm_linear_alone FM_PASTE(fm_linear_alone, FM_ISA)
@@ -46,12 +45,10 @@
  * to that row alone. Returns 0, or -2 when its scratch memory cannot be had. Parallel (OpenMP) inside. */
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate);
 /* fm_linear_rows for the n (<= FM_MAX_MATRICES) matrices L[j], y[j] (B, ldy[j]) (+)= x[j] (B, K_j) @ W_j (a layer's
- * MLP parts), in one team: their chunks claimed as one list. Returns 0, -2 (out of memory) or -1 (n out of range). */
+ * MLP parts), called by every thread of an OpenMP team with the same arguments and st (shared): one thread lays the
+ * rows out (a matrix with the same rows as the one before shares them), all round a share and claim the matrices'
+ * chunks as one list; ends with the team's barrier. Returns 0, -2 (out of memory) or -1 (n out of range). */
 enum { FM_MAX_MATRICES = 4 };
-int fm_linear_rows_n(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
-                     int accumulate);
-/* fm_linear_rows_n called by every thread of an OpenMP team with the same arguments and st (shared): one thread lays
- * the rows out, all round a share and claim the chunks; ends with the team's barrier. Returns fm_linear_rows_n's. */
 /* Rows as the panel kernels take them: x itself or transposed in blocks (fp32 matrices); each row rounded to 16 bits per
  * block (4/8-bit ones: kernels.c's nbits_prepare). */
 typedef struct {
@@ -60,7 +57,7 @@ typedef struct {
     int32_t *ls;
     uint8_t *x8;
 } rows_input;
-typedef struct {
+typedef struct {  /* fm_linear_rows_team's layout */
     rows_input in[FM_MAX_MATRICES];  /* each matrix's rows */
     int first[FM_MAX_MATRICES + 1], chunk[FM_MAX_MATRICES], own[FM_MAX_MATRICES], next, rc;
 } fm_rows_team;
