@@ -564,7 +564,7 @@ static size_t rows_layout(const fm_linear *L, int n, const float *const *x, int 
 /* The matrices' rows laid out in mem (rows_layout's floats; prepare_rows). */
 static void rows_prepare(const fm_linear *L, int n, const float *const *x, int B, float *mem, fm_rows_team *st) {
     for (int j = 0; j < n; j++) {
-        if (!st->own[j]) {
+        if (j > 0 && !st->own[j]) {
             st->in[j] = st->in[j - 1];
             continue;
         }
@@ -609,12 +609,13 @@ int fm_linear_rows_team(const fm_linear *L, int n, const float *const *x, int B,
 }
 
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate) {
-    fm_rows_team st;
-    int rc = 0;
+    fm_rows_team st;  /* laid out by the calling thread before the team starts */
+    const size_t need = rows_layout(L, 1, &x, B, omp_get_max_threads(), &st);
+    float *mem = need ? fm_scratch(0, need) : NULL;
+    if (need && !mem) return -2;
+    rows_prepare(L, 1, &x, B, mem, &st);
+    st.next = 0;
 #pragma omp parallel
-    {
-        const int mine = fm_linear_rows_team(L, 1, &x, B, &y, &ldy, accumulate, &st);
-        if (omp_get_thread_num() == 0) rc = mine;
-    }
-    return rc;
+    rows_share(L, 1, &x, B, &y, &ldy, accumulate, &st);
+    return 0;
 }
