@@ -100,23 +100,38 @@ def test_threads_submitting_at_once(model):
     assert out == solo
 
 
-def test_cancel_frees_the_slot_and_full_queue_refuses(model):
+def test_cancel_frees_the_slot_and_full_queue_refuses(model, monkeypatch):
+    # the scheduler's steps wait until the test has looked at the running slot: on a loaded machine the request could
+    # otherwise finish its 60 tokens before the test thread runs again
+    stepping, release, calls = threading.Event(), threading.Event(), []
+    advance_rows = model.advance_rows
+
+    def held(rows):
+        calls.append(len(rows))
+        if len(calls) > 1:  # a decoding step: the prompt's call has filled the cache
+            stepping.set()
+            release.wait(60)
+        advance_rows(rows)
+
+    monkeypatch.setattr(model, "advance_rows", held)
     sched = Scheduler(model, max_batch=1, max_queue=1)
     try:
         long = sched.submit(["a cat"], SamplingParams(max_new_tokens=60, retrieval=False, stop_ids=[]))
         events = iter(long)
-        next(events)  # it is decoding
+        assert stepping.wait(60)  # it is decoding, and its step waits
         running, _ = sched.cache_bytes
         assert running == sum(c.nbytes for c in sched.running[0].state.cache) > 0
         queued = sched.submit(["a dog"], SamplingParams(max_new_tokens=2, retrieval=False))
         with pytest.raises(QueueFull):
             sched.submit(["a boat"], SamplingParams(max_new_tokens=2))
         long.cancel()
+        release.set()
         last = [e for e in events][-1]
         assert isinstance(last, Finished) and last.result.stop_reason == "cancelled"
         assert [e for e in queued][-1].result.stop_reason in ("stop", "length")
         assert sched.counts == (0, 0) and sched.cache_bytes[0] == 0
     finally:
+        release.set()
         sched.close()
 
 
