@@ -19,7 +19,7 @@
  * the cores twice a thread (several hundred ns where they sit on different L3s). Each output column is summed
  * by one thread in a fixed order, so the result does not depend on which thread took it. A thread reads its
  * chunk's panels one after the other: the panels of a matrix are contiguous, so that is one forward stream
- * (claim_chunks). */
+ * (claim_list). */
 enum { CHUNK_BYTES = 1 << 20 };  /* each chunk's stream starts cold: the prefetchers ramp up again */
 /* Several rows spend ~B times longer on each byte: larger chunks, claimed as one row's (a core that the server's
  * other threads share finishes fewer). */
@@ -519,15 +519,25 @@ static void run_panels(const fm_linear *L, int p0, int p1, const rows_input *in,
     else q_panels(L, p0, p1, in->x8, in->sx, in->sums, in->ls, B, y, ldy, accumulate, 8);
 }
 
-/* The calling thread's share of y (+)= x @ W: chunks of `chunk` panels claimed from *next (the threads' shared
- * counter, 0 at the start) until none is left. */
-static void claim_chunks(const fm_linear *L, int *next, int chunk, const rows_input *in, int B, float *y, size_t ldy,
-                         int accumulate) {
-    const int panels = (L->N + PANEL - 1) / PANEL;
-    const int alone = (panels + chunk - 1) / chunk <= omp_get_num_threads();  /* a chunk a thread: not claimed */
-    for (int p0 = alone ? omp_get_thread_num() * chunk : __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED);
-         p0 < panels; p0 = alone ? panels : __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED))
-        run_panels(L, p0, p0 + chunk < panels ? p0 + chunk : panels, in, B, y, ldy, accumulate);
+/* The calling thread's share of the n matrices' chunks, taken as one list: matrix j's chunks (of chunk[j] panels) are
+ * the list's first[j] .. first[j + 1] - 1, claimed from *next (0 at the start) until none is left; a list of a chunk
+ * a thread at most is not claimed (above): each thread takes its own. */
+static void claim_list(const fm_linear *L, int n, const int *first, const int *chunk, const rows_input *in, int B,
+                       float *const *y, const size_t *ldy, int accumulate, int *next) {
+    const int total = first[n], alone = total <= omp_get_num_threads();
+    for (int c = alone ? omp_get_thread_num() : __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); c < total;
+         c = alone ? total : __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) {
+        int j = 0;
+        while (c >= first[j + 1]) j++;
+        const int panels = (L[j].N + PANEL - 1) / PANEL, p0 = (c - first[j]) * chunk[j];
+        run_panels(L + j, p0, p0 + chunk[j] < panels ? p0 + chunk[j] : panels, in + j, B, y[j], ldy[j], accumulate);
+    }
+}
+
+/* Chunks of L for B rows and `threads` threads: their panels, and their count. */
+static int chunks_of(const fm_linear *L, int B, int threads, int *chunk) {
+    *chunk = panel_chunk(L, B, threads);
+    return ((L->N + PANEL - 1) / PANEL + *chunk - 1) / *chunk;
 }
 
 int fm_linear_alone(const fm_linear *L, const float *x, float *y, int accumulate) {
@@ -540,7 +550,9 @@ int fm_linear_alone(const fm_linear *L, const float *x, float *y, int accumulate
 int fm_linear_team(const fm_linear *L, const float *x, float *y, int accumulate, int *next) {
     rows_input in;
     const int rc = prepare_one(L, x, &in);  /* each thread its own */
-    if (!rc) claim_chunks(L, next, panel_chunk(L, 1, omp_get_num_threads()), &in, 1, y, (size_t)L->N, accumulate);
+    int chunk, first[2] = {0, chunks_of(L, 1, omp_get_num_threads(), &chunk)};
+    const size_t ldy = (size_t)L->N;
+    if (!rc) claim_list(L, 1, first, &chunk, &in, 1, &y, &ldy, accumulate, next);
 #pragma omp barrier
     return rc;
 }
@@ -555,8 +567,8 @@ static size_t rows_layout(const fm_linear *L, int n, const float *const *x, int 
         st->own[j] = j == 0 || x[j] != x[j - 1] || L[j].K != L[j - 1].K || L[j].kind != L[j - 1].kind
                      || L[j].bits != L[j - 1].bits;
         need += st->own[j] ? rows_floats(L + j, B) : 0;
-        st->chunk[j] = panel_chunk(L + j, B, (threads + n - 1) / n);  /* whole rounds over all n */
-        st->first[j + 1] = st->first[j] + ((L[j].N + PANEL - 1) / PANEL + st->chunk[j] - 1) / st->chunk[j];
+        /* whole rounds over all n: on 2 threads and 2 matrices of a chunk each, a thread takes one */
+        st->first[j + 1] = st->first[j] + chunks_of(L + j, B, (threads + n - 1) / n, st->chunk + j);
     }
     return need;
 }
@@ -574,22 +586,14 @@ static void rows_prepare(const fm_linear *L, int n, const float *const *x, int B
 }
 
 /* The calling thread's share of fm_linear_rows_team laid out in st: a share of the rows filled in (prepare_share),
- * then the matrices' chunks claimed as one list (a chunk a thread: not claimed, as claim_chunks). */
+ * then the matrices' chunks (claim_list). */
 static void rows_share(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
                        int accumulate, fm_rows_team *st) {
-    const rows_input *in = st->in;
 #pragma omp for collapse(2) schedule(static)
     for (int j = 0; j < n; j++)
         for (int r = 0; r < B; r++)
-            if (st->own[j]) prepare_share(L + j, x[j], B, r, in + j);
-    const int total = st->first[n], alone = total <= omp_get_num_threads();
-    for (int c = alone ? omp_get_thread_num() : __atomic_fetch_add(&st->next, 1, __ATOMIC_RELAXED); c < total;
-         c = alone ? total : __atomic_fetch_add(&st->next, 1, __ATOMIC_RELAXED)) {
-        int j = 0;
-        while (c >= st->first[j + 1]) j++;
-        const int panels = (L[j].N + PANEL - 1) / PANEL, p0 = (c - st->first[j]) * st->chunk[j];
-        run_panels(L + j, p0, p0 + st->chunk[j] < panels ? p0 + st->chunk[j] : panels, in + j, B, y[j], ldy[j], accumulate);
-    }
+            if (st->own[j]) prepare_share(L + j, x[j], B, r, st->in + j);
+    claim_list(L, n, st->first, st->chunk, st->in, B, y, ldy, accumulate, &st->next);
 }
 
 int fm_linear_rows_team(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,

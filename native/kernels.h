@@ -44,10 +44,6 @@
  * accumulate (the residual adds); each weight is read once for all rows, and each row is bit-identical
  * to that row alone. Returns 0, or -2 when its scratch memory cannot be had. Parallel (OpenMP) inside. */
 int fm_linear_rows(const fm_linear *L, const float *x, int B, float *y, size_t ldy, int accumulate);
-/* fm_linear_rows for the n (<= FM_MAX_MATRICES) matrices L[j], y[j] (B, ldy[j]) (+)= x[j] (B, K_j) @ W_j (a layer's
- * MLP parts), called by every thread of an OpenMP team with the same arguments and st (shared): one thread lays the
- * rows out (a matrix with the same rows as the one before shares them), all round a share and claim the matrices'
- * chunks as one list; ends with the team's barrier. Returns 0, -2 (out of memory) or -1 (n out of range). */
 enum { FM_MAX_MATRICES = 4 };
 /* Rows as the panel kernels take them: x itself or transposed in blocks (fp32 matrices); each row rounded to 16 bits per
  * block (4/8-bit ones: kernels.c's nbits_prepare). */
@@ -61,6 +57,10 @@ typedef struct {  /* fm_linear_rows_team's layout */
     rows_input in[FM_MAX_MATRICES];  /* each matrix's rows */
     int first[FM_MAX_MATRICES + 1], chunk[FM_MAX_MATRICES], own[FM_MAX_MATRICES], next, rc;
 } fm_rows_team;
+/* fm_linear_rows for the n (<= FM_MAX_MATRICES) matrices L[j], y[j] (B, ldy[j]) (+)= x[j] (B, K_j) @ W_j (a layer's
+ * MLP parts), called by every thread of an OpenMP team with the same arguments and st (shared): one thread lays the
+ * rows out (a matrix with the same rows as the one before shares them), all round a share and claim the matrices'
+ * chunks as one list; ends with the team's barrier. Returns 0, -2 (out of memory) or -1 (n out of range). */
 int fm_linear_rows_team(const fm_linear *L, int n, const float *const *x, int B, float *const *y, const size_t *ldy,
                         int accumulate, fm_rows_team *st);
 /* One row, y (+)= x @ W, called by every thread of an OpenMP team with the same arguments: the threads claim
