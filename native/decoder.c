@@ -454,25 +454,6 @@ static void add_parts(float *x, const float *part, int n, int parts, size_t stri
     }
 }
 
-/* The MLP parts' matrices' arguments for T rows (fm_linear_rows_team): gate_up[s] reads the normed rows h (T, E) into
- * gu (parts, T, 2 Is), down[s] reads SiLU's act (parts, T, Is) into part (parts, T, E). */
-typedef struct {
-    const float *in_gu[FM_MLP_PARTS], *in_down[FM_MLP_PARTS];
-    float *out_gu[FM_MLP_PARTS], *out_down[FM_MLP_PARTS];
-    size_t ld_gu[FM_MLP_PARTS], ld_down[FM_MLP_PARTS];
-} mlp_args;
-
-static mlp_args mlp_arguments(const fm_model *m, int T, const float *h, float *gu, float *act, float *part) {
-    const int S = m->mlp_parts, Is = m->inter / S;
-    mlp_args a;
-    for (int s = 0; s < S; s++) {
-        a.in_gu[s] = h, a.out_gu[s] = gu + (size_t)s * T * 2 * Is, a.ld_gu[s] = (size_t)2 * Is;
-        a.in_down[s] = act + (size_t)s * T * Is, a.out_down[s] = part + (size_t)s * T * m->hidden;
-        a.ld_down[s] = (size_t)m->hidden;
-    }
-    return a;
-}
-
 /* The retrieval head for the final-normed rows h (B, hidden): ret (B, retrieval_dim), L2-normalised. */
 static int retrieval(const fm_model *m, const float *h, int B, float *ret) {
     const int R = m->retrieval_dim;
@@ -643,16 +624,21 @@ static int layers_one_row(const fm_model *m, float *x, int32_t past, int32_t cap
     return rc ? -2 : 0;
 }
 
-/* The layers of a batched step (forward_rows' B > 1) in one OpenMP team, not a team per matrix and stage: the
- * threads share each stage's rows or items and meet at its end (on two L3s a team's start costs several times a
- * barrier). The same operations, in the same order, as mlp_rows and a team each: the same bits. */
+/* The layers of a batched step or a prompt (forward_rows' B > 1) in one OpenMP team, not a team per matrix and
+ * stage: the threads share each stage's rows or items and meet at its end (on two L3s a team's start costs several
+ * times a barrier). The same operations on the same values as layers_one_row: the same bits. */
 static int layers_rows(const fm_model *m, float *x, int B, const int32_t *past, const int32_t *capacity,
                        void *const *k_cache, void *const *v_cache, const batch_layout *lay, float *h, float *qkv,
                        float *attn, float *gu, float *act, float *parts, float *part, float *sc, double *clock) {
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, S = m->mlp_parts, Is = m->inter / S;
     const size_t width = (size_t)(H + 2 * KV) * d, ld_x = (size_t)E;
-    const float *in_h = h, *in_attn = attn;
-    const mlp_args a = mlp_arguments(m, B, h, gu, act, parts);
+    const float *in_h = h, *in_attn = attn, *in_gu[FM_MLP_PARTS], *in_down[FM_MLP_PARTS];
+    float *out_gu[FM_MLP_PARTS], *out_down[FM_MLP_PARTS];  /* the parts' rows together: gu (S, B, 2 Is), act (S, B, Is) */
+    size_t ld_gu[FM_MLP_PARTS], ld_down[FM_MLP_PARTS];
+    for (int s = 0; s < S; s++) {
+        in_gu[s] = h, out_gu[s] = gu + (size_t)s * B * 2 * Is, ld_gu[s] = (size_t)2 * Is;
+        in_down[s] = act + (size_t)s * B * Is, out_down[s] = parts + (size_t)s * B * E, ld_down[s] = ld_x;
+    }
     fm_rows_team st;
     int rc = 0;
 #pragma omp parallel
@@ -677,13 +663,13 @@ static int layers_rows(const fm_model *m, float *x, int B, const int32_t *past, 
 #pragma omp for schedule(static)
             for (int b = 0; b < B; b++) rms_norm_row(x + (size_t)b * E, L->mlp_norm, h + (size_t)b * E, E, m->eps);
             t = fm_op_done(FM_OP_NORM, t);
-            TIMED(FM_OP_GATE_UP, failed |= fm_linear_rows_team(L->gate_up, S, a.in_gu, B, a.out_gu, a.ld_gu, 0, &st));
+            TIMED(FM_OP_GATE_UP, failed |= fm_linear_rows_team(L->gate_up, S, in_gu, B, out_gu, ld_gu, 0, &st));
 #pragma omp for collapse(2) schedule(static)
             for (int s = 0; s < S; s++)
                 for (int b = 0; b < B; b++)
                     silu_row(gu + ((size_t)s * B + b) * 2 * Is, Is, act + ((size_t)s * B + b) * Is);
             t = fm_op_done(FM_OP_SILU, t);
-            failed |= fm_linear_rows_team(L->down, S, a.in_down, B, a.out_down, a.ld_down, 0, &st);
+            failed |= fm_linear_rows_team(L->down, S, in_down, B, out_down, ld_down, 0, &st);
 #pragma omp for schedule(static)
             for (int b = 0; b < B; b++) add_parts(x + (size_t)b * E, parts + (size_t)b * E, E, S, (size_t)B * E);
             t = fm_op_done(FM_OP_DOWN, t);
@@ -774,23 +760,25 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
     const size_t row_bytes = sizeof(float) * m->n_heads * blocks_of(past + T) * (m->head_dim + 2);
     const size_t most = m->prompt_rows > 0 ? (size_t)m->prompt_rows : PROMPT_PARTIAL_BYTES / row_bytes;
     const int rows = most < 1 ? 1 : most < (size_t)T ? (int)most : T;
-    int32_t *pasts = malloc(sizeof(int32_t) * 2 * rows);
+    int32_t *pasts = malloc(sizeof(int32_t) * 2 * rows), *capacities = pasts ? pasts + rows : NULL;
     size_t *layout = malloc(sizeof(size_t) * 2 * ((size_t)rows + 1));
-    void **caches = malloc(sizeof(void *) * 2 * (size_t)rows * n_layers);
-    int rc = pasts && layout && caches ? 0 : -2;
-    for (int b = 0; !rc && b < rows; b++)
-        for (int i = 0; i < n_layers; i++)
-            caches[(size_t)b * n_layers + i] = k_cache[i], caches[((size_t)rows + b) * n_layers + i] = v_cache[i];
+    void **k_rows = malloc(sizeof(void *) * 2 * (size_t)rows * n_layers);
+    void **v_rows = k_rows ? k_rows + (size_t)rows * n_layers : NULL;
+    int rc = pasts && layout && k_rows ? 0 : -2;
+    for (int b = 0; !rc && b < rows; b++) {  /* every row on the one cache */
+        capacities[b] = capacity;
+        memcpy(k_rows + (size_t)b * n_layers, k_cache, sizeof(void *) * n_layers);
+        memcpy(v_rows + (size_t)b * n_layers, v_cache, sizeof(void *) * n_layers);
+    }
     if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
     double t = fm_op_start();
     for (int first = 0; !rc && first < T; first += rows) {
         const int B = T - first < rows ? T - first : rows, last = B - 1, ends = first + B == T;
-        for (int b = 0; b < B; b++) pasts[b] = past + first + b, pasts[rows + b] = capacity;
+        for (int b = 0; b < B; b++) pasts[b] = past + first + b;
         const batch_layout lay = layout_rows(m, B, pasts, layout);
-        rc = forward_rows(m, embeds + (size_t)first * m->hidden, B, pasts, pasts + rows, caches,
-                          caches + (size_t)rows * n_layers, ends, ends ? &last : NULL, NULL, logits, ret, NULL, &lay,
-                          &t);
+        rc = forward_rows(m, embeds + (size_t)first * m->hidden, B, pasts, capacities, k_rows, v_rows, ends,
+                          ends ? &last : NULL, NULL, logits, ret, NULL, &lay, &t);
     }
-    free(pasts), free(layout), free(caches);
+    free(pasts), free(layout), free(k_rows);
     return rc;
 }
