@@ -11,13 +11,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
 
 from fromage.engines import native
 from fromage.engines.gather import GatherTable, gather_table
 from fromage.engines.onnxruntime import ConcatDecoder, InPlaceDecoder, OrtSession
 
 from .bundle_reader import Bundle, load_bundle
+from .detokenize import TextStream, token_bytes
 from .errors import FromageError
 from .preprocess import preprocess
 from .prompt import ImagePart, Part, Segment, to_segments
@@ -101,34 +101,6 @@ def cache_capacity(decoder, positions: int) -> int:
     return -(-positions // decoder.capacity_step) * decoder.capacity_step
 
 
-class _TextStream:
-    """Incremental detokenization: emits only complete characters (no half UTF-8 sequences).
-
-    A `tokenizers.Tokenizer`'s own DecodeStream does it in one call a token. Another tokenizer (anything with
-    decode(ids, skip_special_tokens)) decodes, each step, only the tokens since the last emitted piece, with that
-    piece as context (a tokenizer may render a token differently at the start of a text), so a step costs the same
-    however long the answer grows."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.reset()
-
-    def push(self, token_id: int) -> str:
-        if self.stream is not None:
-            return self.stream.step(self.tok, token_id) or ""
-        self.ids.append(token_id)
-        shown = self.tok.decode(self.ids[self.context:self.read], skip_special_tokens=True)
-        text = self.tok.decode(self.ids[self.context:], skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(shown) or len(text) == len(shown):
-            return ""
-        self.context, self.read = self.read, len(self.ids)
-        return text[len(shown):]
-
-    def reset(self):
-        self.stream = DecodeStream(skip_special_tokens=True) if isinstance(self.tok, Tokenizer) else None
-        self.ids, self.context, self.read = [], 0, 0  # ids[context:read]: the last emitted piece
-
-
 ENGINES = ("auto", "native", "onnxruntime")
 KV_CACHES = tuple(native.KV_DTYPES)  # the KV cache's element ("f32", "f16"); f16 needs the native engine
 
@@ -164,6 +136,7 @@ class Fromage:
         self.layers, self.kv_heads, self.head_dim = m["num_layers"], m["kv_heads"], m["head_dim"]
         self.ret_id = self.bundle.tokens["ret"]
         self.tokenizer = Tokenizer.from_file(str(self.bundle.tokenizer_path))
+        token_bytes(self.tokenizer)  # the streams' table, built and checked once (runtime/detokenize.py)
         # idle ONNX Runtime workers spin for a while after a run, on the cores the decoder needs next:
         # the vision graph's sleep instead
         self.vision = OrtSession(self.bundle.graph_path("vision"), device=device, threads=threads, spin=False)
@@ -390,7 +363,7 @@ class Sequence:
         self.stop_ids = set(model.bundle.tokens["stop"] if params.stop_ids is None else params.stop_ids)
         self.allow_ret = params.retrieval and model.index is not None
         self.rng = np.random.default_rng(params.seed)
-        self.text = _TextStream(model.tokenizer)
+        self.text = TextStream(model.tokenizer)
         self.rets, self.done, self.held, self.echo = 0, False, "", ""
         self.sentence = ""  # after a [RET]: the sentence being said, released when it ends (an echo drops it)
         self.said, self.after = None, 0  # before the last [RET] (Sequence._said), and where its answer resumes

@@ -1,5 +1,6 @@
 """Sampling: top-k / top-p restrict to exactly the reference sets, without a full sort."""
 import numpy as np
+import pytest
 
 from fromage.runtime.sampling import SamplingParams, sample, top_logits
 
@@ -57,15 +58,40 @@ def test_top_k_draws_the_same_whether_the_rest_of_the_logits_are_given_or_not():
 
 def test_text_stream_emits_what_a_full_decode_gives():
     from conftest import make_tokenizer
-    from fromage.runtime.generate import _TextStream
+    from fromage.runtime.detokenize import TextStream
     tok = make_tokenizer("<s>").backend_tokenizer
     ids = tok.encode("a red cat with a big blue dog on the moon", add_special_tokens=False).ids
-    stream = _TextStream(tok)
+    stream = TextStream(tok)
+    assert stream.table is not None  # a byte-level tokenizer: read through its table of bytes
     deltas = [stream.push(i) for i in ids]
     # each step shows exactly what the growing full decode adds
     assert deltas == [tok.decode(ids[:n + 1])[len(tok.decode(ids[:n])):] for n in range(len(ids))]
     stream.reset()
     assert "".join(stream.push(i) for i in ids[3:]) == tok.decode(ids[3:])
+
+
+@pytest.mark.parametrize("decoder", ["byte_level", "sequence", "metaspace"])
+def test_text_stream_matches_decode_stream(decoder):
+    """Random token ids (half UTF-8 characters, special tokens, a ByteFallback piece) give DecodeStream's deltas,
+    through the table of bytes where the decoder is byte-wise and through DecodeStream where it is not."""
+    import random
+    from conftest import make_tokenizer
+    from tokenizers import AddedToken, decoders
+    from tokenizers.decoders import DecodeStream
+    from fromage.runtime.detokenize import TextStream
+    tok = make_tokenizer("<s>").backend_tokenizer
+    tok.add_tokens(["<0x41>", AddedToken("[RET]", special=False)])
+    tok.decoder = {"byte_level": decoders.ByteLevel(),
+                   "sequence": decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(),
+                                                  decoders.Replace("▁", " "), decoders.ByteLevel()]),
+                   "metaspace": decoders.Metaspace()}[decoder]
+    rnd = random.Random(0)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    for _ in range(20):
+        ids = [rnd.randrange(vocab) for _ in range(60)]
+        ours, theirs = TextStream(tok), DecodeStream(skip_special_tokens=True)
+        assert (ours.table is None) == (decoder == "metaspace")
+        assert [ours.push(i) for i in ids] == [theirs.step(tok, i) or "" for i in ids]
 
 
 class _Tokens:
