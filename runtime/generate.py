@@ -52,6 +52,7 @@ class DecodeState:
     # with top 1, the native engine's column of the largest logit but [RET]'s (the choice then reads two logits,
     # not the row: sampling.sample); -1: not given
     best: int = -1
+    steps: object = None  # the native engine's one-token steps on this cache (Fromage.feed_token)
 
     def fork(self) -> "DecodeState":
         """An independent copy (e.g. to score several continuations of one context)."""
@@ -238,6 +239,18 @@ class Fromage:
                                           top=state.top)
         state.length = total
 
+    def feed_token(self, state: "DecodeState", token: int) -> None:
+        """Feed one token: a decoding loop's step. With the native engine and a table lookup for the embedding,
+        through the decoder's token steps on this state (engines/native.py TokenSteps: the row read in place, the
+        checks done once), which the Python between two steps, cache-cold after each, is mostly made of."""
+        if not (state.top and hasattr(self.decoder, "token_steps") and isinstance(self.embed, GatherTable)):
+            return self.advance(state, self.embed_ids([token])[None])
+        total = self._reserve(state, 1)
+        if state.steps is None or not state.steps.for_(state.cache, state.logits, state.ret_embedding):
+            state.steps = self.decoder.token_steps(state.cache, state.logits, state.ret_embedding, self.embed.table)
+        state.best = state.steps(token, state.length, state.top)
+        state.length = total
+
     def advance_rows(self, rows: list[tuple["DecodeState", np.ndarray]]) -> None:
         """Feed each state its positions (n, E), all in one decoder call: with the native engine every
         weight is read once for all the positions, and each position is computed as a decoding step
@@ -307,7 +320,7 @@ class Fromage:
         t1 = time.perf_counter()
         while (token := seq.next_token(state.logits, state.best)) is not None:
             if seq.feeds(token):
-                self.advance(state, self.embed_ids([token])[None])
+                self.feed_token(state, token)
             hits = self.index.search(state.ret_embedding, top_k=p.top_images) if token == self.ret_id else None
             yield from seq.on_token(token, hits)
         yield from seq.finish()

@@ -146,6 +146,32 @@ def test_a_step_uses_the_buffers_its_cache_holds_now(exported):
     assert rt.decoder._one is not step
 
 
+def test_token_steps_are_the_advance_of_the_tokens_embedding(exported, monkeypatch):
+    """A decoding loop's feed_token runs the native token steps (the embedding's row read in place, the checks done
+    once): the same logits, retrieval embedding, best column and cache as advance with the looked-up embedding,
+    across a cache that grows (new steps on the new buffers), outputs replaced by a batched call, and a buffer replaced
+    by hand; a token id off the table is refused."""
+    from fromage.runtime import generate
+    monkeypatch.setattr(generate, "MIN_CAPACITY", native.KV_BLOCK)
+    rt = Fromage(exported["llama"]["bundle"], engine="native")
+    prompt = (np.random.default_rng(5).standard_normal((1, 60, rt.embed_dim)) * 0.5).astype(np.float32)
+    a, b = rt.start(prompt), rt.start(prompt)
+    a.top = b.top = 1
+    tokens = [7, 3, 200, 5, 9, 11, 12, 1]
+    for i, token in enumerate(tokens):
+        if i == 5:  # outputs replaced by a batched call (the scheduler's)
+            rt.advance_rows([(a, rt.embed_ids([4])), (b, rt.embed_ids([4]))])
+        if i == 7:  # a buffer replaced by hand
+            a.cache[3] = a.cache[3].copy()
+        rt.feed_token(a, token)
+        rt.advance(b, rt.embed_ids([token])[None])
+        assert a.best == b.best and np.array_equal(a.logits, b.logits) and np.array_equal(a.ret_embedding, b.ret_embedding)
+        assert all(np.array_equal(x, y) for x, y in zip(a.cache, b.cache))
+    assert a.cache[0].shape[2] == 2 * native.KV_BLOCK and a.steps is not None  # grew past 64 positions
+    with pytest.raises(FromageError, match="out of range"):
+        rt.feed_token(a, rt.embed.table.shape[0])
+
+
 def test_greedy_steps_give_their_best_column(exported):
     """A greedy step (top 1) returns the column of its largest logit but [RET]'s (the exact column), which the
     runtime rescales before choosing: alone (forward) and batched (forward_batch's best), -1 for other rows."""

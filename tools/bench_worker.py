@@ -244,6 +244,12 @@ class FromageSystem:
                 super().advance(state, embeds)
                 self.marks.append(time.perf_counter())
 
+            def feed_token(self, state, token):
+                n = len(self.marks)
+                super().feed_token(state, token)
+                if len(self.marks) == n:  # the native engine's token steps, not advance
+                    self.marks.append(time.perf_counter())
+
         index = ImageIndex.open(spec["ret_index"], expected_dim=spec["retrieval_dim"])
         self.model = Timed(spec["bundle"], index=index, threads=spec["threads"], verify=False,
                            engine=spec.get("engine", "auto"), kv_cache=spec.get("kv_cache", "f32"))
