@@ -47,8 +47,9 @@ def token_bytes(tok: Tokenizer) -> list[bytes] | None:
     if id(tok) in _tables:
         return _tables[id(tok)][1]
     table = None
-    if steps := _steps(json.loads(tok.to_str()).get("decoder")):
+    if steps := _steps(json.loads(tok.decoder.__getstate__()) if tok.decoder is not None else None):
         chars, special = _byte_of_char(), {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+        alphabet, to_bytes = set(chars), str.maketrans({c: chr(b) for c, b in chars.items()})
         table = []
         for i in range(tok.get_vocab_size(with_added_tokens=True)):
             piece = tok.id_to_token(i)
@@ -58,7 +59,7 @@ def token_bytes(tok: Tokenizer) -> list[bytes] | None:
                 table.append(bytes([int(m.group(1), 16)]))
             else:
                 piece = piece.replace("▁", " ")
-                table.append(bytes(chars[c] for c in piece) if all(c in chars for c in piece) else piece.encode())
+                table.append(piece.translate(to_bytes).encode("latin-1") if alphabet.issuperset(piece) else piece.encode())
         decoded = tok.decode_batch([[i] for i in range(len(table))], skip_special_tokens=True)
         if any(b.decode("utf-8", "replace") != d for b, d in zip(table, decoded)):
             table = None
