@@ -1,8 +1,8 @@
 """Incremental detokenization: the text each new token completes, never half a UTF-8 character.
 
-A byte-level BPE tokenizer (the default LM's) is read through a table of each token's bytes, built once per
-tokenizer and checked token by token against the tokenizer's own decode: a step appends a token's bytes and decodes
-what is pending, touching a few objects. (tokenizers' DecodeStream walks its decoder pipeline for each token: after a
+A byte-level BPE tokenizer (the default LM's) is read through a table of each token's bytes (token_bytes: built once
+per loaded model, and checked token by token against the tokenizer's own decode): a step appends a token's bytes and
+decodes what is pending, touching a few objects. (tokenizers' DecodeStream walks its decoder pipeline for each token: after a
 decoding step has streamed the weights through every cache, that is the largest part of the Python between steps.)
 Any other `tokenizers.Tokenizer` uses DecodeStream; another tokenizer (anything with decode(ids,
 skip_special_tokens)) decodes, each step, only the tokens since the last emitted piece, with that piece as context (a
@@ -38,14 +38,9 @@ def _steps(decoder: dict | None) -> list | None:
     return types if bytewise and "ByteLevel" in types else None
 
 
-_tables: dict[int, tuple[Tokenizer, list[bytes] | None]] = {}  # id(tokenizer) -> (it, its table), kept alive here
-
-
 def token_bytes(tok: Tokenizer) -> list[bytes] | None:
     """Each token's bytes as the tokenizer's decode(skip_special_tokens=True) joins them, or None when its decoder is
     not byte-wise or any token decodes otherwise than its table entry (then DecodeStream is used)."""
-    if id(tok) in _tables:
-        return _tables[id(tok)][1]
     table = None
     if steps := _steps(json.loads(tok.decoder.__getstate__()) if tok.decoder is not None else None):
         chars, special = _byte_of_char(), {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
@@ -63,16 +58,15 @@ def token_bytes(tok: Tokenizer) -> list[bytes] | None:
         decoded = tok.decode_batch([[i] for i in range(len(table))], skip_special_tokens=True)
         if any(b.decode("utf-8", "replace") != d for b, d in zip(table, decoded)):
             table = None
-    _tables[id(tok)] = (tok, table)
     return table
 
 
 class TextStream:
-    """push(token id) -> the text it completes ("" while a character is unfinished)."""
+    """push(token id) -> the text it completes ("" while a character is unfinished). table: the tokenizer's
+    token_bytes, or None (DecodeStream, or the decode of another tokenizer)."""
 
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.table = token_bytes(tokenizer) if isinstance(tokenizer, Tokenizer) else None
+    def __init__(self, tokenizer, table: list[bytes] | None = None):
+        self.tok, self.table = tokenizer, table
         self.reset()
 
     def push(self, token_id: int) -> str:

@@ -137,7 +137,7 @@ class Fromage:
         self.layers, self.kv_heads, self.head_dim = m["num_layers"], m["kv_heads"], m["head_dim"]
         self.ret_id = self.bundle.tokens["ret"]
         self.tokenizer = Tokenizer.from_file(str(self.bundle.tokenizer_path))
-        token_bytes(self.tokenizer)  # the streams' table, built and checked once (runtime/detokenize.py)
+        self.token_bytes = token_bytes(self.tokenizer)  # the text streams' table (runtime/detokenize.py)
         # idle ONNX Runtime workers spin for a while after a run, on the cores the decoder needs next:
         # the vision graph's sleep instead
         self.vision = OrtSession(self.bundle.graph_path("vision"), device=device, threads=threads, spin=False)
@@ -150,6 +150,8 @@ class Fromage:
         # the fused graph (export/llama_graph.py) keeps the KV cache in buffers written in place
         self.fused = io.get("cache") == "in-place"
         self.engine, self.decoder, self.engine_note = self._make_decoder(engine, device, threads, kv_cache)
+        # feed_token's path: the native engine's token steps read the embedding table in place
+        self.token_rows_in_place = hasattr(self.decoder, "token_steps") and isinstance(self.embed, GatherTable)
         self.kv_cache, self.kv_dtype = kv_cache, np.dtype(native.KV_DTYPES[kv_cache])
         self.vocab_size, self.retrieval_dim = m["vocab_size"], m["retrieval_dim"]
         self.query_template = m.get("query_template", "{}")  # how text queries are written before [RET]
@@ -243,7 +245,7 @@ class Fromage:
         """Feed one token: a decoding loop's step. With the native engine and a table lookup for the embedding,
         through the decoder's token steps on this state (engines/native.py TokenSteps: the row read in place, the
         checks done once), which the Python between two steps, cache-cold after each, is mostly made of."""
-        if not (state.top and hasattr(self.decoder, "token_steps") and isinstance(self.embed, GatherTable)):
+        if not (state.top and self.token_rows_in_place):
             return self.advance(state, self.embed_ids([token])[None])
         total = self._reserve(state, 1)
         if state.steps is None or not state.steps.for_(state.cache, state.logits, state.ret_embedding):
@@ -376,7 +378,7 @@ class Sequence:
         self.stop_ids = set(model.bundle.tokens["stop"] if params.stop_ids is None else params.stop_ids)
         self.allow_ret = params.retrieval and model.index is not None
         self.rng = np.random.default_rng(params.seed)
-        self.text = TextStream(model.tokenizer)
+        self.text = TextStream(model.tokenizer, model.token_bytes)
         self.rets, self.done, self.held, self.echo = 0, False, "", ""
         self.sentence = ""  # after a [RET]: the sentence being said, released when it ends (an echo drops it)
         self.said, self.after = None, 0  # before the last [RET] (Sequence._said), and where its answer resumes

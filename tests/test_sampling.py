@@ -58,10 +58,10 @@ def test_top_k_draws_the_same_whether_the_rest_of_the_logits_are_given_or_not():
 
 def test_text_stream_emits_what_a_full_decode_gives():
     from conftest import make_tokenizer
-    from fromage.runtime.detokenize import TextStream
+    from fromage.runtime.detokenize import TextStream, token_bytes
     tok = make_tokenizer("<s>").backend_tokenizer
     ids = tok.encode("a red cat with a big blue dog on the moon", add_special_tokens=False).ids
-    stream = TextStream(tok)
+    stream = TextStream(tok, token_bytes(tok))
     assert stream.table is not None  # a byte-level tokenizer: read through its table of bytes
     deltas = [stream.push(i) for i in ids]
     # each step shows exactly what the growing full decode adds
@@ -78,7 +78,7 @@ def test_text_stream_matches_decode_stream(decoder):
     from conftest import make_tokenizer
     from tokenizers import AddedToken, decoders
     from tokenizers.decoders import DecodeStream
-    from fromage.runtime.detokenize import TextStream
+    from fromage.runtime.detokenize import TextStream, token_bytes
     tok = make_tokenizer("<s>").backend_tokenizer
     tok.add_tokens(["<0x41>", AddedToken("[RET]", special=False)])
     tok.decoder = {"byte_level": decoders.ByteLevel(),
@@ -89,7 +89,7 @@ def test_text_stream_matches_decode_stream(decoder):
     vocab = tok.get_vocab_size(with_added_tokens=True)
     for _ in range(20):
         ids = [rnd.randrange(vocab) for _ in range(60)]
-        ours, theirs = TextStream(tok), DecodeStream(skip_special_tokens=True)
+        ours, theirs = TextStream(tok, token_bytes(tok)), DecodeStream(skip_special_tokens=True)
         assert (ours.table is None) == (decoder == "metaspace")
         assert [ours.push(i) for i in ids] == [theirs.step(tok, i) or "" for i in ids]
 
@@ -106,7 +106,8 @@ def _sequence(stop):
     from types import SimpleNamespace
     from fromage.runtime.generate import Result, Sequence
     from fromage.runtime.sampling import SamplingParams
-    model = SimpleNamespace(ret_id=9, bundle=SimpleNamespace(tokens={"stop": []}), index=object(), tokenizer=_Tokens())
+    model = SimpleNamespace(ret_id=9, bundle=SimpleNamespace(tokens={"stop": []}), index=object(), tokenizer=_Tokens(),
+                            token_bytes=None)
     result = Result()
     return Sequence(model, SamplingParams(stop=stop), result), result
 
