@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import mmap
+import operator
 import os
 import weakref
 from pathlib import Path
@@ -220,7 +221,8 @@ class _Buffers:
     def __init__(self, cache: list, addresses: list[int]):
         self.ids, self.alive = tuple(map(id, cache)), True
         self.refs = [weakref.ref(b, self._gone) for b in cache]
-        self.k, self.v = addresses[0::2], addresses[1::2]
+        table = ctypes.c_void_p * (len(addresses) // 2)
+        self.k, self.v = table(*addresses[0::2]), table(*addresses[1::2])  # the layers' pointer tables
 
     def _gone(self, _ref) -> None:
         self.alive = False
@@ -237,11 +239,11 @@ class _OneStep:
 
     def __init__(self, decoder: "NativeDecoder", buffers: _Buffers, capacity: int, logits: np.ndarray,
                  ret: np.ndarray):
-        i32, table = ctypes.c_int32, ctypes.c_void_p * len(buffers.k)
+        i32 = ctypes.c_int32
         self.buffers, self.logits, self.ret = buffers, logits, ret
         self.past, self.top, self.best = i32(), i32(), i32()
         self.args = [ctypes.byref(decoder.model), 0, 1, ctypes.byref(self.past), ctypes.byref(i32(capacity)),
-                     table(*buffers.k), table(*buffers.v), 1, None, ctypes.byref(self.top), logits.ctypes.data,
+                     buffers.k, buffers.v, 1, None, ctypes.byref(self.top), logits.ctypes.data,
                      ret.ctypes.data, ctypes.byref(self.best)]
 
 
@@ -336,6 +338,7 @@ class NativeDecoder:
         self._exact = (ctypes.c_int32 * len(exact_columns))(*exact_columns)
         self.model.head_q8_exact, self.model.head_q8_n_exact = ctypes.addressof(self._exact), len(exact_columns)
         self._known = {}  # the last call's caches: id -> _Buffers; replaced as one dict
+        self._tables = None  # the last call's (_Buffers of each row, k table, v table); replaced as one tuple
         self._one = None  # the last one-position step's arguments (_OneStep)
 
     def _get(self, name):
@@ -524,15 +527,23 @@ class NativeDecoder:
         (native/fromage_native.h). A cache's addresses are remembered from the previous call while it holds the
         same buffers (one that grew has new ones): building them is ~30 us a cache, and a step's caches are
         mostly the last step's."""
-        known, seen, k, v = self._known, {}, [], []
+        known, seen, rows = self._known, {}, []
         for cache in caches:
             buffers = seen.get(id(cache))  # rows of one prompt share its cache: looked at once per call
             if buffers is None:
                 buffers = seen[id(cache)] = self._buffers(cache, known)
-            k += buffers.k
-            v += buffers.v
+            rows.append(buffers)
         self._known = seen  # one assignment: other threads may call meanwhile (they rebuild what they miss)
-        return (ctypes.c_void_p * len(k))(*k), (ctypes.c_void_p * len(v))(*v)
+        rows = tuple(rows)
+        last = self._tables
+        if last is not None and len(last[0]) == len(rows) and all(map(operator.is_, last[0], rows)):
+            return last[1], last[2]  # a decoding batch's steps: the same caches as the last call's
+        # from each cache's tables (_Buffers), as bytes: 960 Python ints into a ctypes array cost ~100 us
+        table = ctypes.c_void_p * sum(len(b.k) for b in rows)
+        k = table.from_buffer_copy(b"".join(map(bytes, (b.k for b in rows))))
+        v = table.from_buffer_copy(b"".join(map(bytes, (b.v for b in rows))))
+        self._tables = (rows, k, v)
+        return k, v
 
     def _buffers(self, cache: list, known: dict) -> _Buffers:
         """The cache's _Buffers from `known` (id -> _Buffers) while it holds them, else checked anew (the C code

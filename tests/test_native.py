@@ -146,6 +146,24 @@ def test_a_step_uses_the_buffers_its_cache_holds_now(exported):
     assert rt.decoder._one is not step
 
 
+def test_a_batch_uses_the_buffers_its_caches_hold_now(exported):
+    """A batched call whose caches are the last call's reuses its pointer tables; one whose cache list holds a new
+    buffer (a cache that grew), or whose rows are other caches, gets new ones, and writes into the new buffer."""
+    rt = Fromage(exported["llama"]["bundle"], engine="native")
+    states = [rt.start(np.ones((1, n, rt.embed_dim), np.float32)) for n in (3, 5)]
+    dec = rt.decoder
+    tables = dec._pointer_tables([s.cache for s in states])
+    assert dec._pointer_tables([s.cache for s in states]) == tables  # the same ctypes arrays
+    assert dec._pointer_tables([states[1].cache, states[0].cache])[0] is not tables[0]
+    old = states[0].cache[0]
+    states[0].cache[0] = old.copy()
+    k, _ = dec._pointer_tables([s.cache for s in states])
+    assert k is not tables[0] and k[0] == states[0].cache[0].ctypes.data
+    rt.advance_rows([(s, np.ones((1, rt.embed_dim), np.float32)) for s in states])
+    assert not np.array_equal(native.cache_by_position([states[0].cache[0], states[0].cache[1]])[0][:, :, 3],
+                              native.cache_by_position([old, states[0].cache[1]])[0][:, :, 3])
+
+
 def test_token_steps_are_the_advance_of_the_tokens_embedding(exported, monkeypatch):
     """A decoding loop's feed_token runs the native token steps (the embedding's row read in place, the checks done
     once): the same logits, retrieval embedding, best column and cache as advance with the looked-up embedding,
