@@ -52,7 +52,9 @@ class DecodeState:
     # with top 1, the native engine's column of the largest logit but [RET]'s (the choice then reads two logits,
     # not the row: sampling.sample); -1: not given
     best: int = -1
-    steps: object = None  # the native engine's one-token steps on this cache (Fromage.feed_token)
+    # the native engine's one-token steps on this cache (Fromage.feed_token), dropped when _reserve grows it: a host
+    # that replaces a buffer of `cache` itself, keeping the old one alive elsewhere, sets it to None too
+    steps: object = None
 
     def fork(self) -> "DecodeState":
         """An independent copy (e.g. to score several continuations of one context)."""
@@ -287,6 +289,7 @@ class Fromage:
                                f"the model's context is {self.max_positions}")
         if self.decoder.in_place and total > state.cache[0].shape[2]:
             capacity = cache_capacity(self.decoder, min(self.max_positions, max(MIN_CAPACITY, _pow2(total))))
+            state.steps = None
             for i, old in enumerate(state.cache):
                 # all of the old buffer: the native engine keeps keys in blocks, not as `length` leading rows
                 state.cache[i] = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], old.dtype)
