@@ -524,9 +524,9 @@ class NativeDecoder:
 
     def _pointer_tables(self, caches: list) -> tuple:
         """The k and v pointer tables of cache lists ([key0, value0, key1, ...] each), sequence-major
-        (native/fromage_native.h). A cache's addresses are remembered from the previous call while it holds the
-        same buffers (one that grew has new ones): building them is ~30 us a cache, and a step's caches are
-        mostly the last step's."""
+        (native/fromage_native.h). A cache's tables are remembered from the previous call while it holds the same
+        buffers (one that grew has new ones), and the whole tables while every row's cache is the last call's: a
+        step's caches are mostly the last step's, and Python ints into ctypes arrays are slow."""
         known, seen, rows = self._known, {}, []
         for cache in caches:
             buffers = seen.get(id(cache))  # rows of one prompt share its cache: looked at once per call
@@ -538,7 +538,7 @@ class NativeDecoder:
         last = self._tables
         if last is not None and len(last[0]) == len(rows) and all(map(operator.is_, last[0], rows)):
             return last[1], last[2]  # a decoding batch's steps: the same caches as the last call's
-        # from each cache's tables (_Buffers), as bytes: 960 Python ints into a ctypes array cost ~100 us
+        # joined from each cache's own tables (_Buffers) as bytes
         table = ctypes.c_void_p * sum(len(b.k) for b in rows)
         k = table.from_buffer_copy(b"".join(map(bytes, (b.k for b in rows))))
         v = table.from_buffer_copy(b"".join(map(bytes, (b.v for b in rows))))
