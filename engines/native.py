@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import glob
 import mmap
-import operator
 import os
 import weakref
 from pathlib import Path
@@ -233,54 +232,56 @@ class _Buffers:
 
 class _OneStep:
     """The arguments of one sequence's one-position calls (NativeDecoder._step, TokenSteps), built when its cache's
-    buffers, its logits or its ret change: a decoding loop's step then sets the position, the count and the
-    embedding's address, and calls."""
-    __slots__ = ("buffers", "logits", "ret", "past", "top", "best", "args")
+    buffers, its logits or its ret change (checked here, once): a decoding loop's step then sets the position, the
+    count and the embedding's address, and calls (run)."""
+    __slots__ = ("buffers", "logits", "ret", "past", "top", "best", "args", "call", "capacity", "rope")
 
-    def __init__(self, decoder: "NativeDecoder", buffers: _Buffers, capacity: int, logits: np.ndarray,
-                 ret: np.ndarray):
-        i32 = ctypes.c_int32
+    def __init__(self, decoder: "NativeDecoder", cache: list, logits: np.ndarray, ret: np.ndarray, known: dict):
+        decoder._check_outputs(logits, ret)
+        i32, buffers = ctypes.c_int32, decoder._buffers(cache, known)
         self.buffers, self.logits, self.ret = buffers, logits, ret
         self.past, self.top, self.best = i32(), i32(), i32()
-        self.args = [ctypes.byref(decoder.model), 0, 1, ctypes.byref(self.past), ctypes.byref(i32(capacity)),
+        self.call, self.capacity, self.rope = decoder.lib.fm_forward_rows, cache[0].shape[2], decoder.model.rope_positions
+        self.args = [ctypes.byref(decoder.model), 0, 1, ctypes.byref(self.past), ctypes.byref(i32(self.capacity)),
                      buffers.k, buffers.v, 1, None, ctypes.byref(self.top), logits.ctypes.data,
                      ret.ctypes.data, ctypes.byref(self.best)]
 
+    def run(self, address: int, past: int, top: int) -> int:
+        """Feeds the embedding at `address` at position `past`, wanting its `top` largest logits: forward's best."""
+        self.past.value, self.top.value = past, top
+        self.args[1] = address
+        rc = self.call(*self.args)
+        if rc:
+            _raise_for(rc, f"{past} + 1 positions exceed the cache ({self.capacity}) or the rotary table ({self.rope})")
+        return self.best.value
 
-class TokenSteps:
+
+class TokenSteps(_OneStep):
     """One-position steps of one sequence whose inputs are rows of an embedding table, its tokens' (a decoding loop's
     steps, NativeDecoder.token_steps): the checks of forward, the cache's buffers and the table's address done once,
     so that a step, which follows one that streamed the weights through every cache, runs only the position, the
     count, the row's address and the call. Valid while the same cache list holds the same buffers and the logits and
     ret are the same arrays (`for_`: a buffer that died, replaced in the list, is seen by its weak reference)."""
-    __slots__ = ("decoder", "cache", "logits", "ret", "step", "table", "base", "row", "rows")
+    __slots__ = ("cache", "table", "base", "row", "rows")
 
     def __init__(self, decoder: "NativeDecoder", cache: list, logits: np.ndarray, ret: np.ndarray, table: np.ndarray):
         if not (table.dtype == np.float32 and table.flags.c_contiguous and table.ndim == 2
                 and table.shape[1] == decoder.model.hidden):
             raise FromageError(f"the embedding table must be C-contiguous float32 (V, {decoder.model.hidden})")
-        decoder._check_outputs(logits, ret)
-        self.decoder, self.cache, self.logits, self.ret, self.table = decoder, cache, logits, ret, table
-        self.step = _OneStep(decoder, decoder._buffers(cache, {}), cache[0].shape[2], logits, ret)
+        super().__init__(decoder, cache, logits, ret, {})
+        self.cache, self.table = cache, table  # the table kept alive: its rows are read in place
         self.base, self.row, self.rows = table.ctypes.data, 4 * table.shape[1], table.shape[0]
 
     def for_(self, cache: list, logits: np.ndarray, ret: np.ndarray) -> bool:
         """Whether these are the steps of this cache list, logits and ret, none of its buffers dead."""
-        return cache is self.cache and logits is self.logits and ret is self.ret and self.step.buffers.alive
+        return cache is self.cache and logits is self.logits and ret is self.ret and self.buffers.alive
 
     def __call__(self, token: int, past: int, top: int) -> int:
         """Feeds token's row of the table at position `past`, wanting its `top` (> 0) largest logits; -> the column
         of the largest but the exact columns' for top 1 (forward's), else -1."""
         if not 0 <= token < self.rows or top < 1:
             raise FromageError(f"token id {token} out of range 0..{self.rows - 1}, or top {top} < 1")
-        step = self.step
-        step.past.value, step.top.value = past, top
-        step.args[1] = self.base + token * self.row
-        rc = self.decoder.lib.fm_forward_rows(*step.args)
-        if rc:
-            _raise_for(rc, f"{past} + 1 positions exceed the cache ({self.cache[0].shape[2]}) or the rotary table "
-                           f"({self.decoder.model.rope_positions})")
-        return step.best.value
+        return self.run(self.base + token * self.row, past, top)
 
 
 class NativeDecoder:
@@ -488,15 +489,8 @@ class NativeDecoder:
             raise FromageError(f"embeds must be C-contiguous float32 (1, 1, {self.model.hidden}), top > 0")
         step = self._one
         if step is None or step.logits is not logits or step.ret is not ret or not step.buffers.held_by(cache):
-            self._check_outputs(logits, ret)
-            step = self._one = _OneStep(self, self._buffers(cache, self._known), cache[0].shape[2], logits, ret)
-        step.past.value, step.top.value = past, top
-        step.args[1] = embeds.__array_interface__["data"][0]
-        rc = self.lib.fm_forward_rows(*step.args)
-        if rc:
-            _raise_for(rc, f"{past} + 1 positions exceed the cache ({cache[0].shape[2]}) or the rotary table "
-                           f"({self.model.rope_positions})")
-        return step.best.value
+            step = self._one = _OneStep(self, cache, logits, ret, self._known)
+        return step.run(embeds.__array_interface__["data"][0], past, top)
 
     def _check_outputs(self, logits: np.ndarray, ret: np.ndarray) -> None:
         if not (logits.dtype == ret.dtype == np.float32 and logits.flags.c_contiguous and ret.flags.c_contiguous
@@ -536,7 +530,7 @@ class NativeDecoder:
         self._known = seen  # one assignment: other threads may call meanwhile (they rebuild what they miss)
         rows = tuple(rows)
         last = self._tables
-        if last is not None and len(last[0]) == len(rows) and all(map(operator.is_, last[0], rows)):
+        if last is not None and last[0] == rows:  # _Buffers compare by identity
             return last[1], last[2]  # a decoding batch's steps: the same caches as the last call's
         # joined from each cache's own tables (_Buffers) as bytes
         table = ctypes.c_void_p * sum(len(b.k) for b in rows)

@@ -89,5 +89,6 @@ class TextStream:
 
     def reset(self):
         self.pending = bytearray()
-        self.stream = DecodeStream(skip_special_tokens=True) if isinstance(self.tok, Tokenizer) else None
+        self.stream = DecodeStream(skip_special_tokens=True) if self.table is None and isinstance(self.tok, Tokenizer) \
+            else None
         self.ids, self.context, self.read = [], 0, 0  # ids[context:read]: the last emitted piece
