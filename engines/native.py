@@ -22,6 +22,7 @@ import numpy as np
 
 from fromage.engines.base import resolve_threads
 from fromage.engines.errors import FromageError
+from fromage.engines.huge_pages import Arena
 from fromage.engines.onnx_weights import initializers, read_inline
 
 _DTYPES = {1: np.float32, 2: np.uint8}  # the weights; the graphs' int64 shape constants are not needed
@@ -49,7 +50,6 @@ class _Model(ctypes.Structure):
         ("prompt_rows", ctypes.c_int32)]
 
 
-HUGE_PAGE = 2 << 20
 _TEMPORARY = (".qweight", ".scales", ".offsets")  # read, then repacked for the kernels
 _HEADS = ("lm_head", "lm_head.extra_rows", "W_t.weight")  # fp32 matrices besides the layers' *_proj
 
@@ -98,33 +98,6 @@ def _nbits_bytes(qweight_dims) -> int:
     each block's fp16 d and m beside it (native/fromage_native.h)."""
     n, nb, nbytes = qweight_dims
     return -(-n // PANEL) * PANEL * nb * (4 + nbytes)
-
-
-class _Arena:
-    """One anonymous private mapping for all the weights the kernels stream, on transparent huge
-    pages where the kernel allows it (madvise). A decode step streams every weight once, and with
-    4 KiB pages the same kernels read ~15 % slower here (a TLB miss every 4 KiB of each stream); numpy
-    only asks for huge pages for arrays of 4 MB and more, which most matrices are not."""
-
-    def __init__(self, nbytes: int):
-        size = max(HUGE_PAGE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
-        self.map = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
-        try:
-            self.map.madvise(mmap.MADV_HUGEPAGE)
-        except (AttributeError, OSError):  # no transparent huge pages in this kernel: 4 KiB pages
-            pass
-        raw = np.frombuffer(self.map, np.uint8)
-        start = -raw.ctypes.data % HUGE_PAGE
-        self.free = raw[start:start + size]
-
-    @staticmethod
-    def padded(nbytes: int) -> int:
-        return -(-nbytes // 64) * 64
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """The next nbytes, starting on a 64-byte boundary."""
-        out, self.free = self.free[:nbytes], self.free[self.padded(nbytes):]
-        return out
 
 
 def library_path() -> Path | None:
@@ -321,7 +294,7 @@ class NativeDecoder:
             sizes += [t["raw"][1] - t["raw"][0] for t in kept if not _is_f32_matrix(t)]
             sizes += [_nbits_bytes((t["dims"][1], t["dims"][0] // BLOCK, BLOCK)) for t in kept
                       if t["name"] == "lm_head" and _is_f32_matrix(t) and t["dims"][0] % BLOCK == 0]  # its 8-bit copy
-            self.arena = _Arena(sum(_Arena.padded(n) for n in sizes))
+            self.arena = Arena(sum(Arena.padded(n) for n in sizes))
             for t in sorted(table, key=lambda t: t["name"].endswith(".qweight")):  # blocks after their scales
                 a, b = t["raw"]
                 matrix = _is_f32_matrix(t)

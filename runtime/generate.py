@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from fromage.engines import native
 from fromage.engines.gather import GatherTable, gather_table
+from fromage.engines.huge_pages import zeroed_arrays
 from fromage.engines.onnxruntime import ConcatDecoder, InPlaceDecoder, OrtSession
 
 from .bundle_reader import Bundle, load_bundle
@@ -58,8 +59,16 @@ class DecodeState:
 
     def fork(self) -> "DecodeState":
         """An independent copy (e.g. to score several continuations of one context)."""
-        return DecodeState([c.copy() for c in self.cache], self.length, self.logits.copy(),
-                           self.ret_embedding.copy())
+        return DecodeState(copy_cache(self.cache), self.length, self.logits.copy(), self.ret_embedding.copy())
+
+
+def copy_cache(cache: list) -> list:
+    """Copies of a KV cache's buffers (all of one shape), on huge pages where they fill one (attention reads
+    them every step: engines/huge_pages.py)."""
+    copies = zeroed_arrays(cache[0].shape, cache[0].dtype, len(cache))
+    for copy, c in zip(copies, cache):
+        copy[...] = c
+    return copies
 
 
 @dataclass
@@ -227,7 +236,7 @@ class Fromage:
         """A new state holding the first n positions of `state`'s cache (logits not set: feed it more)."""
         # in place: whole blocks of the layout (positions past n in the last one are never read)
         keep = cache_capacity(self.decoder, n) if self.decoder.in_place else n
-        return self.new_state([np.array(c[:, :, :keep]) for c in state.cache], n)
+        return self.new_state(copy_cache([c[:, :, :keep] for c in state.cache]), n)
 
     def start(self, embeds: np.ndarray) -> "DecodeState":
         """Prefill: run the prompt (1, n, E) from an empty cache."""
@@ -290,10 +299,12 @@ class Fromage:
         if self.decoder.in_place and total > state.cache[0].shape[2]:
             capacity = cache_capacity(self.decoder, min(self.max_positions, max(MIN_CAPACITY, _pow2(total))))
             state.steps = None
-            for i, old in enumerate(state.cache):
+            shape = state.cache[0].shape
+            grown = zeroed_arrays(shape[:2] + (capacity,) + shape[3:], state.cache[0].dtype, len(state.cache))
+            for i, (old, new) in enumerate(zip(state.cache, grown)):
                 # all of the old buffer: the native engine keeps keys in blocks, not as `length` leading rows
-                state.cache[i] = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], old.dtype)
-                state.cache[i][:, :, :old.shape[2]] = old
+                new[:, :, :old.shape[2]] = old
+                state.cache[i] = new
         return total
 
     # ---- the loop --------------------------------------------------------------------

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fromage.engines import native
+from fromage.engines import huge_pages, native
 from fromage.runtime.errors import FromageError
 from fromage.runtime.generate import Fromage
 
@@ -71,6 +71,47 @@ def test_a_growing_cache_keeps_its_keys(exported, monkeypatch):
     assert state.cache[0].shape[2] == native.KV_BLOCK
     a.advance(state, np.zeros((1, 8, a.embed_dim), np.float32))
     assert state.cache[0].shape[2] == 2 * native.KV_BLOCK  # min(96 positions, 128) rounded up to the block
+
+
+def test_zeroed_arrays_share_one_huge_page_mapping():
+    """Arrays that fill a huge page together are views of one 2 MB-aligned mapping, each 64-byte aligned, zeroed,
+    writable and independent; fewer bytes are numpy's own arrays."""
+    arrays = huge_pages.zeroed_arrays((1, 3, 1000, 64), np.float32, 4)
+    assert arrays[0].ctypes.data % huge_pages.HUGE_PAGE == 0
+    mappings = set()
+    for a in arrays:
+        assert a.shape == (1, 3, 1000, 64) and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+        assert a.ctypes.data % 64 == 0 and not a.any()
+        base = a
+        while isinstance(base, np.ndarray):
+            base = base.base
+        mappings.add(id(base))
+    assert len(mappings) == 1
+    arrays[1][...] = 1
+    assert not arrays[0].any() and not arrays[2].any() and arrays[1].all()
+    small = huge_pages.zeroed_arrays((2, 8), np.float16, 3)
+    assert all(a.base is None and a.dtype == np.float16 and not a.any() for a in small)
+
+
+def test_a_cache_on_huge_pages_decodes_the_same(exported, monkeypatch):
+    """The runtime's caches (a growing one, a fork, a prefix) in huge-page arenas give the same bits as in numpy's
+    arrays: here every cache goes to an arena."""
+    from fromage.runtime import generate
+    monkeypatch.setattr(generate, "MIN_CAPACITY", native.KV_BLOCK)
+    rt = Fromage(exported["llama"]["bundle"], engine="native")
+    lengths = [60, 8, 1, 3]  # grows past its first capacity
+    plain = _steps(rt, lengths)
+    monkeypatch.setattr(huge_pages, "HUGE_PAGE", 4096)
+    for (la, ra, ca), (lb, rb, cb) in zip(_steps(rt, lengths), plain):
+        assert np.array_equal(la, lb) and np.array_equal(ra, rb)
+        assert all(np.array_equal(x, y) for x, y in zip(ca, cb))
+    state = rt.start(np.ones((1, 70, rt.embed_dim), np.float32))
+    assert state.cache[0].base is not None  # an arena's view
+    for copy in (state.fork(), rt.prefix_state(state, 70)):
+        assert all(c.base is not None and np.array_equal(c, o) for c, o in zip(copy.cache, state.cache))
+        rt.advance(copy, np.ones((1, 1, rt.embed_dim), np.float32))
+    rt.advance(state, np.ones((1, 1, rt.embed_dim), np.float32))
+    assert np.array_equal(copy.logits, state.logits)
 
 
 def test_f16_cache_holds_the_f32_values_rounded(exported):
