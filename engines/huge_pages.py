@@ -15,19 +15,23 @@ HUGE_PAGE = 2 << 20
 
 
 class Arena:
-    """One anonymous private mapping (zero-filled), aligned to and asked for on huge pages (madvise), handed
-    out front to back in 64-byte-aligned pieces."""
+    """nbytes of one anonymous private mapping (zero-filled), starting on a huge page, handed out front to back in
+    64-byte-aligned pieces. Its whole huge pages are asked for as such (madvise); a last part smaller than one
+    stays on 4 KiB pages, so that memory is only what the pieces take."""
 
     def __init__(self, nbytes: int):
-        size = max(HUGE_PAGE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
-        self.map = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
-        try:
-            self.map.madvise(mmap.MADV_HUGEPAGE)
-        except (AttributeError, OSError):  # no transparent huge pages in this kernel: 4 KiB pages
-            pass
+        self.map = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
         raw = np.frombuffer(self.map, np.uint8)
         start = -raw.ctypes.data % HUGE_PAGE
-        self.free = raw[start:start + size]
+        whole = nbytes // HUGE_PAGE * HUGE_PAGE
+        try:
+            if whole:
+                self.map.madvise(mmap.MADV_HUGEPAGE, start, whole)
+            # the rest not, also where the kernel would give huge pages unasked
+            self.map.madvise(mmap.MADV_NOHUGEPAGE, start + whole, len(self.map) - start - whole)
+        except (AttributeError, OSError):  # no transparent huge pages in this kernel: 4 KiB pages
+            pass
+        self.free = raw[start:start + nbytes]
 
     @staticmethod
     def padded(nbytes: int) -> int:
@@ -41,7 +45,7 @@ class Arena:
 
 def zeroed_arrays(shape: tuple, dtype, count: int) -> list[np.ndarray]:
     """count zero-filled C-contiguous arrays of `shape` and `dtype`: in one arena when together they fill a huge
-    page at least (less would leave most of one unused), else numpy's own."""
+    page at least, else numpy's own."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if count * nbytes < HUGE_PAGE:

@@ -22,7 +22,7 @@ import numpy as np
 
 from fromage.engines.base import resolve_threads
 from fromage.engines.errors import FromageError
-from fromage.engines.huge_pages import Arena
+from fromage.engines.huge_pages import HUGE_PAGE, Arena
 from fromage.engines.onnx_weights import initializers, read_inline
 
 _DTYPES = {1: np.float32, 2: np.uint8}  # the weights; the graphs' int64 shape constants are not needed
@@ -294,7 +294,7 @@ class NativeDecoder:
             sizes += [t["raw"][1] - t["raw"][0] for t in kept if not _is_f32_matrix(t)]
             sizes += [_nbits_bytes((t["dims"][1], t["dims"][0] // BLOCK, BLOCK)) for t in kept
                       if t["name"] == "lm_head" and _is_f32_matrix(t) and t["dims"][0] % BLOCK == 0]  # its 8-bit copy
-            self.arena = Arena(sum(Arena.padded(n) for n in sizes))
+            self.arena = Arena(-(-sum(Arena.padded(n) for n in sizes) // HUGE_PAGE) * HUGE_PAGE)  # all streamed
             for t in sorted(table, key=lambda t: t["name"].endswith(".qweight")):  # blocks after their scales
                 a, b = t["raw"]
                 matrix = _is_f32_matrix(t)

@@ -73,6 +73,20 @@ def test_a_growing_cache_keeps_its_keys(exported, monkeypatch):
     assert state.cache[0].shape[2] == 2 * native.KV_BLOCK  # min(96 positions, 128) rounded up to the block
 
 
+def _resident_bytes(start: int, end: int) -> int:
+    """Resident bytes of this process's mappings that overlap [start, end) (/proc/self/smaps)."""
+    total, overlaps = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                overlaps = lo < end and start < hi
+            elif overlaps and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def test_zeroed_arrays_share_one_huge_page_mapping():
     """Arrays that fill a huge page together are views of one 2 MB-aligned mapping, each 64-byte aligned, zeroed,
     writable and independent; fewer bytes are numpy's own arrays."""
@@ -89,6 +103,11 @@ def test_zeroed_arrays_share_one_huge_page_mapping():
     assert len(mappings) == 1
     arrays[1][...] = 1
     assert not arrays[0].any() and not arrays[2].any() and arrays[1].all()
+    for a in arrays:
+        a[...] = 2
+    # memory is what the arrays take: the part past their last whole huge page stays on 4 KiB pages
+    start, end = arrays[0].ctypes.data, arrays[-1].ctypes.data + arrays[-1].nbytes
+    assert _resident_bytes(start, end) <= -(-(end - start) // 4096) * 4096
     small = huge_pages.zeroed_arrays((2, 8), np.float16, 3)
     assert all(a.base is None and a.dtype == np.float16 and not a.any() for a in small)
 
