@@ -238,9 +238,11 @@ class Fromage:
         keep = cache_capacity(self.decoder, n) if self.decoder.in_place else n
         return self.new_state(copy_cache([c[:, :, :keep] for c in state.cache]), n)
 
-    def start(self, embeds: np.ndarray) -> "DecodeState":
-        """Prefill: run the prompt (1, n, E) from an empty cache."""
+    def start(self, embeds: np.ndarray, room: int = 0) -> "DecodeState":
+        """Prefill: run the prompt (1, n, E) from an empty cache, made with room for `room` more positions too (a
+        decoding loop's token budget: its steps then never stop to grow the cache)."""
         state = self.new_state()
+        self._reserve(state, min(embeds.shape[1] + room, self.max_positions))
         self.advance(state, embeds)
         return state
 
@@ -328,7 +330,7 @@ class Fromage:
         result = result if result is not None else Result()
         t0 = time.perf_counter()
         embeds = self.prepare(parts, p, result)
-        state = self.start(embeds)
+        state = self.start(embeds, room=result.token_budget)
         state.top = top_logits(p)
         result.timings["prefill_s"] = time.perf_counter() - t0
 

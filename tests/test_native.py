@@ -133,6 +133,29 @@ def test_a_cache_on_huge_pages_decodes_the_same(exported, monkeypatch):
     assert np.array_equal(copy.logits, state.logits)
 
 
+def test_a_decoding_loop_makes_its_cache_once(exported, monkeypatch):
+    """stream's prefill makes the cache with room for the whole token budget, so no step of its decoding stops to
+    grow it (a new cache, and the old one's copy, of every layer); advance alone still grows by doubling."""
+    from fromage.runtime import generate
+    from fromage.runtime.sampling import SamplingParams
+    monkeypatch.setattr(generate, "MIN_CAPACITY", native.KV_BLOCK)
+    made = []
+    monkeypatch.setattr(generate, "zeroed_arrays",
+                        lambda shape, dtype, n: made.append(shape[2]) or [np.zeros(shape, dtype) for _ in range(n)])
+    rt = Fromage(exported["llama"]["bundle"], engine="native")
+    prompt = ["a cat sat on the mat " * 4]
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, stop_ids=[], retrieval=False)
+    embeds = rt.prepare(prompt, params, generate.Result())
+    params.max_new_tokens = native.KV_BLOCK + 8 - embeds.shape[1]  # the budget takes the cache past 64 positions
+    result = rt.generate(prompt, params)
+    assert len(result.token_ids) == params.max_new_tokens and made == [2 * native.KV_BLOCK]
+    made.clear()
+    state = rt.start(embeds)
+    for token in result.token_ids[:-1]:
+        rt.feed_token(state, token)
+    assert made == [native.KV_BLOCK, 2 * native.KV_BLOCK]
+
+
 def test_f16_cache_holds_the_f32_values_rounded(exported):
     """kv_cache="f16": the first layer's keys and values (which depend on the inputs alone) are the fp32 cache's
     rounded to fp16, exactly; the outputs, computed from fp16 keys and values in every layer, stay within fp16's
