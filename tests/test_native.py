@@ -73,6 +73,15 @@ def test_a_growing_cache_keeps_its_keys(exported, monkeypatch):
     assert state.cache[0].shape[2] == 2 * native.KV_BLOCK  # min(96 positions, 128) rounded up to the block
 
 
+def _token_steps(rt):
+    """A state of 60 positions fed 10 tokens through the token steps."""
+    state = rt.start(np.ones((1, 60, rt.embed_dim), np.float32))
+    state.top = 1
+    for token in range(5, 15):
+        rt.feed_token(state, token)
+    return state
+
+
 def _resident_bytes(start: int, end: int) -> int:
     """Resident bytes of this process's mappings that overlap [start, end) (/proc/self/smaps)."""
     total, overlaps = 0, False
@@ -119,18 +128,21 @@ def test_a_cache_on_huge_pages_decodes_the_same(exported, monkeypatch):
     monkeypatch.setattr(generate, "MIN_CAPACITY", native.KV_BLOCK)
     rt = Fromage(exported["llama"]["bundle"], engine="native")
     lengths = [60, 8, 1, 3]  # grows past its first capacity
-    plain = _steps(rt, lengths)
+    plain, plain_fed = _steps(rt, lengths), _token_steps(rt)
     monkeypatch.setattr(huge_pages, "HUGE_PAGE", 4096)
     for (la, ra, ca), (lb, rb, cb) in zip(_steps(rt, lengths), plain):
         assert np.array_equal(la, lb) and np.array_equal(ra, rb)
         assert all(np.array_equal(x, y) for x, y in zip(ca, cb))
     state = rt.start(np.ones((1, 70, rt.embed_dim), np.float32))
     assert state.cache[0].base is not None  # an arena's view
-    for copy in (state.fork(), rt.prefix_state(state, 70)):
+    copies = [state.fork(), rt.prefix_state(state, 70)]
+    for copy in copies + [state]:
         assert all(c.base is not None and np.array_equal(c, o) for c, o in zip(copy.cache, state.cache))
         rt.advance(copy, np.ones((1, 1, rt.embed_dim), np.float32))
-    rt.advance(state, np.ones((1, 1, rt.embed_dim), np.float32))
-    assert np.array_equal(copy.logits, state.logits)
+    assert all(np.array_equal(copy.logits, state.logits) for copy in copies)
+    fed = _token_steps(rt)  # the token steps on an arena's views, grown past their capacity
+    assert fed.cache[0].base is not None and fed.cache[0].shape[2] == 2 * native.KV_BLOCK
+    assert np.array_equal(fed.logits, plain_fed.logits) and fed.best == plain_fed.best
 
 
 def test_a_decoding_loop_makes_its_cache_once(exported, monkeypatch):
