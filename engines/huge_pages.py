@@ -8,10 +8,42 @@ Performance). Where the kernel has no transparent huge pages (or madvise fails),
 from __future__ import annotations
 
 import mmap
+import threading
+import weakref
 
 import numpy as np
 
 HUGE_PAGE = 2 << 20
+KEEP_BYTES = 256 << 20  # the most memory of dropped arenas kept for the next ones (_Reuse)
+
+
+class _Reuse:
+    """Mappings whose arenas' arrays have all been dropped, by size, kept (up to KEEP_BYTES in all) for the next
+    arena of that size. A server makes and drops a cache per request, and a fresh mapping's huge pages are faulted
+    in as it is first written: on a virtual machine whose host has not backed that memory yet, milliseconds a
+    page (every decoding stream of a server waits)."""
+
+    def __init__(self):
+        self.maps: dict[int, list[mmap.mmap]] = {}
+        self.kept = 0
+        self.lock = threading.Lock()  # arrays are dropped in any thread
+
+    def take(self, size: int) -> mmap.mmap | None:
+        with self.lock:
+            maps = self.maps.get(size)
+            if not maps:
+                return None
+            self.kept -= size
+            return maps.pop()
+
+    def give(self, map: mmap.mmap, size: int) -> None:
+        with self.lock:
+            if self.kept + size <= KEEP_BYTES:
+                self.maps.setdefault(size, []).append(map)
+                self.kept += size
+
+
+_reuse = _Reuse()
 
 
 class Arena:
@@ -19,11 +51,25 @@ class Arena:
     64-byte-aligned pieces. Its whole huge pages are asked for as such (madvise); a last part smaller than one
     stays on 4 KiB pages, so that memory is only what the pieces take."""
 
-    def __init__(self, nbytes: int):
-        self.map = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    def __init__(self, nbytes: int, reuse: bool = False):
+        """reuse: the mapping may be one that an earlier arena of nbytes (made with reuse) left, zeroed again; and
+        it is left for the next one when the last array of this one is dropped."""
+        size = nbytes + HUGE_PAGE
+        self.map = _reuse.take(size) if reuse else None
+        fresh = self.map is None
+        if fresh:
+            self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         raw = np.frombuffer(self.map, np.uint8)
         start = -raw.ctypes.data % HUGE_PAGE
-        whole = nbytes // HUGE_PAGE * HUGE_PAGE
+        self.free = raw[start:start + nbytes]
+        if not fresh:
+            self.free.fill(0)
+        elif nbytes:
+            self._advise(start, nbytes // HUGE_PAGE * HUGE_PAGE)
+        if reuse:
+            weakref.finalize(raw, _reuse.give, self.map, size)
+
+    def _advise(self, start: int, whole: int) -> None:
         try:
             if whole:
                 self.map.madvise(mmap.MADV_HUGEPAGE, start, whole)
@@ -31,7 +77,6 @@ class Arena:
             self.map.madvise(mmap.MADV_NOHUGEPAGE, start + whole, len(self.map) - start - whole)
         except (AttributeError, OSError):  # no transparent huge pages in this kernel: 4 KiB pages
             pass
-        self.free = raw[start:start + nbytes]
 
     @staticmethod
     def padded(nbytes: int) -> int:
@@ -50,5 +95,5 @@ def zeroed_arrays(shape: tuple, dtype, count: int) -> list[np.ndarray]:
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if count * nbytes < HUGE_PAGE:
         return [np.zeros(shape, dtype) for _ in range(count)]
-    arena = Arena(count * Arena.padded(nbytes))
+    arena = Arena(count * Arena.padded(nbytes), reuse=True)
     return [arena.take(nbytes).view(dtype).reshape(shape) for _ in range(count)]

@@ -62,10 +62,12 @@ class DecodeState:
         return DecodeState(copy_cache(self.cache), self.length, self.logits.copy(), self.ret_embedding.copy())
 
 
-def copy_cache(cache: list) -> list:
-    """Copies of a KV cache's buffers (all of one shape), on huge pages where they fill one (attention reads
-    them every step: engines/huge_pages.py)."""
-    copies = zeroed_arrays(cache[0].shape, cache[0].dtype, len(cache))
+def copy_cache(cache: list, decoding: bool = True) -> list:
+    """Copies of a KV cache's buffers (all of one shape): for decoding on, on huge pages where they fill one
+    (attention reads them every step: engines/huge_pages.py); else numpy's memory (a fresh huge page can take
+    milliseconds to fault in)."""
+    make = zeroed_arrays if decoding else lambda shape, dtype, n: [np.empty(shape, dtype) for _ in range(n)]
+    copies = make(cache[0].shape, cache[0].dtype, len(cache))
     for copy, c in zip(copies, cache):
         copy[...] = c
     return copies
@@ -232,11 +234,23 @@ class Fromage:
         outputs = np.zeros(self.vocab_size, np.float32), np.zeros(self.retrieval_dim, np.float32)
         return DecodeState(cache, length, *outputs)
 
-    def prefix_state(self, state: "DecodeState", n: int) -> "DecodeState":
-        """A new state holding the first n positions of `state`'s cache (logits not set: feed it more)."""
+    def prepare_caches(self, n: int) -> None:
+        """Makes n caches of a new state's first capacity, touches them and drops them: their memory is kept for
+        the next ones (engines/huge_pages.py), so that a server's first requests do not wait for fresh huge pages
+        to be faulted in (on a virtual machine, milliseconds each where the host has not backed them yet)."""
+        if self.decoder.in_place:
+            shape = (1, self.kv_heads, cache_capacity(self.decoder, min(self.max_positions, MIN_CAPACITY)),
+                     self.head_dim)
+            caches = [zeroed_arrays(shape, self.kv_dtype, len(self.kv_names)) for _ in range(n)]  # all at once
+            for c in (c for cache in caches for c in cache):
+                c.fill(0)
+
+    def prefix_state(self, state: "DecodeState", n: int, decoding: bool = True) -> "DecodeState":
+        """A new state holding the first n positions of `state`'s cache (logits not set: feed it more); decoding
+        False: one only to keep and copy from (copy_cache)."""
         # in place: whole blocks of the layout (positions past n in the last one are never read)
         keep = cache_capacity(self.decoder, n) if self.decoder.in_place else n
-        return self.new_state(copy_cache([c[:, :, :keep] for c in state.cache]), n)
+        return self.new_state(copy_cache([c[:, :, :keep] for c in state.cache], decoding), n)
 
     def start(self, embeds: np.ndarray, room: int = 0) -> "DecodeState":
         """Prefill: run the prompt (1, n, E) from an empty cache, made with room for `room` more positions too (a

@@ -86,7 +86,7 @@ class PrefixCache:
         position_bytes = embeds[0].nbytes + sum(c.nbytes // max(1, c.shape[2]) for c in state.cache)
         if n < MIN_SHARED or n * position_bytes > self.max_bytes:  # checked before a copy that would be dropped
             return
-        kept = self.model.prefix_state(state, n) if copy else DecodeState(state.cache, n)
+        kept = self.model.prefix_state(state, n, decoding=False) if copy else DecodeState(state.cache, n)
         entry = _Entry(np.array(embeds, dtype=np.float32), fingerprints(embeds), kept)
         if entry.nbytes > self.max_bytes:  # with the capacity beyond n that it keeps
             return

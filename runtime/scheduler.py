@@ -118,6 +118,7 @@ class Scheduler:
         self.running: list[_Slot] = []
         self._cond = threading.Condition()
         self._closed = False
+        model.prepare_caches(max_batch)
         self._thread = threading.Thread(target=self._loop, name="fromage-scheduler", daemon=True)
         self._thread.start()
 

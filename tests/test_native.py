@@ -121,6 +121,41 @@ def test_zeroed_arrays_share_one_huge_page_mapping():
     assert all(a.base is None and a.dtype == np.float16 and not a.any() for a in small)
 
 
+def test_a_dropped_arenas_memory_is_reused_zeroed(monkeypatch):
+    """When an arena's last array is dropped its mapping is kept for the next arena of its size (up to KEEP_BYTES
+    in all), which gets it zero-filled again."""
+    monkeypatch.setattr(huge_pages, "_reuse", huge_pages._Reuse())
+    shape = (1, 3, 1000, 64)
+    arrays = huge_pages.zeroed_arrays(shape, np.float32, 4)
+    first = arrays[0].ctypes.data
+    for a in arrays:
+        a[...] = 7
+    del arrays, a
+    assert huge_pages._reuse.kept > 0
+    again = huge_pages.zeroed_arrays(shape, np.float32, 4)
+    assert again[0].ctypes.data == first and not any(a.any() for a in again) and huge_pages._reuse.kept == 0
+    other = huge_pages.zeroed_arrays(shape, np.float32, 3)  # another size: a mapping of its own
+    assert other[0].ctypes.data != first
+    monkeypatch.setattr(huge_pages, "KEEP_BYTES", 0)
+    del again
+    assert huge_pages._reuse.kept == 0  # over the limit: unmapped
+
+
+def test_a_scheduler_prepares_its_caches(exported, monkeypatch):
+    """A scheduler makes a cache per slot at the start and leaves their memory for its first requests."""
+    from fromage.runtime.scheduler import Scheduler
+    monkeypatch.setattr(huge_pages, "HUGE_PAGE", 4096)  # the tiny model's caches on "huge pages" too
+    monkeypatch.setattr(huge_pages, "_reuse", huge_pages._Reuse())
+    rt = Fromage(exported["llama"]["bundle"], engine="native")
+    scheduler = Scheduler(rt, max_batch=3)
+    try:
+        assert [len(maps) for maps in huge_pages._reuse.maps.values()] == [3]
+        state = rt.start(np.ones((1, 4, rt.embed_dim), np.float32))  # a first state takes one of them
+        assert [len(maps) for maps in huge_pages._reuse.maps.values()] == [2] and state.cache[0].base is not None
+    finally:
+        scheduler.close()
+
+
 def test_a_cache_on_huge_pages_decodes_the_same(exported, monkeypatch):
     """The runtime's caches (a growing one, a fork, a prefix) in huge-page arenas give the same bits as in numpy's
     arrays: here every cache goes to an arena."""
@@ -135,6 +170,8 @@ def test_a_cache_on_huge_pages_decodes_the_same(exported, monkeypatch):
         assert all(np.array_equal(x, y) for x, y in zip(ca, cb))
     state = rt.start(np.ones((1, 70, rt.embed_dim), np.float32))
     assert state.cache[0].base is not None  # an arena's view
+    kept = rt.prefix_state(state, 70, decoding=False)  # a copy to keep (the prefix cache's): numpy's memory
+    assert all(c.base is None and np.array_equal(c, o) for c, o in zip(kept.cache, state.cache))
     copies = [state.fork(), rt.prefix_state(state, 70)]
     for copy in copies + [state]:
         assert all(c.base is not None and np.array_equal(c, o) for c, o in zip(copy.cache, state.cache))
