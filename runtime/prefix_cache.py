@@ -78,15 +78,15 @@ class PrefixCache:
         self.entries.move_to_end(best)
         return self.model.prefix_state(entry.state, shared), shared
 
-    def store(self, embeds: np.ndarray, state: DecodeState, copy: bool = True) -> None:
-        """Keep the positions (n, E) just fed to `state`: a copy of its cache when it goes on decoding, the
-        cache itself (copy=False) when it is done with. A cached prompt that this one extends is dropped:
+    def store(self, embeds: np.ndarray, state: DecodeState) -> None:
+        """Keep the positions (n, E) just fed to `state`: a copy of their part of its cache (numpy's memory; the
+        cache itself goes on decoding, or back to be reused). A cached prompt that this one extends is dropped:
         every prompt that shares it shares this one."""
         n = len(embeds)
         position_bytes = embeds[0].nbytes + sum(c.nbytes // max(1, c.shape[2]) for c in state.cache)
         if n < MIN_SHARED or n * position_bytes > self.max_bytes:  # checked before a copy that would be dropped
             return
-        kept = self.model.prefix_state(state, n, decoding=False) if copy else DecodeState(state.cache, n)
+        kept = self.model.prefix_state(state, n, decoding=False)
         entry = _Entry(np.array(embeds, dtype=np.float32), fingerprints(embeds), kept)
         if entry.nbytes > self.max_bytes:  # with the capacity beyond n that it keeps
             return

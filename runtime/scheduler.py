@@ -316,4 +316,4 @@ class Scheduler:
         fed = slot.state.length - slot.prompt_len
         if fed > 0:
             answer = self.model.embed_ids(slot.req.result.token_ids[:fed])
-            self.prefixes.store(np.concatenate([slot.req.embeds[0], answer]), slot.state, copy=False)  # it is done with
+            self.prefixes.store(np.concatenate([slot.req.embeds[0], answer]), slot.state)
