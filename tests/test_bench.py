@@ -201,6 +201,18 @@ def test_bench_serve_smoke(exported, tmp_path, monkeypatch, capsys):
     assert "fromage" in capsys.readouterr().out
 
 
+def test_bench_serve_times_an_empty_answers_first_token_at_its_end():
+    """A streamed answer with no text (the model ended at once) has its time to first token at its first chunk:
+    the chat test's turn must not fail on it."""
+    import httpx
+    from fromage.tools.bench_serve import send_once
+    usage = {"usage": {"completion_tokens": 0, "prompt_tokens": 5}, "choices": []}
+    stream = f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode()
+    client = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(200, content=stream)))
+    rec = send_once(client, "http://bench", {"stream": True}, None, 0.0)
+    assert rec["ok"] and rec["token_times"] == [] and 0 < rec["ttft_s"] <= rec["e2e_s"]
+
+
 def test_bench_serve_counts_the_window_where_every_client_runs():
     """The rate while all clients have a request in flight leaves out the ramp-down (clients already done)."""
     from fromage.tools.bench_serve import all_running_rate

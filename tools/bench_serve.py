@@ -106,6 +106,7 @@ def send_once(client: httpx.Client, url: str, body, cancel_after: int | None, t0
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
+                rec.setdefault("first_chunk_s", time.perf_counter() - t0)
                 msg = json.loads(line[6:])
                 if msg.get("usage"):
                     rec["tokens"], rec["prompt_tokens"] = msg["usage"]["completion_tokens"], msg["usage"]["prompt_tokens"]
@@ -124,6 +125,8 @@ def send_once(client: httpx.Client, url: str, body, cancel_after: int | None, t0
     rec["e2e_s"] = time.perf_counter() - t0
     if rec["token_times"]:
         rec["ttft_s"] = rec["token_times"][0]
+    elif rec["ok"] and "first_chunk_s" in rec:  # an empty answer: its first chunk is its end
+        rec["ttft_s"] = rec["first_chunk_s"]
     return rec
 
 
