@@ -47,13 +47,13 @@ _reuse = _Reuse()
 
 
 class Arena:
-    """nbytes of one anonymous private mapping (zero-filled), starting on a huge page, handed out front to back in
-    64-byte-aligned pieces. Its whole huge pages are asked for as such (madvise); a last part smaller than one
-    stays on 4 KiB pages, so that memory is only what the pieces take."""
+    """nbytes of one anonymous private mapping (zero-filled when fresh), starting on a huge page, handed out front
+    to back in 64-byte-aligned pieces. Its whole huge pages are asked for as such (madvise); a last part smaller
+    than one stays on 4 KiB pages, so that memory is only what the pieces take."""
 
     def __init__(self, nbytes: int, reuse: bool = False):
-        """reuse: the mapping may be one that an earlier arena of nbytes (made with reuse) left, zeroed again; and
-        it is left for the next one when the last array of this one is dropped."""
+        """reuse: the mapping may be one that an earlier arena of nbytes (made with reuse) left, as that left it;
+        and it is left for the next one when the last array of this one is dropped."""
         size = nbytes + HUGE_PAGE
         self.map = _reuse.take(size) if reuse else None
         fresh = self.map is None
@@ -62,9 +62,7 @@ class Arena:
         raw = np.frombuffer(self.map, np.uint8)
         start = -raw.ctypes.data % HUGE_PAGE
         self.free = raw[start:start + nbytes]
-        if not fresh:
-            self.free.fill(0)
-        elif nbytes:
+        if fresh and nbytes:
             self._advise(start, nbytes // HUGE_PAGE * HUGE_PAGE)
         if reuse:
             weakref.finalize(raw, _reuse.give, self.map, size)
@@ -88,9 +86,10 @@ class Arena:
         return out
 
 
-def zeroed_arrays(shape: tuple, dtype, count: int) -> list[np.ndarray]:
-    """count zero-filled C-contiguous arrays of `shape` and `dtype`: in one arena when together they fill a huge
-    page at least, else numpy's own."""
+def cache_arrays(shape: tuple, dtype, count: int) -> list[np.ndarray]:
+    """count C-contiguous arrays of `shape` and `dtype` for a KV cache: in one arena when together they fill a huge
+    page at least (zeros when fresh; a dropped cache's values when reused: a cache's positions are written
+    before any step reads them, and zeroing 12 MB again took 2 ms of a 17 ms prefill), else numpy's zeros."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if count * nbytes < HUGE_PAGE:

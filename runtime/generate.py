@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from fromage.engines import native
 from fromage.engines.gather import GatherTable, gather_table
-from fromage.engines.huge_pages import zeroed_arrays
+from fromage.engines.huge_pages import cache_arrays
 from fromage.engines.onnxruntime import ConcatDecoder, InPlaceDecoder, OrtSession
 
 from .bundle_reader import Bundle, load_bundle
@@ -66,7 +66,7 @@ def copy_cache(cache: list, decoding: bool = True) -> list:
     """Copies of a KV cache's buffers (all of one shape): for decoding on, on huge pages where they fill one
     (attention reads them every step: engines/huge_pages.py); else numpy's memory (a fresh huge page can take
     milliseconds to fault in)."""
-    make = zeroed_arrays if decoding else lambda shape, dtype, n: [np.empty(shape, dtype) for _ in range(n)]
+    make = cache_arrays if decoding else lambda shape, dtype, n: [np.empty(shape, dtype) for _ in range(n)]
     copies = make(cache[0].shape, cache[0].dtype, len(cache))
     for copy, c in zip(copies, cache):
         copy[...] = c
@@ -241,7 +241,7 @@ class Fromage:
         if self.decoder.in_place:
             shape = (1, self.kv_heads, cache_capacity(self.decoder, min(self.max_positions, MIN_CAPACITY)),
                      self.head_dim)
-            caches = [zeroed_arrays(shape, self.kv_dtype, len(self.kv_names)) for _ in range(n)]  # all at once
+            caches = [cache_arrays(shape, self.kv_dtype, len(self.kv_names)) for _ in range(n)]  # all at once
             for c in (c for cache in caches for c in cache):
                 c.fill(0)
 
@@ -316,7 +316,7 @@ class Fromage:
             capacity = cache_capacity(self.decoder, min(self.max_positions, max(MIN_CAPACITY, _pow2(total))))
             state.steps = None
             shape = state.cache[0].shape
-            grown = zeroed_arrays(shape[:2] + (capacity,) + shape[3:], state.cache[0].dtype, len(state.cache))
+            grown = cache_arrays(shape[:2] + (capacity,) + shape[3:], state.cache[0].dtype, len(state.cache))
             for i, (old, new) in enumerate(zip(state.cache, grown)):
                 # all of the old buffer: the native engine keeps keys in blocks, not as `length` leading rows
                 new[:, :, :old.shape[2]] = old

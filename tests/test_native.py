@@ -96,10 +96,10 @@ def _resident_bytes(start: int, end: int) -> int:
     return total
 
 
-def test_zeroed_arrays_share_one_huge_page_mapping():
+def test_cache_arrays_share_one_huge_page_mapping():
     """Arrays that fill a huge page together are views of one 2 MB-aligned mapping, each 64-byte aligned, zeroed,
     writable and independent; fewer bytes are numpy's own arrays."""
-    arrays = huge_pages.zeroed_arrays((1, 3, 1000, 64), np.float32, 4)
+    arrays = huge_pages.cache_arrays((1, 3, 1000, 64), np.float32, 4)
     assert arrays[0].ctypes.data % huge_pages.HUGE_PAGE == 0
     mappings = set()
     for a in arrays:
@@ -117,24 +117,32 @@ def test_zeroed_arrays_share_one_huge_page_mapping():
     # memory is what the arrays take: the part past their last whole huge page stays on 4 KiB pages
     start, end = arrays[0].ctypes.data, arrays[-1].ctypes.data + arrays[-1].nbytes
     assert _resident_bytes(start, end) <= -(-(end - start) // 4096) * 4096
-    small = huge_pages.zeroed_arrays((2, 8), np.float16, 3)
+    small = huge_pages.cache_arrays((2, 8), np.float16, 3)
     assert all(a.base is None and a.dtype == np.float16 and not a.any() for a in small)
 
 
-def test_a_dropped_arenas_memory_is_reused_zeroed(monkeypatch):
+class _Poisoning(huge_pages._Reuse):
+    """Fills every mapping it is given with NaN bytes (float32 and float16), as a dropped cache could leave it."""
+
+    def give(self, map, size):
+        np.frombuffer(map, np.uint8)[:] = 0xFF
+        super().give(map, size)
+
+
+def test_a_dropped_arenas_memory_is_reused(monkeypatch):
     """When an arena's last array is dropped its mapping is kept for the next arena of its size (up to KEEP_BYTES
-    in all), which gets it zero-filled again."""
+    in all)."""
     monkeypatch.setattr(huge_pages, "_reuse", huge_pages._Reuse())
     shape = (1, 3, 1000, 64)
-    arrays = huge_pages.zeroed_arrays(shape, np.float32, 4)
+    arrays = huge_pages.cache_arrays(shape, np.float32, 4)
     first = arrays[0].ctypes.data
     for a in arrays:
         a[...] = 7
     del arrays, a
     assert huge_pages._reuse.kept > 0
-    again = huge_pages.zeroed_arrays(shape, np.float32, 4)
-    assert again[0].ctypes.data == first and not any(a.any() for a in again) and huge_pages._reuse.kept == 0
-    other = huge_pages.zeroed_arrays(shape, np.float32, 3)  # another size: a mapping of its own
+    again = huge_pages.cache_arrays(shape, np.float32, 4)
+    assert again[0].ctypes.data == first and again[3].flat[0] == 7 and huge_pages._reuse.kept == 0
+    other = huge_pages.cache_arrays(shape, np.float32, 3)  # another size: a mapping of its own
     assert other[0].ctypes.data != first
     monkeypatch.setattr(huge_pages, "KEEP_BYTES", 0)
     del again
@@ -165,21 +173,25 @@ def test_a_cache_on_huge_pages_decodes_the_same(exported, monkeypatch):
     lengths = [60, 8, 1, 3]  # grows past its first capacity
     plain, plain_fed = _steps(rt, lengths), _token_steps(rt)
     monkeypatch.setattr(huge_pages, "HUGE_PAGE", 4096)
-    for (la, ra, ca), (lb, rb, cb) in zip(_steps(rt, lengths), plain):
-        assert np.array_equal(la, lb) and np.array_equal(ra, rb)
-        assert all(np.array_equal(x, y) for x, y in zip(ca, cb))
+    monkeypatch.setattr(huge_pages, "_reuse", _Poisoning())
+    for _ in range(2):  # fresh arenas, then ones a dropped cache left NaN: positions are written before read
+        for (la, ra, ca), (lb, rb, cb) in zip(_steps(rt, lengths), plain):
+            assert np.array_equal(la, lb) and np.array_equal(ra, rb)
+            assert all(np.array_equal(x, y) for x, y in zip(ca, cb))
+    assert huge_pages._reuse.kept > 0
     state = rt.start(np.ones((1, 70, rt.embed_dim), np.float32))
     assert state.cache[0].base is not None  # an arena's view
     kept = rt.prefix_state(state, 70, decoding=False)  # a copy to keep (the prefix cache's): numpy's memory
-    assert all(c.base is None and np.array_equal(c, o) for c, o in zip(kept.cache, state.cache))
+    assert all(c.base is None and c.tobytes() == o.tobytes() for c, o in zip(kept.cache, state.cache))
     copies = [state.fork(), rt.prefix_state(state, 70)]
     for copy in copies + [state]:
-        assert all(c.base is not None and np.array_equal(c, o) for c, o in zip(copy.cache, state.cache))
+        assert all(c.base is not None and c.tobytes() == o.tobytes() for c, o in zip(copy.cache, state.cache))
         rt.advance(copy, np.ones((1, 1, rt.embed_dim), np.float32))
     assert all(np.array_equal(copy.logits, state.logits) for copy in copies)
-    fed = _token_steps(rt)  # the token steps on an arena's views, grown past their capacity
-    assert fed.cache[0].base is not None and fed.cache[0].shape[2] == 2 * native.KV_BLOCK
-    assert np.array_equal(fed.logits, plain_fed.logits) and fed.best == plain_fed.best
+    for _ in range(2):  # the token steps on an arena's views, grown past their capacity
+        fed = _token_steps(rt)
+        assert fed.cache[0].base is not None and fed.cache[0].shape[2] == 2 * native.KV_BLOCK
+        assert np.array_equal(fed.logits, plain_fed.logits) and fed.best == plain_fed.best
 
 
 def test_a_decoding_loop_makes_its_cache_once(exported, monkeypatch):
@@ -189,7 +201,7 @@ def test_a_decoding_loop_makes_its_cache_once(exported, monkeypatch):
     from fromage.runtime.sampling import SamplingParams
     monkeypatch.setattr(generate, "MIN_CAPACITY", native.KV_BLOCK)
     made = []
-    monkeypatch.setattr(generate, "zeroed_arrays",
+    monkeypatch.setattr(generate, "cache_arrays",
                         lambda shape, dtype, n: made.append(shape[2]) or [np.zeros(shape, dtype) for _ in range(n)])
     rt = Fromage(exported["llama"]["bundle"], engine="native")
     prompt = ["a cat sat on the mat " * 4]

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from fromage.engines.huge_pages import zeroed_arrays
+from fromage.engines.huge_pages import cache_arrays
 
 STEPS_PER_RUN = 10  # steps timed per setting and run, after one untimed (--batch)
 
@@ -40,7 +40,7 @@ def native_models(bundle, threads: int, kv_caches) -> dict:
 def random_cache(rng, model, shape: tuple) -> list:
     """Random keys and values of `shape` for each of the model's layers, in its KV cache type, in memory such as
     the runtime gives a cache (engines/huge_pages.py)."""
-    cache = zeroed_arrays(shape, model.kv_dtype, 2 * model.layers)
+    cache = cache_arrays(shape, model.kv_dtype, 2 * model.layers)
     for c in cache:
         c[...] = rng.standard_normal(shape, dtype=np.float32)
     return cache
