@@ -2,9 +2,9 @@
 KV caches attention reads.
 
 With 4 KiB pages a read that crosses into a new page waits for its translation, and after a step has
-streamed the weights through every cache the page tables are cold too: the weights' kernels read ~15 %
-slower, and a KV cache's attention, which starts many short reads each layer, ~20 % slower (README,
-Performance). Where the kernel has no transparent huge pages (or madvise fails), this is plain memory."""
+streamed the weights through every cache the page tables are cold too: the weights' streams and attention's
+many short reads each layer are slower (README, Performance). Where the kernel has no transparent huge pages
+(or madvise fails), this is plain memory."""
 from __future__ import annotations
 
 import mmap
@@ -88,8 +88,8 @@ class Arena:
 
 def cache_arrays(shape: tuple, dtype, count: int) -> list[np.ndarray]:
     """count C-contiguous arrays of `shape` and `dtype` for a KV cache: in one arena when together they fill a huge
-    page at least (zeros when fresh; a dropped cache's values when reused: a cache's positions are written
-    before any step reads them, and zeroing 12 MB again took 2 ms of a 17 ms prefill), else numpy's zeros."""
+    page at least (zeros when fresh; a dropped cache's values when reused, not zeroed again, a prefill's cost: a
+    cache's positions are written before any step reads them), else numpy's zeros."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if count * nbytes < HUGE_PAGE:
