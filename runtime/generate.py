@@ -64,10 +64,11 @@ class DecodeState:
 
 def copy_cache(cache: list, decoding: bool = True) -> list:
     """Copies of a KV cache's buffers (all of one shape): to decode on, in cache_arrays' memory (huge pages where
-    they fill one: attention reads them every step); only to keep (decoding False), in numpy's (a fresh huge page
-    can take milliseconds to fault in: engines/huge_pages.py)."""
-    make = cache_arrays if decoding else lambda shape, dtype, n: [np.empty(shape, dtype) for _ in range(n)]
-    copies = make(cache[0].shape, cache[0].dtype, len(cache))
+    they fill one: attention reads them every step); only to keep (decoding False), numpy's copies (a fresh huge
+    page can take milliseconds to fault in: engines/huge_pages.py)."""
+    if not decoding:
+        return [np.array(c) for c in cache]
+    copies = cache_arrays(cache[0].shape, cache[0].dtype, len(cache))
     for copy, c in zip(copies, cache):
         copy[...] = c
     return copies

@@ -96,9 +96,10 @@ def _resident_bytes(start: int, end: int) -> int:
     return total
 
 
-def test_cache_arrays_share_one_huge_page_mapping():
-    """Arrays that fill a huge page together are views of one 2 MB-aligned mapping, each 64-byte aligned, zeroed,
-    writable and independent; fewer bytes are numpy's own arrays."""
+def test_cache_arrays_share_one_huge_page_mapping(monkeypatch):
+    """Arrays that fill a huge page together are views of one 2 MB-aligned mapping, each 64-byte aligned, zeroed
+    (fresh), writable and independent; fewer bytes are numpy's own arrays."""
+    monkeypatch.setattr(huge_pages, "_reuse", huge_pages._Reuse())  # a fresh mapping, not one an earlier test left
     arrays = huge_pages.cache_arrays((1, 3, 1000, 64), np.float32, 4)
     assert arrays[0].ctypes.data % huge_pages.HUGE_PAGE == 0
     mappings = set()
