@@ -62,15 +62,17 @@ class DecodeState:
         return DecodeState(copy_cache(self.cache), self.length, self.logits.copy(), self.ret_embedding.copy())
 
 
-def copy_cache(cache: list, decoding: bool = True) -> list:
-    """Copies of a KV cache's buffers (all of one shape): to decode on, in cache_arrays' memory (huge pages where
-    they fill one: attention reads them every step); only to keep (decoding False), numpy's copies (a fresh huge
-    page can take milliseconds to fault in: engines/huge_pages.py)."""
+def copy_cache(cache: list, capacity: int | None = None, decoding: bool = True) -> list:
+    """Copies of a KV cache's buffers (all of one shape), of `capacity` positions (default theirs; the old ones
+    first): to decode on, in cache_arrays' memory (huge pages where they fill one: attention reads them every
+    step); only to keep (decoding False), numpy's copies (a fresh huge page can take milliseconds to fault in:
+    engines/huge_pages.py)."""
     if not decoding:
         return [np.array(c) for c in cache]
-    copies = cache_arrays(cache[0].shape, cache[0].dtype, len(cache))
+    shape = cache[0].shape
+    copies = cache_arrays(shape[:2] + (capacity or shape[2],) + shape[3:], cache[0].dtype, len(cache))
     for copy, c in zip(copies, cache):
-        copy[...] = c
+        copy[:, :, :shape[2]] = c
     return copies
 
 
@@ -251,7 +253,7 @@ class Fromage:
         False: one only to keep and copy from (copy_cache)."""
         # in place: whole blocks of the layout (positions past n in the last one are never read)
         keep = cache_capacity(self.decoder, n) if self.decoder.in_place else n
-        return self.new_state(copy_cache([c[:, :, :keep] for c in state.cache], decoding), n)
+        return self.new_state(copy_cache([c[:, :, :keep] for c in state.cache], decoding=decoding), n)
 
     def start(self, embeds: np.ndarray, room: int = 0) -> "DecodeState":
         """Prefill: run the prompt (1, n, E) from an empty cache, made with room for `room` more positions too (a
@@ -316,12 +318,9 @@ class Fromage:
         if self.decoder.in_place and total > state.cache[0].shape[2]:
             capacity = cache_capacity(self.decoder, min(self.max_positions, max(MIN_CAPACITY, _pow2(total))))
             state.steps = None
-            shape = state.cache[0].shape
-            grown = cache_arrays(shape[:2] + (capacity,) + shape[3:], state.cache[0].dtype, len(state.cache))
-            for i, (old, new) in enumerate(zip(state.cache, grown)):
-                # all of the old buffer: the native engine keeps keys in blocks, not as `length` leading rows
-                new[:, :, :old.shape[2]] = old
-                state.cache[i] = new
+            # all of the old buffers (the native engine keeps keys in blocks, not as `length` leading rows), into
+            # the same list (token steps see its buffers replaced)
+            state.cache[:] = copy_cache(state.cache, capacity)
         return total
 
     # ---- the loop --------------------------------------------------------------------
