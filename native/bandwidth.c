@@ -96,7 +96,7 @@ double fm_fma_loop(int64_t iterations) {
 }
 
 #ifdef FM_ISA_PORTABLE  /* plain C, the same in every copy: one, under its own name */
-double fm_core_round_trip(int rounds) {
+double fm_core_round_trip_here(int rounds) {  /* fm_core_round_trip's, on the decode thread (dispatch.c) */
     static volatile int64_t ball __attribute__((aligned(64)));
     double seconds = 0.;
     if (omp_get_max_threads() < 2) return 0.;

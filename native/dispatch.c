@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "decode_thread.h"
 #include "fromage_native.h"
 
 #define DECLARE(isa)                                                                                          \
@@ -76,30 +77,108 @@ __attribute__((constructor)) static void choose_at_load(void) { chosen(); }
 int fm_cpu_ok(void) { return chosen() && forced_ok; }
 const char *fm_kernels(void) { return chosen()->name; }
 
-int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
-               void *const *k_cache, void *const *v_cache, float *logits, float *ret) {
-    return chosen()->forward(m, embeds, T, past, capacity, k_cache, v_cache, logits, ret);
+/* The entry points that start OpenMP teams run them on the library's decode thread (decode_thread.c): each
+ * packs its arguments for it. */
+typedef struct {
+    const fm_model *m;
+    const float *embeds;
+    int32_t T, past, capacity;
+    void *const *k_cache, *const *v_cache;
+    float *logits, *ret;
+    int rc;
+} forward_call;
+
+static void forward_job(void *a) {
+    forward_call *c = a;
+    c->rc = chosen()->forward(c->m, c->embeds, c->T, c->past, c->capacity, c->k_cache, c->v_cache, c->logits, c->ret);
 }
 
-int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
-                     void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
-                     float *logits, float *ret) {
-    return chosen()->forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, NULL, logits, ret,
-                                  NULL);
+int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, int32_t capacity,
+               void *const *k_cache, void *const *v_cache, float *logits, float *ret) {
+    forward_call c = {m, embeds, T, past, capacity, k_cache, v_cache, logits, ret, 0};
+    fm_on_decode_thread(forward_job, &c);
+    return c.rc;
+}
+
+typedef struct {
+    const fm_model *m;
+    const float *embeds;
+    int32_t B;
+    const int32_t *past, *capacity;
+    void *const *k_cache, *const *v_cache;
+    int32_t n_out;
+    const int32_t *out_rows, *out_top;
+    float *logits, *ret;
+    int32_t *out_best;
+    int rc;
+} rows_call;
+
+static void rows_job(void *a) {
+    rows_call *c = a;
+    c->rc = chosen()->forward_rows(c->m, c->embeds, c->B, c->past, c->capacity, c->k_cache, c->v_cache, c->n_out,
+                                   c->out_rows, c->out_top, c->logits, c->ret, c->out_best);
 }
 
 int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
                     void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
                     const int32_t *out_top, float *logits, float *ret, int32_t *out_best) {
-    return chosen()->forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_top, logits, ret,
-                                  out_best);
+    rows_call c = {m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_top, logits, ret, out_best, 0};
+    fm_on_decode_thread(rows_job, &c);
+    return c.rc;
+}
+
+int fm_forward_batch(const fm_model *m, const float *embeds, int32_t B, const int32_t *past, const int32_t *capacity,
+                     void *const *k_cache, void *const *v_cache, int32_t n_out, const int32_t *out_rows,
+                     float *logits, float *ret) {
+    return fm_forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, NULL, logits, ret, NULL);
+}
+
+typedef struct {
+    const float *a;
+    size_t n, piece;
+    int streams;
+    float sum;
+} stream_call;
+
+static void stream_job(void *a) {
+    stream_call *c = a;
+    c->sum = chosen()->stream_read(c->a, c->n, c->streams, c->piece);
 }
 
 float fm_stream_read(const float *a, size_t n, int streams, size_t piece) {
-    return chosen()->stream_read(a, n, streams, piece);
+    stream_call c = {a, n, piece, streams, 0.f};
+    fm_on_decode_thread(stream_job, &c);
+    return c.sum;
 }
 
-double fm_fma_loop(int64_t iterations) { return chosen()->fma_loop(iterations); }
+typedef struct {
+    int64_t count;  /* iterations or rounds */
+    double result;
+} probe_call;
+
+static void fma_job(void *a) {
+    probe_call *c = a;
+    c->result = chosen()->fma_loop(c->count);
+}
+
+double fm_fma_loop(int64_t iterations) {
+    probe_call c = {iterations, 0.};
+    fm_on_decode_thread(fma_job, &c);
+    return c.result;
+}
+
+double fm_core_round_trip_here(int rounds);  /* bandwidth.c, in the portable copy */
+
+static void round_trip_job(void *a) {
+    probe_call *c = a;
+    c->result = fm_core_round_trip_here((int)c->count);
+}
+
+double fm_core_round_trip(int rounds) {
+    probe_call c = {rounds, 0.};
+    fm_on_decode_thread(round_trip_job, &c);
+    return c.result;
+}
 
 /* fm_profile's counters, the calling thread's (kernels.h: fm_op_done). */
 _Thread_local int fm_profiling;

@@ -8,7 +8,12 @@
  * (fm_pack_nbits). The KV cache is the runtime's buffers of (kv, capacity, d) elements per layer, written
  * in place: floats, or IEEE fp16 halves with fm_model.kv_half; capacity is a multiple of FM_KV_BLOCK. Values are position-major, as in the ONNX graph; keys
  * are in blocks of FM_KV_BLOCK positions, each block dimension-major: the key of position p, group g, is
- * at k[((g * capacity + p - p % FM_KV_BLOCK) * d) + i * FM_KV_BLOCK + p % FM_KV_BLOCK], i < d. */
+ * at k[((g * capacity + p - p % FM_KV_BLOCK) * d) + i * FM_KV_BLOCK + p % FM_KV_BLOCK], i < d.
+ *
+ * Threads: any thread may call. The calls that run OpenMP teams (fm_forward*, fm_quantize8 and the probes) run
+ * them on one thread of the library's, "fromage-decode", started at the first such call: calls from several
+ * threads take turns there, each returning when its work is done, so the process holds one team however many
+ * threads call, and a child of fork starts a thread of its own. */
 #ifndef FROMAGE_NATIVE_H
 #define FROMAGE_NATIVE_H
 #include <stddef.h>
@@ -136,7 +141,7 @@ int fm_pack_nbits(const uint8_t *q, const uint16_t *dm, int64_t K, int64_t N, in
  * Returns 0, or -1 (nothing written) unless K is a positive multiple of 32 and N positive. */
 int fm_quantize8(const float *w, int64_t K, int64_t N, uint8_t *q, uint16_t *dm, float *bound);
 
-/* Where a step's time goes. With fm_profile(1), fm_forward and fm_forward_rows called on this thread add the
+/* Where a step's time goes. With fm_profile(1), fm_forward and fm_forward_rows called from this thread add the
  * wall time of each kind of operation they run to this thread's counters; fm_profile_read writes them
  * (FM_OPS seconds, indexed by fm_op) and returns the calls counted, then sets them to zero. Off by default;
  * on, it costs a clock read per operation (~240 per step of a 30-layer model). */

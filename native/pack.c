@@ -4,6 +4,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "decode_thread.h"
 #include "fromage_native.h"
 #include "half.h"
 
@@ -49,7 +50,7 @@ static uint16_t half_toward(float x, int up) {
     return (uint16_t)(away ? h + 1 : h - 1);
 }
 
-int fm_quantize8(const float *w, int64_t K, int64_t N, uint8_t *q, uint16_t *dm, float *bound) {
+static int quantize8(const float *w, int64_t K, int64_t N, uint8_t *q, uint16_t *dm, float *bound) {
     if (K <= 0 || K % FM_BLOCK || N <= 0) return -1;
     const int64_t nb = K / FM_BLOCK;
     /* 16 columns at a time, so that each row of w is read as a run of 16 floats, not one float a line */
@@ -88,4 +89,24 @@ int fm_quantize8(const float *w, int64_t K, int64_t N, uint8_t *q, uint16_t *dm,
             bound[n0 + i] = nextafterf((float)err[i], INFINITY), bound[N + n0 + i] = nextafterf((float)top[i], INFINITY);
     }
     return 0;
+}
+
+typedef struct {
+    const float *w;
+    int64_t K, N;
+    uint8_t *q;
+    uint16_t *dm;
+    float *bound;
+    int rc;
+} quantize8_call;
+
+static void quantize8_job(void *a) {
+    quantize8_call *c = a;
+    c->rc = quantize8(c->w, c->K, c->N, c->q, c->dm, c->bound);
+}
+
+int fm_quantize8(const float *w, int64_t K, int64_t N, uint8_t *q, uint16_t *dm, float *bound) {
+    quantize8_call c = {w, K, N, q, dm, bound, 0};
+    fm_on_decode_thread(quantize8_job, &c);  /* its team too (decode_thread.c) */
+    return c.rc;
 }
