@@ -2,9 +2,11 @@
  * same positions fed one at a time, 4-bit blocks of weights on a Q4_1 grid (and an 8-bit lm_head on a
  * Q8_0 one) give the logits of their fp32 copy, and a batched step gives each sequence exactly what its
  * own step gives, and rows that want only their largest logits get them exactly from an 8-bit copy of the head;
- * with an fp16 KV cache the same, its logits within fp16's rounding of the fp32 cache's. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
+ * with an fp16 KV cache the same, its logits within fp16's rounding of the fp32 cache's; and calls from several
+ * threads at once get what each gets alone. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -82,6 +84,36 @@ static void run(const fm_model *m, const float *emb, int steps, float *logits, f
             if (fm_forward(m, emb + t * E, 1, t, POS, k, v, logits, ret)) exit(2);
     }
     for (int i = 0; i < LAYERS; i++) free(k[i]), free(v[i]);
+}
+
+/* Prefills from several threads at once, which the library's decode thread takes in turns (decode_thread.c):
+ * 1 when each gets the bits the calling thread got alone. */
+typedef struct {
+    const fm_model *m;
+    const float *emb;
+    float logits[V], ret[R];
+} prefill_call;
+
+static void *prefill_in_thread(void *a) {
+    prefill_call *c = a;
+    run(c->m, c->emb, 1, c->logits, c->ret);
+    return NULL;
+}
+
+static int threads_take_turns(const fm_model *m, const float *emb) {
+    enum { CALLERS = 3 };
+    prefill_call alone = {m, emb, {0}, {0}}, at_once[CALLERS];
+    pthread_t callers[CALLERS];
+    prefill_in_thread(&alone);
+    for (int i = 0; i < CALLERS; i++) at_once[i] = (prefill_call){m, emb, {0}, {0}}, pthread_create(callers + i, NULL, prefill_in_thread, at_once + i);
+    int same = 1;
+    for (int i = 0; i < CALLERS; i++) {
+        pthread_join(callers[i], NULL);
+        same &= !memcmp(at_once[i].logits, alone.logits, sizeof alone.logits) &&
+                !memcmp(at_once[i].ret, alone.ret, sizeof alone.ret);
+    }
+    if (!same) printf("[%s] prefills from %d threads at once: not the bits of one alone\n", fm_kernels(), CALLERS);
+    return same;
 }
 
 /* Sequences of different lengths and capacities, prefilled, then STEPS steps three ways: fm_forward_batch
@@ -321,7 +353,7 @@ static int check(const fm_model *mf, const fm_model *mq, const float *emb, float
     const int tripped = omp_get_max_threads() < 2 ? trip == 0. : trip > 0.;
     if (!tripped) printf("[%s] fm_core_round_trip: %.0f ns\n", fm_kernels(), trip);
     return prefill == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy && profiled && half && fma &&
-           tripped;
+           tripped && threads_take_turns(mq, emb);
 }
 
 int main(void) {
