@@ -50,7 +50,6 @@ static struct {
     pthread_mutex_t turn;    /* held by the calling thread whose job is posted: one at a time */
     const job *next;         /* the posted job */
     uint32_t posted, done;   /* jobs posted and done so far: the futex words the two sides sleep on */
-    pthread_t thread;
     int started;
 } dt = {.turn = PTHREAD_MUTEX_INITIALIZER};
 
@@ -65,7 +64,10 @@ static void set_and_wake(uint32_t *word, uint32_t value) {
     syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
+static _Thread_local int is_decode_thread;
+
 static void *decode_thread(void *posted_before) {
+    is_decode_thread = 1;
     prctl(PR_SET_NAME, "fromage-decode");  /* as top -H and /proc name it (its team's threads inherit the name) */
     for (uint32_t seen = (uint32_t)(uintptr_t)posted_before;;) {
         wait_while(&dt.posted, seen);
@@ -76,8 +78,31 @@ static void *decode_thread(void *posted_before) {
     return NULL;
 }
 
-/* A child of fork has none of its parent's threads: it starts a decode thread of its own when first called. */
-static void forget_in_child(void) {
+/* Holding dt.turn, with the decode thread started: runs j there. */
+static void post(const job *j) {
+    const uint32_t n = dt.posted + 1;
+    dt.next = j;
+    set_and_wake(&dt.posted, n);
+    wait_while(&dt.done, n - 1);
+}
+
+static void pause_team(void *unused) {
+    (void)unused;
+    omp_pause_resource_all(omp_pause_soft);
+}
+
+/* Around fork: no job in flight, and the decode thread's OpenMP team ended first (the next call starts another), or
+ * libgomp in the child would still count its threads, spin only briefly and decode at half speed (measured). The
+ * child has none of its parent's threads: it starts a decode thread of its own when first called. */
+static void before_fork(void) {
+    pthread_mutex_lock(&dt.turn);
+    const job pause = {pause_team, NULL, omp_get_max_threads(), 0, fm_op_seconds, &fm_op_calls};
+    if (dt.started) post(&pause);
+}
+
+static void after_fork_in_parent(void) { pthread_mutex_unlock(&dt.turn); }
+
+static void after_fork_in_child(void) {
     pthread_mutex_init(&dt.turn, NULL);
     dt.next = NULL, dt.posted = dt.done = 0, dt.started = 0;
 }
@@ -86,31 +111,26 @@ static void forget_in_child(void) {
 static int start(void) {
     if (dt.started) return 1;
     static int registered;
-    if (!registered) registered = pthread_atfork(NULL, NULL, forget_in_child) == 0;
+    if (!registered) registered = pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child) == 0;
     sigset_t all, was;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &was);
-    dt.started = pthread_create(&dt.thread, NULL, decode_thread, (void *)(uintptr_t)dt.posted) == 0;
+    pthread_t thread;
+    dt.started = pthread_create(&thread, NULL, decode_thread, (void *)(uintptr_t)dt.posted) == 0;
     pthread_sigmask(SIG_SETMASK, &was, NULL);
-    if (dt.started) pthread_detach(dt.thread);
+    if (dt.started) pthread_detach(thread);
     return dt.started;
 }
 
 void fm_on_decode_thread(void (*run)(void *), void *arg) {
     const job j = {run, arg, omp_get_max_threads(), fm_profiling, fm_op_seconds, &fm_op_calls};
-    if (dt.started && pthread_equal(pthread_self(), dt.thread)) {  /* a job's own call */
+    if (is_decode_thread) {  /* a job's own call */
         run(arg);
         return;
     }
     pthread_mutex_lock(&dt.turn);
-    if (start()) {
-        const uint32_t n = dt.posted + 1;
-        dt.next = &j;
-        set_and_wake(&dt.posted, n);
-        wait_while(&dt.done, n - 1);
-    } else {  /* no thread to be had: the calling thread's team, as OpenMP would */
-        run_job(&j);
-    }
+    if (start()) post(&j);
+    else run_job(&j);  /* no thread to be had: the calling thread's team, as OpenMP would */
     pthread_mutex_unlock(&dt.turn);
 }
 #else

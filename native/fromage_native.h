@@ -13,7 +13,7 @@
  * Threads: any thread may call. The calls that run OpenMP teams (fm_forward*, fm_quantize8 and the probes) run
  * them on one thread of the library's, "fromage-decode", started at the first such call: calls from several
  * threads take turns there, each returning when its work is done, so the process holds one team however many
- * threads call, and a child of fork starts a thread of its own. */
+ * threads call. A fork waits for the call in progress and ends the team first; the child starts a thread of its own. */
 #ifndef FROMAGE_NATIVE_H
 #define FROMAGE_NATIVE_H
 #include <stddef.h>

@@ -60,11 +60,19 @@ def _child(bundle, queue):
     queue.put(_step(Fromage(bundle, engine="native", threads=2), 0))
 
 
+def _team() -> set:
+    return {tid for tid, name in _threads().items() if name == "fromage-decode"}
+
+
 def test_a_forked_child_decodes(exported):
     """A child forked after the parent decoded has no copy of the parent's threads: it starts its own
-    (a team started by the calling thread itself would wait for them forever)."""
+    (a team started by the calling thread itself would wait for them forever). The decode thread's team ends
+    before the fork (libgomp in the child would count its threads and spin too briefly), and the parent's next
+    call starts another."""
     bundle = exported["llama"]["bundle"]
-    expected = _step(Fromage(bundle, engine="native", threads=2), 0)
+    rt = Fromage(bundle, engine="native", threads=2)
+    expected = _step(rt, 0)
+    team = _team()
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_child, args=(bundle, queue))
@@ -75,6 +83,10 @@ def test_a_forked_child_decodes(exported):
         child.kill() if child.is_alive() and os.name == "posix" else None
         child.join()
     assert np.array_equal(logits, expected[0]) and np.array_equal(ret, expected[1])
+    again = _step(rt, 0)
+    assert np.array_equal(again[0], expected[0])
+    after = _team()
+    assert len(after) == len(team) == 2 and len(after & team) == 1  # the decode thread, and a new team thread
 
 
 def test_threads_that_generate_at_once_get_their_answers_alone(exported):
