@@ -2,8 +2,8 @@
 #ifndef FROMAGE_DECODE_THREAD_H
 #define FROMAGE_DECODE_THREAD_H
 
-/* Runs job(arg) on the decode thread and returns when it has finished; calls from several threads take turns.
+/* Runs run(arg) on the decode thread and returns when it has finished; calls from several threads take turns.
  * With fm_profile on in the calling thread, the job's operation clocks are added to the calling thread's. */
-void fm_on_decode_thread(void (*job)(void *), void *arg);
+void fm_on_decode_thread(void (*run)(void *), void *arg);
 
 #endif
