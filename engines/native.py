@@ -6,8 +6,9 @@ at ~80 % of this machine's bandwidth, and its 4-bit MatMulNBits is fast only whe
 activations to int8 (which changes greedy output). The C kernels stream fp32 weights at the
 bandwidth limit and run the GGUF's 4-bit grids with 16-bit activations (logits within ~1e-5 of fp32
 ones), so a 4-bit bundle decodes with exactly the fp32 bundle's weights. The KV cache is the runtime's
-(1, kv, capacity, d) buffers, as with the ONNX graph, so the runtime's cache handling is the same for
-both engines (float32, or float16 here with kv_cache="f16").
+(1, kv, capacity, d) buffers, as with the ONNX graph (float32, or float16 here with kv_cache="f16"), laid out
+in blocks of positions (native/fromage_native.h): `first_positions` is how the runtime takes a cache's first
+positions on either engine.
 """
 from __future__ import annotations
 
@@ -169,12 +170,14 @@ OPS = ("norm", "qkv", "rope", "attention", "o", "gate_up", "silu", "down", "head
 
 def cache_by_position(cache: list) -> list:
     """A native KV cache ([key0, value0, key1, ...], each (1, kv, capacity, d)) in position order, the
-    layout of the ONNX graph's cache: the keys, stored in blocks of KV_BLOCK positions each dimension-major
-    (native/fromage_native.h), as reordered copies; the values as they are."""
-    def keys(k):
-        one, kv, capacity, d = k.shape
-        return k.reshape(one, kv, capacity // KV_BLOCK, d, KV_BLOCK).swapaxes(3, 4).reshape(k.shape).copy()
-    return [keys(c) if i % 2 == 0 else c for i, c in enumerate(cache)]
+    layout of the ONNX graph's cache, as reordered copies: the buffers hold blocks of KV_BLOCK positions in
+    order, each block its groups' tiles, a key tile dimension-major and a value tile position-major
+    (native/fromage_native.h)."""
+    def by_position(c, keys):
+        _, kv, capacity, d = c.shape
+        tiles = c.reshape(capacity // KV_BLOCK, kv, *((d, KV_BLOCK) if keys else (KV_BLOCK, d)))
+        return (tiles.transpose(1, 0, 3, 2) if keys else tiles.transpose(1, 0, 2, 3)).reshape(c.shape).copy()
+    return [by_position(c, i % 2 == 0) for i, c in enumerate(cache)]
 
 
 def _raise_for(rc: int, exceeded: str) -> None:
@@ -261,6 +264,13 @@ class NativeDecoder:
     """One bundle's fused decoder graph (export/llama_graph.py, fp32 or --quantize) run natively."""
     in_place = True  # writes the KV cache buffers in place (the runtime grows them)
     capacity_step = KV_BLOCK  # a cache's capacity is a multiple of this
+
+    @staticmethod
+    def first_positions(buffer: np.ndarray, n: int) -> np.ndarray:
+        """A view of a cache buffer's first n positions (n a multiple of KV_BLOCK), shaped (1, kv, n, d): the
+        buffer's first elements (its blocks of positions come in order)."""
+        _, kv, _, d = buffer.shape
+        return buffer.reshape(-1)[:kv * n * d].reshape(1, kv, n, d)
 
     def __init__(self, path, model: dict, threads: int | None = None, exact_columns: tuple = (), kv_cache: str = "f32"):
         """exact_columns: logits that a row asking for its `top` largest (forward_batch) gets exactly whatever

@@ -57,6 +57,11 @@ class InPlaceDecoder:
     in_place = True
     capacity_step = 1
 
+    @staticmethod
+    def first_positions(buffer: np.ndarray, n: int) -> np.ndarray:
+        """A view of a cache buffer's first n positions."""
+        return buffer[:, :, :n]
+
     def __init__(self, session: OrtSession):
         self.session = session
         self.kv_names, self.present_names = session.input_names[3:], session.output_names[2:]
@@ -89,6 +94,7 @@ class ConcatDecoder:
     """The generic exported decoder graph (export/graphs.py: other LMs), same interface: its past grows
     by one concatenation per call, so the cache list's arrays are replaced."""
     in_place = False
+    first_positions = InPlaceDecoder.first_positions
 
     def __init__(self, session: OrtSession):
         self.session = session

@@ -24,17 +24,19 @@ static void rotate(float *v, const float *c, const float *s, int half) {
     }
 }
 
-/* ATT_BLOCK cache positions per partial softmax, and per key tile: the key cache holds each block of
- * ATT_BLOCK positions dimension-major (d rows of ATT_BLOCK floats), so a block's scores are ATT_BLOCK lanes
- * of multiply-adds over one forward stream, with no sums across a vector; the value cache is position-major.
+/* ATT_BLOCK cache positions per partial softmax, and per tile: a layer's cache is its blocks of ATT_BLOCK positions
+ * in order, each holding its KV groups' tiles side by side (so the first positions of a cache are the first elements
+ * of its buffers, whatever its capacity, and a run of (block, group) items is one forward stream). A key tile is
+ * dimension-major (d rows of ATT_BLOCK floats), so a block's scores are ATT_BLOCK lanes of multiply-adds with no
+ * sums across a vector; a value tile is position-major.
  * Up to FUSED_HEADS query heads of a group read each key and value once (AVX-512: 32 vector registers). */
 enum { ATT_BLOCK = FM_KV_BLOCK, FUSED_HEADS = 3 };
 /* Blocks whose scores a decoding thread computes before their values, at most (stages of equal size): up to
  * 32 x 16 KiB of keys, then of values; the scores, 24 KiB, stay in cache between the two. */
 enum { STAGED_BLOCKS = 32 };
 
-/* Where block b of group g starts in a layer's key or value cache of `capacity` positions (floats). */
-static inline size_t block_at(int g, int b, int capacity, int d) { return ((size_t)g * capacity + (size_t)b * ATT_BLOCK) * d; }
+/* Where the tile of block b, group g starts in a layer's key or value cache of KV groups (elements). */
+static inline size_t tile_at(int b, int g, int KV, int d) { return ((size_t)b * KV + g) * ATT_BLOCK * d; }
 
 /* A KV cache's element: an fp32 float, or an fp16 half (fm_model.kv_half). */
 static inline void *kv_at(void *cache, size_t elements, int half) { return (char *)cache + (elements << (half ? 1 : 2)); }
@@ -59,9 +61,10 @@ static void from_halves(const uint16_t *src, float *dst, size_t n) {
 }
 
 /* Appends group g's key k and value v at position p of the cache. */
-static void append_group(const fm_model *m, const float *k, const float *v, int g, int p, int capacity, void *kc, void *vc) {
+static void append_group(const fm_model *m, const float *k, const float *v, int g, int p, void *kc, void *vc) {
     const int d = m->head_dim;
-    const size_t tile = block_at(g, p / ATT_BLOCK, capacity, d) + p % ATT_BLOCK, at = ((size_t)g * capacity + p) * d;
+    const size_t base = tile_at(p / ATT_BLOCK, g, m->n_kv, d), s = (size_t)(p % ATT_BLOCK);
+    const size_t tile = base + s, at = base + s * d;  /* the key's column of its tile, the value's row */
     if (m->kv_half) {
         uint16_t *kt = kv_at(kc, tile, 1), kh[d];
         to_halves(k, kh, d);
@@ -75,11 +78,11 @@ static void append_group(const fm_model *m, const float *k, const float *v, int 
 }
 
 /* Rotates a row's q and k (qkv (width)) in place for position p and appends its k and v to the cache. */
-static void rope_and_append(const fm_model *m, float *row, int p, int capacity, void *kc, void *vc) {
+static void rope_and_append(const fm_model *m, float *row, int p, void *kc, void *vc) {
     const int H = m->n_heads, KV = m->n_kv, d = m->head_dim, half = d / 2;
     const float *c = m->cos + (size_t)p * half, *s = m->sin + (size_t)p * half;
     for (int h = 0; h < H + KV; h++) rotate(row + h * d, c, s, half);
-    for (int g = 0; g < KV; g++) append_group(m, row + (H + g) * d, row + (H + KV + g) * d, g, p, capacity, kc, vc);
+    for (int g = 0; g < KV; g++) append_group(m, row + (H + g) * d, row + (H + KV + g) * d, g, p, kc, vc);
 }
 
 /* sc[s] = q . k[s] * scale for the ATT_BLOCK keys of one tile (kt: d rows of ATT_BLOCK floats), every
@@ -314,21 +317,22 @@ static void group_values(int G, const void *v, int half, int n, int d, float *sc
 static inline int blocks_of(int n) { return (n + ATT_BLOCK - 1) / ATT_BLOCK; }
 static inline int block_len(int b, int n) { return n - b * ATT_BLOCK < ATT_BLOCK ? n - b * ATT_BLOCK : ATT_BLOCK; }
 
-/* Blocks b0..b1 of a group's n cached positions for its G query heads q: the scores of up to STAGED_BLOCKS blocks,
- * then their values, so that a thread reads one stream of keys, then one of values. k, v: the group's caches (a
- * block's key tile starts where its positions would); part: the group's first head's partials (block b's at b * (d +
- * 2)), the heads `stride` apart; sc: the thread's scores (thread_scores). */
-static void attend_run(const float *q, int G, void *k, void *v, int half, int b0, int b1, int n, int d, float scale,
-                       float *sc, float *part, size_t stride) {
+/* Items i0..i1 of a sequence's n cached positions, item = block * KV + group (their tiles, in this order, are one
+ * forward stream of keys and one of values): the scores of up to STAGED_BLOCKS items, then their values. q: the
+ * sequence's H = KV * G rotated query heads; kc, vc: its layer's caches; part: its partials, head h's block b at
+ * h * per_head + b * (d + 2); sc: the thread's scores (thread_scores). */
+static void attend_items(const float *q, int KV, int G, void *kc, void *vc, int half, int i0, int i1, int n, int d,
+                         float scale, float *sc, float *part, size_t per_head) {
     const size_t group = (size_t)G * ATT_BLOCK;
-    for (int first = b0; first < b1; first += STAGED_BLOCKS) {
-        const int last = first + STAGED_BLOCKS < b1 ? first + STAGED_BLOCKS : b1;
-        for (int b = first; b < last; b++)
-            group_scores(q, G, kv_at(k, block_at(0, b, 0, d), half), half, block_len(b, n), d, scale,
-                         sc + (b - first) * group);
-        for (int b = first; b < last; b++)
-            group_values(G, kv_at(v, block_at(0, b, 0, d), half), half, block_len(b, n), d, sc + (b - first) * group,
-                         part + (size_t)b * (d + 2), stride);
+    for (int first = i0; first < i1; first += STAGED_BLOCKS) {
+        const int last = first + STAGED_BLOCKS < i1 ? first + STAGED_BLOCKS : i1;
+        for (int it = first; it < last; it++)
+            group_scores(q + (size_t)(it % KV) * G * d, G, kv_at(kc, tile_at(it / KV, it % KV, KV, d), half), half,
+                         block_len(it / KV, n), d, scale, sc + (it - first) * group);
+        for (int it = first; it < last; it++)
+            group_values(G, kv_at(vc, tile_at(it / KV, it % KV, KV, d), half), half, block_len(it / KV, n), d,
+                         sc + (it - first) * group, part + (size_t)(it % KV) * G * per_head + (size_t)(it / KV) * (d + 2),
+                         per_head);
     }
 }
 
@@ -345,31 +349,28 @@ static void merge_blocks(const float *part, int blocks, int d, float *out) {
     for (int i = 0; i < d; i++) out[i] /= total;
 }
 
-/* Floats of scores a thread's attention needs: STAGED_BLOCKS blocks of a group's G heads. */
+/* Floats of scores a thread's attention needs: STAGED_BLOCKS items' G heads. */
 static size_t thread_scores(const fm_model *m) { return (size_t)STAGED_BLOCKS * (m->n_heads / m->n_kv) * ATT_BLOCK; }
 
 /* Where each sequence of a batched step has its attention work, the same for every layer: sequence b's
- * (group, block) items are item[b] .. item[b + 1] - 1 (group-major), its partials start part[b] floats in. */
+ * (block, group) items are item[b] .. item[b + 1] - 1 (attend_items' order), its partials start part[b] floats in. */
 typedef struct { const size_t *item, *part; } batch_layout;
 
-/* Item `it` of a batched step: its sequence b (searched from `from`), group g and block blk. */
-static void batch_item(const batch_layout *lay, const int32_t *past, size_t it, int from, int *b, int *g, int *blk) {
+/* The sequence of item `it` of a batched step (searched from `from`). */
+static int batch_sequence(const batch_layout *lay, size_t it, int from) {
     int s = from;
     while (it >= lay->item[s + 1]) s++;
-    const int blocks = blocks_of(past[s] + 1);
-    *b = s, *g = (int)((it - lay->item[s]) / blocks), *blk = (int)((it - lay->item[s]) % blocks);
+    return s;
 }
 
 /* Attention of one new position per sequence (qkv (B, width)) over each sequence's cache: the threads
- * share the (sequence, group, block) items, a few runs of them each (a claim's items of one sequence and group
- * are consecutive blocks: their scores are computed before their values, in stages of up to STAGED_BLOCKS, so
- * a thread reads one stream of keys, then one of values), then the sequences' heads' merges (each head merges
+ * share the (sequence, block, group) items, a few runs of them each (a claim's items of one sequence are one
+ * stream of keys and one of values: attend_items), then the sequences' heads' merges (each head merges
  * its blocks in order), so a sequence's result does not depend on the others. part: the
  * partials (lay); sc: thread_scores(m) floats per thread. Called by every thread of a team: its loops share the
  * work, each ending with the team's barrier. */
-static void attention_items(const fm_model *m, const float *qkv, int B, const int32_t *past, const int32_t *capacity,
-                            void *const *kc, void *const *vc, int layer, const batch_layout *lay, float *out,
-                            float *part, float *sc) {
+static void attention_items(const fm_model *m, const float *qkv, int B, const int32_t *past, void *const *kc,
+                            void *const *vc, int layer, const batch_layout *lay, float *out, float *part, float *sc) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, width = (H + 2 * KV) * d, half = m->kv_half;
     const float scale = 1.f / sqrtf((float)d);
     const size_t items = lay->item[B];
@@ -381,17 +382,13 @@ static void attention_items(const fm_model *m, const float *qkv, int B, const in
 #pragma omp for schedule(monotonic: dynamic, 1) /* a preempted thread does not hold the step up */
     for (size_t c = 0; c < claims; c++) {
         const size_t end = (c + 1) * chunk < items ? (c + 1) * chunk : items;
-        for (size_t it = c * chunk; it < end;) {  /* the claim's runs of one sequence's group */
-            int b, g, blk;
-            batch_item(lay, past, it, seq, &b, &g, &blk);
-            seq = b;
-            const int n = past[b] + 1, blocks = blocks_of(n);
-            const int run = end - it < (size_t)(blocks - blk) ? (int)(end - it) : blocks - blk;
-            const size_t per_head = (size_t)blocks * (d + 2), at = block_at(g, 0, capacity[b], d);
-            attend_run(qkv + (size_t)b * width + (size_t)g * G * d, G, kv_at(kc[(size_t)b * m->n_layers + layer], at, half),
-                       kv_at(vc[(size_t)b * m->n_layers + layer], at, half), half, blk, blk + run, n, d, scale, mine,
-                       part + lay->part[b] + (size_t)g * G * per_head, per_head);
-            it += (size_t)run;
+        for (size_t it = c * chunk; it < end;) {  /* the claim's runs of one sequence */
+            const int b = seq = batch_sequence(lay, it, seq), n = past[b] + 1;
+            const size_t stop = end < lay->item[b + 1] ? end : lay->item[b + 1];
+            attend_items(qkv + (size_t)b * width, KV, G, kc[(size_t)b * m->n_layers + layer],
+                         vc[(size_t)b * m->n_layers + layer], half, (int)(it - lay->item[b]), (int)(stop - lay->item[b]),
+                         n, d, scale, mine, part + lay->part[b], (size_t)blocks_of(n) * (d + 2));
+            it = stop;
         }
     }
 #pragma omp for collapse(2) schedule(static)
@@ -403,34 +400,28 @@ static void attention_items(const fm_model *m, const float *qkv, int B, const in
 }
 
 /* Attention of a decoding step of one sequence, called by every thread of the step's team (layers_one_row) after
- * qkv: the (group, block) items in equal runs, one per thread, so that no thread claims work from a shared
- * counter; the thread whose run holds a group's last block rotates that group's key and appends it and its value
- * itself, and every thread rotates its groups' query heads into its own copy. So no thread waits for the cache
- * append, and the new key's lines are written and read by one core. The same operations on the same values as
- * rope_and_append and attention_items: the same bits. */
-static void attention_one_row(const fm_model *m, float *qkv, int past, int capacity, void *kc, void *vc, float *out,
-                              float *part, float *sc) {
+ * qkv: the (block, group) items in equal runs, one per thread (one stream of keys and one of values each), so that
+ * no thread claims work from a shared counter; the thread whose run holds a group's item of the last block rotates
+ * that group's key and appends it and its value itself, and every thread rotates the query heads into its own copy.
+ * So no thread waits for the cache append, and the new key's lines are written and read by one core. The same
+ * operations on the same values as rope_and_append and attention_items: the same bits. */
+static void attention_one_row(const fm_model *m, float *qkv, int past, void *kc, void *vc, float *out, float *part,
+                              float *sc) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, half = m->kv_half, n = past + 1;
     const int blocks = blocks_of(n), items = KV * blocks, threads = omp_get_num_threads(), id = omp_get_thread_num();
     const int from = (int)((int64_t)items * id / threads), to = (int)((int64_t)items * (id + 1) / threads);
-    const size_t per_head = (size_t)blocks * (d + 2);
     const float scale = 1.f / sqrtf((float)d), *c = m->cos + (size_t)past * (d / 2), *s = m->sin + (size_t)past * (d / 2);
-    float *mine = sc + (size_t)id * thread_scores(m);
-    for (int it = from; it < to;) {
-        const int g = it / blocks, b0 = it % blocks, b1 = b0 + ((g + 1) * blocks < to ? (g + 1) * blocks : to) - it;
-        float q[G * d];
-        memcpy(q, qkv + (size_t)g * G * d, sizeof q);
-        for (int j = 0; j < G; j++) rotate(q + j * d, c, s, d / 2);
-        if (b1 == blocks) {
+    float q[H * d];
+    memcpy(q, qkv, sizeof q);
+    for (int j = 0; j < H; j++) rotate(q + j * d, c, s, d / 2);
+    for (int g = 0; g < KV; g++)
+        if ((blocks - 1) * KV + g >= from && (blocks - 1) * KV + g < to) {
             float *k = qkv + (size_t)(H + g) * d;
             rotate(k, c, s, d / 2);
-            append_group(m, k, qkv + (size_t)(H + KV + g) * d, g, past, capacity, kc, vc);
+            append_group(m, k, qkv + (size_t)(H + KV + g) * d, g, past, kc, vc);
         }
-        const size_t at = block_at(g, 0, capacity, d);
-        attend_run(q, G, kv_at(kc, at, half), kv_at(vc, at, half), half, b0, b1, n, d, scale, mine,
-                   part + (size_t)g * G * per_head, per_head);
-        it += b1 - b0;
-    }
+    const size_t per_head = (size_t)blocks * (d + 2);
+    attend_items(q, KV, G, kc, vc, half, from, to, n, d, scale, sc + (size_t)id * thread_scores(m), part, per_head);
 #pragma omp barrier
 #pragma omp for schedule(static)
     for (int h = 0; h < H; h++) merge_blocks(part + (size_t)h * per_head, blocks, d, out + (size_t)h * d);
@@ -579,7 +570,7 @@ enum { LAYER_CLAIMS = 2 + 2 * FM_MLP_PARTS };  /* a counter per matrix of a laye
  * no wait and no line from the other core between a part's gate and its down; else each of a part's matrices is
  * the team's. The same operations on the same values as the batched loop: the same bits. x: the residual, in
  * place; o_out: E floats; gu: 2 * inter floats; own: own_floats per thread. */
-static int layers_one_row(const fm_model *m, float *x, int32_t past, int32_t capacity, void *const *k_cache,
+static int layers_one_row(const fm_model *m, float *x, int32_t past, void *const *k_cache,
                           void *const *v_cache, float *qkv, float *attn, float *o_out, float *gu, float *part_out,
                           float *own, float *part, float *sc, double *clock) {
     const int E = m->hidden, I = m->inter, n = m->n_layers, S = m->mlp_parts, Is = I / S;
@@ -597,7 +588,7 @@ static int layers_one_row(const fm_model *m, float *x, int32_t past, int32_t cap
             int *next = claims + LAYER_CLAIMS * i;
             TIMED(FM_OP_NORM, rms_norm_row(xo, L->attn_norm, h, E, m->eps));
             TIMED(FM_OP_QKV, mine |= fm_linear_team(&L->qkv, h, qkv, 0, next));
-            TIMED(FM_OP_ATTENTION, attention_one_row(m, qkv, past, capacity, k_cache[i], v_cache[i], attn, part, sc));
+            TIMED(FM_OP_ATTENTION, attention_one_row(m, qkv, past, k_cache[i], v_cache[i], attn, part, sc));
             TIMED(FM_OP_O, mine |= fm_linear_team(&L->o, attn, o_out, 0, next + 1); add_parts(xo, o_out, E, 1, 0));
             TIMED(FM_OP_NORM, rms_norm_row(xo, L->mlp_norm, h, E, m->eps));
             if (alone) {
@@ -627,8 +618,7 @@ static int layers_one_row(const fm_model *m, float *x, int32_t past, int32_t cap
 /* The layers of a batched step or a prompt (forward_rows' B > 1) in one OpenMP team, not a team per matrix and
  * stage: the threads share each stage's rows or items and meet at its end (on two L3s a team's start costs several
  * times a barrier). The same operations on the same values as layers_one_row: the same bits. */
-static int layers_rows(const fm_model *m, float *x, int B, const int32_t *past, const int32_t *capacity,
-                       void *const *k_cache, void *const *v_cache, const batch_layout *lay, float *h, float *qkv,
+static int layers_rows(const fm_model *m, float *x, int B, const int32_t *past, void *const *k_cache, void *const *v_cache, const batch_layout *lay, float *h, float *qkv,
                        float *attn, float *gu, float *act, float *parts, float *part, float *sc, double *clock) {
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, S = m->mlp_parts, Is = m->inter / S;
     const size_t width = (size_t)(H + 2 * KV) * d, ld_x = (size_t)E;
@@ -655,10 +645,10 @@ static int layers_rows(const fm_model *m, float *x, int B, const int32_t *past, 
              * 64 lines per group are misses, which two threads wait on side by side */
 #pragma omp for schedule(static)
             for (int b = 0; b < B; b++)
-                rope_and_append(m, qkv + b * width, past[b], capacity[b], k_cache[(size_t)b * m->n_layers + i],
+                rope_and_append(m, qkv + b * width, past[b], k_cache[(size_t)b * m->n_layers + i],
                                 v_cache[(size_t)b * m->n_layers + i]);
             t = fm_op_done(FM_OP_ROPE, t);
-            TIMED(FM_OP_ATTENTION, attention_items(m, qkv, B, past, capacity, k_cache, v_cache, i, lay, attn, part, sc));
+            TIMED(FM_OP_ATTENTION, attention_items(m, qkv, B, past, k_cache, v_cache, i, lay, attn, part, sc));
             TIMED(FM_OP_O, failed |= fm_linear_rows_team(&L->o, 1, &in_attn, B, &x, &ld_x, 1, &st));
 #pragma omp for schedule(static)
             for (int b = 0; b < B; b++) rms_norm_row(x + (size_t)b * E, L->mlp_norm, h + (size_t)b * E, E, m->eps);
@@ -680,8 +670,8 @@ static int layers_rows(const fm_model *m, float *x, int B, const int32_t *past, 
 }
 
 /* The layers and the head of a batched step (fm_forward_rows, its arguments checked). */
-static int forward_rows(const fm_model *m, const float *embeds, int B, const int32_t *past, const int32_t *capacity,
-                        void *const *k_cache, void *const *v_cache, int n_out, const int32_t *out_rows,
+static int forward_rows(const fm_model *m, const float *embeds, int B, const int32_t *past, void *const *k_cache,
+                        void *const *v_cache, int n_out, const int32_t *out_rows,
                         const int32_t *top, float *logits, float *ret, int32_t *best, const batch_layout *lay,
                         double *clock) {
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, I = m->inter;
@@ -699,9 +689,9 @@ static int forward_rows(const fm_model *m, const float *embeds, int B, const int
     memcpy(x, embeds, sizeof(float) * B * E);
     double t = *clock;
     if (B == 1)
-        rc = layers_one_row(m, x, past[0], capacity[0], k_cache, v_cache, qkv, attn, h, gu, parts, buf[8], part, sc, &t);
+        rc = layers_one_row(m, x, past[0], k_cache, v_cache, qkv, attn, h, gu, parts, buf[8], part, sc, &t);
     else
-        rc = layers_rows(m, x, B, past, capacity, k_cache, v_cache, lay, h, qkv, attn, gu, act, parts, part, sc, &t);
+        rc = layers_rows(m, x, B, past, k_cache, v_cache, lay, h, qkv, attn, gu, act, parts, part, sc, &t);
     if (rc) return -2;
 
     /* the head only for the rows that want outputs: a prompt's inner positions need none */
@@ -740,7 +730,7 @@ int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int
     if (m->threads > 0) omp_set_num_threads(m->threads);  /* this calling thread's setting only */
     const batch_layout lay = layout_rows(m, B, past, layout);
     double t = fm_op_start();
-    const int rc = forward_rows(m, embeds, B, past, capacity, k_cache, v_cache, n_out, out_rows, out_top, logits, ret,
+    const int rc = forward_rows(m, embeds, B, past, k_cache, v_cache, n_out, out_rows, out_top, logits, ret,
                                 out_best, &lay, &t);
     free(layout);
     return rc;
@@ -760,13 +750,12 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
     const size_t row_bytes = sizeof(float) * m->n_heads * blocks_of(past + T) * (m->head_dim + 2);
     const size_t most = m->prompt_rows > 0 ? (size_t)m->prompt_rows : PROMPT_PARTIAL_BYTES / row_bytes;
     const int rows = most < 1 ? 1 : most < (size_t)T ? (int)most : T;
-    int32_t *pasts = malloc(sizeof(int32_t) * 2 * rows), *capacities = pasts ? pasts + rows : NULL;
+    int32_t *pasts = malloc(sizeof(int32_t) * rows);
     size_t *layout = malloc(sizeof(size_t) * 2 * ((size_t)rows + 1));
     void **k_rows = malloc(sizeof(void *) * 2 * (size_t)rows * n_layers);
     void **v_rows = k_rows ? k_rows + (size_t)rows * n_layers : NULL;
     int rc = pasts && layout && k_rows ? 0 : -2;
     for (int b = 0; !rc && b < rows; b++) {  /* every row on the one cache */
-        capacities[b] = capacity;
         memcpy(k_rows + (size_t)b * n_layers, k_cache, sizeof(void *) * n_layers);
         memcpy(v_rows + (size_t)b * n_layers, v_cache, sizeof(void *) * n_layers);
     }
@@ -776,7 +765,7 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
         const int B = T - first < rows ? T - first : rows, last = B - 1, ends = first + B == T;
         for (int b = 0; b < B; b++) pasts[b] = past + first + b;
         const batch_layout lay = layout_rows(m, B, pasts, layout);
-        rc = forward_rows(m, embeds + (size_t)first * m->hidden, B, pasts, capacities, k_rows, v_rows, ends,
+        rc = forward_rows(m, embeds + (size_t)first * m->hidden, B, pasts, k_rows, v_rows, ends,
                           ends ? &last : NULL, NULL, logits, ret, NULL, &lay, &t);
     }
     free(pasts), free(layout), free(k_rows);

@@ -5,10 +5,12 @@
  * fp32 MatMul matrices (K, N) laid out in panels of 16 columns (fm_pack), or MatMulNBits' 4/8-bit
  * blocks with a scale and a minimum per block in fp16 (the GGUF Q4_1 grid, w = d*q + m), so a 4-bit
  * bundle computes with exactly the weights of the fp32 one; laid out in panels of 16 columns too
- * (fm_pack_nbits). The KV cache is the runtime's buffers of (kv, capacity, d) elements per layer, written
- * in place: floats, or IEEE fp16 halves with fm_model.kv_half; capacity is a multiple of FM_KV_BLOCK. Values are position-major, as in the ONNX graph; keys
- * are in blocks of FM_KV_BLOCK positions, each block dimension-major: the key of position p, group g, is
- * at k[((g * capacity + p - p % FM_KV_BLOCK) * d) + i * FM_KV_BLOCK + p % FM_KV_BLOCK], i < d.
+ * (fm_pack_nbits). The KV cache is the runtime's buffers of kv * capacity * d elements per layer, written
+ * in place: floats, or IEEE fp16 halves with fm_model.kv_half; capacity is a multiple of FM_KV_BLOCK. A buffer
+ * holds its blocks of FM_KV_BLOCK positions in order, each block its kv groups' tiles in order (tile (b, g) starts
+ * at element t = (b * kv + g) * FM_KV_BLOCK * d), so a cache's first positions are its first elements whatever its
+ * capacity: with s = p % FM_KV_BLOCK, the key of position p, group g, is at k[t + i * FM_KV_BLOCK + s] (a key tile
+ * is dimension-major) and its value at v[t + s * d + i] (a value tile position-major), i < d, b = p / FM_KV_BLOCK.
  *
  * Threads: any thread may call. The calls that run OpenMP teams (fm_forward*, fm_quantize8 and the probes) run
  * them on one thread of the library's, "fromage-decode", started at the first such call: calls from several

@@ -62,17 +62,20 @@ class DecodeState:
         return DecodeState(copy_cache(self.cache), self.length, self.logits.copy(), self.ret_embedding.copy())
 
 
-def copy_cache(cache: list, capacity: int | None = None, decoding: bool = True) -> list:
+def copy_cache(cache: list, capacity: int | None = None, decoding: bool = True, first_positions=None) -> list:
     """Copies of a KV cache's buffers (all of one shape), of `capacity` positions (default theirs; the old ones
-    first): to decode on, in cache_arrays' memory (huge pages where they fill one: attention reads them every
-    step); only to keep (decoding False), numpy's copies (a fresh huge page can take milliseconds to fault in:
-    engines/huge_pages.py)."""
+    first, where the decoder's first_positions puts them): to decode on, in cache_arrays' memory (huge pages where
+    they fill one: attention reads them every step); only to keep (decoding False), numpy's copies (a fresh huge
+    page can take milliseconds to fault in: engines/huge_pages.py)."""
     if not decoding:
         return [np.array(c) for c in cache]
     shape = cache[0].shape
     copies = cache_arrays(shape[:2] + (capacity or shape[2],) + shape[3:], cache[0].dtype, len(cache))
     for copy, c in zip(copies, cache):
-        copy[:, :, :shape[2]] = c
+        if capacity and capacity != shape[2]:
+            first_positions(copy, shape[2])[...] = c
+        else:
+            copy[...] = c
     return copies
 
 
@@ -253,7 +256,8 @@ class Fromage:
         False: one only to keep and copy from (copy_cache)."""
         # in place: whole blocks of the layout (positions past n in the last one are never read)
         keep = cache_capacity(self.decoder, n) if self.decoder.in_place else n
-        return self.new_state(copy_cache([c[:, :, :keep] for c in state.cache], decoding=decoding), n)
+        first = self.decoder.first_positions
+        return self.new_state(copy_cache([first(c, keep) for c in state.cache], decoding=decoding), n)
 
     def start(self, embeds: np.ndarray, room: int = 0) -> "DecodeState":
         """Prefill: run the prompt (1, n, E) from an empty cache, made with room for `room` more positions too (a
@@ -320,7 +324,7 @@ class Fromage:
             state.steps = None
             # all of the old buffers (the native engine keeps keys in blocks, not as `length` leading rows), into
             # the same list (token steps see its buffers replaced)
-            state.cache[:] = copy_cache(state.cache, capacity)
+            state.cache[:] = copy_cache(state.cache, capacity, first_positions=self.decoder.first_positions)
         return total
 
     # ---- the loop --------------------------------------------------------------------
