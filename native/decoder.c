@@ -31,8 +31,8 @@ static void rotate(float *v, const float *c, const float *s, int half) {
  * sums across a vector; a value tile is position-major.
  * Up to FUSED_HEADS query heads of a group read each key and value once (AVX-512: 32 vector registers). */
 enum { ATT_BLOCK = FM_KV_BLOCK, FUSED_HEADS = 3 };
-/* Blocks whose scores a decoding thread computes before their values, at most (stages of equal size): up to
- * 32 x 16 KiB of keys, then of values; the scores, 24 KiB, stay in cache between the two. */
+/* (block, group) tiles whose scores a thread computes before their values, at most: up to 32 x 16 KiB of keys,
+ * then of values; the scores, 24 KiB, stay in cache between the two. */
 enum { STAGED_BLOCKS = 32 };
 
 /* Where the tile of block b, group g starts in a layer's key or value cache of KV groups (elements). */
