@@ -49,6 +49,11 @@ def bind_array(binding, name: str, array: np.ndarray, output: bool) -> None:
     bind(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
 
 
+def _first_positions(buffer: np.ndarray, n: int) -> np.ndarray:
+    """A view of a cache buffer's first n positions: the ONNX graphs' caches are (1, kv, positions, d)."""
+    return buffer[:, :, :n]
+
+
 class InPlaceDecoder:
     """The fused decoder graph (export/llama_graph.py) on ONNX Runtime, with the interface of
     native.NativeDecoder: past and present KV are the same buffers, bound once per cache, so the
@@ -56,11 +61,7 @@ class InPlaceDecoder:
     Several threads may call one decoder at once, each with its own cache."""
     in_place = True
     capacity_step = 1
-
-    @staticmethod
-    def first_positions(buffer: np.ndarray, n: int) -> np.ndarray:
-        """A view of a cache buffer's first n positions."""
-        return buffer[:, :, :n]
+    first_positions = staticmethod(_first_positions)
 
     def __init__(self, session: OrtSession):
         self.session = session
@@ -94,7 +95,7 @@ class ConcatDecoder:
     """The generic exported decoder graph (export/graphs.py: other LMs), same interface: its past grows
     by one concatenation per call, so the cache list's arrays are replaced."""
     in_place = False
-    first_positions = InPlaceDecoder.first_positions
+    first_positions = staticmethod(_first_positions)
 
     def __init__(self, session: OrtSession):
         self.session = session

@@ -14,9 +14,12 @@ from fromage.runtime.scheduler import Scheduler
 SYSTEM = "You answer in short sentences about the big blue boat and the small red cat in the house."
 
 
-@pytest.fixture(scope="module", params=["native", "onnxruntime"])
+@pytest.fixture(scope="module", params=[("llama", "native"), ("llama", "onnxruntime"), ("opt", "onnxruntime")])
 def model(exported, request):
-    return Fromage(exported["llama"]["bundle"], index=exported["llama"]["index"], engine=request.param)
+    """The fused Llama decoder on both engines (caches of a capacity, in place) and the generic OPT one (caches
+    that grow by concatenation)."""
+    arch, engine = request.param
+    return Fromage(exported[arch]["bundle"], index=exported[arch]["index"], engine=engine)
 
 
 def _conversation(assets):
