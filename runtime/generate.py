@@ -63,19 +63,16 @@ class DecodeState:
 
 
 def copy_cache(cache: list, capacity: int | None = None, decoding: bool = True, first_positions=None) -> list:
-    """Copies of a KV cache's buffers (all of one shape), of `capacity` positions (default theirs; the old ones
-    first, where the decoder's first_positions puts them): to decode on, in cache_arrays' memory (huge pages where
+    """Copies of a KV cache's buffers (all of one shape): to decode on, in cache_arrays' memory (huge pages where
     they fill one: attention reads them every step); only to keep (decoding False), numpy's copies (a fresh huge
-    page can take milliseconds to fault in: engines/huge_pages.py)."""
+    page can take milliseconds to fault in: engines/huge_pages.py). With `capacity`, grown to that many positions,
+    the old ones where the decoder's first_positions puts them."""
     if not decoding:
         return [np.array(c) for c in cache]
     shape = cache[0].shape
     copies = cache_arrays(shape[:2] + (capacity or shape[2],) + shape[3:], cache[0].dtype, len(cache))
     for copy, c in zip(copies, cache):
-        if capacity and capacity != shape[2]:
-            first_positions(copy, shape[2])[...] = c
-        else:
-            copy[...] = c
+        (first_positions(copy, shape[2]) if capacity else copy)[...] = c
     return copies
 
 
