@@ -33,6 +33,11 @@ typedef struct {
     int64_t *calls;
 } job;
 
+/* run(arg) as the calling thread would run it. */
+static job job_for(void (*run)(void *), void *arg) {
+    return (job){run, arg, omp_get_max_threads(), fm_profiling, fm_op_seconds, &fm_op_calls};
+}
+
 static void run_job(const job *j) {
     const int was = fm_profiling;
     omp_set_num_threads(j->threads);
@@ -96,7 +101,7 @@ static void pause_team(void *unused) {
  * child has none of its parent's threads: it starts a decode thread of its own when first called. */
 static void before_fork(void) {
     pthread_mutex_lock(&dt.turn);
-    const job pause = {pause_team, NULL, omp_get_max_threads(), 0, fm_op_seconds, &fm_op_calls};
+    const job pause = job_for(pause_team, NULL);
     if (dt.started) post(&pause);
 }
 
@@ -123,7 +128,7 @@ static int start(void) {
 }
 
 void fm_on_decode_thread(void (*run)(void *), void *arg) {
-    const job j = {run, arg, omp_get_max_threads(), fm_profiling, fm_op_seconds, &fm_op_calls};
+    const job j = job_for(run, arg);
     if (is_decode_thread) {  /* a job's own call */
         run(arg);
         return;
@@ -135,7 +140,7 @@ void fm_on_decode_thread(void (*run)(void *), void *arg) {
 }
 #else
 void fm_on_decode_thread(void (*run)(void *), void *arg) {
-    const job j = {run, arg, omp_get_max_threads(), fm_profiling, fm_op_seconds, &fm_op_calls};
+    const job j = job_for(run, arg);
     run_job(&j);
 }
 #endif
