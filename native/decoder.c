@@ -402,7 +402,7 @@ static void attention_items(const fm_model *m, const float *qkv, int B, const in
 /* Attention of a decoding step of one sequence, called by every thread of the step's team (layers_one_row) after
  * qkv: the (block, group) items in equal runs, one per thread (one stream of keys and one of values each), so that
  * no thread claims work from a shared counter; the thread whose run holds a group's item of the last block rotates
- * that group's key and appends it and its value itself, and every thread rotates the query heads into its own copy.
+ * that group's key and appends it and its value itself, and every thread rotates its groups' query heads into its own copy.
  * So no thread waits for the cache append, and the new key's lines are written and read by one core. The same
  * operations on the same values as rope_and_append and attention_items: the same bits. */
 static void attention_one_row(const fm_model *m, float *qkv, int past, void *kc, void *vc, float *out, float *part,
@@ -411,15 +411,17 @@ static void attention_one_row(const fm_model *m, float *qkv, int past, void *kc,
     const int blocks = blocks_of(n), items = KV * blocks, threads = omp_get_num_threads(), id = omp_get_thread_num();
     const int from = (int)((int64_t)items * id / threads), to = (int)((int64_t)items * (id + 1) / threads);
     const float scale = 1.f / sqrtf((float)d), *c = m->cos + (size_t)past * (d / 2), *s = m->sin + (size_t)past * (d / 2);
-    float q[H * d];
-    memcpy(q, qkv, sizeof q);
-    for (int j = 0; j < H; j++) rotate(q + j * d, c, s, d / 2);
-    for (int g = 0; g < KV; g++)
-        if ((blocks - 1) * KV + g >= from && (blocks - 1) * KV + g < to) {
+    float q[H * d];  /* the query heads of the groups of its items, rotated */
+    for (int g = 0; g < KV; g++) {
+        if (to - from < KV && (g - from % KV + KV) % KV >= to - from) continue;  /* no item of group g */
+        memcpy(q + (size_t)g * G * d, qkv + (size_t)g * G * d, sizeof(float) * G * d);
+        for (int j = 0; j < G; j++) rotate(q + ((size_t)g * G + j) * d, c, s, d / 2);
+        if ((blocks - 1) * KV + g >= from && (blocks - 1) * KV + g < to) {  /* its item of the last block */
             float *k = qkv + (size_t)(H + g) * d;
             rotate(k, c, s, d / 2);
             append_group(m, k, qkv + (size_t)(H + KV + g) * d, g, past, kc, vc);
         }
+    }
     const size_t per_head = (size_t)blocks * (d + 2);
     attend_items(q, KV, G, kc, vc, half, from, to, n, d, scale, sc + (size_t)id * thread_scores(m), part, per_head);
 #pragma omp barrier
