@@ -106,6 +106,11 @@ def test_bench_context(exported, tmp_path, monkeypatch, capsys):
     assert all(row["bound_ms"] > 0 and row["step_ms"] > 0 for row in r["lengths"])
     assert all(len(row["x_bound_runs"]) == 1 == len(r["bandwidth_runs_gb_s"]) for row in r["lengths"])
     assert len(r["round_trip_runs_ns"]) == 1  # the cores' round trip beside each run's bandwidth (None: one thread)
+    assert len(r["bandwidth_probes_gb_s"]) == 2 and r["bandwidth_runs_gb_s"][0] == pytest.approx(
+        sum(r["bandwidth_probes_gb_s"]) / 2)  # measured before and after the run, held against their mean
+    steady = r["steady_runs"][0]
+    assert all((row["x_bound_steady"] == row["x_bound"]) if steady else row["x_bound_steady"] is None
+               for row in r["lengths"])
     assert all(row["attention_op_ms"] > 0 and row["x_bound_op"] > 0 for row in r["lengths"])  # --ops
     printed = capsys.readouterr().out
     assert "x that bound" in printed and "attention op ms" in printed
