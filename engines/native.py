@@ -141,6 +141,7 @@ def load_library():
         lib.fm_forward_rows.argtypes = ([ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int32] + [ctypes.c_void_p] * 4
                                         + [ctypes.c_int32] + [ctypes.c_void_p] * 5)
         lib.fm_core_round_trip.restype, lib.fm_core_round_trip.argtypes = ctypes.c_double, [ctypes.c_int]
+        lib.fm_set_streamed_partials.argtypes = [ctypes.c_int]
         lib.fm_profile.argtypes = [ctypes.c_int]
         lib.fm_profile_read.argtypes = [ctypes.c_void_p]
         lib.fm_profile_read.restype = ctypes.c_int64

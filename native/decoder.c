@@ -38,6 +38,11 @@ enum { STAGED_BLOCKS = 32 };
 /* Where the tile of block b, group g starts in a layer's key or value cache of KV groups (elements). */
 static inline size_t tile_at(int b, int g, int KV, int d) { return ((size_t)b * KV + g) * ATT_BLOCK * d; }
 
+/* A (head, block) partial of attention: the sum of exp(score - top) * value (d floats), then the block's top score
+ * and the sum of exp(score - top), in whole 64-byte lines (a partial is written as whole lines, and two threads'
+ * partials never share one). */
+static inline size_t partial_floats(int d) { return ((size_t)d + 2 + 15) / 16 * 16; }
+
 /* A KV cache's element: an fp32 float, or an fp16 half (fm_model.kv_half). */
 static inline void *kv_at(void *cache, size_t elements, int half) { return (char *)cache + (elements << (half ? 1 : 2)); }
 
@@ -186,9 +191,16 @@ static inline __attribute__((always_inline)) void scores_heads(const float *q, c
         for (int j = 0; j < V; j++) _mm512_storeu_ps(sc + (size_t)h * ATT_BLOCK + 16 * j, _mm512_mul_ps(acc[h][j], _mm512_set1_ps(scale)));
 }
 
+/* A partial's whole line v at p: stored past the caches (streamed) when another core will read it. */
+static inline __attribute__((always_inline)) void store_line(float *p, __m512 v, int streamed) {
+    if (streamed) _mm512_stream_ps(p, v);
+    else _mm512_store_ps(p, v);
+}
+
 /* For each of the G heads' first n scores (sc[h * ATT_BLOCK + s]): their top, exp(score - top) in place
- * and its sum: part[h * stride] = top, part[h * stride + 1] = the sum. */
-static inline void softmax_heads(const int G, int n, float *sc, float *part, size_t stride) {
+ * and its sum, into the line after head h's partial sums (part + h * stride + d: partial_floats); streamed: a bit
+ * per head whose partial another thread merges. */
+static inline void softmax_heads(const int G, int n, int d, float *sc, float *part, size_t stride, unsigned streamed) {
     enum { L = ATT_BLOCK / 16 };
     __mmask16 live[L];
     for (int j = 0; j < L; j++) {
@@ -208,15 +220,16 @@ static inline void softmax_heads(const int G, int n, float *sc, float *part, siz
             _mm512_storeu_ps(row + 16 * j, e);
             sum = _mm512_add_ps(sum, e);
         }
-        part[h * stride] = t, part[h * stride + 1] = _mm512_reduce_add_ps(sum);
+        store_line(part + h * stride + d, _mm512_maskz_mov_ps(3, _mm512_castps128_ps512(_mm_setr_ps(
+                       t, _mm512_reduce_add_ps(sum), 0.f, 0.f))), streamed >> h & 1);
     }
 }
 
-/* weighted_values for G heads at once (d a multiple of 64): o_h = part + h * stride + 2. Each value vector
- * is loaded once for the G heads; each head sums in weighted_values's order. */
+/* weighted_values for G heads at once (d a multiple of 64): o_h = part + h * stride (streamed: softmax_heads). Each
+ * value vector is loaded once for the G heads; each head sums in weighted_values's order. */
 static inline __attribute__((always_inline)) void weighted_values_heads(const float *p, const int G, const int half,
                                                                         const void *v, int n, int d, float *part,
-                                                                        size_t stride) {
+                                                                        size_t stride, unsigned streamed) {
     for (int i = 0; i < d; i += 64) {
         __m512 a[FUSED_HEADS][4], b[FUSED_HEADS][4];
         for (int h = 0; h < G; h++)
@@ -241,7 +254,8 @@ static inline __attribute__((always_inline)) void weighted_values_heads(const fl
                 for (int j = 0; j < 4; j++) a[h][j] = _mm512_fmadd_ps(ps, load16(v, (size_t)s * d + i + 16 * j, half), a[h][j]);
             }
         for (int h = 0; h < G; h++)
-            for (int j = 0; j < 4; j++) _mm512_storeu_ps(part + h * stride + 2 + i + 16 * j, _mm512_add_ps(a[h][j], b[h][j]));
+            for (int j = 0; j < 4; j++)
+                store_line(part + h * stride + i + 16 * j, _mm512_add_ps(a[h][j], b[h][j]), streamed >> h & 1);
     }
 }
 
@@ -278,23 +292,26 @@ static void group_scores(const float *q, int G, const void *kt, int half, int n,
     for (int j = 0; j < G; j++) block_scores(q + (size_t)j * d, half ? tile : kt, d, scale, sc + (size_t)j * ATT_BLOCK);
 }
 
-/* From the scores sc of the n positions of one block, whose values are v (n, d): for head j,
- * part[j * stride] = {the top score m, the sum of exp(score - m), the sum of exp(score - m) * v (d floats)}.
- * The values (16 KiB for d = 64) are read once for all G heads. */
-static void group_values(int G, const void *v, int half, int n, int d, float *sc, float *part, size_t stride) {
+/* From the scores sc of the n positions of one block, whose values are v (n, d): head j's partial (partial_floats)
+ * at part + j * stride: the sum of exp(score - m) * v (d floats), the top score m, the sum of exp(score - m).
+ * The values (16 KiB for d = 64) are read once for all G heads. streamed: a bit per head whose partial another
+ * thread merges, stored past the caches (the AVX-512 copy; the others store every partial alike). */
+static void group_values(int G, const void *v, int half, int n, int d, float *sc, float *part, size_t stride,
+                         unsigned streamed) {
 #ifdef FM_AVX512
     if (d % 64 == 0 && G <= FUSED_HEADS) {
-        softmax_heads(G, n, sc, part, stride);
+        softmax_heads(G, n, d, sc, part, stride, streamed);
         switch (G * 2 + (half != 0)) {
-            case 6: weighted_values_heads(sc, 3, 0, v, n, d, part, stride); return;
-            case 7: weighted_values_heads(sc, 3, 1, v, n, d, part, stride); return;
-            case 4: weighted_values_heads(sc, 2, 0, v, n, d, part, stride); return;
-            case 5: weighted_values_heads(sc, 2, 1, v, n, d, part, stride); return;
-            case 2: weighted_values_heads(sc, 1, 0, v, n, d, part, stride); return;
-            case 3: weighted_values_heads(sc, 1, 1, v, n, d, part, stride); return;
+            case 6: weighted_values_heads(sc, 3, 0, v, n, d, part, stride, streamed); return;
+            case 7: weighted_values_heads(sc, 3, 1, v, n, d, part, stride, streamed); return;
+            case 4: weighted_values_heads(sc, 2, 0, v, n, d, part, stride, streamed); return;
+            case 5: weighted_values_heads(sc, 2, 1, v, n, d, part, stride, streamed); return;
+            case 2: weighted_values_heads(sc, 1, 0, v, n, d, part, stride, streamed); return;
+            case 3: weighted_values_heads(sc, 1, 1, v, n, d, part, stride, streamed); return;
         }
     }
 #endif
+    (void)streamed;
     float values[half ? (size_t)n * d : 1];
     if (half) from_halves(v, values, (size_t)n * d);
     for (int j = 0; j < G; j++, part += stride) {
@@ -308,8 +325,8 @@ static void group_values(int G, const void *v, int half, int n, int d, float *sc
         top = _mm_cvtss_f32(_mm_max_ss(q, _mm_movehdup_ps(q)));
 #endif
         for (; s < n; s++) top = row[s] > top ? row[s] : top;
-        part[0] = top, part[1] = fm_exp_shifted(row, n, top);
-        weighted_values(row, half ? values : v, n, d, part + 2);
+        part[d] = top, part[d + 1] = fm_exp_shifted(row, n, top);
+        weighted_values(row, half ? values : v, n, d, part);
     }
 }
 
@@ -320,9 +337,10 @@ static inline int block_len(int b, int n) { return n - b * ATT_BLOCK < ATT_BLOCK
 /* Items i0..i1 of a sequence's n cached positions, item = block * KV + group (their tiles, in this order, are one
  * forward stream of keys and one of values): the scores of up to STAGED_BLOCKS items, then their values. q: the
  * sequence's H = KV * G rotated query heads; kc, vc: its layer's caches; part: its partials, head h's block b at
- * h * per_head + b * (d + 2); sc: the thread's scores (thread_scores). */
+ * h * per_head + b * partial_floats(d); sc: the thread's scores (thread_scores); streamed: NULL, or for each group a
+ * bit per head (of its G) whose partials another thread merges (group_values), fenced before return. */
 static void attend_items(const float *q, int KV, int G, void *kc, void *vc, int half, int i0, int i1, int n, int d,
-                         float scale, float *sc, float *part, size_t per_head) {
+                         float scale, float *sc, float *part, size_t per_head, const unsigned *streamed) {
     const size_t group = (size_t)G * ATT_BLOCK;
     for (int first = i0; first < i1; first += STAGED_BLOCKS) {
         const int last = first + STAGED_BLOCKS < i1 ? first + STAGED_BLOCKS : i1;
@@ -331,20 +349,24 @@ static void attend_items(const float *q, int KV, int G, void *kc, void *vc, int 
                          block_len(it / KV, n), d, scale, sc + (it - first) * group);
         for (int it = first; it < last; it++)
             group_values(G, kv_at(vc, tile_at(it / KV, it % KV, KV, d), half), half, block_len(it / KV, n), d,
-                         sc + (it - first) * group, part + (size_t)(it % KV) * G * per_head + (size_t)(it / KV) * (d + 2),
-                         per_head);
+                         sc + (it - first) * group, part + (size_t)(it % KV) * G * per_head + (it / KV) * partial_floats(d),
+                         per_head, streamed ? streamed[it % KV] : 0);
     }
+#ifdef FM_AVX512
+    if (streamed) _mm_sfence();  /* the streamed lines reach memory before the threads' barrier */
+#endif
 }
 
-/* One head's output (d) from its blocks' partials (part[b * (d + 2)], b < blocks), in block order. */
+/* One head's output (d) from its blocks' partials (part + b * partial_floats(d), b < blocks), in block order. */
 static void merge_blocks(const float *part, int blocks, int d, float *out) {
+    const size_t stride = partial_floats(d);
     float top = -INFINITY, total = 0.f;
-    for (int b = 0; b < blocks; b++) top = part[(size_t)b * (d + 2)] > top ? part[(size_t)b * (d + 2)] : top;
+    for (int b = 0; b < blocks; b++) top = part[b * stride + d] > top ? part[b * stride + d] : top;
     memset(out, 0, sizeof(float) * d);
     for (int b = 0; b < blocks; b++) {
-        const float *pb = part + (size_t)b * (d + 2), w = expf(pb[0] - top);
-        total += w * pb[1];
-        fm_axpy(w, pb + 2, out, d);
+        const float *pb = part + b * stride, w = expf(pb[d] - top);
+        total += w * pb[d + 1];
+        fm_axpy(w, pb, out, d);
     }
     for (int i = 0; i < d; i++) out[i] /= total;
 }
@@ -387,7 +409,7 @@ static void attention_items(const fm_model *m, const float *qkv, int B, const in
             const size_t stop = end < lay->item[b + 1] ? end : lay->item[b + 1];
             attend_items(qkv + (size_t)b * width, KV, G, kc[(size_t)b * m->n_layers + layer],
                          vc[(size_t)b * m->n_layers + layer], half, (int)(it - lay->item[b]), (int)(stop - lay->item[b]),
-                         n, d, scale, mine, part + lay->part[b], (size_t)blocks_of(n) * (d + 2));
+                         n, d, scale, mine, part + lay->part[b], blocks_of(n) * partial_floats(d), NULL);
             it = stop;
         }
     }
@@ -395,7 +417,7 @@ static void attention_items(const fm_model *m, const float *qkv, int B, const in
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
             const int blocks = blocks_of(past[b] + 1);
-            merge_blocks(part + lay->part[b] + (size_t)h * blocks * (d + 2), blocks, d, out + ((size_t)b * H + h) * d);
+            merge_blocks(part + lay->part[b] + h * blocks * partial_floats(d), blocks, d, out + ((size_t)b * H + h) * d);
         }
 }
 
@@ -403,8 +425,11 @@ static void attention_items(const fm_model *m, const float *qkv, int B, const in
  * qkv: the (block, group) items in equal runs, one per thread (one stream of keys and one of values each), so that
  * no thread claims work from a shared counter; the thread whose run holds a group's item of the last block rotates
  * that group's key and appends it and its value itself, and every thread rotates its groups' query heads into its own copy.
- * So no thread waits for the cache append, and the new key's lines are written and read by one core. The same
- * operations on the same values as rope_and_append and attention_items: the same bits. */
+ * So no thread waits for the cache append, and the new key's lines are written and read by one core. Each thread
+ * then merges an equal run of the heads; where the cores share no cache (fm_partials_streamed), a thread stores the
+ * partials of the heads another thread merges past its caches, so that the next layer's partials do not wait, line
+ * by line, for the other core's copies to be dropped. The same operations on the same values as rope_and_append and
+ * attention_items: the same bits. */
 static void attention_one_row(const fm_model *m, float *qkv, int past, void *kc, void *vc, float *out, float *part,
                               float *sc) {
     const int H = m->n_heads, KV = m->n_kv, G = H / KV, d = m->head_dim, half = m->kv_half, n = past + 1;
@@ -422,11 +447,18 @@ static void attention_one_row(const fm_model *m, float *qkv, int past, void *kc,
             append_group(m, k, qkv + (size_t)(H + KV + g) * d, g, past, kc, vc);
         }
     }
-    const size_t per_head = (size_t)blocks * (d + 2);
-    attend_items(q, KV, G, kc, vc, half, from, to, n, d, scale, sc + (size_t)id * thread_scores(m), part, per_head);
+    const size_t per_head = blocks * partial_floats(d);
+    const int h0 = H * id / threads, h1 = H * (id + 1) / threads;  /* the heads it merges */
+    unsigned streamed[KV];
+    for (int g = 0; g < KV; g++) {
+        streamed[g] = 0;
+        for (int j = 0; j < G; j++) streamed[g] |= (unsigned)(g * G + j < h0 || g * G + j >= h1) << j;
+    }
+    attend_items(q, KV, G, kc, vc, half, from, to, n, d, scale, sc + (size_t)id * thread_scores(m), part, per_head,
+                 fm_partials_streamed && threads > 1 ? streamed : NULL);
 #pragma omp barrier
-#pragma omp for schedule(static)
-    for (int h = 0; h < H; h++) merge_blocks(part + (size_t)h * per_head, blocks, d, out + (size_t)h * d);
+    for (int h = h0; h < h1; h++) merge_blocks(part + (size_t)h * per_head, blocks, d, out + (size_t)h * d);
+#pragma omp barrier
 }
 
 /* out (I) = silu(gate) * up = gate / (1 + exp(-gate)) * up for one row's gate | up (2 I): ~1 us with vector exp. */
@@ -712,7 +744,7 @@ static batch_layout layout_rows(const fm_model *m, int B, const int32_t *past, s
     for (int b = 0; b < B; b++) {
         const int blocks = blocks_of(past[b] + 1);
         item[b + 1] = item[b] + (size_t)m->n_kv * blocks;
-        part[b + 1] = part[b] + (size_t)m->n_heads * blocks * (m->head_dim + 2);
+        part[b + 1] = part[b] + (size_t)m->n_heads * blocks * partial_floats(m->head_dim);
     }
     return (batch_layout){item, part};
 }
@@ -738,7 +770,7 @@ int fm_forward_rows(const fm_model *m, const float *embeds, int32_t B, const int
     return rc;
 }
 
-/* The most bytes of attention partials a prompt's rows take at once (a row's: n_heads blocks (d + 2) floats): a long
+/* The most bytes of attention partials a prompt's rows take at once (a row's: n_heads blocks partials): a long
  * prompt runs in pieces of rows, each reading the weights once. */
 enum { PROMPT_PARTIAL_BYTES = 8 << 20 };
 
@@ -749,7 +781,7 @@ int fm_forward(const fm_model *m, const float *embeds, int32_t T, int32_t past, 
     if (T < 1 || past < 0 || past + T > capacity || capacity % ATT_BLOCK || past + T > m->rope_positions) return -1;
     if (!mlp_parts_ok(m)) return -1;
     const int n_layers = m->n_layers;
-    const size_t row_bytes = sizeof(float) * m->n_heads * blocks_of(past + T) * (m->head_dim + 2);
+    const size_t row_bytes = sizeof(float) * m->n_heads * blocks_of(past + T) * partial_floats(m->head_dim);
     const size_t most = m->prompt_rows > 0 ? (size_t)m->prompt_rows : PROMPT_PARTIAL_BYTES / row_bytes;
     const int rows = most < 1 ? 1 : most < (size_t)T ? (int)most : T;
     int32_t *pasts = malloc(sizeof(int32_t) * rows);

@@ -1,6 +1,7 @@
 /* Run-time choice of the kernels: the decoder is compiled once per instruction set (kernels_<isa>.c:
  * kernels.h), and the public entry points call the copy chosen when the library loads. Plain C,
  * compiled for the baseline CPU: nothing here may use the vector units the copies need. */
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -77,6 +78,34 @@ __attribute__((constructor)) static void choose_at_load(void) { chosen(); }
 int fm_cpu_ok(void) { return chosen() && forced_ok; }
 const char *fm_kernels(void) { return chosen()->name; }
 
+double fm_core_round_trip_here(int rounds);  /* bandwidth.c, in the portable copy */
+
+int fm_partials_streamed;  /* kernels.h */
+static int streamed_mode = -1;  /* fm_set_streamed_partials's, read by the decode thread */
+static int placed_mode = 1;  /* the decode thread's: the mode it last placed by, and when it last measured */
+static double placement_seen;
+enum { PLACEMENT_TRIPS = 48 };
+#define PLACEMENT_EVERY_S 0.1
+#define APART_NS 150.
+
+void fm_set_streamed_partials(int mode) { __atomic_store_n(&streamed_mode, mode < 0 ? -1 : mode > 0, __ATOMIC_RELAXED); }
+
+/* On the decode thread, before a step's team starts: fm_partials_streamed by fm_set_streamed_partials's mode. Two
+ * measurements, the faster counted: cores woken from idle pass their first lines slowly. */
+static void place_partials(void) {
+    const int mode = __atomic_load_n(&streamed_mode, __ATOMIC_RELAXED);
+    if (mode >= 0) {
+        fm_partials_streamed = placed_mode = mode;
+        return;
+    }
+    const double now = omp_get_wtime();
+    if (placed_mode == mode && now - placement_seen < PLACEMENT_EVERY_S) return;
+    placed_mode = mode;
+    const double a = fm_core_round_trip_here(PLACEMENT_TRIPS), b = fm_core_round_trip_here(PLACEMENT_TRIPS);
+    fm_partials_streamed = (a < b ? a : b) > APART_NS;
+    placement_seen = omp_get_wtime();
+}
+
 /* The entry points that start OpenMP teams run them on the library's decode thread (decode_thread.c): each
  * packs its arguments for it. */
 typedef struct {
@@ -90,6 +119,7 @@ typedef struct {
 
 static void forward_job(void *a) {
     forward_call *c = a;
+    place_partials();
     c->rc = chosen()->forward(c->m, c->embeds, c->T, c->past, c->capacity, c->k_cache, c->v_cache, c->logits, c->ret);
 }
 
@@ -115,6 +145,7 @@ typedef struct {
 
 static void rows_job(void *a) {
     rows_call *c = a;
+    place_partials();
     c->rc = chosen()->forward_rows(c->m, c->embeds, c->B, c->past, c->capacity, c->k_cache, c->v_cache, c->n_out,
                                    c->out_rows, c->out_top, c->logits, c->ret, c->out_best);
 }
@@ -166,8 +197,6 @@ double fm_fma_loop(int64_t iterations) {
     fm_on_decode_thread(fma_job, &c);
     return c.result;
 }
-
-double fm_core_round_trip_here(int rounds);  /* bandwidth.c, in the portable copy */
 
 static void round_trip_job(void *a) {
     probe_call *c = a;

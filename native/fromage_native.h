@@ -170,6 +170,14 @@ double fm_fma_loop(int64_t iterations);
  * reports it beside the bandwidth. */
 double fm_core_round_trip(int rounds);
 
+/* How a decoding step of one sequence stores the attention partials that another of its threads merges: -1 (the
+ * default) by where the cores are, measured (fm_core_round_trip, a few dozen round trips) at most every 100 ms
+ * when a step starts: past the caches (streaming stores) when a round trip takes over 150 ns, as between cores
+ * of different L3s, where a line the other core has read costs its writer a round trip before it may write it
+ * again; in the caches otherwise, where the other core reads them fastest. 0: always in the caches; 1: always
+ * streamed (the AVX-512 kernels only; the others always store them in the caches). The same bits either way. */
+void fm_set_streamed_partials(int mode);
+
 #ifdef __cplusplus
 }
 #endif

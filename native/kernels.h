@@ -96,6 +96,10 @@ static inline double fm_op_done(int op, double since) {
 }
 #define TIMED(op, ...) do { __VA_ARGS__; t = fm_op_done((op), t); } while (0)
 
+/* Whether a decoding step stores the attention partials another thread merges past its caches: set on the decode
+ * thread before each step's team starts (dispatch.c: fm_set_streamed_partials). */
+extern int fm_partials_streamed;
+
 #ifdef FM_AVX2
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

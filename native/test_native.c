@@ -1,5 +1,5 @@
 /* Self-check of the native decoder on a tiny random model (ctest): a prefill gives the same bits as the
- * same positions fed one at a time, 4-bit blocks of weights on a Q4_1 grid (and an 8-bit lm_head on a
+ * same positions fed one at a time (and those with attention's partials streamed past the caches or kept), 4-bit blocks of weights on a Q4_1 grid (and an 8-bit lm_head on a
  * Q8_0 one) give the logits of their fp32 copy, and a batched step gives each sequence exactly what its
  * own step gives, and rows that want only their largest logits get them exactly from an 8-bit copy of the head;
  * with an fp16 KV cache the same, its logits within fp16's rounding of the fp32 cache's; and calls from several
@@ -338,6 +338,14 @@ static int check(const fm_model *mf, const fm_model *mq, const float *emb, float
     void *kk[LAYERS] = {0}, *vv[LAYERS] = {0};
     const int refused = fm_forward(mf, emb, 1, POS, POS, kk, vv, a, ra) == -1 && /* past the capacity */
                         fm_forward(mf, emb, 1, 0, POS + 1, kk, vv, a, ra) == -1;  /* not whole key blocks */
+    float s1[V], s0[V], rs1[R], rs0[R];  /* the partials streamed past the caches, and kept in them: the same bits */
+    fm_set_streamed_partials(1);
+    run(mf, emb, T, s1, rs1);
+    fm_set_streamed_partials(0);
+    run(mf, emb, T, s0, rs0);
+    fm_set_streamed_partials(-1);
+    const float streamed = max_diff(s1, b, V) + max_diff(s0, b, V) + max_diff(rs1, rb, R) + max_diff(rs0, rb, R);
+    printf("[%s] attention's partials streamed or cached vs as placed: %.2e\n", fm_kernels(), streamed);
     const int batch_f32 = batch_matches(mf), batch_q4 = batch_matches(mq), greedy = top_matches(mf),
               profiled = profile_counts(mf, emb, b), half = half_cache_matches(mf, emb, a, out_h);
     printf("[%s] batched steps bit-identical to single ones: fp32 %s, 4/8-bit %s\n", fm_kernels(), batch_f32 ? "yes" : "NO",
@@ -352,7 +360,7 @@ static int check(const fm_model *mf, const fm_model *mq, const float *emb, float
     const double trip = fm_core_round_trip(1000);  /* the cores' round trip: 0 with one thread */
     const int tripped = omp_get_max_threads() < 2 ? trip == 0. : trip > 0.;
     if (!tripped) printf("[%s] fm_core_round_trip: %.0f ns\n", fm_kernels(), trip);
-    return prefill == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy && profiled && half && fma &&
+    return prefill == 0.f && streamed == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy && profiled && half && fma &&
            tripped && threads_take_turns(mq, emb);
 }
 

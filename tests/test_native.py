@@ -56,6 +56,22 @@ def test_the_mlp_in_two_parts_matches_onnxruntime(assets, tmp_path, quantize):
         assert np.abs(ra - rb).max() <= 1e-5
 
 
+@pytest.mark.parametrize("mode", [1, 0])
+def test_streamed_partials_decode_the_same(exported, mode):
+    # attention's partials stored past the caches (1) or in them (0) against the placement the library measures (-1);
+    # the tiny model's heads take the generic path, so ctest checks the AVX-512 streaming itself (64-float heads)
+    rt = Fromage(exported["llama"]["bundle"], engine="native")
+    lib = native.load_library()
+    auto = _steps(rt, [5, 1, 70, 1])
+    try:
+        lib.fm_set_streamed_partials(mode)
+        forced = _steps(rt, [5, 1, 70, 1])
+    finally:
+        lib.fm_set_streamed_partials(-1)
+    for (la, ra, _), (lb, rb, _) in zip(auto, forced):
+        assert np.array_equal(la, lb) and np.array_equal(ra, rb)
+
+
 def test_a_growing_cache_keeps_its_keys(exported, monkeypatch):
     """A cache that outgrows its capacity is copied whole into the bigger one (the native keys live in blocks
     of 64 positions): the steps after the growth still match ONNX Runtime's, whose cache grows too."""
