@@ -82,8 +82,8 @@ double fm_core_round_trip_here(int rounds);  /* bandwidth.c, in the portable cop
 
 int fm_partials_streamed;  /* kernels.h */
 static int streamed_mode = -1;  /* fm_set_streamed_partials's, read by the decode thread */
-static int placed_mode = 1;  /* the decode thread's: the mode it last placed by, and when it last measured */
-static double placement_seen;
+static int placed_mode = -2;  /* the decode thread's: the mode it last placed by (none yet), */
+static double placement_seen;  /* and when it last measured the cores' round trip */
 enum { PLACEMENT_TRIPS = 48 };
 #define PLACEMENT_EVERY_S 0.1
 #define APART_NS 150.
