@@ -220,8 +220,8 @@ static inline void softmax_heads(const int G, int n, int d, float *sc, float *pa
             _mm512_storeu_ps(row + 16 * j, e);
             sum = _mm512_add_ps(sum, e);
         }
-        store_line(part + h * stride + d, _mm512_maskz_mov_ps(3, _mm512_castps128_ps512(_mm_setr_ps(
-                       t, _mm512_reduce_add_ps(sum), 0.f, 0.f))), streamed >> h & 1);
+        store_line(part + h * stride + d, _mm512_zextps128_ps512(_mm_setr_ps(t, _mm512_reduce_add_ps(sum), 0.f, 0.f)),
+                   streamed >> h & 1);
     }
 }
 
@@ -349,8 +349,9 @@ static void attend_items(const float *q, int KV, int G, void *kc, void *vc, int 
                          block_len(it / KV, n), d, scale, sc + (it - first) * group);
         for (int it = first; it < last; it++)
             group_values(G, kv_at(vc, tile_at(it / KV, it % KV, KV, d), half), half, block_len(it / KV, n), d,
-                         sc + (it - first) * group, part + (size_t)(it % KV) * G * per_head + (it / KV) * partial_floats(d),
-                         per_head, streamed ? streamed[it % KV] : 0);
+                         sc + (it - first) * group,
+                         part + (size_t)(it % KV) * G * per_head + (it / KV) * partial_floats(d), per_head,
+                         streamed ? streamed[it % KV] : 0);
     }
 #ifdef FM_AVX512
     if (streamed) _mm_sfence();  /* the streamed lines reach memory before the threads' barrier */
@@ -421,14 +422,14 @@ static void attention_items(const fm_model *m, const float *qkv, int B, const in
         }
 }
 
-/* Attention of a decoding step of one sequence, called by every thread of the step's team (layers_one_row) after
- * qkv: the (block, group) items in equal runs, one per thread (one stream of keys and one of values each), so that
- * no thread claims work from a shared counter; the thread whose run holds a group's item of the last block rotates
- * that group's key and appends it and its value itself, and every thread rotates its groups' query heads into its own copy.
- * So no thread waits for the cache append, and the new key's lines are written and read by one core. Each thread
- * then merges an equal run of the heads; where the cores share no cache (fm_partials_streamed), a thread stores the
- * partials of the heads another thread merges past its caches, so that the next layer's partials do not wait, line
- * by line, for the other core's copies to be dropped. The same operations on the same values as rope_and_append and
+/* Attention of a decoding step of one sequence, called by every thread of the step's team (layers_one_row) after qkv:
+ * the (block, group) items in equal runs, one per thread (one stream of keys and one of values each), so that no
+ * thread claims work from a shared counter; the thread whose run holds a group's item of the last block rotates that
+ * group's key and appends it and its value itself, and every thread rotates its groups' query heads into its own copy.
+ * So no thread waits for the cache append, and the new key's lines are written and read by one core. Each thread then
+ * merges an equal run of the heads; where the cores share no cache (fm_partials_streamed), a thread stores the
+ * partials of the heads another thread merges past its caches, so that the next layer's partials do not wait, line by
+ * line, for the other core's copies to be dropped. The same operations on the same values as rope_and_append and
  * attention_items: the same bits. */
 static void attention_one_row(const fm_model *m, float *qkv, int past, void *kc, void *vc, float *out, float *part,
                               float *sc) {
@@ -449,13 +450,14 @@ static void attention_one_row(const fm_model *m, float *qkv, int past, void *kc,
     }
     const size_t per_head = blocks * partial_floats(d);
     const int h0 = H * id / threads, h1 = H * (id + 1) / threads;  /* the heads it merges */
-    unsigned streamed[KV];
-    for (int g = 0; g < KV; g++) {
-        streamed[g] = 0;
-        for (int j = 0; j < G; j++) streamed[g] |= (unsigned)(g * G + j < h0 || g * G + j >= h1) << j;
+    const int streaming = fm_partials_streamed && threads > 1;
+    unsigned others[KV];  /* for each group, the heads another thread merges */
+    for (int g = 0; streaming && g < KV; g++) {
+        others[g] = 0;
+        for (int j = 0; j < G; j++) others[g] |= (unsigned)(g * G + j < h0 || g * G + j >= h1) << j;
     }
     attend_items(q, KV, G, kc, vc, half, from, to, n, d, scale, sc + (size_t)id * thread_scores(m), part, per_head,
-                 fm_partials_streamed && threads > 1 ? streamed : NULL);
+                 streaming ? others : NULL);
 #pragma omp barrier
     for (int h = h0; h < h1; h++) merge_blocks(part + (size_t)h * per_head, blocks, d, out + (size_t)h * d);
 #pragma omp barrier
@@ -652,8 +654,9 @@ static int layers_one_row(const fm_model *m, float *x, int32_t past, void *const
 /* The layers of a batched step or a prompt (forward_rows' B > 1) in one OpenMP team, not a team per matrix and
  * stage: the threads share each stage's rows or items and meet at its end (on two L3s a team's start costs several
  * times a barrier). The same operations on the same values as layers_one_row: the same bits. */
-static int layers_rows(const fm_model *m, float *x, int B, const int32_t *past, void *const *k_cache, void *const *v_cache, const batch_layout *lay, float *h, float *qkv,
-                       float *attn, float *gu, float *act, float *parts, float *part, float *sc, double *clock) {
+static int layers_rows(const fm_model *m, float *x, int B, const int32_t *past, void *const *k_cache,
+                       void *const *v_cache, const batch_layout *lay, float *h, float *qkv, float *attn, float *gu,
+                       float *act, float *parts, float *part, float *sc, double *clock) {
     const int E = m->hidden, H = m->n_heads, KV = m->n_kv, d = m->head_dim, S = m->mlp_parts, Is = m->inter / S;
     const size_t width = (size_t)(H + 2 * KV) * d, ld_x = (size_t)E;
     const float *in_h = h, *in_attn = attn, *in_gu[FM_MLP_PARTS], *in_down[FM_MLP_PARTS];

@@ -82,8 +82,7 @@ double fm_core_round_trip_here(int rounds);  /* bandwidth.c, in the portable cop
 
 int fm_partials_streamed;  /* kernels.h */
 static int streamed_mode = -1;  /* fm_set_streamed_partials's, read by the decode thread */
-static int placed_mode = -2;  /* the decode thread's: the mode it last placed by (none yet), */
-static double placement_seen;  /* and when it last measured the cores' round trip */
+static double placement_seen = -1e300;  /* the decode thread's: when it last measured (none since a forced mode) */
 enum { PLACEMENT_TRIPS = 48 };
 #define PLACEMENT_EVERY_S 0.1
 #define APART_NS 150.
@@ -95,12 +94,10 @@ void fm_set_streamed_partials(int mode) { __atomic_store_n(&streamed_mode, mode 
 static void place_partials(void) {
     const int mode = __atomic_load_n(&streamed_mode, __ATOMIC_RELAXED);
     if (mode >= 0) {
-        fm_partials_streamed = placed_mode = mode;
+        fm_partials_streamed = mode, placement_seen = -1e300;
         return;
     }
-    const double now = omp_get_wtime();
-    if (placed_mode == mode && now - placement_seen < PLACEMENT_EVERY_S) return;
-    placed_mode = mode;
+    if (omp_get_wtime() - placement_seen < PLACEMENT_EVERY_S) return;
     const double a = fm_core_round_trip_here(PLACEMENT_TRIPS), b = fm_core_round_trip_here(PLACEMENT_TRIPS);
     fm_partials_streamed = (a < b ? a : b) > APART_NS;
     placement_seen = omp_get_wtime();

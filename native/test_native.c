@@ -1,9 +1,10 @@
-/* Self-check of the native decoder on a tiny random model (ctest): a prefill gives the same bits as the
- * same positions fed one at a time (and those with attention's partials streamed past the caches or kept), 4-bit blocks of weights on a Q4_1 grid (and an 8-bit lm_head on a
- * Q8_0 one) give the logits of their fp32 copy, and a batched step gives each sequence exactly what its
- * own step gives, and rows that want only their largest logits get them exactly from an 8-bit copy of the head;
- * with an fp16 KV cache the same, its logits within fp16's rounding of the fp32 cache's; and calls from several
- * threads at once get what each gets alone. Run by `ctest` after `cmake --build`; exit code 0 = pass. */
+/* Self-check of the native decoder on a tiny random model (ctest): a prefill gives the same bits as the same positions
+ * fed one at a time (also with attention's partials streamed past the caches or kept), 4-bit blocks of weights on a
+ * Q4_1 grid (and an 8-bit lm_head on a Q8_0 one) give the logits of their fp32 copy, and a batched step gives each
+ * sequence exactly what its own step gives, and rows that want only their largest logits get them exactly from an
+ * 8-bit copy of the head; with an fp16 KV cache the same, its logits within fp16's rounding of the fp32 cache's; and
+ * calls from several threads at once get what each gets alone. Run by `ctest` after `cmake --build`; exit code 0 =
+ * pass. */
 #include <math.h>
 #include <omp.h>
 #include <pthread.h>
@@ -105,7 +106,10 @@ static int threads_take_turns(const fm_model *m, const float *emb) {
     prefill_call alone = {m, emb, {0}, {0}}, at_once[CALLERS];
     pthread_t callers[CALLERS];
     prefill_in_thread(&alone);
-    for (int i = 0; i < CALLERS; i++) at_once[i] = (prefill_call){m, emb, {0}, {0}}, pthread_create(callers + i, NULL, prefill_in_thread, at_once + i);
+    for (int i = 0; i < CALLERS; i++) {
+        at_once[i] = (prefill_call){m, emb, {0}, {0}};
+        pthread_create(callers + i, NULL, prefill_in_thread, at_once + i);
+    }
     int same = 1;
     for (int i = 0; i < CALLERS; i++) {
         pthread_join(callers[i], NULL);
@@ -360,8 +364,8 @@ static int check(const fm_model *mf, const fm_model *mq, const float *emb, float
     const double trip = fm_core_round_trip(1000);  /* the cores' round trip: 0 with one thread */
     const int tripped = omp_get_max_threads() < 2 ? trip == 0. : trip > 0.;
     if (!tripped) printf("[%s] fm_core_round_trip: %.0f ns\n", fm_kernels(), trip);
-    return prefill == 0.f && streamed == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy && profiled && half && fma &&
-           tripped && threads_take_turns(mq, emb);
+    return prefill == 0.f && streamed == 0.f && blocks < 1e-3f && refused && batch_f32 && batch_q4 && greedy &&
+           profiled && half && fma && tripped && threads_take_turns(mq, emb);
 }
 
 int main(void) {
