@@ -49,13 +49,13 @@ def run_context_bench(bundle, lengths: list[int], threads: int, runs: int, log=p
         sample = probe.measure()
         probes.append(sample["gb_s"])
         trips.append(sample.get("round_trip_ns"))
-        return f"; bandwidth {probes[-1]:.1f} GB/s" + round_trip_text(trips[-1])
+        return f"bandwidth {probes[-1]:.1f} GB/s" + round_trip_text(trips[-1])
     def run_step(point):
         kv, p = point
         models[kv].decoder.forward(embeds, caches[kv], p, logits, ret)
-    log("  before the runs:" + measure()[1:])
-    steps = time_steps(points, run_step, runs, log, label=lambda s: kv_label(kv_caches, s[0], str(s[1])), after_run=measure,
-                       steps=STEPS)
+    log("  before the runs: " + measure())
+    steps = time_steps(points, run_step, runs, log, label=lambda s: kv_label(kv_caches, s[0], str(s[1])),
+                       after_run=lambda: "; " + measure(), steps=STEPS)
     bandwidth = [(a + b) / 2 for a, b in zip(probes, probes[1:])]
     steady = [max(a, b) / min(a, b) <= STEADY for a, b in zip(probes, probes[1:])]
 
